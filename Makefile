@@ -1,0 +1,141 @@
+# qins — plain Makefile. Outputs go in $(BUILD)/ (build/ by default; build/asan/ for `make asan`).
+#
+# Modules and their archives (dependencies run daemon -> store, proto; client -> proto):
+#   store/   -> $(BUILD)/store.a   codecs (codec*.c), LMDB store, importers
+#   proto/   -> $(BUILD)/proto.a   msgpack-RPC framing, bounded request scanner
+#   client/  -> $(BUILD)/libqins.a libqins, the worker-facing client library (client/qins.h)
+#   daemon/  -> $(BUILD)/qinsd     the daemon
+#   daemon/qinsctl/ -> $(BUILD)/qinsctl   the admin CLI
+#   client/examples/qins-llama2.c -> $(BUILD)/qins-llama2
+# Tests: tests/unit/*.c -> $(BUILD)/tests/unit, tests/integration/*.c -> $(BUILD)/tests/integration
+# (Criterion), tests/python/*.py run with Debian's python3.
+
+BUILD     ?= build
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+CC        ?= cc
+PYTHON    ?= /usr/bin/python3
+DURATION  ?= 60
+SHARED    ?= $(abspath ../shared)
+
+PKGS      := libuv lmdb
+MSGPACK   := $(shell pkg-config --exists msgpack-c 2>/dev/null && echo msgpack-c || echo msgpack)
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) $(MSGPACK) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) $(MSGPACK) 2>/dev/null || echo -luv -llmdb -lmsgpackc)
+
+WARN      := -Wall -Wextra -Werror -Wformat=2 -Wstrict-prototypes -Wshadow
+OPT       ?= -O2 -g
+SAN       ?=
+CFLAGS    ?=
+CPPFLAGS  += -Iclient -Iproto -Istore -Idaemon -Itests/support -DQINS_SHARED_DIR='"$(SHARED)"'
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(OPT) $(SAN) -pthread -fPIC $(PKG_CFLAGS) $(CFLAGS)
+LDLIBS    += $(PKG_LIBS) -lm -lpthread
+ALL_LDFLAGS = $(SAN) -pthread $(LDFLAGS)
+
+# Codec files are compiled without FMA contraction (QINS.md: decode is bit-exact); SIMD kernels get
+# their ISA flags per file and are chosen at run time, never -march=native.
+CODEC_FLAGS  := -ffp-contract=off
+AVX2_FLAGS   := -mavx2 -mf16c -mfma
+AVX512_FLAGS := -mavx512f -mavx512bw -mavx512vl -mavx512vbmi -mavx2 -mf16c
+
+STORE_SRC  := $(wildcard store/*.c)
+PROTO_SRC  := $(wildcard proto/*.c)
+CLIENT_SRC := $(wildcard client/*.c)
+DAEMON_SRC := $(wildcard daemon/*.c)
+CTL_SRC    := $(wildcard daemon/qinsctl/*.c)
+SUPPORT_SRC:= $(wildcard tests/support/*.c)
+UNIT_SRC   := $(wildcard tests/unit/*.c)
+INTEG_SRC  := $(wildcard tests/integration/*.c)
+BENCH_SRC  := $(wildcard tests/bench/*.c)
+
+obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
+
+STORE_A  := $(BUILD)/store.a
+PROTO_A  := $(BUILD)/proto.a
+CLIENT_A := $(BUILD)/libqins.a
+CLIENT_SO:= $(BUILD)/libqins.so
+SUPPORT_A:= $(BUILD)/support.a
+
+BINS := $(if $(DAEMON_SRC),$(BUILD)/qinsd) $(if $(CTL_SRC),$(BUILD)/qinsctl) \
+        $(if $(wildcard client/examples/qins-llama2.c),$(BUILD)/qins-llama2)
+LIBS := $(STORE_A) $(if $(PROTO_SRC),$(PROTO_A)) $(if $(CLIENT_SRC),$(CLIENT_A) $(CLIENT_SO))
+TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration)
+BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+
+.PHONY: all deps test unit integration pytest asan bench fuzz soak demo install clean
+.DEFAULT_GOAL := all
+
+all: $(LIBS) $(BINS)
+
+# Installs missing Debian packages (apt-get as root, or via sudo); quick when all are present.
+deps:
+	@sh .ci/deps
+
+$(BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(if $(filter store/codec%,$<),$(CODEC_FLAGS)) \
+	  $(if $(filter %_avx2.c,$<),$(AVX2_FLAGS)) $(if $(filter %_avx512.c,$<),$(AVX512_FLAGS)) \
+	  -MMD -MP -c $< -o $@
+
+$(STORE_A): $(call obj,$(STORE_SRC))
+$(PROTO_A): $(call obj,$(PROTO_SRC))
+$(CLIENT_A): $(call obj,$(CLIENT_SRC) $(PROTO_SRC))
+$(SUPPORT_A): $(call obj,$(SUPPORT_SRC))
+$(BUILD)/%.a:
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(CLIENT_SO): $(call obj,$(CLIENT_SRC) $(PROTO_SRC))
+	$(CC) -shared $(ALL_LDFLAGS) -o $@ $^ $(PKG_LIBS) -lm
+
+$(BUILD)/qinsd: $(call obj,$(DAEMON_SRC)) $(STORE_A) $(PROTO_A)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/qinsctl: $(call obj,$(CTL_SRC)) $(STORE_A) $(CLIENT_A) $(PROTO_A)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/qins-llama2: $(call obj,client/examples/qins-llama2.c) $(CLIENT_A)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+
+TEST_LINK = $(SUPPORT_A) $(STORE_A) $(if $(CLIENT_SRC),$(CLIENT_A)) $(if $(PROTO_SRC),$(PROTO_A))
+$(BUILD)/tests/unit: $(call obj,$(UNIT_SRC)) $(TEST_LINK)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lcriterion $(LDLIBS)
+$(BUILD)/tests/integration: $(call obj,$(INTEG_SRC)) $(TEST_LINK)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lcriterion $(LDLIBS)
+$(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(TEST_LINK)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+
+# Tests find binaries and the shared models through the environment.
+TEST_ENV = QINS_BUILD=$(abspath $(BUILD)) QINS_SHARED=$(SHARED) PYTHON=$(PYTHON)
+
+test: deps
+	@$(MAKE) --no-print-directory all $(TEST_BINS)
+	@$(MAKE) --no-print-directory unit integration pytest
+
+unit: $(if $(UNIT_SRC),$(BUILD)/tests/unit)
+	$(if $(UNIT_SRC),$(TEST_ENV) $(BUILD)/tests/unit $(CRITERION_ARGS))
+integration: all $(if $(INTEG_SRC),$(BUILD)/tests/integration)
+	$(if $(INTEG_SRC),$(TEST_ENV) $(BUILD)/tests/integration $(CRITERION_ARGS))
+pytest: all
+	@set -e; for t in $(wildcard tests/python/test_*.py); do \
+	  echo "== $$t"; $(TEST_ENV) $(PYTHON) $$t; done
+
+# ASan + UBSan: the same suites, built apart in build/asan.
+asan: deps
+	@$(MAKE) --no-print-directory BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer" \
+	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" test
+
+bench: deps all $(BENCH_BINS)
+	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
+	$(if $(CLIENT_SRC),install -m 0644 $(CLIENT_A) $(CLIENT_SO) $(DESTDIR)$(PREFIX)/lib/)
+	install -m 0644 client/qins.h $(DESTDIR)$(PREFIX)/include/
+
+clean:
+	rm -rf build
+
+-include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

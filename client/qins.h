@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qins.h — the public C API of libqins, the client library inference workers link to fetch
+ * decoded weights from qinsd. This is the only installed header.
+ *
+ * Design: one blocking connection per thread (a qins_client is not thread-safe); every call is
+ * one msgpack-RPC round trip on the Unix socket (docs/PROTOCOL.md). Payloads of `get` are read
+ * from the socket straight into the caller's buffer: no intermediate copy.
+ *
+ * Errors: every function returns 0 or a negative code. Codes in QINS_ERR_MAP are the project's
+ * (<= -1000), stable and append-only; they are also the codes that cross the wire. Other negative
+ * values are negated errno values passed through (-ENOENT, -ECONNREFUSED, ...). qins_strerror()
+ * names both; qins_client_error() gives the last call's full message (the server's text included).
+ */
+#ifndef QINS_H
+#define QINS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QINS_EXTERN __attribute__((visibility("default")))
+
+#define QINS_VERSION_MAJOR 0
+#define QINS_VERSION_MINOR 1
+#define QINS_VERSION_PATCH 0
+#define QINS_VERSION_HEX ((QINS_VERSION_MAJOR << 16) | (QINS_VERSION_MINOR << 8) | QINS_VERSION_PATCH)
+#define QINS_VERSION_STRING "0.1.0"
+
+/* Error codes: NAME, value, message. Append-only; values are never reused (they cross the wire). */
+#define QINS_ERR_MAP(X)                                                                      \
+  X(PROTO,          -1000, "malformed request")                                              \
+  X(TOO_LARGE,      -1001, "request exceeds the size limit")                                  \
+  X(UNKNOWN_METHOD, -1002, "unknown method")                                                  \
+  X(BAD_PARAMS,     -1003, "missing or ill-typed parameter")                                  \
+  X(NO_MODEL,       -1004, "no such model")                                                   \
+  X(NO_TENSOR,      -1005, "no such tensor")                                                  \
+  X(BAD_SLICE,      -1006, "bad slice (out of range, reversed or too many ranges)")          \
+  X(RESPONSE_TOO_LARGE, -1007, "response exceeds the size limit: request a slice")            \
+  X(DENIED,         -1008, "permission denied")                                               \
+  X(BUSY,           -1009, "too many connections")                                            \
+  X(CHECKSUM,       -1010, "stored data failed its checksum")                                 \
+  X(CORRUPT,        -1011, "stored record is malformed")                                      \
+  X(NONFINITE,      -1012, "NaN or infinity in a tensor bound for a lossy codec")             \
+  X(FORMAT,         -1013, "malformed input file")                                            \
+  X(UNSUPPORTED,    -1014, "unsupported")                                                     \
+  X(STORE_FULL,     -1015, "the store is out of space")                                       \
+  X(NAME,           -1016, "bad or too long name")                                            \
+  X(SHUTDOWN,       -1017, "the server is shutting down")                                     \
+  X(INTERNAL,       -1018, "internal error")                                                  \
+  X(NOMEM,          -1019, "out of memory")                                                   \
+  X(IO,             -1020, "I/O error")                                                       \
+  X(TIMEOUT,        -1021, "timed out")                                                       \
+  X(CLOSED,         -1022, "connection closed")                                               \
+  X(DTYPE,          -1023, "unsupported dtype")                                               \
+  X(INVALID,        -1024, "invalid argument")                                                \
+  X(BUFFER,         -1025, "buffer too small")                                                \
+  X(VERSION,        -1026, "unsupported format or protocol version")                          \
+  X(LOCKED,         -1027, "the store is locked by another writer")
+
+typedef enum qins_err {
+  QINS_OK = 0,
+#define QINS__ERR_ENUM(name, val, msg) QINS_E##name = (val),
+  QINS_ERR_MAP(QINS__ERR_ENUM)
+#undef QINS__ERR_ENUM
+} qins_err;
+
+/* "PROTO", "NO_TENSOR", ... for project codes; "ENOENT"-style for errno values; never NULL. */
+QINS_EXTERN const char *qins_err_name(int code);
+/* A human message for any code (project or negated errno); never NULL. */
+QINS_EXTERN const char *qins_strerror(int code);
+QINS_EXTERN unsigned qins_version(void); /* QINS_VERSION_HEX of the library */
+
+/* Output dtypes of decoded data. Values match the wire names "f32", "f16", "bf16". */
+typedef enum qins_dtype { QINS_F32 = 0, QINS_F16 = 1, QINS_BF16 = 2 } qins_dtype;
+
+#define QINS_MAX_NDIM 8    /* tensors have at most this many dimensions */
+#define QINS_MAX_NAME 256  /* model and tensor names: bytes, NUL excluded (LMDB keys <= 511) */
+
+/* One [start, stop) range on one dimension. */
+typedef struct qins_range {
+  uint64_t start; /* first index, inclusive */
+  uint64_t stop;  /* last index, exclusive; start <= stop <= dim */
+} qins_range;
+
+/* What the server knows of one stored tensor (method `info`, `list`). */
+typedef struct qins_tensor_info {
+  char name[QINS_MAX_NAME + 1];  /* tensor name */
+  char codec[16];                /* "qins8", "qins16", "f32", ... */
+  char src_dtype[8];             /* dtype it was imported from: "f32", "f16", "bf16", ... */
+  int ndim;                      /* 0..QINS_MAX_NDIM */
+  uint64_t shape[QINS_MAX_NDIM]; /* row-major shape */
+  uint64_t n_elem;               /* product of shape (1 for a scalar) */
+  uint64_t src_bytes;            /* bytes in the source file */
+  uint64_t stored_bytes;         /* bytes in the store, codec parameters included */
+  double snr_db;                 /* measured at import; +inf for lossless */
+} qins_tensor_info;
+
+typedef struct qins_client qins_client;
+
+/* Connects to qinsd at `socket_path`, waiting at most timeout_ms (<= 0: 5000) for the connection
+ * and the `hello` exchange. *out is owned by the caller; free with qins_close (NULL is fine). */
+QINS_EXTERN int qins_connect(qins_client **out, const char *socket_path, int timeout_ms);
+QINS_EXTERN void qins_close(qins_client *c);
+/* Message of the last failed call on c ("" if none). Valid until the next call on c. */
+QINS_EXTERN const char *qins_client_error(const qins_client *c);
+/* Per-call timeout for later calls (ms; <= 0 waits forever). */
+QINS_EXTERN void qins_set_timeout(qins_client *c, int timeout_ms);
+
+QINS_EXTERN int qins_ping(qins_client *c);
+
+/* Metadata of one tensor. */
+QINS_EXTERN int qins_info(qins_client *c, const char *model, const char *name,
+                          qins_tensor_info *out /* out */);
+
+/* Decodes tensor `name` of `model`, or the hyperslab given by `slice` (nslice ranges, one per
+ * leading dimension; dimensions past nslice are whole; slice may be NULL with nslice 0), as dtype
+ * `dt` into buf (buf_bytes long). The payload is read straight into buf. On success *out_bytes
+ * (may be NULL) is the payload size, and shape_out/ndim_out (may be NULL) the slice's shape.
+ * QINS_EBUFFER if buf_bytes is smaller than the payload (the connection stays usable). */
+QINS_EXTERN int qins_get_into(qins_client *c, const char *model, const char *name,
+                              const qins_range *slice, int nslice, qins_dtype dt, void *buf,
+                              size_t buf_bytes, size_t *out_bytes /* out */,
+                              uint64_t shape_out[QINS_MAX_NDIM] /* out */, int *ndim_out /* out */);
+
+/* As qins_get_into, into a buffer allocated by the library (64-byte aligned), which the caller
+ * frees with qins_free. */
+QINS_EXTERN int qins_get(qins_client *c, const char *model, const char *name,
+                         const qins_range *slice, int nslice, qins_dtype dt, void **out /* out */,
+                         size_t *out_bytes /* out */, uint64_t shape_out[QINS_MAX_NDIM] /* out */,
+                         int *ndim_out /* out */);
+QINS_EXTERN void qins_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* QINS_H */
