@@ -1,0 +1,443 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * proto.c — the bounded msgpack scanner, cursor reader and packers of proto.h.
+ * Wire contract: docs/PROTOCOL.md §1-§2.
+ *
+ * One table-free decoder of msgpack headers (qp__head) serves both the scanner and the reader:
+ * from the first byte it gives the header size, the body size (str/bin/ext) and the item count
+ * (array: n, map: 2n). Invariants of the scanner, kept on every step: s->off <= s->max_bytes;
+ * a declared body never ends past max_bytes; a declared container count never exceeds the bytes
+ * still allowed (each item takes at least one byte); depth <= max_depth.
+ */
+#include "proto.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* Kinds of msgpack values, as far as framing cares. */
+enum { K_SCALAR, K_STR, K_BIN, K_EXT, K_ARRAY, K_MAP, K_BAD };
+
+typedef struct qp__hd {
+  int kind;       /* K_* */
+  unsigned hlen;  /* header bytes (type byte included) */
+  uint64_t body;  /* body bytes after the header (str/bin/ext) */
+  uint64_t count; /* array items, or map pairs */
+} qp__hd;
+
+static uint64_t be(const uint8_t *p, unsigned n) {
+  uint64_t v = 0;
+  for (unsigned i = 0; i < n; i++) v = (v << 8) | p[i];
+  return v;
+}
+
+/* Header size from the type byte alone (0 for 0xc1). */
+static unsigned head_len(uint8_t b) {
+  if (b <= 0xbf || b >= 0xe0) return 1; /* fixint, fixmap, fixarray, fixstr, negative fixint */
+  switch (b) {
+  case 0xc0: case 0xc2: case 0xc3: return 1;
+  case 0xc4: case 0xcc: case 0xd0: case 0xd9: return 2;
+  case 0xc5: case 0xcd: case 0xd1: case 0xda: case 0xdc: case 0xde: return 3;
+  case 0xc6: case 0xca: case 0xce: case 0xd2: case 0xdb: case 0xdd: case 0xdf: return 5;
+  case 0xcb: case 0xcf: case 0xd3: return 9;
+  case 0xc7: return 3;
+  case 0xc8: return 4;
+  case 0xc9: return 6;
+  case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8: return 2;
+  default: return 0; /* 0xc1: never used */
+  }
+}
+
+/* Decodes the header at p (hlen bytes available, hlen = head_len(*p) > 0). */
+static void head_parse(const uint8_t *p, qp__hd *h) {
+  uint8_t b = p[0];
+  h->hlen = head_len(b);
+  h->kind = K_SCALAR;
+  h->body = 0;
+  h->count = 0;
+  if (b <= 0x7f || b >= 0xe0) return;
+  if (b <= 0x8f) { h->kind = K_MAP; h->count = b & 0x0f; return; }
+  if (b <= 0x9f) { h->kind = K_ARRAY; h->count = b & 0x0f; return; }
+  if (b <= 0xbf) { h->kind = K_STR; h->body = b & 0x1f; return; }
+  switch (b) {
+  case 0xc4: case 0xc5: case 0xc6: h->kind = K_BIN; h->body = be(p + 1, h->hlen - 1); return;
+  case 0xd9: case 0xda: case 0xdb: h->kind = K_STR; h->body = be(p + 1, h->hlen - 1); return;
+  case 0xc7: case 0xc8: case 0xc9: h->kind = K_EXT; h->body = be(p + 1, h->hlen - 2); return;
+  case 0xd4: h->kind = K_EXT; h->body = 1; return;
+  case 0xd5: h->kind = K_EXT; h->body = 2; return;
+  case 0xd6: h->kind = K_EXT; h->body = 4; return;
+  case 0xd7: h->kind = K_EXT; h->body = 8; return;
+  case 0xd8: h->kind = K_EXT; h->body = 16; return;
+  case 0xdc: case 0xdd: h->kind = K_ARRAY; h->count = be(p + 1, h->hlen - 1); return;
+  case 0xde: case 0xdf: h->kind = K_MAP; h->count = be(p + 1, h->hlen - 1); return;
+  case 0xc1: h->kind = K_BAD; return;
+  default: return; /* nil, bool, numbers */
+  }
+}
+
+static const char *kind_name(int k) {
+  switch (k) {
+  case K_STR: return "str";
+  case K_BIN: return "bin";
+  case K_EXT: return "ext";
+  case K_ARRAY: return "array";
+  case K_MAP: return "map";
+  default: return "value";
+  }
+}
+
+void qp_scan_init(qp_scan *s, uint64_t max_bytes, int max_depth) {
+  memset(s, 0, sizeof *s);
+  s->max_bytes = max_bytes;
+  s->max_depth = max_depth < 1 ? 1 : max_depth > QP_MAX_DEPTH ? QP_MAX_DEPTH : max_depth;
+  qp_scan_reset(s);
+}
+
+void qp_scan_reset(qp_scan *s) {
+  s->depth = 0;
+  s->off = 0;
+  s->skip = 0;
+  s->bin_len = 0;
+  s->left[0] = 1; /* one top-level value */
+  s->what[0] = '\0';
+}
+
+void qp_scan_bin_done(qp_scan *s) {
+  s->off += s->skip;
+  s->skip = 0;
+}
+
+int qp_scan_next(qp_scan *s, const void *buf, size_t len, size_t *size) {
+  const uint8_t *p = buf;
+  for (;;) {
+    if (s->skip) {
+      uint64_t avail = len > s->off ? len - s->off : 0;
+      uint64_t take = avail < s->skip ? avail : s->skip;
+      s->off += take;
+      s->skip -= take;
+      if (s->skip) return QP_MORE;
+    }
+    while (s->left[s->depth] == 0) {
+      if (s->depth == 0) {
+        *size = (size_t)s->off;
+        return QP_COMPLETE;
+      }
+      s->depth--;
+    }
+    if (s->off >= len) return QP_MORE;
+    unsigned hl = head_len(p[s->off]);
+    if (hl == 0) {
+      snprintf(s->what, sizeof s->what, "reserved byte 0xc1 at offset %llu",
+               (unsigned long long)s->off);
+      return QINS_EPROTO;
+    }
+    if (s->off + hl > s->max_bytes) {
+      snprintf(s->what, sizeof s->what, "message longer than the limit of %llu bytes",
+               (unsigned long long)s->max_bytes);
+      return QINS_ETOO_LARGE;
+    }
+    if (s->off + hl > len) return QP_MORE;
+    qp__hd h;
+    head_parse(p + s->off, &h);
+    uint64_t at = s->off;
+    s->off += hl;
+    s->left[s->depth]--;
+    uint64_t room = s->max_bytes - s->off; /* bytes the message may still take */
+    switch (h.kind) {
+    case K_STR: case K_BIN: case K_EXT:
+      if (h.body > room) {
+        snprintf(s->what, sizeof s->what, "%s length %llu at offset %llu exceeds the limit of %llu",
+                 kind_name(h.kind), (unsigned long long)h.body, (unsigned long long)at,
+                 (unsigned long long)s->max_bytes);
+        return QINS_ETOO_LARGE;
+      }
+      s->skip = h.body;
+      if (h.kind == K_BIN && s->bin_stop && h.body >= s->bin_stop) {
+        s->bin_len = h.body;
+        *size = (size_t)s->off;
+        return QP_BIN;
+      }
+      break;
+    case K_ARRAY: case K_MAP: {
+      uint64_t items = h.kind == K_MAP ? h.count * 2 : h.count; /* count < 2^32: no overflow */
+      if (items > room) {
+        snprintf(s->what, sizeof s->what,
+                 "%s of %llu items at offset %llu exceeds the limit of %llu bytes",
+                 kind_name(h.kind), (unsigned long long)h.count, (unsigned long long)at,
+                 (unsigned long long)s->max_bytes);
+        return QINS_ETOO_LARGE;
+      }
+      if (s->depth + 1 > s->max_depth) {
+        snprintf(s->what, sizeof s->what, "nesting deeper than %d at offset %llu", s->max_depth,
+                 (unsigned long long)at);
+        return QINS_EPROTO;
+      }
+      s->depth++;
+      s->left[s->depth] = items;
+      break;
+    }
+    default: break;
+    }
+  }
+}
+
+/* ---- cursor reader ---------------------------------------------------------------------------- */
+
+/* Reads a header; fails (cursor unmoved) if it is truncated or reserved. */
+static int rd_head(const qp_rd *r, qp__hd *h) {
+  if (r->p >= r->end) return QINS_EPROTO;
+  unsigned hl = head_len(*r->p);
+  if (hl == 0 || (size_t)(r->end - r->p) < hl) return QINS_EPROTO;
+  head_parse(r->p, h);
+  return 0;
+}
+
+int qp_rd_array(qp_rd *r, uint32_t *n) {
+  qp__hd h;
+  if (rd_head(r, &h) || h.kind != K_ARRAY) return QINS_EPROTO;
+  r->p += h.hlen;
+  *n = (uint32_t)h.count;
+  return 0;
+}
+
+int qp_rd_map(qp_rd *r, uint32_t *n) {
+  qp__hd h;
+  if (rd_head(r, &h) || h.kind != K_MAP) return QINS_EPROTO;
+  r->p += h.hlen;
+  *n = (uint32_t)h.count;
+  return 0;
+}
+
+int qp_rd_is_nil(const qp_rd *r) { return r->p < r->end && *r->p == 0xc0; }
+
+int qp_rd_nil(qp_rd *r) {
+  if (!qp_rd_is_nil(r)) return QINS_EPROTO;
+  r->p++;
+  return 0;
+}
+
+int qp_rd_bool(qp_rd *r, int *v) {
+  if (r->p >= r->end || (*r->p != 0xc2 && *r->p != 0xc3)) return QINS_EPROTO;
+  *v = *r->p == 0xc3;
+  r->p++;
+  return 0;
+}
+
+int qp_rd_int(qp_rd *r, int64_t *v) {
+  qp__hd h;
+  if (rd_head(r, &h) || h.kind != K_SCALAR) return QINS_EPROTO;
+  uint8_t b = *r->p;
+  const uint8_t *q = r->p + 1;
+  int64_t x;
+  if (b <= 0x7f) x = b;
+  else if (b >= 0xe0) x = (int8_t)b;
+  else switch (b) {
+    case 0xcc: x = q[0]; break;
+    case 0xcd: x = (int64_t)be(q, 2); break;
+    case 0xce: x = (int64_t)be(q, 4); break;
+    case 0xcf: {
+      uint64_t u = be(q, 8);
+      if (u > INT64_MAX) return QINS_EPROTO;
+      x = (int64_t)u;
+      break;
+    }
+    case 0xd0: x = (int8_t)q[0]; break;
+    case 0xd1: x = (int16_t)be(q, 2); break;
+    case 0xd2: x = (int32_t)be(q, 4); break;
+    case 0xd3: x = (int64_t)be(q, 8); break;
+    default: return QINS_EPROTO;
+    }
+  r->p += h.hlen;
+  *v = x;
+  return 0;
+}
+
+int qp_rd_uint(qp_rd *r, uint64_t *v) {
+  if (r->p < r->end && *r->p == 0xcf) {
+    qp__hd h;
+    if (rd_head(r, &h)) return QINS_EPROTO;
+    *v = be(r->p + 1, 8);
+    r->p += 9;
+    return 0;
+  }
+  qp_rd save = *r;
+  int64_t x;
+  if (qp_rd_int(r, &x)) return QINS_EPROTO;
+  if (x < 0) {
+    *r = save;
+    return QINS_EPROTO;
+  }
+  *v = (uint64_t)x;
+  return 0;
+}
+
+int qp_rd_double(qp_rd *r, double *v) {
+  if (r->p < r->end && (*r->p == 0xca || *r->p == 0xcb)) {
+    qp__hd h;
+    if (rd_head(r, &h)) return QINS_EPROTO;
+    if (*r->p == 0xca) {
+      uint32_t u = (uint32_t)be(r->p + 1, 4);
+      float f;
+      memcpy(&f, &u, 4);
+      *v = f;
+    } else {
+      uint64_t u = be(r->p + 1, 8);
+      memcpy(v, &u, 8);
+    }
+    r->p += h.hlen;
+    return 0;
+  }
+  int64_t x;
+  if (r->p < r->end && *r->p == 0xcf) {
+    uint64_t u;
+    if (qp_rd_uint(r, &u)) return QINS_EPROTO;
+    *v = (double)u;
+    return 0;
+  }
+  if (qp_rd_int(r, &x)) return QINS_EPROTO;
+  *v = (double)x;
+  return 0;
+}
+
+static int rd_body(qp_rd *r, int kind, const void **p, uint32_t *len) {
+  qp__hd h;
+  if (rd_head(r, &h) || h.kind != kind) return QINS_EPROTO;
+  if ((uint64_t)(r->end - r->p) - h.hlen < h.body) return QINS_EPROTO;
+  *p = r->p + h.hlen;
+  *len = (uint32_t)h.body;
+  r->p += h.hlen + h.body;
+  return 0;
+}
+
+int qp_rd_str(qp_rd *r, const char **s, uint32_t *len) {
+  const void *p;
+  int rc = rd_body(r, K_STR, &p, len);
+  if (rc == 0) *s = p;
+  return rc;
+}
+
+int qp_rd_bin(qp_rd *r, const void **p, uint32_t *len) { return rd_body(r, K_BIN, p, len); }
+
+int qp_rd_bin_header(qp_rd *r, uint32_t *len) {
+  qp__hd h;
+  if (rd_head(r, &h) || h.kind != K_BIN) return QINS_EPROTO;
+  r->p += h.hlen;
+  *len = (uint32_t)h.body;
+  return 0;
+}
+
+int qp_rd_skip(qp_rd *r) {
+  const uint8_t *p = r->p;
+  uint64_t pending = 1; /* values still to skip */
+  while (pending) {
+    if (p >= r->end) return QINS_EPROTO;
+    unsigned hl = head_len(*p);
+    if (hl == 0 || (size_t)(r->end - p) < hl) return QINS_EPROTO;
+    qp__hd h;
+    head_parse(p, &h);
+    p += hl;
+    pending--;
+    uint64_t rest = (uint64_t)(r->end - p);
+    if (h.body > rest) return QINS_EPROTO;
+    p += h.body;
+    if (h.kind == K_ARRAY || h.kind == K_MAP) {
+      uint64_t items = h.kind == K_MAP ? 2 * h.count : h.count;
+      if (items > rest) return QINS_EPROTO; /* each item takes at least a byte */
+      pending += items;
+    }
+  }
+  r->p = p;
+  return 0;
+}
+
+/* ---- packing ---------------------------------------------------------------------------------- */
+
+int qp_pack_cstr(msgpack_packer *pk, const char *s) {
+  size_t n = strlen(s);
+  return msgpack_pack_str_with_body(pk, s, n);
+}
+
+int qp_pack_request(msgpack_packer *pk, uint32_t msgid, const char *method) {
+  int rc = msgpack_pack_array(pk, 4);
+  rc |= msgpack_pack_uint8(pk, QP_REQUEST);
+  rc |= msgpack_pack_uint32(pk, msgid);
+  rc |= qp_pack_cstr(pk, method);
+  return rc ? QINS_ENOMEM : 0;
+}
+
+int qp_pack_response_ok(msgpack_packer *pk, uint32_t msgid) {
+  int rc = msgpack_pack_array(pk, 4);
+  rc |= msgpack_pack_uint8(pk, QP_RESPONSE);
+  rc |= msgpack_pack_uint32(pk, msgid);
+  rc |= msgpack_pack_nil(pk);
+  return rc ? QINS_ENOMEM : 0;
+}
+
+int qp_pack_response_verr(msgpack_packer *pk, uint32_t msgid, int code, const char *fmt,
+                          va_list ap) {
+  char msg[512];
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  int rc = msgpack_pack_array(pk, 4);
+  rc |= msgpack_pack_uint8(pk, QP_RESPONSE);
+  rc |= msgpack_pack_uint32(pk, msgid);
+  rc |= msgpack_pack_array(pk, 2);
+  rc |= msgpack_pack_int32(pk, code);
+  rc |= qp_pack_cstr(pk, msg);
+  rc |= msgpack_pack_nil(pk);
+  return rc ? QINS_ENOMEM : 0;
+}
+
+int qp_pack_response_err(msgpack_packer *pk, uint32_t msgid, int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int rc = qp_pack_response_verr(pk, msgid, code, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+size_t qp_bin_header(uint8_t out[5], uint32_t len) {
+  if (len <= 0xff) {
+    out[0] = 0xc4;
+    out[1] = (uint8_t)len;
+    return 2;
+  }
+  if (len <= 0xffff) {
+    out[0] = 0xc5;
+    out[1] = (uint8_t)(len >> 8);
+    out[2] = (uint8_t)len;
+    return 3;
+  }
+  out[0] = 0xc6;
+  out[1] = (uint8_t)(len >> 24);
+  out[2] = (uint8_t)(len >> 16);
+  out[3] = (uint8_t)(len >> 8);
+  out[4] = (uint8_t)len;
+  return 5;
+}
+
+/* ---- object helpers --------------------------------------------------------------------------- */
+
+int qp_obj_str_eq(const msgpack_object *o, const char *s) {
+  size_t n = strlen(s);
+  return o->type == MSGPACK_OBJECT_STR && o->via.str.size == n && memcmp(o->via.str.ptr, s, n) == 0;
+}
+
+const msgpack_object *qp_map_get(const msgpack_object *o, const char *key) {
+  if (o->type != MSGPACK_OBJECT_MAP) return NULL;
+  for (uint32_t i = 0; i < o->via.map.size; i++)
+    if (qp_obj_str_eq(&o->via.map.ptr[i].key, key)) return &o->via.map.ptr[i].val;
+  return NULL;
+}
+
+int qp_obj_cstr(const msgpack_object *o, char *dst, size_t cap) {
+  if (o->type != MSGPACK_OBJECT_STR || o->via.str.size >= cap) return QINS_EBAD_PARAMS;
+  if (memchr(o->via.str.ptr, 0, o->via.str.size)) return QINS_EBAD_PARAMS;
+  memcpy(dst, o->via.str.ptr, o->via.str.size);
+  dst[o->via.str.size] = '\0';
+  return 0;
+}
+
+int qp_obj_uint(const msgpack_object *o, uint64_t *v) {
+  if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER) return QINS_EBAD_PARAMS;
+  *v = o->via.u64;
+  return 0;
+}

@@ -1,0 +1,214 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * proto_scan.c — unit tests of proto/'s bounded scanner, cursor reader and packers
+ * (docs/PROTOCOL.md §1-§2): message boundaries at every split point, hostile declared lengths
+ * rejected from their header bytes alone, depth limit, and reader/packer round trips.
+ */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "proto.h"
+
+/* Packs a typical request into sb. */
+static void pack_get(msgpack_sbuffer *sb, uint32_t msgid) {
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+  qp_pack_request(&pk, msgid, "get");
+  msgpack_pack_array(&pk, 1);
+  msgpack_pack_map(&pk, 3);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, "m");
+  qp_pack_cstr(&pk, "name");
+  qp_pack_cstr(&pk, "layers.0.w");
+  qp_pack_cstr(&pk, "slice");
+  msgpack_pack_array(&pk, 2);
+  msgpack_pack_array(&pk, 2);
+  msgpack_pack_uint32(&pk, 0);
+  msgpack_pack_uint32(&pk, 300);
+  msgpack_pack_array(&pk, 2);
+  msgpack_pack_uint32(&pk, 7);
+  msgpack_pack_uint32(&pk, 70000);
+}
+
+Test(proto_scan, complete_at_every_split_point) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  pack_get(&sb, 7);
+  pack_get(&sb, 8);
+  size_t one = sb.size / 2;
+  for (size_t cut = 0; cut <= sb.size; cut++) {
+    qp_scan s;
+    qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+    size_t n = 0;
+    int r = qp_scan_next(&s, sb.data, cut, &n);
+    if (cut < one) {
+      cr_assert_eq(r, QP_MORE, "cut %zu", cut);
+      r = qp_scan_next(&s, sb.data, sb.size, &n); /* the rest arrives */
+    }
+    cr_assert_eq(r, QP_COMPLETE, "cut %zu", cut);
+    cr_assert_eq(n, one);
+    qp_scan_reset(&s);
+    r = qp_scan_next(&s, sb.data + one, sb.size - one, &n);
+    cr_assert_eq(r, QP_COMPLETE);
+    cr_assert_eq(n, sb.size - one);
+  }
+  msgpack_sbuffer_destroy(&sb);
+}
+
+Test(proto_scan, rejects_4gib_bin_from_its_header) {
+  const uint8_t req[] = {0x94, 0x00, 0x01, 0xa3, 'g', 'e', 't', 0xc6, 0xff, 0xff, 0xff, 0xff};
+  qp_scan s;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  size_t n;
+  cr_assert_eq(qp_scan_next(&s, req, sizeof req, &n), QINS_ETOO_LARGE);
+  cr_assert(strstr(s.what, "bin length 4294967295"), "%s", s.what);
+}
+
+Test(proto_scan, rejects_2pow32_array_and_map) {
+  const uint8_t arr[] = {0xdd, 0xff, 0xff, 0xff, 0xff, 0x00};
+  const uint8_t map[] = {0x94, 0x00, 0x01, 0xdf, 0x80, 0x00, 0x00, 0x00};
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, arr, sizeof arr, &n), QINS_ETOO_LARGE);
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, map, sizeof map, &n), QINS_ETOO_LARGE);
+  cr_assert(strstr(s.what, "map"), "%s", s.what);
+}
+
+Test(proto_scan, counts_fit_exactly_at_the_limit) {
+  /* fixarray of 3 nils: 4 bytes; a limit of 4 accepts it, 3 refuses it from the header. */
+  const uint8_t m[] = {0x93, 0xc0, 0xc0, 0xc0};
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 4, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, m, 1, &n), QP_MORE);
+  cr_assert_eq(qp_scan_next(&s, m, 4, &n), QP_COMPLETE);
+  cr_assert_eq(n, 4);
+  qp_scan_init(&s, 3, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, m, 1, &n), QINS_ETOO_LARGE);
+}
+
+Test(proto_scan, depth_limit) {
+  uint8_t m[16];
+  memset(m, 0x91, sizeof m); /* nested one-element arrays */
+  m[8] = 0xc0;               /* 8 levels then nil: allowed */
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, m, 9, &n), QP_COMPLETE);
+  cr_assert_eq(n, 9);
+  m[8] = 0x91;
+  m[9] = 0xc0;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, m, 10, &n), QINS_EPROTO);
+}
+
+Test(proto_scan, reserved_byte) {
+  const uint8_t m[] = {0x92, 0x01, 0xc1};
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, m, sizeof m, &n), QINS_EPROTO);
+}
+
+Test(proto_scan, stops_at_large_bin) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_response_ok(&pk, 42);
+  msgpack_pack_map(&pk, 2);
+  qp_pack_cstr(&pk, "dtype");
+  qp_pack_cstr(&pk, "f32");
+  qp_pack_cstr(&pk, "data");
+  static uint8_t payload[100000];
+  for (size_t i = 0; i < sizeof payload; i++) payload[i] = (uint8_t)i;
+  msgpack_pack_bin_with_body(&pk, payload, sizeof payload);
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  s.bin_stop = 4096;
+  cr_assert_eq(qp_scan_next(&s, sb.data, sb.size - sizeof payload, &n), QP_BIN);
+  cr_assert_eq(s.bin_len, sizeof payload);
+  cr_assert_eq(n, sb.size - sizeof payload);
+  /* The prefix parses with the cursor reader. */
+  qp_rd r;
+  qp_rd_init(&r, sb.data, n);
+  uint32_t k, m;
+  uint64_t u;
+  cr_assert_eq(qp_rd_array(&r, &k), 0);
+  cr_assert_eq(k, 4);
+  cr_assert_eq(qp_rd_uint(&r, &u), 0);
+  cr_assert_eq(u, 1);
+  cr_assert_eq(qp_rd_uint(&r, &u), 0);
+  cr_assert_eq(u, 42);
+  cr_assert_eq(qp_rd_nil(&r), 0);
+  cr_assert_eq(qp_rd_map(&r, &m), 0);
+  cr_assert_eq(m, 2);
+  const char *str;
+  uint32_t sl;
+  cr_assert_eq(qp_rd_skip(&r), 0); /* "dtype" */
+  cr_assert_eq(qp_rd_str(&r, &str, &sl), 0);
+  cr_assert(sl == 3 && memcmp(str, "f32", 3) == 0);
+  cr_assert_eq(qp_rd_str(&r, &str, &sl), 0);
+  cr_assert_eq(qp_rd_bin_header(&r, &sl), 0);
+  cr_assert_eq(sl, sizeof payload);
+  cr_assert_eq((const char *)r.p, sb.data + n);
+  /* Continuing with the payload in place completes the message. */
+  cr_assert_eq(qp_scan_next(&s, sb.data, sb.size, &n), QP_COMPLETE);
+  cr_assert_eq(n, sb.size);
+  msgpack_sbuffer_destroy(&sb);
+}
+
+Test(proto_scan, bin_header_matches_msgpack_c) {
+  const uint32_t lens[] = {0, 1, 255, 256, 65535, 65536, 0xffffffffu};
+  for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_bin(&pk, lens[i]);
+    uint8_t h[5];
+    size_t n = qp_bin_header(h, lens[i]);
+    cr_assert_eq(n, sb.size);
+    cr_assert_eq(memcmp(h, sb.data, n), 0);
+    msgpack_sbuffer_destroy(&sb);
+  }
+}
+
+Test(proto_scan, error_response_round_trip) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_response_err(&pk, 9, QINS_ENO_TENSOR, "no tensor %s in model %s", "x", "m");
+  msgpack_zone z;
+  msgpack_zone_init(&z, 2048);
+  msgpack_object o;
+  size_t off = 0;
+  cr_assert_eq(msgpack_unpack(sb.data, sb.size, &off, &z, &o), MSGPACK_UNPACK_SUCCESS);
+  cr_assert_eq(o.type, MSGPACK_OBJECT_ARRAY);
+  cr_assert_eq(o.via.array.size, 4);
+  const msgpack_object *e = &o.via.array.ptr[2];
+  cr_assert_eq(e->type, MSGPACK_OBJECT_ARRAY);
+  cr_assert_eq(e->via.array.ptr[0].via.i64, QINS_ENO_TENSOR);
+  cr_assert(qp_obj_str_eq(&e->via.array.ptr[1], "no tensor x in model m"));
+  cr_assert_eq(o.via.array.ptr[3].type, MSGPACK_OBJECT_NIL);
+  msgpack_zone_destroy(&z);
+  msgpack_sbuffer_destroy(&sb);
+}
+
+Test(proto_scan, reader_rejects_truncation_without_moving) {
+  const uint8_t m[] = {0xda, 0x00, 0x10, 'a'}; /* str16 of 16 bytes, 1 present */
+  qp_rd r;
+  qp_rd_init(&r, m, sizeof m);
+  const char *s;
+  uint32_t n;
+  cr_assert_eq(qp_rd_str(&r, &s, &n), QINS_EPROTO);
+  cr_assert_eq(r.p, m);
+  cr_assert_eq(qp_rd_skip(&r), QINS_EPROTO);
+  const uint8_t big[] = {0xdd, 0xff, 0xff, 0xff, 0xff};
+  qp_rd_init(&r, big, sizeof big);
+  cr_assert_eq(qp_rd_skip(&r), QINS_EPROTO);
+}
