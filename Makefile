@@ -92,7 +92,7 @@ $(BUILD)/qinsd: $(call obj,$(DAEMON_SRC)) $(STORE_A) $(PROTO_A)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
 $(BUILD)/qinsctl: $(call obj,$(CTL_SRC)) $(STORE_A) $(CLIENT_A) $(PROTO_A)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
-$(BUILD)/qins-llama2: $(call obj,client/examples/qins-llama2.c) $(CLIENT_A)
+$(BUILD)/qins-llama2: $(call obj,client/examples/qins-llama2.c) $(CLIENT_A) $(STORE_A)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
 
 TEST_LINK = $(SUPPORT_A) $(STORE_A) $(if $(CLIENT_SRC),$(CLIENT_A)) $(if $(PROTO_SRC),$(PROTO_A))

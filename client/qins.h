@@ -134,6 +134,83 @@ QINS_EXTERN int qins_get(qins_client *c, const char *model, const char *name,
                          int *ndim_out /* out */);
 QINS_EXTERN void qins_free(void *p);
 
+/* What the server said in `hello` (docs/PROTOCOL.md §4.1), kept from the connect. Valid while c
+ * lives. */
+typedef struct qins_server_info {
+  unsigned protocol;           /* wire protocol version (1) */
+  char server[64];             /* "qinsd 0.1.0" */
+  uint64_t max_request_bytes;  /* requests above this are refused */
+  uint64_t max_response_bytes; /* answers above this are refused: ask for a slice */
+  uint64_t max_connections;    /* connections the daemon accepts at once */
+  uint64_t max_ranges;         /* slice ranges per request */
+} qins_server_info;
+QINS_EXTERN const qins_server_info *qins_server(const qins_client *c);
+
+/* One tensor of a get_many into caller buffers. The caller fills name, buf and buf_bytes; the call
+ * fills the rest. */
+typedef struct qins_get_req {
+  const char *name;              /* in: tensor name */
+  void *buf;                     /* in: where the payload goes (read straight into it) */
+  size_t buf_bytes;              /* in: its size */
+  size_t out_bytes;              /* out: payload bytes written */
+  int ndim;                      /* out: dimensions */
+  uint64_t shape[QINS_MAX_NDIM]; /* out: shape */
+} qins_get_req;
+
+/* Fetches n tensors of `model` in one round trip (method get_many), each straight into its
+ * request's buffer. QINS_EBUFFER if any buffer is too small (that tensor's payload is discarded,
+ * the others are still filled; the connection stays usable). */
+QINS_EXTERN int qins_get_many_into(qins_client *c, const char *model, qins_get_req *reqs, int n,
+                                   qins_dtype dt);
+
+/* A tensor fetched into library memory (qins_get_many). */
+typedef struct qins_tensor {
+  char name[QINS_MAX_NAME + 1];  /* tensor name */
+  char dtype[8];                 /* "f32", "f16", "bf16" */
+  int ndim;                      /* dimensions */
+  uint64_t shape[QINS_MAX_NDIM]; /* shape */
+  void *data;                    /* payload, 64-byte aligned; freed by qins_tensors_free */
+  size_t bytes;                  /* payload bytes */
+} qins_tensor;
+
+/* Fetches the tensors named in names[0..n_names) or, when names is NULL, every tensor whose name
+ * starts with prefix (one whole layer: "layers.3."), in one round trip. *out (an array of *n_out)
+ * is owned by the caller: free it with qins_tensors_free(*out, *n_out). */
+QINS_EXTERN int qins_get_many(qins_client *c, const char *model, const char *const *names,
+                              int n_names, const char *prefix, qins_dtype dt,
+                              qins_tensor **out /* out */, size_t *n_out /* out */);
+QINS_EXTERN void qins_tensors_free(qins_tensor *t, size_t n);
+
+/* One model as listed by the server (method `models`). */
+typedef struct qins_model_info {
+  char name[QINS_MAX_NAME + 1]; /* model name */
+  uint64_t tensors;             /* tensor count */
+  uint64_t n_elem;              /* total elements */
+  uint64_t src_bytes;           /* bytes of the imported source tensors */
+  uint64_t stored_bytes;        /* bytes in the store */
+  int64_t created;              /* unix seconds of import */
+  char *metadata;               /* the model's metadata as JSON text (safetensors __metadata__), or
+                                   NULL when the server sends none; lives in the same allocation */
+} qins_model_info;
+
+/* Every model, in name order. *out is one allocation owned by the caller (qins_free). */
+QINS_EXTERN int qins_models(qins_client *c, qins_model_info **out /* out */,
+                            size_t *n_out /* out */);
+
+/* Tensors of `model` whose name starts with prefix (NULL: all), in name order, from offset, at most
+ * limit of them (0: the server's default). *total (may be NULL) is the number that match. *out is
+ * owned by the caller (qins_free). */
+QINS_EXTERN int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t offset,
+                          uint64_t limit, qins_tensor_info **out /* out */,
+                          size_t *n_out /* out */, uint64_t *total /* out */);
+
+/* The server's counters (method `stats`) as one JSON object text, NUL-terminated, owned by the
+ * caller (qins_free). */
+QINS_EXTERN int qins_stats(qins_client *c, char **json /* out */);
+
+/* Asks the daemon to stop (admin: the daemon's own uid or root; else QINS_EDENIED). */
+QINS_EXTERN int qins_shutdown(qins_client *c);
+
 #ifdef __cplusplus
 }
 #endif
