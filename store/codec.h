@@ -2,7 +2,7 @@
 /*
  * codec.h — the QINS codecs (qc_): encode float rows into a codec's chunk layout, decode any
  * element range of a chunk to f32/f16/bf16. Normative rules: ../shared/docs/QINS.md; byte
- * layouts: docs/FORMAT.md §Codecs (keep both true to this code).
+ * layouts: docs/FORMAT.md §1 Codecs (keep both true to this code).
  *
  * Model. A tensor of n elements is viewed as n_rows rows of row_len elements (row_len = the last
  * dimension; 1 for a scalar; a 1-D tensor is one row). Rows are cut into blocks of the codec's
@@ -19,13 +19,23 @@
  *   qins16       i8 exponent[nb] (B = 64), then u16 code[n]
  *   seed-log     i8 sign[n], then u8 stored[n]
  *   seed-rational u8 q[n]
+ * The block records of ggml are split here into a scales array and a codes array so that codes
+ * stay contiguous (one vector load per 32/64 weights) and a range decode touches two short runs.
  *
  * Decoding is split into a scalar reference (codec_ref.c, the executable spec, always built) and
  * SIMD kernels (codec_avx2.c, codec_avx512.c) picked once at run time from CPU features; every
- * kernel is bit-identical to the reference. QINS_CODEC=ref in the environment forces the reference.
+ * kernel is bit-identical to the reference on every chunk qc_chunk_validate accepts.
+ * QINS_CODEC=ref in the environment forces the reference, QINS_CODEC=avx2 the AVX2 kernel.
+ *
+ * qins8 tables. A table is per-tensor data (qc_params.table), serialized in the tensor's params
+ * record. Small tensors cannot afford 512 bytes each, so the fitter gives every tensor below
+ * qc_fit_opts.table_min_elems (default QC_QINS8_CUSTOM_MIN) one of QC_QINS8_STD_COUNT standard
+ * tables, which are bit-identical wherever they are used: a store that keys params records by
+ * their bytes stores each standard table once. Larger tensors get a table refined for them.
  *
  * Invariants: 64-bit sizes throughout (tensors above 2^32 elements work); no function here
  * allocates except qc_fit_*; decode never reads outside [chunk, chunk + qc_chunk_bytes()).
+ * Every function is thread-safe (the kernel choice and standard tables are set up once).
  */
 #ifndef QINS_CODEC_H
 #define QINS_CODEC_H
@@ -50,6 +60,21 @@ typedef enum qc_dtype { QC_DT_F32 = 0, QC_DT_F16 = 1, QC_DT_BF16 = 2, QC_DT_COUN
 #define QC_QINS8_BLOCK 32   /* QINS.md: qins8 B = 32 */
 #define QC_QINS16_BLOCK 64  /* QINS.md: qins16 B = 64 */
 #define QC_QINS8_LEVELS 128 /* magnitude table entries T[0..127] */
+#define QC_QINS8_ZERO 0x7F  /* qins8 code of an exact zero (0xFF is never written) */
+#define QC_QINS16_ZERO 32767 /* qins16 magnitude of an exact zero */
+#define QC_QINS16_EZERO (-128) /* qins16 exponent of an all-zero block (absmax < 2^-100) */
+#define QC_QINS16_EMIN (-100)  /* smallest exponent of a non-zero qins16 block */
+/* qins8 scales are fp16: a block whose absmax rounds to fp16 infinity (>= 65520) cannot be
+ * stored; qc_encode/qc_fit_add refuse it with QINS_EUNSUPPORTED naming the element. */
+#define QC_QINS8_MAX_ABS 65504.0f
+/* Tensors with at least this many elements get a tensor-fitted qins8 table by default: 512 table
+ * bytes over 40,960 weights is 0.1 bit/weight, the overhead QINS.md allows. */
+#define QC_QINS8_CUSTOM_MIN 40960
+#define QC_QINS8_STD_COUNT 4 /* standard qins8 tables (codec.c documents each) */
+/* Serialized params: a 4-byte header (codec id, QC_PARAMS_VERSION, two zero bytes), then the
+ * codec's fields (docs/FORMAT.md §1.2). */
+#define QC_PARAMS_VERSION 1
+#define QC_PARAMS_MAX 516 /* largest qc_params_size(): qins8's header + 128 f32 */
 
 /* Per-tensor codec parameters. Only the fields of `codec` are meaningful. */
 typedef struct qc_params {
@@ -57,6 +82,9 @@ typedef struct qc_params {
   float table[QC_QINS8_LEVELS];  /* qins8: T[0] = 1, non-increasing, T[127] = 0 */
   float log_min, log_max;        /* seed-log */
   float alpha;                   /* seed-rational (> 0, finite) */
+  /* Encoder hints: not serialized, zero after qc_params_read. */
+  int table_id;      /* qins8: standard table 0..QC_QINS8_STD_COUNT-1, or -1: fitted/other */
+  int scale_search;  /* qins8 encode: try fp16(absmax) +-N ulps per block (0..8), keep the best */
 } qc_params;
 
 /* Error figures of one encode, accumulated over calls (zero-initialize before the first). */
@@ -83,55 +111,86 @@ uint32_t qc_codec_block(qc_codec c); /* B, or 0 for element-wise codecs */
 /* Bytes of a chunk of n_rows rows of row_len elements. Checked: returns 0 and sets *overflow
  * (may be NULL) if the size does not fit in 64 bits. */
 uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *overflow);
+/* Where element `elem` of a chunk lives: *scale_off is the byte offset of its block's scale
+ * (qins8/qins16; seed-log: of its sign byte; else 0) and *code_off the byte offset of its code.
+ * Lets a reader fetch only the bytes a range needs. QINS_EINVALID if elem >= n. */
+int qc_chunk_locate(qc_codec c, uint64_t row_len, uint64_t n_rows, uint64_t elem,
+                    uint64_t *scale_off /* out */, uint64_t *code_off /* out */);
 
-/* Serialized per-tensor parameters (docs/FORMAT.md): size, write, read-and-validate. */
+/* Serialized per-tensor parameters (docs/FORMAT.md §1.2): size, write, read-and-validate.
+ * qc_params_read returns QINS_ECORRUPT for a bad record (wrong size, codec, version, non-finite
+ * or non-monotone table, ...) and QINS_EVERSION for a newer params version. */
 size_t qc_params_size(qc_codec c);
 void qc_params_write(const qc_params *p, uint8_t *out /* qc_params_size() bytes */);
 int qc_params_read(qc_codec c, const uint8_t *in, size_t len, qc_params *out /* out */);
+/* Standard qins8 table `id` (0..QC_QINS8_STD_COUNT-1) into p (codec, table, table_id set). */
+int qc_params_std_qins8(int id, qc_params *p /* out */);
 
 /* --- Fitting per-tensor parameters, streaming with bounded memory ---------------------------
  * qc_fit_new; then qc_fit_add over all rows of the tensor (any number of calls); then
- * qc_fit_finish. Memory is bounded and independent of the tensor size at the default effort;
- * effort QC_EFFORT_MAX runs QINS.md's reference encoder and buffers the whole tensor. */
+ * qc_fit_finish. At the default effort memory is bounded (a 4096-bin histogram, ~100 KB) and
+ * independent of the tensor size, and qins8 runs at well over 50 MB/s. QC_EFFORT_MAX runs
+ * QINS.md's reference encoder (A1 + A2 + A3u, ~1-2 us/weight) and buffers the whole tensor. */
 enum { QC_EFFORT_DEFAULT = 0, QC_EFFORT_MAX = 1 };
 typedef struct qc_fit_opts {
   int effort;  /* QC_EFFORT_DEFAULT or QC_EFFORT_MAX */
   float alpha; /* seed-rational alpha; 0 means the default 1.0 */
+  /* qins8: tensors with fewer elements get a standard table (0 means QC_QINS8_CUSTOM_MIN; 1
+   * fits a table to every tensor, as QINS.md's reference encoder does). */
+  uint64_t table_min_elems;
 } qc_fit_opts;
 typedef struct qc_fit qc_fit;
 int qc_fit_new(qc_codec c, uint64_t row_len, const qc_fit_opts *opts /* may be NULL */,
                qc_fit **out /* out; free with qc_fit_free */);
 /* Rows must be finite for lossy codecs: else QINS_ENONFINITE and *bad_index (may be NULL) is the
- * element index within this call's rows. */
+ * element index within this call's rows. qins8 refuses |w| >= 65520 (QINS_EUNSUPPORTED, same
+ * index): fp16 scales cannot hold it. After an error the fit may not be continued. */
 int qc_fit_add(qc_fit *f, const float *rows, uint64_t n_rows, uint64_t *bad_index /* out */);
+/* Ends the fit: *out holds the parameters (and the encoder hints for qc_encode). */
 int qc_fit_finish(qc_fit *f, qc_params *out /* out */);
-void qc_fit_free(qc_fit *f);
+void qc_fit_free(qc_fit *f); /* NULL is fine */
+
+/* One call for a whole in-memory tensor: new + add + finish. */
+int qc_fit_tensor(qc_codec c, uint64_t row_len, uint64_t n_rows, const float *src,
+                  const qc_fit_opts *opts, qc_params *out /* out */, uint64_t *bad_index /* out */);
 
 /* --- Encode --------------------------------------------------------------------------------
  * Encodes n_rows rows of row_len floats (src need not be aligned to more than float) into dst
- * (qc_chunk_bytes() bytes). Accumulates error figures into *st (may be NULL). Lossy codecs
- * refuse NaN/Inf: QINS_ENONFINITE with *bad_index the element index within src. */
+ * (qc_chunk_bytes() bytes, any alignment). Accumulates error figures into *st (may be NULL).
+ * Lossy codecs refuse NaN/Inf: QINS_ENONFINITE with *bad_index the element index within src;
+ * qins8 refuses |w| >= 65520 and qins16 |w| > 2^127 (QINS_EUNSUPPORTED, same index).
+ * Re-encoding decoded values with the same params gives the same chunk bytes (qins8, qins16,
+ * seed-rational with alpha = 1 ... see docs/FORMAT.md §1.4). */
 int qc_encode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const float *src, void *dst,
               qc_stats *st /* in/out */, uint64_t *bad_index /* out */);
 
 /* --- Decode --------------------------------------------------------------------------------
  * Decodes elements [begin, end) of a chunk (element indices within the chunk, row-major) as dtype
  * `dt` into out ((end - begin) * qc_dtype_size(dt) bytes; any alignment). Touches only the bytes
- * of the blocks it needs. chunk may be unaligned. Returns QINS_EINVAL for a bad range. */
+ * of the blocks it needs. chunk may be unaligned. Returns QINS_EINVALID for a bad range, codec or
+ * dtype. Large f32 outputs (>= 4 MiB) are written with non-temporal stores: they bypass the cache,
+ * as memcpy does at that size, since the caller is about to send them rather than compute. */
 int qc_decode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
               uint64_t begin, uint64_t end, qc_dtype dt, void *out);
 /* The scalar reference, same contract. */
 int qc_decode_ref(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
                   uint64_t begin, uint64_t end, qc_dtype dt, void *out);
+/* qc_decode with a named kernel ("ref", "avx2", "avx512"): QINS_EUNSUPPORTED if this CPU (or
+ * build) lacks it. For tests and benchmarks. */
+int qc_decode_with(const char *kernel, const qc_params *p, uint64_t row_len, uint64_t n_rows,
+                   const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out);
+int qc_kernel_available(const char *kernel); /* 1 if qc_decode_with(kernel, ...) can run */
 
-/* Checks a stored chunk before use: scales finite and >= 0 (qins8), exponents -128 or within
- * [-100, 127] (qins16), no 0xFF code (qins8), ... 0 or QINS_ECORRUPT. */
+/* Checks a stored chunk before use: scales finite and >= 0 and no 0xFF code (qins8), exponents
+ * -128 (with all-zero codes) or within [-100, 127] and no 0xFFFF code (qins16), signs in
+ * {-1,0,1} (seed-log). 0 or QINS_ECORRUPT. */
 int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk);
 
 /* Name of the decode kernel in use: "avx512", "avx2" or "ref". */
 const char *qc_kernel_name(void);
 
-/* --- Scalar conversions (round to nearest even; NaN, Inf and subnormals handled) ----------- */
+/* --- Scalar conversions (round to nearest even; NaN, Inf and subnormals handled) -----------
+ * NaN keeps its sign and top payload bits and comes out quiet, as F16C/AVX-512 hardware does. */
 float qc_f16_to_f32(uint16_t h);
 uint16_t qc_f32_to_f16(float f);
 float qc_bf16_to_f32(uint16_t h);
@@ -140,5 +199,8 @@ uint16_t qc_f32_to_bf16(float f);
 void qc_to_f32(qc_dtype src_dt, const void *src, uint64_t n, float *dst);
 /* n f32 -> dtype dt at dst (any alignment), rounding to nearest even. */
 void qc_from_f32(qc_dtype dt, const float *src, uint64_t n, void *dst);
+
+/* The qins16 mantissa table MT[r] = (float)exp2(-r/2048.0), r = 0..2047. */
+const float *qc_qins16_mantissa(void);
 
 #endif /* QINS_CODEC_H */
