@@ -588,23 +588,46 @@ static void q_destroy(wprov *p) {
   free(q);
 }
 
-/* Config of a served model: its metadata (safetensors __metadata__ as imported) when the server
- * sends it, checked against the shapes `info` reports. */
-static int q_config(qins_client *cl, const char *model, cfg *c) {
+/* Config of a served model: from its metadata (safetensors __metadata__ as imported) when the
+ * server sends it in `models`; else from the tensors' shapes (`info`) with n_heads from the command
+ * line (shapes cannot tell heads apart) and seq_len given or 512. */
+static void q_config(qins_client *cl, const char *model, int n_heads, int seq_len, cfg *c) {
   qins_model_info *ms = NULL;
   size_t n = 0;
-  int rc = qins_models(cl, &ms, &n);
-  if (rc) die("models: %s", qins_client_error(cl));
+  char err[256];
+  if (qins_models(cl, &ms, &n)) die("models: %s", qins_client_error(cl));
   const qins_model_info *mi = NULL;
   for (size_t i = 0; i < n; i++)
     if (!strcmp(ms[i].name, model)) mi = &ms[i];
   if (!mi) die("no model %s on the server", model);
-  char err[256];
-  if (!mi->metadata) die("model %s: the server sent no metadata (hyper-parameters)", model);
-  if (cfg_from_meta(mi->metadata, strlen(mi->metadata), c, err, sizeof err))
-    die("model %s: %s", model, err);
+  int from_meta = mi->metadata && !cfg_from_meta(mi->metadata, strlen(mi->metadata), c, err, sizeof err);
   qins_free(ms);
-  return 0;
+  if (from_meta) return;
+  if (n_heads <= 0)
+    die("model %s: the server sent no hyper-parameters: give --n-heads (or --reference)", model);
+  qins_tensor_info emb, w1, wk;
+  uint64_t total = 0;
+  qins_tensor_info *ts = NULL;
+  size_t nt = 0;
+  if (qins_info(cl, model, EMBED_NAME, &emb) || qins_info(cl, model, "layers.0.feed_forward.w1.weight", &w1) ||
+      qins_info(cl, model, "layers.0.attention.wk.weight", &wk) ||
+      qins_list(cl, model, "layers.", 0, 0, &ts, &nt, &total))
+    die("model %s: %s", model, qins_client_error(cl));
+  int layers = 0;
+  for (size_t i = 0; i < nt; i++) {
+    int l;
+    if (sscanf(ts[i].name, "layers.%d.", &l) == 1 && l + 1 > layers) layers = l + 1;
+  }
+  qins_free(ts);
+  if (emb.ndim != 2 || w1.ndim != 2 || wk.ndim != 2) die("model %s: unexpected shapes", model);
+  c->dim = (int)emb.shape[1];
+  c->vocab_size = (int)emb.shape[0];
+  c->hidden_dim = (int)w1.shape[0];
+  c->n_layers = layers;
+  c->n_heads = n_heads;
+  c->n_kv_heads = c->dim % n_heads ? 0 : (int)(wk.shape[0] / (uint64_t)(c->dim / n_heads));
+  c->seq_len = seq_len > 0 ? seq_len : 512;
+  if (cfg_check(c, err, sizeof err)) die("model %s: %s", model, err);
 }
 
 static qprov *q_new(const char *sock, const char *model, const cfg *c, uint64_t budget,
@@ -951,6 +974,8 @@ static void usage(int code) {
           "      --no-prefetch       fetch each unit only when needed\n"
           "      --simulate q8_0     with --reference alone: compare FP32 with llama.cpp's Q8_0\n"
           "                          applied to the same weights\n"
+          "      --n-heads N         query heads, when neither the server's metadata nor a\n"
+          "                          reference gives the hyper-parameters (--seq-len N: 512)\n"
           "  -q, --quiet             no per-step lines\n"
           "  -h, --help              this text\n");
   exit(code);
@@ -977,7 +1002,7 @@ static int ends_with(const char *s, const char *suf) {
 int main(int argc, char **argv) {
   const char *sock = getenv("QINS_SOCKET"), *model = NULL, *ref_path = NULL, *tokens_out = NULL;
   const char *simulate = NULL;
-  int steps = 256, quiet = 0, prefetch = 1;
+  int steps = 256, quiet = 0, prefetch = 1, n_heads = 0, seq_len = 0;
   float temperature = 0.0f, topp = 0.9f;
   unsigned long long seed = 42;
   uint64_t budget = 0;
@@ -989,6 +1014,7 @@ int main(int argc, char **argv) {
       {"seed", required_argument, 0, 'S'},        {"tokens-out", required_argument, 0, 'o'},
       {"budget", required_argument, 0, 'b'},      {"no-prefetch", no_argument, 0, 'P'},
       {"simulate", required_argument, 0, 'M'},    {"quiet", no_argument, 0, 'q'},
+      {"n-heads", required_argument, 0, 'H'},     {"seq-len", required_argument, 0, 'L'},
       {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "s:m:r:n:t:p:S:o:b:qh", opts, NULL)) != -1) {
@@ -1006,6 +1032,8 @@ int main(int argc, char **argv) {
     case 'P': prefetch = 0; break;
     case 'M': simulate = optarg; break;
     case 'q': quiet = 1; break;
+    case 'H': n_heads = (int)strtol(optarg, &end, 10); if (*end || n_heads <= 0) usage(2); break;
+    case 'L': seq_len = (int)strtol(optarg, &end, 10); if (*end || seq_len <= 0) usage(2); break;
     case 'h': usage(0); break;
     default: usage(2);
     }
@@ -1024,14 +1052,13 @@ int main(int argc, char **argv) {
   wprov *cand = NULL;
   if (ref_path) ref = ends_with(ref_path, ".bin") ? load_bin(ref_path, &c) : load_safetensors(ref_path, &c);
   if (served) {
-    cfg sc;
-    qins_client *probe = NULL;
-    int rc = qins_connect(&probe, sock, 5000);
-    if (rc) die("connect %s: %s", sock, qins_strerror(rc));
-    q_config(probe, model, &sc);
-    qins_close(probe);
-    if (ref && memcmp(&sc, &c, sizeof c)) die("model %s and %s differ in their config", model, ref_path);
-    c = sc;
+    if (!ref) { /* with a reference, its config is the model's (shapes are checked per fetch) */
+      qins_client *probe = NULL;
+      int rc = qins_connect(&probe, sock, 5000);
+      if (rc) die("connect %s: %s", sock, qins_strerror(rc));
+      q_config(probe, model, n_heads, seq_len, &c);
+      qins_close(probe);
+    }
     cand = &q_new(sock, model, &c, budget, prefetch)->base;
   } else if (simulate) {
     cand = &simulate_q8_0(ref)->base;
