@@ -1,0 +1,769 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * commands.c — qinsd's methods: one static table (name, flags, handler, params, summary) read by
+ * dispatch (server.c) and `qinsd --methods`; a test checks each name has its section in
+ * docs/PROTOCOL.md §4. Every handler runs on the loop thread and either replies (qd_reply /
+ * qd_reply_err), returns an error code with r->msg set, or defers a decode to the thread pool.
+ *
+ * Store access: one short LMDB read txn per request step, begun and ended on the thread that uses
+ * it (the env is MDB_NOTLS). `get`/`get_many` plan and decode in one txn when the output is at most
+ * inline-decode-bytes; otherwise the plan's txn is ended and a pool job plans again and decodes in
+ * its own txn, so a model replaced in between is served consistently from the newer snapshot.
+ * No txn is ever held while a client is slow: the reply is queued after qs_txn_end.
+ *
+ * Payload path: the decoded buffer (qd_buf_get) is sent as its own iovec after a bin header packed
+ * in the small response head; it is never copied into an sbuffer.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qinsd.h"
+
+#define ITEM_OVERHEAD 600 /* generous bound on the msgpack bytes around one tensor in a response */
+
+static const char *const src_dtype_names[QS_DT_COUNT] = {
+  "f32", "f16", "bf16", "f64", "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64", "bool"};
+static const uint8_t src_dtype_size[QS_DT_COUNT] = {4, 2, 2, 8, 1, 1, 2, 2, 4, 4, 8, 8, 1};
+
+static const char *src_dtype_name(qs_dtype d) {
+  return (unsigned)d < QS_DT_COUNT ? src_dtype_names[d] : "?";
+}
+static const char *codec_name(int codec) {
+  return codec == QS_RAW ? "raw" : qc_codec_name((qc_codec)codec);
+}
+static const char *out_dtype_names[] = {"f32", "f16", "bf16"};
+
+/* ---- parameter helpers ------------------------------------------------------------------------ */
+static void init_packer(msgpack_sbuffer *sb, msgpack_packer *pk) {
+  msgpack_sbuffer_init(sb);
+  msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+}
+
+/* A required or optional str parameter into dst. */
+static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
+  const msgpack_object *v = r->params ? qp_map_get(r->params, key) : NULL;
+  dst[0] = '\0';
+  if (!v) {
+    if (!required) return 1;
+    snprintf(r->msg, sizeof r->msg, "missing parameter \"%s\" (a str)", key);
+    return QINS_EBAD_PARAMS;
+  }
+  if (v->type != MSGPACK_OBJECT_STR) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be a str", key);
+    return QINS_EBAD_PARAMS;
+  }
+  if (qp_obj_cstr(v, dst, cap)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" is too long (max %zu bytes) or holds a NUL",
+             key, cap - 1);
+    return QINS_EBAD_PARAMS;
+  }
+  return 0;
+}
+
+static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
+  const msgpack_object *v = r->params ? qp_map_get(r->params, key) : NULL;
+  *out = def;
+  if (!v) return 0;
+  if (qp_obj_uint(v, out)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be an unsigned integer", key);
+    return QINS_EBAD_PARAMS;
+  }
+  return 0;
+}
+
+static int param_dtype(qd_req *r, int *dt, int *given) {
+  char s[16];
+  int rc = param_str(r, "dtype", 0, s, sizeof s);
+  *dt = QC_DT_F32;
+  *given = 0;
+  if (rc == 1) return 0;
+  if (rc == QINS_EBAD_PARAMS && r->params && qp_map_get(r->params, "dtype")->type == MSGPACK_OBJECT_STR) {
+    snprintf(r->msg, sizeof r->msg, "unsupported dtype (f32, f16 or bf16)");
+    return QINS_EDTYPE;
+  }
+  if (rc) return rc;
+  for (int i = 0; i < 3; i++)
+    if (strcmp(s, out_dtype_names[i]) == 0) {
+      *dt = i;
+      *given = 1;
+      return 0;
+    }
+  snprintf(r->msg, sizeof r->msg, "unsupported dtype \"%s\" (f32, f16 or bf16)", s);
+  return QINS_EDTYPE;
+}
+
+static int param_slice(qd_req *r, qs_slice *sl, int *has) {
+  const msgpack_object *v = r->params ? qp_map_get(r->params, "slice") : NULL;
+  *has = 0;
+  memset(sl, 0, sizeof *sl);
+  if (!v || v->type == MSGPACK_OBJECT_NIL) return 0;
+  if (v->type != MSGPACK_OBJECT_ARRAY) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"slice\" must be an array of [start, stop]");
+    return QINS_EBAD_PARAMS;
+  }
+  if (v->via.array.size > qd_cfg.max_ranges) {
+    snprintf(r->msg, sizeof r->msg, "slice has %u ranges; at most %llu are allowed",
+             v->via.array.size, (unsigned long long)qd_cfg.max_ranges);
+    return QINS_EBAD_SLICE;
+  }
+  for (uint32_t i = 0; i < v->via.array.size; i++) {
+    const msgpack_object *e = &v->via.array.ptr[i];
+    if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 2 ||
+        qp_obj_uint(&e->via.array.ptr[0], &sl->start[i]) ||
+        qp_obj_uint(&e->via.array.ptr[1], &sl->stop[i])) {
+      snprintf(r->msg, sizeof r->msg, "slice range %u must be [start, stop] of unsigned integers", i);
+      return QINS_EBAD_PARAMS;
+    }
+    if (sl->start[i] > sl->stop[i]) {
+      snprintf(r->msg, sizeof r->msg, "slice range %u is reversed: [%llu, %llu)", i,
+               (unsigned long long)sl->start[i], (unsigned long long)sl->stop[i]);
+      return QINS_EBAD_SLICE;
+    }
+  }
+  sl->ndim = (int)v->via.array.size;
+  *has = 1;
+  return 0;
+}
+
+static void pack_info(msgpack_packer *pk, const qs_tensor *t) {
+  msgpack_pack_map(pk, 8);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, t->name);
+  qp_pack_cstr(pk, "codec");
+  qp_pack_cstr(pk, codec_name(t->codec));
+  qp_pack_cstr(pk, "src_dtype");
+  qp_pack_cstr(pk, src_dtype_name(t->src_dtype));
+  qp_pack_cstr(pk, "shape");
+  msgpack_pack_array(pk, (size_t)t->ndim);
+  for (int i = 0; i < t->ndim; i++) msgpack_pack_uint64(pk, t->shape[i]);
+  qp_pack_cstr(pk, "n_elem");
+  msgpack_pack_uint64(pk, t->n_elem);
+  qp_pack_cstr(pk, "src_bytes");
+  msgpack_pack_uint64(pk, t->src_bytes);
+  qp_pack_cstr(pk, "stored_bytes");
+  msgpack_pack_uint64(pk, t->stored_bytes);
+  qp_pack_cstr(pk, "snr_db");
+  msgpack_pack_double(pk, t->snr_db);
+}
+
+/* Store error -> reply code and message naming the object. */
+static int store_err(qd_req *r, int rc, const char *model, const char *name) {
+  const char *why = qs_error();
+  if (rc == QINS_ENO_MODEL)
+    snprintf(r->msg, sizeof r->msg, "no model \"%s\"", model);
+  else if (rc == QINS_ENO_TENSOR)
+    snprintf(r->msg, sizeof r->msg, "no tensor \"%s\" in model \"%s\"", name ? name : "", model);
+  else
+    snprintf(r->msg, sizeof r->msg, "%s/%s: %s%s%s", model, name ? name : "", qins_strerror(rc),
+             why && *why ? ": " : "", why ? why : "");
+  if (rc > -1000) rc = QINS_EINTERNAL; /* errno values do not cross the wire */
+  return rc;
+}
+
+/* ---- hello, ping, stats, shutdown ------------------------------------------------------------ */
+static int m_hello(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_map(&pk, 7);
+  qp_pack_cstr(&pk, "protocol");
+  msgpack_pack_uint32(&pk, QP_PROTOCOL_VERSION);
+  qp_pack_cstr(&pk, "server");
+  qp_pack_cstr(&pk, QD_SERVER_NAME);
+  qp_pack_cstr(&pk, "max_request_bytes");
+  msgpack_pack_uint64(&pk, qd_cfg.max_request_bytes);
+  qp_pack_cstr(&pk, "max_response_bytes");
+  msgpack_pack_uint64(&pk, qd_cfg.max_response_bytes);
+  qp_pack_cstr(&pk, "max_connections");
+  msgpack_pack_uint64(&pk, qd_cfg.max_connections);
+  qp_pack_cstr(&pk, "max_ranges");
+  msgpack_pack_uint64(&pk, qd_cfg.max_ranges);
+  qp_pack_cstr(&pk, "dtypes");
+  msgpack_pack_array(&pk, 3);
+  for (int i = 0; i < 3; i++) qp_pack_cstr(&pk, out_dtype_names[i]);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_ping(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  qp_pack_cstr(&pk, "pong");
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_stats(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  double p50, p99;
+  qd_latency_quantiles(&p50, &p99);
+  msgpack_pack_map(&pk, 16);
+  qp_pack_cstr(&pk, "uptime_s");
+  msgpack_pack_uint64(&pk, (qd_now_ns() - qd_st.start_ns) / 1000000000ull);
+  qp_pack_cstr(&pk, "connections");
+  msgpack_pack_uint64(&pk, qd_st.connections);
+  qp_pack_cstr(&pk, "connections_total");
+  msgpack_pack_uint64(&pk, qd_st.connections_total);
+  qp_pack_cstr(&pk, "connections_refused");
+  msgpack_pack_uint64(&pk, qd_st.connections_refused);
+  qp_pack_cstr(&pk, "requests_total");
+  msgpack_pack_uint64(&pk, qd_st.requests);
+  qp_pack_cstr(&pk, "requests");
+  msgpack_pack_map(&pk, (size_t)qd_n_methods);
+  for (int i = 0; i < qd_n_methods; i++) {
+    qp_pack_cstr(&pk, qd_methods[i].name);
+    msgpack_pack_uint64(&pk, qd_st.per_method[i]);
+  }
+  qp_pack_cstr(&pk, "errors");
+  size_t ne = 0;
+  for (int i = 0; i < QD_ERR_SLOTS; i++) ne += qd_st.errors[i] != 0;
+  msgpack_pack_map(&pk, ne);
+  for (int i = 0; i < QD_ERR_SLOTS; i++)
+    if (qd_st.errors[i]) {
+      qp_pack_cstr(&pk, qins_err_name(-1000 - i));
+      msgpack_pack_uint64(&pk, qd_st.errors[i]);
+    }
+  qp_pack_cstr(&pk, "bytes_served");
+  msgpack_pack_uint64(&pk, qd_st.bytes_served);
+  qp_pack_cstr(&pk, "decode_ns");
+  msgpack_pack_uint64(&pk, atomic_load(&qd_st.decode_ns));
+  qp_pack_cstr(&pk, "inline_decodes");
+  msgpack_pack_uint64(&pk, qd_st.inline_decodes);
+  qp_pack_cstr(&pk, "pool_decodes");
+  msgpack_pack_uint64(&pk, qd_st.pool_decodes);
+  qp_pack_cstr(&pk, "paused_reads");
+  msgpack_pack_uint64(&pk, qd_st.paused_reads);
+  qp_pack_cstr(&pk, "queued_bytes");
+  msgpack_pack_uint64(&pk, qd_st.queued_bytes);
+  qp_pack_cstr(&pk, "queued_peak");
+  msgpack_pack_uint64(&pk, qd_st.queued_peak);
+  qp_pack_cstr(&pk, "latency_p50_us");
+  msgpack_pack_double(&pk, p50);
+  qp_pack_cstr(&pk, "latency_p99_us");
+  msgpack_pack_double(&pk, p99);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_shutdown(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_true(&pk);
+  qd_reply(r, &sb, NULL);
+  qd_log(QD_LOG_NOTICE, "%s asked for shutdown", qd_conn_desc(r->conn));
+  qd_shutdown_begin("shutdown method");
+  return 0;
+}
+
+/* ---- models, list, info --------------------------------------------------------------------- */
+typedef struct walk {
+  msgpack_packer *pk; /* packs the items */
+  uint64_t n;         /* items packed */
+  uint64_t total;     /* items seen */
+  uint64_t offset, limit;
+} walk;
+
+static int model_cb(void *ud, const qs_model *m) {
+  walk *w = ud;
+  msgpack_packer *pk = w->pk;
+  msgpack_pack_map(pk, 6);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, m->name);
+  qp_pack_cstr(pk, "tensors");
+  msgpack_pack_uint64(pk, m->n_tensors);
+  qp_pack_cstr(pk, "n_elem");
+  msgpack_pack_uint64(pk, m->n_elem);
+  qp_pack_cstr(pk, "src_bytes");
+  msgpack_pack_uint64(pk, m->src_bytes);
+  qp_pack_cstr(pk, "stored_bytes");
+  msgpack_pack_uint64(pk, m->stored_bytes);
+  qp_pack_cstr(pk, "created");
+  msgpack_pack_uint64(pk, m->created > 0 ? (uint64_t)m->created : 0);
+  w->n++;
+  return 0;
+}
+
+static int m_models(qd_req *r) {
+  qs_txn *t;
+  int rc = qs_txn_begin(qd_store, &t);
+  if (rc) return store_err(r, rc, "", NULL);
+  msgpack_sbuffer body;
+  msgpack_packer bpk;
+  init_packer(&body, &bpk);
+  walk w = {.pk = &bpk};
+  rc = qs_models_each(t, model_cb, &w);
+  qs_txn_end(t);
+  if (rc) {
+    msgpack_sbuffer_destroy(&body);
+    return store_err(r, rc, "*", NULL);
+  }
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_array(&pk, (size_t)w.n);
+  msgpack_sbuffer_write(&sb, body.data, body.size);
+  msgpack_sbuffer_destroy(&body);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int list_cb(void *ud, const qs_tensor *t) {
+  walk *w = ud;
+  if (w->total >= w->offset && w->n < w->limit) {
+    pack_info(w->pk, t);
+    w->n++;
+  }
+  w->total++;
+  return 0;
+}
+
+static int m_list(qd_req *r) {
+  char model[QS_MAX_NAME + 1], prefix[QS_MAX_NAME + 1];
+  int rc = param_str(r, "model", 1, model, sizeof model);
+  if (rc) return rc;
+  if ((rc = param_str(r, "prefix", 0, prefix, sizeof prefix)) < 0) return rc;
+  walk w = {0};
+  if ((rc = param_uint(r, "offset", 0, &w.offset))) return rc;
+  if ((rc = param_uint(r, "limit", 1000, &w.limit))) return rc;
+  if (w.limit > 100000) w.limit = 100000; /* keeps one reply bounded */
+  qs_txn *t;
+  if ((rc = qs_txn_begin(qd_store, &t))) return store_err(r, rc, model, NULL);
+  msgpack_sbuffer body;
+  msgpack_packer bpk;
+  init_packer(&body, &bpk);
+  w.pk = &bpk;
+  qs_model mi;
+  rc = qs_model_get(t, model, &mi);
+  if (rc == 0) rc = qs_tensors_each(t, model, prefix, list_cb, &w);
+  qs_txn_end(t);
+  if (rc) {
+    msgpack_sbuffer_destroy(&body);
+    return store_err(r, rc, model, NULL);
+  }
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_map(&pk, 2);
+  qp_pack_cstr(&pk, "total");
+  msgpack_pack_uint64(&pk, w.total);
+  qp_pack_cstr(&pk, "tensors");
+  msgpack_pack_array(&pk, (size_t)w.n);
+  msgpack_sbuffer_write(&sb, body.data, body.size);
+  msgpack_sbuffer_destroy(&body);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_info(qd_req *r) {
+  char model[QS_MAX_NAME + 1], name[QS_MAX_NAME + 1];
+  int rc = param_str(r, "model", 1, model, sizeof model);
+  if (rc || (rc = param_str(r, "name", 1, name, sizeof name))) return rc;
+  qs_txn *t;
+  if ((rc = qs_txn_begin(qd_store, &t))) return store_err(r, rc, model, name);
+  qs_tensor ten;
+  rc = qs_tensor_get(t, model, name, &ten);
+  qs_txn_end(t);
+  if (rc) return store_err(r, rc, model, name);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  pack_info(&pk, &ten);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+/* ---- get, get_many ---------------------------------------------------------------------------- */
+typedef struct item {
+  qs_tensor t;                   /* the record (copied out of the txn) */
+  uint64_t shape[QS_MAX_NDIM];   /* output shape */
+  int ndim;
+  uint64_t n_elem;               /* output elements */
+  uint64_t bytes;                /* output bytes */
+  uint64_t off;                  /* offset in the payload buffer */
+  const char *dtype;             /* output dtype name (static) */
+} item;
+
+typedef struct job {
+  uv_work_t work;                /* pool request */
+  qd_req req;                    /* copy of the request (params cleared) */
+  int many;                      /* get_many */
+  char model[QS_MAX_NAME + 1];
+  char name[QS_MAX_NAME + 1];    /* get */
+  char prefix[QS_MAX_NAME + 1];  /* get_many by prefix */
+  int by_prefix;
+  char (*names)[QS_MAX_NAME + 1]; /* get_many by names */
+  uint32_t n_names;
+  qs_slice slice;                /* get */
+  int has_slice;
+  int dt, dt_given;              /* output dtype */
+  item *items;
+  size_t n_items, cap_items;
+  uint64_t total;                /* payload bytes */
+  void *payload;                 /* qd_buf_get */
+  size_t payload_cap;
+  int err;                       /* 0 or a wire code; msg in req.msg */
+  uint64_t reserved;             /* bytes counted against the client's queue while deferred */
+} job;
+
+static void job_free(job *j) {
+  if (!j) return;
+  free(j->names);
+  free(j->items);
+  qd_buf_release(j->payload, j->payload_cap);
+  free(j);
+}
+
+static int job_fail(job *j, int rc, const char *name) {
+  j->err = store_err(&j->req, rc, j->model, name);
+  return j->err;
+}
+
+/* Adds tensor t to the plan: output shape, dtype and bytes; checks the response limit. */
+static int job_add(job *j, const qs_tensor *t) {
+  if (j->n_items == j->cap_items) {
+    size_t nc = j->cap_items ? j->cap_items * 2 : 4;
+    item *ni = realloc(j->items, nc * sizeof *ni);
+    if (!ni) {
+      snprintf(j->req.msg, sizeof j->req.msg, "out of memory planning %s", j->model);
+      return j->err = QINS_ENOMEM;
+    }
+    j->items = ni;
+    j->cap_items = nc;
+  }
+  item *it = &j->items[j->n_items];
+  memset(it, 0, sizeof *it);
+  it->t = *t;
+  const qs_slice *sl = j->has_slice ? &j->slice : NULL;
+  if (sl) {
+    if (sl->ndim > t->ndim) {
+      snprintf(j->req.msg, sizeof j->req.msg, "slice has %d ranges but %s/%s has %d dimensions",
+               sl->ndim, j->model, t->name, t->ndim);
+      return j->err = QINS_EBAD_SLICE;
+    }
+    for (int d = 0; d < sl->ndim; d++)
+      if (sl->stop[d] > t->shape[d]) {
+        snprintf(j->req.msg, sizeof j->req.msg,
+                 "slice range %d [%llu, %llu) is out of range for dimension %llu of %s/%s", d,
+                 (unsigned long long)sl->start[d], (unsigned long long)sl->stop[d],
+                 (unsigned long long)t->shape[d], j->model, t->name);
+        return j->err = QINS_EBAD_SLICE;
+      }
+  }
+  int rc = qs_slice_shape(t, sl, it->shape, &it->n_elem);
+  if (rc) {
+    snprintf(j->req.msg, sizeof j->req.msg, "%s/%s: %s", j->model, t->name, qs_error());
+    return j->err = rc < -999 ? rc : QINS_EBAD_SLICE;
+  }
+  it->ndim = t->ndim;
+  uint64_t esize;
+  if (t->codec == QS_RAW) {
+    if (j->dt_given) {
+      snprintf(j->req.msg, sizeof j->req.msg,
+               "%s/%s is a raw %s tensor: it is served only as stored (omit dtype)", j->model,
+               t->name, src_dtype_name(t->src_dtype));
+      return j->err = QINS_EDTYPE;
+    }
+    esize = (unsigned)t->src_dtype < QS_DT_COUNT ? src_dtype_size[t->src_dtype] : 1;
+    it->dtype = src_dtype_name(t->src_dtype);
+  } else {
+    esize = qc_dtype_size((qc_dtype)j->dt);
+    it->dtype = out_dtype_names[j->dt];
+  }
+  if (it->n_elem > UINT64_MAX / esize) {
+    snprintf(j->req.msg, sizeof j->req.msg, "%s/%s: response size overflows", j->model, t->name);
+    return j->err = QINS_ERESPONSE_TOO_LARGE;
+  }
+  it->bytes = it->n_elem * esize;
+  it->off = j->total;
+  j->total += it->bytes;
+  j->n_items++;
+  uint64_t resp = j->total + ITEM_OVERHEAD * (uint64_t)j->n_items;
+  if (resp > qd_cfg.max_response_bytes) {
+    snprintf(j->req.msg, sizeof j->req.msg,
+             "%s/%s: the response would be over %llu bytes, above max_response_bytes %llu: "
+             "request a slice",
+             j->model, t->name, (unsigned long long)resp,
+             (unsigned long long)qd_cfg.max_response_bytes);
+    return j->err = QINS_ERESPONSE_TOO_LARGE;
+  }
+  return 0;
+}
+
+static int prefix_cb(void *ud, const qs_tensor *t) {
+  job *j = ud;
+  return job_add(j, t) ? 1 : 0;
+}
+
+/* Plans the job in txn t (fills items). */
+static int job_plan(job *j, qs_txn *t) {
+  j->n_items = 0;
+  j->total = 0;
+  j->err = 0;
+  int rc;
+  if (!j->many) {
+    qs_tensor ten;
+    if ((rc = qs_tensor_get(t, j->model, j->name, &ten))) return job_fail(j, rc, j->name);
+    return job_add(j, &ten);
+  }
+  if (j->by_prefix) {
+    qs_model m;
+    if ((rc = qs_model_get(t, j->model, &m))) return job_fail(j, rc, NULL);
+    rc = qs_tensors_each(t, j->model, j->prefix, prefix_cb, j);
+    if (j->err) return j->err;
+    if (rc) return job_fail(j, rc, j->prefix);
+    return 0;
+  }
+  for (uint32_t i = 0; i < j->n_names; i++) {
+    qs_tensor ten;
+    if ((rc = qs_tensor_get(t, j->model, j->names[i], &ten))) return job_fail(j, rc, j->names[i]);
+    if ((rc = job_add(j, &ten))) return rc;
+  }
+  return 0;
+}
+
+/* Decodes the planned items in txn t into a fresh payload buffer. */
+static int job_decode(job *j, qs_txn *t) {
+  uint64_t t0 = qd_now_ns();
+  if (j->total) {
+    j->payload = qd_buf_get((size_t)j->total, &j->payload_cap);
+    if (!j->payload) {
+      snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s",
+               (unsigned long long)j->total, j->model);
+      return j->err = QINS_ENOMEM;
+    }
+  }
+  for (size_t i = 0; i < j->n_items; i++) {
+    item *it = &j->items[i];
+    if (!it->n_elem) continue;
+    int rc = qs_tensor_read(t, &it->t, j->has_slice ? &j->slice : NULL, (qc_dtype)j->dt, 0,
+                            it->n_elem, (char *)j->payload + it->off);
+    if (rc) return job_fail(j, rc, it->t.name);
+  }
+  atomic_fetch_add(&qd_st.decode_ns, qd_now_ns() - t0);
+  return 0;
+}
+
+enum { RUN_DONE = 0, RUN_DEFER = 1 };
+
+/* Plans and (unless deferred) decodes, in one read txn begun and ended on this thread. */
+static int job_run(job *j, int on_loop) {
+  qs_txn *t;
+  int rc = qs_txn_begin(qd_store, &t);
+  if (rc) {
+    job_fail(j, rc, j->name);
+    return RUN_DONE;
+  }
+  if (job_plan(j, t) == 0) {
+    if (on_loop && j->total > qd_cfg.inline_decode_bytes) {
+      qs_txn_end(t);
+      return RUN_DEFER;
+    }
+    job_decode(j, t);
+  }
+  qs_txn_end(t);
+  return RUN_DONE;
+}
+
+static void pack_item_head(msgpack_packer *pk, const item *it, int with_name) {
+  msgpack_pack_map(pk, with_name ? 4 : 3);
+  if (with_name) {
+    qp_pack_cstr(pk, "name");
+    qp_pack_cstr(pk, it->t.name);
+  }
+  qp_pack_cstr(pk, "shape");
+  msgpack_pack_array(pk, (size_t)it->ndim);
+  for (int d = 0; d < it->ndim; d++) msgpack_pack_uint64(pk, it->shape[d]);
+  qp_pack_cstr(pk, "dtype");
+  qp_pack_cstr(pk, it->dtype);
+  qp_pack_cstr(pk, "data"); /* the last key: the payload follows its bin header */
+  msgpack_pack_bin(pk, (size_t)it->bytes);
+}
+
+/* Sends the job's answer (or error) and frees it. */
+static void job_reply(job *j) {
+  qd_req *r = &j->req;
+  if (j->err) {
+    qd_reply_err(r, j->err, "%s", r->msg);
+    job_free(j);
+    return;
+  }
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  size_t *ends = malloc((j->n_items + 1) * sizeof *ends);
+  uv_buf_t *bufs = malloc((2 * j->n_items + 1) * sizeof *bufs);
+  if (!ends || !bufs) {
+    free(ends);
+    free(bufs);
+    msgpack_sbuffer_destroy(&sb);
+    qd_reply_err(r, QINS_ENOMEM, "out of memory answering %s", j->model);
+    job_free(j);
+    return;
+  }
+  if (!j->many) {
+    pack_item_head(&pk, &j->items[0], 0);
+    ends[0] = sb.size;
+  } else {
+    msgpack_pack_map(&pk, 1);
+    qp_pack_cstr(&pk, "tensors");
+    msgpack_pack_array(&pk, j->n_items);
+    ends[0] = sb.size;
+    for (size_t i = 0; i < j->n_items; i++) {
+      pack_item_head(&pk, &j->items[i], 1);
+      ends[i] = sb.size;
+    }
+  }
+  /* Pieces: head[0, ends[0]), payload 0, head[ends[0], ends[1]), payload 1, ... The heads live
+   * in sb's buffer, which the write owns from qd_reply on (its address does not change). */
+  unsigned nb = 0;
+  size_t n = j->many ? j->n_items : 1;
+  for (size_t i = 0; i < n; i++) {
+    if (i > 0) bufs[nb++] = uv_buf_init(sb.data + ends[i - 1], (unsigned)(ends[i] - ends[i - 1]));
+    if (j->items[i].bytes)
+      bufs[nb++] = uv_buf_init((char *)j->payload + j->items[i].off, (unsigned)j->items[i].bytes);
+  }
+  qd_payload pl = {.head_len = ends[0], .bufs = bufs, .nbufs = nb, .owned = j->payload,
+                   .owned_cap = j->payload_cap};
+  j->payload = NULL;
+  qd_reply(r, &sb, &pl);
+  free(bufs);
+  free(ends);
+  job_free(j);
+}
+
+static void work_cb(uv_work_t *w) {
+  job *j = (job *)w;
+  job_run(j, 0);
+}
+
+static void after_work_cb(uv_work_t *w, int status) {
+  job *j = (job *)w;
+  qd_conn *c = j->req.conn;
+  if (status == UV_ECANCELED && !j->err) {
+    j->err = QINS_ESHUTDOWN;
+    snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
+  }
+  uint64_t reserved = j->reserved;
+  job_reply(j);
+  qd_req_done_deferred(c, reserved);
+}
+
+static int start_job(qd_req *r, job *j) {
+  j->req = *r;
+  j->req.params = NULL; /* the unpack zone is reused after this returns */
+  if (job_run(j, 1) == RUN_DONE) {
+    qd_st.inline_decodes++;
+    job_reply(j);
+    return 0;
+  }
+  qd_st.pool_decodes++;
+  uint64_t reserved = j->reserved = j->total;
+  qd_req_defer(r, reserved);
+  int rc = uv_queue_work(uv_default_loop(), &j->work, work_cb, after_work_cb);
+  if (rc) {
+    qd_req_done_deferred(r->conn, reserved);
+    snprintf(r->msg, sizeof r->msg, "cannot queue the decode of %s: %s", j->model, uv_strerror(rc));
+    job_free(j);
+    return QINS_EINTERNAL;
+  }
+  return 0;
+}
+
+static int m_get(qd_req *r) {
+  job *j = calloc(1, sizeof *j);
+  if (!j) return QINS_ENOMEM;
+  int rc;
+  if ((rc = param_str(r, "model", 1, j->model, sizeof j->model)) ||
+      (rc = param_str(r, "name", 1, j->name, sizeof j->name)) ||
+      (rc = param_slice(r, &j->slice, &j->has_slice)) ||
+      (rc = param_dtype(r, &j->dt, &j->dt_given))) {
+    job_free(j);
+    return rc;
+  }
+  return start_job(r, j);
+}
+
+static int m_get_many(qd_req *r) {
+  job *j = calloc(1, sizeof *j);
+  if (!j) return QINS_ENOMEM;
+  j->many = 1;
+  int rc;
+  if ((rc = param_str(r, "model", 1, j->model, sizeof j->model)) ||
+      (rc = param_dtype(r, &j->dt, &j->dt_given)))
+    goto fail;
+  if (r->params && qp_map_get(r->params, "slice")) {
+    snprintf(r->msg, sizeof r->msg, "get_many takes no slice: use get for slices");
+    rc = QINS_EBAD_PARAMS;
+    goto fail;
+  }
+  const msgpack_object *names = r->params ? qp_map_get(r->params, "names") : NULL;
+  rc = param_str(r, "prefix", 0, j->prefix, sizeof j->prefix);
+  if (rc < 0) goto fail;
+  j->by_prefix = rc == 0;
+  if (!!names == j->by_prefix) {
+    snprintf(r->msg, sizeof r->msg, "get_many needs exactly one of \"names\" and \"prefix\"");
+    rc = QINS_EBAD_PARAMS;
+    goto fail;
+  }
+  if (names) {
+    if (names->type != MSGPACK_OBJECT_ARRAY) {
+      snprintf(r->msg, sizeof r->msg, "parameter \"names\" must be an array of str");
+      rc = QINS_EBAD_PARAMS;
+      goto fail;
+    }
+    j->n_names = names->via.array.size;
+    j->names = calloc(j->n_names ? j->n_names : 1, sizeof *j->names);
+    if (!j->names) {
+      rc = QINS_ENOMEM;
+      goto fail;
+    }
+    for (uint32_t i = 0; i < j->n_names; i++)
+      if (qp_obj_cstr(&names->via.array.ptr[i], j->names[i], sizeof j->names[i])) {
+        snprintf(r->msg, sizeof r->msg, "names[%u] must be a str of at most %d bytes", i,
+                 QS_MAX_NAME);
+        rc = QINS_EBAD_PARAMS;
+        goto fail;
+      }
+  }
+  return start_job(r, j);
+fail:
+  job_free(j);
+  return rc;
+}
+
+/* ---- the table -------------------------------------------------------------------------------- */
+const qd_method qd_methods[] = {
+  {"hello", QD_READONLY, m_hello, "", "protocol version, server version and limits"},
+  {"ping", QD_READONLY, m_ping, "", "liveness check: \"pong\""},
+  {"models", QD_READONLY, m_models, "", "the models in the store"},
+  {"list", QD_READONLY, m_list, "model, prefix?, offset?, limit?", "a model's tensors"},
+  {"info", QD_READONLY, m_info, "model, name", "one tensor's metadata"},
+  {"get", QD_READONLY, m_get, "model, name, slice?, dtype?", "a tensor or hyperslab, decoded"},
+  {"get_many", QD_READONLY, m_get_many, "model, names | prefix, dtype?",
+   "several whole tensors in one round trip"},
+  {"stats", QD_READONLY, m_stats, "", "connections, requests, errors, bytes, latency"},
+  {"shutdown", QD_ADMIN, m_shutdown, "", "stop accepting, finish in-flight requests, exit 0"},
+};
+const int qd_n_methods = (int)(sizeof qd_methods / sizeof qd_methods[0]);
+
+int qd_method_find(const char *name, size_t len) {
+  for (int i = 0; i < qd_n_methods; i++)
+    if (strlen(qd_methods[i].name) == len && memcmp(qd_methods[i].name, name, len) == 0) return i;
+  return -1;
+}

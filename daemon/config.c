@@ -1,0 +1,235 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * config.c — qinsd's one option table. Each option has a name, a type, a default, bounds and a
+ * help line; the table parses `--name value` / `--name=value` flags, the config file (`name value`
+ * lines, `#` comments; docs/qinsd.conf.example lists every option) and prints `--help`.
+ * Precedence: defaults < config file < flags. A bad value exits with status 2 naming the option.
+ * A test checks docs/qinsd.conf.example against this table (qinsd --help and --check).
+ */
+#include <ctype.h>
+#include <stdarg.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qinsd.h"
+
+qd_config qd_cfg;
+
+enum { T_STR, T_U64, T_SIZE, T_MODE, T_LEVEL };
+
+typedef struct opt {
+  const char *name;  /* flag and config-file key */
+  int type;          /* T_* */
+  const char *def;   /* default, as text (parsed like user input); NULL: none */
+  uint64_t min, max; /* bounds of numeric types */
+  size_t off;        /* field in qd_config */
+  const char *help;  /* one line */
+} opt;
+
+#define F(field) offsetof(qd_config, field)
+#define KiB (1024ull)
+#define MiB (1024ull * 1024)
+#define GiB (1024ull * 1024 * 1024)
+
+static const opt opts[] = {
+  {"store", T_STR, NULL, 0, 0, F(store), "store directory (required)"},
+  {"socket", T_STR, NULL, 0, 0, F(socket), "Unix socket path to listen on (required; < 108 bytes)"},
+  {"config", T_STR, NULL, 0, 0, F(config), "config file of `name value` lines (flags override it)"},
+  {"log", T_STR, "", 0, 0, F(log), "log file (empty: stderr)"},
+  {"log-level", T_LEVEL, "notice", 0, 0, F(log_level), "debug, verbose, notice or warning"},
+  {"socket-mode", T_MODE, "0660", 0, 0777, F(socket_mode),
+   "socket file mode, octal (connecting needs write permission)"},
+  {"max-request-bytes", T_SIZE, "1M", 64, 64 * MiB, F(max_request_bytes),
+   "largest request accepted; larger ones get TOO_LARGE and a close"},
+  {"max-response-bytes", T_SIZE, "1G", 4 * KiB, 4 * GiB - 1, F(max_response_bytes),
+   "largest response; larger answers get RESPONSE_TOO_LARGE (slice instead)"},
+  {"max-connections", T_U64, "256", 1, 100000, F(max_connections),
+   "concurrent client connections; more get BUSY"},
+  {"max-ranges", T_U64, "8", 1, QINS_MAX_NDIM, F(max_ranges), "slice ranges per request"},
+  {"inline-decode-bytes", T_SIZE, "256K", 0, 4 * GiB, F(inline_decode_bytes),
+   "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},
+  {"write-queue-bytes", T_SIZE, "8M", 64 * KiB, 16 * GiB, F(write_queue_bytes),
+   "a client's unsent responses above this pause reading its requests (backpressure)"},
+  {"max-pending", T_U64, "64", 1, 4096, F(max_pending),
+   "requests of one client being answered at once; more wait unread"},
+  {"shutdown-timeout-ms", T_U64, "10000", 0, 3600000, F(shutdown_timeout_ms),
+   "on SIGTERM, connections still busy after this long are closed"},
+  {"threads", T_U64, "4", 1, 128, F(threads), "decode threads (libuv thread pool size)"},
+  {"buffer-cache-bytes", T_SIZE, "256M", 0, 64 * GiB, F(buffer_cache_bytes),
+   "decoded-payload buffers kept for reuse (avoids page faults on large gets)"},
+};
+#define N_OPTS (sizeof opts / sizeof opts[0])
+
+static const opt *opt_find(const char *name, size_t len) {
+  for (size_t i = 0; i < N_OPTS; i++)
+    if (strlen(opts[i].name) == len && memcmp(opts[i].name, name, len) == 0) return &opts[i];
+  return NULL;
+}
+
+static void die_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void die_usage(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "qinsd: ");
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fprintf(stderr, "\n(qinsd --help lists the options)\n");
+  exit(2);
+}
+
+static int parse_u64(const char *s, int type, uint64_t *out) {
+  if (!*s || *s == '-' || isspace((unsigned char)*s)) return -1;
+  char *end;
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, type == T_MODE ? 8 : 0);
+  if (errno || end == s) return -1;
+  uint64_t mul = 1;
+  if (type == T_SIZE && *end) {
+    switch (toupper((unsigned char)*end)) {
+    case 'K': mul = KiB; break;
+    case 'M': mul = MiB; break;
+    case 'G': mul = GiB; break;
+    default: return -1;
+    }
+    end++;
+    if (*end == 'i' || *end == 'I') end++;
+    if (*end == 'B' || *end == 'b') end++;
+  }
+  if (*end) return -1;
+  if (v && mul > UINT64_MAX / v) return -1;
+  *out = v * mul;
+  return 0;
+}
+
+static void opt_set(const opt *o, const char *val, const char *where) {
+  char *base = (char *)&qd_cfg;
+  if (o->type == T_STR) {
+    char **f = (char **)(base + o->off);
+    free(*f);
+    *f = strdup(val);
+    return;
+  }
+  if (o->type == T_LEVEL) {
+    int l = qd_log_level_from_name(val);
+    if (l < 0) die_usage("bad value for %s: \"%s\" (debug, verbose, notice or warning)", o->name, val);
+    *(int *)(base + o->off) = l;
+    return;
+  }
+  uint64_t v;
+  if (parse_u64(val, o->type, &v) || v < o->min || v > o->max) {
+    if (o->type == T_MODE)
+      die_usage("bad value for %s: \"%s\"%s (an octal mode, at most 0777)", o->name, val, where);
+    die_usage("bad value for %s: \"%s\"%s (allowed %" PRIu64 " .. %" PRIu64
+              ", sizes may end in K, M or G)", o->name, val, where, o->min, o->max);
+  }
+  if (o->type == T_MODE)
+    *(unsigned *)(base + o->off) = (unsigned)v;
+  else
+    *(uint64_t *)(base + o->off) = v;
+}
+
+static void load_file(const char *path) {
+  FILE *f = fopen(path, "r");
+  if (!f) die_usage("cannot read config file %s: %s", path, strerror(errno));
+  char line[4096];
+  int lineno = 0;
+  while (fgets(line, sizeof line, f)) {
+    lineno++;
+    char *p = line;
+    while (isspace((unsigned char)*p)) p++;
+    if (!*p || *p == '#') continue;
+    char *k = p;
+    while (*p && !isspace((unsigned char)*p)) p++;
+    size_t klen = (size_t)(p - k);
+    while (*p == ' ' || *p == '\t') p++;
+    char *v = p;
+    size_t vlen = strlen(v);
+    while (vlen && isspace((unsigned char)v[vlen - 1])) v[--vlen] = '\0';
+    if (vlen >= 2 && v[0] == '"' && v[vlen - 1] == '"') {
+      v[vlen - 1] = '\0';
+      v++;
+    }
+    k[klen] = '\0';
+    const opt *o = opt_find(k, klen);
+    char where[300];
+    snprintf(where, sizeof where, " in %s line %d", path, lineno);
+    if (!o || strcmp(o->name, "config") == 0) die_usage("unknown option \"%s\"%s", k, where);
+    opt_set(o, v, where);
+  }
+  fclose(f);
+}
+
+void qd_config_help(FILE *out) {
+  fprintf(out,
+          "usage: qinsd --store DIR --socket PATH [--config FILE] [options]\n"
+          "Serves decoded tensors of a qins store over msgpack-RPC on a Unix socket\n"
+          "(docs/PROTOCOL.md). Every option also works as `name value` in the config file.\n\n");
+  for (size_t i = 0; i < N_OPTS; i++) {
+    char arg[64];
+    snprintf(arg, sizeof arg, "--%s %s", opts[i].name,
+             opts[i].type == T_STR ? "STR" : opts[i].type == T_LEVEL ? "LEVEL" : "N");
+    fprintf(out, "  %-30s %s (default: %s)\n", arg, opts[i].help,
+            opts[i].def ? (*opts[i].def ? opts[i].def : "\"\"") : "none");
+  }
+  fprintf(out,
+          "\nother flags:\n"
+          "  --check                        validate the options and config file, then exit\n"
+          "  --methods                      list the protocol methods, then exit\n"
+          "  --help                         this text\n"
+          "Sizes take K, M or G suffixes (powers of 1024). Exit status: 0 clean shutdown, 1 error,\n"
+          "2 bad option.\n");
+}
+
+int qd_config_load(int argc, char **argv) {
+  for (size_t i = 0; i < N_OPTS; i++)
+    if (opts[i].def) opt_set(&opts[i], opts[i].def, " (default)");
+  int check = 0;
+  /* First pass: --help, --methods, --check, --config. */
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+      qd_config_help(stdout);
+      exit(0);
+    }
+    if (strcmp(a, "--methods") == 0) {
+      for (int m = 0; m < qd_n_methods; m++)
+        printf("%-10s %-6s %s — %s\n", qd_methods[m].name,
+               qd_methods[m].flags & QD_ADMIN ? "admin" : "read", qd_methods[m].params,
+               qd_methods[m].summary);
+      exit(0);
+    }
+    if (strcmp(a, "--check") == 0) check = 1;
+    if (strcmp(a, "--config") == 0 && i + 1 < argc) opt_set(opt_find("config", 6), argv[i + 1], "");
+    if (strncmp(a, "--config=", 9) == 0) opt_set(opt_find("config", 6), a + 9, "");
+  }
+  if (qd_cfg.config) load_file(qd_cfg.config);
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (strcmp(a, "--check") == 0) continue;
+    if (strncmp(a, "--", 2) != 0) die_usage("unexpected argument \"%s\"", a);
+    const char *name = a + 2;
+    const char *eq = strchr(name, '=');
+    size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
+    const opt *o = opt_find(name, nlen);
+    if (!o) die_usage("unknown option \"%s\"", a);
+    const char *val;
+    if (eq) {
+      val = eq + 1;
+    } else {
+      if (i + 1 >= argc) die_usage("option --%s needs a value", o->name);
+      val = argv[++i];
+    }
+    opt_set(o, val, "");
+  }
+  if (!check) {
+    if (!qd_cfg.store || !*qd_cfg.store) die_usage("missing --store DIR");
+    if (!qd_cfg.socket || !*qd_cfg.socket) die_usage("missing --socket PATH");
+  }
+  if (qd_cfg.socket && strlen(qd_cfg.socket) >= 108)
+    die_usage("bad value for socket: \"%s\" (a socket path holds at most 107 bytes)",
+              qd_cfg.socket);
+  return check;
+}

@@ -1,0 +1,148 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qinsd.h — internal header of the qins daemon (qd_): configuration, logging, statistics, the
+ * server core and the method table. Wire contract: docs/PROTOCOL.md; options: docs/qinsd.conf.example.
+ *
+ * Threads: everything here runs on the libuv loop thread except qd_job_run, which a thread-pool
+ * worker calls for large decodes; a job owns its own LMDB read txn (begun, used and ended on the
+ * thread that decodes; the env is MDB_NOTLS) and touches no shared state but the decode-time
+ * counter (atomic).
+ */
+#ifndef QINS_QINSD_H
+#define QINS_QINSD_H
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <msgpack.h>
+#include <uv.h>
+
+#include "proto.h"
+#include "qins.h"
+#include "store.h"
+
+#define QD_SERVER_NAME "qinsd " QINS_VERSION_STRING
+
+/* ---- configuration (config.c) ---------------------------------------------------------------- */
+typedef struct qd_config {
+  char *store;                 /* store directory */
+  char *socket;                /* socket path */
+  char *config;                /* config file read, or NULL */
+  char *log;                   /* log file; NULL or "" for stderr */
+  int log_level;               /* QD_LOG_* */
+  unsigned socket_mode;        /* mode bits of the socket file */
+  uint64_t max_request_bytes;  /* largest request accepted */
+  uint64_t max_response_bytes; /* largest response sent (<= 2^32 - 1) */
+  uint64_t max_connections;    /* concurrent connections */
+  uint64_t max_ranges;         /* slice ranges per request */
+  uint64_t inline_decode_bytes; /* decodes with output up to this run on the loop thread */
+  uint64_t write_queue_bytes;  /* a client's unsent responses above this pause reading its requests */
+  uint64_t max_pending;        /* requests of one client being answered at a time */
+  uint64_t shutdown_timeout_ms; /* after SIGTERM, connections still busy after this are cut */
+  uint64_t threads;            /* decode threads (libuv pool size) */
+  uint64_t buffer_cache_bytes; /* decoded-payload buffers kept for reuse */
+} qd_config;
+
+extern qd_config qd_cfg;
+/* Parses defaults, the config file (--config) and flags. Exits 0 after --help/--methods, 2 with a
+ * message naming the option on a bad value. Returns 1 if --check was given (validate only). */
+int qd_config_load(int argc, char **argv);
+void qd_config_help(FILE *out);
+
+/* ---- logging (log.c) --------------------------------------------------------------------------- */
+enum { QD_LOG_DEBUG = 0, QD_LOG_VERBOSE = 1, QD_LOG_NOTICE = 2, QD_LOG_WARNING = 3 };
+extern int qd_log_level;
+/* Checks the level before evaluating the arguments. One line per call: `pid time level msg`. */
+#define qd_log(level, ...)                                            \
+  do {                                                                \
+    if ((level) >= qd_log_level) qd__log_write((level), __VA_ARGS__); \
+  } while (0)
+void qd__log_write(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int qd_log_open(const char *path); /* NULL/"" = stderr; 0 or -errno */
+int qd_log_level_from_name(const char *s);
+const char *qd_log_level_name(int level);
+
+/* ---- statistics (server.c) --------------------------------------------------------------------- */
+#define QD_LAT_SAMPLES 8192 /* latency ring: enough for stable p99 of recent traffic */
+#define QD_ERR_SLOTS 64     /* project codes -1000 .. -1063 */
+typedef struct qd_stats {
+  uint64_t start_ns;           /* daemon start */
+  uint64_t connections;        /* open now */
+  uint64_t connections_total;  /* accepted since start */
+  uint64_t connections_refused; /* turned away: BUSY */
+  uint64_t requests;           /* all requests */
+  uint64_t *per_method;        /* indexed like qd_methods */
+  uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */
+  uint64_t bytes_served;       /* response bytes written */
+  atomic_uint_fast64_t decode_ns; /* time in qs_tensor_read, any thread */
+  uint64_t inline_decodes, pool_decodes; /* where gets were decoded */
+  uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */
+  uint64_t lat_n;              /* samples written (ring index = lat_n % QD_LAT_SAMPLES) */
+  uint64_t paused_reads;       /* times a client's reading was paused by backpressure */
+  uint64_t queued_bytes;       /* response bytes queued or reserved, all clients */
+  uint64_t queued_peak;        /* the most queued_bytes has been */
+} qd_stats;
+extern qd_stats qd_st;
+uint64_t qd_now_ns(void);
+void qd_latency_quantiles(double *p50_us /* out */, double *p99_us /* out */);
+
+/* ---- server core (server.c) ------------------------------------------------------------------- */
+typedef struct qd_conn qd_conn;
+
+/* One request being answered. Lives on the stack for inline methods; get/get_many copy what they
+ * need into a qd_job. */
+typedef struct qd_req {
+  qd_conn *conn;                 /* the client */
+  uint32_t msgid;                /* echoed in the response */
+  int method;                    /* index in qd_methods */
+  const msgpack_object *params;  /* the named-argument map, or NULL when params is [] */
+  uint64_t t0;                   /* qd_now_ns() at dispatch */
+  char msg[1200];                /* error message set by a handler that returns an error */
+} qd_req;
+
+extern qs_store *qd_store;
+int qd_server_run(void); /* the whole daemon life; returns the exit status */
+void qd_shutdown_begin(const char *why);
+uint64_t qd_conn_id(const qd_conn *c);
+uid_t qd_conn_uid(const qd_conn *c);
+const char *qd_conn_desc(const qd_conn *c); /* "client 7 (pid 123 uid 1000)" */
+
+/* Sends a packed response (sb's buffer is taken over; sb is left empty) and records latency.
+ * payload (may be NULL) is owned by the server from then on: released after the write. */
+typedef struct qd_payload {
+  size_t head_len; /* bytes of the sbuffer sent first (0: all of it); bufs may point further in */
+  uv_buf_t *bufs;  /* header/payload pieces to writev, in order, after the packed prefix */
+  unsigned nbufs;  /* count */
+  void *owned;     /* buffer released (qd_buf_release) after the write; may be NULL */
+  size_t owned_cap; /* its capacity */
+} qd_payload;
+void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl /* may be NULL */);
+/* Sends [1, msgid, [code, message], nil], logs it naming the client, counts it. */
+void qd_reply_err(qd_req *r, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* A pending request finishes later (thread pool): the connection keeps a slot for it and counts
+ * `bytes` (its planned response) against its write queue until qd_req_done_deferred. */
+void qd_req_defer(qd_req *r, uint64_t bytes);
+void qd_req_done_deferred(qd_conn *c, uint64_t bytes);
+
+/* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time. */
+void *qd_buf_get(size_t n, size_t *cap /* out */);
+void qd_buf_release(void *p, size_t cap);
+
+/* ---- methods (commands.c) --------------------------------------------------------------------- */
+enum { QD_READONLY = 1, QD_ADMIN = 2 };
+typedef int (*qd_handler)(qd_req *r); /* 0: replied (or deferred); else an error code, r->msg */
+typedef struct qd_method {
+  const char *name;     /* wire name */
+  unsigned flags;       /* QD_READONLY, QD_ADMIN */
+  qd_handler handler;   /* runs on the loop thread */
+  const char *params;   /* named arguments, for --methods and docs */
+  const char *summary;  /* one line */
+} qd_method;
+extern const qd_method qd_methods[];
+extern const int qd_n_methods;
+int qd_method_find(const char *name, size_t len); /* index or -1 */
+
+#endif /* QINS_QINSD_H */

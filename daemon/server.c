@@ -1,0 +1,743 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * server.c — qinsd's core: the listening socket, connections, request framing and dispatch,
+ * responses, backpressure, statistics and shutdown. Wire contract: docs/PROTOCOL.md §1-§3.
+ *
+ * Design. One libuv loop thread owns every connection. Bytes read go into the connection's
+ * buffer; proto's bounded scanner (qp_scan) finds whole requests, checking every declared length
+ * and count against max_request_bytes *before* msgpack-c sees the bytes; only a complete request
+ * (at most max_request_bytes long) is unpacked, into a per-connection zone that is reused. Methods
+ * come from the table in commands.c. Responses are packed with msgpack-c into an sbuffer holding
+ * only the envelope and small fields; a decoded payload goes out as its own iovec after a bin
+ * header (uv_write of several buffers = writev), never copied into the sbuffer.
+ *
+ * Invariants:
+ *  - Backpressure: a connection's requests are read and dispatched only while the bytes it has
+ *    queued for writing are at most write_queue_bytes and fewer than max_pending of its requests
+ *    are unanswered. A client that stops reading therefore costs at most about write_queue_bytes
+ *    plus one response, and since its requests stop being read it cannot hold the thread pool.
+ *  - A connection's memory (qd_conn) is freed only when its handle is closed (close_cb ran) and no
+ *    pool job refers to it (pending == 0): jobs finishing after the client left drop their answer.
+ *  - LMDB read txns never outlive one request step (commands.c), and are never held while waiting
+ *    on a client.
+ *  - Shutdown (SIGTERM/SIGINT/`shutdown`): close the listener, stop reading, answer requests
+ *    already buffered with SHUTDOWN, let in-flight ones finish and flush, then close; after
+ *    shutdown_timeout_ms whatever remains is closed. The loop then has no handles and returns.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qinsd.h"
+
+qd_stats qd_st;
+qs_store *qd_store;
+
+struct qd_conn {
+  uv_pipe_t pipe;      /* the client socket; pipe.data = this */
+  uint64_t id;         /* client number, from 1, for logs */
+  pid_t pid;           /* SO_PEERCRED at connect (logged only, never trusted) */
+  uid_t uid;           /* SO_PEERCRED: decides admin rights */
+  gid_t gid;           /* SO_PEERCRED */
+  char desc[96];       /* "client 7 (pid 123 uid 1000)" */
+  char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
+  size_t cap, rpos, wpos;
+  qp_scan scan;        /* the request being framed, starting at buf + rpos */
+  msgpack_zone zone;   /* unpack zone, cleared per request */
+  size_t queued;       /* response bytes handed to uv_write and not yet completed */
+  unsigned pending;    /* requests dispatched but not yet answered (pool jobs) */
+  uint64_t reserved;   /* planned response bytes of those pending requests */
+  int reading;         /* uv_read_start active */
+  int closing;         /* uv_close called */
+  int closed;          /* close_cb ran */
+  int close_after;     /* no more requests: close once pending == 0 and queued == 0 */
+  int busy;            /* over max_connections: only the BUSY reply is sent */
+  struct qd_conn *prev, *next; /* all connections */
+};
+
+typedef struct wreq {
+  uv_write_t req;  /* libuv request; req.data unused */
+  qd_conn *c;      /* connection written to */
+  size_t bytes;    /* total bytes of bufs */
+  char *head;      /* packed prefix (sbuffer data, malloc'd) */
+  void *owned;     /* payload buffer released after the write, or NULL */
+  size_t owned_cap;
+  unsigned nbufs;
+  uv_buf_t bufs[]; /* head, then payload pieces */
+} wreq;
+
+static uv_loop_t *loop;
+static uv_pipe_t server;
+static uv_signal_t sig_term, sig_int;
+static uv_timer_t shutdown_timer;
+static int stopping;
+static int listening;
+static qd_conn *conns;
+static uint64_t next_conn_id = 1;
+static uint64_t n_open; /* connections not yet freed (busy ones included) */
+static struct stat sock_st; /* our socket file, to remove it only if still ours */
+
+uint64_t qd_now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t qd_conn_id(const qd_conn *c) { return c->id; }
+uid_t qd_conn_uid(const qd_conn *c) { return c->uid; }
+const char *qd_conn_desc(const qd_conn *c) { return c->desc; }
+
+/* ---- payload buffer cache ------------------------------------------------------------------- */
+#define BUF_SLOTS 8            /* buffers kept */
+#define BUF_MIN (256 * 1024)   /* smaller ones are plain malloc: no page-fault cost worth saving */
+static struct { void *p; size_t cap; } buf_cache[BUF_SLOTS];
+static size_t buf_cached;
+static uv_mutex_t buf_mu; /* qd_buf_get runs on pool threads too */
+
+void *qd_buf_get(size_t n, size_t *cap) {
+  if (n >= BUF_MIN) {
+    uv_mutex_lock(&buf_mu);
+    int best = -1;
+    for (int i = 0; i < BUF_SLOTS; i++)
+      if (buf_cache[i].p && buf_cache[i].cap >= n && buf_cache[i].cap / 2 <= n &&
+          (best < 0 || buf_cache[i].cap < buf_cache[best].cap))
+        best = i;
+    if (best >= 0) {
+      void *p = buf_cache[best].p;
+      *cap = buf_cache[best].cap;
+      buf_cache[best].p = NULL;
+      buf_cached -= *cap;
+      uv_mutex_unlock(&buf_mu);
+      return p;
+    }
+    uv_mutex_unlock(&buf_mu);
+  }
+  *cap = n ? n : 1;
+  return malloc(*cap);
+}
+
+void qd_buf_release(void *p, size_t cap) {
+  if (!p) return;
+  if (cap >= BUF_MIN && cap <= qd_cfg.buffer_cache_bytes) {
+    uv_mutex_lock(&buf_mu);
+    int slot = -1;
+    for (int i = 0; i < BUF_SLOTS && slot < 0; i++)
+      if (!buf_cache[i].p) slot = i;
+    /* Evict smaller buffers until this one fits the budget. */
+    while (slot >= 0 && buf_cached + cap > qd_cfg.buffer_cache_bytes) {
+      int victim = -1;
+      for (int i = 0; i < BUF_SLOTS; i++)
+        if (buf_cache[i].p && (victim < 0 || buf_cache[i].cap < buf_cache[victim].cap)) victim = i;
+      if (victim < 0) break;
+      free(buf_cache[victim].p);
+      buf_cached -= buf_cache[victim].cap;
+      buf_cache[victim].p = NULL;
+    }
+    if (slot >= 0 && buf_cached + cap <= qd_cfg.buffer_cache_bytes) {
+      buf_cache[slot].p = p;
+      buf_cache[slot].cap = cap;
+      buf_cached += cap;
+      uv_mutex_unlock(&buf_mu);
+      return;
+    }
+    uv_mutex_unlock(&buf_mu);
+  }
+  free(p);
+}
+
+static void buf_cache_clear(void) {
+  for (int i = 0; i < BUF_SLOTS; i++) {
+    free(buf_cache[i].p);
+    buf_cache[i].p = NULL;
+  }
+  buf_cached = 0;
+}
+
+/* ---- statistics ------------------------------------------------------------------------------- */
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+void qd_latency_quantiles(double *p50_us, double *p99_us) {
+  size_t n = qd_st.lat_n < QD_LAT_SAMPLES ? qd_st.lat_n : QD_LAT_SAMPLES;
+  *p50_us = *p99_us = 0;
+  if (!n) return;
+  uint64_t *v = malloc(n * sizeof *v);
+  if (!v) return;
+  memcpy(v, qd_st.lat_ns, n * sizeof *v);
+  qsort(v, n, sizeof *v, cmp_u64);
+  *p50_us = (double)v[(n - 1) / 2] / 1000.0;
+  *p99_us = (double)v[(size_t)((double)(n - 1) * 0.99)] / 1000.0;
+  free(v);
+}
+
+static void queued_add(uint64_t n) {
+  qd_st.queued_bytes += n;
+  if (qd_st.queued_bytes > qd_st.queued_peak) qd_st.queued_peak = qd_st.queued_bytes;
+}
+
+static void count_error(int code) {
+  if (code <= -1000 && code > -1000 - QD_ERR_SLOTS) qd_st.errors[-1000 - code]++;
+}
+
+/* ---- connections ------------------------------------------------------------------------------ */
+static void conn_process(qd_conn *c);
+static void conn_update_reading(qd_conn *c);
+
+static void conn_free(qd_conn *c) {
+  if (c->prev) c->prev->next = c->next;
+  else conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  msgpack_zone_destroy(&c->zone);
+  free(c->buf);
+  if (!c->busy && qd_st.connections) qd_st.connections--;
+  free(c);
+  n_open--;
+  if (stopping && n_open == 0) {
+    uv_timer_stop(&shutdown_timer);
+    if (!uv_is_closing((uv_handle_t *)&shutdown_timer)) uv_close((uv_handle_t *)&shutdown_timer, NULL);
+  }
+}
+
+static void on_conn_closed(uv_handle_t *h) {
+  qd_conn *c = h->data;
+  c->closed = 1;
+  qd_log(QD_LOG_VERBOSE, "%s disconnected", c->desc);
+  if (c->pending == 0) conn_free(c);
+}
+
+static void conn_close(qd_conn *c) {
+  if (c->closing) return;
+  c->closing = 1;
+  c->reading = 0;
+  uv_close((uv_handle_t *)&c->pipe, on_conn_closed);
+}
+
+/* Closes c if it asked to be closed and nothing is left to send. */
+static void conn_maybe_close(qd_conn *c) {
+  if (!c->closing && c->close_after && c->pending == 0 && c->queued == 0) conn_close(c);
+}
+
+static void on_write(uv_write_t *req, int status) {
+  wreq *w = (wreq *)req;
+  qd_conn *c = w->c;
+  c->queued -= w->bytes;
+  qd_st.queued_bytes -= w->bytes;
+  if (status == 0) {
+    qd_st.bytes_served += w->bytes;
+  } else if (status != UV_ECANCELED) {
+    qd_log(QD_LOG_VERBOSE, "%s: write failed: %s (%zu bytes dropped)", c->desc, uv_strerror(status),
+           w->bytes);
+    conn_close(c);
+  }
+  free(w->head);
+  qd_buf_release(w->owned, w->owned_cap);
+  free(w);
+  if (!c->closing) {
+    conn_process(c);
+    conn_maybe_close(c);
+  }
+}
+
+/* Queues head (taken over) + payload pieces on c. */
+static void conn_send(qd_conn *c, char *head, size_t head_len, const qd_payload *pl) {
+  unsigned np = pl ? pl->nbufs : 0;
+  wreq *w = malloc(sizeof *w + (1 + np) * sizeof(uv_buf_t));
+  if (!w) {
+    qd_log(QD_LOG_WARNING, "%s: out of memory queueing a response; closing", c->desc);
+    free(head);
+    if (pl) qd_buf_release(pl->owned, pl->owned_cap);
+    conn_close(c);
+    return;
+  }
+  w->c = c;
+  w->head = head;
+  w->owned = pl ? pl->owned : NULL;
+  w->owned_cap = pl ? pl->owned_cap : 0;
+  w->nbufs = 1 + np;
+  w->bufs[0] = uv_buf_init(head, (unsigned)head_len);
+  w->bytes = head_len;
+  for (unsigned i = 0; i < np; i++) {
+    w->bufs[1 + i] = pl->bufs[i];
+    w->bytes += pl->bufs[i].len;
+  }
+  if (c->closing) { /* the client left while this was being computed */
+    free(head);
+    qd_buf_release(w->owned, w->owned_cap);
+    free(w);
+    return;
+  }
+  c->queued += w->bytes;
+  queued_add(w->bytes);
+  int rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, w->bufs, w->nbufs, on_write);
+  if (rc) {
+    c->queued -= w->bytes;
+    qd_st.queued_bytes -= w->bytes;
+    qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(rc));
+    free(head);
+    qd_buf_release(w->owned, w->owned_cap);
+    free(w);
+    conn_close(c);
+  }
+}
+
+void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
+  uint64_t dt = qd_now_ns() - r->t0;
+  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
+  qd_st.lat_n++;
+  size_t len = pl && pl->head_len ? pl->head_len : sb->size;
+  char *head = msgpack_sbuffer_release(sb);
+  conn_send(r->conn, head, len, pl);
+}
+
+static void send_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_response_err(&pk, msgid, code, "%s", msg);
+  size_t len = sb.size;
+  conn_send(c, msgpack_sbuffer_release(&sb), len, NULL);
+  count_error(code);
+}
+
+void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  const char *m = r->method >= 0 ? qd_methods[r->method].name : "?";
+  qd_log(code == QINS_EINTERNAL || code == QINS_ECORRUPT || code == QINS_ECHECKSUM ? QD_LOG_WARNING
+                                                                                  : QD_LOG_VERBOSE,
+         "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
+  uint64_t dt = qd_now_ns() - r->t0;
+  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
+  qd_st.lat_n++;
+  send_error(r->conn, r->msgid, code, msg);
+}
+
+void qd_req_defer(qd_req *r, uint64_t bytes) {
+  r->conn->pending++;
+  r->conn->reserved += bytes;
+  queued_add(bytes);
+}
+
+void qd_req_done_deferred(qd_conn *c, uint64_t bytes) {
+  c->pending--;
+  c->reserved -= bytes;
+  qd_st.queued_bytes -= bytes;
+  if (c->closed) {
+    if (c->pending == 0) conn_free(c);
+    return;
+  }
+  if (!c->closing) {
+    conn_process(c);
+    conn_maybe_close(c);
+  }
+}
+
+/* A printable sample of hostile bytes for the log. */
+static void sample(const char *p, size_t n, char *out, size_t cap) {
+  size_t o = 0;
+  for (size_t i = 0; i < n && i < 24 && o + 4 < cap; i++)
+    o += (size_t)snprintf(out + o, cap - o, "%02x", (unsigned char)p[i]);
+  if (n > 24 && o + 4 < cap) o += (size_t)snprintf(out + o, cap - o, "...");
+  out[o] = '\0';
+}
+
+/* A framing or envelope error: reply (msgid if known), log, and close after the reply. */
+static void conn_protocol_error(qd_conn *c, uint32_t msgid, int code, const char *what,
+                                const char *bytes, size_t n) {
+  char smp[64];
+  sample(bytes, n, smp, sizeof smp);
+  qd_log(QD_LOG_NOTICE, "%s: protocol error %s: %s (bytes %s); closing", c->desc,
+         qins_err_name(code), what, smp);
+  send_error(c, msgid, code, what);
+  c->close_after = 1;
+}
+
+/* Unpacks and dispatches one complete request of n bytes at p. */
+static void handle_message(qd_conn *c, const char *p, size_t n) {
+  msgpack_zone_clear(&c->zone);
+  msgpack_object o;
+  size_t off = 0;
+  msgpack_unpack_return ur = msgpack_unpack(p, n, &off, &c->zone, &o);
+  if (ur != MSGPACK_UNPACK_SUCCESS) {
+    conn_protocol_error(c, 0, QINS_EPROTO, "not valid msgpack", p, n);
+    return;
+  }
+  if (o.type != MSGPACK_OBJECT_ARRAY) {
+    conn_protocol_error(c, 0, QINS_EPROTO, "request is not an array", p, n);
+    return;
+  }
+  const msgpack_object *a = o.via.array.ptr;
+  uint32_t na = o.via.array.size;
+  if (na == 3 && a[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER && a[0].via.u64 == QP_NOTIFY) {
+    qd_log(QD_LOG_DEBUG, "%s: notification ignored", c->desc);
+    return;
+  }
+  if (na == 0 || a[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[0].via.u64 != QP_REQUEST) {
+    conn_protocol_error(c, 0, QINS_EPROTO, "wrong message type tag (expected [0, msgid, method, params])",
+                        p, n);
+    return;
+  }
+  if (na != 4) {
+    conn_protocol_error(c, 0, QINS_EPROTO, "a request has 4 elements: [0, msgid, method, params]",
+                        p, n);
+    return;
+  }
+  if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[1].via.u64 > UINT32_MAX) {
+    conn_protocol_error(c, 0, QINS_EPROTO, "msgid must be an unsigned integer < 2^32", p, n);
+    return;
+  }
+  qd_req r;
+  memset(&r, 0, sizeof r);
+  r.conn = c;
+  r.msgid = (uint32_t)a[1].via.u64;
+  r.method = -1;
+  r.t0 = qd_now_ns();
+  qd_st.requests++;
+  if (a[2].type != MSGPACK_OBJECT_STR) {
+    qd_reply_err(&r, QINS_EPROTO, "method must be a str");
+    return;
+  }
+  int m = qd_method_find(a[2].via.str.ptr, a[2].via.str.size);
+  if (m < 0) {
+    char name[64];
+    size_t l = a[2].via.str.size < 40 ? a[2].via.str.size : 40;
+    for (size_t i = 0; i < l; i++) {
+      char ch = a[2].via.str.ptr[i];
+      name[i] = ch >= 0x20 && ch < 0x7f ? ch : '?';
+    }
+    name[l] = '\0';
+    qd_reply_err(&r, QINS_EUNKNOWN_METHOD, "unknown method \"%s%s\"", name,
+                 a[2].via.str.size > 40 ? "..." : "");
+    return;
+  }
+  r.method = m;
+  qd_st.per_method[m]++;
+  if (a[3].type != MSGPACK_OBJECT_ARRAY || a[3].via.array.size > 1 ||
+      (a[3].via.array.size == 1 && a[3].via.array.ptr[0].type != MSGPACK_OBJECT_MAP)) {
+    qd_reply_err(&r, QINS_EPROTO, "params must be [] or [ {named arguments} ]");
+    return;
+  }
+  r.params = a[3].via.array.size ? &a[3].via.array.ptr[0] : NULL;
+  if ((qd_methods[m].flags & QD_ADMIN) && c->uid != 0 && c->uid != getuid()) {
+    qd_reply_err(&r, QINS_EDENIED, "%s is an admin method: uid %u may not call it (only uid %u and root)",
+                 qd_methods[m].name, (unsigned)c->uid, (unsigned)getuid());
+    return;
+  }
+  if (stopping) {
+    qd_reply_err(&r, QINS_ESHUTDOWN, "the daemon is shutting down");
+    return;
+  }
+  int rc = qd_methods[m].handler(&r);
+  if (rc) qd_reply_err(&r, rc, "%s", r.msg[0] ? r.msg : qins_strerror(rc));
+}
+
+static int conn_can_dispatch(const qd_conn *c) {
+  return !c->closing && !c->close_after && c->queued + c->reserved <= qd_cfg.write_queue_bytes &&
+         c->pending < qd_cfg.max_pending;
+}
+
+/* Frames and dispatches what is buffered, as far as backpressure allows. */
+static void conn_process(qd_conn *c) {
+  while (conn_can_dispatch(c) && c->rpos < c->wpos) {
+    size_t n = 0;
+    const char *p = c->buf + c->rpos;
+    int r = qp_scan_next(&c->scan, p, c->wpos - c->rpos, &n);
+    if (r == QP_MORE) break;
+    if (r < 0) {
+      conn_protocol_error(c, 0, r, c->scan.what, p, c->wpos - c->rpos);
+      c->rpos = c->wpos;
+      break;
+    }
+    if (stopping) { /* buffered before the stop: answer SHUTDOWN without running it */
+      msgpack_zone_clear(&c->zone);
+      msgpack_object o;
+      size_t off = 0;
+      uint32_t id = 0;
+      if (msgpack_unpack(p, n, &off, &c->zone, &o) == MSGPACK_UNPACK_SUCCESS &&
+          o.type == MSGPACK_OBJECT_ARRAY && o.via.array.size == 4 &&
+          o.via.array.ptr[1].type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
+          o.via.array.ptr[1].via.u64 <= UINT32_MAX)
+        id = (uint32_t)o.via.array.ptr[1].via.u64;
+      send_error(c, id, QINS_ESHUTDOWN, "the daemon is shutting down");
+    } else {
+      handle_message(c, p, n);
+    }
+    c->rpos += n;
+    qp_scan_reset(&c->scan);
+  }
+  if (c->rpos == c->wpos) c->rpos = c->wpos = 0;
+  if (stopping && !c->close_after && c->rpos == c->wpos) c->close_after = 1;
+  conn_update_reading(c);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
+  (void)suggested;
+  qd_conn *c = h->data;
+  const size_t chunk = 64 * 1024;
+  if (c->cap - c->wpos < chunk && c->rpos > 0) {
+    memmove(c->buf, c->buf + c->rpos, c->wpos - c->rpos);
+    c->wpos -= c->rpos;
+    c->rpos = 0;
+  }
+  if (c->cap - c->wpos < chunk) {
+    size_t ncap = c->cap ? c->cap * 2 : chunk;
+    size_t lim = (size_t)qd_cfg.max_request_bytes + chunk;
+    if (ncap > lim) ncap = lim;
+    if (ncap < c->wpos + chunk && c->cap < lim) ncap = lim;
+    if (ncap > c->cap) {
+      char *nb = realloc(c->buf, ncap);
+      if (nb) {
+        c->buf = nb;
+        c->cap = ncap;
+      }
+    }
+  }
+  *out = uv_buf_init(c->buf + c->wpos, (unsigned)(c->cap - c->wpos));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
+  (void)b;
+  qd_conn *c = s->data;
+  if (nread < 0) {
+    if (nread != UV_EOF)
+      qd_log(QD_LOG_VERBOSE, "%s: read error: %s", c->desc, uv_strerror((int)nread));
+    else if (c->wpos > c->rpos)
+      qd_log(QD_LOG_VERBOSE, "%s: disconnected with %zu bytes of an unfinished request", c->desc,
+             c->wpos - c->rpos);
+    conn_close(c);
+    return;
+  }
+  c->wpos += (size_t)nread;
+  conn_process(c);
+  conn_maybe_close(c);
+}
+
+static void conn_update_reading(qd_conn *c) {
+  int want = conn_can_dispatch(c) && !stopping;
+  if (c->closing) return;
+  if (want && !c->reading) {
+    if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) == 0) c->reading = 1;
+  } else if (!want && c->reading) {
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    c->reading = 0;
+    if (!c->close_after && !stopping) {
+      qd_st.paused_reads++;
+      qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes queued, %u pending)", c->desc, c->queued,
+             c->pending);
+    }
+  }
+}
+
+static void on_connection(uv_stream_t *srv, int status) {
+  if (status < 0) {
+    qd_log(QD_LOG_WARNING, "accept failed: %s", uv_strerror(status));
+    return;
+  }
+  qd_conn *c = calloc(1, sizeof *c);
+  if (!c) {
+    qd_log(QD_LOG_WARNING, "out of memory accepting a client");
+    return;
+  }
+  uv_pipe_init(loop, &c->pipe, 0);
+  c->pipe.data = c;
+  c->id = next_conn_id++;
+  msgpack_zone_init(&c->zone, 4096);
+  qp_scan_init(&c->scan, qd_cfg.max_request_bytes, QP_MAX_DEPTH);
+  c->next = conns;
+  if (conns) conns->prev = c;
+  conns = c;
+  n_open++;
+  if (uv_accept(srv, (uv_stream_t *)&c->pipe) != 0) {
+    snprintf(c->desc, sizeof c->desc, "client %llu", (unsigned long long)c->id);
+    c->busy = 1;
+    conn_close(c);
+    return;
+  }
+  uv_os_fd_t fd;
+  struct ucred cr = {0, (uid_t)-1, (gid_t)-1};
+  socklen_t crl = sizeof cr;
+  if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0)
+    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &crl);
+  c->pid = cr.pid;
+  c->uid = cr.uid;
+  c->gid = cr.gid;
+  snprintf(c->desc, sizeof c->desc, "client %llu (pid %d uid %u)", (unsigned long long)c->id,
+           (int)c->pid, (unsigned)c->uid);
+  qd_st.connections_total++;
+  if (qd_st.connections >= qd_cfg.max_connections) {
+    c->busy = 1;
+    qd_st.connections_refused++;
+    qd_log(QD_LOG_WARNING, "%s refused: %llu connections open (max-connections)", c->desc,
+           (unsigned long long)qd_st.connections);
+    send_error(c, 0, QINS_EBUSY, "too many connections: try again later");
+    c->close_after = 1;
+    conn_maybe_close(c);
+    return;
+  }
+  qd_st.connections++;
+  qd_log(QD_LOG_VERBOSE, "%s connected (gid %u)", c->desc, (unsigned)c->gid);
+  conn_update_reading(c);
+}
+
+/* ---- shutdown ------------------------------------------------------------------------------- */
+static void on_shutdown_timeout(uv_timer_t *t) {
+  (void)t;
+  qd_log(QD_LOG_WARNING, "shutdown timeout: closing %llu connection(s) still busy",
+         (unsigned long long)n_open);
+  for (qd_conn *c = conns; c; c = c->next) conn_close(c);
+}
+
+static void remove_socket_file(void) {
+  struct stat st;
+  if (stat(qd_cfg.socket, &st) == 0 && st.st_ino == sock_st.st_ino && st.st_dev == sock_st.st_dev)
+    unlink(qd_cfg.socket);
+}
+
+static void on_shutdown_kick(uv_timer_t *t) {
+  qd_conn *next;
+  for (qd_conn *c = conns; c; c = next) {
+    next = c->next;
+    if (c->closing) continue;
+    conn_process(c); /* answers buffered requests with SHUTDOWN, stops reading */
+    conn_maybe_close(c);
+  }
+  if (n_open == 0) {
+    if (!uv_is_closing((uv_handle_t *)t)) uv_close((uv_handle_t *)t, NULL);
+    return;
+  }
+  uv_timer_start(t, on_shutdown_timeout, qd_cfg.shutdown_timeout_ms, 0);
+}
+
+void qd_shutdown_begin(const char *why) {
+  if (stopping) return;
+  stopping = 1;
+  qd_log(QD_LOG_NOTICE, "shutting down (%s): %llu connection(s) to finish", why,
+         (unsigned long long)n_open);
+  if (listening) {
+    uv_close((uv_handle_t *)&server, NULL);
+    listening = 0;
+    remove_socket_file();
+  }
+  uv_close((uv_handle_t *)&sig_term, NULL);
+  uv_close((uv_handle_t *)&sig_int, NULL);
+  /* The per-connection work runs from the loop, not here: this may be called from inside a
+   * handler (method `shutdown`) while its connection is mid-dispatch. */
+  uv_timer_start(&shutdown_timer, on_shutdown_kick, 0, 0);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  (void)h;
+  qd_shutdown_begin(signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+/* ---- listening socket ------------------------------------------------------------------------ */
+/* 0 if path is free (absent, or a stale socket now removed); else an error was logged. */
+static int claim_socket_path(const char *path) {
+  struct stat st;
+  if (lstat(path, &st) != 0) return 0;
+  if (!S_ISSOCK(st.st_mode)) {
+    qd_log(QD_LOG_WARNING, "socket %s: exists and is not a socket; refusing to replace it", path);
+    return -1;
+  }
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+  int rc = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  int err = errno;
+  close(fd);
+  if (rc == 0) {
+    qd_log(QD_LOG_WARNING, "socket %s: another daemon is listening on it; refusing to start", path);
+    return -1;
+  }
+  if (err != ECONNREFUSED) {
+    qd_log(QD_LOG_WARNING, "socket %s: cannot probe it: %s", path, strerror(err));
+    return -1;
+  }
+  if (unlink(path) != 0) {
+    qd_log(QD_LOG_WARNING, "socket %s: stale, but cannot remove it: %s", path, strerror(errno));
+    return -1;
+  }
+  qd_log(QD_LOG_NOTICE, "socket %s: removed a stale socket file", path);
+  return 0;
+}
+
+static int listen_socket(void) {
+  const char *path = qd_cfg.socket;
+  if (claim_socket_path(path)) return -1;
+  uv_pipe_init(loop, &server, 0);
+  /* Created owner-only, then opened up to socket-mode before listen(): no window in which a
+   * permissive umask lets others connect (FORMATS-AND-PEERS.md §6). */
+  mode_t old = umask(077);
+  int rc = uv_pipe_bind(&server, path);
+  umask(old);
+  if (rc == 0 && chmod(path, qd_cfg.socket_mode) != 0) rc = -errno;
+  if (rc == 0) rc = uv_listen((uv_stream_t *)&server, 128, on_connection);
+  if (rc) {
+    qd_log(QD_LOG_WARNING, "socket %s: %s", path, uv_strerror(rc));
+    uv_close((uv_handle_t *)&server, NULL);
+    return -1;
+  }
+  stat(path, &sock_st);
+  listening = 1;
+  qd_log(QD_LOG_NOTICE, "listening on %s (mode %04o)", path, qd_cfg.socket_mode);
+  return 0;
+}
+
+int qd_server_run(void) {
+  signal(SIGPIPE, SIG_IGN);
+  char th[32];
+  snprintf(th, sizeof th, "%llu", (unsigned long long)qd_cfg.threads);
+  setenv("UV_THREADPOOL_SIZE", th, 1); /* read once, at the first uv_queue_work */
+  uv_mutex_init(&buf_mu);
+  qd_st.start_ns = qd_now_ns();
+  qd_st.per_method = calloc((size_t)qd_n_methods, sizeof(uint64_t));
+  loop = uv_default_loop();
+  int rc = qs_open(&qd_store, qd_cfg.store, QS_OPEN_RDONLY);
+  if (rc == QINS_EIO || rc == -ENOENT) rc = qs_open(&qd_store, qd_cfg.store, QS_OPEN_CREATE);
+  if (rc) {
+    qd_log(QD_LOG_WARNING, "store %s: cannot open: %s: %s", qd_cfg.store, qins_strerror(rc),
+           qs_error());
+    return 1;
+  }
+  qd_log(QD_LOG_NOTICE, "%s: store %s open; pid %d uid %u", QD_SERVER_NAME, qd_cfg.store,
+         (int)getpid(), (unsigned)getuid());
+  uv_timer_init(loop, &shutdown_timer);
+  uv_signal_init(loop, &sig_term);
+  uv_signal_init(loop, &sig_int);
+  uv_signal_start(&sig_term, on_signal, SIGTERM);
+  uv_signal_start(&sig_int, on_signal, SIGINT);
+  if (listen_socket()) {
+    stopping = 1;
+    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+    uv_close((uv_handle_t *)&shutdown_timer, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_loop_close(loop);
+    qs_close(qd_store);
+    return 1;
+  }
+  uv_run(loop, UV_RUN_DEFAULT);
+  int lc = uv_loop_close(loop);
+  if (lc) qd_log(QD_LOG_WARNING, "loop closed with handles open: %s", uv_strerror(lc));
+  qs_close(qd_store);
+  buf_cache_clear();
+  free(qd_st.per_method);
+  qd_log(QD_LOG_NOTICE, "exited cleanly: %llu requests, %llu bytes served",
+         (unsigned long long)qd_st.requests, (unsigned long long)qd_st.bytes_served);
+  return 0;
+}
