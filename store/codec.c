@@ -137,11 +137,14 @@ static void table_a1(int i, float T[128]) {
 #define QC_A1_COUNT 18
 
 /* The standard tables: which A1 candidates (see qc_fit_finish for why these). */
-static const int qc_std_a1[QC_QINS8_STD_COUNT] = {0, 2, 4, 5};
+static const int qc_std_a1[QC_QINS8_STD_COUNT] = {0, 3, 4, 5, 6};
 static float qc_std[QC_QINS8_STD_COUNT][128];
 static float qc_a1[QC_A1_COUNT][128];
 static pthread_once_t qc_tables_once = PTHREAD_ONCE_INIT;
+static int cpu_has(const char *k);
+static int qc_enc_avx2; /* the AVX2 qins8 error estimator is usable (set by tables_init) */
 static void tables_init(void) {
+  qc_enc_avx2 = cpu_has("avx2");
   for (int i = 0; i < QC_A1_COUNT; i++) table_a1(i, qc_a1[i]);
   for (int i = 0; i < QC_QINS8_STD_COUNT; i++) memcpy(qc_std[i], qc_a1[qc_std_a1[i]], 512);
 }
@@ -432,21 +435,44 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
 
 /* ---- qins8 quantizer -------------------------------------------------------------------- */
 
-#define Q8_GUESS 2048 /* bins of the starting-index table over x in [0, 1] */
+#define Q8_GUESS QC__Q8_GUESS
 
 typedef struct q8tab {
   float T[128];
-  uint8_t guess[Q8_GUESS + 1]; /* nearest m to x = i / Q8_GUESS (a starting point only) */
+  float thr[128];              /* thr[m]: x-domain midpoint of T[m-1] and T[m]; thr[0] = +inf */
+  uint8_t guess[Q8_GUESS + 1]; /* nearest m to x = i / Q8_GUESS (the largest m of the bin) */
+  int32_t guess32[Q8_GUESS + 1]; /* the same, for gathers */
 } q8tab;
 
 static void q8tab_init(q8tab *q, const float T[128]) {
   memcpy(q->T, T, sizeof q->T);
+  q->thr[0] = INFINITY;
+  for (int m = 1; m < 128; m++) q->thr[m] = (float)(0.5 * ((double)T[m - 1] + T[m]));
   int m = 127;
   for (int i = 0; i <= Q8_GUESS; i++) {
     double x = (double)i / Q8_GUESS;
     while (m > 0 && x > 0.5 * ((double)T[m - 1] + T[m])) m--;
-    q->guess[i] = (uint8_t)m;
+    q->guess[i] = (uint8_t)m, q->guess32[i] = m;
   }
+}
+
+/* Estimated squared error of a block at scale d > 0: the nearest level in the x domain, from the
+ * bin's level and at most one threshold test (exact when levels are >= 1/Q8_GUESS apart, a close
+ * estimate otherwise). Only ranks candidate scales; codes always come from q8_nearest. */
+static float q8_err_fast(const q8tab *q, float d, const float *w, uint32_t n) {
+  if (n == QC_QINS8_BLOCK && qc_enc_avx2) return qc__avx2_q8_err32(q->T, q->thr, q->guess32, d, w);
+  float inv = 1.0f / d, acc[8] = {0};
+  for (uint32_t j = 0; j < n; j++) {
+    float a = fabsf(w[j]), x = a * inv;
+    int i = x >= 1.0f ? Q8_GUESS : (int)(x * Q8_GUESS);
+    unsigned m = q->guess[i];
+    m -= x > q->thr[m];
+    float e = a - d * q->T[m];
+    acc[j & 7] += e * e;
+  }
+  float s = acc[0];
+  for (int l = 1; l < 8; l++) s += acc[l];
+  return s;
 }
 
 /* Nearest m for magnitude a at scale d > 0 (inv = 1/d), by decoded value; ties to larger m. */
@@ -504,6 +530,68 @@ static uint16_t q8_scale_search(const q8tab *q, const float *w, uint32_t n, floa
   return hb;
 }
 
+/* Least-squares scale refit: from the codes at fp16(absmax), the scale minimizing the block's
+ * error for those codes is sum(a T[m]) / sum(T[m]^2); round it to fp16 (kept within +-8 ulps of
+ * fp16(absmax)), requantize, keep it if better, and repeat up to `rounds` times. Returns the fp16
+ * bits. Three quantizer passes get most of what the 17-pass search of QINS.md's A3u gets. */
+static uint16_t q8_scale_fit(const q8tab *q, const float *w, uint32_t n, float absmax, int rounds,
+                             double *err) {
+  uint8_t codes[2][QC_QINS8_BLOCK];
+  int cur = 0;
+  uint16_t h0 = qc_f32_to_f16(absmax), hb = h0;
+  double best = q8_block(q, qc_f16_to_f32(h0), w, n, codes[cur]);
+  for (int it = 0; it < rounds && best > 0; it++) {
+    double num = 0, den = 0;
+    for (uint32_t j = 0; j < n; j++) {
+      double t = q->T[codes[cur][j] & 0x7F];
+      num += fabs((double)w[j]) * t, den += t * t;
+    }
+    if (den == 0) break;
+    int h = qc_f32_to_f16((float)(num / den));
+    if (h < (int)h0 - 8) h = h0 - 8;
+    if (h > (int)h0 + 8) h = h0 + 8;
+    if (h < 0) h = 0;
+    if (h > 0x7BFF) h = 0x7BFF;
+    if (h == hb) break;
+    double e = q8_block(q, qc_f16_to_f32((uint16_t)h), w, n, codes[!cur]);
+    if (!(e < best)) break;
+    best = e, hb = (uint16_t)h, cur = !cur;
+  }
+  if (err) *err = best;
+  return hb;
+}
+
+/* fp16(absmax) +- S ulps ranked by q8_err_fast (first best wins). */
+static uint16_t q8_scale_fast(const q8tab *q, const float *w, uint32_t n, float absmax, int S) {
+  uint16_t h0 = qc_f32_to_f16(absmax), hb = h0;
+  if (h0 == 0) return 0;
+  float best = q8_err_fast(q, qc_f16_to_f32(h0), w, n);
+  /* Even offsets first, then the two odd neighbours of the best: 11 of the 17 candidates. */
+  for (int s = 2; s <= S; s += 2)
+    for (int sg = -1; sg <= 1; sg += 2) {
+      int h = (int)h0 + sg * s;
+      if (h <= 0 || h > 0x7BFF) continue;
+      float e = q8_err_fast(q, qc_f16_to_f32((uint16_t)h), w, n);
+      if (e < best) best = e, hb = (uint16_t)h;
+    }
+  uint16_t hc = hb;
+  for (int sg = -1; sg <= 1; sg += 2) {
+    int h = (int)hc + sg;
+    if (h <= 0 || h > 0x7BFF || h < (int)h0 - S || h > (int)h0 + S) continue;
+    float e = q8_err_fast(q, qc_f16_to_f32((uint16_t)h), w, n);
+    if (e < best) best = e, hb = (uint16_t)h;
+  }
+  return hb;
+}
+
+/* The scale of one block as p->scale_search asks (codec.h). */
+static uint16_t q8_scale(const q8tab *q, const float *w, uint32_t n, int mode) {
+  float mx = block_absmax(w, n);
+  if (mode >= QC_SCALE_FAST) return q8_scale_fast(q, w, n, mx, mode - QC_SCALE_FAST > 8 ? 8 : mode - QC_SCALE_FAST);
+  if (mode >= QC_SCALE_FIT) return q8_scale_fit(q, w, n, mx, mode - QC_SCALE_FIT, NULL);
+  return q8_scale_search(q, w, n, mx, mode < 0 ? 0 : mode > 8 ? 8 : mode, NULL);
+}
+
 /* Index of the first element of w[0..n) that is not finite, or of magnitude >= lim; n if none. */
 static uint64_t first_bad(const float *w, uint64_t n, float lim, int *nonfinite) {
   for (uint64_t i = 0; i < n; i++) {
@@ -540,14 +628,13 @@ static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float 
   q8tab_init(q, p->table);
   uint64_t bpr = (L + QC_QINS8_BLOCK - 1) / QC_QINS8_BLOCK, nb = bpr * R;
   uint8_t *codes = dst + 2 * nb;
-  int S = p->scale_search < 0 ? 0 : p->scale_search > 8 ? 8 : p->scale_search;
   for (uint64_t r = 0; r < R; r++)
     for (uint64_t b = 0; b < bpr; b++) {
       uint64_t i0 = r * L + b * QC_QINS8_BLOCK;
       uint32_t n = (uint32_t)(L - b * QC_QINS8_BLOCK < QC_QINS8_BLOCK ? L - b * QC_QINS8_BLOCK
                                                                       : QC_QINS8_BLOCK);
       const float *w = src + i0;
-      uint16_t h = q8_scale_search(q, w, n, block_absmax(w, n), S, NULL);
+      uint16_t h = q8_scale(q, w, n, p->scale_search);
       float d = qc_f16_to_f32(h);
       qc__st16(dst + 2 * (r * bpr + b), h);
       q8_block(q, d, w, n, codes + i0);
@@ -683,7 +770,9 @@ struct qc_fit {
   int failed;          /* an add failed: finish refuses */
   float log_lo, log_hi; /* seed-log running min/max of logf(max(|w|, 1e-8)) */
   double *h;           /* qins8 default: HBINS x {sum d^2, sum d^2 x, sum d^2 x^2} */
-  float *buf;          /* qins8 max effort: the whole tensor */
+  float *buf;          /* qins8: max effort, the whole tensor; default effort, the tensor while it
+                        * is below table_min_elems (so the standard table is chosen by a real
+                        * encode), then freed */
   uint64_t cap;        /* floats allocated in buf */
 };
 
@@ -761,6 +850,10 @@ int qc_fit_add(qc_fit *f, const float *rows, uint64_t n_rows, uint64_t *bad_inde
         for (uint64_t b = 0; b < L; b += QC_QINS8_BLOCK)
           hist_block(f->h, rows + r * L + b,
                      (uint32_t)(L - b < QC_QINS8_BLOCK ? L - b : QC_QINS8_BLOCK));
+    }
+    if (f->h && f->n + n >= f->o.table_min_elems) { /* a fitted table: no need for the rows */
+      free(f->buf);
+      f->buf = NULL, f->cap = 0;
     } else {
       if (f->n + n > f->cap) {
         uint64_t cap = f->cap ? f->cap : 1024;
@@ -969,7 +1062,28 @@ int qc_fit_finish(qc_fit *f, qc_params *out) {
       }
       memcpy(out->table, qc_std[bi], sizeof out->table);
       out->table_id = bi;
-      out->scale_search = 2;
+      out->scale_search = QC_SCALE_FAST + 8;
+      if (f->buf && f->n < f->o.table_min_elems && f->n > 0) {
+        /* Small tensor, buffered: the histogram ranks at the absmax scales, but the scale search
+         * can reorder close candidates. Encode with the two best and keep the better. */
+        int second = -1;
+        double e2 = INFINITY;
+        for (int i = 0; i < QC_QINS8_STD_COUNT; i++) {
+          double e = hist_err(f->h, qc_std[i], NULL);
+          if (i != bi && e < e2) e2 = e, second = i;
+        }
+        uint64_t R = f->n / f->row_len;
+        void *scratch = malloc(qc_chunk_bytes(QC_QINS8, f->row_len, R, NULL));
+        if (!scratch) return QINS_ENOMEM;
+        qc_params cand = *out;
+        qc_stats s1 = {0}, s2 = {0};
+        int rc = encode_qins8(&cand, f->row_len, R, f->buf, scratch, &s1);
+        memcpy(cand.table, qc_std[second], sizeof cand.table);
+        if (!rc) rc = encode_qins8(&cand, f->row_len, R, f->buf, scratch, &s2);
+        free(scratch);
+        if (rc) return rc;
+        if (s2.err_sq < s1.err_sq) memcpy(out->table, qc_std[second], sizeof out->table), out->table_id = second;
+      }
       if (f->n >= f->o.table_min_elems) {
         /* Start Lloyd from the best A1 candidate, not only the standard ones. */
         double b2 = INFINITY;

@@ -70,11 +70,17 @@ typedef enum qc_dtype { QC_DT_F32 = 0, QC_DT_F16 = 1, QC_DT_BF16 = 2, QC_DT_COUN
 /* Tensors with at least this many elements get a tensor-fitted qins8 table by default: 512 table
  * bytes over 40,960 weights is 0.1 bit/weight, the overhead QINS.md allows. */
 #define QC_QINS8_CUSTOM_MIN 40960
-#define QC_QINS8_STD_COUNT 4 /* standard qins8 tables (codec.c documents each) */
+#define QC_QINS8_STD_COUNT 5 /* standard qins8 tables: rat(0), rat(0.5), rat(1), rat(2), rat(4) */
 /* Serialized params: a 4-byte header (codec id, QC_PARAMS_VERSION, two zero bytes), then the
  * codec's fields (docs/FORMAT.md §1.2). */
 #define QC_PARAMS_VERSION 1
 #define QC_PARAMS_MAX 516 /* largest qc_params_size(): qins8's header + 128 f32 */
+
+/* qc_params.scale_search: 0 uses fp16(absmax); N in 1..8 tries fp16(absmax) +-N ulps and keeps
+ * the best (QINS.md A3u uses 8); QC_SCALE_FIT + R refits the scale by least squares up to R
+ * times (within +-8 ulps), a fraction of the cost of the search for most of its gain. */
+#define QC_SCALE_FIT 16
+#define QC_SCALE_FAST 32
 
 /* Per-tensor codec parameters. Only the fields of `codec` are meaningful. */
 typedef struct qc_params {
@@ -84,7 +90,7 @@ typedef struct qc_params {
   float alpha;                   /* seed-rational (> 0, finite) */
   /* Encoder hints: not serialized, zero after qc_params_read. */
   int table_id;      /* qins8: standard table 0..QC_QINS8_STD_COUNT-1, or -1: fitted/other */
-  int scale_search;  /* qins8 encode: try fp16(absmax) +-N ulps per block (0..8), keep the best */
+  int scale_search;  /* qins8 encode: per-block scale choice, see QC_SCALE_FIT */
 } qc_params;
 
 /* Error figures of one encode, accumulated over calls (zero-initialize before the first). */
