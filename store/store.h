@@ -13,6 +13,17 @@
  *  - One writer process at a time (an flock on DIR/writer.lock); any number of readers.
  *  - A model appears, is replaced and disappears atomically: readers in any process see the whole
  *    model or none of it.
+ *
+ * Writes (import, remove) never hold one huge transaction: a model is staged under a fresh model id
+ * in several bounded write transactions (each <= QS_TXN_BYTES of new data), then one small final
+ * transaction points the name at it. Leftovers of a killed import or removal (the "staging" DB) are
+ * cleared by the next writer (qs_open without RDONLY, qs_import_begin, qs_model_remove). The map
+ * grows before each write transaction as needed (up to $QINS_STORE_MAX_MAP bytes if set); running
+ * out of map or disk (MDB_MAP_FULL, ENOSPC) aborts the write with QINS_ESTORE_FULL and leaves the
+ * store as it was.
+ *
+ * Errors: functions return 0 or a negative code (qins.h); qs_error() then holds a message naming
+ * the store, model, tensor or chunk concerned.
  */
 #ifndef QINS_STORE_H
 #define QINS_STORE_H
@@ -106,5 +117,153 @@ int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX
  * (QINS_ECHECKSUM naming the tensor and chunk) and validates it before decoding. */
 int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, void *out);
+/* For QS_RAW (integer/bool) tensors qs_tensor_read ignores dt and writes the stored elements as
+ * they came (qs_dtype_size(src_dtype) bytes each, little-endian). */
+
+/* Names and sizes of source dtypes: "f32", "f16", "bf16", "f64", "i8", "u8", "i16", "u16", "i32",
+ * "u32", "i64", "u64", "bool". qs_dtype_from_name returns -1 for an unknown name. */
+const char *qs_dtype_name(qs_dtype d);
+int qs_dtype_from_name(const char *name);
+size_t qs_dtype_size(qs_dtype d);
+/* "qins8", "f32", ... for a codec, "raw" for QS_RAW. */
+const char *qs_codec_name(int codec);
+
+/* ===== Write API ===========================================================================
+ * One writer process at a time: every write call takes DIR/writer.lock (flock, non-blocking;
+ * QINS_ELOCKED naming the holder's pid when another process writes) and releases it when the
+ * operation ends (qs_import_commit/abort, or the call's return). The store must not be opened
+ * QS_OPEN_RDONLY. Not thread-safe with other writes on the same qs_store.
+ *
+ * Import, one model:
+ *   qs_import_begin(store, "name", metadata_json, &im)
+ *   for each tensor:
+ *     qs_import_tensor_begin(im, &desc)            -- desc.params fitted by the caller (qc_fit_*)
+ *     qs_import_tensor_rows(im, rows, n) ...       -- rows in order, qs_import_chunk_rows(im) per
+ *                                                     call except the last (or any count: buffered)
+ *     qs_import_tensor_end(im)
+ *   qs_import_commit(im)  -- the model (replacing any of the same name) appears atomically
+ * or qs_import_abort(im) at any point: the store is as before. After an error from any call but
+ * commit, call qs_import_abort. Both commit and abort free im. */
+#define QS_CHUNK_TARGET (4u << 20) /* stored bytes per chunk: a few MiB of whole rows */
+#define QS_TXN_BYTES (64u << 20)   /* new data per staging write txn: bounds the dirty pages */
+
+typedef struct qs_import qs_import;
+
+typedef struct qs_tensor_desc {
+  const char *name;             /* 1..QS_MAX_NAME bytes, no NUL; unique within the model */
+  qs_dtype src_dtype;           /* dtype of the source data (src_bytes = n_elem * its size) */
+  uint64_t src_bytes;           /* source bytes if not n_elem * size (block-quantized); else 0 */
+  int ndim;                     /* 0..QS_MAX_NDIM */
+  uint64_t shape[QS_MAX_NDIM];  /* row-major */
+  int codec;                    /* qc_codec, or QS_RAW for integer/bool data */
+  const qc_params *params;      /* codec parameters (params->codec == codec); NULL for QS_RAW */
+} qs_tensor_desc;
+
+/* metadata_json: a JSON object text kept with the model (NULL: "{}"). Model names are
+ * 1..QS_MAX_NAME bytes without NUL or '/' (QINS_ENAME). */
+int qs_import_begin(qs_store *s, const char *model, const char *metadata_json,
+                    qs_import **out /* out; freed by qs_import_commit or qs_import_abort */);
+int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d);
+/* Rows per chunk of the current tensor. */
+uint64_t qs_import_chunk_rows(const qs_import *im);
+/* n_rows rows of the current tensor: f32 values (row_len each, any float alignment) for codecs, or
+ * the raw little-endian elements for QS_RAW. Lossy codecs refuse NaN/Inf: QINS_ENONFINITE with
+ * *bad_index (may be NULL) the element index within the tensor. */
+int qs_import_tensor_rows(qs_import *im, const void *rows, uint64_t n_rows,
+                          uint64_t *bad_index /* out */);
+/* Ends the tensor (all rows must have come: QINS_EINVALID otherwise); *st (may be NULL) gets
+ * its stored figures. */
+int qs_import_tensor_end(qs_import *im, qs_tensor *st /* out */);
+int qs_import_commit(qs_import *im);
+void qs_import_abort(qs_import *im);
+
+/* Removes a model atomically (QINS_ENO_MODEL if absent); its space is reclaimed right after in
+ * bounded transactions (or by the next writer if this process dies). */
+int qs_model_remove(qs_store *s, const char *model);
+
+/* ===== Maintenance ========================================================================= */
+/* Environment figures (mdb_env_info, mdb_stat, the freelist). */
+typedef struct qs_store_info {
+  uint64_t map_size;     /* bytes mapped */
+  uint64_t file_size;    /* bytes of DIR/data.mdb */
+  uint64_t page_size;    /* LMDB page size */
+  uint64_t last_pgno;    /* highest page used */
+  uint64_t free_pages;   /* pages on the freelist (reusable) */
+  uint64_t n_models;     /* models */
+  uint64_t n_params;     /* distinct codec parameter blobs */
+  uint64_t params_bytes; /* their bytes */
+  uint64_t n_staging;    /* leftover staging entries awaiting cleanup */
+  unsigned max_readers, n_readers; /* reader table */
+} qs_store_info;
+int qs_store_info_get(qs_store *s, qs_store_info *out /* out */);
+
+/* Checks every record of `model` (NULL: all models, plus params refcounts): magic and version,
+ * each chunk's checksum, qc_chunk_validate and a full decode. Each problem is passed to cb (may
+ * be NULL) as a message; *n_problems counts them and *n_checked counts tensors checked. Returns 0
+ * when the walk completed (problems or not), or an error that stopped it. */
+typedef void (*qs_problem_cb)(void *ud, const char *msg);
+int qs_verify(qs_store *s, const char *model, qs_problem_cb cb, void *ud,
+              uint64_t *n_problems /* out */, uint64_t *n_checked /* out */);
+
+/* Per-tensor storage detail for audits: chunk payload bytes, the codec parameter blob's bytes,
+ * its id and how many tensors of this model share it. */
+typedef struct qs_tensor_cost {
+  uint64_t data_bytes;   /* chunk payloads */
+  uint64_t params_bytes; /* serialized codec parameters (0 for none) */
+  uint64_t params_id;    /* key of the shared blob (0 for none) */
+  int params_first;      /* this tensor is the first of its model using the blob: it pays for it */
+} qs_tensor_cost;
+int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out /* out */);
+
+/* ===== Importers and export (import.c, gguf.c, npy.c, export.c) ==========================
+ * qs_import_path imports FILE or DIR as one model, streaming with bounded memory (peak RSS does
+ * not grow with the model: rows are read in batches of about one chunk with pread, converted to
+ * f32 from unaligned bytes, fitted, encoded and staged). Everything is validated before the
+ * first write; any failure (malformed input, NaN bound for a lossy codec, store full, ...)
+ * aborts with the store unchanged and qs_error() naming the file and what is wrong.
+ * Sources:
+ *   FILE.safetensors                    one model
+ *   DIR with model.safetensors.index.json (or that file itself): a sharded model
+ *   DIR with exactly one *.safetensors   that file
+ *   FILE.gguf                           GGUF v2/v3, F32/F16/BF16 (+ Q8_0/Q4_0 with allow_requant;
+ *                                       other quantized types refused naming the type); GGUF's
+ *                                       innermost-first dims are stored row-major
+ *   FILE.npy, or DIR of *.npy           one tensor per file, named by the file's stem
+ * Codec policy per float tensor, first that applies: the last --codec-for GLOB=NAME rule whose
+ * glob (fnmatch) matches the tensor name; --codec NAME; qins8 for 2 or more dimensions, f32
+ * otherwise. Integer and bool tensors are stored raw (QS_RAW) whatever the rules say. */
+typedef struct qs_codec_rule {
+  const char *glob; /* fnmatch(3) pattern over tensor names */
+  int codec;        /* qc_codec */
+} qs_codec_rule;
+
+typedef void (*qs_progress_cb)(void *ud, uint64_t done, uint64_t total, const char *what);
+
+typedef struct qs_import_opts {
+  const char *model;           /* model name; NULL: the file's (or directory's) stem */
+  int codec;                   /* qc_codec for all float tensors, or -1 for the policy */
+  const qs_codec_rule *rules;  /* per-name overrides, later ones win */
+  size_t n_rules;
+  int effort;                  /* QC_EFFORT_DEFAULT or QC_EFFORT_MAX */
+  int allow_requant;           /* GGUF Q8_0/Q4_0: dequantize and re-encode */
+  qs_progress_cb progress;     /* may be NULL: called with source bytes done/total */
+  void *progress_ud;
+} qs_import_opts;
+
+typedef struct qs_import_result {
+  char model[QS_MAX_NAME + 1]; /* name it was stored under */
+  uint64_t n_tensors, n_elem, src_bytes, stored_bytes;
+  double snr_db_2d;            /* element-weighted SNR over lossy tensors with >= 2 dims */
+} qs_import_result;
+
+void qs_import_opts_init(qs_import_opts *o);
+int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o,
+                   qs_import_result *res /* out; may be NULL */);
+
+/* Writes model as a safetensors file at out_path (through out_path.tmp + rename): tensors in name
+ * order, codec tensors decoded as dt (f32, f16 or bf16), raw tensors as their source dtype, the
+ * model's metadata as __metadata__. Deterministic: the same model gives the same bytes. */
+int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
+                          qs_progress_cb progress, void *progress_ud);
 
 #endif /* QINS_STORE_H */

@@ -1,0 +1,701 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * import.c — qs_import_path: find the source files (safetensors single or sharded, GGUF, .npy),
+ * validate all of them, pick each tensor's codec, then stream every tensor into the store with
+ * bounded memory (store.h §Importers).
+ *
+ * Memory: a tensor whose f32 form fits in QS__WHOLE_MAX is read once and fitted and encoded from
+ * that buffer; a larger one is read twice in batches of rows (pass 1 fits the codec parameters,
+ * pass 2 encodes chunk by chunk), so peak RSS is bounded by a few chunk-sized buffers whatever the
+ * model size. Source bytes are read with pread into byte buffers and converted with qc_to_f32
+ * (never cast to float *).
+ */
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <fnmatch.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "import_int.h"
+#include "json.h"
+#include "safetensors.h"
+#include "store_int.h"
+
+#define QS__WHOLE_MAX (32u << 20)  /* f32 bytes of a tensor read once and kept for both passes */
+#define QS__BATCH_F32 (4u << 20)   /* f32 bytes per batch in the fit pass */
+#define QS__INDEX_MAX (64u << 20)  /* model.safetensors.index.json larger than this is refused */
+
+/* --------------------------------------------------------------------------------------------
+ * Small helpers */
+void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n) {
+  if (b->oom) return;
+  if (b->n + n + 1 > b->cap) {
+    size_t nc = b->cap ? b->cap : 256;
+    while (nc < b->n + n + 1) nc *= 2;
+    char *np = realloc(b->p, nc);
+    if (!np) {
+      b->oom = 1;
+      return;
+    }
+    b->p = np;
+    b->cap = nc;
+  }
+  memcpy(b->p + b->n, s, n);
+  b->n += n;
+  b->p[b->n] = 0;
+}
+void qs__sbuf_puts(qs__sbuf *b, const char *s) { qs__sbuf_put(b, s, strlen(s)); }
+void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n) {
+  qs__sbuf_put(b, "\"", 1);
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    char esc[8];
+    if (c == '"' || c == '\\') {
+      esc[0] = '\\';
+      esc[1] = (char)c;
+      qs__sbuf_put(b, esc, 2);
+    } else if (c < 0x20 || c == 0x7F) {
+      snprintf(esc, sizeof esc, "\\u%04x", c);
+      qs__sbuf_put(b, esc, 6);
+    } else {
+      qs__sbuf_put(b, (const char *)&c, 1);
+    }
+  }
+  qs__sbuf_put(b, "\"", 1);
+}
+
+int qs__srclist_file(qs__srclist *L, const char *path, int fd) {
+  char **np = realloc(L->paths, (L->n_files + 1) * sizeof *np);
+  if (np) L->paths = np;
+  int *nf = realloc(L->fds, (L->n_files + 1) * sizeof *nf);
+  if (nf) L->fds = nf;
+  char *dup = strdup(path);
+  if (!np || !nf || !dup) {
+    free(dup);
+    close(fd);
+    return qs__fail(QINS_ENOMEM, "out of memory");
+  }
+  L->paths[L->n_files] = dup;
+  L->fds[L->n_files] = fd;
+  return (int)L->n_files++;
+}
+
+qs__src *qs__srclist_add(qs__srclist *L, const char *name, size_t name_len, int file) {
+  if (L->n == L->cap) {
+    size_t nc = L->cap ? 2 * L->cap : 64;
+    qs__src *nv = realloc(L->v, nc * sizeof *nv);
+    if (!nv) return NULL;
+    L->v = nv;
+    L->cap = nc;
+  }
+  qs__src *s = &L->v[L->n];
+  memset(s, 0, sizeof *s);
+  s->name = malloc(name_len + 1);
+  if (!s->name) return NULL;
+  memcpy(s->name, name, name_len);
+  s->name[name_len] = 0;
+  s->path = L->paths[file];
+  s->fd = L->fds[file];
+  L->n++;
+  return s;
+}
+
+void qs__srclist_free(qs__srclist *L) {
+  for (size_t i = 0; i < L->n; i++) free(L->v[i].name);
+  free(L->v);
+  for (size_t i = 0; i < L->n_files; i++) {
+    close(L->fds[i]);
+    free(L->paths[i]);
+  }
+  free(L->paths);
+  free(L->fds);
+  memset(L, 0, sizeof *L);
+}
+
+static int qs__ends_with(const char *s, const char *suf) {
+  size_t a = strlen(s), b = strlen(suf);
+  return a >= b && !strcasecmp(s + a - b, suf);
+}
+
+/* The stem of a path: basename without its extension ("/a/b/model.safetensors" -> "model"). */
+static void qs__stem(const char *path, char *out, size_t cap) {
+  size_t n = strlen(path);
+  while (n > 1 && path[n - 1] == '/') n--;
+  size_t b = n;
+  while (b > 0 && path[b - 1] != '/') b--;
+  size_t e = n;
+  for (size_t i = n; i > b; i--)
+    if (path[i - 1] == '.') {
+      e = i - 1;
+      break;
+    }
+  if (e == b) e = n;
+  snprintf(out, cap, "%.*s", (int)(e - b), path + b);
+}
+
+/* --------------------------------------------------------------------------------------------
+ * safetensors sources */
+static int qs__st_kind(qs_st_dtype d, qs__src *s) {
+  switch (d) {
+  case QS_ST_F32: s->dtype = QS_DT_F32; return 0;
+  case QS_ST_F16: s->dtype = QS_DT_F16; return 0;
+  case QS_ST_BF16: s->dtype = QS_DT_BF16; return 0;
+  case QS_ST_F64: s->dtype = QS_DT_F64; return 0;
+  case QS_ST_I8: s->dtype = QS_DT_I8; return 0;
+  case QS_ST_U8: s->dtype = QS_DT_U8; return 0;
+  case QS_ST_I16: s->dtype = QS_DT_I16; return 0;
+  case QS_ST_U16: s->dtype = QS_DT_U16; return 0;
+  case QS_ST_I32: s->dtype = QS_DT_I32; return 0;
+  case QS_ST_U32: s->dtype = QS_DT_U32; return 0;
+  case QS_ST_I64: s->dtype = QS_DT_I64; return 0;
+  case QS_ST_U64: s->dtype = QS_DT_U64; return 0;
+  case QS_ST_BOOL: s->dtype = QS_DT_BOOL; return 0;
+  default:
+    s->kind = QS__K_REFUSED;
+    snprintf(s->why, sizeof s->why,
+             "dtype %s is not supported (FP8/FP6/FP4 data needs its scale tensors; complex has no "
+             "codec)",
+             qs_st_dtype_name(d));
+    return 0;
+  }
+}
+
+/* Adds the tensors of safetensors file `path`; the first file's metadata goes to *meta. */
+static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
+  char err[1024];
+  qs_st_file *f;
+  int rc = qs_st_open(path, &f, err, sizeof err);
+  if (rc) return qs__fail(rc, "%s", err);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st) || (uint64_t)st.st_size != qs_st_file_size(f)) {
+    if (fd >= 0) close(fd);
+    qs_st_close(f);
+    return qs__fail(QINS_EIO, "%s: changed while being opened", path);
+  }
+  int fi = qs__srclist_file(L, path, fd);
+  if (fi < 0) {
+    qs_st_close(f);
+    return fi;
+  }
+  for (size_t i = 0; i < qs_st_count(f); i++) {
+    const qs_st_tensor *t = qs_st_tensor_at(f, i);
+    qs__src *s = qs__srclist_add(L, t->name, t->name_len, fi);
+    if (!s) {
+      qs_st_close(f);
+      return qs__fail(QINS_ENOMEM, "out of memory");
+    }
+    s->offset = t->offset;
+    s->nbytes = t->nbytes;
+    s->ndim = t->ndim;
+    memcpy(s->shape, t->shape, sizeof s->shape);
+    s->n_elem = t->n_elem;
+    qs__st_kind(t->dtype, s);
+  }
+  if (meta && !*meta) {
+    *meta = strdup(qs_st_metadata_json(f));
+    if (!*meta) {
+      qs_st_close(f);
+      return qs__fail(QINS_ENOMEM, "out of memory");
+    }
+  }
+  qs_st_close(f);
+  return 0;
+}
+
+/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor": "shard file"}}. */
+static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta) {
+  int fd = open(index_path, O_RDONLY | O_CLOEXEC);
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st)) {
+    int e = errno;
+    if (fd >= 0) close(fd);
+    return qs__fail(-e, "%s: cannot open: %s", index_path, strerror(e));
+  }
+  if ((uint64_t)st.st_size > QS__INDEX_MAX) {
+    close(fd);
+    return qs__fail(QINS_EFORMAT, "%s: index file is %lld bytes (limit %u)", index_path,
+                    (long long)st.st_size, QS__INDEX_MAX);
+  }
+  char *buf = malloc((size_t)st.st_size + 1);
+  ssize_t got = buf ? pread(fd, buf, (size_t)st.st_size, 0) : -1;
+  close(fd);
+  if (got != st.st_size) {
+    free(buf);
+    return qs__fail(QINS_EIO, "%s: read error", index_path);
+  }
+  qs_json *root;
+  char jerr[256];
+  int rc = qs_json_parse(buf, (size_t)st.st_size, &root, jerr, sizeof jerr);
+  free(buf);
+  if (rc) return qs__fail(rc, "%s: not valid JSON: %s", index_path, jerr);
+  const qs_json *wm = qs_json_get(root, "weight_map");
+  if (root->type != QS_JSON_OBJECT || !wm || wm->type != QS_JSON_OBJECT) {
+    qs_json_free(root);
+    return qs__fail(QINS_EFORMAT, "%s: no \"weight_map\" object", index_path);
+  }
+  char dir[4096];
+  snprintf(dir, sizeof dir, "%s", index_path);
+  char *slash = strrchr(dir, '/');
+  if (slash) slash[1] = 0;
+  else strcpy(dir, "./");
+  /* Distinct shard files in first-mention order. */
+  const char **shards = calloc(wm->len + 1, sizeof *shards);
+  size_t ns = 0;
+  for (size_t i = 0; shards && i < wm->len; i++) {
+    const qs_json *v = &wm->items[i];
+    if (v->type != QS_JSON_STRING || !v->len || strstr(v->str, "..") || v->str[0] == '/' ||
+        memchr(v->str, 0, v->len)) {
+      rc = qs__fail(QINS_EFORMAT, "%s: weight_map entry \"%.200s\" is not a shard file name",
+                    index_path, v->key);
+      break;
+    }
+    size_t j;
+    for (j = 0; j < ns; j++)
+      if (!strcmp(shards[j], v->str)) break;
+    if (j == ns) shards[ns++] = v->str;
+  }
+  if (!shards) rc = qs__fail(QINS_ENOMEM, "out of memory");
+  size_t first = L->n;
+  for (size_t j = 0; !rc && j < ns; j++) {
+    char p[8192];
+    snprintf(p, sizeof p, "%s%s", dir, shards[j]);
+    rc = qs__st_sources(p, L, meta);
+  }
+  /* Cross-checks: every weight_map entry is in the shard it names; no tensor in two shards. */
+  for (size_t i = 0; !rc && i < wm->len; i++) {
+    const qs_json *v = &wm->items[i];
+    size_t j;
+    for (j = first; j < L->n; j++)
+      if (!strcmp(L->v[j].name, v->key)) break;
+    if (j == L->n) {
+      rc = qs__fail(QINS_EFORMAT, "%s: tensor \"%.200s\" is mapped to %s but that shard lacks it",
+                    index_path, v->key, v->str);
+      break;
+    }
+    const char *base = strrchr(L->v[j].path, '/');
+    base = base ? base + 1 : L->v[j].path;
+    const char *want = strrchr(v->str, '/');
+    want = want ? want + 1 : v->str;
+    if (strcmp(base, want))
+      rc = qs__fail(QINS_EFORMAT, "%s: tensor \"%.200s\" is mapped to %s but found in %s",
+                    index_path, v->key, v->str, L->v[j].path);
+  }
+  free(shards);
+  qs_json_free(root);
+  return rc;
+}
+
+/* --------------------------------------------------------------------------------------------
+ * Reading rows as f32 */
+static uint64_t qs__src_row_len(const qs__src *s) { return s->ndim ? s->shape[s->ndim - 1] : 1; }
+static uint64_t qs__src_row_bytes(const qs__src *s) {
+  uint64_t rl = qs__src_row_len(s);
+  if (s->kind == QS__K_Q8_0) return rl / 32 * 34;
+  if (s->kind == QS__K_Q4_0) return rl / 32 * 18;
+  return rl * qs_dtype_size(s->dtype);
+}
+
+static int qs__pread_all(int fd, void *buf, uint64_t n, uint64_t off) {
+  uint8_t *p = buf;
+  while (n) {
+    size_t want = n > (1u << 30) ? (1u << 30) : (size_t)n;
+    ssize_t r = pread(fd, p, want, (off_t)off);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return -1;
+    p += r;
+    n -= (uint64_t)r;
+    off += (uint64_t)r;
+  }
+  return 0;
+}
+
+static void qs__to_f32(const qs__src *s, const uint8_t *src, uint64_t n_rows, float *dst) {
+  uint64_t rl = qs__src_row_len(s), n = n_rows * rl;
+  if (s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0) {
+    uint64_t nb = n / 32;
+    for (uint64_t b = 0; b < nb; b++) {
+      uint16_t h = (uint16_t)(src[0] | (src[1] << 8));
+      float d = qc_f16_to_f32(h);
+      float *y = dst + b * 32;
+      if (s->kind == QS__K_Q8_0) {
+        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)src[2 + j] * d;
+        src += 34;
+      } else {
+        for (int j = 0; j < 16; j++) {
+          y[j] = (float)((src[2 + j] & 0x0F) - 8) * d;
+          y[j + 16] = (float)((src[2 + j] >> 4) - 8) * d;
+        }
+        src += 18;
+      }
+    }
+    return;
+  }
+  switch (s->dtype) {
+  case QS_DT_F32: qc_to_f32(QC_DT_F32, src, n, dst); break;
+  case QS_DT_F16: qc_to_f32(QC_DT_F16, src, n, dst); break;
+  case QS_DT_BF16: qc_to_f32(QC_DT_BF16, src, n, dst); break;
+  case QS_DT_F64:
+    for (uint64_t i = 0; i < n; i++) {
+      double d;
+      memcpy(&d, src + 8 * i, 8);
+      dst[i] = (float)d;
+    }
+    break;
+  default: break;
+  }
+}
+
+/* --------------------------------------------------------------------------------------------
+ * The import driver */
+void qs_import_opts_init(qs_import_opts *o) {
+  memset(o, 0, sizeof *o);
+  o->codec = -1;
+  o->effort = QC_EFFORT_DEFAULT;
+}
+
+static int qs__is_float(const qs__src *s) {
+  return s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0 ||
+         (s->kind == QS__K_PLAIN && (s->dtype == QS_DT_F32 || s->dtype == QS_DT_F16 ||
+                                     s->dtype == QS_DT_BF16 || s->dtype == QS_DT_F64));
+}
+
+static int qs__codec_for(const qs__src *s, const qs_import_opts *o) {
+  if (!qs__is_float(s)) return QS_RAW;
+  int c = s->ndim >= 2 ? QC_QINS8 : QC_F32;
+  if (o->codec >= 0) c = o->codec;
+  for (size_t i = 0; i < o->n_rules; i++)
+    if (fnmatch(o->rules[i].glob, s->name, 0) == 0) c = o->rules[i].codec;
+  return c;
+}
+
+/* Message for a value a lossy codec refused. */
+static int qs__refused_value(const qs__src *s, int rc, int codec, uint64_t at, float v) {
+  if (rc == QINS_ENONFINITE)
+    return qs__fail(rc,
+                    "%s: tensor %s: element %llu is %s; lossy codec %s refuses non-finite values "
+                    "(store it with --codec-for '%s=f32')",
+                    s->path, s->name, (unsigned long long)at, isnan(v) ? "NaN" : "infinite",
+                    qc_codec_name((qc_codec)codec), s->name);
+  return qs__fail(rc, "%s: tensor %s: element %llu (%g) cannot be encoded by %s (%s)", s->path,
+                  s->name, (unsigned long long)at, (double)v, qc_codec_name((qc_codec)codec),
+                  qins_strerror(rc));
+}
+
+typedef struct qs__bufs {
+  uint8_t *raw;      /* source bytes */
+  size_t raw_cap;
+  float *f;          /* f32 rows */
+  size_t f_cap;      /* elements */
+} qs__bufs;
+
+static int qs__bufs_need(qs__bufs *b, uint64_t raw, uint64_t nf) {
+  if (raw > b->raw_cap) {
+    free(b->raw);
+    b->raw = malloc(raw ? raw : 1);
+    b->raw_cap = b->raw ? raw : 0;
+    if (!b->raw) return qs__fail(QINS_ENOMEM, "out of memory for a %llu-byte batch", (unsigned long long)raw);
+  }
+  if (nf > b->f_cap) {
+    free(b->f);
+    b->f = malloc(nf ? nf * sizeof(float) : 4);
+    b->f_cap = b->f ? nf : 0;
+    if (!b->f) return qs__fail(QINS_ENOMEM, "out of memory for a %llu-element batch", (unsigned long long)nf);
+  }
+  return 0;
+}
+
+static int qs__read_rows(const qs__src *s, uint64_t r0, uint64_t nr, qs__bufs *b, int to_f32) {
+  uint64_t rb = qs__src_row_bytes(s);
+  if (qs__pread_all(s->fd, b->raw, nr * rb, s->offset + r0 * rb))
+    return qs__fail(QINS_EIO, "%s: tensor %s: read error at byte %llu: %s", s->path, s->name,
+                    (unsigned long long)(s->offset + r0 * rb),
+                    errno ? strerror(errno) : "file truncated");
+  if (to_f32) qs__to_f32(s, b->raw, nr, b->f);
+  return 0;
+}
+
+/* Prefixes the current qs_error() with the file's path (store calls do not know it). */
+static int qs__with_path(const qs__src *s, int rc) {
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", qs_error());
+  if (strncmp(msg, s->path, strlen(s->path))) return qs__fail(rc, "%s: %s", s->path, msg);
+  return rc;
+}
+
+static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_import_opts *o,
+                          qs__bufs *b, qs_tensor *out, uint64_t *done, uint64_t total) {
+  uint64_t rl = qs__src_row_len(s), nrows = rl ? s->n_elem / rl : 0;
+  uint64_t rb = qs__src_row_bytes(s);
+  qs_tensor_desc d;
+  memset(&d, 0, sizeof d);
+  d.name = s->name;
+  d.src_dtype = s->dtype;
+  d.ndim = s->ndim;
+  memcpy(d.shape, s->shape, sizeof d.shape);
+  d.codec = codec;
+  if (s->kind != QS__K_PLAIN) d.src_bytes = s->nbytes;
+  qc_params params;
+  memset(&params, 0, sizeof params);
+  int rc;
+  int whole = codec != QS_RAW && s->n_elem * sizeof(float) <= QS__WHOLE_MAX &&
+              s->nbytes <= QS__WHOLE_MAX;
+  if (codec != QS_RAW) {
+    params.codec = (qc_codec)codec;
+    int need_fit = qc_codec_is_lossy((qc_codec)codec) || qc_params_size((qc_codec)codec) > 0;
+    if (whole && (rc = qs__bufs_need(b, s->nbytes, s->n_elem))) return rc;
+    if (whole && (rc = qs__read_rows(s, 0, nrows, b, 1))) return rc;
+    if (need_fit && nrows) {
+      qc_fit *fit;
+      qc_fit_opts fo = {0};
+      fo.effort = o->effort;
+      if ((rc = qc_fit_new((qc_codec)codec, rl, &fo, &fit)))
+        return qs__fail(rc, "%s: tensor %s: codec %s: cannot fit (%s)", s->path, s->name,
+                        qc_codec_name((qc_codec)codec), qins_strerror(rc));
+      uint64_t batch = QS__BATCH_F32 / sizeof(float) / (rl ? rl : 1);
+      if (!batch) batch = 1;
+      if (!whole && (rc = qs__bufs_need(b, batch * rb, batch * rl))) {
+        qc_fit_free(fit);
+        return rc;
+      }
+      for (uint64_t r = 0; r < nrows; r += batch) {
+        uint64_t nr = nrows - r < batch ? nrows - r : batch;
+        const float *rows = whole ? b->f + r * rl : b->f;
+        if (!whole && (rc = qs__read_rows(s, r, nr, b, 1))) {
+          qc_fit_free(fit);
+          return rc;
+        }
+        uint64_t bad = 0;
+        rc = qc_fit_add(fit, rows, nr, &bad);
+        if (rc) {
+          qc_fit_free(fit);
+          return qs__refused_value(s, rc, codec, r * rl + bad, rows[bad]);
+        }
+      }
+      rc = qc_fit_finish(fit, &params);
+      qc_fit_free(fit);
+      if (rc)
+        return qs__fail(rc, "%s: tensor %s: codec %s: fit failed (%s)", s->path, s->name,
+                        qc_codec_name((qc_codec)codec), qins_strerror(rc));
+    }
+    d.params = &params;
+  }
+  if ((rc = qs_import_tensor_begin(im, &d))) return qs__with_path(s, rc);
+  uint64_t cr = qs_import_chunk_rows(im);
+  if (!whole && (rc = qs__bufs_need(b, cr * rb, codec == QS_RAW ? 0 : cr * rl))) return rc;
+  for (uint64_t r = 0; r < nrows; r += cr) {
+    uint64_t nr = nrows - r < cr ? nrows - r : cr;
+    const void *rows;
+    if (whole) {
+      rows = b->f + r * rl;
+    } else {
+      if ((rc = qs__read_rows(s, r, nr, b, codec != QS_RAW))) return rc;
+      rows = codec == QS_RAW ? (const void *)b->raw : (const void *)b->f;
+    }
+    uint64_t bad = 0;
+    rc = qs_import_tensor_rows(im, rows, nr, &bad);
+    if (rc == QINS_ENONFINITE || (rc == QINS_EUNSUPPORTED && codec != QS_RAW)) {
+      uint64_t rel = bad - r * rl;
+      return qs__refused_value(s, rc, codec, bad, ((const float *)rows)[rel]);
+    }
+    if (rc) return qs__with_path(s, rc);
+    *done += nr * rb;
+    if (o->progress) o->progress(o->progress_ud, *done, total, s->name);
+  }
+  if ((rc = qs_import_tensor_end(im, out))) return qs__with_path(s, rc);
+  return 0;
+}
+
+/* Collects sources for path; *model_default gets the name to use without --model. */
+static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L, char **meta,
+                       char *model_default, size_t mcap) {
+  struct stat st;
+  if (stat(path, &st)) return qs__fail(-errno, "%s: %s", path, strerror(errno));
+  qs__stem(path, model_default, mcap);
+  if (S_ISDIR(st.st_mode)) {
+    char p[8192];
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", path);
+    if (access(p, F_OK) == 0) return qs__index_sources(p, L, meta);
+    DIR *d = opendir(path);
+    if (!d) return qs__fail(-errno, "%s: %s", path, strerror(errno));
+    char **names = NULL;
+    size_t n = 0, n_st = 0, n_npy = 0;
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d))) {
+      int is_st = qs__ends_with(e->d_name, ".safetensors"), is_npy = qs__ends_with(e->d_name, ".npy");
+      if (!is_st && !is_npy) continue;
+      char **nn = realloc(names, (n + 1) * sizeof *nn);
+      if (!nn || !(nn[n] = strdup(e->d_name))) {
+        if (nn) names = nn;
+        rc = qs__fail(QINS_ENOMEM, "out of memory");
+        break;
+      }
+      names = nn;
+      n++;
+      n_st += is_st;
+      n_npy += is_npy;
+    }
+    closedir(d);
+    /* Sorted, so that a directory of .npy files always imports in the same order. */
+    for (size_t i = 1; i < n; i++)
+      for (size_t j = i; j > 0 && strcmp(names[j - 1], names[j]) > 0; j--) {
+        char *t = names[j];
+        names[j] = names[j - 1];
+        names[j - 1] = t;
+      }
+    if (!rc && n_st == 1 && n_npy == 0) {
+      for (size_t i = 0; i < n; i++) {
+        snprintf(p, sizeof p, "%s/%s", path, names[i]);
+        rc = qs__st_sources(p, L, meta);
+      }
+    } else if (!rc && n_st == 0 && n_npy > 0) {
+      for (size_t i = 0; !rc && i < n; i++) {
+        char stem[QS_MAX_NAME + 1];
+        snprintf(p, sizeof p, "%s/%s", path, names[i]);
+        qs__stem(names[i], stem, sizeof stem);
+        rc = qs__npy_sources(p, stem, L);
+      }
+    } else if (!rc) {
+      rc = qs__fail(QINS_EFORMAT,
+                    "%s: directory holds %zu .safetensors and %zu .npy files and no "
+                    "model.safetensors.index.json: give one file, an index, or only .npy files",
+                    path, n_st, n_npy);
+    }
+    for (size_t i = 0; i < n; i++) free(names[i]);
+    free(names);
+    return rc;
+  }
+  if (qs__ends_with(path, ".index.json")) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *sl = strrchr(dir, '/');
+    if (sl) {
+      *sl = 0;
+      qs__stem(dir, model_default, mcap);
+    }
+    return qs__index_sources(path, L, meta);
+  }
+  /* Sniff the magic: GGUF, NUMPY, else safetensors. */
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return qs__fail(-errno, "%s: cannot open: %s", path, strerror(errno));
+  unsigned char m[6] = {0};
+  ssize_t got = pread(fd, m, 6, 0);
+  close(fd);
+  if (got >= 4 && !memcmp(m, "GGUF", 4)) return qs__gguf_sources(path, L, meta, o->allow_requant);
+  if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) {
+    char stem[QS_MAX_NAME + 1];
+    qs__stem(path, stem, sizeof stem);
+    return qs__npy_sources(path, stem, L);
+  }
+  if (qs__ends_with(path, ".gguf")) return qs__gguf_sources(path, L, meta, o->allow_requant);
+  if (qs__ends_with(path, ".npy")) {
+    char stem[QS_MAX_NAME + 1];
+    qs__stem(path, stem, sizeof stem);
+    return qs__npy_sources(path, stem, L);
+  }
+  return qs__st_sources(path, L, meta);
+}
+
+int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
+                   qs_import_result *res) {
+  qs_import_opts od;
+  if (!o_in) qs_import_opts_init(&od);
+  const qs_import_opts *o = o_in ? o_in : &od;
+  qs__srclist L;
+  memset(&L, 0, sizeof L);
+  char *meta = NULL;
+  char model[QS_MAX_NAME + 64];
+  int rc = qs__collect(path, o, &L, &meta, model, sizeof model);
+  if (o->model) snprintf(model, sizeof model, "%s", o->model);
+  int *codecs = NULL;
+  qs_import *im = NULL;
+  qs__bufs b = {0};
+  if (rc) goto out;
+  /* Validate everything before the first write. */
+  if ((rc = qs__name_check("model", model, 1))) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", qs_error());
+    rc = qs__fail(rc, "%s: %s (use --model NAME)", path, msg);
+    goto out;
+  }
+  codecs = calloc(L.n + 1, sizeof *codecs);
+  if (!codecs) {
+    rc = qs__fail(QINS_ENOMEM, "out of memory");
+    goto out;
+  }
+  uint64_t total = 0;
+  for (size_t i = 0; i < L.n; i++) {
+    qs__src *sr = &L.v[i];
+    if (sr->kind == QS__K_REFUSED) {
+      rc = qs__fail(QINS_EUNSUPPORTED, "%s: tensor %s: %s", sr->path, sr->name, sr->why);
+      goto out;
+    }
+    if (memchr(sr->name, 0, strlen(sr->name) + 1) != sr->name + strlen(sr->name) ||
+        qs__name_check("tensor", sr->name, 0)) {
+      char msg[1024];
+      snprintf(msg, sizeof msg, "%s", qs_error());
+      rc = qs__fail(QINS_ENAME, "%s: %s", sr->path, msg);
+      goto out;
+    }
+    for (size_t j = 0; j < i; j++)
+      if (!strcmp(L.v[j].name, sr->name)) {
+        rc = qs__fail(QINS_EFORMAT, "%s: tensor %s also appears in %s", sr->path, sr->name,
+                      L.v[j].path);
+        goto out;
+      }
+    codecs[i] = qs__codec_for(sr, o);
+    total += sr->nbytes;
+  }
+  if ((rc = qs_import_begin(s, model, meta, &im))) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", qs_error());
+    rc = qs__fail(rc, "%s: %s", path, msg);
+    goto out;
+  }
+  uint64_t done = 0;
+  double snr_w = 0, snr_n = 0;
+  qs_import_result r;
+  memset(&r, 0, sizeof r);
+  for (size_t i = 0; i < L.n; i++) {
+    qs_tensor t;
+    if ((rc = qs__import_one(im, &L.v[i], codecs[i], o, &b, &t, &done, total))) {
+      qs_import_abort(im);
+      im = NULL;
+      goto out;
+    }
+    r.n_tensors++;
+    r.n_elem += t.n_elem;
+    r.src_bytes += t.src_bytes;
+    r.stored_bytes += t.stored_bytes;
+    if (t.ndim >= 2 && t.codec != QS_RAW && qc_codec_is_lossy((qc_codec)t.codec) &&
+        isfinite(t.snr_db)) {
+      snr_w += t.snr_db * (double)t.n_elem;
+      snr_n += (double)t.n_elem;
+    }
+  }
+  rc = qs_import_commit(im);
+  im = NULL;
+  if (rc) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", qs_error());
+    rc = qs__fail(rc, "%s: %s", path, msg);
+    goto out;
+  }
+  memcpy(r.model, model, strlen(model) + 1); /* checked <= QS_MAX_NAME above */
+  r.snr_db_2d = snr_n > 0 ? snr_w / snr_n : INFINITY;
+  if (res) *res = r;
+out:
+  free(b.raw);
+  free(b.f);
+  free(codecs);
+  free(meta);
+  qs__srclist_free(&L);
+  return rc;
+}

@@ -1,0 +1,66 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * import_int.h — the importers' common currency: a validated list of source tensors, each a
+ * run of little-endian row-major bytes at an offset of an open file (import.c drives it; gguf.c
+ * and npy.c, and the safetensors reader, fill it). Internal to store/.
+ */
+#ifndef QINS_STORE_IMPORT_INT_H
+#define QINS_STORE_IMPORT_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store.h"
+
+/* How a source tensor's bytes become elements. */
+enum {
+  QS__K_PLAIN = 0, /* elements of `dtype` */
+  QS__K_Q8_0,      /* GGUF Q8_0 blocks (32 weights: fp16 d, i8 q[32]) along rows */
+  QS__K_Q4_0,      /* GGUF Q4_0 blocks (32 weights: fp16 d, u8 qs[16]) along rows */
+  QS__K_REFUSED    /* cannot be imported: `why` says why (reported only if it is reached) */
+};
+
+typedef struct qs__src {
+  char *name;                   /* tensor name (owned) */
+  const char *path;             /* file it lives in (owned by the list's file table) */
+  int fd;                       /* that file, open (owned by the list) */
+  uint64_t offset;              /* absolute offset of the first byte */
+  uint64_t nbytes;              /* bytes of data */
+  int ndim;                     /* row-major */
+  uint64_t shape[QS_MAX_NDIM];
+  uint64_t n_elem;
+  int kind;                     /* QS__K_* */
+  qs_dtype dtype;               /* QS__K_PLAIN: element dtype; quantized: QS_DT_F32 */
+  char why[160];                /* QS__K_REFUSED: the reason */
+} qs__src;
+
+typedef struct qs__srclist {
+  qs__src *v;                   /* tensors */
+  size_t n, cap;
+  char **paths;                 /* files (owned) */
+  int *fds;                     /* their descriptors */
+  size_t n_files;
+} qs__srclist;
+
+/* Adds a file to the list (takes ownership of fd); returns its index or a negative code. */
+int qs__srclist_file(qs__srclist *L, const char *path, int fd);
+/* Appends a tensor (name copied); returns a pointer to fill, or NULL on ENOMEM. */
+qs__src *qs__srclist_add(qs__srclist *L, const char *name, size_t name_len, int file);
+void qs__srclist_free(qs__srclist *L);
+
+/* Parsers: validate the whole file and append its tensors. On failure qs_error() names the file
+ * and the problem. *meta_json (malloc'd, may stay NULL) gets the metadata to keep. */
+int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int allow_requant);
+int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
+
+/* Growing string buffer for JSON text. */
+typedef struct qs__sbuf {
+  char *p;
+  size_t n, cap;
+  int oom;
+} qs__sbuf;
+void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n);
+void qs__sbuf_puts(qs__sbuf *b, const char *s);
+void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n);
+
+#endif /* QINS_STORE_IMPORT_INT_H */
