@@ -1,0 +1,355 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * bench_serve.c — qinsd serving figures, each next to a same-run reference (the machine is shared
+ * and noisy: only the ratios mean much):
+ *   1. a 64 MiB FP32 `get` through qinsd vs the same bytes through a bare Unix socket (a forked
+ *      writer sending from a warm buffer): throughput and ratio (target >= 0.8);
+ *   2. 4 KiB-slice `get` latency p50/p99 with 1 and 16 concurrent clients, next to Redis GET of a
+ *      4 KiB value (Debian's redis-server on a temporary Unix socket, stopped after; skipped with
+ *      a note when absent). Target: no worse than Redis.
+ * Bounded time: fixed request counts (scaled by $BENCH_SCALE, default 1), a few seconds in all.
+ * The bench never opens the store itself (it forks the filler and execs qinsd; LMDB rule).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon.h"
+#include "proto.h"
+
+#define BIG_ROWS 4096
+#define BIG_COLS 4096 /* 4096 x 4096 f32 = 64 MiB */
+#define BIG_BYTES ((size_t)BIG_ROWS * BIG_COLS * 4)
+#define SLICE_COLS 1024 /* one row, 1024 columns: 4 KiB */
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int scale(void) {
+  const char *s = getenv("BENCH_SCALE");
+  int v = s ? atoi(s) : 1;
+  return v < 1 ? 1 : v;
+}
+
+static int fill(qs_store *s, void *ud) {
+  (void)ud;
+  qs_import *im;
+  int rc = qs_import_begin(s, "bench", NULL, &im);
+  if (rc) return rc;
+  float *v = malloc(BIG_BYTES);
+  if (!v) return QINS_ENOMEM;
+  for (size_t i = 0; i < (size_t)BIG_ROWS * BIG_COLS; i++) v[i] = (float)(i % 1000) * 0.001f;
+  uint64_t shape[2] = {BIG_ROWS, BIG_COLS};
+  rc = ts_import_f32(im, "w", 2, shape, QC_F32, v);
+  free(v);
+  if (rc) {
+    qs_import_abort(im);
+    return rc;
+  }
+  return qs_import_commit(im);
+}
+
+static int read_full(int fd, void *buf, size_t n) {
+  char *p = buf;
+  while (n) {
+    ssize_t k = recv(fd, p, n, 0);
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) return -1;
+    p += k;
+    n -= (size_t)k;
+  }
+  return 0;
+}
+
+/* One get on fd; the payload is read straight into out (cap bytes). Returns payload bytes or -1. */
+static long get_into(int fd, uint32_t id, const char *name, int sliced, uint64_t row, void *out,
+                     size_t cap) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, "get", sliced ? 3 : 2);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, "bench");
+  qp_pack_cstr(&pk, "name");
+  qp_pack_cstr(&pk, name);
+  if (sliced) {
+    qp_pack_cstr(&pk, "slice");
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_uint64(&pk, row);
+    msgpack_pack_uint64(&pk, row + 1);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_uint64(&pk, 0);
+    msgpack_pack_uint64(&pk, SLICE_COLS);
+  }
+  int rc = ts_send(fd, sb.data, sb.size);
+  msgpack_sbuffer_destroy(&sb);
+  if (rc) return -1;
+  /* Read the head; bytes read past the data bin header are the payload's start. One request is
+   * in flight per connection, so nothing past this response can arrive. */
+  char head[512];
+  size_t hl = 0, n = 0;
+  qp_scan sc;
+  qp_scan_init(&sc, (uint64_t)cap + sizeof head, QP_MAX_DEPTH);
+  sc.bin_stop = 1;
+  for (;;) {
+    int r = qp_scan_next(&sc, head, hl, &n);
+    if (r == QP_BIN) break;
+    if (r != QP_MORE || hl == sizeof head) return -1; /* error responses do not happen here */
+    ssize_t k = recv(fd, head + hl, sizeof head - hl, 0);
+    if (k <= 0) return -1;
+    hl += (size_t)k;
+  }
+  size_t over = hl - n;
+  if (sc.bin_len > cap || over > sc.bin_len) return -1;
+  memcpy(out, head + n, over);
+  if (read_full(fd, (char *)out + over, sc.bin_len - over)) return -1;
+  return (long)sc.bin_len;
+}
+
+static int cmp_d(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* ---- 1. throughput ------------------------------------------------------------------------- */
+static double bare_socket_gbps(int reps) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv)) return 0;
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(sv[0]);
+    char *buf = malloc(BIG_BYTES);
+    memset(buf, 1, BIG_BYTES); /* warm */
+    char c;
+    for (int r = 0; r < reps; r++) {
+      if (read(sv[1], &c, 1) != 1) _exit(1); /* a 1-byte request */
+      size_t off = 0;
+      while (off < BIG_BYTES) {
+        ssize_t k = write(sv[1], buf + off, BIG_BYTES - off);
+        if (k <= 0) _exit(1);
+        off += (size_t)k;
+      }
+    }
+    _exit(0);
+  }
+  close(sv[1]);
+  char *dst = malloc(BIG_BYTES);
+  memset(dst, 0, BIG_BYTES);
+  double best = 1e9;
+  for (int r = 0; r < reps; r++) {
+    double t0 = now_s();
+    if (write(sv[0], "g", 1) != 1 || read_full(sv[0], dst, BIG_BYTES)) break;
+    double dt = now_s() - t0;
+    if (dt < best) best = dt;
+  }
+  close(sv[0]);
+  waitpid(pid, NULL, 0);
+  free(dst);
+  return (double)BIG_BYTES / best / 1e9;
+}
+
+static double qinsd_gbps(const char *sock, int reps) {
+  int fd = ts_connect(sock);
+  if (fd < 0) return 0;
+  char *dst = malloc(BIG_BYTES);
+  memset(dst, 0, BIG_BYTES);
+  double best = 1e9;
+  for (int r = 0; r < reps + 1; r++) { /* the first warms the daemon's buffer cache */
+    double t0 = now_s();
+    long n = get_into(fd, (uint32_t)r, "w", 0, 0, dst, BIG_BYTES);
+    double dt = now_s() - t0;
+    if (n != (long)BIG_BYTES) {
+      fprintf(stderr, "bench: 64 MiB get failed\n");
+      break;
+    }
+    if (r > 0 && dt < best) best = dt;
+  }
+  float f;
+  memcpy(&f, dst + 4 * 12345, 4);
+  if (f != (float)(12345 % 1000) * 0.001f) fprintf(stderr, "bench: wrong data\n");
+  close(fd);
+  free(dst);
+  return (double)BIG_BYTES / best / 1e9;
+}
+
+/* ---- 2. latency ---------------------------------------------------------------------------- */
+typedef struct lat_arg {
+  const char *sock; /* where to connect */
+  int redis;        /* 1: Redis GET, 0: qinsd get slice */
+  int n;            /* requests */
+  double *lat;      /* out: n latencies (s) */
+  int fail;
+} lat_arg;
+
+static int redis_get(int fd, char *buf, size_t cap) {
+  static const char cmd[] = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+  if (ts_send(fd, cmd, sizeof cmd - 1)) return -1;
+  const size_t want = 7 + 4096 + 2; /* "$4096\r\n" payload "\r\n" */
+  if (want > cap) return -1;
+  return read_full(fd, buf, want);
+}
+
+static void *lat_thread(void *p) {
+  lat_arg *a = p;
+  int fd = ts_connect(a->sock);
+  if (fd < 0) {
+    a->fail = 1;
+    return NULL;
+  }
+  char buf[8192];
+  for (int i = 0; i < a->n; i++) {
+    double t0 = now_s();
+    int ok;
+    if (a->redis) ok = redis_get(fd, buf, sizeof buf) == 0;
+    else ok = get_into(fd, (uint32_t)i, "w", 1, (uint64_t)(i * 7) % BIG_ROWS, buf, sizeof buf) == 4096;
+    a->lat[i] = now_s() - t0;
+    if (!ok) {
+      a->fail = 1;
+      break;
+    }
+  }
+  close(fd);
+  return NULL;
+}
+
+/* Runs `clients` threads of n requests each; p50/p99 in microseconds. */
+static int latency(const char *sock, int redis, int clients, int n, double *p50, double *p99) {
+  pthread_t th[16];
+  lat_arg a[16];
+  double *all = malloc(sizeof(double) * (size_t)(clients * n));
+  for (int c = 0; c < clients; c++) {
+    a[c] = (lat_arg){sock, redis, n, all + c * n, 0};
+    pthread_create(&th[c], NULL, lat_thread, &a[c]);
+  }
+  int fail = 0;
+  for (int c = 0; c < clients; c++) {
+    pthread_join(th[c], NULL);
+    fail |= a[c].fail;
+  }
+  if (!fail) {
+    size_t m = (size_t)(clients * n);
+    qsort(all, m, sizeof *all, cmp_d);
+    *p50 = all[(m - 1) / 2] * 1e6;
+    *p99 = all[(size_t)((double)(m - 1) * 0.99)] * 1e6;
+  }
+  free(all);
+  return fail ? -1 : 0;
+}
+
+/* ---- Redis ----------------------------------------------------------------------------------- */
+static pid_t redis_start(const char *dir, char *sock, size_t cap) {
+  const char *bin = "/usr/bin/redis-server";
+  if (access(bin, X_OK) != 0) return 0;
+  snprintf(sock, cap, "%s/redis.sock", dir);
+  pid_t pid = fork();
+  if (pid == 0) {
+    int nul = open("/dev/null", O_RDWR);
+    dup2(nul, 1);
+    dup2(nul, 2);
+    execl(bin, bin, "--port", "0", "--unixsocket", sock, "--unixsocketperm", "700", "--save", "",
+          "--appendonly", "no", "--dir", dir, (char *)NULL);
+    _exit(127);
+  }
+  for (int i = 0; i < 1000; i++) { /* up to 10 s */
+    int fd = ts_connect(sock);
+    if (fd >= 0) {
+      char val[4096];
+      memset(val, 'x', sizeof val);
+      char hdr[64];
+      int hn = snprintf(hdr, sizeof hdr, "*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4096\r\n");
+      char ok[5];
+      int good = ts_send(fd, hdr, (size_t)hn) == 0 && ts_send(fd, val, sizeof val) == 0 &&
+                 ts_send(fd, "\r\n", 2) == 0 && read_full(fd, ok, 5) == 0 && !memcmp(ok, "+OK\r\n", 5);
+      close(fd);
+      if (good) return pid;
+      break;
+    }
+    if (waitpid(pid, NULL, WNOHANG) == pid) return -1;
+    struct timespec ts = {0, 10000000};
+    nanosleep(&ts, NULL);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, NULL, 0);
+  return -1;
+}
+
+static void redis_stop(pid_t pid) {
+  if (pid <= 0) return;
+  kill(pid, SIGTERM);
+  for (int i = 0; i < 500; i++) {
+    if (waitpid(pid, NULL, WNOHANG) == pid) return;
+    struct timespec ts = {0, 10000000};
+    nanosleep(&ts, NULL);
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, NULL, 0);
+}
+
+int main(void) {
+  signal(SIGPIPE, SIG_IGN);
+  int sc = scale();
+  ts_daemon d;
+  if (ts_dir_make(&d)) {
+    perror("mkdtemp");
+    return 1;
+  }
+  if (ts_store_fill(d.store, fill, NULL)) {
+    fprintf(stderr, "bench_serve: filling the store failed\n");
+    ts_dir_remove(&d, 0);
+    return 1;
+  }
+  const char *args[] = {"--log-level", "notice", NULL};
+  if (ts_daemon_start(&d, args)) {
+    ts_dir_remove(&d, 1);
+    return 1;
+  }
+  int reps = 5 * sc;
+  double bare = bare_socket_gbps(reps);
+  double q = qinsd_gbps(d.sock, reps);
+  printf("serve_get_64MiB_f32: qinsd %.2f GB/s | bare unix socket %.2f GB/s | ratio %.2f "
+         "(target >= 0.8; best of %d)\n",
+         q, bare, bare > 0 ? q / bare : 0, reps);
+
+  char rsock[128];
+  pid_t rp = redis_start(d.dir, rsock, sizeof rsock);
+  if (rp == 0) printf("redis: /usr/bin/redis-server not installed: Redis reference lines skipped\n");
+  if (rp < 0) printf("redis: redis-server did not start: Redis reference lines skipped\n");
+  const int clients[2] = {1, 16};
+  for (int k = 0; k < 2; k++) {
+    int c = clients[k];
+    int n = (c == 1 ? 3000 : 400) * sc;
+    double qp50 = 0, qp99 = 0, rp50 = 0, rp99 = 0;
+    latency(d.sock, 0, c, 200, &qp50, &qp99); /* warm-up */
+    int qf = latency(d.sock, 0, c, n, &qp50, &qp99);
+    if (rp > 0) {
+      latency(rsock, 1, c, 200, &rp50, &rp99);
+      int rf = latency(rsock, 1, c, n, &rp50, &rp99);
+      printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us | redis GET 4KiB p50 %.1f "
+             "us p99 %.1f us | ratio p50 %.2f p99 %.2f (qinsd/redis; target <= 1)%s\n",
+             c, c > 1 ? "s" : "", qp50, qp99, rp50, rp99, rp50 > 0 ? qp50 / rp50 : 0,
+             rp99 > 0 ? qp99 / rp99 : 0, qf || rf ? " [errors]" : "");
+    } else {
+      printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us%s\n", c,
+             c > 1 ? "s" : "", qp50, qp99, qf ? " [errors]" : "");
+    }
+  }
+  redis_stop(rp > 0 ? rp : 0);
+  int st = ts_daemon_stop(&d);
+  int clean = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  ts_dir_remove(&d, !clean);
+  return clean ? 0 : 1;
+}
