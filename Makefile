@@ -129,6 +129,12 @@ asan: deps
 bench: deps all $(BENCH_BINS)
 	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)
 
+# The README's main-job command: builds, imports ../shared/models/stories260K.safetensors (or
+# MODEL=path) into a temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@PYTHON=$(PYTHON) sh tests/support/demo.sh $(abspath $(BUILD)) $(SHARED) $(MODEL)
+
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
 	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/

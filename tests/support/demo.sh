@@ -1,0 +1,86 @@
+#!/bin/sh
+# SPDX-License-Identifier: MIT
+# demo.sh — `make demo`: one compressed copy of a real model served to four inference workers.
+# Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors]
+#
+# Creates a store in a temporary directory, imports the model twice (the default policy: qins8 for
+# matrices, f32 for norms; and qins16, near-lossless), starts qinsd, runs 4 qins-llama2 workers at
+# once (greedy and sampled, on each import), each comparing itself with the FP32 reference read
+# from the safetensors file, then prints the footprint, each worker's parity line and tokens/s, and
+# the daemon's counters. The daemon is always stopped and the directory removed (trap).
+set -eu
+BUILD="$1"; SHARED="$2"; MODEL="${3:-}"
+PY=${PYTHON:-/usr/bin/python3}
+[ -n "$MODEL" ] || MODEL="$SHARED/models/stories260K.safetensors"
+if [ ! -f "$MODEL" ]; then
+  echo "demo: no model at $MODEL" >&2
+  echo "demo: put llama2.c's stories260K.safetensors in $SHARED/models/, or run make demo MODEL=path/to/model.safetensors" >&2
+  exit 1
+fi
+for b in qinsd qinsctl qins-llama2; do
+  [ -x "$BUILD/$b" ] || { echo "demo: $BUILD/$b is missing: run make" >&2; exit 1; }
+done
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+D=$(mktemp -d /tmp/qins-demo-XXXXXX)   # short: the socket path must stay under 108 bytes
+PID=""
+cleanup() {
+  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
+    kill -TERM "$PID" 2>/dev/null || true
+    i=0; while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    kill -KILL "$PID" 2>/dev/null || true
+  fi
+  rm -rf "$D"
+}
+trap cleanup EXIT INT TERM
+NAME=$(basename "$MODEL" .safetensors)
+
+echo "== importing $MODEL"
+mkdir -p "$D/store"
+"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model "$NAME" >/dev/null
+"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model "$NAME-qins16" --codec qins16 >/dev/null
+
+echo "== starting qinsd on $D/s"
+"$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/qinsd.log" &
+PID=$!
+i=0
+until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do
+  i=$((i+1)); [ $i -lt 1000 ] || { echo "demo: qinsd did not start:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
+  kill -0 "$PID" 2>/dev/null || { echo "demo: qinsd exited:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
+  sleep 0.01
+done
+
+echo "== footprint"
+QINS_SOCKET="$D/s" PYTHONPATH="$ROOT/client/python" "$PY" - <<'PYEOF'
+import qins
+c = qins.Client()
+ms = c.models()
+fp32 = max(m["src_bytes"] for m in ms)
+total = sum(m["stored_bytes"] for m in ms)
+for m in ms:
+    print("  %-24s %9d bytes stored (%.2f bytes/weight)" % (m["name"], m["stored_bytes"], m["stored_bytes"] / m["n_elem"]))
+print("  one copy of each import:   %9d bytes, shared by every worker" % total)
+print("  4 workers x FP32 copy:     %9d bytes (4 x %d)" % (4 * fp32, fp32))
+print("  ratio:                     %9.2fx less memory for weights" % (4 * fp32 / total))
+PYEOF
+
+echo "== 4 workers at once (500 tokens each; FP32 reference read from the file)"
+W="$BUILD/qins-llama2 --socket $D/s --reference $MODEL --steps 500 -q"
+$W --model "$NAME"          > "$D/w1" 2>&1 & P1=$!
+$W --model "$NAME-qins16"   > "$D/w2" 2>&1 & P2=$!
+$W --model "$NAME"        --temperature 0.9 --topp 0.9 --seed 1 > "$D/w3" 2>&1 & P3=$!
+$W --model "$NAME-qins16" --temperature 0.9 --topp 0.9 --seed 1 > "$D/w4" 2>&1 & P4=$!
+fail=0
+for p in $P1 $P2 $P3 $P4; do wait $p || fail=1; done
+n=1
+for what in "qins8  greedy" "qins16 greedy" "qins8  T=0.9 top-p 0.9 seed 1" "qins16 T=0.9 top-p 0.9 seed 1"; do
+  echo "-- worker $n ($what)"
+  grep -E '^(parity|teacher-forced|speed|weights):' "$D/w$n" | sed 's/^/   /' || cat "$D/w$n"
+  n=$((n+1))
+done
+
+echo "== qinsd counters"
+"$BUILD/qinsctl" stats --socket "$D/s" | grep -E '^(connections_total|bytes_served|requests\.(get|get_many)|latency_p50_us|latency_p99_us) ' | sed 's/^/   /' || true
+echo "== stopping qinsd"
+cleanup
+[ $fail -eq 0 ] || { echo "demo: a worker failed" >&2; exit 1; }
+echo "== done"
