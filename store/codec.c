@@ -404,8 +404,6 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
       uint16_t h = qc__ld16(c + 2 * b);
       if ((h & 0x8000u) || (h & 0x7C00u) == 0x7C00u) return QINS_ECORRUPT; /* < 0, Inf, NaN */
     }
-    for (uint64_t i = 0; i < n; i++)
-      if (c[2 * nb + i] == 0xFF) return QINS_ECORRUPT;
     break;
   case QC_QINS16:
     for (uint64_t r = 0; r < n_rows; r++)
@@ -415,7 +413,7 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
         if (e != QC_QINS16_EZERO && e < QC_QINS16_EMIN) return QINS_ECORRUPT;
         for (uint64_t i = i0; i < i1; i++) {
           uint16_t code = qc__ld16(c + nb + 2 * i);
-          if (code == 0xFFFFu || (e == QC_QINS16_EZERO && code != QC_QINS16_ZERO))
+          if (e == QC_QINS16_EZERO && (code & 0x7FFFu) != QC_QINS16_ZERO)
             return QINS_ECORRUPT;
         }
       }

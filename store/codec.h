@@ -187,9 +187,10 @@ int qc_decode_with(const char *kernel, const qc_params *p, uint64_t row_len, uin
                    const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out);
 int qc_kernel_available(const char *kernel); /* 1 if qc_decode_with(kernel, ...) can run */
 
-/* Checks a stored chunk before use: scales finite and >= 0 and no 0xFF code (qins8), exponents
- * -128 (with all-zero codes) or within [-100, 127] and no 0xFFFF code (qins16), signs in
- * {-1,0,1} (seed-log). 0 or QINS_ECORRUPT. */
+/* Checks a stored chunk before use: table valid and scales finite and >= 0 (qins8), exponents
+ * -128 (with all codes +-zero) or within [-100, 127] (qins16), signs in {-1,0,1} (seed-log).
+ * 0 or QINS_ECORRUPT. Codes 0xFF (qins8) and 0xFFFF (qins16), never written by the encoders,
+ * are valid and decode to -0.0 (QINS.md's vectors contain one). */
 int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk);
 
 /* Name of the decode kernel in use: "avx512", "avx2" or "ref". */
