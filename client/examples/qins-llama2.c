@@ -834,6 +834,9 @@ typedef struct sampler {
   float temperature, topp;
   unsigned long long rng_state;
   float *probs; /* scratch copy of the logits */
+  /* The last draw, to explain flips: the point r drawn in [0, total) and the CDF interval
+   * [lo, hi) of the token it picked (top-p: over the sorted, truncated list). */
+  float last_r, last_lo, last_hi;
 } sampler;
 
 static int sample_argmax(const float *p, int n) {
@@ -844,10 +847,13 @@ static int sample_argmax(const float *p, int n) {
   return max_i;
 }
 
-static int sample_mult(const float *p, int n, float coin) {
+static int sample_mult(sampler *s, const float *p, int n, float coin) {
   float cdf = 0.0f;
+  s->last_r = coin;
   for (int i = 0; i < n; i++) {
+    s->last_lo = cdf;
     cdf += p[i];
+    s->last_hi = cdf;
     if (coin < cdf) return i;
   }
   return n - 1;
@@ -860,7 +866,7 @@ static int compare_pi(const void *a, const void *b) {
   return 0;
 }
 
-static int sample_topp(const float *p, int n, float topp, prob_index *pi, float coin) {
+static int sample_topp(sampler *s, const float *p, int n, float topp, prob_index *pi, float coin) {
   int n0 = 0;
   const float cutoff = (1.0f - topp) / (n - 1);
   for (int i = 0; i < n; i++)
@@ -876,8 +882,11 @@ static int sample_topp(const float *p, int n, float topp, prob_index *pi, float 
     }
   }
   float r = coin * cum, cdf = 0.0f;
+  s->last_r = r;
   for (int i = 0; i <= last; i++) {
+    s->last_lo = cdf;
     cdf += pi[i].prob;
+    s->last_hi = cdf;
     if (r < cdf) return pi[i].index;
   }
   return pi[last].index;
@@ -908,8 +917,8 @@ static int sample(sampler *s, const float *logits) {
   for (int q = 0; q < s->vocab_size; q++) s->probs[q] = logits[q] / s->temperature;
   softmax(s->probs, s->vocab_size);
   float coin = random_f32(&s->rng_state);
-  if (s->topp <= 0 || s->topp >= 1) return sample_mult(s->probs, s->vocab_size, coin);
-  return sample_topp(s->probs, s->vocab_size, s->topp, s->probindex, coin);
+  if (s->topp <= 0 || s->topp >= 1) return sample_mult(s, s->probs, s->vocab_size, coin);
+  return sample_topp(s, s->probs, s->vocab_size, s->topp, s->probindex, coin);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1121,10 +1130,19 @@ int main(int argc, char **argv) {
              prob_of(s_ref->logits, c.vocab_size, a2, temperature), (double)temperature);
       printf("  %s logits: top-1 %d %.6f, top-2 %d %.6f, margin %.3e\n", cand->kind, b1,
              s_tf->logits[b1], b2, s_tf->logits[b2], s_tf->logits[b1] - s_tf->logits[b2]);
-      if (temperature > 0)
-        printf("  p(fp32 token %d) = %.4f under fp32, %.4f under %s\n", next_ref,
-               prob_of(s_ref->logits, c.vocab_size, next_ref, temperature),
-               prob_of(s_tf->logits, c.vocab_size, next_ref, temperature), cand->kind);
+      if (temperature > 0) {
+        printf("  p(fp32 token %d) = %.6f under fp32, %.6f under %s; p(%s token %d) = %.6f "
+               "under fp32, %.6f under %s\n",
+               next_ref, prob_of(s_ref->logits, c.vocab_size, next_ref, temperature),
+               prob_of(s_tf->logits, c.vocab_size, next_ref, temperature), cand->kind,
+               cand->kind, next_free, prob_of(s_ref->logits, c.vocab_size, next_free, temperature),
+               prob_of(s_tf->logits, c.vocab_size, next_free, temperature), cand->kind);
+        float d_lo = smp_ref.last_r - smp_ref.last_lo, d_hi = smp_ref.last_hi - smp_ref.last_r;
+        printf("  sampling: the draw r = %.7f fell in fp32's interval [%.7f, %.7f) and in %s's "
+               "[%.7f, %.7f) of token %d: %.2e from fp32's nearest boundary\n",
+               smp_ref.last_r, smp_ref.last_lo, smp_ref.last_hi, cand->kind, smp_cand.last_lo,
+               smp_cand.last_hi, next_free, d_lo < d_hi ? d_lo : d_hi);
+      }
     }
     if (!quiet)
       printf("step %3d  fp32 %4d  %s %4d  %s  kld %.3e  top1 %s\n", pos, next_ref, cand->kind,
