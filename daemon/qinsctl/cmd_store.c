@@ -1,0 +1,706 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * cmd_store.c — qinsctl's store commands: import, ls, info, export, rm, verify, audit. They open
+ * the LMDB environment directly (store.h): read-only for ls/info/export/verify/audit, read-write
+ * (taking the writer lock) for import and rm. Output fields: docs/qinsctl.md (the JSON field names
+ * there are stable; keep both in the same commit).
+ *
+ * Errors name the file, model or tensor concerned (qs_error() carries the store's message).
+ */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "qinsctl.h"
+#include "store.h"
+
+static int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags) {
+  if (!c->store || !*c->store) {
+    fprintf(stderr, "qinsctl %s: no store: give --store DIR or set QINS_STORE\n", c->cmd->name);
+    return QCTL_USAGE;
+  }
+  int rc = qs_open(s, c->store, flags);
+  if (rc) return qctl_fail(c, "%s", qs_error());
+  return QCTL_OK;
+}
+
+static double qctl_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* getopt_long over argv[0..argc) where argv[0] is the command; returns optind-style index of the
+ * first positional argument after permutation. */
+static void qctl_getopt_reset(void) {
+  optind = 0; /* GNU: full reinitialization */
+  opterr = 1;
+}
+
+static void qctl_shape(FILE *f, const qs_tensor *t, int json) {
+  fputc('[', f);
+  for (int i = 0; i < t->ndim; i++) fprintf(f, "%s%llu", i ? (json ? "," : ", ") : "", (unsigned long long)t->shape[i]);
+  fputc(']', f);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * import */
+typedef struct qctl_progress {
+  int tty;
+  double last, start;
+} qctl_progress;
+
+static void qctl_progress_cb(void *ud, uint64_t done, uint64_t total, const char *what) {
+  qctl_progress *p = ud;
+  if (!p->tty) return;
+  double now = qctl_now();
+  if (now - p->last < 0.1 && done < total) return;
+  p->last = now;
+  int w = 30, fill = total ? (int)((double)done / (double)total * w) : w;
+  char bar[64];
+  for (int i = 0; i < w; i++) bar[i] = i < fill ? '#' : '.';
+  bar[w] = 0;
+  double mb = (double)done / 1e6, rate = now > p->start ? mb / (now - p->start) : 0;
+  fprintf(stderr, "\r[%s] %3d%% %8.1f MB %7.1f MB/s %-32.32s", bar,
+          total ? (int)(100.0 * (double)done / (double)total) : 100, mb, rate, what ? what : "");
+  fflush(stderr);
+}
+
+int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
+  static const struct option opts[] = {{"model", required_argument, 0, 'm'},
+                                       {"codec", required_argument, 0, 'c'},
+                                       {"codec-for", required_argument, 0, 'r'},
+                                       {"effort", required_argument, 0, 'e'},
+                                       {"allow-requant", no_argument, 0, 'a'},
+                                       {0, 0, 0, 0}};
+  qs_import_opts o;
+  qs_import_opts_init(&o);
+  qs_codec_rule *rules = calloc((size_t)argc + 1, sizeof *rules);
+  if (!rules) return QCTL_FAIL;
+  int ch, rc = QCTL_OK;
+  qctl_getopt_reset();
+  while ((ch = getopt_long(argc, argv, "m:c:r:e:a", opts, NULL)) != -1) {
+    switch (ch) {
+    case 'm': o.model = optarg; break;
+    case 'c':
+      if ((o.codec = qc_codec_from_name(optarg)) < 0) {
+        fprintf(stderr, "qinsctl import: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational)\n", optarg);
+        rc = QCTL_USAGE;
+      }
+      break;
+    case 'r': {
+      char *eq = strrchr(optarg, '=');
+      int cd = eq ? qc_codec_from_name(eq + 1) : -1;
+      if (!eq || eq == optarg || cd < 0) {
+        fprintf(stderr, "qinsctl import: --codec-for wants GLOB=CODEC with a known codec, got \"%s\"\n", optarg);
+        rc = QCTL_USAGE;
+        break;
+      }
+      *eq = 0;
+      rules[o.n_rules].glob = optarg;
+      rules[o.n_rules++].codec = cd;
+      break;
+    }
+    case 'e':
+      if (!strcmp(optarg, "max")) o.effort = QC_EFFORT_MAX;
+      else if (!strcmp(optarg, "default")) o.effort = QC_EFFORT_DEFAULT;
+      else {
+        fprintf(stderr, "qinsctl import: --effort is default or max\n");
+        rc = QCTL_USAGE;
+      }
+      break;
+    case 'a': o.allow_requant = 1; break;
+    default: rc = QCTL_USAGE;
+    }
+  }
+  o.rules = rules;
+  if (rc == QCTL_OK && optind != argc - 1) rc = QCTL_USAGE;
+  if (rc != QCTL_OK) {
+    free(rules);
+    return qctl_usage(c, rc);
+  }
+  const char *path = argv[optind];
+  qs_store *s;
+  if ((rc = qctl_open(c, &s, QS_OPEN_CREATE))) {
+    free(rules);
+    return rc;
+  }
+  qctl_progress pr = {isatty(2), 0, qctl_now()};
+  o.progress = qctl_progress_cb;
+  o.progress_ud = &pr;
+  qs_import_result res;
+  double t0 = qctl_now();
+  int e = qs_import_path(s, path, &o, &res);
+  double dt = qctl_now() - t0;
+  if (pr.tty) fprintf(stderr, "\r%90s\r", "");
+  free(rules);
+  if (e) {
+    rc = qctl_fail(c, "%s", qs_error());
+    qs_close(s);
+    return rc;
+  }
+  double bpw = res.n_elem ? (double)res.stored_bytes / (double)res.n_elem : 0;
+  double ratio = res.stored_bytes ? (double)res.src_bytes / (double)res.stored_bytes : 0;
+  double mbs = dt > 0 ? (double)res.src_bytes / 1e6 / dt : 0;
+  if (c->json) {
+    printf("{\"model\":");
+    qctl_jstr(stdout, res.model);
+    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
+           "\"bytes_per_weight\":",
+           (unsigned long long)res.n_tensors, (unsigned long long)res.n_elem,
+           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes);
+    qctl_jnum(stdout, bpw);
+    printf(",\"ratio\":");
+    qctl_jnum(stdout, ratio);
+    printf(",\"snr_db_matrices\":");
+    qctl_jnum(stdout, res.snr_db_2d);
+    printf(",\"seconds\":");
+    qctl_jnum(stdout, dt);
+    printf(",\"mb_per_s\":");
+    qctl_jnum(stdout, mbs);
+    printf("}\n");
+  } else {
+    char a[32], b[32];
+    printf("imported %s: %llu tensors, %s -> %s (%.2fx, %.3f bytes/weight), matrices SNR %.2f dB, "
+           "%.1f MB/s\n",
+           res.model, (unsigned long long)res.n_tensors, qctl_human(res.src_bytes, a, sizeof a),
+           qctl_human(res.stored_bytes, b, sizeof b), ratio, bpw, res.snr_db_2d, mbs);
+  }
+  qs_close(s);
+  return QCTL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * ls */
+typedef struct qctl_walk {
+  qctl_ctx *c;
+  qs_txn *t;
+  int n;
+} qctl_walk;
+
+static int qctl_ls_model_cb(void *ud, const qs_model *m) {
+  qctl_walk *w = ud;
+  double ratio = m->stored_bytes ? (double)m->src_bytes / (double)m->stored_bytes : 0;
+  if (w->c->json) {
+    printf("%s{\"name\":", w->n ? "," : "");
+    qctl_jstr(stdout, m->name);
+    printf(",\"id\":%llu,\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,"
+           "\"stored_bytes\":%llu,\"ratio\":",
+           (unsigned long long)m->id, (unsigned long long)m->n_tensors,
+           (unsigned long long)m->n_elem, (unsigned long long)m->src_bytes,
+           (unsigned long long)m->stored_bytes);
+    qctl_jnum(stdout, ratio);
+    printf(",\"created\":%lld}", (long long)m->created);
+  } else {
+    char a[32], b[32], when[32];
+    time_t tt = (time_t)m->created;
+    struct tm tm;
+    gmtime_r(&tt, &tm);
+    strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
+    printf("%-24s %6llu %8llu %12llu %11s %11s %6.2fx  %s\n", m->name, (unsigned long long)m->id,
+           (unsigned long long)m->n_tensors, (unsigned long long)m->n_elem,
+           qctl_human(m->src_bytes, a, sizeof a), qctl_human(m->stored_bytes, b, sizeof b), ratio,
+           when);
+  }
+  w->n++;
+  return 0;
+}
+
+static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
+  qctl_walk *w = ud;
+  if (w->c->json) {
+    printf("%s{\"name\":", w->n ? "," : "");
+    qctl_jstr(stdout, t->name);
+    printf(",\"shape\":");
+    qctl_shape(stdout, t, 1);
+    printf(",\"src_dtype\":\"%s\",\"codec\":\"%s\",\"elements\":%llu,\"source_bytes\":%llu,"
+           "\"stored_bytes\":%llu,\"snr_db\":",
+           qs_dtype_name(t->src_dtype), qs_codec_name(t->codec), (unsigned long long)t->n_elem,
+           (unsigned long long)t->src_bytes, (unsigned long long)t->stored_bytes);
+    qctl_jnum(stdout, t->snr_db);
+    printf("}");
+  } else {
+    char shp[128] = "", b[32];
+    int k = 0;
+    for (int i = 0; i < t->ndim && k < (int)sizeof shp - 24; i++)
+      k += snprintf(shp + k, sizeof shp - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
+    if (!t->ndim) snprintf(shp, sizeof shp, "scalar");
+    char snr[32];
+    if (isfinite(t->snr_db)) snprintf(snr, sizeof snr, "%.2f dB", t->snr_db);
+    else snprintf(snr, sizeof snr, "lossless");
+    printf("%-40s %-14s %-5s %-8s %11s  %s\n", t->name, shp, qs_dtype_name(t->src_dtype),
+           qs_codec_name(t->codec), qctl_human(t->stored_bytes, b, sizeof b), snr);
+  }
+  w->n++;
+  return 0;
+}
+
+int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
+  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  qs_txn *t;
+  if (qs_txn_begin(s, &t)) {
+    rc = qctl_fail(c, "%s", qs_error());
+    qs_close(s);
+    return rc;
+  }
+  qctl_walk w = {c, t, 0};
+  int e;
+  if (argc == 1) {
+    if (c->json) printf("{\"models\":[");
+    else printf("%-24s %6s %8s %12s %11s %11s %7s  %s\n", "NAME", "ID", "TENSORS", "ELEMENTS", "SOURCE", "STORED", "RATIO", "CREATED (UTC)");
+    e = qs_models_each(t, qctl_ls_model_cb, &w);
+    if (c->json) printf("]}\n");
+  } else {
+    if (c->json) {
+      printf("{\"model\":");
+      qctl_jstr(stdout, argv[1]);
+      printf(",\"tensors\":[");
+    }
+    qs_model m;
+    e = qs_model_get(t, argv[1], &m);
+    if (!e && !c->json) printf("%-40s %-14s %-5s %-8s %11s  %s\n", "NAME", "SHAPE", "DTYPE", "CODEC", "STORED", "SNR");
+    if (!e) e = qs_tensors_each(t, argv[1], NULL, qctl_ls_tensor_cb, &w);
+    if (c->json) printf("]}\n");
+  }
+  if (e) rc = qctl_fail(c, "%s", qs_error());
+  qs_txn_end(t);
+  qs_close(s);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * info */
+int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
+  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  char model[QS_MAX_NAME * 2 + 2];
+  snprintf(model, sizeof model, "%s", argv[1]);
+  char *slash = strchr(model, '/');
+  const char *tname = NULL;
+  if (slash) {
+    *slash = 0;
+    tname = slash + 1;
+  }
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  qs_txn *t;
+  if (qs_txn_begin(s, &t)) {
+    rc = qctl_fail(c, "%s", qs_error());
+    qs_close(s);
+    return rc;
+  }
+  qs_model m;
+  int e = qs_model_get(t, model, &m);
+  if (!e && !tname) {
+    double ratio = m.stored_bytes ? (double)m.src_bytes / (double)m.stored_bytes : 0;
+    if (c->json) {
+      printf("{\"name\":");
+      qctl_jstr(stdout, m.name);
+      printf(",\"id\":%llu,\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,"
+             "\"stored_bytes\":%llu,\"ratio\":",
+             (unsigned long long)m.id, (unsigned long long)m.n_tensors,
+             (unsigned long long)m.n_elem, (unsigned long long)m.src_bytes,
+             (unsigned long long)m.stored_bytes);
+      qctl_jnum(stdout, ratio);
+      printf(",\"created\":%lld,\"metadata\":%s}\n", (long long)m.created, m.metadata);
+    } else {
+      char a[32], b[32];
+      printf("model:     %s\nid:        %llu\ntensors:   %llu\nelements:  %llu\nsource:    %s\n"
+             "stored:    %s (%.2fx)\ncreated:   %lld\nmetadata:  %s\n",
+             m.name, (unsigned long long)m.id, (unsigned long long)m.n_tensors,
+             (unsigned long long)m.n_elem, qctl_human(m.src_bytes, a, sizeof a),
+             qctl_human(m.stored_bytes, b, sizeof b), ratio, (long long)m.created, m.metadata);
+    }
+  } else if (!e) {
+    qs_tensor ten;
+    qs_tensor_cost cost;
+    e = qs_tensor_get(t, model, tname, &ten);
+    if (!e) e = qs_tensor_cost_get(t, &ten, &cost);
+    if (!e && c->json) {
+      printf("{\"model\":");
+      qctl_jstr(stdout, ten.model);
+      printf(",\"name\":");
+      qctl_jstr(stdout, ten.name);
+      printf(",\"index\":%u,\"shape\":", ten.index);
+      qctl_shape(stdout, &ten, 1);
+      printf(",\"src_dtype\":\"%s\",\"codec\":\"%s\",\"elements\":%llu,\"row_len\":%llu,"
+             "\"rows\":%llu,\"rows_per_chunk\":%llu,\"chunks\":%llu,\"source_bytes\":%llu,"
+             "\"stored_bytes\":%llu,\"data_bytes\":%llu,\"params_bytes\":%llu,"
+             "\"params_id\":\"%016llx\",\"params_first\":%s,\"snr_db\":",
+             qs_dtype_name(ten.src_dtype), qs_codec_name(ten.codec), (unsigned long long)ten.n_elem,
+             (unsigned long long)ten.row_len, (unsigned long long)ten.n_rows,
+             (unsigned long long)ten.rows_per_chunk, (unsigned long long)ten.n_chunks,
+             (unsigned long long)ten.src_bytes, (unsigned long long)ten.stored_bytes,
+             (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
+             (unsigned long long)cost.params_id, cost.params_first ? "true" : "false");
+      qctl_jnum(stdout, ten.snr_db);
+      printf(",\"max_err\":");
+      qctl_jnum(stdout, ten.max_err);
+      printf("}\n");
+    } else if (!e) {
+      printf("tensor:         %s/%s\nindex:          %u\nshape:          ", ten.model, ten.name, ten.index);
+      qctl_shape(stdout, &ten, 0);
+      printf("\nsource dtype:   %s\ncodec:          %s\nelements:       %llu\nrows:           %llu x %llu\n"
+             "chunks:         %llu (%llu rows each)\nsource bytes:   %llu\nstored bytes:   %llu "
+             "(data %llu, params %llu%s)\n",
+             qs_dtype_name(ten.src_dtype), qs_codec_name(ten.codec), (unsigned long long)ten.n_elem,
+             (unsigned long long)ten.n_rows, (unsigned long long)ten.row_len,
+             (unsigned long long)ten.n_chunks, (unsigned long long)ten.rows_per_chunk,
+             (unsigned long long)ten.src_bytes, (unsigned long long)ten.stored_bytes,
+             (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
+             cost.params_bytes ? (cost.params_first ? ", paid here" : ", shared") : "");
+      if (cost.params_id) printf("params id:      %016llx\n", (unsigned long long)cost.params_id);
+      if (isfinite(ten.snr_db)) printf("SNR:            %.3f dB\nmax error:      %g\n", ten.snr_db, ten.max_err);
+      else printf("SNR:            lossless\n");
+    }
+  }
+  if (e) rc = qctl_fail(c, "%s", qs_error());
+  qs_txn_end(t);
+  qs_close(s);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * export, rm */
+int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
+  static const struct option opts[] = {{"dtype", required_argument, 0, 'd'}, {0, 0, 0, 0}};
+  int ch, dt = QC_DT_F32;
+  qctl_getopt_reset();
+  while ((ch = getopt_long(argc, argv, "d:", opts, NULL)) != -1) {
+    if (ch != 'd' || (dt = qc_dtype_from_name(optarg)) < 0) {
+      if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
+      return qctl_usage(c, QCTL_USAGE);
+    }
+  }
+  if (optind != argc - 2) return qctl_usage(c, QCTL_USAGE);
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  qctl_progress pr = {isatty(2), 0, qctl_now()};
+  int e = qs_export_safetensors(s, argv[optind], argv[optind + 1], (qc_dtype)dt, qctl_progress_cb, &pr);
+  if (pr.tty) fprintf(stderr, "\r%90s\r", "");
+  if (e) {
+    rc = qctl_fail(c, "%s", qs_error());
+  } else if (c->json) {
+    printf("{\"model\":");
+    qctl_jstr(stdout, argv[optind]);
+    printf(",\"path\":");
+    qctl_jstr(stdout, argv[optind + 1]);
+    printf(",\"dtype\":\"%s\"}\n", qc_dtype_name((qc_dtype)dt));
+  } else {
+    printf("exported %s to %s (%s)\n", argv[optind], argv[optind + 1], qc_dtype_name((qc_dtype)dt));
+  }
+  qs_close(s);
+  return rc;
+}
+
+int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv) {
+  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  qs_store *s;
+  int rc = qctl_open(c, &s, 0);
+  if (rc) return rc;
+  if (qs_model_remove(s, argv[1])) {
+    rc = qctl_fail(c, "%s", qs_error());
+  } else if (c->json) {
+    printf("{\"removed\":");
+    qctl_jstr(stdout, argv[1]);
+    printf("}\n");
+  } else {
+    printf("removed %s\n", argv[1]);
+  }
+  qs_close(s);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * verify */
+typedef struct qctl_vp {
+  qctl_ctx *c;
+  int n;
+} qctl_vp;
+
+static void qctl_verify_cb(void *ud, const char *msg) {
+  qctl_vp *v = ud;
+  fprintf(stderr, "qinsctl verify: %s\n", msg);
+  if (v->c->json) {
+    printf("%s", v->n ? "," : "");
+    qctl_jstr(stdout, msg);
+  }
+  v->n++;
+}
+
+int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv) {
+  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  qctl_vp vp = {c, 0};
+  uint64_t probs = 0, checked = 0;
+  if (c->json) printf("{\"problems\":[");
+  int e = qs_verify(s, argc == 2 ? argv[1] : NULL, qctl_verify_cb, &vp, &probs, &checked);
+  if (c->json)
+    printf("],\"tensors_checked\":%llu,\"ok\":%s}\n", (unsigned long long)checked,
+           !e && !probs ? "true" : "false");
+  if (e) rc = qctl_fail(c, "%s", qs_error());
+  else if (probs) rc = QCTL_FAIL;
+  if (!c->json && !e)
+    printf("%s: %llu tensors checked, %llu problems\n", probs ? "FAILED" : "ok",
+           (unsigned long long)checked, (unsigned long long)probs);
+  qs_close(s);
+  return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * audit */
+typedef struct qctl_at {
+  qs_tensor t;
+  qs_tensor_cost cost;
+  double stored;   /* data + params amortized over the model's tensors sharing the blob */
+} qctl_at;
+
+typedef struct qctl_alist {
+  qctl_at *v;
+  size_t n, cap;
+  qs_txn *txn;
+  int rc;
+} qctl_alist;
+
+static int qctl_audit_tensor_cb(void *ud, const qs_tensor *t) {
+  qctl_alist *l = ud;
+  if (l->n == l->cap) {
+    size_t nc = l->cap ? 2 * l->cap : 64;
+    qctl_at *nv = realloc(l->v, nc * sizeof *nv);
+    if (!nv) {
+      l->rc = QINS_ENOMEM;
+      return 1;
+    }
+    l->v = nv;
+    l->cap = nc;
+  }
+  qctl_at *a = &l->v[l->n];
+  a->t = *t;
+  if ((l->rc = qs_tensor_cost_get(l->txn, t, &a->cost))) return 1;
+  l->n++;
+  return 0;
+}
+
+typedef struct qctl_mlist {
+  qs_model *v;
+  char **names;
+  size_t n, cap;
+} qctl_mlist;
+
+static int qctl_mlist_cb(void *ud, const qs_model *m) {
+  qctl_mlist *l = ud;
+  if (l->n == l->cap) {
+    size_t nc = l->cap ? 2 * l->cap : 16;
+    qs_model *nv = realloc(l->v, nc * sizeof *nv);
+    char **nn = realloc(l->names, nc * sizeof *nn);
+    if (nv) l->v = nv;
+    if (nn) l->names = nn;
+    if (!nv || !nn) return 1;
+    l->cap = nc;
+  }
+  l->v[l->n] = *m;
+  l->names[l->n] = strdup(m->name);
+  l->n++;
+  return 0;
+}
+
+typedef struct qctl_sum {
+  uint64_t n_tensors, elements, src, stored;
+  double snr_w, snr_n; /* element-weighted SNR over lossy tensors */
+} qctl_sum;
+
+static void qctl_sum_json(const char *key, const qctl_sum *s) {
+  printf("\"%s\":{\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
+         "\"bytes_per_weight\":",
+         key, (unsigned long long)s->n_tensors, (unsigned long long)s->elements,
+         (unsigned long long)s->src, (unsigned long long)s->stored);
+  qctl_jnum(stdout, s->elements ? (double)s->stored / (double)s->elements : 0);
+  printf(",\"ratio\":");
+  qctl_jnum(stdout, s->stored ? (double)s->src / (double)s->stored : 0);
+  printf(",\"snr_db\":");
+  qctl_jnum(stdout, s->snr_n > 0 ? s->snr_w / s->snr_n : INFINITY);
+  printf("}");
+}
+
+int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
+  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  qs_store_info si;
+  qs_txn *t = NULL;
+  qctl_mlist ml = {0};
+  int e = qs_store_info_get(s, &si);
+  if (!e) e = qs_txn_begin(s, &t);
+  if (!e && argc == 2) {
+    qs_model m;
+    if (!(e = qs_model_get(t, argv[1], &m))) qctl_mlist_cb(&ml, &m);
+  } else if (!e) {
+    e = qs_models_each(t, qctl_mlist_cb, &ml);
+  }
+  if (e) {
+    rc = qctl_fail(c, "%s", qs_error());
+    goto out;
+  }
+  qctl_sum total = {0};
+  if (c->json) {
+    printf("{\"store\":");
+    qctl_jstr(stdout, c->store);
+    printf(",\"models\":[");
+  }
+  for (size_t mi = 0; mi < ml.n; mi++) {
+    qs_model *m = &ml.v[mi];
+    qctl_alist al = {0};
+    al.txn = t;
+    e = qs_tensors_each(t, ml.names[mi], NULL, qctl_audit_tensor_cb, &al);
+    if (e || al.rc) {
+      rc = qctl_fail(c, "%s", qs_error());
+      free(al.v);
+      goto out;
+    }
+    /* Amortize each shared params blob over the model's tensors using it. */
+    for (size_t i = 0; i < al.n; i++) {
+      uint64_t users = 0;
+      for (size_t j = 0; j < al.n; j++)
+        if (al.v[i].cost.params_id && al.v[j].cost.params_id == al.v[i].cost.params_id) users++;
+      al.v[i].stored = (double)al.v[i].cost.data_bytes +
+                       (users ? (double)al.v[i].cost.params_bytes / (double)users : 0);
+    }
+    qctl_sum ms = {0}, mat = {0};
+    uint64_t blobs = 0, blob_bytes = 0;
+    double mat_stored = 0;
+    for (size_t i = 0; i < al.n; i++) {
+      const qctl_at *a = &al.v[i];
+      int lossy = a->t.codec != QS_RAW && qc_codec_is_lossy((qc_codec)a->t.codec) && isfinite(a->t.snr_db);
+      ms.n_tensors++;
+      ms.elements += a->t.n_elem;
+      ms.src += a->t.src_bytes;
+      if (a->cost.params_first) {
+        blobs++;
+        blob_bytes += a->cost.params_bytes;
+      }
+      if (lossy) {
+        ms.snr_w += a->t.snr_db * (double)a->t.n_elem;
+        ms.snr_n += (double)a->t.n_elem;
+      }
+      if (a->t.ndim >= 2) {
+        mat.n_tensors++;
+        mat.elements += a->t.n_elem;
+        mat.src += a->t.src_bytes;
+        mat_stored += a->stored;
+        if (lossy) {
+          mat.snr_w += a->t.snr_db * (double)a->t.n_elem;
+          mat.snr_n += (double)a->t.n_elem;
+        }
+      }
+    }
+    ms.stored = m->stored_bytes;
+    mat.stored = (uint64_t)llround(mat_stored);
+    total.n_tensors += ms.n_tensors;
+    total.elements += ms.elements;
+    total.src += ms.src;
+    total.stored += ms.stored;
+    total.snr_w += ms.snr_w;
+    total.snr_n += ms.snr_n;
+    if (c->json) {
+      printf("%s{\"name\":", mi ? "," : "");
+      qctl_jstr(stdout, m->name);
+      printf(",\"id\":%llu,\"params_blobs\":%llu,\"params_bytes\":%llu,", (unsigned long long)m->id,
+             (unsigned long long)blobs, (unsigned long long)blob_bytes);
+      qctl_sum_json("all", &ms);
+      printf(",");
+      qctl_sum_json("matrices", &mat);
+      printf(",\"tensors\":[");
+      for (size_t i = 0; i < al.n; i++) {
+        const qctl_at *a = &al.v[i];
+        printf("%s{\"name\":", i ? "," : "");
+        qctl_jstr(stdout, a->t.name);
+        printf(",\"shape\":");
+        qctl_shape(stdout, &a->t, 1);
+        printf(",\"codec\":\"%s\",\"src_dtype\":\"%s\",\"elements\":%llu,\"source_bytes\":%llu,"
+               "\"stored_bytes\":",
+               qs_codec_name(a->t.codec), qs_dtype_name(a->t.src_dtype),
+               (unsigned long long)a->t.n_elem, (unsigned long long)a->t.src_bytes);
+        qctl_jnum(stdout, a->stored);
+        printf(",\"data_bytes\":%llu,\"params_bytes\":%llu,\"bytes_per_weight\":",
+               (unsigned long long)a->cost.data_bytes, (unsigned long long)a->cost.params_bytes);
+        qctl_jnum(stdout, a->t.n_elem ? a->stored / (double)a->t.n_elem : 0);
+        printf(",\"ratio\":");
+        qctl_jnum(stdout, a->stored > 0 ? (double)a->t.src_bytes / a->stored : 0);
+        printf(",\"snr_db\":");
+        qctl_jnum(stdout, a->t.snr_db);
+        printf(",\"max_err\":");
+        qctl_jnum(stdout, a->t.max_err);
+        printf("}");
+      }
+      printf("]}");
+    } else {
+      char a1[32], a2[32];
+      printf("model %s (id %llu): %llu tensors, %llu codec parameter blobs (%s)\n", m->name,
+             (unsigned long long)m->id, (unsigned long long)ms.n_tensors, (unsigned long long)blobs,
+             qctl_human(blob_bytes, a1, sizeof a1));
+      printf("  %-40s %-8s %12s %12s %9s %7s %10s\n", "TENSOR", "CODEC", "SOURCE", "STORED", "B/WEIGHT", "RATIO", "SNR dB");
+      for (size_t i = 0; i < al.n; i++) {
+        const qctl_at *a = &al.v[i];
+        char snr[32];
+        if (isfinite(a->t.snr_db)) snprintf(snr, sizeof snr, "%.2f", a->t.snr_db);
+        else snprintf(snr, sizeof snr, "lossless");
+        printf("  %-40s %-8s %12llu %12.0f %9.4f %6.2fx %10s\n", a->t.name, qs_codec_name(a->t.codec),
+               (unsigned long long)a->t.src_bytes, a->stored,
+               a->t.n_elem ? a->stored / (double)a->t.n_elem : 0,
+               a->stored > 0 ? (double)a->t.src_bytes / a->stored : 0, snr);
+      }
+      printf("  matrices (>= 2 dims): %llu tensors, %llu weights, %s -> %s, %.4f bytes/weight, SNR %.2f dB (element-weighted)\n",
+             (unsigned long long)mat.n_tensors, (unsigned long long)mat.elements,
+             qctl_human(mat.src, a1, sizeof a1), qctl_human(mat.stored, a2, sizeof a2),
+             mat.elements ? (double)mat.stored / (double)mat.elements : 0,
+             mat.snr_n > 0 ? mat.snr_w / mat.snr_n : INFINITY);
+      printf("  model total: %llu weights, %s -> %s (%.2fx), %.4f bytes/weight\n\n",
+             (unsigned long long)ms.elements, qctl_human(ms.src, a1, sizeof a1),
+             qctl_human(ms.stored, a2, sizeof a2), ms.stored ? (double)ms.src / (double)ms.stored : 0,
+             ms.elements ? (double)ms.stored / (double)ms.elements : 0);
+    }
+    free(al.v);
+  }
+  uint64_t used = (si.last_pgno + 1) * si.page_size;
+  if (c->json) {
+    printf("],");
+    qctl_sum_json("totals", &total);
+    printf(",\"lmdb\":{\"file_bytes\":%llu,\"map_bytes\":%llu,\"page_size\":%llu,"
+           "\"pages_used\":%llu,\"used_bytes\":%llu,\"free_pages\":%llu,\"free_bytes\":%llu,"
+           "\"params_blobs\":%llu,\"params_bytes\":%llu,\"staging\":%llu}}\n",
+           (unsigned long long)si.file_size, (unsigned long long)si.map_size,
+           (unsigned long long)si.page_size, (unsigned long long)(si.last_pgno + 1),
+           (unsigned long long)used, (unsigned long long)si.free_pages,
+           (unsigned long long)(si.free_pages * si.page_size), (unsigned long long)si.n_params,
+           (unsigned long long)si.params_bytes, (unsigned long long)si.n_staging);
+  } else {
+    char a1[32], a2[32], a3[32], a4[32];
+    printf("totals: %llu models, %llu tensors, %llu weights, %s -> %s (%.2fx)\n",
+           (unsigned long long)ml.n, (unsigned long long)total.n_tensors,
+           (unsigned long long)total.elements, qctl_human(total.src, a1, sizeof a1),
+           qctl_human(total.stored, a2, sizeof a2),
+           total.stored ? (double)total.src / (double)total.stored : 0);
+    printf("lmdb: file %s, used %s, free pages %llu (%s reusable), %llu shared parameter blobs\n",
+           qctl_human(si.file_size, a3, sizeof a3), qctl_human(used, a4, sizeof a4),
+           (unsigned long long)si.free_pages, qctl_human(si.free_pages * si.page_size, a1, sizeof a1),
+           (unsigned long long)si.n_params);
+  }
+out:
+  for (size_t i = 0; i < ml.n; i++) free(ml.names[i]);
+  free(ml.names);
+  free(ml.v);
+  qs_txn_end(t);
+  qs_close(s);
+  return rc;
+}
