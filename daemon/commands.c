@@ -659,9 +659,9 @@ static void after_work_cb(uv_work_t *w, int status) {
     j->err = QINS_ESHUTDOWN;
     snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
   }
-  uint64_t reserved = j->reserved;
+  qd_req_unreserve(c, j->reserved);
   job_reply(j);
-  qd_req_done_deferred(c, reserved);
+  qd_req_done_deferred(c);
 }
 
 static int start_job(qd_req *r, job *j) {
@@ -677,7 +677,8 @@ static int start_job(qd_req *r, job *j) {
   qd_req_defer(r, reserved);
   int rc = uv_queue_work(uv_default_loop(), &j->work, work_cb, after_work_cb);
   if (rc) {
-    qd_req_done_deferred(r->conn, reserved);
+    qd_req_unreserve(r->conn, reserved);
+    qd_req_done_deferred(r->conn);
     snprintf(r->msg, sizeof r->msg, "cannot queue the decode of %s: %s", j->model, uv_strerror(rc));
     job_free(j);
     return QINS_EINTERNAL;

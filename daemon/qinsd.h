@@ -125,7 +125,10 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) __attribute__((form
 /* A pending request finishes later (thread pool): the connection keeps a slot for it and counts
  * `bytes` (its planned response) against its write queue until qd_req_done_deferred. */
 void qd_req_defer(qd_req *r, uint64_t bytes);
-void qd_req_done_deferred(qd_conn *c, uint64_t bytes);
+/* Releases the reservation (call before queueing the reply, so it is not counted twice). */
+void qd_req_unreserve(qd_conn *c, uint64_t bytes);
+/* The deferred request is answered: may resume reading, or free a connection already closed. */
+void qd_req_done_deferred(qd_conn *c);
 
 /* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time. */
 void *qd_buf_get(size_t n, size_t *cap /* out */);

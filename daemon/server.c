@@ -332,10 +332,13 @@ void qd_req_defer(qd_req *r, uint64_t bytes) {
   queued_add(bytes);
 }
 
-void qd_req_done_deferred(qd_conn *c, uint64_t bytes) {
-  c->pending--;
+void qd_req_unreserve(qd_conn *c, uint64_t bytes) {
   c->reserved -= bytes;
   qd_st.queued_bytes -= bytes;
+}
+
+void qd_req_done_deferred(qd_conn *c) {
+  c->pending--;
   if (c->closed) {
     if (c->pending == 0) conn_free(c);
     return;

@@ -265,9 +265,10 @@ int ts_daemon_wait(ts_daemon *d, int timeout_ms) {
 int ts_daemon_stop(ts_daemon *d) {
   if (d->pid <= 0) return -1;
   kill(d->pid, SIGTERM);
-  int st = ts_daemon_wait(d, 10000);
+  /* qinsd cuts connections still busy after its shutdown-timeout-ms (10 s by default). */
+  int st = ts_daemon_wait(d, 15000);
   if (d->pid > 0) {
-    fprintf(stderr, "qinsd %d ignored SIGTERM for 10 s: SIGKILL\n", (int)d->pid);
+    fprintf(stderr, "qinsd %d ignored SIGTERM for 15 s: SIGKILL\n", (int)d->pid);
     kill(d->pid, SIGKILL);
     waitpid(d->pid, &st, 0);
     d->pid = 0;

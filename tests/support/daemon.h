@@ -38,7 +38,7 @@ int ts_dir_make(ts_daemon *d);
 /* Starts qinsd --socket --store --log [extra args, NULL-terminated] and waits until it answers
  * ping (10 s at most). 0, or -1 (the log is dumped to stderr). */
 int ts_daemon_start(ts_daemon *d, const char *const *extra);
-/* SIGTERM, wait up to 10 s, SIGKILL. Returns the wait status (or -1 if there was no daemon). */
+/* SIGTERM, wait up to 15 s, SIGKILL. Returns the wait status (or -1 if there was no daemon). */
 int ts_daemon_stop(ts_daemon *d);
 /* Waits up to timeout_ms for the daemon to exit by itself; returns its wait status, or -1. */
 int ts_daemon_wait(ts_daemon *d, int timeout_ms);
