@@ -37,6 +37,10 @@ static const qctl_cmd qctl_cmds[] = {
      * Add one line per command HERE, and declare its function in qinsctl.h, e.g.
      *   {"ping", qctl_cmd_ping, "ask qinsd whether it is alive", "ping"},
      */
+    {"ping", qctl_cmd_ping, "ask qinsd whether it is alive (--socket)", "ping"},
+    {"stats", qctl_cmd_stats, "qinsd's counters: connections, requests, errors, bytes, latency", "stats"},
+    {"get", qctl_cmd_get, "fetch a tensor or a slice decoded by qinsd (--socket)",
+     "get MODEL/TENSOR [--slice SPEC] [--dtype f32|f16|bf16] [-o OUT.npy] [--max N]"},
     {"help", qctl_cmd_help, "list commands, or show one command's usage", "help [COMMAND]"},
 };
 #define QCTL_NCMDS (sizeof qctl_cmds / sizeof qctl_cmds[0])

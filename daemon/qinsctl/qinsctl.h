@@ -56,5 +56,8 @@ int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv);
 
 /* Remote commands (cmd_remote.c): declare them here, e.g.
  *   int qctl_cmd_ping(qctl_ctx *c, int argc, char **argv); */
+int qctl_cmd_ping(qctl_ctx *c, int argc, char **argv);
+int qctl_cmd_stats(qctl_ctx *c, int argc, char **argv);
+int qctl_cmd_get(qctl_ctx *c, int argc, char **argv);
 
 #endif /* QINS_QINSCTL_H */
