@@ -632,7 +632,13 @@ static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float 
       uint32_t n = (uint32_t)(L - b * QC_QINS8_BLOCK < QC_QINS8_BLOCK ? L - b * QC_QINS8_BLOCK
                                                                       : QC_QINS8_BLOCK);
       const float *w = src + i0;
-      uint16_t h = q8_scale(q, w, n, p->scale_search);
+      uint16_t h;
+      if (p->scale_search == QC_SCALE_KEEP) {
+        h = qc__ld16(dst + 2 * (r * bpr + b));
+        if ((h & 0x8000u) || (h & 0x7C00u) == 0x7C00u) return free(q), QINS_EINVALID;
+      } else {
+        h = q8_scale(q, w, n, p->scale_search);
+      }
       float d = qc_f16_to_f32(h);
       qc__st16(dst + 2 * (r * bpr + b), h);
       q8_block(q, d, w, n, codes + i0);

@@ -80,7 +80,12 @@ typedef enum qc_dtype { QC_DT_F32 = 0, QC_DT_F16 = 1, QC_DT_BF16 = 2, QC_DT_COUN
  * the best (QINS.md A3u uses 8); QC_SCALE_FIT + R refits the scale by least squares up to R
  * times (within +-8 ulps), a fraction of the cost of the search for most of its gain. */
 #define QC_SCALE_FIT 16
+/* QC_SCALE_FAST + N tries fp16(absmax) +- N ulps (even offsets, then the odd neighbours of the
+ * best) ranked by a vectorized error estimate: the default encoder, QC_SCALE_FAST + 8. */
 #define QC_SCALE_FAST 32
+/* QC_SCALE_KEEP keeps the scales already in dst (from an earlier encode) and only requantizes the
+ * codes: re-encoding a decoded tensor this way gives the same bytes (QINS.md). */
+#define QC_SCALE_KEEP (-1)
 
 /* Per-tensor codec parameters. Only the fields of `codec` are meaningful. */
 typedef struct qc_params {
