@@ -1,0 +1,232 @@
+# SPDX-License-Identifier: MIT
+"""test_client.py — the Python client (client/python/qins.py) against a real qinsd.
+
+Generates a safetensors file with known values, imports it with `qinsctl import --codec f32` into a
+temporary store, starts $QINS_BUILD/qinsd on a temporary socket, checks every client call
+(PROTOCOL.md §4) and always stops the daemon. Run with Debian's python3 (numpy, msgpack).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "client", "python"))
+import qins  # noqa: E402
+
+BUILD = os.path.abspath(os.environ.get("QINS_BUILD", os.path.join(ROOT, "build")))
+MODEL = "t"
+
+# name -> array; values are exact in f32 and varied in sign and magnitude.
+rng = np.random.default_rng(1234)
+TENSORS = {
+    "w": (rng.standard_normal((37, 129)) * np.where(rng.random((37, 129)) < 0.1, 1e-3, 1.0)).astype("<f4"),
+    "c3": rng.standard_normal((5, 7, 11)).astype("<f4"),
+    "layers.0.x": rng.standard_normal((3, 4)).astype("<f4"),
+    "layers.0.y": rng.standard_normal((4,)).astype("<f4"),
+    "layers.1.x": rng.standard_normal((2, 2)).astype("<f4"),
+}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    header, off, blobs = {}, 0, []
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def f32_to_bf16_rne(a):
+    u = np.asarray(a, dtype="<f4").view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return r
+
+
+class Daemon:
+    """A qinsd on a temp store and socket (short path: sun_path holds 107 bytes)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="qins-py-", dir="/tmp")
+        self.store = os.path.join(self.dir, "store")
+        self.sock = os.path.join(self.dir, "s")
+        self.log = os.path.join(self.dir, "log")
+        self.proc = None
+
+    def import_file(self, path, model):
+        subprocess.run([os.path.join(BUILD, "qinsctl"), "import", "--store", self.store, path,
+                        "--model", model, "--codec", "f32"], check=True, stdout=subprocess.DEVNULL)
+
+    def start(self):
+        self.proc = subprocess.Popen([os.path.join(BUILD, "qinsd"), "--store", self.store,
+                                      "--socket", self.sock, "--log", self.log])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("qinsd exited %d:\n%s" % (self.proc.returncode, self.log_text()))
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(self.sock)
+                return
+            except OSError:
+                time.sleep(0.01)
+            finally:
+                s.close()
+        raise RuntimeError("qinsd did not come up:\n" + self.log_text())
+
+    def log_text(self):
+        try:
+            with open(self.log) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self):
+        status = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                status = self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return status
+
+
+D = None
+
+
+def setUpModule():
+    global D
+    D = Daemon()
+    try:
+        path = os.path.join(D.dir, "t.safetensors")
+        write_safetensors(path, TENSORS, {"purpose": "test"})
+        os.makedirs(D.store, exist_ok=True)
+        D.import_file(path, MODEL)
+        D.start()
+    except BaseException:
+        D.stop()
+        raise
+
+
+def tearDownModule():
+    status = D.stop()
+    assert status in (0, None), "qinsd exited %r on SIGTERM" % status
+
+
+class ClientTest(unittest.TestCase):
+    def setUp(self):
+        self.c = qins.Client(D.sock)
+
+    def tearDown(self):
+        self.c.close()
+
+    def test_hello_and_ping(self):  # PROTOCOL.md §4.1, §4.2
+        self.assertEqual(self.c.server["protocol"], 1)
+        self.assertTrue(self.c.server["server"].startswith("qinsd"))
+        self.assertGreater(self.c.server["max_response_bytes"], 0)
+        self.assertEqual(self.c.ping(), "pong")
+
+    def test_models_list_info(self):  # §4.3-4.5
+        ms = self.c.models()
+        self.assertEqual([m["name"] for m in ms], [MODEL])
+        self.assertEqual(ms[0]["tensors"], len(TENSORS))
+        l = self.c.list(MODEL)
+        self.assertEqual(l["total"], len(TENSORS))
+        self.assertEqual([t["name"] for t in l["tensors"]], sorted(TENSORS))
+        l = self.c.list(MODEL, prefix="layers.0.")
+        self.assertEqual([t["name"] for t in l["tensors"]], ["layers.0.x", "layers.0.y"])
+        l = self.c.list(MODEL, offset=1, limit=2)
+        self.assertEqual([t["name"] for t in l["tensors"]], sorted(TENSORS)[1:3])
+        i = self.c.info(MODEL, "c3")
+        self.assertEqual(i["shape"], [5, 7, 11])
+        self.assertEqual(i["codec"], "f32")
+        self.assertEqual(i["n_elem"], 385)
+
+    def test_get_whole(self):  # §4.6
+        for name, a in TENSORS.items():
+            g = self.c.get(MODEL, name)
+            self.assertEqual(g.dtype, np.float32)
+            self.assertEqual(g.shape, a.shape)
+            self.assertTrue(np.array_equal(g.view(np.uint32), a.view(np.uint32)), name)
+
+    def test_get_slices(self):  # §4.6: rows, columns, hyperslab, empty, negative
+        w, c3 = TENSORS["w"], TENSORS["c3"]
+        cases = [
+            ("w", "3:10", w[3:10]),
+            ("w", (slice(None), slice(5, 17)), w[:, 5:17]),
+            ("w", "0:37,128:", w[:, 128:]),
+            ("w", "-2:,:", w[-2:]),
+            ("w", 4, w[4:5]),
+            ("w", "2:2", w[2:2]),
+            ("c3", "1:4,2:5,3:9", c3[1:4, 2:5, 3:9]),
+            ("c3", [(0, 5), (3, 3)], c3[:, 3:3]),
+        ]
+        for name, spec, want in cases:
+            g = self.c.get(MODEL, name, slice=spec)
+            self.assertEqual(g.shape, want.shape, (name, spec))
+            self.assertTrue(np.array_equal(g, want), (name, spec))
+
+    def test_get_f16_bf16(self):  # §4.6 dtype
+        w = TENSORS["w"]
+        h = self.c.get(MODEL, "w", dtype="f16")
+        self.assertEqual(h.dtype, np.float16)
+        self.assertTrue(np.array_equal(h.view(np.uint16), w.astype(np.float16).view(np.uint16)))
+        b = self.c.get(MODEL, "w", dtype="bf16", raw=True)
+        self.assertTrue(np.array_equal(b, f32_to_bf16_rne(w)))
+        bf = self.c.get(MODEL, "w", dtype="bf16")
+        self.assertEqual(bf.dtype, np.float32)
+        self.assertTrue(np.array_equal(bf, qins.bf16_to_f32(f32_to_bf16_rne(w))))
+
+    def test_get_many(self):  # §4.7
+        got = self.c.get_many(MODEL, names=["c3", "w"])
+        self.assertEqual(list(got), ["c3", "w"])
+        self.assertTrue(np.array_equal(got["w"], TENSORS["w"]))
+        got = self.c.get_many(MODEL, prefix="layers.")
+        self.assertEqual(list(got), ["layers.0.x", "layers.0.y", "layers.1.x"])
+        for k, v in got.items():
+            self.assertTrue(np.array_equal(v, TENSORS[k]), k)
+
+    def test_errors(self):  # §3
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.get(MODEL, "nope")
+        self.assertEqual(e.exception.code, -1005)
+        self.assertEqual(e.exception.name, "NO_TENSOR")
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.get("nope", "w")
+        self.assertEqual(e.exception.name, "NO_MODEL")
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.get(MODEL, "w", slice="0:38")
+        self.assertEqual(e.exception.name, "BAD_SLICE")
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.call("no_such_method")
+        self.assertEqual(e.exception.name, "UNKNOWN_METHOD")
+        self.assertEqual(self.c.ping(), "pong")  # the connection survives
+
+    def test_stats(self):  # §4.8
+        self.c.get(MODEL, "layers.0.y")
+        s = self.c.stats()
+        self.assertGreaterEqual(s["requests"]["get"], 1)
+        self.assertGreater(s["bytes_served"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
