@@ -23,7 +23,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 mkdir -p "$D/store"
 "$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model qins8 >/dev/null
-"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model qins16 --codec qins16 >/dev/null
+"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model qins16 --codec qins16 --codec-for '*norm.weight=f32' >/dev/null
 "$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/log" & PID=$!
 i=0
 until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do

@@ -4,7 +4,8 @@
 # Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors]
 #
 # Creates a store in a temporary directory, imports the model twice (the default policy: qins8 for
-# matrices, f32 for norms; and qins16, near-lossless), starts qinsd, runs 4 qins-llama2 workers at
+# matrices, f32 for norms; and qins16 for matrices, f32 for norms: near-lossless — qins16 on the
+# norm weights too moves the greedy path at the model's step-37 near-tie), starts qinsd, runs 4 qins-llama2 workers at
 # once (greedy and sampled, on each import), each comparing itself with the FP32 reference read
 # from the safetensors file, then prints the footprint, each worker's parity line and tokens/s, and
 # the daemon's counters. The daemon is always stopped and the directory removed (trap).
@@ -37,7 +38,7 @@ NAME=$(basename "$MODEL" .safetensors)
 echo "== importing $MODEL"
 mkdir -p "$D/store"
 "$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model "$NAME" >/dev/null
-"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model "$NAME-qins16" --codec qins16 >/dev/null
+"$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model "$NAME-qins16" --codec qins16 --codec-for '*norm.weight=f32' >/dev/null
 
 echo "== starting qinsd on $D/s"
 "$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/qinsd.log" &
