@@ -370,6 +370,21 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
       break;
     }
     const qs__gtype *gt = &qs__gtypes[ty];
+    int quant = gt->blck > 1;
+    if (quant && ty != 8 && ty != 2) {
+      qs__gr_fail(r, QINS_EUNSUPPORTED,
+                  "tensor %s has quantized type %s, which is not supported (F32, F16, BF16 are; "
+                  "Q8_0 and Q4_0 with --allow-requant)",
+                  s->name, gt->name);
+      break;
+    }
+    if (quant && !allow_requant) {
+      qs__gr_fail(r, QINS_EUNSUPPORTED,
+                  "tensor %s has quantized type %s: re-encoding it stacks two quantization "
+                  "errors; pass --allow-requant to dequantize it",
+                  s->name, gt->name);
+      break;
+    }
     if (ne[0] % gt->blck) {
       qs__gr_fail(r, QINS_EFORMAT, "tensor %s: row length %llu is not a multiple of %s's block of %u",
                   s->name, (unsigned long long)ne[0], gt->name, gt->blck);
@@ -395,21 +410,11 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
     case 27: s->dtype = QS_DT_I64; break;
     case 8:
     case 2:
-      if (!allow_requant) {
-        qs__gr_fail(r, QINS_EUNSUPPORTED,
-                    "tensor %s has quantized type %s: re-encoding it stacks two quantization "
-                    "errors; pass --allow-requant to dequantize it",
-                    s->name, gt->name);
-        break;
-      }
       s->kind = ty == 8 ? QS__K_Q8_0 : QS__K_Q4_0;
       s->dtype = QS_DT_F32;
       break;
     default:
-      qs__gr_fail(r, QINS_EUNSUPPORTED,
-                  "tensor %s has quantized type %s, which is not supported (F32, F16, BF16 are; "
-                  "Q8_0 and Q4_0 with --allow-requant)",
-                  s->name, gt->name);
+      qs__gr_fail(r, QINS_EINTERNAL, "tensor %s: unhandled type %s", s->name, gt->name);
     }
   }
   if (!r->rc) {

@@ -607,6 +607,7 @@ int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out) {
   out->params_bytes = tr.params_bytes;
   out->params_id = tr.params_id;
   out->params_first = !!(tr.flags & QS_TF_PARAMS_FIRST);
+  out->checksum = tr.tensor_crc;
   return 0;
 }
 
@@ -1544,9 +1545,46 @@ int qs_verify(qs_store *s, const char *model, qs_problem_cb cb, void *ud, uint64
      * does, its references are counted too). */
     MDB_cursor *c;
     MDB_val k, v;
-    MDB_stat sst;
-    int staged = !mdb_stat(vc.txn, s->db_staging, &sst) && sst.ms_entries;
-    if (!staged && !mdb_cursor_open(vc.txn, s->db_params, &c)) {
+    /* Staged ids (an import in progress or killed, a removal not yet reclaimed) hold
+     * references too: count their tensor records' params ids. */
+    if (!mdb_cursor_open(vc.txn, s->db_staging, &c)) {
+      int r2;
+      for (r2 = mdb_cursor_get(c, &k, &v, MDB_FIRST); r2 == 0 && !rc;
+           r2 = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+        if (k.mv_size != 8) continue;
+        uint8_t pre[8];
+        memcpy(pre, k.mv_data, 8);
+        MDB_cursor *tc;
+        if (mdb_cursor_open(vc.txn, s->db_tensors, &tc)) continue;
+        MDB_val tk = {8, pre}, tv;
+        for (int r3 = mdb_cursor_get(tc, &tk, &tv, MDB_SET_RANGE); r3 == 0;
+             r3 = mdb_cursor_get(tc, &tk, &tv, MDB_NEXT)) {
+          if (tk.mv_size < 8 || memcmp(tk.mv_data, pre, 8)) break;
+          if (tv.mv_size < QS_TENSOR_HDR) continue;
+          uint64_t pid = qs__get_u64((const uint8_t *)tv.mv_data + 136);
+          if (!pid) continue;
+          size_t j;
+          for (j = 0; j < vc.np; j++)
+            if (vc.pid[j] == pid) break;
+          if (j == vc.np) {
+            if (vc.np == vc.capp) {
+              size_t nc = vc.capp * 2;
+              uint64_t *a = realloc(vc.pid, nc * 8), *b = realloc(vc.pcount, nc * 8);
+              if (a) vc.pid = a;
+              if (b) vc.pcount = b;
+              if (!a || !b) { rc = qs__fail(QINS_ENOMEM, "out of memory"); break; }
+              vc.capp = nc;
+            }
+            vc.pid[vc.np] = pid;
+            vc.pcount[vc.np++] = 0;
+          }
+          vc.pcount[j]++;
+        }
+        mdb_cursor_close(tc);
+      }
+      mdb_cursor_close(c);
+    }
+    if (!rc && !mdb_cursor_open(vc.txn, s->db_params, &c)) {
       int r2;
       uint64_t seen = 0;
       for (r2 = mdb_cursor_get(c, &k, &v, MDB_FIRST); r2 == 0; r2 = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {

@@ -212,6 +212,7 @@ typedef struct qs_tensor_cost {
   uint64_t params_bytes; /* serialized codec parameters (0 for none) */
   uint64_t params_id;    /* key of the shared blob (0 for none) */
   int params_first;      /* this tensor is the first of its model using the blob: it pays for it */
+  uint32_t checksum;     /* the record's tensor checksum: CRC-32C over its chunks' CRC-32Cs */
 } qs_tensor_cost;
 int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out /* out */);
 

@@ -213,6 +213,8 @@ static int qctl_ls_model_cb(void *ud, const qs_model *m) {
 static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
   qctl_walk *w = ud;
   if (w->c->json) {
+    qs_tensor_cost cost;
+    if (qs_tensor_cost_get(w->t, t, &cost)) return 1;
     printf("%s{\"name\":", w->n ? "," : "");
     qctl_jstr(stdout, t->name);
     printf(",\"shape\":");
@@ -222,7 +224,7 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
            qs_dtype_name(t->src_dtype), qs_codec_name(t->codec), (unsigned long long)t->n_elem,
            (unsigned long long)t->src_bytes, (unsigned long long)t->stored_bytes);
     qctl_jnum(stdout, t->snr_db);
-    printf("}");
+    printf(",\"checksum\":\"%08x\"}", cost.checksum);
   } else {
     char shp[128] = "", b[32];
     int k = 0;
@@ -333,13 +335,13 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
       printf(",\"src_dtype\":\"%s\",\"codec\":\"%s\",\"elements\":%llu,\"row_len\":%llu,"
              "\"rows\":%llu,\"rows_per_chunk\":%llu,\"chunks\":%llu,\"source_bytes\":%llu,"
              "\"stored_bytes\":%llu,\"data_bytes\":%llu,\"params_bytes\":%llu,"
-             "\"params_id\":\"%016llx\",\"params_first\":%s,\"snr_db\":",
+             "\"params_id\":\"%016llx\",\"params_first\":%s,\"checksum\":\"%08x\",\"snr_db\":",
              qs_dtype_name(ten.src_dtype), qs_codec_name(ten.codec), (unsigned long long)ten.n_elem,
              (unsigned long long)ten.row_len, (unsigned long long)ten.n_rows,
              (unsigned long long)ten.rows_per_chunk, (unsigned long long)ten.n_chunks,
              (unsigned long long)ten.src_bytes, (unsigned long long)ten.stored_bytes,
              (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
-             (unsigned long long)cost.params_id, cost.params_first ? "true" : "false");
+             (unsigned long long)cost.params_id, cost.params_first ? "true" : "false", cost.checksum);
       qctl_jnum(stdout, ten.snr_db);
       printf(",\"max_err\":");
       qctl_jnum(stdout, ten.max_err);

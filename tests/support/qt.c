@@ -1,0 +1,182 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qt.c — test support for store/importer tests: see qt.h.
+ */
+#include "qt.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static void qt_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
+  if (*len + n + 1 > *cap) {
+    size_t nc = *cap ? *cap * 2 : 4096;
+    while (nc < *len + n + 1) nc *= 2;
+    *buf = realloc(*buf, nc);
+    *cap = nc;
+  }
+  memcpy(*buf + *len, p, n);
+  *len += n;
+  (*buf)[*len] = 0;
+}
+
+int qt_run(char *const argv[], char *const env_extra[], char **out, char **err) {
+  int po[2], pe[2];
+  if (pipe2(po, O_CLOEXEC) || pipe2(pe, O_CLOEXEC)) return -1;
+  pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    dup2(po[1], 1);
+    dup2(pe[1], 2);
+    for (size_t i = 0; env_extra && env_extra[i]; i++) putenv(env_extra[i]);
+    execv(argv[0], argv);
+    fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
+    _exit(127);
+  }
+  close(po[1]);
+  close(pe[1]);
+  char *ob = NULL, *eb = NULL;
+  size_t ol = 0, oc = 0, el = 0, ec = 0;
+  qt_append(&ob, &ol, &oc, "", 0);
+  qt_append(&eb, &el, &ec, "", 0);
+  struct pollfd fds[2] = {{po[0], POLLIN, 0}, {pe[0], POLLIN, 0}};
+  int open_n = 2;
+  while (open_n) {
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    for (int i = 0; i < 2; i++) {
+      if (fds[i].fd < 0 || !(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      char b[65536];
+      ssize_t r = read(fds[i].fd, b, sizeof b);
+      if (r <= 0) {
+        close(fds[i].fd);
+        fds[i].fd = -1;
+        open_n--;
+        continue;
+      }
+      if (i == 0) qt_append(&ob, &ol, &oc, b, (size_t)r);
+      else qt_append(&eb, &el, &ec, b, (size_t)r);
+    }
+  }
+  int st;
+  while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+  if (out) *out = ob; else free(ob);
+  if (err) *err = eb; else free(eb);
+  if (WIFEXITED(st)) return WEXITSTATUS(st);
+  if (WIFSIGNALED(st)) return 128 + WTERMSIG(st);
+  return -1;
+}
+
+const char *qt_bin(const char *name, char *buf, size_t cap) {
+  const char *b = getenv("QINS_BUILD");
+  snprintf(buf, cap, "%s/%s", b && *b ? b : "build", name);
+  return buf;
+}
+
+const char *qt_shared(const char *rel, char *buf, size_t cap) {
+  const char *s = getenv("QINS_SHARED");
+  snprintf(buf, cap, "%s/%s", s && *s ? s : QINS_SHARED_DIR, rel);
+  return buf;
+}
+
+int qt_tmpdir(char *buf) {
+  strcpy(buf, "/tmp/qins-XXXXXX");
+  return mkdtemp(buf) ? 0 : -1;
+}
+
+void qt_rmrf(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) {
+    unlink(dir);
+    return;
+  }
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+    char p[4096];
+    snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+    struct stat st;
+    if (!lstat(p, &st) && S_ISDIR(st.st_mode)) qt_rmrf(p);
+    else unlink(p);
+  }
+  closedir(d);
+  rmdir(dir);
+}
+
+int qt_write(const char *path, const void *data, size_t len) {
+  FILE *f = fopen(path, "wb");
+  if (!f) return -1;
+  size_t w = len ? fwrite(data, 1, len, f) : 0;
+  return fclose(f) || w != len ? -1 : 0;
+}
+
+char *qt_read(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  fseek(f, 0, SEEK_END);
+  long n = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *b = malloc((size_t)n + 1);
+  if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
+    free(b);
+    b = NULL;
+  }
+  fclose(f);
+  if (b) b[n] = 0;
+  if (b && len) *len = (size_t)n;
+  return b;
+}
+
+int qt_st_write(const char *path, const qt_tensor *t, size_t n, const char *metadata_json) {
+  qs_st_entry *e = calloc(n + 1, sizeof *e);
+  for (size_t i = 0; i < n; i++) {
+    e[i].name = t[i].name;
+    e[i].dtype = t[i].dtype;
+    e[i].ndim = t[i].ndim;
+    e[i].shape = t[i].shape;
+    e[i].nbytes = t[i].nbytes;
+  }
+  uint8_t *h;
+  size_t hl;
+  int rc = qs_st_header_build(e, n, metadata_json, &h, &hl);
+  free(e);
+  if (rc) return -1;
+  FILE *f = fopen(path, "wb");
+  if (!f) {
+    free(h);
+    return -1;
+  }
+  int bad = fwrite(h, 1, hl, f) != hl;
+  for (size_t i = 0; i < n; i++)
+    if (t[i].nbytes && fwrite(t[i].data, 1, t[i].nbytes, f) != t[i].nbytes) bad = 1;
+  free(h);
+  return fclose(f) || bad ? -1 : 0;
+}
+
+void qt_fill_gauss(float *x, uint64_t n, uint64_t seed, float scale) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (uint64_t i = 0; i < n; i++) {
+    /* Sum of 4 uniforms: close enough to Gaussian for codec inputs, and cheap. */
+    float acc = 0;
+    for (int k = 0; k < 4; k++) {
+      s ^= s << 13;
+      s ^= s >> 7;
+      s ^= s << 17;
+      acc += (float)((s >> 11) * (1.0 / 9007199254740992.0)) - 0.5f;
+    }
+    x[i] = acc * scale * 1.7320508f;
+  }
+}

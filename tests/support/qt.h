@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qt.h — test support for the store and importer tests (qt_): run a built binary and capture
+ * its output, temp dirs, and writers for synthetic safetensors / GGUF / .npy inputs.
+ *
+ * Invariant: qt_run forks; a process that has an LMDB env open must not call it (PITFALLS.md).
+ * Tests that run qinsctl keep the env out of the test process (they read the store through
+ * `qinsctl --json`), or fork their reader child before anything opens the env.
+ */
+#ifndef QINS_QT_H
+#define QINS_QT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "safetensors.h"
+
+/* Runs argv (argv[0] a path) with extra environment entries ("K=V", NULL-terminated, may be
+ * NULL); *out / *err (may be NULL) get its stdout / stderr as malloc'd NUL-terminated strings.
+ * Returns the exit status, 128 + signal if it died of one, or -1. */
+int qt_run(char *const argv[], char *const env_extra[], char **out, char **err);
+/* $QINS_BUILD/name (QINS_BUILD defaults to "build"). */
+const char *qt_bin(const char *name, char *buf, size_t cap);
+/* $QINS_SHARED (default QINS_SHARED_DIR) / rel. */
+const char *qt_shared(const char *rel, char *buf, size_t cap);
+/* mkdtemp("/tmp/qins-XXXXXX") into buf (>= 32 bytes); 0 or -1. */
+int qt_tmpdir(char *buf);
+/* rm -rf dir (without a shell). */
+void qt_rmrf(const char *dir);
+int qt_write(const char *path, const void *data, size_t len);
+/* Reads a whole file (malloc'd, NUL-terminated); *len may be NULL. NULL on failure. */
+char *qt_read(const char *path, size_t *len);
+
+/* One tensor for qt_st_write: name, dtype, shape and its bytes. */
+typedef struct qt_tensor {
+  const char *name;
+  qs_st_dtype dtype;
+  int ndim;
+  uint64_t shape[8];
+  const void *data;
+  uint64_t nbytes;
+} qt_tensor;
+/* Writes a valid safetensors file (header by qs_st_header_build). 0 or -1. */
+int qt_st_write(const char *path, const qt_tensor *t, size_t n, const char *metadata_json);
+
+/* Deterministic pseudo-Gaussian values (seeded). */
+void qt_fill_gauss(float *x, uint64_t n, uint64_t seed, float scale);
+
+#endif /* QINS_QT_H */
