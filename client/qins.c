@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qins.c — libqins: the blocking client workers use to fetch decoded weights from qinsd
- * (client/qins.h is its manual; wire contract docs/PROTOCOL.md).
+ * (client/qins.h is its manual; wire contract docs/PROTOCOL.md; overview docs/client.md §1).
  *
  * Design. One connection per qins_client, one request in flight at a time: each call packs its
  * request with msgpack-c (proto's qp_pack_request), sends it, and reads the response with proto's

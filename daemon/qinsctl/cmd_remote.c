@@ -2,7 +2,7 @@
 /*
  * cmd_remote.c — qinsctl's commands that talk to a running qinsd through libqins (client/qins.h)
  * rather than opening the store: `ping`, `stats` and `get MODEL/TENSOR [--slice ...] [-o F.npy]`.
- * The socket comes from --socket PATH or $QINS_SOCKET. docs/qinsctl.md §Remote commands.
+ * The socket comes from --socket PATH or $QINS_SOCKET. docs/client.md §4.
  *
  * Each command is `int qctl_cmd_NAME(qctl_ctx *c, int argc, char **argv)` (qinsctl.h: argv[0] the
  * command's name, --socket/--json already taken by main.c into c) and returns the exit status:
