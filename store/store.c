@@ -1015,12 +1015,8 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   rc = mdb_get(im->txn, im->s->db_tensors, &k, &v);
   if (rc == 0) return qs__fail(QINS_EINVALID, "tensor \"%s\" appears twice in the model", d->name);
   if (rc != MDB_NOTFOUND) return qs__mdb_fail(im->s, rc, "checking a tensor name");
-  free(im->pend);
+  free(im->pend); /* allocated on first need: callers feeding whole chunks never need it */
   im->pend = NULL;
-  if (t->n_rows && t->rows_per_chunk > 1 && t->n_rows > t->rows_per_chunk) {
-    im->pend = malloc((size_t)t->rows_per_chunk * im->row_bytes + 1);
-    if (!im->pend) return qs__fail(QINS_ENOMEM, "tensor %s: out of memory", d->name);
-  }
   im->pend_rows = 0;
   im->rows_done = 0;
   im->chunk_idx = 0;
@@ -1102,6 +1098,8 @@ int qs_import_tensor_rows(qs_import *im, const void *rows, uint64_t n_rows, uint
     }
     uint64_t take = rpc - im->pend_rows;
     if (take > n_rows) take = n_rows;
+    if (!im->pend && !(im->pend = malloc((size_t)rpc * im->row_bytes)))
+      return qs__fail(QINS_ENOMEM, "tensor %s: out of memory", t->name);
     memcpy(im->pend + im->pend_rows * im->row_bytes, src, take * im->row_bytes);
     im->pend_rows += take;
     src += take * im->row_bytes;

@@ -1,0 +1,398 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * store_api.c — the store's C API in process (store.h): staged import, slices against the full
+ * decode across chunk boundaries, raw tensors, replace/remove reclaiming shared codec parameters,
+ * checksum failures, the writer lock, and input checks.
+ *
+ * Each Criterion test runs in its own process and opens the env at most once, never forking after
+ * (the lock test forks its helper before the parent opens anything).
+ */
+#include <criterion/criterion.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "qins.h"
+#include "qt.h"
+#include "store.h"
+
+static char dir[64], sdir[128];
+
+static void setup(void) {
+  cr_assert_eq(qt_tmpdir(dir), 0);
+  snprintf(sdir, sizeof sdir, "%s/store", dir);
+}
+static void teardown(void) { qt_rmrf(dir); }
+TestSuite(store_api, .init = setup, .fini = teardown, .timeout = 120);
+
+/* Imports one f32 tensor with codec c (fitted in memory). */
+static void put_tensor(qs_import *im, const char *name, int ndim, const uint64_t *shape, int codec,
+                       const float *x) {
+  qs_tensor_desc d = {0};
+  d.name = name;
+  d.src_dtype = QS_DT_F32;
+  d.ndim = ndim;
+  uint64_t n = 1;
+  for (int i = 0; i < ndim; i++) n *= (d.shape[i] = shape[i]);
+  d.codec = codec;
+  uint64_t rl = ndim ? shape[ndim - 1] : 1, nr = rl ? n / rl : 0;
+  qc_params p;
+  memset(&p, 0, sizeof p);
+  p.codec = (qc_codec)codec;
+  if (nr) cr_assert_eq(qc_fit_tensor((qc_codec)codec, rl, nr, x, NULL, &p, NULL), 0);
+  d.params = &p;
+  cr_assert_eq(qs_import_tensor_begin(im, &d), 0, "%s", qs_error());
+  uint64_t cr = qs_import_chunk_rows(im);
+  /* Feed in uneven batches to exercise the store's buffering. */
+  uint64_t r = 0, step = cr > 3 ? cr / 3 + 1 : 1;
+  while (r < nr) {
+    uint64_t k = nr - r < step ? nr - r : step;
+    cr_assert_eq(qs_import_tensor_rows(im, x + r * rl, k, NULL), 0, "%s", qs_error());
+    r += k;
+  }
+  cr_assert_eq(qs_import_tensor_end(im, NULL), 0, "%s", qs_error());
+}
+
+static float *gauss(uint64_t n, uint64_t seed) {
+  float *x = malloc(n * sizeof *x + 4);
+  qt_fill_gauss(x, n, seed, 0.1f);
+  return x;
+}
+
+Test(store_api, slices_equal_the_same_part_of_a_full_decode_across_chunks) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  uint64_t sa[2] = {2500, 1024}, sb[2] = {3000, 2048}, sc[3] = {7, 9, 40};
+  float *a = gauss(sa[0] * sa[1], 1), *b = gauss(sb[0] * sb[1], 2), *c = gauss(7 * 9 * 40, 3);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", "{\"k\":\"v\"}", &im), 0, "%s", qs_error());
+  put_tensor(im, "a", 2, sa, QC_F32, a);
+  put_tensor(im, "b", 2, sb, QC_QINS8, b);
+  put_tensor(im, "c", 3, sc, QC_QINS8, c);
+  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
+  qs_txn *t;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  qs_model m;
+  cr_assert_eq(qs_model_get(t, "m", &m), 0);
+  cr_assert_eq(m.n_tensors, 3);
+  cr_assert_str_eq(m.metadata, "{\"k\":\"v\"}");
+  const char *names[3] = {"a", "b", "c"};
+  for (int k = 0; k < 3; k++) {
+    qs_tensor ten;
+    cr_assert_eq(qs_tensor_get(t, "m", names[k], &ten), 0, "%s", qs_error());
+    if (k == 0) {
+      cr_assert_gt(ten.n_chunks, 2, "a must span chunks");
+      cr_assert(isinf(ten.snr_db));
+    }
+    if (k == 1) {
+      cr_assert_gt(ten.n_chunks, 1, "b must span chunks");
+      cr_assert_gt(ten.snr_db, 40);
+    }
+    float *full = malloc(ten.n_elem * 4);
+    cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, ten.n_elem, full), 0, "%s", qs_error());
+    if (k == 0) cr_assert_eq(memcmp(full, a, ten.n_elem * 4), 0, "f32 codec must be exact");
+    /* Several hyperslabs, and partial output ranges of each. */
+    qs_slice sl[4];
+    memset(sl, 0, sizeof sl);
+    sl[0].ndim = 1; sl[0].start[0] = 3; sl[0].stop[0] = ten.shape[0] - 2;             /* rows */
+    sl[1].ndim = 2; sl[1].start[0] = 0; sl[1].stop[0] = ten.shape[0];                 /* columns */
+    sl[1].start[1] = ten.shape[1] / 4; sl[1].stop[1] = ten.shape[1] - ten.shape[1] / 5;
+    sl[2].ndim = ten.ndim; for (int d = 0; d < ten.ndim; d++) { sl[2].start[d] = 1; sl[2].stop[d] = ten.shape[d] - 1; }
+    sl[3].ndim = 1; sl[3].start[0] = 4; sl[3].stop[0] = 4;                           /* empty */
+    for (int q = 0; q < 4; q++) {
+      uint64_t shp[QS_MAX_NDIM], n;
+      cr_assert_eq(qs_slice_shape(&ten, &sl[q], shp, &n), 0);
+      float *got = malloc(n * 4 + 4), *want = malloc(n * 4 + 4);
+      /* Expected: walk the slice over the full decode. */
+      uint64_t idx[QS_MAX_NDIM] = {0}, stride[QS_MAX_NDIM];
+      stride[ten.ndim - 1] = 1;
+      for (int d = ten.ndim - 2; d >= 0; d--) stride[d] = stride[d + 1] * ten.shape[d + 1];
+      for (uint64_t e = 0; e < n; e++) {
+        uint64_t off = 0;
+        for (int d = 0; d < ten.ndim; d++) off += ((d < sl[q].ndim ? sl[q].start[d] : 0) + idx[d]) * stride[d];
+        want[e] = full[off];
+        for (int d = ten.ndim - 1; d >= 0; d--) {
+          if (++idx[d] < shp[d]) break;
+          idx[d] = 0;
+        }
+      }
+      cr_assert_eq(qs_tensor_read(t, &ten, &sl[q], QC_DT_F32, 0, n, got), 0, "%s", qs_error());
+      cr_assert_eq(memcmp(got, want, n * 4), 0, "tensor %s slice %d", names[k], q);
+      if (n > 10) {
+        uint64_t b0 = n / 3, b1 = n - n / 5;
+        cr_assert_eq(qs_tensor_read(t, &ten, &sl[q], QC_DT_F32, b0, b1, got), 0);
+        cr_assert_eq(memcmp(got, want + b0, (b1 - b0) * 4), 0, "tensor %s slice %d partial", names[k], q);
+        /* f16 output is the f32 result rounded. */
+        uint16_t *h = malloc(n * 2);
+        cr_assert_eq(qs_tensor_read(t, &ten, &sl[q], QC_DT_F16, 0, n, h), 0);
+        for (uint64_t e = 0; e < n; e += 97) cr_assert_eq(h[e], qc_f32_to_f16(want[e]));
+        free(h);
+      }
+      free(got);
+      free(want);
+    }
+    free(full);
+  }
+  qs_txn_end(t);
+  qs_close(s);
+  free(a);
+  free(b);
+  free(c);
+}
+
+Test(store_api, rejects_bad_slices_and_ranges) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  uint64_t sh[2] = {4, 6};
+  float *x = gauss(24, 4);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  cr_assert_eq(qs_import_commit(im), 0);
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  float out[24];
+  qs_slice sl = {0};
+  sl.ndim = 1; sl.start[0] = 3; sl.stop[0] = 2;
+  cr_assert_eq(qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, 0, out), QINS_EBAD_SLICE);
+  cr_assert(strstr(qs_error(), "reversed"), "%s", qs_error());
+  sl.start[0] = 0; sl.stop[0] = 5;
+  cr_assert_eq(qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, 0, out), QINS_EBAD_SLICE);
+  cr_assert(strstr(qs_error(), "out of range"), "%s", qs_error());
+  sl.ndim = 3;
+  cr_assert_eq(qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, 0, out), QINS_EBAD_SLICE);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 25, out), QINS_EBAD_SLICE);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 24, out), 0);
+  cr_assert_eq(memcmp(out, x, sizeof out), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "nope", &ten), QINS_ENO_TENSOR);
+  cr_assert_eq(qs_tensor_get(t, "nope", "w", &ten), QINS_ENO_MODEL);
+  qs_txn_end(t);
+  qs_close(s);
+  free(x);
+}
+
+Test(store_api, raw_tensors_round_trip_as_stored) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  int64_t v[3][5];
+  for (int i = 0; i < 15; i++) v[i / 5][i % 5] = (int64_t)i * 1000000007LL - 5;
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  qs_tensor_desc d = {"ids", QS_DT_I64, 0, 2, {3, 5}, QS_RAW, NULL};
+  cr_assert_eq(qs_import_tensor_begin(im, &d), 0, "%s", qs_error());
+  cr_assert_eq(qs_import_tensor_rows(im, v, 3, NULL), 0);
+  qs_tensor st;
+  cr_assert_eq(qs_import_tensor_end(im, &st), 0);
+  cr_assert_eq(st.src_bytes, 120);
+  cr_assert_eq(qs_import_commit(im), 0);
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "ids", &ten), 0);
+  cr_assert_eq(ten.codec, QS_RAW);
+  cr_assert_eq(ten.src_dtype, QS_DT_I64);
+  int64_t got[2][3];
+  qs_slice sl = {2, {1, 2}, {3, 5}};
+  cr_assert_eq(qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, 6, got), 0, "%s", qs_error());
+  for (int i = 0; i < 2; i++)
+    for (int j = 0; j < 3; j++) cr_assert_eq(got[i][j], v[1 + i][2 + j]);
+  qs_txn_end(t);
+  qs_close(s);
+}
+
+static void info(qs_store *s, qs_store_info *si) { cr_assert_eq(qs_store_info_get(s, si), 0); }
+
+Test(store_api, replace_and_remove_reclaim_shared_parameters) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  uint64_t sh[2] = {64, 64};
+  float *x = gauss(4096, 5), *y = gauss(4096, 6);
+  for (int round = 0; round < 3; round++) {
+    qs_import *im;
+    cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+    put_tensor(im, "w1", 2, sh, QC_QINS8, x);
+    put_tensor(im, "w2", 2, sh, QC_QINS8, y);
+    put_tensor(im, "w3", 2, sh, QC_QINS8, x); /* same data: same table */
+    cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
+  }
+  qs_store_info si;
+  info(s, &si);
+  cr_assert_eq(si.n_models, 1);
+  cr_assert_eq(si.n_staging, 0);
+  uint64_t blobs = si.n_params;
+  cr_assert_geq(blobs, 1);
+  cr_assert_leq(blobs, 2, "w1 and w3 must share one blob");
+  /* The table is paid once in the model's stored bytes. */
+  qs_txn *t;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  qs_model m;
+  cr_assert_eq(qs_model_get(t, "m", &m), 0);
+  cr_assert_eq(m.id, 3, "each import gets a fresh id");
+  qs_tensor t1, t3;
+  qs_tensor_cost c1, c3;
+  cr_assert_eq(qs_tensor_get(t, "m", "w1", &t1), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w3", &t3), 0);
+  cr_assert_eq(qs_tensor_cost_get(t, &t1, &c1), 0);
+  cr_assert_eq(qs_tensor_cost_get(t, &t3, &c3), 0);
+  cr_assert_eq(c1.params_id, c3.params_id);
+  cr_assert(c1.params_first && !c3.params_first);
+  cr_assert_eq(t3.stored_bytes, c3.data_bytes);
+  qs_txn_end(t);
+  /* A second model sharing the blob; removing the first keeps it, removing both frees it. */
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "n", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_QINS8, x);
+  cr_assert_eq(qs_import_commit(im), 0);
+  info(s, &si);
+  cr_assert_eq(si.n_params, blobs);
+  cr_assert_eq(qs_model_remove(s, "m"), 0);
+  info(s, &si);
+  cr_assert_eq(si.n_params, 1);
+  uint64_t probs = 9, checked = 0;
+  cr_assert_eq(qs_verify(s, NULL, NULL, NULL, &probs, &checked), 0);
+  cr_assert_eq(probs, 0);
+  cr_assert_eq(checked, 1);
+  cr_assert_eq(qs_model_remove(s, "n"), 0);
+  cr_assert_eq(qs_model_remove(s, "n"), QINS_ENO_MODEL);
+  info(s, &si);
+  cr_assert_eq(si.n_params, 0);
+  cr_assert_eq(si.n_models, 0);
+  cr_assert_eq(si.n_staging, 0);
+  qs_close(s);
+  free(x);
+  free(y);
+}
+
+Test(store_api, abort_leaves_nothing_and_input_errors_are_named) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "", NULL, &im), QINS_ENAME);
+  cr_assert_eq(qs_import_begin(s, "a/b", NULL, &im), QINS_ENAME);
+  char lng[300];
+  memset(lng, 'n', 299);
+  lng[299] = 0;
+  cr_assert_eq(qs_import_begin(s, lng, NULL, &im), QINS_ENAME);
+  cr_assert(strstr(qs_error(), "at most 256"), "%s", qs_error());
+  uint64_t sh[2] = {8, 8};
+  float *x = gauss(64, 7);
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {8, 8}, QC_F32, NULL};
+  qc_params p = {0};
+  p.codec = QC_F32;
+  d.params = &p;
+  cr_assert_eq(qs_import_tensor_begin(im, &d), QINS_EINVALID);
+  cr_assert(strstr(qs_error(), "appears twice"), "%s", qs_error());
+  d.name = "v";
+  cr_assert_eq(qs_import_tensor_begin(im, &d), 0);
+  cr_assert_eq(qs_import_tensor_rows(im, x, 3, NULL), 0);
+  cr_assert_eq(qs_import_tensor_end(im, NULL), QINS_EINVALID, "a short tensor must be refused");
+  /* NaN for a lossy codec names the element. */
+  qs_import_abort(im);
+  qs_store_info si;
+  info(s, &si);
+  cr_assert_eq(si.n_models, 0);
+  cr_assert_eq(si.n_staging, 0);
+  cr_assert_eq(si.n_params, 0);
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  float *w = gauss(64, 8);
+  qc_params q;
+  cr_assert_eq(qc_fit_tensor(QC_QINS8, 8, 8, w, NULL, &q, NULL), 0);
+  w[37] = NAN;
+  qs_tensor_desc dq = {"q", QS_DT_F32, 0, 2, {8, 8}, QC_QINS8, &q};
+  cr_assert_eq(qs_import_tensor_begin(im, &dq), 0);
+  uint64_t bad = 0;
+  cr_assert_eq(qs_import_tensor_rows(im, w, 8, &bad), QINS_ENONFINITE);
+  cr_assert_eq(bad, 37);
+  cr_assert(strstr(qs_error(), "element 37"), "%s", qs_error());
+  qs_import_abort(im);
+  info(s, &si);
+  cr_assert_eq(si.n_models + si.n_staging + si.n_params, 0);
+  qs_close(s);
+  free(x);
+  free(w);
+}
+
+Test(store_api, corrupted_chunk_fails_its_checksum) {
+  uint64_t sh[2] = {64, 64};
+  float *x = malloc(4096 * 4);
+  for (int i = 0; i < 4096; i++) x[i] = 1234.5f + (float)(i % 7);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  cr_assert_eq(qs_import_commit(im), 0);
+  qs_close(s);
+  /* Flip one byte of the stored values in data.mdb. */
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  size_t len;
+  char *db = qt_read(p, &len);
+  cr_assert_not_null(db);
+  char *hit = memmem(db, len, x, 64);
+  cr_assert_not_null(hit, "chunk bytes not found in data.mdb");
+  int fd = open(p, O_WRONLY);
+  char flip = (char)(hit[100] ^ 0x40);
+  cr_assert_eq(pwrite(fd, &flip, 1, hit + 100 - db), 1);
+  close(fd);
+  free(db);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 4096, x), QINS_ECHECKSUM);
+  cr_assert(strstr(qs_error(), "m/w: chunk 0 fails its checksum"), "%s", qs_error());
+  qs_txn_end(t);
+  uint64_t probs = 0;
+  cr_assert_eq(qs_verify(s, NULL, NULL, NULL, &probs, NULL), 0);
+  cr_assert_eq(probs, 1);
+  qs_close(s);
+  free(x);
+}
+
+Test(store_api, one_writer_at_a_time) {
+  int go[2], done[2];
+  cr_assert_eq(pipe(go), 0);
+  cr_assert_eq(pipe(done), 0);
+  /* The store must exist before either process opens it. */
+  mkdir(sdir, 0755);
+  pid_t pid = fork(); /* before this process opens the env */
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    qs_store *cs;
+    qs_import *im;
+    if (qs_open(&cs, sdir, QS_OPEN_CREATE) || qs_import_begin(cs, "m", NULL, &im)) _exit(1);
+    char c = 1;
+    if (write(go[1], &c, 1) != 1) _exit(1);
+    if (read(done[0], &c, 1) != 1) _exit(1);
+    qs_import_abort(im);
+    qs_close(cs);
+    _exit(0);
+  }
+  char c;
+  cr_assert_eq(read(go[0], &c, 1), 1);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, 0), 0, "%s", qs_error());
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "x", NULL, &im), QINS_ELOCKED);
+  cr_assert(strstr(qs_error(), "locked by another writer (pid"), "%s", qs_error());
+  cr_assert_eq(qs_model_remove(s, "m"), QINS_ELOCKED);
+  cr_assert_eq(write(done[1], &c, 1), 1);
+  int st;
+  waitpid(pid, &st, 0);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  cr_assert_eq(qs_import_begin(s, "x", NULL, &im), 0, "%s", qs_error());
+  qs_import_abort(im);
+  qs_close(s);
+}
