@@ -418,6 +418,20 @@ typedef struct job {
   size_t payload_cap;
   int err;                       /* 0 or a wire code; msg in req.msg */
   uint64_t reserved;             /* bytes counted against the client's queue while deferred */
+  /* Streaming (a large single get): the worker decodes chunk-aligned pieces and tells the loop
+   * through `async`; the loop sends the head as soon as the plan is made, then each piece. */
+  int stream;                    /* this job streams */
+  uv_async_t async;              /* worker -> loop progress (stream only) */
+  atomic_int hdr_ready;          /* the worker's plan is made and the payload allocated */
+  atomic_uint_fast64_t done_bytes; /* payload prefix decoded so far */
+  uint64_t sent;                 /* payload prefix handed to the socket (loop) */
+  uint64_t unreserved;           /* reservation already released (loop) */
+  int hdr_sent;                  /* head handed to the socket (loop) */
+  int owner;                     /* the stream owns the connection's socket (loop) */
+  int waiting;                   /* queued behind another stream of the connection (loop) */
+  int work_ended;                /* the worker finished (loop) */
+  int writes_out;                /* stream writes not finished (loop) */
+  int work_done, async_closed;   /* lifetime: freed when both are set and writes_out == 0 */
 } job;
 
 static void job_free(job *j) {
@@ -536,6 +550,54 @@ static int job_plan(job *j, qs_txn *t) {
   return 0;
 }
 
+#define STREAM_PIECE (1u << 20) /* stream pieces are whole chunks adding up to at least this */
+
+/* Streams the single planned item: allocates, decodes chunk-aligned pieces (each chunk fetched
+ * and checksummed once), and signals each; the head is signalled with the first piece. */
+static int job_decode_stream(job *j, qs_txn *t) {
+  uint64_t t0 = qd_now_ns();
+  item *it = &j->items[0];
+  j->payload = qd_buf_get(j->total ? (size_t)j->total : 1, &j->payload_cap);
+  if (!j->payload) {
+    snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s/%s",
+             (unsigned long long)j->total, j->model, it->t.name);
+    return j->err = QINS_ENOMEM;
+  }
+  if (!it->n_elem) {
+    atomic_store_explicit(&j->hdr_ready, 1, memory_order_release);
+    uv_async_send(&j->async);
+    return 0;
+  }
+  uint64_t esize = it->bytes / it->n_elem;
+  uint64_t inner = 1;
+  for (int d = 1; d < it->t.ndim; d++) inner *= it->t.shape[d];
+  uint64_t base = j->has_slice && j->slice.ndim == 1 ? j->slice.start[0] * inner : 0;
+  uint64_t ce = it->t.rows_per_chunk * it->t.row_len; /* source elements per chunk */
+  if (ce == 0) ce = 1;
+  uint64_t step = (STREAM_PIECE + ce * esize - 1) / (ce * esize);
+  if (step == 0) step = 1;
+  uint64_t p = 0;
+  while (p < it->n_elem) {
+    uint64_t src = base + p;
+    uint64_t end = (src / ce + step) * ce - base;
+    if (end > it->n_elem) end = it->n_elem;
+    int rc = qs_tensor_read(t, &it->t, j->has_slice ? &j->slice : NULL, (qc_dtype)j->dt, p, end,
+                            (char *)j->payload + p * esize);
+    if (rc) {
+      job_fail(j, rc, it->t.name);
+      break;
+    }
+    p = end;
+    atomic_store_explicit(&j->done_bytes, p * esize, memory_order_release);
+    /* The head goes out only once the first piece decoded: an error in a tensor's first chunk
+     * (the only one, for most tensors) is still an ordinary error response. */
+    atomic_store_explicit(&j->hdr_ready, 1, memory_order_release);
+    uv_async_send(&j->async);
+  }
+  atomic_fetch_add(&qd_st.decode_ns, qd_now_ns() - t0);
+  return j->err;
+}
+
 /* Decodes the planned items in txn t into a fresh payload buffer. */
 static int job_decode(job *j, qs_txn *t) {
   uint64_t t0 = qd_now_ns();
@@ -573,7 +635,8 @@ static int job_run(job *j, int on_loop) {
       qs_txn_end(t);
       return RUN_DEFER;
     }
-    job_decode(j, t);
+    if (j->stream) job_decode_stream(j, t);
+    else job_decode(j, t);
   }
   qs_txn_end(t);
   return RUN_DONE;
@@ -647,6 +710,107 @@ static void job_reply(job *j) {
   job_free(j);
 }
 
+/* ---- streaming (loop side) ---- */
+static void job_maybe_free(job *j) {
+  if (j->work_done && j->async_closed && j->writes_out == 0) job_free(j);
+}
+
+static void stream_piece_done(void *ud) {
+  job *j = ud;
+  j->writes_out--;
+  job_maybe_free(j);
+}
+
+static void stream_async_closed(uv_handle_t *h) {
+  job *j = h->data;
+  j->async_closed = 1;
+  job_maybe_free(j);
+}
+
+static void stream_unreserve(job *j, uint64_t n) {
+  uint64_t left = j->reserved - j->unreserved;
+  if (n > left) n = left;
+  j->unreserved += n;
+  qd_req_unreserve(j->req.conn, n);
+}
+
+static void stream_complete(job *j);
+static void stream_progress(job *j);
+
+static void stream_wake(void *ud) {
+  job *j = ud;
+  j->waiting = 0;
+  j->owner = 1;
+  stream_progress(j);
+  if (j->work_ended) stream_complete(j);
+}
+
+/* Hands the head and any newly decoded bytes to the socket, once the stream owns it. */
+static void stream_progress(job *j) {
+  qd_conn *c = j->req.conn;
+  if (!j->owner) {
+    if (j->waiting || !atomic_load_explicit(&j->hdr_ready, memory_order_acquire)) return;
+    if (!qd_stream_acquire(c, stream_wake, j)) {
+      j->waiting = 1;
+      return;
+    }
+    j->owner = 1;
+  }
+  if (!j->hdr_sent) {
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    init_packer(&sb, &pk);
+    qp_pack_response_ok(&pk, j->req.msgid);
+    pack_item_head(&pk, &j->items[0], 0);
+    size_t len = sb.size;
+    j->writes_out++;
+    qd_stream_write(c, msgpack_sbuffer_release(&sb), len, uv_buf_init(NULL, 0), stream_piece_done, j);
+    j->hdr_sent = 1;
+  }
+  uint64_t n = atomic_load_explicit(&j->done_bytes, memory_order_acquire);
+  if (n > j->sent) {
+    stream_unreserve(j, n - j->sent);
+    j->writes_out++;
+    qd_stream_write(c, NULL, 0, uv_buf_init((char *)j->payload + j->sent, (unsigned)(n - j->sent)),
+                    stream_piece_done, j);
+    j->sent = n;
+  }
+}
+
+static void stream_async_cb(uv_async_t *a) { stream_progress(a->data); }
+
+/* The worker is done and the stream owns the socket (or never needed it): finish the answer. */
+static void stream_complete(job *j) {
+  qd_conn *c = j->req.conn;
+  stream_unreserve(j, j->reserved);
+  if (!j->hdr_sent) {
+    qd_reply_err(&j->req, j->err ? j->err : QINS_EINTERNAL, "%s", j->req.msg);
+  } else if (j->err) {
+    /* The head went out: the only honest end is to close (PROTOCOL.md §4.6). */
+    qd_log(QD_LOG_WARNING,
+           "%s: get (msgid %u): %s: %s after %llu of %llu bytes were sent; closing the connection",
+           qd_conn_desc(c), j->req.msgid, qins_err_name(j->err), j->req.msg,
+           (unsigned long long)j->sent, (unsigned long long)j->total);
+    qd_count_error(j->err);
+    qd_latency_record(j->req.t0);
+    qd_stream_end(c, 1);
+  } else {
+    qd_latency_record(j->req.t0);
+    qd_stream_end(c, 0);
+  }
+  j->work_done = 1;
+  uv_close((uv_handle_t *)&j->async, stream_async_closed);
+  qd_req_done_deferred(c); /* last: may free the connection */
+}
+
+static void stream_finish(job *j) {
+  j->work_ended = 1;
+  stream_progress(j);
+  /* Not owning the socket with a head to send: stream_wake completes it later. A job that
+   * failed before its head was ready needs no socket turn (its error is an ordinary reply). */
+  if (j->owner || !atomic_load_explicit(&j->hdr_ready, memory_order_acquire)) stream_complete(j);
+}
+
 static void work_cb(uv_work_t *w) {
   job *j = (job *)w;
   job_run(j, 0);
@@ -658,6 +822,10 @@ static void after_work_cb(uv_work_t *w, int status) {
   if (status == UV_ECANCELED && !j->err) {
     j->err = QINS_ESHUTDOWN;
     snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
+  }
+  if (j->stream) {
+    stream_finish(j); /* answers and releases the request slot, now or once the socket is free */
+    return;
   }
   qd_req_unreserve(c, j->reserved);
   job_reply(j);
@@ -673,6 +841,14 @@ static int start_job(qd_req *r, job *j) {
     return 0;
   }
   qd_st.pool_decodes++;
+  /* Stream whole tensors or row ranges that are large: sending starts with the first chunk. */
+  j->stream = !j->many && j->n_items == 1 && qd_cfg.stream_min_bytes &&
+              j->total >= qd_cfg.stream_min_bytes && j->items[0].t.ndim >= 1 &&
+              (!j->has_slice || j->slice.ndim <= 1);
+  if (j->stream) {
+    uv_async_init(uv_default_loop(), &j->async, stream_async_cb);
+    j->async.data = j;
+  }
   uint64_t reserved = j->reserved = j->total;
   qd_req_defer(r, reserved);
   int rc = uv_queue_work(uv_default_loop(), &j->work, work_cb, after_work_cb);
@@ -680,7 +856,12 @@ static int start_job(qd_req *r, job *j) {
     qd_req_unreserve(r->conn, reserved);
     qd_req_done_deferred(r->conn);
     snprintf(r->msg, sizeof r->msg, "cannot queue the decode of %s: %s", j->model, uv_strerror(rc));
-    job_free(j);
+    if (j->stream) {
+      j->work_done = 1;
+      uv_close((uv_handle_t *)&j->async, stream_async_closed);
+    } else {
+      job_free(j);
+    }
     return QINS_EINTERNAL;
   }
   return 0;

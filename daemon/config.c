@@ -60,6 +60,9 @@ static const opt opts[] = {
   {"threads", T_U64, "4", 1, 128, F(threads), "decode threads (libuv thread pool size)"},
   {"buffer-cache-bytes", T_SIZE, "256M", 0, 64 * GiB, F(buffer_cache_bytes),
    "decoded-payload buffers kept for reuse (avoids page faults on large gets)"},
+  {"stream-min-bytes", T_SIZE, "4M", 0, 4 * GiB, F(stream_min_bytes),
+   "gets of whole tensors or row ranges at least this large are sent chunk by chunk while being "
+   "decoded (0: never)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

@@ -44,6 +44,7 @@ typedef struct qd_config {
   uint64_t shutdown_timeout_ms; /* after SIGTERM, connections still busy after this are cut */
   uint64_t threads;            /* decode threads (libuv pool size) */
   uint64_t buffer_cache_bytes; /* decoded-payload buffers kept for reuse */
+  uint64_t stream_min_bytes;   /* gets at least this large are sent while being decoded (0: never) */
 } qd_config;
 
 extern qd_config qd_cfg;
@@ -129,6 +130,20 @@ void qd_req_defer(qd_req *r, uint64_t bytes);
 void qd_req_unreserve(qd_conn *c, uint64_t bytes);
 /* The deferred request is answered: may resume reading, or free a connection already closed. */
 void qd_req_done_deferred(qd_conn *c);
+
+/* Streamed responses (commands.c, large gets): while a stream owns c, every other response to c
+ * is held and sent after qd_stream_end, so responses never interleave on the socket. Pieces are
+ * not owned: done(ud) is called when each piece's write finished or was dropped. A broken stream
+ * (an error after its header went out) closes the connection. */
+/* 1 if the stream may write now; else wake(ud) is called later, when it may (streams on one
+ * connection take turns, in order; a closing connection wakes everyone). */
+int qd_stream_acquire(qd_conn *c, void (*wake)(void *), void *ud);
+void qd_stream_write(qd_conn *c, char *head /* taken over; may be NULL */, size_t head_len,
+                     uv_buf_t piece, void (*done)(void *), void *ud);
+void qd_stream_end(qd_conn *c, int broken);
+int qd_conn_closing(const qd_conn *c);
+void qd_latency_record(uint64_t t0);
+void qd_count_error(int code);
 
 /* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time. */
 void *qd_buf_get(size_t n, size_t *cap /* out */);

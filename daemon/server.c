@@ -60,19 +60,26 @@ struct qd_conn {
   int closed;          /* close_cb ran */
   int close_after;     /* no more requests: close once pending == 0 and queued == 0 */
   int busy;            /* over max_connections: only the BUSY reply is sent */
+  int streaming;       /* a streamed response owns the socket: other writes are held */
+  struct waiter *waiters; /* streams waiting for the socket, in order */
+  struct wreq *held_head, *held_tail; /* writes held while streaming, in order */
   struct qd_conn *prev, *next; /* all connections */
 };
 
-typedef struct wreq {
+typedef struct wreq wreq;
+struct wreq {
   uv_write_t req;  /* libuv request; req.data unused */
   qd_conn *c;      /* connection written to */
   size_t bytes;    /* total bytes of bufs */
   char *head;      /* packed prefix (sbuffer data, malloc'd) */
   void *owned;     /* payload buffer released after the write, or NULL */
   size_t owned_cap;
+  void (*done)(void *); /* called when the write is finished or dropped (may be NULL) */
+  void *ud;        /* its argument */
+  struct wreq *next; /* held writes (while a stream owns the connection) */
   unsigned nbufs;
   uv_buf_t bufs[]; /* head, then payload pieces */
-} wreq;
+};
 
 static uv_loop_t *loop;
 static uv_pipe_t server;
@@ -215,16 +222,30 @@ static void on_conn_closed(uv_handle_t *h) {
   if (c->pending == 0) conn_free(c);
 }
 
+static void conn_release_held(qd_conn *c);
+static void conn_wake_streams(qd_conn *c);
+
 static void conn_close(qd_conn *c) {
   if (c->closing) return;
   c->closing = 1;
   c->reading = 0;
+  c->streaming = 0;
+  conn_release_held(c); /* closing: they are dropped */
   uv_close((uv_handle_t *)&c->pipe, on_conn_closed);
+  conn_wake_streams(c);   /* waiting streams finish (their writes are dropped) */
 }
 
 /* Closes c if it asked to be closed and nothing is left to send. */
 static void conn_maybe_close(qd_conn *c) {
   if (!c->closing && c->close_after && c->pending == 0 && c->queued == 0) conn_close(c);
+}
+
+/* Frees a write request and what it owns, and tells its owner (stream pieces). */
+static void wreq_free(wreq *w) {
+  free(w->head);
+  qd_buf_release(w->owned, w->owned_cap);
+  if (w->done) w->done(w->ud);
+  free(w);
 }
 
 static void on_write(uv_write_t *req, int status) {
@@ -239,56 +260,149 @@ static void on_write(uv_write_t *req, int status) {
            w->bytes);
     conn_close(c);
   }
-  free(w->head);
-  qd_buf_release(w->owned, w->owned_cap);
-  free(w);
+  wreq_free(w);
   if (!c->closing) {
     conn_process(c);
     conn_maybe_close(c);
   }
 }
 
-/* Queues head (taken over) + payload pieces on c. */
-static void conn_send(qd_conn *c, char *head, size_t head_len, const qd_payload *pl) {
-  unsigned np = pl ? pl->nbufs : 0;
-  wreq *w = malloc(sizeof *w + (1 + np) * sizeof(uv_buf_t));
-  if (!w) {
-    qd_log(QD_LOG_WARNING, "%s: out of memory queueing a response; closing", c->desc);
-    free(head);
-    if (pl) qd_buf_release(pl->owned, pl->owned_cap);
-    conn_close(c);
-    return;
-  }
-  w->c = c;
-  w->head = head;
-  w->owned = pl ? pl->owned : NULL;
-  w->owned_cap = pl ? pl->owned_cap : 0;
-  w->nbufs = 1 + np;
-  w->bufs[0] = uv_buf_init(head, (unsigned)head_len);
-  w->bytes = head_len;
-  for (unsigned i = 0; i < np; i++) {
-    w->bufs[1 + i] = pl->bufs[i];
-    w->bytes += pl->bufs[i].len;
-  }
+/* Hands w to libuv (counted in c->queued until its callback). */
+static void wreq_submit(qd_conn *c, wreq *w) {
   if (c->closing) { /* the client left while this was being computed */
-    free(head);
-    qd_buf_release(w->owned, w->owned_cap);
-    free(w);
+    c->queued -= w->bytes;
+    qd_st.queued_bytes -= w->bytes;
+    wreq_free(w);
     return;
   }
-  c->queued += w->bytes;
-  queued_add(w->bytes);
   int rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, w->bufs, w->nbufs, on_write);
   if (rc) {
     c->queued -= w->bytes;
     qd_st.queued_bytes -= w->bytes;
     qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(rc));
-    free(head);
-    qd_buf_release(w->owned, w->owned_cap);
-    free(w);
+    wreq_free(w);
     conn_close(c);
   }
 }
+
+/* Builds a write of head (taken over; may be NULL) + pieces, and submits it, or holds it while
+ * a stream owns the connection (stream = 0) so that responses never interleave. */
+static void conn_send_ex(qd_conn *c, char *head, size_t head_len, const uv_buf_t *pieces,
+                         unsigned np, void *owned, size_t owned_cap, void (*done)(void *),
+                         void *ud, int stream) {
+  wreq *w = malloc(sizeof *w + (1 + np) * sizeof(uv_buf_t));
+  if (!w) {
+    qd_log(QD_LOG_WARNING, "%s: out of memory queueing a response; closing", c->desc);
+    free(head);
+    qd_buf_release(owned, owned_cap);
+    if (done) done(ud);
+    conn_close(c);
+    return;
+  }
+  w->c = c;
+  w->head = head;
+  w->owned = owned;
+  w->owned_cap = owned_cap;
+  w->done = done;
+  w->ud = ud;
+  w->next = NULL;
+  w->nbufs = 0;
+  w->bytes = 0;
+  if (head) {
+    w->bufs[w->nbufs++] = uv_buf_init(head, (unsigned)head_len);
+    w->bytes += head_len;
+  }
+  for (unsigned i = 0; i < np; i++) {
+    w->bufs[w->nbufs++] = pieces[i];
+    w->bytes += pieces[i].len;
+  }
+  c->queued += w->bytes;
+  queued_add(w->bytes);
+  if (c->streaming && !stream && !c->closing) {
+    if (c->held_tail) c->held_tail->next = w;
+    else c->held_head = w;
+    c->held_tail = w;
+    return;
+  }
+  wreq_submit(c, w);
+}
+
+static void conn_send(qd_conn *c, char *head, size_t head_len, const qd_payload *pl) {
+  conn_send_ex(c, head, head_len, pl ? pl->bufs : NULL, pl ? pl->nbufs : 0, pl ? pl->owned : NULL,
+               pl ? pl->owned_cap : 0, NULL, NULL, 0);
+}
+
+/* Submits (or, when the connection is closing, drops) the writes held during a stream. */
+static void conn_release_held(qd_conn *c) {
+  wreq *w = c->held_head;
+  c->held_head = c->held_tail = NULL;
+  while (w) {
+    wreq *next = w->next;
+    wreq_submit(c, w);
+    w = next;
+  }
+}
+
+int qd_conn_closing(const qd_conn *c) { return c->closing; }
+
+typedef struct waiter {
+  void (*wake)(void *); /* called once the stream owns the socket (or the connection closed) */
+  void *ud;
+  struct waiter *next;
+} waiter;
+
+int qd_stream_acquire(qd_conn *c, void (*wake)(void *), void *ud) {
+  if (c->closing) return 1; /* writes are dropped anyway */
+  if (!c->streaming) {
+    c->streaming = 1;
+    return 1;
+  }
+  waiter *w = malloc(sizeof *w);
+  if (!w) {
+    qd_log(QD_LOG_WARNING, "%s: out of memory queueing a stream; closing", c->desc);
+    conn_close(c);
+    return 1;
+  }
+  w->wake = wake;
+  w->ud = ud;
+  w->next = NULL;
+  waiter **pp = &c->waiters;
+  while (*pp) pp = &(*pp)->next;
+  *pp = w;
+  return 0;
+}
+
+/* Hands the socket to the next waiting stream; on a closing connection wakes them all. */
+static void conn_wake_streams(qd_conn *c) {
+  while (c->waiters && !c->streaming) {
+    waiter *w = c->waiters;
+    c->waiters = w->next;
+    if (!c->closing) c->streaming = 1;
+    void (*wake)(void *) = w->wake;
+    void *ud = w->ud;
+    free(w);
+    wake(ud);
+  }
+}
+
+void qd_stream_write(qd_conn *c, char *head, size_t head_len, uv_buf_t piece,
+                     void (*done)(void *), void *ud) {
+  conn_send_ex(c, head, head_len, piece.len ? &piece : NULL, piece.len ? 1 : 0, NULL, 0, done, ud, 1);
+}
+
+void qd_stream_end(qd_conn *c, int broken) {
+  c->streaming = 0;
+  if (broken) conn_close(c);
+  conn_release_held(c);
+  conn_wake_streams(c);
+}
+
+void qd_latency_record(uint64_t t0) {
+  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = qd_now_ns() - t0;
+  qd_st.lat_n++;
+}
+
+void qd_count_error(int code) { count_error(code); }
 
 void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
   uint64_t dt = qd_now_ns() - r->t0;

@@ -86,7 +86,7 @@ static ts_daemon D;
 static const char *const *fixture_args; /* extra qinsd flags for the next setup */
 static int fixture_no_fill;             /* start on an empty store */
 
-static void setup(void) {
+__attribute__((unused)) static void setup(void) {
   cr_assert_eq(ts_dir_make(&D), 0, "mkdtemp");
   if (!fixture_no_fill) cr_assert_eq(ts_store_fill(D.store, fill_std, NULL), 0, "filling the store");
   cr_assert_eq(ts_daemon_start(&D, fixture_args), 0, "starting qinsd");

@@ -1,0 +1,263 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * daemon_stream.c — large gets that qinsd streams (sent chunk by chunk while the pool decodes;
+ * docs/PROTOCOL.md §4.6, option stream-min-bytes, here 64K): pipelined with small requests and
+ * other streams on one connection (responses never interleave), two connections at once, a client
+ * leaving mid-stream, and a checksum failure found after the head went out (the connection is
+ * closed; an error in the first chunk is still an ordinary CHECKSUM response).
+ * Model "m": the standard tensors plus "huge" [2048, 1024] f32 = 8 MiB, two 4 MiB chunks.
+ */
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "daemon_fixture.h"
+
+#define HUGE_SEED 50
+#define HUGE_R 2048
+#define HUGE_C 1024
+
+static int fill_huge(qs_store *s, void *ud) {
+  (void)ud;
+  int rc = fill_model(s, "m", 0);
+  if (rc) return rc;
+  /* A second model holding huge: simplest with the fixture's helpers. */
+  qs_import *im;
+  if ((rc = qs_import_begin(s, "h", NULL, &im))) return rc;
+  float *v = malloc((size_t)HUGE_R * HUGE_C * sizeof *v);
+  for (uint64_t i = 0; i < (uint64_t)HUGE_R * HUGE_C; i++) v[i] = ts_value(HUGE_SEED, i);
+  uint64_t shape[2] = {HUGE_R, HUGE_C};
+  rc = ts_import_f32(im, "huge", 2, shape, QC_F32, v);
+  free(v);
+  if (rc) {
+    qs_import_abort(im);
+    return rc;
+  }
+  return qs_import_commit(im);
+}
+
+static const char *const stream_args[] = {"--stream-min-bytes", "64K", NULL};
+
+static void setup_stream(void) {
+  cr_assert_eq(ts_dir_make(&D), 0, "mkdtemp");
+  cr_assert_eq(ts_store_fill(D.store, fill_huge, NULL), 0, "filling the store");
+  cr_assert_eq(ts_daemon_start(&D, stream_args), 0, "starting qinsd");
+}
+
+TestSuite(daemon_stream, .init = setup_stream, .fini = teardown, .timeout = 120);
+
+static void pack_get(msgpack_packer *pk, uint32_t id, const char *model, const char *name,
+                     int64_t r0, int64_t r1) {
+  qp_pack_request(pk, id, "get");
+  msgpack_pack_array(pk, 1);
+  msgpack_pack_map(pk, r0 >= 0 ? 3 : 2);
+  qp_pack_cstr(pk, "model");
+  qp_pack_cstr(pk, model);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, name);
+  if (r0 >= 0) {
+    qp_pack_cstr(pk, "slice");
+    msgpack_pack_array(pk, 1);
+    msgpack_pack_array(pk, 2);
+    msgpack_pack_uint64(pk, (uint64_t)r0);
+    msgpack_pack_uint64(pk, (uint64_t)r1);
+  }
+}
+
+/* Checks rows [r0, r1) of huge (or of m/big when big) in a result map. */
+static void check_rows(const msgpack_object *m, int big, uint64_t r0, uint64_t r1) {
+  got g;
+  memset(&g, 0, sizeof g);
+  parse_tensor_map(m, &g);
+  uint64_t cols = big ? 600 : HUGE_C, seed = big ? 3 : HUGE_SEED;
+  cr_assert_eq(g.bytes, (r1 - r0) * cols * 4);
+  cr_assert_eq(g.shape[0], r1 - r0);
+  for (uint64_t i = 0; i < (r1 - r0) * cols; i++) {
+    float v;
+    memcpy(&v, g.data + 4 * i, 4);
+    if (v != ts_value(seed, r0 * cols + i))
+      cr_assert_fail("element %llu of rows [%llu, %llu) differs", (unsigned long long)i,
+                     (unsigned long long)r0, (unsigned long long)r1);
+  }
+  free(g.data);
+}
+
+typedef struct spec {
+  const char *model, *name;
+  int64_t r0, r1; /* -1: whole */
+} spec;
+
+static const spec mix[] = {
+  {"h", "huge", -1, -1},     {"m", "big", 0, 1},       {"h", "huge", 1000, 1100},
+  {"m", "big", -1, -1},      {"h", "nope", -1, -1},    {"h", "huge", -1, -1},
+  {"h", "huge", 0, 1},       {"h", "huge", 1023, 2048}, {"m", "big", 7, 900},
+  {"h", "huge", -1, -1},
+};
+#define N_MIX (sizeof mix / sizeof mix[0])
+
+static void run_mix(int *errors) {
+  int fd = ts_connect(D.sock);
+  if (fd < 0) {
+    (*errors)++;
+    return;
+  }
+  ts_rx rx;
+  ts_rx_init(&rx, fd);
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  for (size_t i = 0; i < N_MIX; i++) {
+    pack_get(&pk, (uint32_t)(500 + i), mix[i].model, mix[i].name, mix[i].r0, mix[i].r1);
+    qp_pack_request(&pk, (uint32_t)(900 + i), "ping");
+    msgpack_pack_array(&pk, 0);
+  }
+  if (ts_send(fd, sb.data, sb.size)) (*errors)++;
+  msgpack_sbuffer_destroy(&sb);
+  int seen[2 * N_MIX] = {0};
+  for (size_t k = 0; k < 2 * N_MIX; k++) {
+    const msgpack_object *o;
+    if (ts_rx_next(&rx, 60000, &o) != 1) {
+      (*errors)++;
+      break;
+    }
+    uint32_t id = (uint32_t)o->via.array.ptr[1].via.u64;
+    if (id >= 900) {
+      seen[N_MIX + id - 900]++;
+      if (!qp_obj_str_eq(ts_resp_result(o), "pong")) (*errors)++;
+      continue;
+    }
+    size_t i = id - 500;
+    seen[i]++;
+    const spec *sp = &mix[i];
+    if (!strcmp(sp->name, "nope")) {
+      if (ts_resp_code(o) != QINS_ENO_TENSOR) (*errors)++;
+      continue;
+    }
+    if (ts_resp_code(o) != 0) {
+      (*errors)++;
+      continue;
+    }
+    int big = !strcmp(sp->name, "big");
+    uint64_t rows = big ? 1024 : HUGE_R;
+    check_rows(ts_resp_result(o), big, sp->r0 < 0 ? 0 : (uint64_t)sp->r0,
+               sp->r0 < 0 ? rows : (uint64_t)sp->r1);
+  }
+  for (size_t k = 0; k < 2 * N_MIX; k++)
+    if (seen[k] != 1) (*errors)++;
+  ts_rx_destroy(&rx);
+}
+
+Test(daemon_stream, pipelined_streams_and_small_requests_do_not_interleave) {
+  int errors = 0;
+  run_mix(&errors);
+  cr_assert_eq(errors, 0);
+}
+
+static void *mix_thread(void *p) {
+  run_mix(p);
+  return NULL;
+}
+
+Test(daemon_stream, concurrent_connections_streaming) {
+  pthread_t th[3];
+  int errs[3] = {0};
+  for (int i = 0; i < 3; i++) pthread_create(&th[i], NULL, mix_thread, &errs[i]);
+  for (int i = 0; i < 3; i++) pthread_join(th[i], NULL);
+  cr_assert_eq(errs[0] + errs[1] + errs[2], 0);
+}
+
+Test(daemon_stream, client_leaving_mid_stream) {
+  for (int i = 0; i < 4; i++) {
+    int fd = ts_connect(D.sock);
+    cr_assert_geq(fd, 0);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    pack_get(&pk, 1, "h", "huge", -1, -1);
+    pack_get(&pk, 2, "h", "huge", -1, -1);
+    cr_assert_eq(ts_send(fd, sb.data, sb.size), 0);
+    msgpack_sbuffer_destroy(&sb);
+    char buf[1 << 16];
+    cr_assert_gt(recv(fd, buf, sizeof buf, 0), 0);
+    close(fd);
+  }
+  ts_rx rx;
+  open_rx(&rx);
+  got g = do_get(&rx, "h", "huge", -1, NULL, NULL);
+  cr_assert_eq(g.code, 0);
+  cr_assert_eq(g.bytes, (size_t)HUGE_R * HUGE_C * 4);
+  free(g.data);
+  ts_rx_destroy(&rx);
+}
+
+/* Flips one bit of element `elem` of huge in the store file (the daemon maps it read-only and
+ * sees the change through the page cache). */
+static void corrupt_huge(uint64_t elem) {
+  char path[160];
+  snprintf(path, sizeof path, "%s/data.mdb", D.store);
+  int fd = open(path, O_RDWR);
+  cr_assert_geq(fd, 0, "open %s", path);
+  struct stat st;
+  fstat(fd, &st);
+  uint8_t *all = malloc((size_t)st.st_size);
+  cr_assert_eq(pread(fd, all, (size_t)st.st_size, 0), st.st_size);
+  float pat[8];
+  for (int i = 0; i < 8; i++) pat[i] = ts_value(HUGE_SEED, elem + (uint64_t)i);
+  uint8_t *hit = memmem(all, (size_t)st.st_size, pat, sizeof pat);
+  cr_assert(hit, "element %llu not found in the store file", (unsigned long long)elem);
+  uint8_t b = hit[1] ^ 0x10;
+  cr_assert_eq(pwrite(fd, &b, 1, hit + 1 - all), 1);
+  free(all);
+  close(fd);
+}
+
+Test(daemon_stream, checksum_failure_after_the_head_closes_the_connection) {
+  corrupt_huge((uint64_t)1500 * HUGE_C + 100); /* in the second chunk (rows 1024..2047) */
+  ts_rx rx;
+  open_rx(&rx);
+  /* The first chunk alone is fine. */
+  const uint64_t first[1][2] = {{0, 10}};
+  got g = do_get(&rx, "h", "huge", 1, first, NULL);
+  cr_assert_eq(g.code, 0);
+  free(g.data);
+  /* A small get in the bad chunk: an ordinary CHECKSUM error naming the tensor. */
+  const uint64_t bad[1][2] = {{1500, 1501}};
+  g = do_get(&rx, "h", "huge", 1, bad, NULL);
+  cr_assert_eq(g.code, QINS_ECHECKSUM);
+  /* A streamed get whose second chunk is bad: head and first chunk sent, then a close. */
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  pack_get(&pk, 42, "h", "huge", -1, -1);
+  cr_assert_eq(ts_send(rx.fd, sb.data, sb.size), 0);
+  msgpack_sbuffer_destroy(&sb);
+  const msgpack_object *o;
+  cr_assert_neq(ts_rx_next(&rx, 30000, &o), 1, "no complete response; the connection closes");
+  ts_rx_destroy(&rx);
+  /* Others are still served; the error is counted and logged. */
+  open_rx(&rx);
+  g = do_get(&rx, "m", "a.w", -1, NULL, NULL);
+  cr_assert_eq(g.code, 0);
+  free(g.data);
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_request(&pk, 7, "stats");
+  msgpack_pack_array(&pk, 0);
+  const msgpack_object *r = ts_call(&rx, &sb, 7);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r);
+  const msgpack_object *e = qp_map_get(qp_map_get(ts_resp_result(r), "errors"), "CHECKSUM");
+  cr_assert(e && e->via.u64 == 2, "CHECKSUM counted twice");
+  ts_rx_destroy(&rx);
+  FILE *f = fopen(D.log, "r");
+  char line[1024];
+  int found = 0;
+  while (f && fgets(line, sizeof line, f))
+    found |= strstr(line, "CHECKSUM") && strstr(line, "closing the connection") && strstr(line, "huge");
+  if (f) fclose(f);
+  cr_assert(found, "the mid-stream failure is logged naming the tensor");
+}
