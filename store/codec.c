@@ -871,7 +871,7 @@ int qc_fit_add(qc_fit *f, const float *rows, uint64_t n_rows, uint64_t *bad_inde
         if (!nb) return f->failed = 1, QINS_ENOMEM;
         f->buf = nb, f->cap = cap;
       }
-      memcpy(f->buf + f->n, rows, n * sizeof(float));
+      if (n) memcpy(f->buf + f->n, rows, n * sizeof(float));
     }
   }
   f->n += n;
