@@ -2,7 +2,8 @@
 /*
  * qins-llama2.c — an inference worker for llama2.c's model architecture whose weights come from
  * qinsd (through libqins) or, as the FP32 reference, straight from a safetensors file; with both it
- * measures how far the served weights move the model's output (issue 5; ../shared/models/README.md).
+ * measures how far the served weights move the model's output (issue 5; ../shared/models/README.md;
+ * usage and output: docs/client.md §3).
  *
  *   qins-llama2 --socket PATH --model NAME [--steps N] [--temperature T --topp P --seed S]
  *               [--reference FILE.safetensors] [--tokens-out FILE] [--budget BYTES]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: MIT
-"""qins.py — a minimal Python client for qinsd (docs/PROTOCOL.md), for the workers most people write.
+"""qins.py — a minimal Python client for qinsd (docs/PROTOCOL.md; docs/client.md §2), for workers.
 
 Needs Debian's python3-msgpack and python3-numpy (run with /usr/bin/python3). One blocking
 connection per Client; one request in flight at a time; not thread-safe (one Client per thread).

@@ -179,15 +179,14 @@ static figures served(const char *codec, const char *extra) {
 
 TestSuite(client_worker, .fini = teardown, .timeout = 240);
 
-/* README.md of the models: the reference path is run.c's forward pass, bit for bit. */
-Test(client_worker, reference_reproduces_greedy500) {
-  need_model();
+/* Runs the worker with `args` and --tokens-out, and counts the tokens equal to greedy500.txt. */
+static void expect_greedy500(const char *what, const char *args) {
   char b[256], cmd[2048], tokens[] = "/tmp/qins-tokens-XXXXXX";
   int fd = mkstemp(tokens);
   cr_assert_geq(fd, 0);
   close(fd);
-  snprintf(cmd, sizeof cmd, "%s --reference %s --steps %d --tokens-out %s 2>&1", bin(b, sizeof b),
-           model_path, STEPS, tokens);
+  snprintf(cmd, sizeof cmd, "%s %s --steps %d --tokens-out %s 2>&1", bin(b, sizeof b), args, STEPS,
+           tokens);
   char *out;
   int st = run(cmd, &out);
   cr_assert_eq(st, 0, "%s exited %d:\n%s", cmd, st, out);
@@ -204,9 +203,26 @@ Test(client_worker, reference_reproduces_greedy500) {
   fclose(a);
   fclose(e);
   unlink(tokens);
-  cr_log_info("reference     %d/%d tokens equal to greedy500.txt", match, STEPS);
+  cr_log_info("%-13s %d/%d tokens equal to greedy500.txt", what, match, STEPS);
   cr_assert_eq(n, STEPS, "token count");
   cr_assert_eq(match, STEPS, "first mismatch at step %d", first_bad);
+}
+
+/* README.md of the models: the reference path is run.c's forward pass, bit for bit. */
+Test(client_worker, reference_reproduces_greedy500) {
+  need_model();
+  char args[600];
+  snprintf(args, sizeof args, "--reference %s", model_path);
+  expect_greedy500("reference", args);
+}
+
+/* The served path alone (no reference: the config comes from the server's metadata or, as
+ * `models` carries none today, from the shapes plus --n-heads) is run.c's too. */
+Test(client_worker, served_alone_reproduces_greedy500) {
+  serve("f32");
+  char args[600];
+  snprintf(args, sizeof args, "--socket %s --model f32 --n-heads 8", D.sock);
+  expect_greedy500("served f32", args);
 }
 
 Test(client_worker, f32_through_qinsd_is_identical) {
