@@ -431,8 +431,11 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
   vsnprintf(msg, sizeof msg, fmt, ap);
   va_end(ap);
   const char *m = r->method >= 0 ? qd_methods[r->method].name : "?";
-  qd_log(code == QINS_EINTERNAL || code == QINS_ECORRUPT || code == QINS_ECHECKSUM ? QD_LOG_WARNING
-                                                                                  : QD_LOG_VERBOSE,
+  int level = code == QINS_EINTERNAL || code == QINS_ECORRUPT || code == QINS_ECHECKSUM ||
+                      code == QINS_EDENIED
+                  ? QD_LOG_WARNING
+                  : QD_LOG_VERBOSE;
+  qd_log(level,
          "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
   uint64_t dt = qd_now_ns() - r->t0;
   qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
@@ -824,8 +827,27 @@ int qd_server_run(void) {
   qd_st.start_ns = qd_now_ns();
   qd_st.per_method = calloc((size_t)qd_n_methods, sizeof(uint64_t));
   loop = uv_default_loop();
-  int rc = qs_open(&qd_store, qd_cfg.store, QS_OPEN_RDONLY);
-  if (rc == QINS_EIO || rc == -ENOENT) rc = qs_open(&qd_store, qd_cfg.store, QS_OPEN_CREATE);
+  /* The store directory must exist (a typo must not serve an empty store); an empty directory
+   * is initialised once (read-write, then closed) so qinsd can start before the first import.
+   * qinsd itself only ever reads: the env is reopened QS_OPEN_RDONLY. */
+  struct stat sst;
+  if (stat(qd_cfg.store, &sst) != 0 || !S_ISDIR(sst.st_mode)) {
+    qd_log(QD_LOG_WARNING, "store %s: not a directory (%s); create it or import a model first",
+           qd_cfg.store, strerror(errno ? errno : ENOTDIR));
+    return 1;
+  }
+  char mdb[4200];
+  snprintf(mdb, sizeof mdb, "%s/data.mdb", qd_cfg.store);
+  int rc = 0;
+  if (access(mdb, F_OK) != 0) {
+    qs_store *init;
+    rc = qs_open(&init, qd_cfg.store, QS_OPEN_CREATE);
+    if (rc == 0) {
+      qs_close(init);
+      qd_log(QD_LOG_NOTICE, "store %s: initialised an empty store", qd_cfg.store);
+    }
+  }
+  if (rc == 0) rc = qs_open(&qd_store, qd_cfg.store, QS_OPEN_RDONLY);
   if (rc) {
     qd_log(QD_LOG_WARNING, "store %s: cannot open: %s: %s", qd_cfg.store, qins_strerror(rc),
            qs_error());

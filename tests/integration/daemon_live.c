@@ -343,3 +343,49 @@ Test(daemon_docs, bad_option_values_exit_2_naming_the_option) {
   cr_assert_eq(run_qinsd(a5, out, sizeof out), 2);
   cr_assert(strstr(out, "max-request-bytes"), "%s", out);
 }
+
+/* Admin methods: only the daemon's own uid and root (SO_PEERCRED). Run as root, the test
+ * connects from a child that became uid 65534 (nobody). */
+static const char *const open_args[] = {"--socket-mode", "0666", NULL};
+static void setup_open(void) {
+  fixture_args = open_args;
+  setup();
+  chmod(D.dir, 0711); /* let the other uid reach the socket */
+}
+
+static int child_call(ts_rx *rx, uint32_t id, const char *method) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, method, -1);
+  const msgpack_object *r = ts_call(rx, &sb, id);
+  msgpack_sbuffer_destroy(&sb);
+  return r ? ts_resp_code(r) : 1;
+}
+
+Test(daemon_live, admin_methods_need_the_daemons_uid_or_root, .init = setup_open) {
+  if (geteuid() != 0) cr_skip_test("needs root to connect as another uid");
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    if (setgid(65534) || setuid(65534)) _exit(10);
+    int fd = ts_connect(D.sock);
+    if (fd < 0) _exit(11);
+    ts_rx rx;
+    ts_rx_init(&rx, fd);
+    if (child_call(&rx, 1, "shutdown") != QINS_EDENIED) _exit(12);
+    if (child_call(&rx, 2, "stats") != 0) _exit(13);
+    if (child_call(&rx, 3, "ping") != 0) _exit(14);
+    _exit(0);
+  }
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", WEXITSTATUS(st));
+  cr_assert_eq(ts_ping(D.sock), 0, "still serving after the denied shutdown");
+  FILE *f = fopen(D.log, "r");
+  char line[1024];
+  int found = 0;
+  while (f && fgets(line, sizeof line, f))
+    found |= strstr(line, "uid 65534") && strstr(line, "DENIED");
+  if (f) fclose(f);
+  cr_assert(found, "the denial is logged naming the client's uid");
+}
