@@ -212,3 +212,108 @@ Test(proto_scan, reader_rejects_truncation_without_moving) {
   qp_rd_init(&r, big, sizeof big);
   cr_assert_eq(qp_rd_skip(&r), QINS_EPROTO);
 }
+
+/* A random msgpack value of nesting depth <= depth (xorshift-driven). */
+static uint64_t rng_state = 88172645463325252ull;
+static uint64_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return rng_state;
+}
+
+static void pack_random(msgpack_packer *pk, int depth) {
+  static const char blob[70000] = {1};
+  switch (rnd() % (depth > 0 ? 12 : 9)) {
+  case 0: msgpack_pack_nil(pk); break;
+  case 1: msgpack_pack_true(pk); break;
+  case 2: msgpack_pack_uint64(pk, rnd() >> (rnd() % 64)); break;
+  case 3: msgpack_pack_int64(pk, -(int64_t)(rnd() >> (1 + rnd() % 63))); break;
+  case 4: msgpack_pack_double(pk, 1.5); break;
+  case 5: msgpack_pack_float(pk, 2.5f); break;
+  case 6: msgpack_pack_str_with_body(pk, blob, rnd() % 3 ? rnd() % 40 : rnd() % sizeof blob); break;
+  case 7: msgpack_pack_bin_with_body(pk, blob, rnd() % 3 ? rnd() % 40 : rnd() % sizeof blob); break;
+  case 8: msgpack_pack_ext_with_body(pk, blob, rnd() % 20, 3); break;
+  case 9: case 10: {
+    uint32_t n = (uint32_t)(rnd() % (rnd() % 8 ? 5 : 20));
+    msgpack_pack_array(pk, n);
+    for (uint32_t i = 0; i < n; i++) pack_random(pk, depth - 1);
+    break;
+  }
+  default: {
+    uint32_t n = (uint32_t)(rnd() % 4);
+    msgpack_pack_map(pk, n);
+    for (uint32_t i = 0; i < 2 * n; i++) pack_random(pk, depth - 1);
+    break;
+  }
+  }
+}
+
+/* The scanner, the cursor reader's skip and msgpack-c agree on the size of every valid value of
+ * depth <= 8, given whole or a byte at a time. */
+Test(proto_scan, agrees_with_msgpack_c_on_random_values) {
+  for (int iter = 0; iter < 2000; iter++) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    pack_random(&pk, QP_MAX_DEPTH);
+    qp_scan s;
+    size_t n = 0;
+    qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+    cr_assert_eq(qp_scan_next(&s, sb.data, sb.size, &n), QP_COMPLETE, "iter %d: %s", iter, s.what);
+    cr_assert_eq(n, sb.size);
+    if (iter % 50 == 0) { /* incrementally */
+      qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+      int r = QP_MORE;
+      size_t len = 0;
+      while (r == QP_MORE && len < sb.size) r = qp_scan_next(&s, sb.data, ++len, &n);
+      cr_assert_eq(r, QP_COMPLETE);
+      cr_assert_eq(n, sb.size);
+      cr_assert_eq(len, sb.size, "complete only once the last byte is in");
+    }
+    qp_rd rd;
+    qp_rd_init(&rd, sb.data, sb.size);
+    cr_assert_eq(qp_rd_skip(&rd), 0);
+    cr_assert_eq((const char *)rd.p, sb.data + sb.size);
+    msgpack_zone z;
+    msgpack_zone_init(&z, 2048);
+    msgpack_object o;
+    size_t off = 0;
+    cr_assert_eq(msgpack_unpack(sb.data, sb.size, &off, &z, &o), MSGPACK_UNPACK_SUCCESS);
+    cr_assert_eq(off, sb.size);
+    msgpack_zone_destroy(&z);
+    msgpack_sbuffer_destroy(&sb);
+  }
+}
+
+/* Random bytes: the scanner never claims more than it was given, never reads past len, and a
+ * complete verdict is one msgpack-c accepts with the same size. */
+Test(proto_scan, random_bytes_are_bounded) {
+  uint8_t buf[64];
+  for (int iter = 0; iter < 200000; iter++) {
+    size_t len = (size_t)(rnd() % sizeof buf);
+    for (size_t i = 0; i < len; i++) buf[i] = (uint8_t)rnd();
+    uint8_t *copy = malloc(len ? len : 1); /* exact-size copy: ASan catches any overread */
+    memcpy(copy, buf, len);
+    qp_scan s;
+    size_t n = 0;
+    qp_scan_init(&s, 1 << 10, QP_MAX_DEPTH);
+    int r = qp_scan_next(&s, copy, len, &n);
+    cr_assert(r == QP_MORE || r == QP_COMPLETE || r == QINS_EPROTO || r == QINS_ETOO_LARGE);
+    if (r == QP_COMPLETE) {
+      cr_assert_leq(n, len);
+      msgpack_zone z;
+      msgpack_zone_init(&z, 256);
+      msgpack_object o;
+      size_t off = 0;
+      cr_assert_eq(msgpack_unpack((const char *)copy, n, &off, &z, &o), MSGPACK_UNPACK_SUCCESS);
+      cr_assert_eq(off, n);
+      msgpack_zone_destroy(&z);
+    }
+    qp_rd rd;
+    qp_rd_init(&rd, copy, len);
+    if (qp_rd_skip(&rd) == 0) cr_assert_leq((size_t)(rd.p - copy), len);
+    free(copy);
+  }
+}
