@@ -442,36 +442,43 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
 
 typedef struct q8tab {
   float T[128];
-  float thr[128];              /* thr[m]: x-domain midpoint of T[m-1] and T[m]; thr[0] = +inf */
+  float thr[129];              /* thr[m]: x-domain midpoint of T[m-1] and T[m]; thr[0] = +inf,
+                                * thr[128] = -inf */
+  float safe_lo[129], safe_hi[129]; /* thr[m] * (1 -+ 2^-19): outside, x-domain == exact */
+  float lut[256];              /* signed entries, as the decoder's */
   uint8_t guess[Q8_GUESS + 1]; /* nearest m to x = i / Q8_GUESS (the largest m of the bin) */
-  int32_t guess32[Q8_GUESS + 1]; /* the same, for gathers */
+  float bin_t0[Q8_GUESS + 1];  /* T[guess[i]]: the bin's level ... */
+  float bin_t1[Q8_GUESS + 1];  /* ... and the next larger one, T[guess[i] - 1] (T[0] for m = 0) */
 } q8tab;
 
 static void q8tab_init(q8tab *q, const float T[128]) {
   memcpy(q->T, T, sizeof q->T);
   q->thr[0] = INFINITY;
   for (int m = 1; m < 128; m++) q->thr[m] = (float)(0.5 * ((double)T[m - 1] + T[m]));
+  q->thr[128] = -INFINITY;
+  for (int m = 0; m < 129; m++)
+    q->safe_lo[m] = q->thr[m] * (1 - 0x1p-19f), q->safe_hi[m] = q->thr[m] * (1 + 0x1p-19f);
+  for (int c = 0; c < 256; c++) q->lut[c] = (c & 0x80) ? -T[c & 0x7F] : T[c & 0x7F];
   int m = 127;
   for (int i = 0; i <= Q8_GUESS; i++) {
     double x = (double)i / Q8_GUESS;
     while (m > 0 && x > 0.5 * ((double)T[m - 1] + T[m])) m--;
-    q->guess[i] = (uint8_t)m, q->guess32[i] = m;
+    q->guess[i] = (uint8_t)m;
+    q->bin_t0[i] = T[m], q->bin_t1[i] = T[m > 0 ? m - 1 : 0];
   }
 }
 
-/* Estimated squared error of a block at scale d > 0: the nearest level in the x domain, from the
- * bin's level and at most one threshold test (exact when levels are >= 1/Q8_GUESS apart, a close
- * estimate otherwise). Only ranks candidate scales; codes always come from q8_nearest. */
+/* Estimated squared error of a block at scale d > 0: the nearer of the two levels that can be
+ * nearest in the weight's bin (exact when levels are >= 1/Q8_GUESS apart, a close estimate
+ * otherwise). Only ranks candidate scales; codes always come from q8_nearest. */
 static float q8_err_fast(const q8tab *q, float d, const float *w, uint32_t n) {
-  if (n == QC_QINS8_BLOCK && qc_enc_avx2) return qc__avx2_q8_err32(q->T, q->thr, q->guess32, d, w);
+  if (n == QC_QINS8_BLOCK && qc_enc_avx2) return qc__avx2_q8_err32(q->bin_t0, q->bin_t1, d, w);
   float inv = 1.0f / d, acc[8] = {0};
   for (uint32_t j = 0; j < n; j++) {
     float a = fabsf(w[j]), x = a * inv;
-    int i = x >= 1.0f ? Q8_GUESS : (int)(x * Q8_GUESS);
-    unsigned m = q->guess[i];
-    m -= x > q->thr[m];
-    float e = a - d * q->T[m];
-    acc[j & 7] += e * e;
+    int i = (int)(fminf(x, 1.0f) * Q8_GUESS);
+    float e0 = a - d * q->bin_t0[i], e1 = a - d * q->bin_t1[i];
+    acc[j & 7] += fminf(e0 * e0, e1 * e1);
   }
   float s = acc[0];
   for (int l = 1; l < 8; l++) s += acc[l];
@@ -482,6 +489,10 @@ static float q8_err_fast(const q8tab *q, float d, const float *w, uint32_t n) {
 static inline unsigned q8_nearest(const q8tab *q, float d, float inv, float a) {
   float x = a * inv;
   unsigned m = q->guess[x >= 1.0f ? Q8_GUESS : (int)(x * Q8_GUESS)];
+  m -= x > q->thr[m];
+  /* x well inside m's cell in the x domain: the decoded-value rule gives the same m, since
+   * fl(d*T) and a*inv are within 2^-23 of exact and the band is 2^-19 wide. */
+  if (x < q->safe_lo[m] && x > q->safe_hi[m + 1]) return m;
   double ad = a;
   while (m > 0 && ad > 0.5 * ((double)(d * q->T[m - 1]) + (double)(d * q->T[m]))) m--;
   while (m < 127 && ad <= 0.5 * ((double)(d * q->T[m]) + (double)(d * q->T[m + 1]))) m++;
@@ -650,7 +661,7 @@ static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float 
       if (st)
         for (uint32_t j = 0; j < n; j++) {
           uint8_t cd = codes[i0 + j];
-          stats_add(st, w[j], d * ((cd & 0x80) ? -q->T[cd & 0x7F] : q->T[cd & 0x7F]));
+          stats_add(st, w[j], d * q->lut[cd]);
         }
     }
   free(q);

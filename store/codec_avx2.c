@@ -185,8 +185,7 @@ void qc__avx2_f32_to_bf16(const void *src, uint64_t n, void *dst) {
   for (; i < n; i++) qc__st16(d + 2 * i, qc_f32_to_bf16(qc__ldf(s + 4 * i)));
 }
 
-float qc__avx2_q8_err32(const float *T, const float *thr, const int32_t *guess, float d,
-                        const float *w) {
+float qc__avx2_q8_err32(const float *t0, const float *t1, float d, const float *w) {
   const __m256 dv = _mm256_set1_ps(d), inv = _mm256_set1_ps(1.0f / d), one = _mm256_set1_ps(1.0f);
   const __m256 G = _mm256_set1_ps((float)QC__Q8_GUESS);
   const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -194,17 +193,15 @@ float qc__avx2_q8_err32(const float *T, const float *thr, const int32_t *guess, 
   for (int v = 0; v < 4; v++) {
     __m256 a = _mm256_and_ps(_mm256_loadu_ps(w + 8 * v), absm);
     __m256 x = _mm256_mul_ps(a, inv);
-    __m256i xi = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_min_ps(x, one), G));
-    __m256i m = _mm256_i32gather_epi32(guess, xi, 4);
-    __m256 th = _mm256_i32gather_ps(thr, m, 4);
-    m = _mm256_add_epi32(m, _mm256_castps_si256(_mm256_cmp_ps(x, th, _CMP_GT_OQ)));
-    __m256 e = _mm256_sub_ps(a, _mm256_mul_ps(dv, _mm256_i32gather_ps(T, m, 4)));
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(e, e));
+    __m256i i = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_min_ps(x, one), G));
+    __m256 e0 = _mm256_sub_ps(a, _mm256_mul_ps(dv, _mm256_i32gather_ps(t0, i, 4)));
+    __m256 e1 = _mm256_sub_ps(a, _mm256_mul_ps(dv, _mm256_i32gather_ps(t1, i, 4)));
+    acc = _mm256_add_ps(acc, _mm256_min_ps(_mm256_mul_ps(e0, e0), _mm256_mul_ps(e1, e1)));
   }
   float l[8];
   _mm256_storeu_ps(l, acc);
   float s = l[0];
-  for (int i = 1; i < 8; i++) s += l[i];
+  for (int k = 1; k < 8; k++) s += l[k];
   return s;
 }
 

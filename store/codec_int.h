@@ -84,10 +84,10 @@ void qc__seedrat_lut(const qc_params *p, float lut[256]);
 /* qins8 encoder: bins of the starting-index table over x = |w|/d in [0, 1]. */
 #define QC__Q8_GUESS 2048
 /* Estimated squared error of one full qins8 block (32 weights) at scale d (codec.c
- * q8_err_fast): 8 lane accumulators, lane l summing weights l, l+8, l+16, l+24, then added in lane
- * order, so that the AVX2 version returns the same float as the scalar one. */
-float qc__avx2_q8_err32(const float *T, const float *thr, const int32_t *guess, float d,
-                        const float *w);
+ * q8_err_fast): per weight min((a - d t0[i])^2, (a - d t1[i])^2) with i = (int)(min(a/d, 1) *
+ * QC__Q8_GUESS); 8 lane accumulators, lane l summing weights l, l+8, l+16, l+24, then added in
+ * lane order, so that the AVX2 version returns the same float as the scalar one. */
+float qc__avx2_q8_err32(const float *t0, const float *t1, float d, const float *w);
 
 /* Argument checks shared by qc_decode and qc_decode_ref: 0 or QINS_EINVALID. */
 int qc__check_decode(const qc_params *p, uint64_t row_len, uint64_t n_rows, uint64_t begin,
