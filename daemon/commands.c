@@ -414,6 +414,7 @@ typedef struct job {
   item *items;
   size_t n_items, cap_items;
   uint64_t total;                /* payload bytes */
+  uint64_t cost;                 /* estimated bytes touched to decode: decides inline vs pool */
   void *payload;                 /* qd_buf_get */
   size_t payload_cap;
   int err;                       /* 0 or a wire code; msg in req.msg */
@@ -445,6 +446,23 @@ static void job_free(job *j) {
 static int job_fail(job *j, int rc, const char *name) {
   j->err = store_err(&j->req, rc, j->model, name);
   return j->err;
+}
+
+/* Stored bytes a read of t[sl] touches: every chunk it touches is fetched, checksummed and
+ * validated whole (store.h, qs_tensor_read), so a 4 KiB slice of a 4 MiB chunk costs a 4 MiB
+ * checksum. Chunks are runs of whole rows of the last axis; a slice selects a range of leading
+ * indices, whose rows span [s0 * inner_rows, e0 * inner_rows). */
+static uint64_t job_chunk_work(const qs_tensor *t, const qs_slice *sl, uint64_t n_out) {
+  if (!n_out || !t->n_chunks) return 0;
+  uint64_t per_chunk = t->stored_bytes / t->n_chunks;
+  uint64_t touched = t->n_chunks;
+  if (sl && sl->ndim >= 1 && t->ndim >= 2 && t->rows_per_chunk) {
+    uint64_t inner_rows = 1;
+    for (int d = 1; d + 1 < t->ndim; d++) inner_rows *= t->shape[d];
+    uint64_t r0 = sl->start[0] * inner_rows, r1 = sl->stop[0] * inner_rows;
+    if (r1 > r0) touched = (r1 - 1) / t->rows_per_chunk - r0 / t->rows_per_chunk + 1;
+  }
+  return touched * per_chunk;
 }
 
 /* Adds tensor t to the plan: output shape, dtype and bytes; checks the response limit. */
@@ -503,6 +521,7 @@ static int job_add(job *j, const qs_tensor *t) {
     return j->err = QINS_ERESPONSE_TOO_LARGE;
   }
   it->bytes = it->n_elem * esize;
+  j->cost += it->bytes + job_chunk_work(t, sl, it->n_elem);
   it->off = j->total;
   j->total += it->bytes;
   j->n_items++;
@@ -527,6 +546,7 @@ static int prefix_cb(void *ud, const qs_tensor *t) {
 static int job_plan(job *j, qs_txn *t) {
   j->n_items = 0;
   j->total = 0;
+  j->cost = 0;
   j->err = 0;
   int rc;
   if (!j->many) {
@@ -631,7 +651,7 @@ static int job_run(job *j, int on_loop) {
     return RUN_DONE;
   }
   if (job_plan(j, t) == 0) {
-    if (on_loop && j->total > qd_cfg.inline_decode_bytes) {
+    if (on_loop && j->cost > qd_cfg.inline_decode_bytes) {
       qs_txn_end(t);
       return RUN_DEFER;
     }
