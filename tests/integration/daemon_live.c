@@ -389,3 +389,47 @@ Test(daemon_live, admin_methods_need_the_daemons_uid_or_root, .init = setup_open
   if (f) fclose(f);
   cr_assert(found, "the denial is logged naming the client's uid");
 }
+
+/* The config file configures the daemon; flags override it (STYLE.md 18). */
+static char conf_args_path[128];
+static const char *conf_args[] = {"--config", conf_args_path, "--max-connections", "7", NULL};
+static void setup_conf(void) {
+  cr_assert_eq(ts_dir_make(&D), 0);
+  snprintf(conf_args_path, sizeof conf_args_path, "%s/qinsd.conf", D.dir);
+  FILE *f = fopen(conf_args_path, "w");
+  cr_assert(f);
+  fprintf(f, "# test config\nmax-response-bytes 64K\nmax-connections 3\nmax-ranges \"4\"\n");
+  fclose(f);
+  cr_assert_eq(ts_store_fill(D.store, fill_std, NULL), 0);
+  cr_assert_eq(ts_daemon_start(&D, conf_args), 0);
+}
+Test(daemon_live, config_file_applies_and_flags_override_it, .init = setup_conf) {
+  ts_rx rx;
+  open_rx(&rx);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 1, "hello", -1);
+  const msgpack_object *r = ts_call(&rx, &sb, 1);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0);
+  const msgpack_object *m = ts_resp_result(r);
+  cr_assert_eq(qp_map_get(m, "max_response_bytes")->via.u64, 65536);
+  cr_assert_eq(qp_map_get(m, "max_ranges")->via.u64, 4);
+  cr_assert_eq(qp_map_get(m, "max_connections")->via.u64, 7, "the flag wins over the file");
+  got g = do_get(&rx, "m", "big", -1, NULL, NULL);
+  cr_assert_eq(g.code, QINS_ERESPONSE_TOO_LARGE);
+  ts_rx_destroy(&rx);
+}
+
+Test(daemon_live, sigint_also_stops_cleanly) {
+  cr_assert_eq(ts_ping(D.sock), 0);
+  kill(D.pid, SIGINT);
+  int st = ts_daemon_wait(&D, 10000);
+  cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status 0x%x", st);
+  FILE *f = fopen(D.log, "r");
+  char line[512];
+  int found = 0;
+  while (f && fgets(line, sizeof line, f)) found |= strstr(line, "shutting down (SIGINT)") != NULL;
+  if (f) fclose(f);
+  cr_assert(found);
+}
