@@ -139,9 +139,11 @@ int qc_params_std_qins8(int id, qc_params *p /* out */);
 
 /* --- Fitting per-tensor parameters, streaming with bounded memory ---------------------------
  * qc_fit_new; then qc_fit_add over all rows of the tensor (any number of calls); then
- * qc_fit_finish. At the default effort memory is bounded (a 4096-bin histogram, ~100 KB) and
- * independent of the tensor size, and qins8 runs at well over 50 MB/s. QC_EFFORT_MAX runs
- * QINS.md's reference encoder (A1 + A2 + A3u, ~1-2 us/weight) and buffers the whole tensor. */
+ * qc_fit_finish. At the default effort memory is bounded independently of the tensor size (a
+ * 4096-bin histogram, 96 KB, plus the rows while the tensor is below table_min_elems: 160 KB by
+ * default), and qins8 fit + encode runs at well over 50 MB/s per core. QC_EFFORT_MAX runs
+ * QINS.md's reference encoder (A1 + A2 + A3u, ~1-2 us/weight) and buffers the whole tensor.
+ * The same rows in any number of qc_fit_add calls give the same params. */
 enum { QC_EFFORT_DEFAULT = 0, QC_EFFORT_MAX = 1 };
 typedef struct qc_fit_opts {
   int effort;  /* QC_EFFORT_DEFAULT or QC_EFFORT_MAX */
