@@ -99,16 +99,17 @@ Test(qinsctl_atomic, sigkill_during_import_leaves_the_previous_state) {
   char a[256], b[256];
   snprintf(a, sizeof a, "%s/a.safetensors", dir);
   snprintf(b, sizeof b, "%s/b.safetensors", dir);
-  /* 6 x 1024 x 2304 f32 = 56.6 MB of source. */
-  write_model(a, 6, 1024, 2304, 1);
-  write_model(b, 6, 1024, 2304, 2);
+  /* 6 x 1024 x 3072 f32 = 75.5 MB of source, stored as f32 (--codec f32): fast to encode, and
+   * more than one staging transaction (QS_TXN_BYTES = 64 MiB) before the final flip. */
+  write_model(a, 6, 1024, 3072, 1);
+  write_model(b, 6, 1024, 3072, 2);
   char *err;
-  cr_assert_eq(ctl(NULL, &err, "import", a, "--model", "m", NULL), 0, "%s", err);
+  cr_assert_eq(ctl6(NULL, &err, "import", a, "--model", "m", "--codec", "f32"), 0, "%s", err);
   free(err);
   char *before = snapshot();
   /* How long a whole import takes here: kill moments are drawn within it. */
   double t0 = now();
-  cr_assert_eq(ctl(NULL, NULL, "import", b, "--model", "probe", NULL), 0);
+  cr_assert_eq(ctl6(NULL, NULL, "import", b, "--model", "probe", "--codec", "f32"), 0);
   double dur = now() - t0;
   cr_assert_eq(ctl(NULL, NULL, "rm", "probe", NULL, NULL, NULL), 0);
   unsigned seed = (unsigned)time(NULL);
@@ -123,7 +124,8 @@ Test(qinsctl_atomic, sigkill_during_import_leaves_the_previous_state) {
       int devnull = open("/dev/null", 1);
       dup2(devnull, 1);
       dup2(devnull, 2);
-      execl(qinsctl, qinsctl, "--store", store, "import", b, "--model", "m", (char *)NULL);
+      execl(qinsctl, qinsctl, "--store", store, "import", b, "--model", "m", "--codec", "f32",
+            (char *)NULL);
       _exit(127);
     }
     struct timespec ts = {(time_t)at, (long)((at - (double)(time_t)at) * 1e9)};
@@ -135,7 +137,7 @@ Test(qinsctl_atomic, sigkill_during_import_leaves_the_previous_state) {
       /* It finished before the kill: that is the new state; put the old one back. */
       cr_assert_eq(WEXITSTATUS(st), 0);
       finished++;
-      cr_assert_eq(ctl(NULL, NULL, "import", a, "--model", "m", NULL), 0);
+      cr_assert_eq(ctl6(NULL, NULL, "import", a, "--model", "m", "--codec", "f32"), 0);
       free(before);
       before = snapshot();
       continue;
@@ -151,7 +153,7 @@ Test(qinsctl_atomic, sigkill_during_import_leaves_the_previous_state) {
   fprintf(stderr, "kill test: %d imports killed, %d finished first\n", killed, finished);
   cr_assert_geq(killed, 10);
   /* The next writer clears what the killed imports staged; the store still verifies. */
-  cr_assert_eq(ctl(NULL, &err, "import", b, "--model", "m", NULL), 0, "%s", err);
+  cr_assert_eq(ctl6(NULL, &err, "import", b, "--model", "m", "--codec", "f32"), 0, "%s", err);
   free(err);
   char *out;
   cr_assert_eq(ctl(&out, NULL, "--json", "audit", NULL, NULL, NULL), 0);
