@@ -7,6 +7,7 @@
  * qinsd accepts, and `--help` shows each default.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -432,4 +433,65 @@ Test(daemon_live, sigint_also_stops_cleanly) {
   while (f && fgets(line, sizeof line, f)) found |= strstr(line, "shutting down (SIGINT)") != NULL;
   if (f) fclose(f);
   cr_assert(found);
+}
+
+/* The real admin path: `qinsctl import` of the shared tiny model and `qinsctl rm`, run while qinsd
+ * serves, are seen on the next request. */
+static int run_ctl(const char *const *args) {
+  char bin[512];
+  ts_build_path("qinsctl", bin, sizeof bin);
+  pid_t pid = fork();
+  if (pid == 0) {
+    int nul = open("/dev/null", O_WRONLY);
+    dup2(nul, 1);
+    const char *argv[16] = {bin};
+    int n = 1;
+    for (int i = 0; args[i] && n < 15; i++) argv[n++] = args[i];
+    argv[n] = NULL;
+    execv(bin, (char *const *)argv);
+    _exit(127);
+  }
+  int st;
+  waitpid(pid, &st, 0);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
+}
+
+Test(daemon_live, qinsctl_import_and_rm_seen_while_serving) {
+  char bin[512], model[512];
+  const char *shared = getenv("QINS_SHARED");
+  snprintf(model, sizeof model, "%s/models/stories260K.safetensors",
+           shared && *shared ? shared : QINS_SHARED_DIR);
+  if (access(ts_build_path("qinsctl", bin, sizeof bin), X_OK) != 0)
+    cr_skip_test("build/qinsctl is not built");
+  if (access(model, R_OK) != 0) cr_skip_test("%s is absent", model);
+  ts_rx rx;
+  open_rx(&rx);
+  const char *imp[] = {"--store", D.store, "import", model, "--model", "stories", "--codec", "f32", NULL};
+  cr_assert_eq(run_ctl(imp), 0, "qinsctl import");
+  char names[8][32];
+  cr_assert_eq(call_models(&rx, names, 8), 2);
+  cr_assert_str_eq(names[1], "stories");
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 4, "list", 2);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, "stories");
+  qp_pack_cstr(&pk, "limit");
+  msgpack_pack_uint64(&pk, 1);
+  const msgpack_object *r = ts_call(&rx, &sb, 4);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0, "%s", r ? ts_resp_msg(r) : "no response");
+  const msgpack_object *t0 = &qp_map_get(ts_resp_result(r), "tensors")->via.array.ptr[0];
+  char tname[300];
+  cr_assert_eq(qp_obj_cstr(qp_map_get(t0, "name"), tname, sizeof tname), 0);
+  uint64_t n_elem = qp_map_get(t0, "n_elem")->via.u64;
+  got g = do_get(&rx, "stories", tname, -1, NULL, NULL);
+  cr_assert_eq(g.code, 0);
+  cr_assert_eq(g.bytes, n_elem * 4);
+  free(g.data);
+  const char *rm[] = {"--store", D.store, "rm", "stories", NULL};
+  cr_assert_eq(run_ctl(rm), 0, "qinsctl rm");
+  g = do_get(&rx, "stories", tname, -1, NULL, NULL);
+  cr_assert_eq(g.code, QINS_ENO_MODEL);
+  ts_rx_destroy(&rx);
 }
