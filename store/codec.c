@@ -669,21 +669,36 @@ static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float 
 }
 
 /* qins16: nearest decoded magnitude among floor/ceil of -2048*log2(x) (QINS.md). */
-static uint16_t q16_code(int e, float w) {
+/* |decoded| of qins16 magnitude m < 32767 in a block of exponent e >= -100: MT[m & 2047] with
+ * e - (m >> 11) added to its exponent field, which equals QINS.md's ldexpf exactly because the
+ * result is a normal float (>= 2^-116). */
+static inline float q16_mag(const float *MT, int e, int m) {
+  return qc__bitsf(qc__fbits(MT[m & 2047]) + (uint32_t)((e - (m >> 11)) * (1 << 23)));
+}
+
+/* qins16 code of w in a block of exponent e (QINS.md): m0 = floor(-2048*log2(|w|/2^e)) and
+ * m0 + 1, whichever decodes nearer (tie: m0 + 1); 32766 becomes 32767 (zero) when |w| is nearer to
+ * 0. log2f's error (<< 1/2048 here) can only move m0 by one near an integer, so m0 - 1 is tried
+ * too: the nearest of the three with ties to the larger m is QINS.md's choice. */
+static uint16_t q16_code(const float *MT, int e, float w) {
   float a = fabsf(w);
   if (a == 0.0f) return QC_QINS16_ZERO;
-  double x = (double)a * ldexp(1.0, -e);
-  double l = floor(-2048.0 * log2(x));
+  double x = (double)a * ldexp(1.0, -e); /* exact */
+  double l = floor(-2048.0 * (double)log2f((float)x));
   int m0 = l < 0 ? 0 : l > 32766 ? 32766 : (int)l;
-  int m1 = m0 + 1 > 32766 ? 32766 : m0 + 1;
-  double v0 = qc__qins16_value(e, (uint16_t)m0), v1 = qc__qins16_value(e, (uint16_t)m1);
-  int m = fabs(a - v1) <= fabs(a - v0) ? m1 : m0;
-  if (m == 32766 && a < fabs(a - (m == m1 ? v1 : v0))) m = QC_QINS16_ZERO;
+  int m = m0 > 0 ? m0 - 1 : 0;
+  double best = fabs(a - (double)q16_mag(MT, e, m));
+  for (int k = m + 1; k <= m0 + 1 && k <= 32766; k++) {
+    double dk = fabs(a - (double)q16_mag(MT, e, k));
+    if (dk <= best) best = dk, m = k;
+  }
+  if (m == 32766 && a < best) m = QC_QINS16_ZERO;
   return (uint16_t)(m | (w < 0 && m != QC_QINS16_ZERO ? 0x8000u : 0u));
 }
 
 static int encode_qins16(uint64_t L, uint64_t R, const float *src, uint8_t *dst, qc_stats *st,
                          uint64_t *bad) {
+  const float *MT = qc_qins16_mantissa();
   uint64_t bpr = (L + QC_QINS16_BLOCK - 1) / QC_QINS16_BLOCK, nb = bpr * R;
   for (uint64_t r = 0; r < R; r++)
     for (uint64_t b = 0; b < bpr; b++) {
@@ -705,7 +720,7 @@ static int encode_qins16(uint64_t L, uint64_t R, const float *src, uint8_t *dst,
       }
       dst[r * bpr + b] = (uint8_t)(int8_t)e;
       for (uint32_t j = 0; j < n; j++) {
-        uint16_t code = e == QC_QINS16_EZERO ? QC_QINS16_ZERO : q16_code(e, w[j]);
+        uint16_t code = e == QC_QINS16_EZERO ? QC_QINS16_ZERO : q16_code(MT, e, w[j]);
         qc__st16(dst + nb + 2 * (i0 + j), code);
         if (st) stats_add(st, w[j], e == QC_QINS16_EZERO ? 0.0f : qc__qins16_value(e, code));
       }

@@ -231,3 +231,48 @@ Test(codec_roundtrip, chunk_sizes) {
   cr_assert_eq(qc_chunk_bytes(QC_QINS8, 1ull << 32, 1ull << 20, &ovf), (1ull << 52) + (1ull << 48));
   cr_assert_eq(ovf, 0);
 }
+
+/* QINS.md §qins16 encode, written out literally (double log2, m0/m1, tie to m1, the 32767 rule),
+ * against the encoder on random magnitudes, decoded levels and their midpoints. */
+static uint16_t q16_spec(int e, float w) {
+  float a = fabsf(w);
+  if (a == 0) return 32767;
+  double x = a / ldexp(1, e);
+  double l = floor(-2048 * log2(x));
+  int m0 = l < 0 ? 0 : l > 32766 ? 32766 : (int)l, m1 = m0 + 1 > 32766 ? 32766 : m0 + 1;
+  const float *MT = qc_qins16_mantissa();
+  double v0 = ldexpf(MT[m0 & 2047], e - (m0 >> 11)), v1 = ldexpf(MT[m1 & 2047], e - (m1 >> 11));
+  int m = fabs(a - v1) <= fabs(a - v0) ? m1 : m0;
+  double vm = m == m1 ? v1 : v0;
+  if (m == 32766 && fabs(a) < fabs(a - vm)) m = 32767;
+  return (uint16_t)(m | (w < 0 && m != 32767 ? 0x8000 : 0));
+}
+
+Test(codec_roundtrip, qins16_codes_follow_spec_rule) {
+  uint64_t s = 3, n = 64 * 4096;
+  float *w = malloc(n * 4);
+  const float *MT = qc_qins16_mantissa();
+  for (uint64_t i = 0; i < n; i++) {
+    double v;
+    int k = (int)(i % 4);
+    uint32_t m = (uint32_t)(ct_next(&s) % 32767);
+    double lv = ldexp(MT[m & 2047], -(int)(m >> 11)), lv1 = ldexp(MT[(m + 1) & 2047], -(int)((m + 1) >> 11));
+    if (k == 0) v = ldexp(ct_unif(&s), -(int)(ct_next(&s) % 20)); /* random */
+    else if (k == 1) v = lv;                                      /* a level */
+    else if (k == 2) v = (lv + lv1) / 2;                          /* a midpoint (rounded) */
+    else v = nextafterf((float)((lv + lv1) / 2), 0);
+    w[i] = (float)((i & 8) ? -v : v);
+    if (i % 64 == 0) w[i] = (i & 64) ? 1.0f : 0.75f; /* block absmax: e = 0 */
+  }
+  qc_params p = {.codec = QC_QINS16};
+  uint8_t *c = malloc(qc_chunk_bytes(QC_QINS16, n, 1, NULL));
+  cr_assert_eq(qc_encode(&p, n, 1, w, c, NULL, NULL), 0);
+  uint64_t nb = n / 64;
+  for (uint64_t i = 0; i < n; i++) {
+    int e = (int8_t)c[i / 64];
+    uint16_t got = (uint16_t)(c[nb + 2 * i] | c[nb + 2 * i + 1] << 8);
+    cr_assert_eq(got, q16_spec(e, w[i]), "element %llu w=%a e=%d", (unsigned long long)i, w[i], e);
+  }
+  free(c);
+  free(w);
+}
