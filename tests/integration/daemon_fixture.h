@@ -6,7 +6,7 @@
  *
  * The standard model "m" (codec f32 unless said, so a full decode equals the source exactly):
  *   a.w [37, 129]     a.b [129]       c3 [5, 7, 11]        big [1024, 600] (2.4 MB: pool decode)
- *   q8 [64, 96] qins8 ints [10] i32   l.0.x [3, 4]  l.0.y [4]  l.1.x [2, 2]
+ *   q8 [64, 96] qins8 ints [10] i32   l.0.x [3, 4]  l.0.y [4]  l.1.x [2, 2]  scalar [] (0-D)
  * Values: ts_value(seed = index in std_tensors, element index).
  */
 #ifndef QINS_DAEMON_FIXTURE_H
@@ -34,6 +34,7 @@ static const std_tensor std_tensors[] = {
   {"a.w", 2, {37, 129}, QC_F32},  {"a.b", 1, {129}, QC_F32},     {"c3", 3, {5, 7, 11}, QC_F32},
   {"big", 2, {1024, 600}, QC_F32}, {"q8", 2, {64, 96}, QC_QINS8}, {"ints", 1, {10}, QS_RAW},
   {"l.0.x", 2, {3, 4}, QC_F32},   {"l.0.y", 1, {4}, QC_F32},     {"l.1.x", 2, {2, 2}, QC_F32},
+  {"scalar", 0, {0}, QC_F32},
 };
 #define N_STD (sizeof std_tensors / sizeof std_tensors[0])
 

@@ -299,6 +299,26 @@ Test(daemon_methods, f16_bf16_are_rounded_f32) {
   ts_rx_destroy(&rx);
 }
 
+/* PROTOCOL.md §4.5-4.6: a 0-D tensor has shape [] and one element; slicing it is BAD_SLICE. */
+Test(daemon_methods, scalar_tensor) {
+  ts_rx rx;
+  open_rx(&rx);
+  const msgpack_object *r = info(&rx, 12, "scalar");
+  cr_assert_eq(ts_resp_code(r), 0, "%s", ts_resp_msg(r));
+  cr_assert_eq(qp_map_get(ts_resp_result(r), "shape")->via.array.size, 0);
+  cr_assert_eq(map_u64(ts_resp_result(r), "n_elem"), 1);
+  got g = do_get(&rx, "m", "scalar", -1, NULL, NULL);
+  cr_assert_eq(g.code, 0);
+  cr_assert_eq(g.ndim, 0);
+  cr_assert_eq(g.bytes, 4);
+  cr_assert_eq(elem_f32("f32", g.data, 0), ts_value(9, 0));
+  free(g.data);
+  const uint64_t rg[1][2] = {{0, 1}};
+  g = do_get(&rx, "m", "scalar", 1, rg, NULL);
+  cr_assert_eq(g.code, QINS_EBAD_SLICE);
+  ts_rx_destroy(&rx);
+}
+
 /* PROTOCOL.md §4.6: raw tensors come back as stored, with their own dtype. */
 Test(daemon_methods, raw_tensor_as_stored) {
   ts_rx rx;
