@@ -52,7 +52,16 @@ struct qs_store {
   pthread_cond_t cv;      /* signalled when active drops to 0 or resizing ends */
   int active;             /* open transactions of this process */
   int resizing;           /* a map resize waits for active == 0 */
+  /* Chunks already checked (CRC + codec validation) by this process. Chunks are immutable once
+   * committed and model ids are never reused, so a verified chunk key stays verified; a slice of a
+   * few KiB then does not re-checksum its whole multi-MiB chunk on every request. Direct-mapped by
+   * key hash; a lost slot only means checking again. */
+  pthread_mutex_t vmu;
+  uint8_t (*vkeys)[16];   /* QS_VCACHE slots of chunk keys (all-zero = empty: id 0 never exists) */
+  int verify_always;      /* $QINS_VERIFY=always: no cache */
+  uint64_t map_adopted;   /* times MDB_MAP_RESIZED made us adopt another process's map size */
 };
+#define QS_VCACHE 8192 /* slots: 128 KiB of keys, enough for 32 GiB of 4 MiB chunks */
 
 struct qs_txn {
   qs_store *s;   /* owner */
@@ -149,6 +158,7 @@ static int qs__begin(qs_store *s, unsigned flags, MDB_txn **out) {
       s->resizing = 1;
       while (s->active > 0) pthread_cond_wait(&s->cv, &s->mu);
       mdb_env_set_mapsize(s->env, 0); /* adopt the size another process set */
+      s->map_adopted++;
       s->resizing = 0;
       pthread_cond_broadcast(&s->cv);
     }
@@ -329,6 +339,10 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
   s->dir = strdup(dir);
   pthread_mutex_init(&s->mu, NULL);
   pthread_cond_init(&s->cv, NULL);
+  pthread_mutex_init(&s->vmu, NULL);
+  s->vkeys = calloc(QS_VCACHE, sizeof *s->vkeys);
+  const char *va = getenv("QINS_VERIFY");
+  s->verify_always = va && !strcmp(va, "always");
   const char *mm = getenv("QINS_STORE_MAX_MAP");
   if (mm && *mm) s->max_map = strtoull(mm, NULL, 10);
   int rc = mdb_env_create(&s->env);
@@ -338,6 +352,8 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
   }
   uint64_t map = QS_MAP_INITIAL;
   if (exists && (uint64_t)st.st_size + QS_MAP_SLACK > map) map = (uint64_t)st.st_size + QS_MAP_SLACK;
+  const char *mi = getenv("QINS_STORE_MAP_INITIAL"); /* testing knob: start small, grow often */
+  if (mi && *mi) map = strtoull(mi, NULL, 10);
   if (s->max_map && map > s->max_map) map = s->max_map;
   mdb_env_set_mapsize(s->env, map);
   mdb_env_set_maxdbs(s->env, 8);
@@ -378,6 +394,8 @@ void qs_close(qs_store *s) {
   if (s->lock_fd >= 0) close(s->lock_fd);
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
+  pthread_mutex_destroy(&s->vmu);
+  free(s->vkeys);
   free(s->dir);
   free(s);
 }
@@ -671,13 +689,26 @@ static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64
     return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is malformed (%zu bytes, %llu expected)",
                     t->model, t->name, (unsigned long long)ci, v.mv_size - QS_CHUNK_HDR,
                     (unsigned long long)want);
-  if (qs__crc32c(0, p + QS_CHUNK_HDR, want) != qs__get_u32(p + 4))
-    return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum", t->model,
-                    t->name, (unsigned long long)ci);
-  (void)full_check;
-  if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, p + QS_CHUNK_HDR))
-    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu holds invalid codec data", t->model,
-                    t->name, (unsigned long long)ci);
+  size_t slot = (size_t)(qs__hash64(key, 16, 0) % QS_VCACHE);
+  int known = 0;
+  if (!full_check && !s->verify_always && s->vkeys) {
+    pthread_mutex_lock(&s->vmu);
+    known = !memcmp(s->vkeys[slot], key, 16);
+    pthread_mutex_unlock(&s->vmu);
+  }
+  if (!known) {
+    if (qs__crc32c(0, p + QS_CHUNK_HDR, want) != qs__get_u32(p + 4))
+      return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum", t->model,
+                      t->name, (unsigned long long)ci);
+    if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, p + QS_CHUNK_HDR))
+      return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu holds invalid codec data", t->model,
+                      t->name, (unsigned long long)ci);
+    if (s->vkeys) {
+      pthread_mutex_lock(&s->vmu);
+      memcpy(s->vkeys[slot], key, 16);
+      pthread_mutex_unlock(&s->vmu);
+    }
+  }
   ref->idx = ci;
   ref->data = p + QS_CHUNK_HDR;
   ref->n_rows = rows;
@@ -1359,6 +1390,9 @@ int qs_store_info_get(qs_store *s, qs_store_info *out) {
   out->last_pgno = ei.me_last_pgno;
   out->max_readers = ei.me_maxreaders;
   out->n_readers = ei.me_numreaders;
+  pthread_mutex_lock(&s->mu);
+  out->map_adopted = s->map_adopted;
+  pthread_mutex_unlock(&s->mu);
   char path[4096];
   struct stat fst;
   snprintf(path, sizeof path, "%s/data.mdb", s->dir);

@@ -114,7 +114,9 @@ int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX
 
 /* Decodes output elements [out_begin, out_end) of t[sl] (row-major over the slice's shape) as dtype
  * dt into out. Reads only the chunks the range touches; checks each chunk's checksum
- * (QINS_ECHECKSUM naming the tensor and chunk) and validates it before decoding. */
+ * (QINS_ECHECKSUM naming the tensor and chunk) and validates it before decoding, the first time
+ * this process touches the chunk (committed chunks are immutable: later reads skip the check;
+ * QINS_VERIFY=always in the environment checks on every read; qs_verify always checks). */
 int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, void *out);
 /* For QS_RAW (integer/bool) tensors qs_tensor_read ignores dt and writes the stored elements as
@@ -194,6 +196,7 @@ typedef struct qs_store_info {
   uint64_t params_bytes; /* their bytes */
   uint64_t n_staging;    /* leftover staging entries awaiting cleanup */
   unsigned max_readers, n_readers; /* reader table */
+  uint64_t map_adopted;  /* this process adopted a map grown by another (MDB_MAP_RESIZED) */
 } qs_store_info;
 int qs_store_info_get(qs_store *s, qs_store_info *out /* out */);
 
