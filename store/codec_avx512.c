@@ -11,7 +11,8 @@
  * order. Each 16-float vector is then multiplied by its block scales (a vpermps picks each lane's
  * block among the up to three scales a 64-code group spans). Tails use masked loads and stores.
  * The result is bit-identical to the table entry +-T[m] times d, as in the reference.
- * Other codecs gain little over AVX2 (gathers dominate) and reuse the AVX2 kernels.
+ * qins16 is the AVX2 kernel widened to 16 lanes (masked tails); seed-log, seed-rational and the
+ * conversions gain little over AVX2 and reuse its kernels.
  *
  * Invariants: as codec_avx2.c; masked loads never fault past the segment's last code or scale.
  */
@@ -132,7 +133,40 @@ static void k_qins8(const float *lut, const uint8_t *scales, const uint8_t *code
   if (nt) _mm_sfence();
 }
 
+/* qins16: as the AVX2 kernel, 16 lanes, with masked loads/gathers/stores for the tail. */
+static void k_qins16(const int8_t *exps, const uint8_t *codes, uint64_t off, uint64_t n, void *out,
+                     int nt) {
+  uint8_t *o = out;
+  const float *MT = qc_qins16_mantissa();
+  uint64_t j = nt_head(o, n, &nt);
+  if (j) qc__ref_qins16(exps, codes, off, j, o, 0);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m15 = _mm512_set1_epi32(0x7FFF), m11 = _mm512_set1_epi32(2047);
+  const __m512i zero = _mm512_set1_epi32(QC_QINS16_ZERO), sbit = _mm512_set1_epi32(0x8000);
+  while (j < n) {
+    uint64_t cnt = n - j < 16 ? n - j : 16, k = off + j, b = k >> 6;
+    unsigned r = (unsigned)(k & 63);
+    __mmask16 mk = cnt == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cnt) - 1);
+    __m512i ev = _mm512_set1_epi32(exps[b]);
+    if (r + cnt > 64) /* lanes r + l >= 64 are in the next block */
+      ev = _mm512_mask_mov_epi32(ev, _mm512_cmpge_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32((int)r)), _mm512_set1_epi32(64)),
+                                 _mm512_set1_epi32(exps[b + 1]));
+    __m512i c = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, codes + 2 * j));
+    __m512i m = _mm512_and_si512(c, m15);
+    __m512i mt = _mm512_castps_si512(
+        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, _mm512_and_si512(m, m11), MT, 4));
+    __m512i sh = _mm512_sub_epi32(ev, _mm512_srli_epi32(m, 11));
+    __m512i v = _mm512_add_epi32(mt, _mm512_slli_epi32(sh, 23));
+    v = _mm512_maskz_mov_epi32(_mm512_cmpneq_epi32_mask(m, zero), v);
+    v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(c, sbit), 16));
+    if (cnt == 16 && nt) _mm512_stream_ps((void *)(o + 4 * j), _mm512_castsi512_ps(v));
+    else _mm512_mask_storeu_ps((void *)(o + 4 * j), mk, _mm512_castsi512_ps(v));
+    j += cnt;
+  }
+  if (nt) _mm_sfence();
+}
+
 const qc__kernel qc__kernel_avx512 = {
-    "avx512",        k_qins8,           qc__avx2_qins16,     qc__avx2_seedlog,     qc__avx2_lut8,
+    "avx512",        k_qins8,           k_qins16,     qc__avx2_seedlog,     qc__avx2_lut8,
     qc__avx2_f16_to_f32, qc__avx2_bf16_to_f32, qc__avx2_f32_to_f16, qc__avx2_f32_to_bf16,
 };
