@@ -59,6 +59,7 @@ struct qd_conn {
   int closing;         /* uv_close called */
   int closed;          /* close_cb ran */
   int close_after;     /* no more requests: close once pending == 0 and queued == 0 */
+  int eof;             /* the client shut down its side: answer what is buffered, then close */
   int busy;            /* over max_connections: only the BUSY reply is sent */
   int streaming;       /* a streamed response owns the socket: other writes are held */
   struct waiter *waiters; /* streams waiting for the socket, in order */
@@ -601,6 +602,13 @@ static void conn_process(qd_conn *c) {
   }
   if (c->rpos == c->wpos) c->rpos = c->wpos = 0;
   if (stopping && !c->close_after && c->rpos == c->wpos) c->close_after = 1;
+  if (c->eof && !c->close_after && conn_can_dispatch(c)) {
+    /* Nothing complete is left to run. */
+    if (c->wpos > c->rpos)
+      qd_log(QD_LOG_VERBOSE, "%s: disconnected with %zu bytes of an unfinished request", c->desc,
+             c->wpos - c->rpos);
+    c->close_after = 1;
+  }
   conn_update_reading(c);
 }
 
@@ -632,12 +640,16 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
   (void)b;
   qd_conn *c = s->data;
+  if (nread == UV_EOF) {
+    /* The client finished sending (it may still read: shutdown(SHUT_WR)). Answer what is
+     * buffered, then close (conn_process). */
+    c->eof = 1;
+    conn_process(c);
+    conn_maybe_close(c);
+    return;
+  }
   if (nread < 0) {
-    if (nread != UV_EOF)
-      qd_log(QD_LOG_VERBOSE, "%s: read error: %s", c->desc, uv_strerror((int)nread));
-    else if (c->wpos > c->rpos)
-      qd_log(QD_LOG_VERBOSE, "%s: disconnected with %zu bytes of an unfinished request", c->desc,
-             c->wpos - c->rpos);
+    qd_log(QD_LOG_VERBOSE, "%s: read error: %s", c->desc, uv_strerror((int)nread));
     conn_close(c);
     return;
   }
@@ -647,7 +659,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
 }
 
 static void conn_update_reading(qd_conn *c) {
-  int want = conn_can_dispatch(c) && !stopping;
+  int want = conn_can_dispatch(c) && !stopping && !c->eof;
   if (c->closing) return;
   if (want && !c->reading) {
     if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) == 0) c->reading = 1;

@@ -6,6 +6,7 @@
  * requests on one connection; 32 concurrent clients; SIGTERM finishing in-flight work.
  */
 #include <pthread.h>
+#include <sys/socket.h>
 #include <stdio.h>
 
 #include "daemon_fixture.h"
@@ -623,5 +624,35 @@ Test(daemon_methods, sigterm_finishes_in_flight_requests) {
   int st = ts_daemon_wait(&D, 10000);
   cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status 0x%x", st);
   cr_assert_lt(ts_connect(D.sock), 0, "no longer accepting");
+  ts_rx_destroy(&rx);
+}
+
+/* A client may send its requests, shut down its sending side, and still read every answer. */
+Test(daemon_methods, half_closed_client_gets_its_answers) {
+  ts_rx rx;
+  open_rx(&rx);
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  for (int i = 0; i < 3; i++) {
+    qp_pack_request(&pk, (uint32_t)(80 + i), "get");
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_map(&pk, 2);
+    qp_pack_cstr(&pk, "model");
+    qp_pack_cstr(&pk, "m");
+    qp_pack_cstr(&pk, "name");
+    qp_pack_cstr(&pk, i == 1 ? "big" : "a.b");
+  }
+  cr_assert_eq(ts_send(rx.fd, sb.data, sb.size), 0);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert_eq(shutdown(rx.fd, SHUT_WR), 0);
+  int n = 0;
+  const msgpack_object *o;
+  while (ts_rx_next(&rx, 30000, &o) == 1) {
+    cr_assert_eq(ts_resp_code(o), 0);
+    n++;
+  }
+  cr_assert_eq(n, 3, "every answer arrives before the close");
   ts_rx_destroy(&rx);
 }
