@@ -1437,6 +1437,8 @@ typedef struct qs__vctx {
   /* params refs counted by the walk (NULL model only) */
   uint64_t *pid, *pcount;
   size_t np, capp;
+  /* per-model sums of the tensor records, compared with the model record */
+  uint64_t m_tensors, m_elem, m_src, m_stored;
 } qs__vctx;
 
 __attribute__((format(printf, 2, 3))) static void qs__vprob(qs__vctx *v, const char *fmt, ...) {
@@ -1451,6 +1453,10 @@ __attribute__((format(printf, 2, 3))) static void qs__vprob(qs__vctx *v, const c
 
 static int qs__verify_tensor(qs__vctx *vc, const qs_tensor *t) {
   vc->checked++;
+  vc->m_tensors++;
+  vc->m_elem += t->n_elem;
+  vc->m_src += t->src_bytes;
+  vc->m_stored += t->stored_bytes;
   qs__trec tr;
   qs_tensor tt;
   int rc = qs__tensor_get_id(vc->s, vc->txn, t->model_id, t->model, t->name, &tt, &tr);
@@ -1565,12 +1571,24 @@ int qs_verify(qs_store *s, const char *model, qs_problem_cb cb, void *ud, uint64
     rc = qs_models_each(t, qs__mlist_cb, &ml);
   }
   for (size_t i = 0; !rc && i < ml.n; i++) {
-    /* Model totals must match the tensor records. */
+    vc.m_tensors = vc.m_elem = vc.m_src = vc.m_stored = 0;
     rc = qs__tensor_each_id(s, vc.txn, ml.ids[i], ml.names[i], NULL, qs__verify_tensor_cb, &vc);
     if (rc && rc != QINS_ENOMEM) {
       qs__vprob(&vc, "%s", qs__errbuf);
       rc = 0;
+      continue;
     }
+    /* The model record's totals must match its tensor records. */
+    qs_model m;
+    if (!rc && qs__model_lookup(t, ml.names[i], &m) == 0 &&
+        (m.n_tensors != vc.m_tensors || m.n_elem != vc.m_elem || m.src_bytes != vc.m_src ||
+         m.stored_bytes != vc.m_stored))
+      qs__vprob(&vc, "model %s: record says %llu tensors / %llu elements / %llu source bytes / %llu "
+                     "stored bytes, its tensors add up to %llu / %llu / %llu / %llu",
+                ml.names[i], (unsigned long long)m.n_tensors, (unsigned long long)m.n_elem,
+                (unsigned long long)m.src_bytes, (unsigned long long)m.stored_bytes,
+                (unsigned long long)vc.m_tensors, (unsigned long long)vc.m_elem,
+                (unsigned long long)vc.m_src, (unsigned long long)vc.m_stored);
   }
   if (!rc && !model) {
     /* Every params blob's refcount equals the references found (staging holds none after GC; if it
