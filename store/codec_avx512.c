@@ -96,6 +96,7 @@ static void k_qins8(const float *lut, const uint8_t *scales, const uint8_t *code
   while (left) {
     uint64_t cnt = left < 64 ? left : 64;
     __mmask64 cm = cnt == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cnt) - 1);
+    _mm_prefetch((const char *)cp + 1024, _MM_HINT_T0);
     __m512i c = _mm512_maskz_loadu_epi8(cm, cp);
     unsigned ns = (unsigned)(nsc < 3 ? nsc : 3);
     __m128i sh = _mm_maskz_loadu_epi16((__mmask8)((1u << ns) - 1), sc);
