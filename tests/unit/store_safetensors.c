@@ -12,19 +12,13 @@
 
 #include "codec.h"
 #include "qins.h"
+#include "qt.h"
 #include "safetensors.h"
 
 static char tmpdir[64];
 
-static void setup(void) {
-  strcpy(tmpdir, "/tmp/qins-st-XXXXXX");
-  cr_assert_not_null(mkdtemp(tmpdir));
-}
-static void teardown(void) {
-  char cmd[128];
-  snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
-  cr_assert_eq(system(cmd), 0);
-}
+static void setup(void) { cr_assert_eq(qt_tmpdir(tmpdir), 0); }
+static void teardown(void) { qt_rmrf(tmpdir); }
 
 /* Writes u64 header length, header text, then data_len bytes of pattern. */
 static const char *write_st(const char *name, const char *hdr, uint64_t hlen_override,
@@ -160,7 +154,7 @@ Test(store_safetensors, rejects_bad_lengths) {
   char err[512];
   qs_st_file *f;
   const char *p = write_st("short.safetensors", "", 0, 0);
-  truncate(p, 5);
+  cr_assert_eq(truncate(p, 5), 0);
   cr_assert_eq(qs_st_open(p, &f, err, sizeof err), QINS_EFORMAT);
   cr_assert(strstr(err, "too small for the 8-byte header length"), "%s", err);
   p = write_st("big.safetensors", "{}", 100000001, 0);
