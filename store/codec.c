@@ -637,6 +637,7 @@ static void stats_add(qc_stats *st, float w, float v) {
 
 static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float *src, uint8_t *dst,
                         qc_stats *st) {
+  pthread_once(&qc_tables_once, tables_init); /* sets qc_enc_avx2 */
   q8tab *q = malloc(sizeof *q);
   if (!q) return QINS_ENOMEM;
   q8tab_init(q, p->table);
