@@ -31,16 +31,24 @@
 
 /* ---- names, sizes ----------------------------------------------------------------------- */
 
-static const char *const qc_names[QC_CODEC_COUNT] = {"f32",    "f16",      "bf16",         "qins8",
-                                                     "qins16", "seed-log", "seed-rational"};
+const qc_traits qc_traits_table[QC_CODEC_COUNT] = {
+    /* name           block            scale code lossy bits/weight */
+    {"f32", 0, 0, 4, 0, 32},
+    {"f16", 0, 0, 2, 0, 16},
+    {"bf16", 0, 0, 2, 0, 16},
+    {"qins8", QC_QINS8_BLOCK, 2, 1, 1, 8.5},
+    {"qins16", QC_QINS16_BLOCK, 1, 2, 1, 16.125},
+    {"seed-log", 0, 0, 2, 1, 16},
+    {"seed-rational", 0, 0, 1, 1, 8},
+};
 static const char *const qc_dt_names[QC_DT_COUNT] = {"f32", "f16", "bf16"};
 
 const char *qc_codec_name(qc_codec c) {
-  return (unsigned)c < QC_CODEC_COUNT ? qc_names[c] : "?";
+  return (unsigned)c < QC_CODEC_COUNT ? qc_traits_table[c].name : "?";
 }
 int qc_codec_from_name(const char *name) {
   for (int i = 0; name && i < QC_CODEC_COUNT; i++)
-    if (!strcmp(name, qc_names[i])) return i;
+    if (!strcmp(name, qc_traits_table[i].name)) return i;
   return -1;
 }
 const char *qc_dtype_name(qc_dtype d) { return (unsigned)d < QC_DT_COUNT ? qc_dt_names[d] : "?"; }
@@ -50,9 +58,9 @@ int qc_dtype_from_name(const char *name) {
   return -1;
 }
 size_t qc_dtype_size(qc_dtype d) { return d == QC_DT_F32 ? 4 : (unsigned)d < QC_DT_COUNT ? 2 : 0; }
-int qc_codec_is_lossy(qc_codec c) { return c >= QC_QINS8 && c < QC_CODEC_COUNT; }
+int qc_codec_is_lossy(qc_codec c) { return (unsigned)c < QC_CODEC_COUNT && qc_traits_table[c].lossy; }
 uint32_t qc_codec_block(qc_codec c) {
-  return c == QC_QINS8 ? QC_QINS8_BLOCK : c == QC_QINS16 ? QC_QINS16_BLOCK : 0;
+  return (unsigned)c < QC_CODEC_COUNT ? qc_traits_table[c].block : 0;
 }
 
 double qc_stats_snr_db(const qc_stats *s) {
@@ -68,13 +76,7 @@ static int mul_add(uint64_t a, uint64_t b, uint64_t c, uint64_t *r) {
 }
 
 /* Bytes per element of the codes array, and per block of the scales array. */
-static unsigned code_bytes(qc_codec c) {
-  switch (c) {
-  case QC_F32: return 4;
-  case QC_F16: case QC_BF16: case QC_QINS16: case QC_SEED_LOG: return 2;
-  default: return 1;
-  }
-}
+static unsigned code_bytes(qc_codec c) { return qc_traits_table[c].code_bytes; }
 
 uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *overflow) {
   uint64_t n, nb = 0, r;
@@ -82,8 +84,7 @@ uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *over
   if ((unsigned)c >= QC_CODEC_COUNT || __builtin_mul_overflow(row_len, n_rows, &n)) goto ovf;
   uint32_t B = qc_codec_block(c);
   if (B) nb = (row_len / B + (row_len % B != 0)) * n_rows; /* <= n: cannot overflow */
-  unsigned sb = c == QC_QINS8 ? 2 : c == QC_QINS16 ? 1 : 0;
-  if (mul_add(n, code_bytes(c), nb * sb, &r)) goto ovf;
+  if (mul_add(n, code_bytes(c), nb * qc_traits_table[c].scale_bytes, &r)) goto ovf;
   return r;
 ovf:
   if (overflow) *overflow = 1;

@@ -54,11 +54,27 @@ typedef enum qc_codec {
   QC_CODEC_COUNT
 } qc_codec;
 
+/* Per-codec constants (STYLE.md 12): the chunk layout of docs/FORMAT.md §1.1 in numbers. The
+ * decode/encode entry points are qc_decode/qc_encode; kernels are chosen per CPU (codec_int.h). */
+typedef struct qc_traits {
+  const char *name;       /* "qins8", ... (qc_codec_name) */
+  uint32_t block;         /* B, or 0 for element-wise codecs */
+  uint32_t scale_bytes;   /* bytes per block in the scales array (qins8 2, qins16 1, else 0) */
+  uint32_t code_bytes;    /* bytes per element in the codes arrays (seed-log: sign + stored) */
+  int lossy;              /* refuses NaN/Inf */
+  double bits_per_weight; /* full blocks, per-tensor params excluded */
+} qc_traits;
+extern const qc_traits qc_traits_table[]; /* indexed by qc_codec, QC_CODEC_COUNT entries */
+
 /* Element dtypes for decode output and for encode input conversion. Same values as qins_dtype. */
 typedef enum qc_dtype { QC_DT_F32 = 0, QC_DT_F16 = 1, QC_DT_BF16 = 2, QC_DT_COUNT } qc_dtype;
 
 #define QC_QINS8_BLOCK 32   /* QINS.md: qins8 B = 32 */
 #define QC_QINS16_BLOCK 64  /* QINS.md: qins16 B = 64 */
+/* A full qins8 block: one fp16 scale + 32 codes = 34 bytes = 8.5 bits/weight (as ggml's Q8_0). */
+_Static_assert(2 + QC_QINS8_BLOCK == 34, "qins8 block is 34 bytes");
+/* A full qins16 block: one i8 exponent + 64 u16 codes = 129 bytes = 16.125 bits/weight. */
+_Static_assert(1 + 2 * QC_QINS16_BLOCK == 129, "qins16 block is 129 bytes");
 #define QC_QINS8_LEVELS 128 /* magnitude table entries T[0..127] */
 #define QC_QINS8_ZERO 0x7F  /* qins8 code of an exact zero (0xFF is never written) */
 #define QC_QINS16_ZERO 32767 /* qins16 magnitude of an exact zero */

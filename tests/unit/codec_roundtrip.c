@@ -223,6 +223,9 @@ Test(codec_roundtrip, chunk_sizes) {
   cr_assert_eq(qc_chunk_bytes(QC_SEED_RATIONAL, 7, 3, NULL), 21);
   cr_assert_eq(qc_chunk_bytes(QC_F32, 7, 3, NULL), 84);
   cr_assert_eq(qc_chunk_bytes(QC_BF16, 7, 3, NULL), 42);
+  for (int c = 0; c < QC_CODEC_COUNT; c++) /* traits agree with the sizes, full blocks */
+    cr_assert_eq(qc_chunk_bytes((qc_codec)c, 128, 3, NULL) * 8.0 / 384,
+                 qc_traits_table[c].bits_per_weight, "%s", qc_codec_name((qc_codec)c));
   int ovf = 0;
   cr_assert_eq(qc_chunk_bytes(QC_F32, 1ull << 40, 1ull << 23, &ovf), 0);
   cr_assert_eq(ovf, 1);
