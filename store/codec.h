@@ -33,9 +33,11 @@
  * tables, which are bit-identical wherever they are used: a store that keys params records by
  * their bytes stores each standard table once. Larger tensors get a table refined for them.
  *
- * Invariants: 64-bit sizes throughout (tensors above 2^32 elements work); no function here
- * allocates except qc_fit_*; decode never reads outside [chunk, chunk + qc_chunk_bytes()).
+ * Invariants: 64-bit sizes throughout (tensors above 2^32 elements work); only qc_fit_* and
+ * qc_encode allocate (qins8 encode: a 20 KB lookup table per call), decode never does; decode
+ * never reads outside [chunk, chunk + qc_chunk_bytes()) nor writes outside its output range.
  * Every function is thread-safe (the kernel choice and standard tables are set up once).
+ * Encoding is deterministic: the same input and params give the same bytes on every CPU.
  */
 #ifndef QINS_CODEC_H
 #define QINS_CODEC_H
