@@ -2,6 +2,7 @@
 /*
  * log.c — qinsd's log: one line per event, `pid time level msg`, e.g.
  *   4711 2026-11-26T07:19:11.123Z notice listening on /run/qinsd/s (mode 0660)
+ * SIGHUP reopens the file (log rotation: rename it, then send SIGHUP).
  * Levels debug < verbose < notice < warning; the qd_log macro checks the level before evaluating
  * its arguments. Lines are written with one write(2) each so they never interleave. Nothing logs
  * from a signal handler (signals arrive through uv_signal_t on the loop).
@@ -32,11 +33,13 @@ int qd_log_level_from_name(const char *s) {
 
 int qd_log_open(const char *path) {
   if (!path || !*path) {
+    if (log_fd > 2) close(log_fd);
     log_fd = 2;
     return 0;
   }
   int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
   if (fd < 0) return -errno;
+  if (log_fd > 2) close(log_fd);
   log_fd = fd;
   return 0;
 }

@@ -84,7 +84,7 @@ struct wreq {
 
 static uv_loop_t *loop;
 static uv_pipe_t server;
-static uv_signal_t sig_term, sig_int;
+static uv_signal_t sig_term, sig_int, sig_hup;
 static uv_timer_t shutdown_timer;
 static int stopping;
 static int listening;
@@ -766,6 +766,7 @@ void qd_shutdown_begin(const char *why) {
   }
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
+  uv_close((uv_handle_t *)&sig_hup, NULL);
   /* The per-connection work runs from the loop, not here: this may be called from inside a
    * handler (method `shutdown`) while its connection is mid-dispatch. */
   uv_timer_start(&shutdown_timer, on_shutdown_kick, 0, 0);
@@ -773,6 +774,12 @@ void qd_shutdown_begin(const char *why) {
 
 static void on_signal(uv_signal_t *h, int signum) {
   (void)h;
+  if (signum == SIGHUP) { /* log rotation */
+    int rc = qd_log_open(qd_cfg.log);
+    if (rc) qd_log(QD_LOG_WARNING, "log %s: cannot reopen: %s", qd_cfg.log, strerror(-rc));
+    else qd_log(QD_LOG_NOTICE, "log reopened (SIGHUP)");
+    return;
+  }
   qd_shutdown_begin(signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
@@ -872,10 +879,13 @@ int qd_server_run(void) {
   uv_signal_init(loop, &sig_int);
   uv_signal_start(&sig_term, on_signal, SIGTERM);
   uv_signal_start(&sig_int, on_signal, SIGINT);
+  uv_signal_init(loop, &sig_hup);
+  uv_signal_start(&sig_hup, on_signal, SIGHUP);
   if (listen_socket()) {
     stopping = 1;
     uv_close((uv_handle_t *)&sig_term, NULL);
     uv_close((uv_handle_t *)&sig_int, NULL);
+    uv_close((uv_handle_t *)&sig_hup, NULL);
     uv_close((uv_handle_t *)&shutdown_timer, NULL);
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
