@@ -150,7 +150,8 @@ static pthread_once_t qc_tables_once = PTHREAD_ONCE_INIT;
 static int cpu_has(const char *k);
 static int qc_enc_avx2; /* the AVX2 qins8 error estimator is usable (set by tables_init) */
 static void tables_init(void) {
-  qc_enc_avx2 = cpu_has("avx2");
+  const char *env = getenv("QINS_CODEC"); /* "ref" also forces the scalar encoder estimator */
+  qc_enc_avx2 = cpu_has("avx2") && !(env && !strcmp(env, "ref"));
   for (int i = 0; i < QC_A1_COUNT; i++) table_a1(i, qc_a1[i]);
   for (int i = 0; i < QC_QINS8_STD_COUNT; i++) memcpy(qc_std[i], qc_a1[qc_std_a1[i]], 512);
 }

@@ -222,3 +222,52 @@ Test(codec_fit, names_and_sizes) {
   const char *env = getenv("QINS_CODEC");
   if (env && (!strcmp(env, "ref") || !strcmp(env, "avx2"))) cr_assert_str_eq(k, env);
 }
+
+/* Encoding is deterministic across CPUs: the AVX2 error estimator of the qins8 scale search and
+ * the scalar one (QINS_CODEC=ref) choose the same scales, so the chunks are byte-identical. The
+ * scalar run happens in a child process (the choice is made once per process). */
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void encode_qins8_chunk(uint8_t *out, uint64_t L, uint64_t R) {
+  float *w = ct_tensor(CT_LAPLACE_OUTLIERS, L * R, 21);
+  qc_params p;
+  cr_assert_eq(qc_fit_tensor(QC_QINS8, L, R, w, NULL, &p, NULL), 0);
+  cr_assert_eq(qc_encode(&p, L, R, w, out, NULL, NULL), 0);
+  free(w);
+}
+
+Test(codec_fit, encode_same_bytes_with_scalar_estimator) {
+  uint64_t L = 1000, R = 50, bytes = qc_chunk_bytes(QC_QINS8, L, R, NULL);
+  uint8_t *a = malloc(bytes), *b = malloc(bytes);
+  int fd[2];
+  cr_assert_eq(pipe(fd), 0);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    close(fd[0]);
+    setenv("QINS_CODEC", "ref", 1);
+    encode_qins8_chunk(b, L, R);
+    size_t off = 0;
+    while (off < bytes) {
+      ssize_t k = write(fd[1], b + off, bytes - off);
+      if (k <= 0) _exit(1);
+      off += (size_t)k;
+    }
+    _exit(0);
+  }
+  close(fd[1]);
+  size_t off = 0;
+  while (off < bytes) {
+    ssize_t k = read(fd[0], b + off, bytes - off);
+    cr_assert_gt(k, 0, "child died");
+    off += (size_t)k;
+  }
+  int st;
+  waitpid(pid, &st, 0);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  encode_qins8_chunk(a, L, R);
+  cr_assert_eq(memcmp(a, b, bytes), 0, "scalar and %s encoders disagree", qc_kernel_name());
+  free(a);
+  free(b);
+}
