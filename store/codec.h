@@ -25,7 +25,8 @@
  * Decoding is split into a scalar reference (codec_ref.c, the executable spec, always built) and
  * SIMD kernels (codec_avx2.c, codec_avx512.c) picked once at run time from CPU features; every
  * kernel is bit-identical to the reference on every chunk qc_chunk_validate accepts.
- * QINS_CODEC=ref in the environment forces the reference, QINS_CODEC=avx2 the AVX2 kernel.
+ * QINS_CODEC=ref in the environment forces the reference (and the encoder's scalar paths, which
+ * give the same bytes), QINS_CODEC=avx2 the AVX2 kernel; read once per process.
  *
  * qins8 tables. A table is per-tensor data (qc_params.table), serialized in the tensor's params
  * record. Small tensors cannot afford 512 bytes each, so the fitter gives every tensor below
