@@ -50,8 +50,7 @@ static const opt opts[] = {
    "concurrent client connections; more get BUSY"},
   {"max-ranges", T_U64, "8", 1, QINS_MAX_NDIM, F(max_ranges), "slice ranges per request"},
   {"inline-decode-bytes", T_SIZE, "256K", 0, 4 * GiB, F(inline_decode_bytes),
-   "decodes touching up to this many bytes (output plus stored chunks read) run on the loop "
-   "thread, larger ones on the pool"},
+   "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},
   {"write-queue-bytes", T_SIZE, "8M", 64 * KiB, 16 * GiB, F(write_queue_bytes),
    "a client's unsent responses above this pause reading its requests (backpressure)"},
   {"max-pending", T_U64, "64", 1, 4096, F(max_pending),
