@@ -100,7 +100,7 @@ static long get_into(int fd, uint32_t id, const char *name, int sliced, uint64_t
   if (rc) return -1;
   /* Read the head; bytes read past the data bin header are the payload's start. One request is
    * in flight per connection, so nothing past this response can arrive. */
-  char head[512];
+  char head[8192]; /* small responses arrive whole in one recv, as Redis's do below */
   size_t hl = 0, n = 0;
   qp_scan sc;
   qp_scan_init(&sc, (uint64_t)cap + sizeof head, QP_MAX_DEPTH);
