@@ -554,10 +554,10 @@ static int job_plan(job *j, qs_txn *t) {
   return 0;
 }
 
-#define STREAM_PIECE (1u << 20) /* stream pieces are whole chunks adding up to at least this */
-
-/* Streams the single planned item: allocates, decodes chunk-aligned pieces (each chunk fetched
- * and checksummed once), and signals each; the head is signalled with the first piece. */
+/* Streams the single planned item: allocates, decodes pieces of stream-piece-bytes that never
+ * cross a chunk boundary (so the first piece fetches, and the store verifies, all of the first
+ * chunk), and signals each; the head is signalled with the first piece. Small pieces let the
+ * socket copy read the payload while it is still in cache. */
 static int job_decode_stream(job *j, qs_txn *t) {
   uint64_t t0 = qd_now_ns();
   item *it = &j->items[0];
@@ -578,12 +578,13 @@ static int job_decode_stream(job *j, qs_txn *t) {
   uint64_t base = j->has_slice && j->slice.ndim == 1 ? j->slice.start[0] * inner : 0;
   uint64_t ce = it->t.rows_per_chunk * it->t.row_len; /* source elements per chunk */
   if (ce == 0) ce = 1;
-  uint64_t step = (STREAM_PIECE + ce * esize - 1) / (ce * esize);
-  if (step == 0) step = 1;
+  uint64_t piece = qd_cfg.stream_piece_bytes / esize;
+  if (piece == 0) piece = 1;
   uint64_t p = 0;
   while (p < it->n_elem) {
     uint64_t src = base + p;
-    uint64_t end = (src / ce + step) * ce - base;
+    uint64_t end = (src / ce + 1) * ce - base; /* the chunk's end */
+    if (end > p + piece) end = p + piece;
     if (end > it->n_elem) end = it->n_elem;
     int rc = qs_tensor_read(t, &it->t, j->has_slice ? &j->slice : NULL, (qc_dtype)j->dt, p, end,
                             (char *)j->payload + p * esize);

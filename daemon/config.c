@@ -63,6 +63,8 @@ static const opt opts[] = {
   {"stream-min-bytes", T_SIZE, "4M", 0, 4 * GiB, F(stream_min_bytes),
    "gets of whole tensors or row ranges at least this large are sent chunk by chunk while being "
    "decoded (0: never)"},
+  {"stream-piece-bytes", T_SIZE, "256K", 4 * KiB, 1 * GiB, F(stream_piece_bytes),
+   "streamed gets are decoded and sent in pieces of about this size (cache-sized)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 

@@ -46,6 +46,7 @@ typedef struct qd_config {
   uint64_t threads;            /* decode threads (libuv pool size) */
   uint64_t buffer_cache_bytes; /* decoded-payload buffers kept for reuse */
   uint64_t stream_min_bytes;   /* gets at least this large are sent while being decoded (0: never) */
+  uint64_t stream_piece_bytes; /* decode (and send) streamed gets in pieces of about this size */
 } qd_config;
 
 extern qd_config qd_cfg;

@@ -8,6 +8,7 @@
  *      4 KiB value (Debian's redis-server on a temporary Unix socket, stopped after; skipped with
  *      a note when absent). Target: no worse than Redis.
  * Bounded time: fixed request counts (scaled by $BENCH_SCALE, default 1), a few seconds in all.
+ * $BENCH_QINSD_ARGS adds qinsd flags (tuning experiments).
  * The bench never opens the store itself (it forks the filler and execs qinsd; LMDB rule).
  */
 #include <errno.h>
@@ -335,7 +336,13 @@ int main(void) {
     ts_dir_remove(&d, 0);
     return 1;
   }
-  const char *args[] = {"--log-level", "notice", NULL};
+  /* Extra qinsd flags for experiments: BENCH_QINSD_ARGS="--stream-piece-bytes 1M". */
+  const char *args[32] = {"--log-level", "notice"};
+  int na = 2;
+  char *extra = getenv("BENCH_QINSD_ARGS") ? strdup(getenv("BENCH_QINSD_ARGS")) : NULL;
+  for (char *tok = extra ? strtok(extra, " ") : NULL; tok && na < 31; tok = strtok(NULL, " "))
+    args[na++] = tok;
+  args[na] = NULL;
   if (ts_daemon_start(&d, args)) {
     ts_dir_remove(&d, 1);
     return 1;
