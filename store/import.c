@@ -498,12 +498,12 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
       if ((rc = qs__read_rows(s, r, nr, b, codec != QS_RAW))) return rc;
       rows = codec == QS_RAW ? (const void *)b->raw : (const void *)b->f;
     }
-    uint64_t bad = 0;
+    uint64_t bad = UINT64_MAX;
     rc = qs_import_tensor_rows(im, rows, nr, &bad);
-    if (rc == QINS_ENONFINITE || (rc == QINS_EUNSUPPORTED && codec != QS_RAW)) {
-      uint64_t rel = bad - r * rl;
-      return qs__refused_value(s, rc, codec, bad, ((const float *)rows)[rel]);
-    }
+    /* The element's value is known only if it lies in this batch (encoding is asynchronous). */
+    if ((rc == QINS_ENONFINITE || (rc == QINS_EUNSUPPORTED && codec != QS_RAW)) &&
+        bad >= r * rl && bad < (r + nr) * rl)
+      return qs__refused_value(s, rc, codec, bad, ((const float *)rows)[bad - r * rl]);
     if (rc) return qs__with_path(s, rc);
     *done += nr * rb;
     if (o->progress) o->progress(o->progress_ud, *done, total, s->name);

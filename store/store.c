@@ -921,7 +921,60 @@ struct qs_import {
   uint64_t pend_rows;     /* rows in pend */
   uint8_t *blob;          /* serialized params */
   size_t blob_len;
+  /* Parallel encoding (lossy codecs): chunks are copied into jobs that worker threads encode;
+   * the importing thread puts finished jobs into LMDB in chunk order (so checksums, figures and
+   * the first error are as a sequential encode would give). At most QS_JOBS_MAX jobs in flight:
+   * memory stays bounded. tensor_end drains the jobs before writing the tensor's record. */
+  int nw;                 /* worker threads, 0 = encode inline */
+  pthread_t *workers;
+  pthread_mutex_t jmu;    /* guards the job ring and job states */
+  pthread_cond_t jwork;   /* a job was queued, or stop */
+  pthread_cond_t jdone;   /* a job finished */
+  struct qs__job *jobs;   /* ring of nw + 1 jobs */
+  size_t njobs;
+  uint64_t jhead, jnext, jtail; /* oldest unharvested, next for a worker, next free */
+  int jstop;              /* workers exit */
+  int jfailed;            /* a harvested job failed: later results are dropped */
 };
+
+typedef struct qs__job {
+  qs_import *im;          /* owner */
+  uint8_t *in;            /* rows (f32), copied from the caller */
+  size_t in_cap;
+  uint8_t *out;           /* encoded payload */
+  size_t out_cap;
+  uint64_t nr, row0;      /* rows, first row within the tensor */
+  uint64_t pay;           /* payload bytes */
+  uint32_t crc;           /* CRC-32C of the payload */
+  qc_stats st;            /* this chunk's error figures */
+  uint64_t bad;           /* element within the chunk when rc is ENONFINITE/EUNSUPPORTED */
+  int rc;                 /* qc_encode's result */
+  int state;              /* 0 free, 1 queued, 2 running, 3 done */
+} qs__job;
+
+#define QS_JOBS_MAX 9 /* in-flight chunk jobs at most (workers + 1, workers <= 8) */
+
+static void *qs__worker(void *arg) {
+  qs_import *im = arg;
+  pthread_mutex_lock(&im->jmu);
+  for (;;) {
+    while (!im->jstop && im->jnext == im->jtail) pthread_cond_wait(&im->jwork, &im->jmu);
+    if (im->jstop) break;
+    qs__job *j = &im->jobs[im->jnext++ % im->njobs];
+    j->state = 2;
+    pthread_mutex_unlock(&im->jmu);
+    const qs_tensor *t = &im->cur; /* constant while the tensor's jobs run */
+    memset(&j->st, 0, sizeof j->st);
+    j->bad = 0;
+    j->rc = qc_encode(&t->params, t->row_len, j->nr, (const float *)j->in, j->out, &j->st, &j->bad);
+    if (!j->rc) j->crc = qs__crc32c(0, j->out, j->pay);
+    pthread_mutex_lock(&im->jmu);
+    j->state = 3;
+    pthread_cond_broadcast(&im->jdone);
+  }
+  pthread_mutex_unlock(&im->jmu);
+  return NULL;
+}
 
 static int qs__im_txn(qs_import *im, uint64_t extra) {
   if (im->txn) return 0;
@@ -974,6 +1027,30 @@ int qs_import_begin(qs_store *s, const char *model, const char *metadata_json, q
     goto fail;
   }
   if ((rc = qs__im_flush(im))) goto fail;
+  /* Encoding threads: $QINS_IMPORT_THREADS, else one per online CPU (at most 8); 1 = inline. */
+  long nw = sysconf(_SC_NPROCESSORS_ONLN);
+  const char *ev = getenv("QINS_IMPORT_THREADS");
+  if (ev && *ev) nw = strtol(ev, NULL, 10);
+  if (nw > QS_JOBS_MAX - 1) nw = QS_JOBS_MAX - 1;
+  if (nw > 1) {
+    im->njobs = (size_t)nw + 1;
+    im->jobs = calloc(im->njobs, sizeof *im->jobs);
+    im->workers = calloc((size_t)nw, sizeof *im->workers);
+    if (im->jobs && im->workers) {
+      pthread_mutex_init(&im->jmu, NULL);
+      pthread_cond_init(&im->jwork, NULL);
+      pthread_cond_init(&im->jdone, NULL);
+      for (long i = 0; i < nw; i++) {
+        if (pthread_create(&im->workers[i], NULL, qs__worker, im)) break;
+        im->nw++;
+      }
+      if (!im->nw) {
+        pthread_mutex_destroy(&im->jmu);
+        pthread_cond_destroy(&im->jwork);
+        pthread_cond_destroy(&im->jdone);
+      }
+    }
+  }
   *out = im;
   return 0;
 fail:
@@ -1069,7 +1146,7 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
 }
 
 /* Encodes nr rows at src as chunk im->chunk_idx. */
-static int qs__im_chunk(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t *bad_index) {
+static int qs__im_chunk_sync(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t *bad_index) {
   qs_tensor *t = &im->cur;
   uint64_t pay = qs__chunk_payload(t, nr);
   int rc = qs__im_txn(im, pay + QS_CHUNK_HDR);
@@ -1086,8 +1163,13 @@ static int qs__im_chunk(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t
     memcpy(dst + QS_CHUNK_HDR, src, pay);
   } else {
     uint64_t bad = 0;
-    rc = qc_encode(&t->params, t->row_len, nr, (const float *)src, dst + QS_CHUNK_HDR, &im->stats,
-                   &bad);
+    qc_stats cs; /* per chunk, merged as the threaded path merges: same figures either way */
+    memset(&cs, 0, sizeof cs);
+    rc = qc_encode(&t->params, t->row_len, nr, (const float *)src, dst + QS_CHUNK_HDR, &cs, &bad);
+    im->stats.sum_sq += cs.sum_sq;
+    im->stats.err_sq += cs.err_sq;
+    if (cs.max_err > im->stats.max_err) im->stats.max_err = cs.max_err;
+    im->stats.n += cs.n;
     if (rc == QINS_ENONFINITE || rc == QINS_EUNSUPPORTED) {
       uint64_t at = im->rows_done * t->row_len + bad;
       if (bad_index) *bad_index = at;
@@ -1110,6 +1192,117 @@ static int qs__im_chunk(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t
   im->data_bytes += pay;
   im->txn_bytes += pay + QS_CHUNK_HDR;
   if (im->txn_bytes >= QS_TXN_BYTES) return qs__im_flush(im);
+  return 0;
+}
+
+/* Puts the oldest job (waiting for it) into LMDB. */
+static int qs__im_harvest(qs_import *im, uint64_t *bad_index) {
+  qs__job *j = &im->jobs[im->jhead % im->njobs];
+  pthread_mutex_lock(&im->jmu);
+  while (j->state != 3) pthread_cond_wait(&im->jdone, &im->jmu);
+  j->state = 0;
+  im->jhead++;
+  pthread_mutex_unlock(&im->jmu);
+  if (im->jfailed) return QINS_EINTERNAL; /* already reported */
+  qs_tensor *t = &im->cur;
+  int rc = j->rc;
+  if (rc) {
+    im->jfailed = 1;
+    uint64_t at = j->row0 * t->row_len + j->bad;
+    if (bad_index) *bad_index = at;
+    if (rc == QINS_ENONFINITE || rc == QINS_EUNSUPPORTED)
+      return qs__fail(rc, "tensor %s: element %llu %s; codec %s refuses it", t->name,
+                      (unsigned long long)at,
+                      rc == QINS_ENONFINITE ? "is NaN or infinite" : "is out of range",
+                      qc_codec_name((qc_codec)t->codec));
+    return qs__fail(rc, "tensor %s: encode failed (%s)", t->name, qins_strerror(rc));
+  }
+  if ((rc = qs__im_txn(im, j->pay + QS_CHUNK_HDR))) goto fail;
+  uint8_t key[16];
+  qs__put_be64(key, im->id);
+  qs__put_be32(key + 8, t->index);
+  qs__put_be32(key + 12, (uint32_t)im->chunk_idx);
+  MDB_val k = {16, key}, v = {QS_CHUNK_HDR + j->pay, NULL};
+  if ((rc = mdb_put(im->txn, im->s->db_chunks, &k, &v, MDB_RESERVE))) {
+    rc = qs__mdb_fail(im->s, rc, "writing a chunk");
+    goto fail;
+  }
+  uint8_t *dst = v.mv_data;
+  memcpy(dst, QS_MAGIC_CHUNK, 4);
+  qs__put_u32(dst + 4, j->crc);
+  qs__put_u64(dst + 8, j->pay);
+  memcpy(dst + QS_CHUNK_HDR, j->out, j->pay);
+  uint8_t cb[4];
+  qs__put_u32(cb, j->crc);
+  im->tcrc = qs__crc32c(im->tcrc, cb, 4);
+  im->stats.sum_sq += j->st.sum_sq;
+  im->stats.err_sq += j->st.err_sq;
+  if (j->st.max_err > im->stats.max_err) im->stats.max_err = j->st.max_err;
+  im->stats.n += j->st.n;
+  im->chunk_idx++;
+  im->data_bytes += j->pay;
+  im->txn_bytes += j->pay + QS_CHUNK_HDR;
+  if (im->txn_bytes >= QS_TXN_BYTES && (rc = qs__im_flush(im))) goto fail;
+  return 0;
+fail:
+  im->jfailed = 1;
+  return rc;
+}
+
+/* Waits for every job and puts them; the first error wins. */
+static int qs__im_drain(qs_import *im, uint64_t *bad_index) {
+  int first = 0;
+  while (im->jhead != im->jtail) {
+    int rc = qs__im_harvest(im, bad_index);
+    if (rc && !first) first = rc;
+  }
+  return first;
+}
+
+/* Encodes nr rows at src as the next chunk: queued for a worker (lossy codecs, workers present),
+ * else inline. */
+static int qs__im_chunk(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t *bad_index) {
+  qs_tensor *t = &im->cur;
+  if (!im->nw || t->codec == QS_RAW || !qc_codec_is_lossy((qc_codec)t->codec))
+    return qs__im_chunk_sync(im, src, nr, bad_index);
+  if (im->jfailed) return QINS_EINTERNAL;
+  int rc;
+  while (im->jtail - im->jhead >= im->njobs)
+    if ((rc = qs__im_harvest(im, bad_index))) return rc;
+  qs__job *j = &im->jobs[im->jtail % im->njobs];
+  size_t in = (size_t)nr * im->row_bytes;
+  uint64_t pay = qs__chunk_payload(t, nr);
+  if (j->in_cap < in) {
+    free(j->in);
+    j->in_cap = 0;
+    if (!(j->in = malloc(in))) return qs__fail(QINS_ENOMEM, "tensor %s: out of memory", t->name);
+    j->in_cap = in;
+  }
+  if (j->out_cap < pay) {
+    free(j->out);
+    j->out_cap = 0;
+    if (!(j->out = malloc(pay ? pay : 1))) return qs__fail(QINS_ENOMEM, "tensor %s: out of memory", t->name);
+    j->out_cap = pay;
+  }
+  memcpy(j->in, src, in);
+  j->nr = nr;
+  j->row0 = im->rows_done;
+  j->pay = pay;
+  im->rows_done += nr;
+  pthread_mutex_lock(&im->jmu);
+  j->state = 1;
+  im->jtail++;
+  pthread_cond_signal(&im->jwork);
+  pthread_mutex_unlock(&im->jmu);
+  /* Put whatever is already finished, without waiting. */
+  for (;;) {
+    qs__job *h = &im->jobs[im->jhead % im->njobs];
+    pthread_mutex_lock(&im->jmu);
+    int ready = im->jhead != im->jtail && h->state == 3;
+    pthread_mutex_unlock(&im->jmu);
+    if (!ready) break;
+    if ((rc = qs__im_harvest(im, bad_index))) return rc;
+  }
   return 0;
 }
 
@@ -1203,6 +1396,8 @@ static int qs__im_params_ref(qs_import *im, uint64_t *pid_out, int *first) {
 int qs_import_tensor_end(qs_import *im, qs_tensor *st) {
   if (!im->in_tensor) return qs__fail(QINS_EINVALID, "tensor_end outside a tensor");
   qs_tensor *t = &im->cur;
+  int drc = qs__im_drain(im, NULL);
+  if (drc) return drc;
   if (im->rows_done != t->n_rows)
     return qs__fail(QINS_EINVALID, "tensor %s: %llu of %llu rows were given", t->name,
                     (unsigned long long)(im->rows_done + im->pend_rows),
@@ -1259,6 +1454,24 @@ int qs_import_tensor_end(qs_import *im, qs_tensor *st) {
 }
 
 static void qs__im_free(qs_import *im) {
+  im->jfailed = 1; /* pending results are dropped, never put */
+  if (im->nw) {
+    qs__im_drain(im, NULL); /* results dropped: nothing may run while we free */
+    pthread_mutex_lock(&im->jmu);
+    im->jstop = 1;
+    pthread_cond_broadcast(&im->jwork);
+    pthread_mutex_unlock(&im->jmu);
+    for (int i = 0; i < im->nw; i++) pthread_join(im->workers[i], NULL);
+    pthread_mutex_destroy(&im->jmu);
+    pthread_cond_destroy(&im->jwork);
+    pthread_cond_destroy(&im->jdone);
+  }
+  for (size_t i = 0; im->jobs && i < im->njobs; i++) {
+    free(im->jobs[i].in);
+    free(im->jobs[i].out);
+  }
+  free(im->jobs);
+  free(im->workers);
   free(im->metadata);
   free(im->pids);
   free(im->pend);

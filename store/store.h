@@ -169,8 +169,11 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d);
 /* Rows per chunk of the current tensor. */
 uint64_t qs_import_chunk_rows(const qs_import *im);
 /* n_rows rows of the current tensor: f32 values (row_len each, any float alignment) for codecs, or
- * the raw little-endian elements for QS_RAW. Lossy codecs refuse NaN/Inf: QINS_ENONFINITE with
- * *bad_index (may be NULL) the element index within the tensor. */
+ * the raw little-endian elements for QS_RAW. The rows are copied or encoded before the call
+ * returns. Lossy codecs refuse NaN/Inf: QINS_ENONFINITE with *bad_index (may be NULL) the element
+ * index within the tensor, and qs_error() naming it. Lossy chunks are encoded by worker threads
+ * ($QINS_IMPORT_THREADS, default one per CPU; 1 encodes inline), so such an error may be returned
+ * by a later qs_import_tensor_rows or by qs_import_tensor_end instead. */
 int qs_import_tensor_rows(qs_import *im, const void *rows, uint64_t n_rows,
                           uint64_t *bad_index /* out */);
 /* Ends the tensor (all rows must have come: QINS_EINVALID otherwise); *st (may be NULL) gets

@@ -361,3 +361,35 @@ Test(import_formats, default_policy_reports_snr_of_matrices) {
             ten.snr_db, 10 * log10(s2 / e2));
   free(x);
 }
+
+Test(import_formats, threaded_encoding_gives_the_same_store_as_inline) {
+  char p[256];
+  snprintf(p, sizeof p, "%s/big.safetensors", dir);
+  uint64_t rows = 8000, cols = 1024; /* 32.8 MB f32: streamed, 3 qins8 chunks */
+  float *w = malloc(rows * cols * 4);
+  qt_fill_gauss(w, rows * cols, 21, 0.03f);
+  qt_tensor t[1] = {{"w", QS_ST_F32, 2, {rows, cols}, w, rows * cols * 4}};
+  cr_assert_eq(qt_st_write(p, t, 1, NULL), 0);
+  free(w);
+  const char *threads[3] = {"1", "2", "4"};
+  qs_tensor ten[3];
+  qs_tensor_cost cost[3];
+  for (int i = 0; i < 3; i++) {
+    setenv("QINS_IMPORT_THREADS", threads[i], 1);
+    char model[8];
+    snprintf(model, sizeof model, "t%s", threads[i]);
+    cr_assert_eq(import(p, model, -1, 0), 0, "%s", qs_error());
+    qs_txn *tx;
+    cr_assert_eq(qs_txn_begin(st, &tx), 0);
+    cr_assert_eq(qs_tensor_get(tx, model, "w", &ten[i]), 0);
+    cr_assert_eq(qs_tensor_cost_get(tx, &ten[i], &cost[i]), 0);
+    qs_txn_end(tx);
+  }
+  cr_assert_geq(ten[0].n_chunks, 3);
+  for (int i = 1; i < 3; i++) {
+    cr_assert_eq(cost[i].checksum, cost[0].checksum, "%s threads: other bytes", threads[i]);
+    cr_assert_eq(ten[i].snr_db, ten[0].snr_db);
+    cr_assert_eq(ten[i].max_err, ten[0].max_err);
+    cr_assert_eq(ten[i].stored_bytes, ten[0].stored_bytes);
+  }
+}
