@@ -3,11 +3,12 @@
  * bench_import.c — `make bench`: import throughput of qinsctl (MB/s of source) on synthetic
  * safetensors models, with the importer's peak RSS, next to a same-run reference: the raw read
  * throughput of the same file (pread of 4 MiB blocks, page cache warm, as the importer reads it)
- * and, for qins8, the codec alone (fit + encode of one matrix in memory).
+ * and, for qins8, the codec alone on one thread (fit + encode of one matrix in memory; the
+ * importer encodes chunks on one worker thread per CPU, $QINS_IMPORT_THREADS).
  *
- * Models: 512 MiB (32 matrices of 2048 x 2048 f32, plus norms) imported with the default policy
- * (qins8) and with --codec f32 (store overhead alone), and a 128 MiB one with --codec f32 to show
- * that peak RSS does not grow with the model (it is bounded by the batch buffers plus one staging
+ * Models: 512 MiB (8 matrices of 4096 x 4096 f32, plus norms) imported with the default policy
+ * (qins8) and with --codec f32 (store overhead alone), and a 128 MiB one both ways to show that
+ * peak RSS does not grow with the model (it is bounded by the batch buffers plus one staging
  * transaction's dirty pages, QS_TXN_BYTES). Each import runs as its own process
  * (fork + exec of $QINS_BUILD/qinsctl; wait4 gives ru_maxrss). Bounded: about three imports'
  * time; temp files are removed.
@@ -114,7 +115,7 @@ int main(void) {
   snprintf(small, sizeof small, "%s/small.safetensors", dir);
   snprintf(store, sizeof store, "%s/store", dir);
   uint64_t bb, sb;
-  if (write_model(big, 32, 2048, 2048, &bb) || write_model(small, 8, 2048, 2048, &sb)) {
+  if (write_model(big, 8, 4096, 4096, &bb) || write_model(small, 2, 4096, 4096, &sb)) {
     fprintf(stderr, "bench_import: cannot write the synthetic models in %s\n", dir);
     qt_rmrf(dir);
     return 1;
@@ -124,7 +125,7 @@ int main(void) {
    * as the importer calls them), so the ratio shows what reading, staging and LMDB cost on top. */
   double codec_mbs = 0;
   {
-    uint64_t rows = 2048, cols = 2048, n = rows * cols;
+    uint64_t rows = 4096, cols = 4096, n = rows * cols;
     float *w = malloc(n * 4);
     qt_fill_gauss(w, n, 1, 0.02f);
     void *dst = malloc(qc_chunk_bytes(QC_QINS8, cols, rows, NULL));
@@ -137,12 +138,13 @@ int main(void) {
     free(w);
     free(dst);
   }
-  printf("source: synthetic safetensors, %.1f MiB (32 x 2048x2048 f32 + norms); raw pread of the "
+  printf("source: synthetic safetensors, %.1f MiB (8 x 4096x4096 f32 + norms); raw pread of the "
          "file (page cache warm): %.0f MB/s\n", (double)bb / 1048576, raw);
   struct { const char *label, *file, *codec, *model; uint64_t bytes; } runs[] = {
       {"import qins8 (default policy), 512 MiB", big, NULL, "big", bb},
       {"import f32 passthrough,        512 MiB", big, "f32", "bigf32", bb},
-      {"import f32 passthrough,        128 MiB", small, "f32", "small", sb}};
+      {"import qins8 (default policy), 128 MiB", small, NULL, "small", sb},
+      {"import f32 passthrough,        128 MiB", small, "f32", "smallf32", sb}};
   int rc = 0;
   for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
     long rss = 0;
