@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * store.h — the qins tensor store (qs_): one LMDB environment holding models and their tensors,
- * encoded with the QINS codecs (codec.h). On-disk layout: docs/FORMAT.md §Store.
+ * encoded with the QINS codecs (codec.h). On-disk layout: docs/FORMAT.md §2.
  *
  * LMDB rules this module keeps (lmdb.h Caveats; ../shared/docs/PITFALLS.md):
  *  - One qs_store (one MDB_env) per process; never fork() after qs_open.
@@ -50,7 +50,11 @@ typedef struct qs_store qs_store;
 typedef struct qs_txn qs_txn;
 
 enum { QS_OPEN_RDONLY = 1, QS_OPEN_CREATE = 2 };
-/* Opens (QS_OPEN_CREATE: creates) the store in directory dir. */
+/* Opens the store in directory dir. QS_OPEN_CREATE creates the directory and an empty store if
+ * absent; without it a missing store is -ENOENT ("no store here"). QS_OPEN_RDONLY opens the env
+ * MDB_RDONLY (write calls then fail with QINS_EINVALID). Without RDONLY, open also reclaims what a
+ * killed writer left staged, if no other process holds the writer lock. QINS_EVERSION for a
+ * directory that is not a qins store or has another format version. */
 int qs_open(qs_store **out /* out; qs_close */, const char *dir, unsigned flags);
 void qs_close(qs_store *s);
 /* Message of the last failure on this store in this thread ("" if none): names the object. */
