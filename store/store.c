@@ -88,8 +88,12 @@ static int qs__mdb_fail(qs_store *s, int rc, const char *what) {
     return qs__fail(QINS_ESTORE_FULL, "store %s: %s: the map is full (set QINS_STORE_MAX_MAP "
                                       "higher or free space); nothing was changed",
                     s->dir, what);
-  if (rc == ENOSPC || rc == EDQUOT)
-    return qs__fail(QINS_ESTORE_FULL, "store %s: %s: no space left on device; nothing was changed",
+  if (rc == ENOSPC || rc == EDQUOT || rc == EFBIG)
+    return qs__fail(QINS_ESTORE_FULL, "store %s: %s: %s; nothing was changed", s->dir, what,
+                    rc == EFBIG ? "file size limit reached" : "no space left on device");
+  if (rc == EIO)
+    return qs__fail(QINS_EIO, "store %s: %s: I/O error (LMDB reports a write cut short by a full "
+                              "disk this way)",
                     s->dir, what);
   if (rc == MDB_TXN_FULL)
     return qs__fail(QINS_ESTORE_FULL, "store %s: %s: transaction too large", s->dir, what);

@@ -12,7 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "codec.h"
@@ -489,6 +492,67 @@ Test(qinsctl_store, store_full_aborts_and_leaves_the_store_as_it_was) {
   cr_assert_str_eq(after, before);
   verify_ok();
   /* Without the cap the map grows and the same import succeeds. */
+  cr_assert_eq(ctl(NULL, &err, NULL, "import", big, "--codec", "f32", NULL), 0, "%s", err);
+  free(err);
+  verify_ok();
+  free(before);
+  free(after);
+}
+
+Test(qinsctl_store, disk_full_at_commit_aborts_and_leaves_the_store_as_it_was) {
+  /* The data file may not grow past its size + 1 MiB (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail
+   * with EFBIG, as they would with ENOSPC): the import's commit fails, the store stays as it was. */
+  char good[256], big[256];
+  snprintf(good, sizeof good, "%s/small.safetensors", dir);
+  snprintf(big, sizeof big, "%s/big.safetensors", dir);
+  static float w[64 * 64];
+  qt_fill_gauss(w, 64 * 64, 13, 0.1f);
+  qt_tensor t[1] = {{"w", QS_ST_F32, 2, {64, 64}, w, sizeof w}};
+  cr_assert_eq(qt_st_write(good, t, 1, NULL), 0);
+  size_t n = 2u << 20;
+  float *bw = malloc(n * sizeof *bw);
+  qt_fill_gauss(bw, n, 14, 0.1f);
+  qt_tensor tb[1] = {{"big", QS_ST_F32, 2, {2048, 1024}, bw, n * 4}};
+  cr_assert_eq(qt_st_write(big, tb, 1, NULL), 0);
+  free(bw);
+  char *err;
+  cr_assert_eq(ctl(NULL, &err, NULL, "import", good, NULL, NULL, NULL), 0, "%s", err);
+  free(err);
+  char *before = snapshot();
+  char db[256];
+  snprintf(db, sizeof db, "%s/data.mdb", store);
+  struct stat st;
+  cr_assert_eq(stat(db, &st), 0);
+  int ep[2];
+  cr_assert_eq(pipe(ep), 0);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    signal(SIGXFSZ, SIG_IGN);
+    struct rlimit rl = {(rlim_t)st.st_size + (1 << 20), (rlim_t)st.st_size + (1 << 20)};
+    setrlimit(RLIMIT_FSIZE, &rl);
+    dup2(ep[1], 2);
+    close(ep[0]);
+    execl(qinsctl, qinsctl, "--store", store, "import", big, "--codec", "f32", (char *)NULL);
+    _exit(127);
+  }
+  close(ep[1]);
+  char msg[2048] = "";
+  ssize_t got, total = 0;
+  while ((got = read(ep[0], msg + total, sizeof msg - 1 - (size_t)total)) > 0) total += got;
+  msg[total] = 0;
+  close(ep[0]);
+  int ws;
+  waitpid(pid, &ws, 0);
+  cr_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 1, "status %d: %s", ws, msg);
+  /* EFBIG from pwrite, or LMDB's EIO for a short write (what a full disk gives). */
+  cr_assert(strstr(msg, "big.safetensors") &&
+                (strstr(msg, "file size limit reached") || strstr(msg, "I/O error")),
+            "%s", msg);
+  char *after = snapshot();
+  cr_assert_str_eq(after, before);
+  verify_ok();
+  /* Without the limit the next import succeeds (and reclaims anything staged). */
   cr_assert_eq(ctl(NULL, &err, NULL, "import", big, "--codec", "f32", NULL), 0, "%s", err);
   free(err);
   verify_ok();
