@@ -313,12 +313,16 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
       qctl_jnum(stdout, ratio);
       printf(",\"created\":%lld,\"metadata\":%s}\n", (long long)m.created, m.metadata);
     } else {
-      char a[32], b[32];
+      char a[32], b[32], when[40];
+      time_t tt = (time_t)m.created;
+      struct tm tm;
+      gmtime_r(&tt, &tm);
+      strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
       printf("model:     %s\nid:        %llu\ntensors:   %llu\nelements:  %llu\nsource:    %s\n"
-             "stored:    %s (%.2fx)\ncreated:   %lld\nmetadata:  %s\n",
+             "stored:    %s (%.2fx)\ncreated:   %s\nmetadata:  %s\n",
              m.name, (unsigned long long)m.id, (unsigned long long)m.n_tensors,
              (unsigned long long)m.n_elem, qctl_human(m.src_bytes, a, sizeof a),
-             qctl_human(m.stored_bytes, b, sizeof b), ratio, (long long)m.created, m.metadata);
+             qctl_human(m.stored_bytes, b, sizeof b), ratio, when, m.metadata);
     }
   } else if (!e) {
     qs_tensor ten;
