@@ -94,6 +94,7 @@ void qd_latency_quantiles(double *p50_us /* out */, double *p99_us /* out */);
 
 /* ---- server core (server.c) ------------------------------------------------------------------- */
 typedef struct qd_conn qd_conn;
+typedef void (*qd_sink_fn)(void *ud, const void *p, size_t n); /* embedded responses (below) */
 
 /* One request being answered. Lives on the stack for inline methods; get/get_many copy what they
  * need into a qd_job. */
@@ -146,6 +147,19 @@ void qd_stream_end(qd_conn *c, int broken);
 int qd_conn_closing(const qd_conn *c);
 void qd_latency_record(uint64_t t0);
 void qd_count_error(int code);
+
+/* Embedding, for fuzzing (tests/fuzz/request.c): the server without a socket, listener or signals.
+ * qd_embed_init sets up what qd_server_run would (qd_cfg loaded and qd_store open first);
+ * qd_serve_bytes then plays `in` as one client's whole byte stream, fed in reads of at most
+ * `piece` bytes (0: as large as the read buffer allows) through the same read buffer, framing,
+ * dispatch, backpressure and replies as a socket client, followed by end of stream; it runs the
+ * loop (pool decodes and streamed gets included) until that connection has closed and been freed.
+ * Every response byte goes to sink, in stream order, as soon as it is written. The client has no
+ * credentials (uid -1): admin methods get DENIED. Returns 0, QINS_ENOMEM, or QINS_EINTERNAL if the
+ * connection would never close (a server bug). qd_embed_fini runs the loop dry and frees. */
+int qd_embed_init(void);
+int qd_serve_bytes(const void *in, size_t len, size_t piece, qd_sink_fn sink, void *ud);
+void qd_embed_fini(void);
 
 /* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time. */
 void *qd_buf_get(size_t n, size_t *cap /* out */);

@@ -20,6 +20,8 @@
  *    pool job refers to it (pending == 0): jobs finishing after the client left drop their answer.
  *  - LMDB read txns never outlive one request step (commands.c), and are never held while waiting
  *    on a client.
+ *  - Embedded connections (qd_serve_bytes, for fuzzing) share every path above except the socket:
+ *    their reads are fed by the caller and their writes complete at once into a sink.
  *  - Shutdown (SIGTERM/SIGINT/`shutdown`): close the listener, stop reading, answer requests
  *    already buffered with SHUTDOWN, let in-flight ones finish and flush, then close; after
  *    shutdown_timeout_ms whatever remains is closed. The loop then has no handles and returns.
@@ -65,6 +67,8 @@ struct qd_conn {
   struct waiter *waiters; /* streams waiting for the socket, in order */
   struct wreq *held_head, *held_tail; /* writes held while streaming, in order */
   struct qd_conn *prev, *next; /* all connections */
+  qd_sink_fn sink;     /* embedded connection (qd_serve_bytes): response bytes go here, no socket */
+  void *sink_ud;       /* its argument */
 };
 
 typedef struct wreq wreq;
@@ -273,6 +277,14 @@ static void wreq_submit(qd_conn *c, wreq *w) {
   if (c->closing) { /* the client left while this was being computed */
     c->queued -= w->bytes;
     qd_st.queued_bytes -= w->bytes;
+    wreq_free(w);
+    return;
+  }
+  if (c->sink) { /* embedded (qd_serve_bytes): the whole write is delivered at once */
+    for (unsigned i = 0; i < w->nbufs; i++) c->sink(c->sink_ud, w->bufs[i].base, w->bufs[i].len);
+    c->queued -= w->bytes;
+    qd_st.queued_bytes -= w->bytes;
+    qd_st.bytes_served += w->bytes;
     wreq_free(w);
     return;
   }
@@ -932,5 +944,89 @@ int qd_server_run(void) {
   free(qd_st.per_method);
   qd_log(QD_LOG_NOTICE, "exited cleanly: %llu requests, %llu bytes served",
          (unsigned long long)qd_st.requests, (unsigned long long)qd_st.bytes_served);
+  return 0;
+}
+
+/* ---- embedding: one client's byte stream with no socket (fuzzing; qinsd.h) ------------------- */
+int qd_embed_init(void) {
+  if (loop) return 0;
+  qd_st.per_method = calloc((size_t)qd_n_methods, sizeof(uint64_t));
+  if (!qd_st.per_method) return QINS_ENOMEM;
+  loop = uv_default_loop();
+  uv_mutex_init(&buf_mu);
+  qd_st.start_ns = qd_now_ns();
+  return 0;
+}
+
+void qd_embed_fini(void) {
+  if (!loop) return;
+  uv_run(loop, UV_RUN_DEFAULT);
+  uv_loop_close(loop);
+  buf_cache_clear();
+  uv_mutex_destroy(&buf_mu);
+  free(qd_st.per_method);
+  qd_st.per_method = NULL;
+  loop = NULL;
+}
+
+/* The connection numbered id, or NULL once it was freed (a loop run may free it). */
+static qd_conn *conn_by_id(uint64_t id) {
+  for (qd_conn *c = conns; c; c = c->next)
+    if (c->id == id) return c;
+  return NULL;
+}
+
+int qd_serve_bytes(const void *in, size_t len, size_t piece, qd_sink_fn sink, void *ud) {
+  qd_conn *c = calloc(1, sizeof *c);
+  if (!c) return QINS_ENOMEM;
+  uv_pipe_init(loop, &c->pipe, 0); /* never opened: reads and writes go through this function */
+  c->pipe.data = c;
+  c->id = next_conn_id++;
+  c->pid = getpid();
+  c->uid = (uid_t)-1; /* no credentials: admin methods are refused */
+  c->gid = (gid_t)-1;
+  c->sink = sink;
+  c->sink_ud = ud;
+  snprintf(c->desc, sizeof c->desc, "client %llu (embedded)", (unsigned long long)c->id);
+  msgpack_zone_init(&c->zone, 4096);
+  qp_scan_init(&c->scan, qd_cfg.max_request_bytes, QP_MAX_DEPTH);
+  c->next = conns;
+  if (conns) conns->prev = c;
+  conns = c;
+  n_open++;
+  qd_st.connections++;
+  qd_st.connections_total++;
+  const uint64_t id = c->id;
+  const char *p = in;
+  if (piece == 0) piece = len ? len : 1;
+  /* Reads happen only while the connection wants them (backpressure), as with libuv. */
+  while ((c = conn_by_id(id)) && !c->closing && !c->close_after) {
+    if (!conn_can_dispatch(c)) {
+      if (uv_run(loop, UV_RUN_ONCE) == 0 && (c = conn_by_id(id)) && !conn_can_dispatch(c) &&
+          !c->closing && !c->close_after)
+        return QINS_EINTERNAL; /* paused with nothing left to resume it */
+      continue;
+    }
+    if (len == 0) {
+      on_read((uv_stream_t *)&c->pipe, UV_EOF, NULL);
+      break;
+    }
+    uv_buf_t b;
+    on_alloc((uv_handle_t *)&c->pipe, 65536, &b);
+    size_t n = len < piece ? len : piece;
+    if (n > b.len) n = b.len;
+    if (n == 0) { /* libuv reports an empty buffer as UV_ENOBUFS */
+      on_read((uv_stream_t *)&c->pipe, UV_ENOBUFS, &b);
+      break;
+    }
+    memcpy(b.base, p, n);
+    p += n;
+    len -= n;
+    on_read((uv_stream_t *)&c->pipe, (ssize_t)n, &b);
+  }
+  /* Every answer goes out, then the connection closes by itself. */
+  while ((c = conn_by_id(id)))
+    if (uv_run(loop, UV_RUN_ONCE) == 0 && (c = conn_by_id(id)) && !c->closing)
+      return QINS_EINTERNAL; /* would stay open forever after its client's end of stream */
   return 0;
 }
