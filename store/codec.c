@@ -24,6 +24,9 @@
  */
 #include <math.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <stdlib.h>
 
 #include "codec_int.h"
@@ -222,13 +225,21 @@ int qc_params_read(qc_codec c, const uint8_t *in, size_t len, qc_params *out) {
 static const qc__kernel *qc_kern = &qc__kernel_ref;
 static pthread_once_t qc_kern_once = PTHREAD_ONCE_INIT;
 
+#if defined(__x86_64__) || defined(__i386__)
+/* F16C from CPUID leaf 1 (ECX bit 29): clang before 16 has no __builtin_cpu_supports("f16c"), and
+ * the fuzz build (make fuzz) uses Debian 12's clang 14. */
+static int cpu_f16c(void) {
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 static int cpu_has(const char *k) {
   if (!strcmp(k, "ref")) return 1;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (!strcmp(k, "avx2"))
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-           __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && cpu_f16c() && __builtin_cpu_supports("fma");
   if (!strcmp(k, "avx512"))
     return cpu_has("avx2") && __builtin_cpu_supports("avx512f") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
