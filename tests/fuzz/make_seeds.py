@@ -1,0 +1,212 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: MIT
+"""make_seeds.py — writes the seed corpora of the fuzz targets (tests/fuzz/corpus/<target>/).
+
+Every seed is small and synthetic (no model files are copied): valid inputs of each format, a few
+near misses, and for the request target whole client sessions, each prefixed with the option byte
+tests/fuzz/request.c reads. Deterministic: rerunning rewrites the same files. Run from the repo
+root: /usr/bin/python3 tests/fuzz/make_seeds.py (Debian's python3-msgpack)
+"""
+import json
+import os
+import struct
+
+import msgpack
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+# ---- request: option byte + msgpack-RPC stream (PROTOCOL.md) ---------------------------------
+def req(msgid, method, params=None):
+    return msgpack.packb([0, msgid, method, [] if params is None else [params]], use_bin_type=True)
+
+
+def session(*reqs):
+    return b"".join(reqs)
+
+
+M = "m"
+sessions = {
+    "hello": session(req(1, "hello"), req(2, "ping"), req(3, "models"), req(4, "stats")),
+    "list": session(req(1, "list", {"model": M}), req(2, "list", {"model": M, "prefix": "a.", "offset": 1, "limit": 2}),
+                    req(3, "list", {"model": "nope"}), req(4, "list", {"model": 5})),
+    "info": session(req(1, "info", {"model": M, "name": "a.w"}), req(2, "info", {"model": M, "name": "s"}),
+                    req(3, "info", {"model": M, "name": "missing"}), req(4, "info", {"model": "n", "name": "x"})),
+    "get": session(req(1, "get", {"model": M, "name": "a.w"}),
+                   req(2, "get", {"model": M, "name": "a.w", "slice": [[1, 3], [2, 5]]}),
+                   req(3, "get", {"model": M, "name": "b.q16", "dtype": "f16"}),
+                   req(4, "get", {"model": M, "name": "d.bf16", "dtype": "bf16", "slice": [[0, 3]]}),
+                   req(5, "get", {"model": M, "name": "c.f16", "slice": [[1, 2], [0, 3], [4, 5]]})),
+    "get_codecs": session(req(1, "get", {"model": M, "name": "e.log"}), req(2, "get", {"model": M, "name": "f.rat"}),
+                          req(3, "get", {"model": M, "name": "g.i32"}), req(4, "get", {"model": M, "name": "g.i32", "dtype": "f32"}),
+                          req(5, "get", {"model": M, "name": "s"}), req(6, "get", {"model": M, "name": "z"}),
+                          req(7, "get", {"model": M, "name": "a.b", "slice": [[3, 3]]})),
+    "get_5d": session(req(1, "get", {"model": M, "name": "h.5d", "slice": [[0, 2], [1, 2], [0, 1]]}),
+                      req(2, "get", {"model": M, "name": "h.5d", "slice": [[0, 1]] * 5}),
+                      req(3, "get", {"model": M, "name": "h.5d", "slice": [[0, 1]] * 6})),
+    "get_big": session(req(1, "get", {"model": M, "name": "big", "slice": [[65530, 65540]]}),
+                       req(2, "get", {"model": M, "name": "big"}),
+                       req(3, "get", {"model": M, "name": "big", "slice": [[100, 300], [4, 8]], "dtype": "f16"})),
+    "get_bad": session(req(1, "get", {"model": M, "name": "a.w", "slice": [[3, 1]]}),
+                       req(2, "get", {"model": M, "name": "a.w", "slice": [[0, 65]]}),
+                       req(3, "get", {"model": M, "name": "a.w", "slice": [[0, 1, 2]]}),
+                       req(4, "get", {"model": M, "name": "a.w", "slice": 7}),
+                       req(5, "get", {"model": M, "name": "a.w", "dtype": "f64"}),
+                       req(6, "get", {"model": M, "name": "a.w", "dtype": 3}),
+                       req(7, "get", {"model": M}), req(8, "get", {"model": M, "name": "a\x00w"}),
+                       req(9, "get", {"model": M, "name": "x" * 300})),
+    "get_many": session(req(1, "get_many", {"model": M, "names": ["a.b", "c.f16", "g.i32"]}),
+                        req(2, "get_many", {"model": M, "prefix": "a."}),
+                        req(3, "get_many", {"model": M, "prefix": "zz"}),
+                        req(4, "get_many", {"model": M, "names": ["a.b"], "prefix": "a"}),
+                        req(5, "get_many", {"model": M, "names": [1]}),
+                        req(6, "get_many", {"model": M, "names": ["a.b"], "slice": [[0, 1]]}),
+                        req(7, "get_many", {"model": M, "names": ["a.b"], "dtype": "bf16"})),
+    "admin": session(req(1, "shutdown"), req(2, "nosuch"), req(3, "ping")),
+    "notify": msgpack.packb([2, "ping", []]) + req(1, "ping"),
+    "method_not_str": msgpack.packb([0, 1, 5, []]) + req(2, "ping"),
+    "params_bad": msgpack.packb([0, 1, "ping", 5]) + msgpack.packb([0, 2, "info", [1, 2]]) + req(3, "ping"),
+    "bad_c1": req(1, "ping") + b"\xc1",
+    "bad_tag": msgpack.packb([1, 1, "ping", []]),
+    "bad_msgid": msgpack.packb([0, -1, "ping", []]),
+    "bad_len3": msgpack.packb([0, 1, "ping"]),
+    "bad_not_array": msgpack.packb({"a": 1}),
+    "huge_bin": b"\x94\x00\x01\xa4ping\x91\x81\xa1a\xc6\xff\xff\xff\xff",
+    "huge_array": b"\xdd\xff\xff\xff\xff",
+    "deep": b"\x91" * 12 + b"\x00",
+    "truncated": req(1, "get", {"model": M, "name": "a.w"})[:-3],
+}
+variants = {0: "", 1: "_p1", 2: "_p7", 3: "_p64", 4: "_pool", 12: "_stream", 36: "_pend1", 16: "_small"}
+for name, body in sessions.items():
+    put("request", name, bytes([0]) + body)
+for opt, suffix in variants.items():
+    if opt:
+        for name in ("get", "get_big", "get_many", "hello"):
+            put("request", name + suffix, bytes([opt]) + sessions[name])
+put("request", "stream_rows", bytes([12]) + session(
+    req(1, "get", {"model": M, "name": "big", "slice": [[65300, 65700]]}),
+    req(2, "get", {"model": M, "name": "big", "slice": [[0, 200]], "dtype": "bf16"}), req(3, "ping")))
+
+# ---- safetensors -------------------------------------------------------------------------------
+def safetensors(tensors, meta=None, pad=True):
+    hdr, data = {}, b""
+    if meta is not None:
+        hdr["__metadata__"] = meta
+    for name, dtype, shape, raw in tensors:
+        hdr[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    h = json.dumps(hdr, separators=(",", ":")).encode()
+    if pad:
+        h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + data
+
+
+f32 = lambda *v: struct.pack("<%df" % len(v), *v)
+put("safetensors", "one_f32", safetensors([("w", "F32", [2, 3], f32(1, 2, 3, 4, 5, 6))]))
+put("safetensors", "dtypes", safetensors([
+    ("a", "F16", [2], b"\x00\x3c\x00\xc0"), ("b", "BF16", [2], b"\x80\x3f\x00\x40"),
+    ("c", "I64", [1], struct.pack("<q", -5)), ("d", "BOOL", [3], b"\x01\x00\x01"),
+    ("e", "U8", [1, 1, 1], b"\x07"), ("f", "F64", [], struct.pack("<d", 2.5)),
+    ("g", "F32", [0, 4], b""), ("h", "I32", [2], struct.pack("<ii", 1, -1))],
+    meta={"format": "pt", "k": "v\u00e9"}))
+put("safetensors", "f8_f4", safetensors([("a", "F8_E4M3", [4], b"\x01\x02\x03\x04"), ("b", "F4", [2, 4], b"\x12\x34\x56\x78")]))
+put("safetensors", "empty", safetensors([]))
+put("safetensors", "meta_only", safetensors([], meta={"a": "b"}))
+put("safetensors", "gap", safetensors([("w", "F32", [1], f32(1))])[:-1] + b"\x00\x00")
+put("safetensors", "nopad", safetensors([("w", "F32", [1], f32(1))], pad=False))
+put("safetensors", "short", b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+
+# ---- GGUF (v3 and v2) --------------------------------------------------------------------------
+def gstr(s):
+    s = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(s)) + s
+
+
+def gguf(kvs, tensors, version=3, align=32):
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors), len(kvs))
+    for key, typ, payload in kvs:
+        out += gstr(key) + struct.pack("<I", typ) + payload
+    off, datas = 0, []
+    infos = b""
+    for name, dims, typ, raw in tensors:
+        infos += gstr(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        infos += struct.pack("<IQ", typ, off)
+        datas.append(raw + b"\x00" * (-len(raw) % align))
+        off += len(datas[-1])
+    out += infos
+    out += b"\x00" * (-len(out) % align)
+    return out + b"".join(datas)
+
+
+kv_basic = [("general.architecture", 8, gstr("llama")), ("general.alignment", 4, struct.pack("<I", 32)),
+            ("llama.block_count", 4, struct.pack("<I", 1)), ("general.flag", 7, b"\x01"),
+            ("general.f", 6, struct.pack("<f", 0.5)), ("general.u64", 10, struct.pack("<Q", 7)),
+            ("general.i8", 1, b"\xff"), ("general.f64", 12, struct.pack("<d", 1.5)),
+            ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + gstr("a") + gstr("\"q\\")),
+            ("tokenizer.ggml.scores", 9, struct.pack("<IQ", 6, 2) + f32(0.0, -1.0))]
+q8 = (struct.pack("<e", 0.5) + bytes(range(32)))
+q4 = (struct.pack("<e", 0.25) + bytes(range(16)))
+put("gguf", "v3_f32", gguf(kv_basic, [("tok.weight", [4, 2], 0, f32(*range(8)))]))
+put("gguf", "v3_types", gguf(kv_basic[:2], [
+    ("a", [2], 1, b"\x00\x3c\x00\xc0"), ("b", [2], 30, b"\x80\x3f\x00\x40"), ("c", [32, 2], 8, q8 * 2),
+    ("d", [32], 2, q4), ("e", [3], 26, struct.pack("<3i", 1, 2, 3)), ("f", [1], 28, struct.pack("<d", 1.0)),
+    ("g", [2, 2, 2, 1], 24, b"\x01\x02\x03\x04\x05\x06\x07\x08")]))
+put("gguf", "v3_refused", gguf(kv_basic[:1], [("k", [256], 12, b"\x00" * 144)]))
+put("gguf", "v2_f16", gguf([("general.name", 8, gstr("x"))], [("w", [2, 2], 1, b"\x00\x3c" * 4)], version=2))
+put("gguf", "no_tensors", gguf(kv_basic, []))
+put("gguf", "align64", gguf([("general.alignment", 4, struct.pack("<I", 64))], [("w", [3], 0, f32(1, 2, 3)), ("v", [1], 0, f32(4))], align=64))
+put("gguf", "truncated", gguf(kv_basic, [("w", [4], 0, f32(1, 2, 3, 4))])[:-9])
+
+# ---- .npy --------------------------------------------------------------------------------------
+def npy(descr, shape, data, fortran=False, version=1):
+    d = "{'descr': '%s', 'fortran_order': %s, 'shape': %s, }" % (descr, fortran, repr(tuple(shape)))
+    pre = 10 if version == 1 else 12
+    h = d + " " * (-(pre + len(d) + 1) % 64) + "\n"
+    lenf = struct.pack("<H", len(h)) if version == 1 else struct.pack("<I", len(h))
+    return b"\x93NUMPY" + bytes([version, 0]) + lenf + h.encode("latin1") + data
+
+
+put("npy", "f4_2x3", npy("<f4", [2, 3], f32(1, 2, 3, 4, 5, 6)))
+put("npy", "f2", npy("<f2", [2], b"\x00\x3c\x00\xc0"))
+put("npy", "f8_scalar", npy("<f8", [], struct.pack("<d", 3.0)))
+put("npy", "i4", npy("<i4", [3], struct.pack("<3i", 1, -2, 3)))
+put("npy", "b1", npy("|b1", [4], b"\x01\x00\x01\x01"))
+put("npy", "u1_v2", npy("|u1", [2, 1], b"\x05\x06", version=2))
+put("npy", "i8_v3", npy("<i8", [1], struct.pack("<q", 9), version=3))
+put("npy", "zero", npy("<f4", [0, 5], b""))
+put("npy", "fortran", npy("<f4", [2, 2], f32(1, 2, 3, 4), fortran=True))
+put("npy", "bigendian", npy(">f4", [1], struct.pack(">f", 1.0)))
+put("npy", "object", npy("|O", [1], b"\x00" * 8))
+put("npy", "short_data", npy("<f4", [3], f32(1, 2)))
+
+# ---- records: mode byte, then params or chunk (tests/fuzz/records.c) ---------------------------
+table = struct.pack("<128f", *[1.0 - m / 127.0 for m in range(128)])
+params = {3: table, 5: f32(-8.0, 2.0), 6: f32(1.0), 0: b"", 1: b"", 2: b"", 4: b""}
+for c, body in params.items():
+    put("records", "params_%d" % c, bytes([0, c]) + bytes([c, 1, 0, 0]) + body)
+put("records", "params_bad_version", bytes([0, 3, 3, 2, 0, 0]) + table)
+
+
+def chunk_seed(c, dt, row_len, n_rows, psel, rng, pbytes, body):
+    return bytes([1, c, dt]) + struct.pack("<HBB", row_len - 1, n_rows - 1, psel) + \
+        struct.pack("<II", *rng) + pbytes + body
+
+
+half = struct.pack("<e", 0.5)
+put("records", "chunk_f32", chunk_seed(0, 0, 5, 2, 0, (1, 7), b"", f32(*range(10))))
+put("records", "chunk_f16", chunk_seed(1, 1, 3, 1, 0, (0, 3), b"", b"\x00\x3c\x01\x80\xff\x7b"))
+put("records", "chunk_bf16", chunk_seed(2, 2, 4, 1, 0, (1, 3), b"", b"\x80\x3f\xc0\x7f\x80\xff\x00\x00"))
+put("records", "chunk_qins8_std", chunk_seed(3, 0, 40, 2, 2, (3, 70), b"", half * 4 + bytes(range(0, 240, 3))))
+put("records", "chunk_qins8_table", chunk_seed(3, 1, 33, 1, 0x80, (0, 33), bytes([3, 1, 0, 0]) + table,
+                                               half * 2 + bytes(range(33))))
+put("records", "chunk_qins16", chunk_seed(4, 0, 70, 1, 0, (5, 66), b"", bytes([0x02, 0x80]) + struct.pack("<70H", *range(0, 63000, 900))))
+put("records", "chunk_seedlog", chunk_seed(5, 0, 8, 1, 0, (0, 8), bytes([5, 1, 0, 0]) + f32(-8.0, 2.0),
+                                           bytes([1, 0xff, 0, 1, 1, 0xff, 0, 1]) + bytes(range(0, 256, 32))))
+put("records", "chunk_seedrat", chunk_seed(6, 2, 8, 2, 0, (2, 9), bytes([6, 1, 0, 0]) + f32(1.0), bytes(range(0, 256, 16))))
