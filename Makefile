@@ -47,6 +47,8 @@ SUPPORT_SRC:= $(wildcard tests/support/*.c)
 UNIT_SRC   := $(wildcard tests/unit/*.c)
 INTEG_SRC  := $(wildcard tests/integration/*.c)
 BENCH_SRC  := $(wildcard tests/bench/*.c)
+FUZZ_SRC   := $(filter-out tests/fuzz/replay_main.c,$(wildcard tests/fuzz/*.c))
+FUZZ_NAMES := $(patsubst tests/fuzz/%.c,%,$(FUZZ_SRC))
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
 
@@ -61,8 +63,10 @@ BINS := $(if $(DAEMON_SRC),$(BUILD)/qinsd) $(if $(CTL_SRC),$(BUILD)/qinsctl) \
 LIBS := $(STORE_A) $(if $(PROTO_SRC),$(PROTO_A)) $(if $(CLIENT_SRC),$(CLIENT_A) $(CLIENT_SO))
 TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration)
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+REPLAY_BINS := $(patsubst %,$(BUILD)/fuzz-replay/%,$(FUZZ_NAMES))
 
-.PHONY: all deps test unit integration pytest asan bench fuzz soak demo install clean
+.PHONY: all deps test unit integration pytest fuzz-replay fuzz-bins asan bench fuzz soak demo \
+        install clean
 .DEFAULT_GOAL := all
 
 all: $(LIBS) $(BINS)
@@ -106,12 +110,24 @@ $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(TEST_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
 
+# Fuzz targets (tests/fuzz/<name>.c): the daemon without main.c (qd_serve_bytes) is an archive, so
+# only the request target pulls it in. fuzz-replay/<name>: the target + replay_main.c, normal
+# compiler (make test); fuzzer/<name>: the target + libFuzzer (make fuzz, clang, in build/fuzz).
+$(BUILD)/qinsd-core.a: $(call obj,$(filter-out daemon/main.c,$(DAEMON_SRC)))
+FUZZ_LINK = $(BUILD)/qinsd-core.a $(SUPPORT_A) $(STORE_A) $(PROTO_A)
+$(BUILD)/fuzz-replay/%: $(BUILD)/obj/tests/fuzz/%.o $(BUILD)/obj/tests/fuzz/replay_main.o $(FUZZ_LINK)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/fuzzer/%: $(BUILD)/obj/tests/fuzz/%.o $(FUZZ_LINK)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_LDFLAGS) -fsanitize=fuzzer -o $@ $^ $(LDLIBS)
+
 # Tests find binaries and the shared models through the environment.
 TEST_ENV = QINS_BUILD=$(abspath $(BUILD)) QINS_SHARED=$(SHARED) PYTHON=$(PYTHON)
 
 test: deps
-	@$(MAKE) --no-print-directory all $(TEST_BINS)
-	@$(MAKE) --no-print-directory unit integration pytest
+	@$(MAKE) --no-print-directory all $(TEST_BINS) $(REPLAY_BINS)
+	@$(MAKE) --no-print-directory unit integration pytest fuzz-replay
 
 unit: $(if $(UNIT_SRC),$(BUILD)/tests/unit)
 	$(if $(UNIT_SRC),$(TEST_ENV) $(BUILD)/tests/unit $(CRITERION_ARGS))
@@ -120,11 +136,26 @@ integration: all $(if $(INTEG_SRC),$(BUILD)/tests/integration)
 pytest: all
 	@set -e; for t in $(wildcard tests/python/test_*.py); do \
 	  echo "== $$t"; $(TEST_ENV) $(PYTHON) $$t; done
+# Every seed and every saved crasher of each fuzz target, without libFuzzer.
+fuzz-replay: $(REPLAY_BINS)
+	@set -e; for t in $(FUZZ_NAMES); do c=tests/fuzz/crashers/$$t; [ -d $$c ] || c=; \
+	  $(BUILD)/fuzz-replay/$$t tests/fuzz/corpus/$$t $$c; done
 
 # ASan + UBSan: the same suites, built apart in build/asan.
 asan: deps
 	@$(MAKE) --no-print-directory BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer" \
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" test
+
+# libFuzzer + ASan + UBSan with Debian's clang, in build/fuzz; each target runs DURATION seconds
+# (FUZZ_JOBS at a time, FUZZ_TARGETS to pick some). Clang's packages are installed here only.
+FUZZ_CC  ?= clang
+FUZZ_SAN := -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all
+fuzz:
+	@QINS_FUZZ=1 sh .ci/deps
+	@$(MAKE) --no-print-directory BUILD=build/fuzz CC=$(FUZZ_CC) SAN="$(FUZZ_SAN)" \
+	  OPT="-O1 -g -fno-omit-frame-pointer" fuzz-bins
+	@sh tests/fuzz/run.sh build/fuzz $(DURATION) $(or $(FUZZ_TARGETS),$(FUZZ_NAMES))
+fuzz-bins: $(patsubst %,$(BUILD)/fuzzer/%,$(FUZZ_NAMES))
 
 bench: deps all $(BENCH_BINS)
 	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)
