@@ -33,6 +33,8 @@ static const qctl_cmd qctl_cmds[] = {
     {"verify", qctl_cmd_verify, "check every checksum and decode every record", "verify [MODEL]"},
     {"audit", qctl_cmd_audit, "storage footprint per model and tensor, totals, LMDB file use",
      "audit [MODEL]"},
+    {"synth", qctl_cmd_synth, "write a synthetic model of a real architecture (phi-3.5-mini, ...)",
+     "synth --arch NAME [--model NAME] [--seed S] [--codec NAME] [--codec-for GLOB=NAME]... | synth --list"},
     /* Remote commands (daemon/qinsctl/cmd_remote.c): talk to qinsd over --socket / QINS_SOCKET.
      * Add one line per command HERE, and declare its function in qinsctl.h, e.g.
      *   {"ping", qctl_cmd_ping, "ask qinsd whether it is alive", "ping"},
