@@ -13,7 +13,8 @@
  * Types: F32, F16, BF16, F64 (codecs), I8..I64 (raw); Q8_0 and Q4_0 are dequantized when
  * allow_requant is set; every other quantized type is refused, naming it.
  * Metadata kept with the model: string and scalar KVs as strings (arrays such as the tokenizer's
- * are skipped), plus "source_format": "gguf".
+ * are skipped, and so are keys that are not UTF-8), plus "source_format": "gguf"; string values
+ * that are not UTF-8 keep their valid parts (U+FFFD for the rest).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -153,6 +154,13 @@ static int qs__key_cmp(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* Whether KV `key` goes into the model metadata: its JSON object must keep distinct keys, so a
+ * key that is not well-formed UTF-8 (two such keys could both become "\ufffd"...) and our own
+ * "source_format" are left out, as arrays are. */
+static int qs__gguf_meta_key(const char *key, uint64_t kl) {
+  return qs__utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13));
+}
+
 int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int allow_requant) {
   qs__gr *r = calloc(1, sizeof *r);
   if (!r) return qs__fail(QINS_ENOMEM, "out of memory");
@@ -260,7 +268,7 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
       char *val;
       uint64_t vl;
       if (qs__gr_str(r, &val, &vl, QS__GGUF_MAX_STR, "a string value")) break;
-      if (vl <= QS__GGUF_META_STR && strlen(val) == vl) {
+      if (vl <= QS__GGUF_META_STR && strlen(val) == vl && qs__gguf_meta_key(key, kl)) {
         qs__sbuf_puts(&mb, ",");
         qs__sbuf_json_str(&mb, key, kl);
         qs__sbuf_puts(&mb, ":");
@@ -311,6 +319,7 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
         break;
       }
     }
+    if (!qs__gguf_meta_key(key, kl)) continue;
     qs__sbuf_puts(&mb, ",");
     qs__sbuf_json_str(&mb, key, kl);
     qs__sbuf_puts(&mb, ":");

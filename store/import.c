@@ -51,12 +51,51 @@ void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n) {
   b->p[b->n] = 0;
 }
 void qs__sbuf_puts(qs__sbuf *b, const char *s) { qs__sbuf_put(b, s, strlen(s)); }
+/* Length of the well-formed UTF-8 sequence at s (n bytes left), or 0 (RFC 3629: no overlong
+ * forms, no surrogates, nothing above U+10FFFF). */
+static size_t qs__utf8_len(const unsigned char *s, size_t n) {
+  unsigned char c = s[0];
+  size_t len;
+  unsigned char lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
+  if (c >= 0xC2 && c <= 0xDF) len = 2;
+  else if (c >= 0xE0 && c <= 0xEF) {
+    len = 3;
+    if (c == 0xE0) lo = 0xA0;
+    if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    len = 4;
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;
+  } else return 0;
+  if (n < len || s[1] < lo || s[1] > hi) return 0;
+  for (size_t k = 2; k < len; k++)
+    if ((s[k] & 0xC0) != 0x80) return 0;
+  return len;
+}
+
+int qs__utf8_valid(const char *s, size_t n) {
+  for (size_t i = 0; i < n;) {
+    size_t l = (unsigned char)s[i] < 0x80 ? 1 : qs__utf8_len((const unsigned char *)s + i, n - i);
+    if (!l) return 0;
+    i += l;
+  }
+  return 1;
+}
+
 void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n) {
   qs__sbuf_put(b, "\"", 1);
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
     char esc[8];
-    if (c == '"' || c == '\\') {
+    if (c >= 0x80) { /* well-formed UTF-8 as is; any other byte becomes U+FFFD */
+      size_t l = qs__utf8_len((const unsigned char *)s + i, n - i);
+      if (l) {
+        qs__sbuf_put(b, s + i, l);
+        i += l - 1;
+      } else {
+        qs__sbuf_put(b, "\\ufffd", 6);
+      }
+    } else if (c == '"' || c == '\\') {
       esc[0] = '\\';
       esc[1] = (char)c;
       qs__sbuf_put(b, esc, 2);

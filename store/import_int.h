@@ -61,6 +61,11 @@ typedef struct qs__sbuf {
 } qs__sbuf;
 void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n);
 void qs__sbuf_puts(qs__sbuf *b, const char *s);
+/* s (n bytes, from an untrusted file) as a JSON string literal: quotes, backslashes and control
+ * characters escaped, bytes that are not well-formed UTF-8 replaced by U+FFFD, so the result is
+ * always valid JSON (the model metadata is exported verbatim as safetensors __metadata__). */
 void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n);
+/* 1 if the n bytes at s are well-formed UTF-8 (RFC 3629). */
+int qs__utf8_valid(const char *s, size_t n);
 
 #endif /* QINS_STORE_IMPORT_INT_H */
