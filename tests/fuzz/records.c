@@ -7,8 +7,8 @@
  *
  * Input: byte 0 selects the mode.
  *   even: a params record. byte 1: codec; the rest: the serialized parameters.
- *   odd:  a chunk. byte 1: codec; byte 2: output dtype; bytes 3-4: row_len (1..4096); byte 5:
- *         n_rows (1..64); byte 6: parameters (qins8: standard table byte6 % 5, or, when bit 7 is
+ *   odd:  a chunk. byte 1: codec; byte 2: output dtype; bytes 3-4: row_len (1..1024); byte 5:
+ *         n_rows (1..16); byte 6: parameters (qins8: standard table byte6 % 5, or, when bit 7 is
  *         set, qc_params_size bytes taken from the input; seed-log/seed-rational: always from the
  *         input); bytes 7-14: a decode range [begin, end) (two u32, reduced modulo n + 1);
  *         the rest: the chunk (qc_chunk_bytes bytes, zero-padded), in a buffer of exactly that
@@ -48,8 +48,8 @@ static void fuzz_params(const uint8_t *data, size_t size) {
 static void fuzz_chunk(const uint8_t *data, size_t size) {
   qc_codec c = (qc_codec)(fz_take(&data, &size, 1) % QC_CODEC_COUNT);
   qc_dtype dt = (qc_dtype)(fz_take(&data, &size, 1) % QC_DT_COUNT);
-  uint64_t row_len = fz_take(&data, &size, 2) % 4096 + 1;
-  uint64_t n_rows = fz_take(&data, &size, 1) % 64 + 1;
+  uint64_t row_len = fz_take(&data, &size, 2) % 1024 + 1;
+  uint64_t n_rows = fz_take(&data, &size, 1) % 16 + 1;
   unsigned psel = (unsigned)fz_take(&data, &size, 1);
   uint64_t r0 = fz_take(&data, &size, 4), r1 = fz_take(&data, &size, 4);
   qc_params p;
