@@ -761,6 +761,9 @@ static void stream_progress(job *j) {
     }
     j->owner = 1;
   }
+  /* A job that waited for the socket and failed meanwhile has sent nothing: it can still answer
+   * with an ordinary error (stream_complete) instead of a head it cannot finish. */
+  if (!j->hdr_sent && j->work_ended && j->err) return;
   if (!j->hdr_sent) {
     msgpack_sbuffer sb;
     msgpack_packer pk;
@@ -789,6 +792,7 @@ static void stream_complete(job *j) {
   qd_conn *c = j->req.conn;
   stream_unreserve(j, j->reserved);
   if (!j->hdr_sent) {
+    if (j->owner) qd_stream_end(c, 0); /* first, or the error reply would wait behind us */
     qd_reply_err(&j->req, j->err ? j->err : QINS_EINTERNAL, "%s", j->req.msg);
   } else if (j->err) {
     /* The head went out: the only honest end is to close (PROTOCOL.md §4.6). */

@@ -261,3 +261,36 @@ Test(daemon_stream, checksum_failure_after_the_head_closes_the_connection) {
   if (f) fclose(f);
   cr_assert(found, "the mid-stream failure is logged naming the tensor");
 }
+
+/* Two streamed gets pipelined, the second failing in its second chunk: whichever way the race
+ * goes (it may fail while waiting for the socket, and then answers CHECKSUM; or after its head
+ * went out, and then the connection closes), every complete response is correct and the daemon
+ * keeps serving. */
+Test(daemon_stream, stream_failing_behind_another_stream) {
+  corrupt_huge((uint64_t)1500 * HUGE_C + 100);
+  for (int round = 0; round < 4; round++) {
+    ts_rx rx;
+    open_rx(&rx);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    pack_get(&pk, 1, "h", "huge", 0, 1024);    /* chunk 0 only: fine */
+    pack_get(&pk, 2, "h", "huge", 1000, 1600); /* into chunk 1: fails there */
+    cr_assert_eq(ts_send(rx.fd, sb.data, sb.size), 0);
+    msgpack_sbuffer_destroy(&sb);
+    const msgpack_object *o;
+    while (ts_rx_next(&rx, 30000, &o) == 1) {
+      uint32_t id = (uint32_t)o->via.array.ptr[1].via.u64;
+      if (id == 1) {
+        cr_assert_eq(ts_resp_code(o), 0);
+        check_rows(ts_resp_result(o), 0, 0, 1024);
+      } else {
+        cr_assert_eq(id, 2);
+        cr_assert_eq(ts_resp_code(o), QINS_ECHECKSUM);
+      }
+    }
+    ts_rx_destroy(&rx);
+  }
+  cr_assert_eq(ts_ping(D.sock), 0);
+}
