@@ -157,8 +157,23 @@ fuzz:
 	@sh tests/fuzz/run.sh build/fuzz $(DURATION) $(or $(FUZZ_TARGETS),$(FUZZ_NAMES))
 fuzz-bins: $(patsubst %,$(BUILD)/fuzzer/%,$(FUZZ_NAMES))
 
+# The soak test (tests/soak/soak.c): a real qinsd, 64 clients, DURATION seconds; prints requests,
+# errors, the daemon's RSS and descriptors; fails on any unexpected answer, growth or leak.
+$(BUILD)/soak: $(BUILD)/obj/tests/soak/soak.o $(TEST_LINK)
+	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
+soak: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/soak
+	$(TEST_ENV) $(BUILD)/soak --duration $(DURATION)
+
 bench: deps all $(BENCH_BINS)
 	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)
+
+# Issue 6 at full scale (tests/bench/bench_scale.sh): synth Phi-3.5-mini (3.82 B weights) into a
+# temporary store, serve it to 4 workers at once through qinsd; import MB/s, stored size, GB/s,
+# RSS and PSS; about 5-20 minutes on 2 cores. ARCH=phi-mini-4l or ARCH=tiny for a quick run.
+.PHONY: bench-scale
+bench-scale: deps all $(BENCH_BINS)
+	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
 
 # The README's main-job command: builds, imports ../shared/models/stories260K.safetensors (or
 # MODEL=path) into a temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
