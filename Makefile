@@ -143,7 +143,8 @@ fuzz-replay: $(REPLAY_BINS)
 
 # ASan + UBSan: the same suites, built apart in build/asan.
 asan: deps
-	@$(MAKE) --no-print-directory BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer" \
+	@LSAN_OPTIONS=suppressions=$(abspath tests/support/lsan.supp):print_suppressions=0 \
+	  $(MAKE) --no-print-directory BUILD=build/asan OPT="-O1 -g -fno-omit-frame-pointer" \
 	  SAN="-fsanitize=address,undefined -fno-sanitize-recover=all" test
 
 # libFuzzer + ASan + UBSan with Debian's clang, in build/fuzz; each target runs DURATION seconds
