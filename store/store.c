@@ -431,27 +431,17 @@ static int qs__model_decode(qs_store *s, const MDB_val *k, const MDB_val *v, qs_
   return 0;
 }
 
-/* Raw tensor-record fields beyond qs_tensor. */
-typedef struct qs__trec {
-  uint64_t params_id;    /* 0 = none */
-  uint32_t params_bytes; /* blob size */
-  uint64_t data_bytes;   /* chunk payloads */
-  uint32_t tensor_crc;   /* crc32c over the chunk crcs */
-  int flags;             /* QS_TF_* */
-} qs__trec;
-
-static int qs__tensor_decode(qs_store *s, MDB_txn *txn, const char *model, const MDB_val *v,
-                             qs_tensor *t, qs__trec *r) {
-  const uint8_t *p = v->mv_data;
+int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, size_t size,
+                          qs_tensor *t, qs__trec *r) {
   memset(t, 0, sizeof *t);
-  if (v->mv_size < QS_TENSOR_HDR + 2 || memcmp(p, QS_MAGIC_TENSOR, 4))
-    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record is malformed", s->dir, model);
+  if (size < QS_TENSOR_HDR + 2 || memcmp(p, QS_MAGIC_TENSOR, 4))
+    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record is malformed", dir, model);
   if (qs__get_u16(p + 4) != QS_FORMAT_VERSION)
-    return qs__fail(QINS_EVERSION, "store %s: model %s: tensor record has version %u", s->dir,
+    return qs__fail(QINS_EVERSION, "store %s: model %s: tensor record has version %u", dir,
                     model, qs__get_u16(p + 4));
   uint16_t nl = qs__get_u16(p + 10);
-  if ((uint64_t)QS_TENSOR_HDR + nl + 1 != v->mv_size || nl > QS_MAX_NAME || p[QS_TENSOR_HDR + nl])
-    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record has bad lengths", s->dir,
+  if ((uint64_t)QS_TENSOR_HDR + nl + 1 != size || nl > QS_MAX_NAME || p[QS_TENSOR_HDR + nl])
+    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record has bad lengths", dir,
                     model);
   snprintf(t->model, sizeof t->model, "%s", model);
   memcpy(t->name, p + QS_TENSOR_HDR, nl);
@@ -487,38 +477,56 @@ static int qs__tensor_decode(qs_store *s, MDB_txn *txn, const char *model, const
                             t->n_chunks != (t->n_rows + t->rows_per_chunk - 1) / t->rows_per_chunk))
     bad = 1;
   if (!bad && !t->n_rows && t->n_chunks) bad = 1;
+  /* The largest chunk's payload must have a 64-bit size: else its expected size wraps and a
+   * short chunk record would pass the size check (then validation reads past it). */
+  if (!bad && t->n_rows) {
+    uint64_t rows = t->rows_per_chunk < t->n_rows ? t->rows_per_chunk : t->n_rows, e;
+    int ovf = 0;
+    if (t->codec == QS_RAW)
+      ovf = __builtin_mul_overflow(rows, t->row_len, &e) ||
+            __builtin_mul_overflow(e, (uint64_t)qs_dtype_size(t->src_dtype), &e);
+    else
+      qc_chunk_bytes((qc_codec)t->codec, t->row_len, rows, &ovf);
+    if (ovf) bad = 1;
+  }
   if (bad)
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: record fields are inconsistent",
-                    s->dir, model, t->name);
+                    dir, model, t->name);
   t->params.codec = t->codec == QS_RAW ? QC_F32 : (qc_codec)t->codec;
-  if (r->params_id) {
-    uint8_t key[8];
-    qs__put_be64(key, r->params_id);
-    MDB_val k = {8, key}, pv;
-    int rc = mdb_get(txn, s->db_params, &k, &pv);
-    if (rc)
-      return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters %016llx %s",
-                      s->dir, model, t->name, (unsigned long long)r->params_id,
-                      rc == MDB_NOTFOUND ? "missing" : mdb_strerror(rc));
-    const uint8_t *pp = pv.mv_data;
-    if (pv.mv_size < QS_PARAMS_HDR || memcmp(pp, QS_MAGIC_PARAMS, 4) || pp[4] != t->codec ||
-        qs__get_u32(pp + 16) != pv.mv_size - QS_PARAMS_HDR ||
-        pv.mv_size - QS_PARAMS_HDR != r->params_bytes ||
-        qs__crc32c(0, pp + QS_PARAMS_HDR, pv.mv_size - QS_PARAMS_HDR) != qs__get_u32(pp + 20))
-      return qs__fail(QINS_ECORRUPT,
-                      "store %s: model %s: tensor %s: codec parameter record %016llx is malformed "
-                      "or fails its checksum",
-                      s->dir, model, t->name, (unsigned long long)r->params_id);
-    rc = qc_params_read((qc_codec)t->codec, pp + QS_PARAMS_HDR, pv.mv_size - QS_PARAMS_HDR,
-                        &t->params);
-    if (rc)
-      return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters are invalid",
-                      s->dir, model, t->name);
-  } else if (t->codec != QS_RAW && qc_params_size((qc_codec)t->codec) != 0) {
+  if (!r->params_id && t->codec != QS_RAW && qc_params_size((qc_codec)t->codec) != 0)
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters missing",
-                    s->dir, model, t->name);
-  }
+                    dir, model, t->name);
   return 0;
+}
+
+int qs__params_rec_decode(const char *dir, const qs__trec *r, const uint8_t *pp, size_t size,
+                          qs_tensor *t) {
+  if (size < QS_PARAMS_HDR || memcmp(pp, QS_MAGIC_PARAMS, 4) || pp[4] != t->codec ||
+      qs__get_u32(pp + 16) != size - QS_PARAMS_HDR || size - QS_PARAMS_HDR != r->params_bytes ||
+      qs__crc32c(0, pp + QS_PARAMS_HDR, size - QS_PARAMS_HDR) != qs__get_u32(pp + 20))
+    return qs__fail(QINS_ECORRUPT,
+                    "store %s: model %s: tensor %s: codec parameter record %016llx is malformed "
+                    "or fails its checksum",
+                    dir, t->model, t->name, (unsigned long long)r->params_id);
+  if (qc_params_read((qc_codec)t->codec, pp + QS_PARAMS_HDR, size - QS_PARAMS_HDR, &t->params))
+    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters are invalid",
+                    dir, t->model, t->name);
+  return 0;
+}
+
+static int qs__tensor_decode(qs_store *s, MDB_txn *txn, const char *model, const MDB_val *v,
+                             qs_tensor *t, qs__trec *r) {
+  int rc = qs__tensor_rec_decode(s->dir, model, v->mv_data, v->mv_size, t, r);
+  if (rc || !r->params_id) return rc;
+  uint8_t key[8];
+  qs__put_be64(key, r->params_id);
+  MDB_val k = {8, key}, pv;
+  rc = mdb_get(txn, s->db_params, &k, &pv);
+  if (rc)
+    return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters %016llx %s",
+                    s->dir, model, t->name, (unsigned long long)r->params_id,
+                    rc == MDB_NOTFOUND ? "missing" : mdb_strerror(rc));
+  return qs__params_rec_decode(s->dir, r, pv.mv_data, pv.mv_size, t);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -671,6 +679,30 @@ static uint64_t qs__chunk_payload(const qs_tensor *t, uint64_t rows) {
   return qc_chunk_bytes((qc_codec)t->codec, t->row_len, rows, NULL);
 }
 
+int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_t size, int verify,
+                        uint64_t *rows_out) {
+  uint64_t rows = t->rows_per_chunk;
+  if (ci >= t->n_chunks)
+    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu of %llu", t->model, t->name,
+                    (unsigned long long)ci, (unsigned long long)t->n_chunks);
+  if (ci == t->n_chunks - 1) rows = t->n_rows - ci * t->rows_per_chunk;
+  uint64_t want = qs__chunk_payload(t, rows);
+  if (size < QS_CHUNK_HDR || size - QS_CHUNK_HDR != want || memcmp(p, QS_MAGIC_CHUNK, 4) ||
+      qs__get_u64(p + 8) != want)
+    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is malformed (%zu bytes, %llu expected)",
+                    t->model, t->name, (unsigned long long)ci,
+                    size < QS_CHUNK_HDR ? (size_t)0 : size - QS_CHUNK_HDR, (unsigned long long)want);
+  *rows_out = rows;
+  if (!verify) return 0;
+  if (qs__crc32c(0, p + QS_CHUNK_HDR, want) != qs__get_u32(p + 4))
+    return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum", t->model,
+                    t->name, (unsigned long long)ci);
+  if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, p + QS_CHUNK_HDR))
+    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu holds invalid codec data", t->model,
+                    t->name, (unsigned long long)ci);
+  return 0;
+}
+
 static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64_t ci,
                            qs__chunk_ref *ref, int full_check) {
   if (ref->idx == ci) return 0;
@@ -684,15 +716,9 @@ static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64
     return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
                     (unsigned long long)ci);
   if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
-  uint64_t rows = t->rows_per_chunk;
-  if (ci == t->n_chunks - 1) rows = t->n_rows - ci * t->rows_per_chunk;
-  uint64_t want = qs__chunk_payload(t, rows);
+  uint64_t rows;
   const uint8_t *p = v.mv_data;
-  if (v.mv_size != QS_CHUNK_HDR + want || memcmp(p, QS_MAGIC_CHUNK, 4) ||
-      qs__get_u64(p + 8) != want)
-    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is malformed (%zu bytes, %llu expected)",
-                    t->model, t->name, (unsigned long long)ci, v.mv_size - QS_CHUNK_HDR,
-                    (unsigned long long)want);
+  if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 0, &rows))) return rc;
   size_t slot = (size_t)(qs__hash64(key, 16, 0) % QS_VCACHE);
   int known = 0;
   if (!full_check && !s->verify_always && s->vkeys) {
@@ -701,12 +727,7 @@ static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64
     pthread_mutex_unlock(&s->vmu);
   }
   if (!known) {
-    if (qs__crc32c(0, p + QS_CHUNK_HDR, want) != qs__get_u32(p + 4))
-      return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum", t->model,
-                      t->name, (unsigned long long)ci);
-    if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, p + QS_CHUNK_HDR))
-      return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu holds invalid codec data", t->model,
-                      t->name, (unsigned long long)ci);
+    if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 1, &rows))) return rc;
     if (s->vkeys) {
       pthread_mutex_lock(&s->vmu);
       memcpy(s->vkeys[slot], key, 16);

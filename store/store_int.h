@@ -98,6 +98,33 @@ static inline uint32_t qs__get_be32(const uint8_t *p) {
   return v;
 }
 
+/* ---- Record decoders: pure functions over a record's bytes (store.c; fuzzed by tests/fuzz/
+ * records.c). Each validates before anything is trusted and fails with QINS_ECORRUPT (or
+ * QINS_EVERSION, QINS_ECHECKSUM) naming the record in qs_error(). */
+
+/* Raw tensor-record fields beyond qs_tensor. */
+typedef struct qs__trec {
+  uint64_t params_id;    /* 0 = none */
+  uint32_t params_bytes; /* blob size */
+  uint64_t data_bytes;   /* chunk payloads */
+  uint32_t tensor_crc;   /* crc32c over the chunk crcs */
+  int flags;             /* QS_TF_* */
+} qs__trec;
+
+/* A tensor record (FORMAT.md §2.4) of model `model` in store `dir` (both for messages): the
+ * header's fields, consistent (shape, counts, chunking, chunk sizes within 64 bits), into *t and
+ * *r. t->params is set only for codecs without parameters: see qs__params_rec_decode. */
+int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, size_t size,
+                          qs_tensor *t /* out */, qs__trec *r /* out */);
+/* The params record r->params_id of t (magic, codec, length, checksum, qc_params_read) into
+ * t->params. */
+int qs__params_rec_decode(const char *dir, const qs__trec *r, const uint8_t *p, size_t size,
+                          qs_tensor *t /* in/out */);
+/* Chunk record ci of t: size, magic and payload length; with verify, also its checksum and
+ * qc_chunk_validate. *rows gets the chunk's rows; the payload starts at p + QS_CHUNK_HDR. */
+int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_t size, int verify,
+                        uint64_t *rows /* out */);
+
 /* Checks a name for the store: 1..QS_MAX_NAME bytes, no NUL; models also no '/'. */
 int qs__name_check(const char *what, const char *name, int is_model);
 
