@@ -210,3 +210,51 @@ put("records", "chunk_qins16", chunk_seed(4, 0, 70, 1, 0, (5, 66), b"", bytes([0
 put("records", "chunk_seedlog", chunk_seed(5, 0, 8, 1, 0, (0, 8), bytes([5, 1, 0, 0]) + f32(-8.0, 2.0),
                                            bytes([1, 0xff, 0, 1, 1, 0xff, 0, 1]) + bytes(range(0, 256, 32))))
 put("records", "chunk_seedrat", chunk_seed(6, 2, 8, 2, 0, (2, 9), bytes([6, 1, 0, 0]) + f32(1.0), bytes(range(0, 256, 16))))
+
+
+# Store records (mode 2): tensor record (docs/FORMAT.md §2; store_int.h QS_TENSOR_HDR = 176),
+# params record (QS_PARAMS_HDR = 24), chunk record (QS_CHUNK_HDR = 16). Checksums are left 0: the
+# seeds set the fix-up flag, the target computes them.
+def trec(name, codec, src_dtype, shape, rows_per_chunk, params_id=0, params_bytes=0):
+    n = 1
+    for d in shape:
+        n *= d
+    row_len = shape[-1] if shape else 1
+    n_rows = n // row_len if row_len else 0
+    n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk if n_rows else 0
+    h = b"QSTN" + struct.pack("<HBBBBH", 1, codec, src_dtype, len(shape), 0, len(name))
+    h += struct.pack("<I", 0) + b"".join(struct.pack("<Q", d) for d in (list(shape) + [0] * 8)[:8])
+    h += struct.pack("<QQQQQQQQIIdd", n, row_len, n_rows, rows_per_chunk, n_chunks, (4 * n) % (1 << 64), 0,
+                     params_id, params_bytes, 0, float("inf"), 0.0)
+    h += b"\x00" * (176 - len(h))
+    return h + name.encode() + b"\x00"
+
+
+def precord(codec, blob):
+    return b"QSPM" + bytes([codec]) + b"\x00" * 11 + struct.pack("<II", len(blob), 0) + blob
+
+
+def crecord(payload):
+    return b"QSCK" + struct.pack("<IQ", 0, len(payload)) + payload
+
+
+def rec_seed(t, p, ci, c, fix=1):
+    return bytes([2, fix]) + struct.pack("<H", len(t)) + t + struct.pack("<H", len(p)) + p + bytes([ci]) + c
+
+
+q8blob = bytes([3, 1, 0, 0]) + table
+put("records", "store_f32", rec_seed(trec("w", 0, 0, [4, 8], 4, 1, 4), precord(0, bytes([0, 1, 0, 0])), 0, crecord(f32(*range(32)))))
+put("records", "store_f32_badcrc", rec_seed(trec("w", 0, 0, [4, 8], 4, 1, 4), precord(0, bytes([0, 1, 0, 0])), 0, crecord(f32(*range(32))), fix=0))
+put("records", "store_qins8", rec_seed(trec("q", 3, 0, [3, 40], 3, 7, len(q8blob)), precord(3, q8blob), 0,
+                                       crecord(half * 6 + bytes(range(120)))))
+put("records", "store_qins16", rec_seed(trec("h", 4, 0, [2, 70], 2, 2, 4), precord(4, bytes([4, 1, 0, 0])), 0,
+                                        crecord(bytes([2, 2, 2, 2]) + struct.pack("<140H", *range(0, 140 * 400, 400)))))
+put("records", "store_raw_i32", rec_seed(trec("i", 255, 8, [2, 3], 2), b"", 0, crecord(struct.pack("<6i", *range(6)))))
+put("records", "store_bf16_last_chunk", rec_seed(trec("b", 2, 2, [10, 4], 3, 3, 4), precord(2, bytes([2, 1, 0, 0])), 3, crecord(b"\x80\x3f" * 4)))
+put("records", "store_scalar", rec_seed(trec("s", 0, 0, [], 1, 1, 4), precord(0, bytes([0, 1, 0, 0])), 0, crecord(f32(2.5))))
+put("records", "store_seedlog", rec_seed(trec("l", 5, 0, [1, 8], 1, 9, 12), precord(5, bytes([5, 1, 0, 0]) + f32(-8.0, 2.0)), 0,
+                                         crecord(bytes([1, 0xff, 0, 1, 1, 0xff, 0, 1]) + bytes(range(0, 256, 32)))))
+# A qins16 tensor of 2^63 elements in one row: its chunk's payload size (2 * 2^63 + ...) does not
+# fit in 64 bits. The tensor record is refused (store.c); before, the wrapped size let a 16-byte
+# chunk record through to qc_chunk_validate, which refused it on its own overflow check.
+put("records", "store_chunk_size_overflow", rec_seed(trec("o", 4, 0, [1 << 63], 1, 2, 4), precord(4, bytes([4, 1, 0, 0])), 0, crecord(b"")))

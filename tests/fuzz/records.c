@@ -1,20 +1,27 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * records.c — fuzz target: decoding untrusted stored data, the checks qinsctl verify and every
- * read run before trusting a record (STYLE.md 15; docs/FORMAT.md §1.2, §1.1): serialized codec
- * parameters (qc_params_read), chunk validation (qc_chunk_validate) and decoding (qc_decode, each
- * SIMD kernel, the scalar reference).
+ * read run before trusting a record (STYLE.md 15; docs/FORMAT.md §1, §2): the store's record
+ * decoders (qs__tensor_rec_decode, qs__params_rec_decode, qs__chunk_rec_check: store_int.h),
+ * serialized codec parameters (qc_params_read), chunk validation (qc_chunk_validate) and decoding
+ * (qc_decode, each SIMD kernel, the scalar reference).
  *
- * Input: byte 0 selects the mode.
- *   even: a params record. byte 1: codec; the rest: the serialized parameters.
- *   odd:  a chunk. byte 1: codec; byte 2: output dtype; bytes 3-4: row_len (1..1024); byte 5:
- *         n_rows (1..16); byte 6: parameters (qins8: standard table byte6 % 5, or, when bit 7 is
- *         set, qc_params_size bytes taken from the input; seed-log/seed-rational: always from the
- *         input); bytes 7-14: a decode range [begin, end) (two u32, reduced modulo n + 1);
- *         the rest: the chunk (qc_chunk_bytes bytes, zero-padded), in a buffer of exactly that
- *         size so an overread is caught.
+ * Input: byte 0 % 3 selects the mode.
+ *   0: a params blob. byte 1: codec; the rest: the serialized parameters.
+ *   1: a chunk. byte 1: codec; byte 2: output dtype; bytes 3-4: row_len (1..1024); byte 5: n_rows
+ *      (1..16); byte 6: parameters (qins8: standard table byte6 % 5, or, when bit 7 is set,
+ *      qc_params_size bytes taken from the input; seed-log/seed-rational: always from the input);
+ *      bytes 7-14: a decode range [begin, end) (two u32, reduced modulo n + 1); the rest: the chunk
+ *      (qc_chunk_bytes bytes, zero-padded), in a buffer of exactly that size.
+ *   2: stored records, as the store reads them for a get or verify. byte 1: bit 0 set = fix up the
+ *      checksums (params blob CRC, chunk CRC) so the fuzzer reaches what follows them; u16 LT, LT
+ *      bytes of tensor record; u16 LP, LP bytes of params record (read when the tensor names
+ *      one); one byte: chunk index (mod n_chunks); the rest: the chunk record.
+ * Every piece is copied into a buffer of exactly its size, so an overread is caught.
  *
- * Oracles: a params record that reads back is written and read again to the same bytes; a chunk
+ * Oracles: a tensor record the decoders accept is consistent (shape, counts, rows) and a chunk
+ * record they accept decodes whole within its bytes; refusals are ECORRUPT, EVERSION or
+ * ECHECKSUM. A params blob that reads back is written and read again to the same bytes; a chunk
  * qc_chunk_validate refuses gets QINS_ECORRUPT; one it accepts decodes with every kernel this CPU
  * has bit-identically to the reference (codec.h's promise), and a range decode equals the same
  * range of the whole decode; qc_chunk_locate stays inside the chunk.
@@ -22,6 +29,78 @@
 #include "codec.h"
 #include "fuzz.h"
 #include "qins.h"
+#include "store_int.h"
+
+/* A copy of the next n input bytes (fewer if the input ends) in a buffer of exactly that size,
+ * so an overread is caught; *got is the count. */
+static uint8_t *take_copy(const uint8_t **data, size_t *size, size_t n, size_t *got) {
+  if (n > *size) n = *size;
+  uint8_t *p = malloc(n ? n : 1);
+  fz_check(p, "out of memory");
+  memcpy(p, *data, n);
+  *data += n;
+  *size -= n;
+  *got = n;
+  return p;
+}
+
+static void fuzz_store_records(const uint8_t *data, size_t size) {
+  int fix = (int)fz_take(&data, &size, 1) & 1;
+  size_t lt, lp, lc;
+  uint8_t *trec = take_copy(&data, &size, (size_t)fz_take(&data, &size, 2), &lt);
+  uint8_t *prec = take_copy(&data, &size, (size_t)fz_take(&data, &size, 2), &lp);
+  uint64_t ci = fz_take(&data, &size, 1);
+  uint8_t *crec = take_copy(&data, &size, size, &lc);
+  qs_tensor t;
+  qs__trec r;
+  int rc = qs__tensor_rec_decode("fuzz", "m", trec, lt, &t, &r);
+  if (getenv("QINS_FUZZ_VERBOSE")) /* which stage an input reaches, for looking into one */
+    fprintf(stderr, "tensor record: %s\n", rc ? qs_error() : "ok");
+  if (rc) {
+    fz_check(rc == QINS_ECORRUPT || rc == QINS_EVERSION, "tensor record: %d", rc);
+    goto out;
+  }
+  /* What the readers rely on from here on (store.c). */
+  uint64_t n = 1;
+  for (int d = 0; d < t.ndim; d++) n *= t.shape[d];
+  fz_check(t.ndim <= QS_MAX_NDIM && n == t.n_elem && t.row_len * t.n_rows == t.n_elem,
+           "an inconsistent tensor record was accepted");
+  if (r.params_id) {
+    if (fix && lp >= QS_PARAMS_HDR)
+      qs__put_u32(prec + 20, qs__crc32c(0, prec + QS_PARAMS_HDR, lp - QS_PARAMS_HDR));
+    rc = qs__params_rec_decode("fuzz", &r, prec, lp, &t);
+    if (getenv("QINS_FUZZ_VERBOSE")) fprintf(stderr, "params record: %s\n", rc ? qs_error() : "ok");
+    if (rc) {
+      fz_check(rc == QINS_ECORRUPT, "params record: %d", rc);
+      goto out;
+    }
+  }
+  if (t.n_chunks == 0) goto out;
+  ci %= t.n_chunks;
+  if (fix && lc >= QS_CHUNK_HDR)
+    qs__put_u32(crec + 4, qs__crc32c(0, crec + QS_CHUNK_HDR, lc - QS_CHUNK_HDR));
+  uint64_t rows;
+  rc = qs__chunk_rec_check(&t, ci, crec, lc, 1, &rows);
+  if (getenv("QINS_FUZZ_VERBOSE")) fprintf(stderr, "chunk record: %s\n", rc ? qs_error() : "ok");
+  if (rc) {
+    fz_check(rc == QINS_ECORRUPT || rc == QINS_ECHECKSUM, "chunk record: %d", rc);
+    goto out;
+  }
+  /* An accepted chunk decodes whole, as a get or verify would (raw chunks are copied as is). */
+  fz_check(rows <= t.n_rows && rows * t.row_len <= t.n_elem, "chunk rows");
+  uint64_t ne = rows * t.row_len;
+  if (t.codec != QS_RAW && ne) {
+    float *out = malloc(ne * sizeof *out);
+    fz_check(out, "out of memory");
+    fz_check(qc_decode(&t.params, t.row_len, rows, crec + QS_CHUNK_HDR, 0, ne, QC_DT_F32, out) == 0,
+             "decode of a validated chunk failed");
+    free(out);
+  }
+out:
+  free(crec);
+  free(prec);
+  free(trec);
+}
 
 static void fuzz_params(const uint8_t *data, size_t size) {
   qc_codec c = (qc_codec)(fz_take(&data, &size, 1) % QC_CODEC_COUNT);
@@ -115,8 +194,9 @@ static void fuzz_chunk(const uint8_t *data, size_t size) {
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  unsigned mode = (unsigned)fz_take(&data, &size, 1);
-  if (mode & 1) fuzz_chunk(data, size);
+  unsigned mode = (unsigned)fz_take(&data, &size, 1) % 3;
+  if (mode == 1) fuzz_chunk(data, size);
+  else if (mode == 2) fuzz_store_records(data, size);
   else fuzz_params(data, size);
   return 0;
 }
