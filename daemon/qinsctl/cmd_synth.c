@@ -67,7 +67,7 @@ static const qsyn_arch qsyn_archs[] = {
      32, 3072, 9216, 8192, 32064},
     {"phi-mini-4l", "Phi-3.5-mini's shapes with 4 layers (0.65 B weights, 2.6 GB FP32)", 4, 3072,
      9216, 8192, 32064},
-    {"tiny", "Phi-3.5-mini's layout scaled down: 2 layers, hidden 256 (1.8 M weights, 7.4 MB FP32)",
+    {"tiny", "Phi-3.5-mini's layout scaled down: 2 layers, hidden 256 (1.8 M weights, 7.3 MB FP32)",
      2, 256, 768, 512, 1024},
 };
 #define QSYN_NARCHS (sizeof qsyn_archs / sizeof qsyn_archs[0])

@@ -139,7 +139,7 @@ def headline(blocks):
                          "%sx memcpy (%s GB/s alongside)" % (m.group(2), m.group(3))))
     m = re.search(r"encode\s+qins8\s+([\d.]+) MB/s per core \(fit", b)
     if m:
-        rows.append(("qins8 encode (fit + encode), one thread", "%s MB/s of FP32" % m.group(1), "CPU time"))
+        rows.append(("qins8 encode (fit + encode), one thread", "%s MB/s of FP32" % m.group(1), "one thread's CPU time"))
     b = blocks.get("import", "")
     m = re.search(r"import qins8 \(default policy\), 512 MiB:\s+([\d.]+) s\s+([\d.]+) MB/s of source\s+peak RSS\s+([\d.]+) MiB.*?alone ([\d.]+) MB/s", b)
     if m:
@@ -158,8 +158,10 @@ def headline(blocks):
     for codec in ("qins8", "qins16"):
         m = re.search(r"%s\s+mean over (\d+) seeds: tokens identical ([\d.]+)/(\d+), mean KLD ([\d.e+-]+), top-1 ([\d.]+)%%" % codec, b)
         if m:
-            rows.append(("stories260K sampling with %s" % codec, "KLD %s, top-1 %s%%" % (m.group(4), m.group(5)),
-                         "FP32 run: %s/%s tokens identical (mean of %s seeds)" % (m.group(2), m.group(3), m.group(1))))
+            rows.append(("stories260K sampled through qinsd, %s" % codec,
+                         "teacher-forced KLD %s, top-1 %s%%" % (m.group(4), m.group(5)),
+                         "vs FP32 logits; %s/%s sampled tokens identical to the FP32 run (mean of %s seeds)"
+                         % (m.group(2), m.group(3), m.group(1))))
     b = blocks.get("scale", "")
     m = re.search(r"import: qinsctl synth --arch (\S+): .*? ([\d.]+) GB FP32 .*? in ([\d.]+) s = ([\d.]+) MB/s; peak RSS (\d+) MB", b)
     if m:

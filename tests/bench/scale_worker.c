@@ -22,6 +22,8 @@
  *     Runs CMD (fork + exec), passes its stdout through, and prints "peak_rss_kb N" on stderr
  *     (wait4's ru_maxrss): the importer's memory without depending on /usr/bin/time.
  *
+ * Units: GB and MB are decimal (1e9, 1e6 bytes) everywhere; /proc's kB are KiB.
+ *
  * Invariants: no LMDB env is ever opened here (the daemon and qinsctl own the store); every child
  * is waited for; workers start together (they block on a pipe the parent closes).
  */
@@ -373,10 +375,10 @@ static int serve(int argc, char **argv) {
            " requests, %" PRIu64 " errors, peak RSS %.1f MB%s%s\n",
            i, r[i].tensors, L.n, (double)r[i].bytes / 1e9, r[i].seconds,
            r[i].seconds > 0 ? (double)r[i].bytes / r[i].seconds / 1e9 : 0, r[i].requests,
-           r[i].errors, (double)ru[i].ru_maxrss / 1024.0, r[i].errors ? ": " : "", r[i].first_error);
+           r[i].errors, (double)ru[i].ru_maxrss * 1024 / 1e6, r[i].errors ? ": " : "", r[i].first_error);
   }
-  printf("daemon: RSS %.2f GB before, %.2f GB after, peak %.2f GB\n", (double)d_rss0 / 1048576.0,
-         (double)d_rss / 1048576.0, (double)d_hwm / 1048576.0);
+  printf("daemon: RSS %.2f GB before, %.2f GB after, peak %.2f GB (VmHWM)\n", (double)d_rss0 * 1024 / 1e9,
+         (double)d_rss * 1024 / 1e9, (double)d_hwm * 1024 / 1e9);
   uint64_t wsum = 0;
   for (int i = 0; i < n; i++) wsum += peak_w[i].pss;
   double priv = (double)L.f32_bytes * n / 1e9;
