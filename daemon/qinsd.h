@@ -6,7 +6,8 @@
  * Threads: everything here runs on the libuv loop thread except qd_job_run, which a thread-pool
  * worker calls for large decodes; a job owns its own LMDB read txn (begun, used and ended on the
  * thread that decodes; the env is MDB_NOTLS) and touches no shared state but the decode-time
- * counter (atomic).
+ * counter (atomic) and, for a streamed get, its piece ring, shared with the loop under the job's
+ * mutex (the worker waits there for free slots, within a bounded budget: commands.c).
  */
 #ifndef QINS_QINSD_H
 #define QINS_QINSD_H

@@ -4,7 +4,8 @@
  * docs/PROTOCOL.md §4.6, option stream-min-bytes, here 64K): pipelined with small requests and
  * other streams on one connection (responses never interleave), two connections at once, a client
  * leaving mid-stream, and a checksum failure found after the head went out (the connection is
- * closed; an error in the first chunk is still an ordinary CHECKSUM response).
+ * closed; an error in the first chunk is still an ordinary CHECKSUM response), and slow readers
+ * (past the ring's wait budget the rest of the answer is decoded into a buffer of its own).
  * Model "m": the standard tensors plus "huge" [2048, 1024] f32 = 8 MiB, two 4 MiB chunks.
  */
 #include <fcntl.h>
@@ -280,8 +281,10 @@ Test(daemon_stream, stream_failing_behind_another_stream) {
     cr_assert_eq(ts_send(rx.fd, sb.data, sb.size), 0);
     msgpack_sbuffer_destroy(&sb);
     const msgpack_object *o;
-    while (ts_rx_next(&rx, 30000, &o) == 1) {
+    int answered = 0; /* both answered: the connection stays open, nothing more comes */
+    while (answered < 2 && ts_rx_next(&rx, 30000, &o) == 1) {
       uint32_t id = (uint32_t)o->via.array.ptr[1].via.u64;
+      answered++;
       if (id == 1) {
         cr_assert_eq(ts_resp_code(o), 0);
         check_rows(ts_resp_result(o), 0, 0, 1024);
@@ -291,6 +294,59 @@ Test(daemon_stream, stream_failing_behind_another_stream) {
       }
     }
     ts_rx_destroy(&rx);
+  }
+  cr_assert_eq(ts_ping(D.sock), 0);
+}
+
+/* Reads one response of a streamed get from fd: first `slow` bytes in 16 KiB sips a millisecond
+ * apart (a client slower than the ring's wait budget: the daemon decodes the rest into a buffer
+ * of its own mid-stream), then the rest at once; checks every row of huge. */
+static void read_streamed_huge(int fd, size_t slow) {
+  const size_t cap = (size_t)HUGE_R * HUGE_C * 4 + 4096;
+  char *buf = malloc(cap);
+  cr_assert(buf);
+  size_t n = 0;
+  for (;;) {
+    size_t want = n < slow ? 16384 : cap - n;
+    cr_assert_gt(cap - n, 0, "response larger than expected");
+    if (want > cap - n) want = cap - n;
+    ssize_t k = recv(fd, buf + n, want, 0);
+    cr_assert_gt(k, 0, "connection closed after %zu bytes", n);
+    n += (size_t)k;
+    if (n < slow) usleep(1000);
+    if (n < (size_t)HUGE_R * HUGE_C * 4) continue;
+    msgpack_zone z;
+    msgpack_zone_init(&z, 4096);
+    msgpack_object o;
+    size_t off = 0;
+    if (msgpack_unpack(buf, n, &off, &z, &o) == MSGPACK_UNPACK_SUCCESS) {
+      cr_assert_eq(off, n, "nothing after the response");
+      cr_assert_eq(ts_resp_code(&o), 0);
+      check_rows(ts_resp_result(&o), 0, 0, HUGE_R);
+      msgpack_zone_destroy(&z);
+      break;
+    }
+    msgpack_zone_destroy(&z);
+  }
+  free(buf);
+}
+
+/* Slow clients: one that waits before reading at all, one that sips the first 2 MiB; both get
+ * every byte right (ring pieces, then the worker's own buffer), and the daemon keeps serving. */
+Test(daemon_stream, slow_readers_get_the_whole_stream) {
+  for (int round = 0; round < 2; round++) {
+    int fd = ts_connect(D.sock);
+    cr_assert_geq(fd, 0);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    pack_get(&pk, 3, "h", "huge", -1, -1);
+    cr_assert_eq(ts_send(fd, sb.data, sb.size), 0);
+    msgpack_sbuffer_destroy(&sb);
+    if (round == 0) usleep(300 * 1000);
+    read_streamed_huge(fd, round == 0 ? 0 : (size_t)2 << 20);
+    close(fd);
   }
   cr_assert_eq(ts_ping(D.sock), 0);
 }
