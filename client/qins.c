@@ -475,7 +475,19 @@ int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
   qcl_begin(c, "hello");
   msgpack_pack_array(&c->pk, 0);
   /* The connect deadline also bounds hello: qcl_call would re-arm from timeout_ms. */
-  if ((rc = qcl_send(c, "hello"))) goto fail;
+  rc = qcl_send_all(c, c->sb.data, c->sb.size);
+  if (rc == -EPIPE || rc == -ECONNRESET) {
+    /* A server that turned us away at connect (BUSY, DENIED: msgid 0, then a close) may have
+     * closed before hello arrived; its answer is still queued for us: report that. */
+    int sent_rc = rc;
+    if (qcl_resp_begin(c) == 0 && (rc = qcl_envelope(c, "hello")) < 0) goto fail;
+    rc = qcl_fail(c, sent_rc, "hello: send: %s", qins_strerror(sent_rc));
+    goto fail;
+  }
+  if (rc) {
+    rc = qcl_fail(c, rc, "hello: send: %s", qins_strerror(rc));
+    goto fail;
+  }
   if ((rc = qcl_resp_begin(c))) goto fail;
   if ((rc = qcl_envelope(c, "hello"))) goto fail;
   rc = qcl_finish(c, "hello", qcl_parse_hello(c));

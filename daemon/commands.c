@@ -210,7 +210,7 @@ static int m_stats(qd_req *r) {
   qp_pack_response_ok(&pk, r->msgid);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(&pk, 16);
+  msgpack_pack_map(&pk, 17);
   qp_pack_cstr(&pk, "uptime_s");
   msgpack_pack_uint64(&pk, (qd_now_ns() - qd_st.start_ns) / 1000000000ull);
   qp_pack_cstr(&pk, "connections");
@@ -219,6 +219,8 @@ static int m_stats(qd_req *r) {
   msgpack_pack_uint64(&pk, qd_st.connections_total);
   qp_pack_cstr(&pk, "connections_refused");
   msgpack_pack_uint64(&pk, qd_st.connections_refused);
+  qp_pack_cstr(&pk, "connections_denied");
+  msgpack_pack_uint64(&pk, qd_st.connections_denied);
   qp_pack_cstr(&pk, "requests_total");
   msgpack_pack_uint64(&pk, qd_st.requests);
   qp_pack_cstr(&pk, "requests");

@@ -5,20 +5,26 @@
  * lines, `#` comments; docs/qinsd.conf.example lists every option) and prints `--help`.
  * Precedence: defaults < config file < flags. A bad value exits with status 2 naming the option.
  * A test checks docs/qinsd.conf.example against this table (qinsd --help and --check).
+ * List options (allow-uid, allow-gid) are the exception to "flags override": every config line and
+ * every flag adds its comma-separated entries to the list. User and group names are resolved to
+ * ids once, here, so a typo exits 2 at start instead of silently refusing everyone.
  */
 #include <ctype.h>
 #include <stdarg.h>
 #include <errno.h>
+#include <grp.h>
 #include <inttypes.h>
+#include <pwd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "qinsd.h"
 
 qd_config qd_cfg;
 
-enum { T_STR, T_U64, T_SIZE, T_MODE, T_LEVEL };
+enum { T_STR, T_U64, T_SIZE, T_MODE, T_LEVEL, T_GROUP, T_UIDS, T_GIDS };
 
 typedef struct opt {
   const char *name;  /* flag and config-file key */
@@ -42,6 +48,14 @@ static const opt opts[] = {
   {"log-level", T_LEVEL, "notice", 0, 0, F(log_level), "debug, verbose, notice or warning"},
   {"socket-mode", T_MODE, "0660", 0, 0777, F(socket_mode),
    "socket file mode, octal (connecting needs write permission)"},
+  {"socket-group", T_GROUP, NULL, 0, 0, F(socket_group),
+   "group (name or gid) given to the socket file before listening; unset: the daemon's group"},
+  {"allow-uid", T_UIDS, NULL, 0, 0, F(allow_uid),
+   "users (names or uids, comma list, repeatable) allowed to call read methods; with no allow "
+   "list anyone who can connect may; the daemon's uid and root always may"},
+  {"allow-gid", T_GIDS, NULL, 0, 0, F(allow_gid),
+   "groups (names or gids, comma list, repeatable) whose members (primary or supplementary group "
+   "of the peer) may call read methods"},
   {"max-request-bytes", T_SIZE, "1M", 64, 64 * MiB, F(max_request_bytes),
    "largest request accepted; larger ones get TOO_LARGE and a close"},
   {"max-response-bytes", T_SIZE, "1G", 4 * KiB, 4 * GiB - 1, F(max_response_bytes),
@@ -109,8 +123,82 @@ static int parse_u64(const char *s, int type, uint64_t *out) {
   return 0;
 }
 
+/* A uid/gid as a decimal number, or a user/group name looked up in the system's databases. */
+static int parse_id(const char *s, int group, uint32_t *out) {
+  if (*s >= '0' && *s <= '9') {
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v >= UINT32_MAX) return -1; /* (uid_t)-1 is "no id" */
+    *out = (uint32_t)v;
+    return 0;
+  }
+  if (group) {
+    struct group *g = getgrnam(s);
+    if (!g) return -1;
+    *out = (uint32_t)g->gr_gid;
+  } else {
+    struct passwd *pw = getpwnam(s);
+    if (!pw) return -1;
+    *out = (uint32_t)pw->pw_uid;
+  }
+  return 0;
+}
+
+/* Appends the comma-separated ids of val to list l (empty items are skipped). */
+static void idlist_add(const opt *o, qd_idlist *l, const char *val, const char *where) {
+  const char *p = val;
+  while (*p) {
+    size_t n = strcspn(p, ",");
+    char item[256];
+    while (n && isspace((unsigned char)*p)) p++, n--;
+    if (n >= sizeof item) die_usage("bad value for %s: \"%.40s...\"%s (too long)", o->name, p, where);
+    memcpy(item, p, n);
+    item[n] = '\0';
+    while (n && isspace((unsigned char)item[n - 1])) item[--n] = '\0';
+    p += strcspn(p, ",");
+    if (*p == ',') p++;
+    if (!n) continue;
+    uint32_t id;
+    if (parse_id(item, o->type == T_GIDS, &id))
+      die_usage("bad value for %s: \"%s\"%s (not a %s name or a numeric id)", o->name, item, where,
+                o->type == T_GIDS ? "group" : "user");
+    uint32_t *nv = realloc(l->v, (l->n + 1) * sizeof *nv);
+    if (!nv) die_usage("out of memory reading %s", o->name);
+    l->v = nv;
+    l->v[l->n++] = id;
+  }
+}
+
+int qd_peer_may_read(uid_t uid, gid_t gid, const gid_t *groups, size_t ngroups) {
+  if (uid == 0 || uid == getuid()) return 1;
+  if (!qd_cfg.allow_uid.n && !qd_cfg.allow_gid.n) return 1;
+  for (size_t i = 0; i < qd_cfg.allow_uid.n; i++)
+    if (qd_cfg.allow_uid.v[i] == (uint32_t)uid) return 1;
+  for (size_t i = 0; i < qd_cfg.allow_gid.n; i++) {
+    if (qd_cfg.allow_gid.v[i] == (uint32_t)gid) return 1;
+    for (size_t k = 0; k < ngroups; k++)
+      if (qd_cfg.allow_gid.v[i] == (uint32_t)groups[k]) return 1;
+  }
+  return 0;
+}
+
 static void opt_set(const opt *o, const char *val, const char *where) {
   char *base = (char *)&qd_cfg;
+  if (o->type == T_UIDS || o->type == T_GIDS) {
+    idlist_add(o, (qd_idlist *)(base + o->off), val, where);
+    return;
+  }
+  if (o->type == T_GROUP) {
+    uint32_t g = 0;
+    if (*val && parse_id(val, 1, &g))
+      die_usage("bad value for %s: \"%s\"%s (not a group name or a numeric gid)", o->name, val,
+                where);
+    free(qd_cfg.socket_group);
+    qd_cfg.socket_group = strdup(val);
+    qd_cfg.socket_gid = (gid_t)g;
+    return;
+  }
   if (o->type == T_STR) {
     char **f = (char **)(base + o->off);
     free(*f);
@@ -175,7 +263,11 @@ void qd_config_help(FILE *out) {
   for (size_t i = 0; i < N_OPTS; i++) {
     char arg[64];
     snprintf(arg, sizeof arg, "--%s %s", opts[i].name,
-             opts[i].type == T_STR ? "STR" : opts[i].type == T_LEVEL ? "LEVEL" : "N");
+             opts[i].type == T_STR     ? "STR"
+             : opts[i].type == T_LEVEL ? "LEVEL"
+             : opts[i].type == T_GROUP ? "NAME|GID"
+             : opts[i].type == T_UIDS || opts[i].type == T_GIDS ? "LIST"
+                                                                 : "N");
     fprintf(out, "  %-30s %s (default: %s)\n", arg, opts[i].help,
             opts[i].def ? (*opts[i].def ? opts[i].def : "\"\"") : "none");
   }

@@ -29,6 +29,12 @@
 #define QD_SERVER_NAME "qinsd " QINS_VERSION_STRING
 
 /* ---- configuration (config.c) ---------------------------------------------------------------- */
+/* A list of uids or gids (allow-uid, allow-gid): entries appended by each flag or config line. */
+typedef struct qd_idlist {
+  uint32_t *v; /* the ids */
+  size_t n;    /* how many */
+} qd_idlist;
+
 typedef struct qd_config {
   char *store;                 /* store directory */
   char *socket;                /* socket path */
@@ -36,6 +42,10 @@ typedef struct qd_config {
   char *log;                   /* log file; NULL or "" for stderr */
   int log_level;               /* QD_LOG_* */
   unsigned socket_mode;        /* mode bits of the socket file */
+  char *socket_group;          /* socket-group as given (name or gid); NULL or "": left as created */
+  gid_t socket_gid;            /* socket_group resolved at load */
+  qd_idlist allow_uid;         /* peers allowed to read, by uid; both lists empty: anyone who connects */
+  qd_idlist allow_gid;         /* ... by primary or supplementary gid */
   uint64_t max_request_bytes;  /* largest request accepted */
   uint64_t max_response_bytes; /* largest response sent (<= 2^32 - 1) */
   uint64_t max_connections;    /* concurrent connections */
@@ -55,6 +65,10 @@ extern qd_config qd_cfg;
  * message naming the option on a bad value. Returns 1 if --check was given (validate only). */
 int qd_config_load(int argc, char **argv);
 void qd_config_help(FILE *out);
+/* 1 if a peer with these credentials may call read methods: the daemon's own uid, root, or (with
+ * allow lists) a listed uid or a listed gid among gid and groups[0..ngroups); without allow lists
+ * everyone who can connect may (the socket's mode and group are the gate). docs/PROTOCOL.md §5. */
+int qd_peer_may_read(uid_t uid, gid_t gid, const gid_t *groups, size_t ngroups);
 
 /* ---- logging (log.c) --------------------------------------------------------------------------- */
 enum { QD_LOG_DEBUG = 0, QD_LOG_VERBOSE = 1, QD_LOG_NOTICE = 2, QD_LOG_WARNING = 3 };
@@ -77,6 +91,7 @@ typedef struct qd_stats {
   uint64_t connections;        /* open now */
   uint64_t connections_total;  /* accepted since start */
   uint64_t connections_refused; /* turned away: BUSY */
+  uint64_t connections_denied; /* turned away: DENIED (not in allow-uid/allow-gid) */
   uint64_t requests;           /* all requests */
   uint64_t *per_method;        /* indexed like qd_methods */
   uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */

@@ -718,6 +718,31 @@ static void conn_update_reading(qd_conn *c) {
   }
 }
 
+/* Access control at connect (docs/PROTOCOL.md §5): a peer that may not call read methods may call
+ * nothing (admin methods need even more), so it gets DENIED with msgid 0 and a close, like BUSY,
+ * and the refusal is logged with its pid, uid and gid. Supplementary groups come from
+ * SO_PEERGROUPS (Linux 4.13+); without it only the primary gid counts. 1 if allowed. */
+static int peer_allowed(qd_conn *c, uv_os_fd_t fd) {
+  gid_t groups[256];
+  size_t ng = 0;
+  if (qd_cfg.allow_gid.n && c->uid != (uid_t)-1) {
+    socklen_t gl = sizeof groups;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &gl) == 0) ng = gl / sizeof(gid_t);
+  }
+  if (qd_peer_may_read(c->uid, c->gid, groups, ng)) return 1;
+  c->busy = 1; /* never counted as an open connection */
+  qd_st.connections_denied++;
+  qd_log(QD_LOG_WARNING, "%s refused: pid %d uid %u gid %u is not in allow-uid/allow-gid; closing",
+         c->desc, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
+  char msg[160];
+  snprintf(msg, sizeof msg, "uid %u (gid %u) may not use this daemon (not in allow-uid/allow-gid)",
+           (unsigned)c->uid, (unsigned)c->gid);
+  send_error(c, 0, QINS_EDENIED, msg);
+  c->close_after = 1;
+  conn_maybe_close(c);
+  return 0;
+}
+
 static void on_connection(uv_stream_t *srv, int status) {
   if (status < 0) {
     qd_log(QD_LOG_WARNING, "accept failed: %s", uv_strerror(status));
@@ -743,7 +768,7 @@ static void on_connection(uv_stream_t *srv, int status) {
     conn_close(c);
     return;
   }
-  uv_os_fd_t fd;
+  uv_os_fd_t fd = -1;
   struct ucred cr = {0, (uid_t)-1, (gid_t)-1};
   socklen_t crl = sizeof cr;
   if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0)
@@ -754,6 +779,7 @@ static void on_connection(uv_stream_t *srv, int status) {
   snprintf(c->desc, sizeof c->desc, "client %llu (pid %d uid %u)", (unsigned long long)c->id,
            (int)c->pid, (unsigned)c->uid);
   qd_st.connections_total++;
+  if (!peer_allowed(c, fd)) return;
   if (qd_st.connections >= qd_cfg.max_connections) {
     c->busy = 1;
     qd_st.connections_refused++;
@@ -868,6 +894,12 @@ static int listen_socket(void) {
   mode_t old = umask(077);
   int rc = uv_pipe_bind(&server, path);
   umask(old);
+  if (rc == 0 && qd_cfg.socket_group && *qd_cfg.socket_group &&
+      chown(path, (uid_t)-1, qd_cfg.socket_gid) != 0) {
+    rc = -errno;
+    qd_log(QD_LOG_WARNING, "socket %s: cannot give it group %s (gid %u): %s", path,
+           qd_cfg.socket_group, (unsigned)qd_cfg.socket_gid, strerror(errno));
+  }
   if (rc == 0 && chmod(path, qd_cfg.socket_mode) != 0) rc = -errno;
   if (rc == 0) rc = uv_listen((uv_stream_t *)&server, 128, on_connection);
   if (rc) {
@@ -877,7 +909,10 @@ static int listen_socket(void) {
   }
   stat(path, &sock_st);
   listening = 1;
-  qd_log(QD_LOG_NOTICE, "listening on %s (mode %04o)", path, qd_cfg.socket_mode);
+  qd_log(QD_LOG_NOTICE, "listening on %s (mode %04o, gid %u); read access: %s", path,
+         qd_cfg.socket_mode, (unsigned)sock_st.st_gid,
+         qd_cfg.allow_uid.n || qd_cfg.allow_gid.n ? "allow-uid/allow-gid, own uid and root"
+                                                  : "anyone who can connect");
   return 0;
 }
 
