@@ -207,6 +207,27 @@ typedef struct qs_store_info {
 } qs_store_info;
 int qs_store_info_get(qs_store *s, qs_store_info *out /* out */);
 
+/* Backup: a consistent, compacted copy of the store in directory dir (created if absent; it must
+ * not already hold a data.mdb: -EEXIST). The copy is mdb_env_copy2(MDB_CP_COMPACT) of one read
+ * snapshot: every model as it was at one instant (a model being imported meanwhile is wholly in it
+ * or not at all), no free pages. What that snapshot had staged (an import in progress, garbage not
+ * yet reclaimed) is then reclaimed in the copy and the copy compacted once more, so it holds only
+ * reachable models. Works on a store opened QS_OPEN_RDONLY, while qinsd serves and while an import
+ * runs: it is one more reader and never takes the writer lock (a long copy pins its snapshot's
+ * pages, so a concurrent import may grow the source file meanwhile). The copy is a self-contained
+ * store directory (data.mdb only; lock files are recreated by whoever opens it): move it to any
+ * host of the same word size and byte order and qs_open it. data.mdb and dir are fsync'ed. On
+ * failure nothing is left behind (dir is removed if this call created it); QINS_ESTORE_FULL when
+ * the destination runs out of space. Opens a second, different LMDB env in this process for the
+ * reclaim step (LMDB forbids opening the *same* env twice, not two envs). */
+typedef struct qs_backup_info {
+  uint64_t source_file_bytes; /* DIR/data.mdb of the source when the copy began */
+  uint64_t file_bytes;        /* the copy's data.mdb */
+  uint64_t n_models;          /* models in the copy */
+  uint64_t staging_dropped;   /* staged ids of the snapshot reclaimed in the copy (0 normally) */
+} qs_backup_info;
+int qs_backup(qs_store *s, const char *dir, qs_backup_info *out /* out; may be NULL */);
+
 /* Checks every record of `model` (NULL: all models, plus params refcounts): magic and version,
  * each chunk's checksum, qc_chunk_validate and a full decode. Each problem is passed to cb (may
  * be NULL) as a message; *n_problems counts them and *n_checked counts tensors checked. Returns 0

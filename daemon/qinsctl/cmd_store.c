@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * cmd_store.c — qinsctl's store commands: import, ls, info, export, rm, verify, audit. They open
- * the LMDB environment directly (store.h): read-only for ls/info/export/verify/audit, read-write
- * (taking the writer lock) for import and rm. Output fields: docs/qinsctl.md (the JSON field names
+ * cmd_store.c — qinsctl's store commands: import, ls, info, export, rm, verify, audit, backup.
+ * They open the LMDB environment directly (store.h): read-only for ls/info/export/verify/audit/
+ * backup, read-write (taking the writer lock) for import and rm. Output fields: docs/qinsctl.md (the JSON field names
  * there are stable; keep both in the same commit).
  *
  * Errors name the file, model or tensor concerned (qs_error() carries the store's message).
  */
+#include <errno.h>
 #include <getopt.h>
 #include <math.h>
 #include <stdio.h>
@@ -461,6 +462,70 @@ int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv) {
            (unsigned long long)checked, (unsigned long long)probs);
   qs_close(s);
   return rc;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * backup: qs_backup (a consistent, compacted copy while qinsd serves), then optionally verify the
+ * copy as a fresh host would: opened on its own and every record checked. */
+int qctl_cmd_backup(qctl_ctx *c, int argc, char **argv) {
+  static const struct option opts[] = {{"verify", no_argument, 0, 'v'}, {0, 0, 0, 0}};
+  int verify = 0, ch;
+  qctl_getopt_reset();
+  while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    if (ch == 'v') verify = 1;
+    else return qctl_usage(c, QCTL_USAGE);
+  }
+  if (argc - optind != 1) return qctl_usage(c, QCTL_USAGE);
+  const char *dir = argv[optind];
+  qs_store *s;
+  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  double t0 = qctl_now();
+  qs_backup_info bi;
+  int e = qs_backup(s, dir, &bi);
+  double secs = qctl_now() - t0;
+  qs_close(s);
+  if (e) return qctl_fail(c, "%s", qs_error());
+  uint64_t probs = 0, checked = 0;
+  if (verify) {
+    qs_store *b;
+    if (qs_open(&b, dir, QS_OPEN_RDONLY)) return qctl_fail(c, "%s", qs_error());
+    qctl_vp vp = {c, 0};
+    qctl_ctx quiet = *c;
+    quiet.json = 0; /* problems go to stderr only; the JSON carries the count */
+    vp.c = &quiet;
+    e = qs_verify(b, NULL, qctl_verify_cb, &vp, &probs, &checked);
+    qs_close(b);
+    char lk[4200];
+    snprintf(lk, sizeof lk, "%s/lock.mdb", dir); /* ours; the copy stays data.mdb alone */
+    unlink(lk);
+    if (e) return qctl_fail(c, "verifying the backup %s: %s", dir, qs_error());
+  }
+  if (c->json) {
+    printf("{\"backup\":");
+    qctl_jstr(stdout, dir);
+    printf(",\"models\":%llu,\"file_bytes\":%llu,\"source_file_bytes\":%llu,"
+           "\"staging_dropped\":%llu,\"seconds\":",
+           (unsigned long long)bi.n_models, (unsigned long long)bi.file_bytes,
+           (unsigned long long)bi.source_file_bytes, (unsigned long long)bi.staging_dropped);
+    qctl_jnum(stdout, secs);
+    if (verify)
+      printf(",\"verified\":{\"tensors_checked\":%llu,\"problems\":%llu}",
+             (unsigned long long)checked, (unsigned long long)probs);
+    printf("}\n");
+  } else {
+    char h1[32], h2[32];
+    printf("backup %s: %llu models, %s (source file %s), %.2f s\n", dir,
+           (unsigned long long)bi.n_models, qctl_human(bi.file_bytes, h1, sizeof h1),
+           qctl_human(bi.source_file_bytes, h2, sizeof h2), secs);
+    if (bi.staging_dropped)
+      printf("left out %llu staged id(s) (an import in progress or unreclaimed garbage)\n",
+             (unsigned long long)bi.staging_dropped);
+    if (verify)
+      printf("verify %s: %s: %llu tensors checked, %llu problems\n", dir,
+             probs ? "FAILED" : "ok", (unsigned long long)checked, (unsigned long long)probs);
+  }
+  return probs ? QCTL_FAIL : QCTL_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ static const qctl_cmd qctl_cmds[] = {
     {"verify", qctl_cmd_verify, "check every checksum and decode every record", "verify [MODEL]"},
     {"audit", qctl_cmd_audit, "storage footprint per model and tensor, totals, LMDB file use",
      "audit [MODEL]"},
+    {"backup", qctl_cmd_backup, "consistent compacted copy of the store, taken while qinsd serves",
+     "backup DIR [--verify]"},
     {"synth", qctl_cmd_synth, "write a synthetic model of a real architecture (phi-3.5-mini, ...)",
      "synth --arch NAME [--model NAME] [--seed S] [--codec NAME] [--codec-for GLOB=NAME]... | synth --list"},
     /* Remote commands (daemon/qinsctl/cmd_remote.c): talk to qinsd over --socket / QINS_SOCKET.

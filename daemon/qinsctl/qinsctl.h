@@ -53,6 +53,7 @@ int qctl_cmd_export(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv);
+int qctl_cmd_backup(qctl_ctx *c, int argc, char **argv);
 /* Synthetic models written straight into the store (cmd_synth.c). */
 int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv);
 
