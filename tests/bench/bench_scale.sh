@@ -49,13 +49,18 @@ run() {
   "$BUILD/bench/scale_worker" exec "$BUILD/qinsctl" --store "$D/store" --json synth --arch "$ARCH" \
     --model "$ARCH" --seed "$SEED" >"$D/synth.json" 2>"$D/synth.err" || { cat "$D/synth.err" >&2; return 1; }
   rss_kb=$(sed -n 's/^peak_rss_kb //p' "$D/synth.err")
+  cpu_s=$(sed -n 's/^cpu_s //p' "$D/synth.err")
+  load=$(cut -d' ' -f1 /proc/loadavg)
   file_bytes=$(stat -c %s "$D/store/data.mdb")
-  /usr/bin/python3 - "$D/synth.json" "$rss_kb" "$file_bytes" "$D/facts" <<'EOF'
+  /usr/bin/python3 - "$D/synth.json" "$rss_kb" "$file_bytes" "$D/facts" "$cpu_s" "$load" "$(nproc)" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1])); rss = int(sys.argv[2]) * 1024; fb = int(sys.argv[3])
+cpu, load, ncpu = float(sys.argv[5]), sys.argv[6], int(sys.argv[7])
 src, st, n = r["source_bytes"], r["stored_bytes"], r["elements"]
 print("import: qinsctl synth --arch %s: %d tensors, %.3f B weights, %.2f GB FP32 generated, fitted, encoded and written in %.1f s = %.1f MB/s; peak RSS %.0f MB"
       % (r["arch"], r["n_tensors"], n / 1e9, src / 1e9, r["seconds"], r["mb_per_s"], rss / 1e6))
+print("import CPU: %.1f s user+sys = %.1f MB/s per CPU-second; with all %d cores to itself it would take about %.0f s (load average at its end: %s)"
+      % (cpu, src / 1e6 / cpu, ncpu, cpu / ncpu, load))
 print("stored: %.3f GB = %.1f%% of FP32 (%.2fx smaller), %.4f bytes/weight, matrices SNR %.2f dB; data.mdb %.3f GB"
       % (st / 1e9, 100.0 * st / src, src / st, r["bytes_per_weight"], r["snr_db_matrices"], fb / 1e9))
 with open(sys.argv[4], "w") as f:

@@ -71,7 +71,8 @@ BENCHES = [
      "`qinsctl synth --arch phi-3.5-mini` (195 tensors, 3.82 B weights, Phi-3.5-mini's names "
      "and shapes, trained-like heavy-tailed values; docs/qinsctl.md §synth) writes the model "
      "straight into a fresh store: import time and MB/s of FP32 generated, fitted, encoded and "
-     "written, peak RSS, stored bytes vs FP32, bytes/weight. Then qinsd serves it to 4 worker "
+     "written, peak RSS, its CPU time (user+sys: on a shared machine the wall time also counts "
+     "the time other processes held the cores), stored bytes vs FP32, bytes/weight. Then qinsd serves it to 4 worker "
      "processes (`build/bench/scale_worker serve`) that each stream every tensor once, "
      "concurrently, with libqins `qins_get_into` into one reused buffer (row slices of 32 MiB): "
      "aggregate GB/s of FP32 delivered next to 4 bare Unix socketpairs moving the same message "
@@ -167,6 +168,9 @@ def headline(blocks):
     if m:
         rows.append(("synth + import of %s (%s GB FP32)" % (m.group(1).rstrip(":"), m.group(2)),
                      "%s s, %s MB/s" % (m.group(3), m.group(4)), "peak RSS %s MB" % m.group(5)))
+    m = re.search(r"import CPU: ([\d.]+) s user\+sys = ([\d.]+) MB/s per CPU-second", b)
+    if m:
+        rows.append(("synth + import CPU time", "%s s user+sys" % m.group(1), "%s MB/s per CPU-second" % m.group(2)))
     m = re.search(r"stored: ([\d.]+) GB = ([\d.]+)% of FP32 \(([\d.]+)x smaller\), ([\d.]+) bytes/weight", b)
     if m:
         rows.append(("stored size, default policy", "%s GB, %s bytes/weight" % (m.group(1), m.group(4)),

@@ -19,8 +19,9 @@
  *     Exit 0 when every worker fetched every byte without an error, 1 otherwise.
  *
  *   scale_worker exec CMD ARGS...
- *     Runs CMD (fork + exec), passes its stdout through, and prints "peak_rss_kb N" on stderr
- *     (wait4's ru_maxrss): the importer's memory without depending on /usr/bin/time.
+ *     Runs CMD (fork + exec), passes its stdout through, and prints "peak_rss_kb N" and
+ *     "cpu_s S" on stderr (wait4's ru_maxrss, ru_utime + ru_stime): the importer's memory and CPU
+ *     time (on a shared machine, wall time alone mixes in other processes' use of the cores).
  *
  * Units: GB and MB are decimal (1e9, 1e6 bytes) everywhere; /proc's kB are KiB.
  *
@@ -410,7 +411,9 @@ static int run_exec(int argc, char **argv) {
   int st;
   struct rusage ru;
   if (wait4(pid, &st, 0, &ru) != pid) return 1;
-  fprintf(stderr, "peak_rss_kb %ld\n", ru.ru_maxrss);
+  fprintf(stderr, "peak_rss_kb %ld\ncpu_s %.2f\n", ru.ru_maxrss,
+          (double)ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+              ru.ru_stime.tv_usec / 1e6);
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
