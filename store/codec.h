@@ -37,7 +37,8 @@
  * Invariants: 64-bit sizes throughout (tensors above 2^32 elements work); only qc_fit_* and
  * qc_encode allocate (qins8 encode: a 20 KB lookup table per call), decode never does; decode
  * never reads outside [chunk, chunk + qc_chunk_bytes()) nor writes outside its output range.
- * Every function is thread-safe (the kernel choice and standard tables are set up once).
+ * Every function is thread-safe (the kernel choice and standard tables are set up once; qins8
+ * decode keeps the last table it expanded, and the AVX-512 kernel its byte planes, per thread).
  * Encoding is deterministic: the same input and params give the same bytes on every CPU.
  */
 #ifndef QINS_CODEC_H

@@ -29,17 +29,33 @@ static inline uint64_t nt_head(const uint8_t *o, uint64_t n, int *nt) {
   return h < n ? h : n;
 }
 
+/* The byte planes of the last table this thread decoded with, and that table's 128 positive
+ * entries: building the planes (about 50 shuffles) cost more than decoding a short segment (a row
+ * of a column slice, or each row when the row length is not a multiple of 32), and a table
+ * compare is 8 loads. Keyed by the entries' bits, so any table is served exactly. */
+static _Thread_local struct {
+  __m512i t[8];          /* lut[0..127] the planes were built from */
+  __m512i plo[4], phi[4]; /* byte planes of entries 0..63 and 64..127 */
+  int ok;                /* built at least once */
+} q8_planes;
+
 static void k_qins8(const float *lut, const uint8_t *scales, const uint8_t *codes, uint64_t off,
                     uint64_t n, void *out, int nt) {
   uint8_t *o = out;
   uint64_t j = nt_head(o, n, &nt);
   if (j) qc__ref_qins8(lut, scales, codes, off, j, o, 0);
   if (j >= n) return;
-  /* Byte planes of the 128 positive entries lut[0..127]. */
+  /* Byte planes of the 128 positive entries lut[0..127] (cached per thread, above). */
   __m512i plo[4], phi[4];
-  {
-    __m512i t[8];
-    for (int q = 0; q < 8; q++) t[q] = _mm512_loadu_si512((const void *)(lut + 16 * q));
+  __m512i t[8];
+  __mmask16 diff = q8_planes.ok ? 0 : (__mmask16)1;
+  for (int q = 0; q < 8; q++) {
+    t[q] = _mm512_loadu_si512((const void *)(lut + 16 * q));
+    diff |= _mm512_cmpneq_epi32_mask(t[q], q8_planes.t[q]);
+  }
+  if (!diff) {
+    for (int k = 0; k < 4; k++) plo[k] = q8_planes.plo[k], phi[k] = q8_planes.phi[k];
+  } else {
     /* Plane k byte m = byte k of lut[m]: gather bytes with vpermb across each 64-byte group. */
     const __m512i pick = _mm512_set_epi8(
         63, 59, 55, 51, 47, 43, 39, 35, 31, 27, 23, 19, 15, 11, 7, 3,
@@ -71,6 +87,9 @@ static void k_qins8(const float *lut, const uint8_t *scales, const uint8_t *code
         if (h == 0) plo[k] = r;
         else phi[k] = r;
       }
+    for (int q = 0; q < 8; q++) q8_planes.t[q] = t[q];
+    for (int k = 0; k < 4; k++) q8_planes.plo[k] = plo[k], q8_planes.phi[k] = phi[k];
+    q8_planes.ok = 1;
   }
   /* perm[p] = 16g + 4L + q for p = 16L + 4g + q: output vector g, lane L, float q. */
   const __m512i perm = _mm512_set_epi8(
