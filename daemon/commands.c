@@ -426,7 +426,7 @@ typedef struct job {
   uint64_t reserved;             /* bytes counted against the client's queue while deferred */
   /* Streaming (a large single get): the worker decodes chunk-aligned pieces and tells the loop
    * through `async`; the loop sends the head once the first piece decoded, then each piece.
-   * Pieces go through a ring of RING_SLOTS slots: the worker decodes into a free slot, the loop
+   * Pieces go through a ring of ring_n slots: the worker decodes into a free slot, the loop
    * sends it and frees it when its write completed, so the payload is written and read while it
    * is in cache, and the memory is a few slots instead of the whole answer. When the client does
    * not free slots within the ring wait budget, the worker decodes the rest into `payload` (bytes
@@ -436,15 +436,18 @@ typedef struct job {
   atomic_int hdr_ready;          /* the worker's plan is made and the first piece decoded */
   atomic_uint_fast64_t done_bytes; /* payload prefix decoded so far */
   uint64_t sent;                 /* payload prefix handed to the socket (loop) */
-  char *ring;                    /* RING_SLOTS slots of ring_slot bytes (qd_buf_get) */
+  char *ring;                    /* ring_n slots of ring_slot bytes (qd_buf_get) */
   size_t ring_cap, ring_slot;
+  unsigned ring_n;               /* slots: RING_SLOTS, more for small pieces (RING_MIN_BYTES) */
   uv_mutex_t ring_mu;            /* guards ring_filled, ring_freed, ring_end */
   uv_cond_t ring_cv;             /* signalled when a slot is freed */
   uint64_t ring_filled;          /* pieces decoded into the ring (worker) */
   uint64_t ring_freed;           /* ring pieces whose write finished or was dropped (loop) */
   uint64_t ring_end;             /* payload bytes sent through the ring; UINT64_MAX while open */
-  uint32_t ring_len[4];          /* bytes of the piece in each slot (RING_SLOTS entries) */
+  uint32_t ring_len[64];         /* bytes of the piece in each slot (ring_n entries) */
   uint64_t ring_sent;            /* ring pieces handed to the socket (loop) */
+  uint8_t ring_wq[64];           /* pieces in each ring write not yet finished, oldest first (loop) */
+  unsigned ring_wq_head, ring_wq_n;
   uint64_t unreserved;           /* reservation already released (loop) */
   int hdr_sent;                  /* head handed to the socket (loop) */
   int owner;                     /* the stream owns the connection's socket (loop) */
@@ -455,7 +458,11 @@ typedef struct job {
 } job;
 
 #define RING_SLOTS 4 /* stream ring slots: the socket sends one while the worker decodes the next */
-_Static_assert(RING_SLOTS <= sizeof ((job *)0)->ring_len / sizeof(uint32_t), "ring_len size");
+#define RING_MIN_BYTES (1u << 20) /* smaller pieces get more slots (up to RING_MAX): a ring this deep */
+#define RING_MAX 64
+#define RING_WRITE_MAX (4u << 20) /* bytes of ring pieces sent in one write, at most */
+_Static_assert(RING_MAX <= sizeof ((job *)0)->ring_len / sizeof(uint32_t), "ring_len size");
+_Static_assert(RING_MAX <= sizeof ((job *)0)->ring_wq, "ring_wq size");
 
 static void job_free(job *j) {
   if (!j) return;
@@ -585,12 +592,18 @@ static int job_plan(job *j, qs_txn *t) {
  * decodes the rest into a buffer of its own: RING_WAIT_NS plus 1 ns a byte (1 GB/s). */
 #define RING_WAIT_NS 20000000ull
 
+/* A full ring waits until it holds at most this many pieces (a quarter of it free): one wake-up
+ * per few pieces when they are small. */
+static uint64_t ring_low(const job *j) { return j->ring_n - (j->ring_n / 4 ? j->ring_n / 4 : 1); }
+
 /* Waits (ring_mu held) until a ring slot is free. 0: free; -1: the wait budget is spent. */
 static int ring_wait(job *j, uint64_t deadline) {
-  while (j->ring_filled - j->ring_freed >= RING_SLOTS) {
+  const uint64_t low = ring_low(j);
+  if (j->ring_filled - j->ring_freed < j->ring_n) return 0;
+  while (j->ring_filled - j->ring_freed > low) {
     uint64_t now = qd_now_ns();
     if (now >= deadline || uv_cond_timedwait(&j->ring_cv, &j->ring_mu, deadline - now) != 0)
-      return j->ring_filled - j->ring_freed >= RING_SLOTS ? -1 : 0;
+      return j->ring_filled - j->ring_freed >= j->ring_n ? -1 : 0;
   }
   return 0;
 }
@@ -617,12 +630,15 @@ static int job_decode_stream(job *j, qs_txn *t) {
   if (ce == 0) ce = 1;
   uint64_t piece = qd_cfg.stream_piece_bytes / esize;
   if (piece == 0) piece = 1;
-  if (piece > it->n_elem) piece = it->n_elem;
+  if (piece > (it->n_elem + RING_SLOTS - 1) / RING_SLOTS) /* the ring: at most about the answer */
+    piece = (it->n_elem + RING_SLOTS - 1) / RING_SLOTS;
   j->ring_slot = (size_t)(piece * esize);
-  j->ring = qd_buf_get(j->ring_slot * RING_SLOTS, &j->ring_cap);
+  j->ring_n = RING_SLOTS;
+  while (j->ring_n < RING_MAX && (uint64_t)j->ring_n * j->ring_slot < RING_MIN_BYTES) j->ring_n *= 2;
+  j->ring = qd_buf_get(j->ring_slot * j->ring_n, &j->ring_cap);
   if (!j->ring) {
     snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %zu bytes for %s/%s",
-             j->ring_slot * RING_SLOTS, j->model, it->t.name);
+             j->ring_slot * j->ring_n, j->model, it->t.name);
     return j->err = QINS_ENOMEM;
   }
   const uint64_t deadline = t0 + RING_WAIT_NS + j->total;
@@ -638,7 +654,7 @@ static int job_decode_stream(job *j, qs_txn *t) {
       uint64_t w0 = qd_now_ns();
       uv_mutex_lock(&j->ring_mu);
       if (ring_wait(j, deadline) == 0) {
-        dst = j->ring + (j->ring_filled % RING_SLOTS) * j->ring_slot;
+        dst = j->ring + (j->ring_filled % j->ring_n) * j->ring_slot;
       } else { /* the client is slow: the rest goes into a buffer of its own */
         in_ring = 0;
         j->ring_end = p * esize;
@@ -664,7 +680,7 @@ static int job_decode_stream(job *j, qs_txn *t) {
     }
     if (in_ring) {
       uv_mutex_lock(&j->ring_mu);
-      j->ring_len[j->ring_filled % RING_SLOTS] = (uint32_t)((end - p) * esize);
+      j->ring_len[j->ring_filled % j->ring_n] = (uint32_t)((end - p) * esize);
       j->ring_filled++;
       uv_mutex_unlock(&j->ring_mu);
     }
@@ -802,13 +818,17 @@ static void stream_piece_done(void *ud) {
   job_maybe_free(j);
 }
 
-/* A ring piece's write finished (or was dropped): its slot is free (writes on a connection
- * finish in order, so it is the oldest one). */
+/* A ring write finished (or was dropped): its pieces' slots are free (writes on a connection
+ * finish in order, so it is the oldest one). The worker is woken when the ring drops to ring_low. */
 static void stream_ring_piece_done(void *ud) {
   job *j = ud;
+  unsigned cnt = j->ring_wq[j->ring_wq_head];
+  j->ring_wq_head = (j->ring_wq_head + 1) % RING_MAX;
+  j->ring_wq_n--;
   uv_mutex_lock(&j->ring_mu);
-  j->ring_freed++;
-  uv_cond_signal(&j->ring_cv);
+  uint64_t low = ring_low(j), before = j->ring_filled - j->ring_freed;
+  j->ring_freed += cnt;
+  if (before > low && before - cnt <= low) uv_cond_signal(&j->ring_cv);
   uv_mutex_unlock(&j->ring_mu);
   stream_piece_done(j);
 }
@@ -868,13 +888,21 @@ static void stream_progress(job *j) {
   uint64_t filled = j->ring_filled, ring_end = j->ring_end;
   uv_mutex_unlock(&j->ring_mu);
   while (j->ring_sent < filled) {
-    size_t slot = (size_t)(j->ring_sent % RING_SLOTS);
-    uint32_t len = j->ring_len[slot];
+    /* One write for consecutive slots that are contiguous (the pieces before the last are full),
+     * up to the ring's end and RING_WRITE_MAX bytes: small pieces do not cost a write each. */
+    size_t slot = (size_t)(j->ring_sent % j->ring_n);
+    uint64_t len = j->ring_len[slot];
+    unsigned cnt = 1;
+    while (j->ring_sent + cnt < filled && slot + cnt < j->ring_n &&
+           j->ring_len[slot + cnt - 1] == j->ring_slot &&
+           len + j->ring_len[slot + cnt] <= RING_WRITE_MAX)
+      len += j->ring_len[slot + cnt++];
     stream_unreserve(j, len);
     j->writes_out++;
-    j->ring_sent++;
+    j->ring_sent += cnt;
     j->sent += len;
-    qd_stream_write(c, NULL, 0, uv_buf_init(j->ring + slot * j->ring_slot, len),
+    j->ring_wq[(j->ring_wq_head + j->ring_wq_n++) % RING_MAX] = (uint8_t)cnt;
+    qd_stream_write(c, NULL, 0, uv_buf_init(j->ring + slot * j->ring_slot, (unsigned)len),
                     stream_ring_piece_done, j);
   }
   uint64_t n = atomic_load_explicit(&j->done_bytes, memory_order_acquire);
