@@ -176,13 +176,6 @@ bench: deps all $(BENCH_BINS)
 bench-scale: deps all $(BENCH_BINS)
 	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
 
-# Issue 6 at full scale (tests/bench/bench_scale.sh): synth Phi-3.5-mini (3.82 B weights) into a
-# temporary store, serve it to 4 workers at once through qinsd; import MB/s, stored size, GB/s,
-# RSS and PSS; about 5-20 minutes on 2 cores. ARCH=phi-mini-4l or ARCH=tiny for a quick run.
-.PHONY: bench-scale
-bench-scale: deps all $(BENCH_BINS)
-	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
-
 # The README's main-job command: builds, imports ../shared/models/stories260K.safetensors (or
 # MODEL=path) into a temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
 demo: deps
