@@ -37,8 +37,7 @@ summary() {
   ft=$(echo "$last" | sed -n 's/.* ft: \([0-9]*\).*/\1/p')
   corp=$(echo "$last" | sed -n 's/.* corp: \([0-9]*\/[0-9]*[a-zA-Z]*\).*/\1/p')
   crashes=$(find "$build/artifacts/$t" -type f -newer "$logs/$t.start" \
-    \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'slow-unit-*' -prune -o -name 'deadly*' \) \
-    ! -name 'slow-unit-*' | wc -l)
+    \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
   leaks=$(find "$build/artifacts/$t" -type f -newer "$logs/$t.start" -name 'leak-*' | wc -l)
   rc=$(cat "$logs/$t.rc" 2>/dev/null || echo '?')
   printf 'fuzz %-12s %s s: %s execs (%s/s), cov %s, ft %s, corpus %s, crashes %s, leaks %s (exit %s)\n' \
