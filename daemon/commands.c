@@ -46,6 +46,16 @@ static void init_packer(msgpack_sbuffer *sb, msgpack_packer *pk) {
   msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
 }
 
+/* As init_packer, with a small first buffer for a response head that is a few hundred bytes: the
+ * sbuffer's default first allocation (8 KiB) is too large for malloc's per-thread cache, and a
+ * head per request is allocated here and freed after its write. Grows like any sbuffer. */
+#define SMALL_HEAD 512
+static void init_packer_small(msgpack_sbuffer *sb, msgpack_packer *pk) {
+  init_packer(sb, pk);
+  sb->data = malloc(SMALL_HEAD);
+  sb->alloc = sb->data ? SMALL_HEAD : 0;
+}
+
 /* A required or optional str parameter into dst. */
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
   const msgpack_object *v = r->params ? qp_map_get(r->params, key) : NULL;
@@ -464,16 +474,38 @@ typedef struct job {
 _Static_assert(RING_MAX <= sizeof ((job *)0)->ring_len / sizeof(uint32_t), "ring_len size");
 _Static_assert(RING_MAX <= sizeof ((job *)0)->ring_wq, "ring_wq size");
 
+/* One freed job (with its items array, if small) is kept for the next request: a small get then
+ * costs no malloc of the job (about 3 KiB) or of its plan. Jobs are made and freed on the loop
+ * thread only (pool threads run job_run on a job they do not free). */
+#define JOB_SPARE_ITEMS 8 /* items array kept with the spare job: enough for a get */
+static job *job_spare;
+
+static job *job_new(void) {
+  job *j = job_spare;
+  if (!j) return calloc(1, sizeof(job));
+  job_spare = NULL;
+  item *items = j->items;
+  size_t cap = j->cap_items;
+  memset(j, 0, sizeof *j);
+  j->items = items;
+  j->cap_items = cap;
+  return j;
+}
+
 static void job_free(job *j) {
   if (!j) return;
   free(j->names);
-  free(j->items);
   qd_buf_release(j->payload, j->payload_cap);
   if (j->stream) {
     qd_buf_release(j->ring, j->ring_cap);
     uv_cond_destroy(&j->ring_cv);
     uv_mutex_destroy(&j->ring_mu);
   }
+  if (!job_spare && j->cap_items <= JOB_SPARE_ITEMS) {
+    job_spare = j;
+    return;
+  }
+  free(j->items);
   free(j);
 }
 
@@ -764,13 +796,19 @@ static void job_reply(job *j) {
   }
   msgpack_sbuffer sb;
   msgpack_packer pk;
-  init_packer(&sb, &pk);
+  init_packer_small(&sb, &pk);
   qp_pack_response_ok(&pk, r->msgid);
-  size_t *ends = malloc((j->n_items + 1) * sizeof *ends);
-  uv_buf_t *bufs = malloc((2 * j->n_items + 1) * sizeof *bufs);
+  /* A few items (every get) use the stack; get_many with more allocates. */
+  size_t ends_s[JOB_SPARE_ITEMS + 1];
+  uv_buf_t bufs_s[2 * JOB_SPARE_ITEMS + 1];
+  int small = j->n_items <= JOB_SPARE_ITEMS;
+  size_t *ends = small ? ends_s : malloc((j->n_items + 1) * sizeof *ends);
+  uv_buf_t *bufs = small ? bufs_s : malloc((2 * j->n_items + 1) * sizeof *bufs);
   if (!ends || !bufs) {
-    free(ends);
-    free(bufs);
+    if (!small) {
+      free(ends);
+      free(bufs);
+    }
     msgpack_sbuffer_destroy(&sb);
     qd_reply_err(r, QINS_ENOMEM, "out of memory answering %s", j->model);
     job_free(j);
@@ -802,8 +840,10 @@ static void job_reply(job *j) {
                    .owned_cap = j->payload_cap};
   j->payload = NULL;
   qd_reply(r, &sb, &pl);
-  free(bufs);
-  free(ends);
+  if (!small) {
+    free(bufs);
+    free(ends);
+  }
   job_free(j);
 }
 
@@ -1011,7 +1051,7 @@ static int start_job(qd_req *r, job *j) {
 }
 
 static int m_get(qd_req *r) {
-  job *j = calloc(1, sizeof *j);
+  job *j = job_new();
   if (!j) return QINS_ENOMEM;
   int rc;
   if ((rc = param_str(r, "model", 1, j->model, sizeof j->model)) ||
@@ -1025,7 +1065,7 @@ static int m_get(qd_req *r) {
 }
 
 static int m_get_many(qd_req *r) {
-  job *j = calloc(1, sizeof *j);
+  job *j = job_new();
   if (!j) return QINS_ENOMEM;
   j->many = 1;
   int rc;

@@ -565,11 +565,12 @@ static void handle_message(qd_conn *c, const char *p, size_t n) {
     conn_protocol_error(c, 0, QINS_EPROTO, "msgid must be an unsigned integer < 2^32", p, n);
     return;
   }
-  qd_req r;
-  memset(&r, 0, sizeof r);
+  qd_req r; /* not memset: msg (1.2 KB) is only read after a handler wrote it, or when empty */
   r.conn = c;
   r.msgid = (uint32_t)a[1].via.u64;
   r.method = -1;
+  r.params = NULL;
+  r.msg[0] = '\0';
   r.t0 = qd_now_ns();
   qd_st.requests++;
   if (a[2].type != MSGPACK_OBJECT_STR) {

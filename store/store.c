@@ -18,6 +18,9 @@
  *    a tensor record and its reference are written (and deleted) in the same transaction.
  *  - Active transactions are counted so the map can be resized (ours: growth before a write txn;
  *    theirs: MDB_MAP_RESIZED) only when none is open in this process, as LMDB requires.
+ *  - One ended read txn per store is kept reset (mdb_txn_reset: no snapshot, no page pinned, its
+ *    reader slot kept) and renewed by the next qs_txn_begin, on whichever thread (MDB_NOTLS):
+ *    each qs_txn_begin is still a fresh snapshot, at a fraction of mdb_txn_begin's cost.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -51,6 +54,7 @@ struct qs_store {
   pthread_mutex_t mu;     /* guards active/resizing */
   pthread_cond_t cv;      /* signalled when active drops to 0 or resizing ends */
   int active;             /* open transactions of this process */
+  struct qs_txn *spare;   /* one ended read txn kept reset for reuse (qs_txn_end), or NULL */
   int resizing;           /* a map resize waits for active == 0 */
   /* Chunks already checked (CRC + codec validation) by this process. Chunks are immutable once
    * committed and model ids are never reused, so a verified chunk key stays verified; a slice of a
@@ -207,7 +211,26 @@ static int qs__ensure_map(qs_store *s, uint64_t extra) {
 
 int qs_txn_begin(qs_store *s, qs_txn **out) {
   *out = NULL;
-  qs_txn *t = calloc(1, sizeof *t);
+  /* The spare (a reset read txn, see qs_txn_end) is renewed: cheaper than begin (no allocation,
+   * the reader slot is kept). Counted active like any txn, so a map resize still waits for it. */
+  pthread_mutex_lock(&s->mu);
+  qs_txn *t = s->spare;
+  if (t) {
+    s->spare = NULL;
+    while (s->resizing) pthread_cond_wait(&s->cv, &s->mu);
+    s->active++;
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (t) {
+    if (mdb_txn_renew(t->txn) == 0) {
+      *out = t;
+      return 0;
+    }
+    mdb_txn_abort(t->txn); /* e.g. MDB_MAP_RESIZED: the path below adopts the new size */
+    qs__leave(s);
+    free(t);
+  }
+  t = calloc(1, sizeof *t);
   if (!t) return qs__fail(QINS_ENOMEM, "out of memory");
   int rc = qs__begin(s, MDB_RDONLY, &t->txn);
   if (rc) {
@@ -221,8 +244,19 @@ int qs_txn_begin(qs_store *s, qs_txn **out) {
 
 void qs_txn_end(qs_txn *t) {
   if (!t) return;
-  qs__abort(t->s, t->txn);
-  free(t);
+  qs_store *s = t->s;
+  /* Reset (the snapshot is released now, like an abort) and kept as the spare if there is none;
+   * a reset txn holds no page of the map, so a resize may happen while it waits. */
+  mdb_txn_reset(t->txn);
+  pthread_mutex_lock(&s->mu);
+  if (--s->active == 0) pthread_cond_broadcast(&s->cv);
+  int keep = !s->spare;
+  if (keep) s->spare = t;
+  pthread_mutex_unlock(&s->mu);
+  if (!keep) {
+    mdb_txn_abort(t->txn);
+    free(t);
+  }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -394,6 +428,10 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
 
 void qs_close(qs_store *s) {
   if (!s) return;
+  if (s->spare) {
+    mdb_txn_abort(s->spare->txn);
+    free(s->spare);
+  }
   if (s->env) mdb_env_close(s->env);
   if (s->lock_fd >= 0) close(s->lock_fd);
   pthread_mutex_destroy(&s->mu);
@@ -443,7 +481,9 @@ int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, 
   if ((uint64_t)QS_TENSOR_HDR + nl + 1 != size || nl > QS_MAX_NAME || p[QS_TENSOR_HDR + nl])
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record has bad lengths", dir,
                     model);
-  snprintf(t->model, sizeof t->model, "%s", model);
+  size_t ml = strnlen(model, sizeof t->model - 1); /* as snprintf "%s" would, without its cost */
+  memcpy(t->model, model, ml);
+  t->model[ml] = 0;
   memcpy(t->name, p + QS_TENSOR_HDR, nl);
   t->name[nl] = 0;
   t->codec = p[6];

@@ -65,15 +65,28 @@ static inline void qs__put_f64(uint8_t *p, double d) {
   qs__put_u64(p, v);
 }
 static inline uint16_t qs__get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+/* Loads and stores are one unaligned access (+ a byte swap where the host order differs): the
+ * byte loops they replace were not merged by the compiler, and records are decoded per request. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define QS__LE32(v) __builtin_bswap32(v)
+#define QS__LE64(v) __builtin_bswap64(v)
+#define QS__BE32(v) (v)
+#define QS__BE64(v) (v)
+#else
+#define QS__LE32(v) (v)
+#define QS__LE64(v) (v)
+#define QS__BE32(v) __builtin_bswap32(v)
+#define QS__BE64(v) __builtin_bswap64(v)
+#endif
 static inline uint32_t qs__get_u32(const uint8_t *p) {
-  uint32_t v = 0;
-  for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-  return v;
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return QS__LE32(v);
 }
 static inline uint64_t qs__get_u64(const uint8_t *p) {
-  uint64_t v = 0;
-  for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-  return v;
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return QS__LE64(v);
 }
 static inline double qs__get_f64(const uint8_t *p) {
   uint64_t v = qs__get_u64(p);
@@ -82,20 +95,22 @@ static inline double qs__get_f64(const uint8_t *p) {
   return d;
 }
 static inline void qs__put_be64(uint8_t *p, uint64_t v) {
-  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (56 - 8 * i));
+  v = QS__BE64(v);
+  memcpy(p, &v, 8);
 }
 static inline void qs__put_be32(uint8_t *p, uint32_t v) {
-  for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (24 - 8 * i));
+  v = QS__BE32(v);
+  memcpy(p, &v, 4);
 }
 static inline uint64_t qs__get_be64(const uint8_t *p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
-  return v;
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return QS__BE64(v);
 }
 static inline uint32_t qs__get_be32(const uint8_t *p) {
-  uint32_t v = 0;
-  for (int i = 0; i < 4; i++) v = (v << 8) | p[i];
-  return v;
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return QS__BE32(v);
 }
 
 /* ---- Record decoders: pure functions over a record's bytes (store.c; fuzzed by tests/fuzz/
