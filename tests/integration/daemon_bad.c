@@ -392,11 +392,43 @@ static void setup_two_conn(void) {
   fixture_args = two_conn_args;
   setup();
 }
+
+/* `stats` connections as seen over rx (rx itself included), or UINT64_MAX. */
+static uint64_t stats_connections(ts_rx *rx, uint32_t id) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, "stats", -1);
+  const msgpack_object *r = ts_call(rx, &sb, id);
+  msgpack_sbuffer_destroy(&sb);
+  if (!r || ts_resp_code(r) != 0) return UINT64_MAX;
+  const msgpack_object *n = qp_map_get(ts_resp_result(r), "connections");
+  return n && n->type == MSGPACK_OBJECT_POSITIVE_INTEGER ? n->via.u64 : UINT64_MAX;
+}
+
+/* Waits (up to 20 s) until the daemon counts exactly `want` connections: a client's close is
+ * seen asynchronously (the fixture's startup ping, a test's own earlier connections), so a
+ * connection opened right after another one closed may still find that one counted. */
+static void await_connections(ts_rx *rx, uint64_t want) {
+  uint64_t n = UINT64_MAX;
+  for (int i = 0; i < 2000; i++) {
+    n = stats_connections(rx, 1000 + (uint32_t)i);
+    if (n == want) return;
+    cr_assert_neq(n, UINT64_MAX, "stats answered");
+    usleep(10000);
+  }
+  cr_assert_fail("the daemon still counts %llu connections after 20 s, want %llu",
+                 (unsigned long long)n, (unsigned long long)want);
+}
+
 Test(daemon_bad, connections_over_the_limit_get_busy, .init = setup_two_conn) {
   ts_rx a, b, c;
   open_rx(&a);
+  cr_assert(ping_on(&a, 1));
+  /* The fixture's startup ping connection is gone before b takes the second slot. */
+  await_connections(&a, 1);
   open_rx(&b);
-  cr_assert(ping_on(&a, 1) && ping_on(&b, 2));
+  cr_assert(ping_on(&b, 2));
+  await_connections(&a, 2);
   open_rx(&c);
   const msgpack_object *o;
   cr_assert_eq(ts_rx_next(&c, 20000, &o), 1);
@@ -406,15 +438,12 @@ Test(daemon_bad, connections_over_the_limit_get_busy, .init = setup_two_conn) {
   ts_rx_destroy(&c);
   cr_assert(ping_on(&a, 3));
   ts_rx_destroy(&b);
-  /* A slot frees once b is gone (polled: the daemon sees the close asynchronously). */
-  int ok = 0;
-  for (int i = 0; i < 1000 && !ok; i++) {
-    ts_rx d;
-    open_rx(&d);
-    ok = ping_on(&d, 4);
-    ts_rx_destroy(&d);
-  }
-  cr_assert(ok, "a new client is served after one left");
+  /* A slot frees once b is gone (the daemon sees the close asynchronously: wait for it). */
+  await_connections(&a, 1);
+  ts_rx d;
+  open_rx(&d);
+  cr_assert(ping_on(&d, 4), "a new client is served after one left");
+  ts_rx_destroy(&d);
   ts_rx_destroy(&a);
 }
 
