@@ -251,12 +251,39 @@ typedef struct lat_arg {
   int fail;
 } lat_arg;
 
-static int redis_get(int fd, char *buf, size_t cap) {
+/* One Redis GET on fd, the value copied into out (cap bytes): like read_get_response, the reply
+ * is read into a head buffer, its header parsed for the payload length ("$4096\r\n") and the
+ * payload copied out, so both clients do the same work per request. Returns value bytes or -1. */
+static long redis_get(int fd, char *out, size_t cap) {
   static const char cmd[] = "*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
   if (ts_send(fd, cmd, sizeof cmd - 1)) return -1;
-  const size_t want = 7 + 4096 + 2; /* "$4096\r\n" payload "\r\n" */
-  if (want > cap) return -1;
-  return read_full(fd, buf, want);
+  char head[8192];
+  size_t hl = 0, n = 0;
+  unsigned long len = 0;
+  for (;;) {
+    char *crlf = hl ? memchr(head, '\n', hl) : NULL;
+    if (crlf) {
+      if (head[0] != '$' || crlf == head || crlf[-1] != '\r') return -1;
+      char *e;
+      len = strtoul(head + 1, &e, 10);
+      if (e != crlf - 1) return -1;
+      n = (size_t)(crlf + 1 - head);
+      break;
+    }
+    if (hl == sizeof head) return -1;
+    ssize_t k = recv(fd, head + hl, sizeof head - hl, 0);
+    if (k <= 0) return -1;
+    hl += (size_t)k;
+  }
+  size_t over = hl - n; /* payload and its trailing "\r\n" read so far */
+  if (len > cap || over > len + 2) return -1;
+  size_t in_out = over < len ? over : len;
+  memcpy(out, head + n, in_out);
+  if (read_full(fd, out + in_out, len - in_out)) return -1;
+  char crlf2[2];
+  size_t tail = 2 - (over - in_out); /* trailer bytes still to read */
+  if (tail && read_full(fd, crlf2, tail)) return -1;
+  return (long)len;
 }
 
 static void *lat_thread(void *p) {
@@ -276,7 +303,7 @@ static void *lat_thread(void *p) {
     double t0 = now_s();
     int ok;
     if (a->redis) {
-      ok = redis_get(fd, buf, sizeof buf) == 0;
+      ok = redis_get(fd, buf, sizeof buf) == 4096;
     } else {
       const msgpack_sbuffer *q = &req[i % NREQ];
       ok = ts_send(fd, q->data, q->size) == 0 && read_get_response(fd, buf, sizeof buf) == 4096;
