@@ -68,6 +68,8 @@ REPLAY_BINS := $(patsubst %,$(BUILD)/fuzz-replay/%,$(FUZZ_NAMES))
 .PHONY: all deps test unit integration pytest fuzz-replay fuzz-bins asan bench fuzz soak demo \
         install clean
 .DEFAULT_GOAL := all
+# Keep intermediate objects (fuzz-replay and bench objects are built through chained rules).
+.SECONDARY:
 
 all: $(LIBS) $(BINS)
 
