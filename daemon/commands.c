@@ -56,20 +56,73 @@ static void init_packer_small(msgpack_sbuffer *sb, msgpack_packer *pk) {
   sb->alloc = sb->data ? SMALL_HEAD : 0;
 }
 
+/* Params are read in place from the request bytes, which qp_scan has already validated (every
+ * declared length and count fits the message, nesting is bounded), so qp_rd_* cannot run off it.
+ * The value of str key `key` in the params map: 1 with *v at it, or 0 when params is [] or the key
+ * is absent. The first matching key wins (as qp_map_get did); non-str keys are skipped. */
+static int param_find(const qd_req *r, const char *key, qp_rd *v) {
+  if (!r->params.p) return 0;
+  size_t kl = strlen(key);
+  if (r->n_keys >= 0) { /* the map was indexed once at dispatch (qd_req_index_params) */
+    for (int i = 0; i < r->n_keys; i++)
+      if (r->keys[i].kl == kl && memcmp(r->keys[i].k, key, kl) == 0) {
+        v->p = r->keys[i].v;
+        v->end = r->params.end;
+        return 1;
+      }
+    return 0;
+  }
+  qp_rd rd = r->params;
+  uint32_t n;
+  if (qp_rd_map(&rd, &n)) return 0;
+  for (uint32_t i = 0; i < n; i++) {
+    const char *k;
+    uint32_t len;
+    if (qp_rd_str(&rd, &k, &len) == 0) {
+      if (len == kl && memcmp(k, key, kl) == 0) {
+        *v = rd;
+        return 1;
+      }
+    } else if (qp_rd_skip(&rd)) {
+      return 0;
+    }
+    if (qp_rd_skip(&rd)) return 0;
+  }
+  return 0;
+}
+
+static int rd_is_str(const qp_rd *v) {
+  qp_rd t = *v;
+  const char *s;
+  uint32_t n;
+  return qp_rd_str(&t, &s, &n) == 0;
+}
+
+/* Reads a str into dst (cap bytes incl. NUL): 0, or QINS_EBAD_PARAMS if it is not a str, does
+ * not fit or holds a NUL (the cursor then may have moved). Like qp_obj_cstr. */
+static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
+  const char *s;
+  uint32_t n;
+  if (qp_rd_str(v, &s, &n) || n >= cap || memchr(s, 0, n)) return QINS_EBAD_PARAMS;
+  memcpy(dst, s, n);
+  dst[n] = '\0';
+  return 0;
+}
+
 /* A required or optional str parameter into dst. */
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
-  const msgpack_object *v = r->params ? qp_map_get(r->params, key) : NULL;
+  qp_rd v;
   dst[0] = '\0';
-  if (!v) {
+  if (!param_find(r, key, &v)) {
     if (!required) return 1;
     snprintf(r->msg, sizeof r->msg, "missing parameter \"%s\" (a str)", key);
     return QINS_EBAD_PARAMS;
   }
-  if (v->type != MSGPACK_OBJECT_STR) {
+  if (!rd_is_str(&v)) {
     snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be a str", key);
     return QINS_EBAD_PARAMS;
   }
-  if (qp_obj_cstr(v, dst, cap)) {
+  if (rd_cstr(&v, dst, cap)) {
     snprintf(r->msg, sizeof r->msg, "parameter \"%s\" is too long (max %zu bytes) or holds a NUL",
              key, cap - 1);
     return QINS_EBAD_PARAMS;
@@ -78,10 +131,10 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
 }
 
 static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
-  const msgpack_object *v = r->params ? qp_map_get(r->params, key) : NULL;
+  qp_rd v;
   *out = def;
-  if (!v) return 0;
-  if (qp_obj_uint(v, out)) {
+  if (!param_find(r, key, &v)) return 0;
+  if (qp_rd_uint(&v, out)) {
     snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be an unsigned integer", key);
     return QINS_EBAD_PARAMS;
   }
@@ -94,7 +147,8 @@ static int param_dtype(qd_req *r, int *dt, int *given) {
   *dt = QC_DT_F32;
   *given = 0;
   if (rc == 1) return 0;
-  if (rc == QINS_EBAD_PARAMS && r->params && qp_map_get(r->params, "dtype")->type == MSGPACK_OBJECT_STR) {
+  qp_rd v;
+  if (rc == QINS_EBAD_PARAMS && param_find(r, "dtype", &v) && rd_is_str(&v)) {
     snprintf(r->msg, sizeof r->msg, "unsupported dtype (f32, f16 or bf16)");
     return QINS_EDTYPE;
   }
@@ -110,24 +164,24 @@ static int param_dtype(qd_req *r, int *dt, int *given) {
 }
 
 static int param_slice(qd_req *r, qs_slice *sl, int *has) {
-  const msgpack_object *v = r->params ? qp_map_get(r->params, "slice") : NULL;
+  qp_rd v;
+  uint32_t nr;
   *has = 0;
   memset(sl, 0, sizeof *sl);
-  if (!v || v->type == MSGPACK_OBJECT_NIL) return 0;
-  if (v->type != MSGPACK_OBJECT_ARRAY) {
+  if (!param_find(r, "slice", &v) || qp_rd_is_nil(&v)) return 0;
+  if (qp_rd_array(&v, &nr)) {
     snprintf(r->msg, sizeof r->msg, "parameter \"slice\" must be an array of [start, stop]");
     return QINS_EBAD_PARAMS;
   }
-  if (v->via.array.size > qd_cfg.max_ranges) {
+  if (nr > qd_cfg.max_ranges) {
     snprintf(r->msg, sizeof r->msg, "slice has %u ranges; at most %llu are allowed",
-             v->via.array.size, (unsigned long long)qd_cfg.max_ranges);
+             nr, (unsigned long long)qd_cfg.max_ranges);
     return QINS_EBAD_SLICE;
   }
-  for (uint32_t i = 0; i < v->via.array.size; i++) {
-    const msgpack_object *e = &v->via.array.ptr[i];
-    if (e->type != MSGPACK_OBJECT_ARRAY || e->via.array.size != 2 ||
-        qp_obj_uint(&e->via.array.ptr[0], &sl->start[i]) ||
-        qp_obj_uint(&e->via.array.ptr[1], &sl->stop[i])) {
+  for (uint32_t i = 0; i < nr; i++) {
+    uint32_t ne;
+    if (qp_rd_array(&v, &ne) || ne != 2 || qp_rd_uint(&v, &sl->start[i]) ||
+        qp_rd_uint(&v, &sl->stop[i])) {
       snprintf(r->msg, sizeof r->msg, "slice range %u must be [start, stop] of unsigned integers", i);
       return QINS_EBAD_PARAMS;
     }
@@ -137,7 +191,7 @@ static int param_slice(qd_req *r, qs_slice *sl, int *has) {
       return QINS_EBAD_SLICE;
     }
   }
-  sl->ndim = (int)v->via.array.size;
+  sl->ndim = (int)nr;
   *has = 1;
   return 0;
 }
@@ -1014,7 +1068,8 @@ static void after_work_cb(uv_work_t *w, int status) {
 
 static int start_job(qd_req *r, job *j) {
   j->req = *r;
-  j->req.params = NULL; /* the unpack zone is reused after this returns */
+  j->req.params.p = j->req.params.end = NULL; /* the request bytes go when this returns */
+  j->req.n_keys = 0;
   if (job_run(j, 1) == RUN_DONE) {
     qd_st.inline_decodes++;
     job_reply(j);
@@ -1072,34 +1127,36 @@ static int m_get_many(qd_req *r) {
   if ((rc = param_str(r, "model", 1, j->model, sizeof j->model)) ||
       (rc = param_dtype(r, &j->dt, &j->dt_given)))
     goto fail;
-  if (r->params && qp_map_get(r->params, "slice")) {
+  qp_rd names;
+  if (param_find(r, "slice", &names)) {
     snprintf(r->msg, sizeof r->msg, "get_many takes no slice: use get for slices");
     rc = QINS_EBAD_PARAMS;
     goto fail;
   }
-  const msgpack_object *names = r->params ? qp_map_get(r->params, "names") : NULL;
+  int has_names = param_find(r, "names", &names);
   rc = param_str(r, "prefix", 0, j->prefix, sizeof j->prefix);
   if (rc < 0) goto fail;
   j->by_prefix = rc == 0;
-  if (!!names == j->by_prefix) {
+  if (has_names == j->by_prefix) {
     snprintf(r->msg, sizeof r->msg, "get_many needs exactly one of \"names\" and \"prefix\"");
     rc = QINS_EBAD_PARAMS;
     goto fail;
   }
-  if (names) {
-    if (names->type != MSGPACK_OBJECT_ARRAY) {
+  if (has_names) {
+    uint32_t nn;
+    if (qp_rd_array(&names, &nn)) {
       snprintf(r->msg, sizeof r->msg, "parameter \"names\" must be an array of str");
       rc = QINS_EBAD_PARAMS;
       goto fail;
     }
-    j->n_names = names->via.array.size;
+    j->n_names = nn;
     j->names = calloc(j->n_names ? j->n_names : 1, sizeof *j->names);
     if (!j->names) {
       rc = QINS_ENOMEM;
       goto fail;
     }
     for (uint32_t i = 0; i < j->n_names; i++)
-      if (qp_obj_cstr(&names->via.array.ptr[i], j->names[i], sizeof j->names[i])) {
+      if (rd_cstr(&names, j->names[i], sizeof j->names[i])) {
         snprintf(r->msg, sizeof r->msg, "names[%u] must be a str of at most %d bytes", i,
                  QS_MAX_NAME);
         rc = QINS_EBAD_PARAMS;

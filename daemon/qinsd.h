@@ -114,11 +114,21 @@ typedef void (*qd_sink_fn)(void *ud, const void *p, size_t n); /* embedded respo
 
 /* One request being answered. Lives on the stack for inline methods; get/get_many copy what they
  * need into a qd_job. */
+#define QD_PARAM_KEYS 8 /* params keys indexed per request (methods take at most 6) */
 typedef struct qd_req {
   qd_conn *conn;                 /* the client */
   uint32_t msgid;                /* echoed in the response */
   int method;                    /* index in qd_methods */
-  const msgpack_object *params;  /* the named-argument map, or NULL when params is [] */
+  qp_rd params;                  /* the named-argument map in the request bytes (read with qp_rd_*
+                                    after qp_scan validated the message); params.p is NULL when
+                                    params is [] */
+  int n_keys;                    /* str keys of params indexed below in map order, or -1 when
+                                    there were more than QD_PARAM_KEYS (lookups then walk it) */
+  struct {
+    const char *k;               /* key bytes (in the request; not NUL-terminated) */
+    uint32_t kl;
+    const uint8_t *v;            /* its value */
+  } keys[QD_PARAM_KEYS];
   uint64_t t0;                   /* qd_now_ns() at dispatch */
   char msg[1200];                /* error message set by a handler that returns an error */
 } qd_req;

@@ -5,11 +5,12 @@
  *
  * Design. One libuv loop thread owns every connection. Bytes read go into the connection's
  * buffer; proto's bounded scanner (qp_scan) finds whole requests, checking every declared length
- * and count against max_request_bytes *before* msgpack-c sees the bytes; only a complete request
- * (at most max_request_bytes long) is unpacked, into a per-connection zone that is reused. Methods
- * come from the table in commands.c. Responses are packed with msgpack-c into an sbuffer holding
- * only the envelope and small fields; a decoded payload goes out as its own iovec after a bin
- * header (uv_write of several buffers = writev), never copied into the sbuffer.
+ * and count against max_request_bytes *before* anything reads the fields; a complete, validated
+ * request (at most max_request_bytes long) is then read in place with proto's qp_rd_* cursor (no
+ * unpack, no allocation; handlers look params up in the same bytes). Methods come from the table
+ * in commands.c. Responses are packed with msgpack-c into an sbuffer holding only the envelope
+ * and small fields; a decoded payload goes out as its own iovec after a bin header (uv_write of
+ * several buffers = writev), never copied into the sbuffer.
  *
  * Invariants:
  *  - Backpressure: a connection's requests are read and dispatched only while the bytes it has
@@ -53,7 +54,6 @@ struct qd_conn {
   char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
   size_t cap, rpos, wpos;
   qp_scan scan;        /* the request being framed, starting at buf + rpos */
-  msgpack_zone zone;   /* unpack zone, cleared per request */
   size_t queued;       /* response bytes handed to uv_write and not yet completed */
   unsigned pending;    /* requests dispatched but not yet answered (pool jobs) */
   uint64_t reserved;   /* planned response bytes of those pending requests */
@@ -209,7 +209,6 @@ static void conn_free(qd_conn *c) {
   if (c->prev) c->prev->next = c->next;
   else conns = c->next;
   if (c->next) c->next->prev = c->prev;
-  msgpack_zone_destroy(&c->zone);
   free(c->buf);
   if (!c->busy && qd_st.connections) qd_st.connections--;
   free(c);
@@ -531,27 +530,24 @@ static void conn_protocol_error(qd_conn *c, uint32_t msgid, int code, const char
   c->close_after = 1;
 }
 
-/* Unpacks and dispatches one complete request of n bytes at p. */
+/* Reads and dispatches one complete request of n bytes at p. qp_scan has validated the message
+ * (declared lengths and counts fit in it, nesting is bounded), so the envelope and params are read
+ * in place with qp_rd_*: no unpack, no allocation. */
 static void handle_message(qd_conn *c, const char *p, size_t n) {
-  msgpack_zone_clear(&c->zone);
-  msgpack_object o;
-  size_t off = 0;
-  msgpack_unpack_return ur = msgpack_unpack(p, n, &off, &c->zone, &o);
-  if (ur != MSGPACK_UNPACK_SUCCESS) {
-    conn_protocol_error(c, 0, QINS_EPROTO, "not valid msgpack", p, n);
-    return;
-  }
-  if (o.type != MSGPACK_OBJECT_ARRAY) {
+  qp_rd rd;
+  qp_rd_init(&rd, p, n);
+  uint32_t na;
+  if (qp_rd_array(&rd, &na)) {
     conn_protocol_error(c, 0, QINS_EPROTO, "request is not an array", p, n);
     return;
   }
-  const msgpack_object *a = o.via.array.ptr;
-  uint32_t na = o.via.array.size;
-  if (na == 3 && a[0].type == MSGPACK_OBJECT_POSITIVE_INTEGER && a[0].via.u64 == QP_NOTIFY) {
+  uint64_t tag = 0, id = 0;
+  int tag_ok = na > 0 && qp_rd_uint(&rd, &tag) == 0;
+  if (na == 3 && tag_ok && tag == QP_NOTIFY) {
     qd_log(QD_LOG_DEBUG, "%s: notification ignored", c->desc);
     return;
   }
-  if (na == 0 || a[0].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[0].via.u64 != QP_REQUEST) {
+  if (!tag_ok || tag != QP_REQUEST) {
     conn_protocol_error(c, 0, QINS_EPROTO, "wrong message type tag (expected [0, msgid, method, params])",
                         p, n);
     return;
@@ -561,43 +557,68 @@ static void handle_message(qd_conn *c, const char *p, size_t n) {
                         p, n);
     return;
   }
-  if (a[1].type != MSGPACK_OBJECT_POSITIVE_INTEGER || a[1].via.u64 > UINT32_MAX) {
+  if (qp_rd_uint(&rd, &id) || id > UINT32_MAX) {
     conn_protocol_error(c, 0, QINS_EPROTO, "msgid must be an unsigned integer < 2^32", p, n);
     return;
   }
   qd_req r; /* not memset: msg (1.2 KB) is only read after a handler wrote it, or when empty */
   r.conn = c;
-  r.msgid = (uint32_t)a[1].via.u64;
+  r.msgid = (uint32_t)id;
   r.method = -1;
-  r.params = NULL;
+  r.params.p = r.params.end = NULL;
+  r.n_keys = 0;
   r.msg[0] = '\0';
   r.t0 = qd_now_ns();
   qd_st.requests++;
-  if (a[2].type != MSGPACK_OBJECT_STR) {
+  const char *mp;
+  uint32_t ml;
+  if (qp_rd_str(&rd, &mp, &ml)) {
     qd_reply_err(&r, QINS_EPROTO, "method must be a str");
     return;
   }
-  int m = qd_method_find(a[2].via.str.ptr, a[2].via.str.size);
+  int m = qd_method_find(mp, ml);
   if (m < 0) {
     char name[64];
-    size_t l = a[2].via.str.size < 40 ? a[2].via.str.size : 40;
+    size_t l = ml < 40 ? ml : 40;
     for (size_t i = 0; i < l; i++) {
-      char ch = a[2].via.str.ptr[i];
+      char ch = mp[i];
       name[i] = ch >= 0x20 && ch < 0x7f ? ch : '?';
     }
     name[l] = '\0';
     qd_reply_err(&r, QINS_EUNKNOWN_METHOD, "unknown method \"%s%s\"", name,
-                 a[2].via.str.size > 40 ? "..." : "");
+                 ml > 40 ? "..." : "");
     return;
   }
   r.method = m;
   qd_st.per_method[m]++;
-  if (a[3].type != MSGPACK_OBJECT_ARRAY || a[3].via.array.size > 1 ||
-      (a[3].via.array.size == 1 && a[3].via.array.ptr[0].type != MSGPACK_OBJECT_MAP)) {
+  uint32_t np, nk;
+  qp_rd pm;
+  if (qp_rd_array(&rd, &np) || np > 1 || (np == 1 && (pm = rd, qp_rd_map(&pm, &nk)))) {
     qd_reply_err(&r, QINS_EPROTO, "params must be [] or [ {named arguments} ]");
     return;
   }
-  r.params = a[3].via.array.size ? &a[3].via.array.ptr[0] : NULL;
+  if (np) { /* index the map's str keys once; handlers look params up by key (first one wins) */
+    r.params = rd;
+    r.n_keys = 0;
+    qp_rd_map(&rd, &nk);
+    for (uint32_t i = 0; i < nk; i++) {
+      const char *k;
+      uint32_t kl;
+      if (qp_rd_str(&rd, &k, &kl) == 0) {
+        if (r.n_keys == QD_PARAM_KEYS) {
+          r.n_keys = -1; /* too many to index: lookups walk the map */
+          break;
+        }
+        r.keys[r.n_keys].k = k;
+        r.keys[r.n_keys].kl = kl;
+        r.keys[r.n_keys].v = rd.p;
+        r.n_keys++;
+      } else {
+        qp_rd_skip(&rd);
+      }
+      qp_rd_skip(&rd);
+    }
+  }
   if ((qd_methods[m].flags & QD_ADMIN) && c->uid != 0 && c->uid != getuid()) {
     qd_reply_err(&r, QINS_EDENIED, "%s is an admin method: uid %u may not call it (only uid %u and root)",
                  qd_methods[m].name, (unsigned)c->uid, (unsigned)getuid());
@@ -629,15 +650,14 @@ static void conn_process(qd_conn *c) {
       break;
     }
     if (stopping) { /* buffered before the stop: answer SHUTDOWN without running it */
-      msgpack_zone_clear(&c->zone);
-      msgpack_object o;
-      size_t off = 0;
+      qp_rd rd;
+      uint32_t na;
+      uint64_t v;
       uint32_t id = 0;
-      if (msgpack_unpack(p, n, &off, &c->zone, &o) == MSGPACK_UNPACK_SUCCESS &&
-          o.type == MSGPACK_OBJECT_ARRAY && o.via.array.size == 4 &&
-          o.via.array.ptr[1].type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
-          o.via.array.ptr[1].via.u64 <= UINT32_MAX)
-        id = (uint32_t)o.via.array.ptr[1].via.u64;
+      qp_rd_init(&rd, p, n);
+      if (qp_rd_array(&rd, &na) == 0 && na == 4 && qp_rd_skip(&rd) == 0 &&
+          qp_rd_uint(&rd, &v) == 0 && v <= UINT32_MAX)
+        id = (uint32_t)v;
       send_error(c, id, QINS_ESHUTDOWN, "the daemon is shutting down");
     } else {
       handle_message(c, p, n);
@@ -757,7 +777,6 @@ static void on_connection(uv_stream_t *srv, int status) {
   uv_pipe_init(loop, &c->pipe, 0);
   c->pipe.data = c;
   c->id = next_conn_id++;
-  msgpack_zone_init(&c->zone, 4096);
   qp_scan_init(&c->scan, qd_cfg.max_request_bytes, QP_MAX_DEPTH);
   c->next = conns;
   if (conns) conns->prev = c;
@@ -1024,7 +1043,6 @@ int qd_serve_bytes(const void *in, size_t len, size_t piece, qd_sink_fn sink, vo
   c->sink = sink;
   c->sink_ud = ud;
   snprintf(c->desc, sizeof c->desc, "client %llu (embedded)", (unsigned long long)c->id);
-  msgpack_zone_init(&c->zone, 4096);
   qp_scan_init(&c->scan, qd_cfg.max_request_bytes, QP_MAX_DEPTH);
   c->next = conns;
   if (conns) conns->prev = c;

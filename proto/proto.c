@@ -191,7 +191,13 @@ static int rd_head(const qp_rd *r, qp__hd *h) {
   return 0;
 }
 
+/* Fast paths below: the fix* forms (one type byte) are what requests are made of; they are
+ * decided from the type byte alone and agree with the general path. */
 int qp_rd_array(qp_rd *r, uint32_t *n) {
+  if (r->p < r->end && (*r->p & 0xf0) == 0x90) {
+    *n = *r->p++ & 0x0f;
+    return 0;
+  }
   qp__hd h;
   if (rd_head(r, &h) || h.kind != K_ARRAY) return QINS_EPROTO;
   r->p += h.hlen;
@@ -200,6 +206,10 @@ int qp_rd_array(qp_rd *r, uint32_t *n) {
 }
 
 int qp_rd_map(qp_rd *r, uint32_t *n) {
+  if (r->p < r->end && (*r->p & 0xf0) == 0x80) {
+    *n = *r->p++ & 0x0f;
+    return 0;
+  }
   qp__hd h;
   if (rd_head(r, &h) || h.kind != K_MAP) return QINS_EPROTO;
   r->p += h.hlen;
@@ -252,6 +262,17 @@ int qp_rd_int(qp_rd *r, int64_t *v) {
 }
 
 int qp_rd_uint(qp_rd *r, uint64_t *v) {
+  if (r->p < r->end && *r->p <= 0x7f) {
+    *v = *r->p++;
+    return 0;
+  }
+  if (r->p < r->end && *r->p >= 0xcc && *r->p <= 0xce) { /* uint 8/16/32 */
+    unsigned w = 1u << (*r->p - 0xcc);
+    if ((size_t)(r->end - r->p) <= w) return QINS_EPROTO;
+    *v = be(r->p + 1, w);
+    r->p += 1 + w;
+    return 0;
+  }
   if (r->p < r->end && *r->p == 0xcf) {
     qp__hd h;
     if (rd_head(r, &h)) return QINS_EPROTO;
@@ -309,6 +330,14 @@ static int rd_body(qp_rd *r, int kind, const void **p, uint32_t *len) {
 }
 
 int qp_rd_str(qp_rd *r, const char **s, uint32_t *len) {
+  if (r->p < r->end && (*r->p & 0xe0) == 0xa0) {
+    uint32_t n = *r->p & 0x1f;
+    if ((size_t)(r->end - r->p) - 1 < n) return QINS_EPROTO;
+    *s = (const char *)r->p + 1;
+    *len = n;
+    r->p += 1 + n;
+    return 0;
+  }
   const void *p;
   int rc = rd_body(r, K_STR, &p, len);
   if (rc == 0) *s = p;
@@ -330,7 +359,29 @@ int qp_rd_skip(qp_rd *r) {
   uint64_t pending = 1; /* values still to skip */
   while (pending) {
     if (p >= r->end) return QINS_EPROTO;
-    unsigned hl = head_len(*p);
+    uint8_t b = *p;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) { /* one-byte scalar */
+      p++;
+      pending--;
+      continue;
+    }
+    if (b <= 0x9f) { /* fixmap, fixarray: each item takes at least a byte */
+      uint64_t items = b <= 0x8f ? 2u * (b & 0x0f) : (b & 0x0fu);
+      p++;
+      pending--;
+      if (items > (uint64_t)(r->end - p)) return QINS_EPROTO;
+      pending += items;
+      continue;
+    }
+    if (b <= 0xbf) { /* fixstr */
+      uint64_t n = b & 0x1f;
+      p++;
+      pending--;
+      if (n > (uint64_t)(r->end - p)) return QINS_EPROTO;
+      p += n;
+      continue;
+    }
+    unsigned hl = head_len(b);
     if (hl == 0 || (size_t)(r->end - p) < hl) return QINS_EPROTO;
     qp__hd h;
     head_parse(p, &h);
