@@ -6,6 +6,8 @@
  * there are stable; keep both in the same commit).
  *
  * Errors name the file, model or tensor concerned (qs_error() carries the store's message).
+ * Also defines the helpers cmd_synth.c shares (qctl_need_store, qctl_open, qctl_now,
+ * qctl_getopt_reset, qctl_codec_arg, qctl_codec_rule_arg; declared in qinsctl.h).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -19,27 +21,52 @@
 #include "qinsctl.h"
 #include "store.h"
 
-static int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags) {
+int qctl_need_store(const qctl_ctx *c) {
   if (!c->store || !*c->store) {
     fprintf(stderr, "qinsctl %s: no store: give --store DIR or set QINS_STORE\n", c->cmd->name);
     return QCTL_USAGE;
   }
-  int rc = qs_open(s, c->store, flags);
+  return QCTL_OK;
+}
+
+int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags) {
+  int rc = qctl_need_store(c);
+  if (rc) return rc;
+  rc = qs_open(s, c->store, flags);
   if (rc) return qctl_fail(c, "%s", qs_error());
   return QCTL_OK;
 }
 
-static double qctl_now(void) {
+double qctl_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* getopt_long over argv[0..argc) where argv[0] is the command; returns optind-style index of the
- * first positional argument after permutation. */
-static void qctl_getopt_reset(void) {
+void qctl_getopt_reset(void) {
   optind = 0; /* GNU: full reinitialization */
   opterr = 1;
+}
+
+int qctl_codec_arg(const qctl_ctx *c, const char *arg) {
+  int cd = qc_codec_from_name(arg);
+  if (cd < 0)
+    fprintf(stderr, "qinsctl %s: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational)\n",
+            c->cmd->name, arg);
+  return cd;
+}
+
+int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule) {
+  char *eq = strrchr(arg, '=');
+  int cd = eq ? qc_codec_from_name(eq + 1) : -1;
+  if (!eq || eq == arg || cd < 0) {
+    fprintf(stderr, "qinsctl %s: --codec-for wants GLOB=CODEC with a known codec, got \"%s\"\n", c->cmd->name, arg);
+    return -1;
+  }
+  *eq = 0;
+  rule->glob = arg;
+  rule->codec = cd;
+  return 0;
 }
 
 static void qctl_shape(FILE *f, const qs_tensor *t, int json) {
@@ -88,24 +115,12 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
     switch (ch) {
     case 'm': o.model = optarg; break;
     case 'c':
-      if ((o.codec = qc_codec_from_name(optarg)) < 0) {
-        fprintf(stderr, "qinsctl import: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational)\n", optarg);
-        rc = QCTL_USAGE;
-      }
+      if ((o.codec = qctl_codec_arg(c, optarg)) < 0) rc = QCTL_USAGE;
       break;
-    case 'r': {
-      char *eq = strrchr(optarg, '=');
-      int cd = eq ? qc_codec_from_name(eq + 1) : -1;
-      if (!eq || eq == optarg || cd < 0) {
-        fprintf(stderr, "qinsctl import: --codec-for wants GLOB=CODEC with a known codec, got \"%s\"\n", optarg);
-        rc = QCTL_USAGE;
-        break;
-      }
-      *eq = 0;
-      rules[o.n_rules].glob = optarg;
-      rules[o.n_rules++].codec = cd;
+    case 'r':
+      if (qctl_codec_rule_arg(c, optarg, &rules[o.n_rules])) rc = QCTL_USAGE;
+      else o.n_rules++;
       break;
-    }
     case 'e':
       if (!strcmp(optarg, "max")) o.effort = QC_EFFORT_MAX;
       else if (!strcmp(optarg, "default")) o.effort = QC_EFFORT_DEFAULT;

@@ -338,12 +338,6 @@ static int qsyn_fitter_wait(qsyn_fitter *F, size_t i) {
 
 /* ---------------------------------------------------------------------------------------------
  * The command */
-static double qsyn_now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void qsyn_list(void) {
   for (size_t i = 0; i < QSYN_NARCHS; i++) {
     size_t n = qsyn_plan(&qsyn_archs[i], 0, NULL);
@@ -381,7 +375,7 @@ static int qsyn_write(qctl_ctx *c, qs_import *im, const qsyn_tensor *v, size_t n
   float *buf = NULL;
   size_t cap = 0;
   int tty = isatty(2);
-  double t0 = qsyn_now(), last = 0;
+  double t0 = qctl_now(), last = 0;
   uint64_t total = 0, done = 0;
   for (size_t i = 0; i < n; i++) total += v[i].rows * v[i].cols * sizeof(float);
   for (size_t i = 0; i < n && rc == QCTL_OK; i++) {
@@ -424,7 +418,7 @@ static int qsyn_write(qctl_ctx *c, qs_import *im, const qsyn_tensor *v, size_t n
       qsyn_gen_rows(&g, r, nr, buf);
       e = qs_import_tensor_rows(im, buf, nr, NULL);
       done += nr * t->cols * sizeof(float);
-      double now = qsyn_now();
+      double now = qctl_now();
       if (tty && now - last >= 0.2) {
         last = now;
         fprintf(stderr, "\r%3d%% %9.1f MB %7.1f MB/s %-48.48s", (int)(100.0 * (double)done / (double)total),
@@ -475,8 +469,7 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
   qs_codec_rule *rules = calloc((size_t)argc + 1, sizeof *rules);
   size_t n_rules = 0;
   if (!rules) return qctl_fail(c, "out of memory");
-  optind = 0; /* GNU getopt: full reinitialization */
-  opterr = 1;
+  qctl_getopt_reset();
   while ((ch = getopt_long(argc, argv, "A:m:s:c:r:l", opts, NULL)) != -1) {
     switch (ch) {
     case 'A':
@@ -498,24 +491,12 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
       break;
     }
     case 'c':
-      if ((codec_all = qc_codec_from_name(optarg)) < 0) {
-        fprintf(stderr, "qinsctl synth: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational)\n", optarg);
-        rc = QCTL_USAGE;
-      }
+      if ((codec_all = qctl_codec_arg(c, optarg)) < 0) rc = QCTL_USAGE;
       break;
-    case 'r': {
-      char *eq = strrchr(optarg, '=');
-      int cd = eq ? qc_codec_from_name(eq + 1) : -1;
-      if (!eq || eq == optarg || cd < 0) {
-        fprintf(stderr, "qinsctl synth: --codec-for wants GLOB=CODEC with a known codec, got \"%s\"\n", optarg);
-        rc = QCTL_USAGE;
-        break;
-      }
-      *eq = 0;
-      rules[n_rules].glob = optarg;
-      rules[n_rules++].codec = cd;
+    case 'r':
+      if (qctl_codec_rule_arg(c, optarg, &rules[n_rules])) rc = QCTL_USAGE;
+      else n_rules++;
       break;
-    }
     case 'l': list = 1; break;
     default: rc = QCTL_USAGE;
     }
@@ -534,10 +515,9 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
     free(rules);
     return qctl_usage(c, rc);
   }
-  if (!c->store || !*c->store) {
+  if ((rc = qctl_need_store(c))) {
     free(rules);
-    fprintf(stderr, "qinsctl synth: no store: give --store DIR or set QINS_STORE\n");
-    return QCTL_USAGE;
+    return rc;
   }
   if (!model) model = arch->name;
 
@@ -560,9 +540,9 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
   pthread_once(&qsyn_table_once, qsyn_table_init);
 
   qs_store *s;
-  if (qs_open(&s, c->store, QS_OPEN_CREATE)) {
+  if ((rc = qctl_open(c, &s, QS_OPEN_CREATE))) {
     free(v), free(codecs), free(rules);
-    return qctl_fail(c, "%s", qs_error());
+    return rc;
   }
   char meta[512];
   snprintf(meta, sizeof meta,
@@ -570,7 +550,7 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
            "\",\"format\":\"pt\"}",
            QSYN_VERSION, arch->name, seed);
   qs_import *im;
-  double t0 = qsyn_now();
+  double t0 = qctl_now();
   qsyn_result res;
   memset(&res, 0, sizeof res);
   if (qs_import_begin(s, model, meta, &im)) {
@@ -580,7 +560,7 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
   } else if (qs_import_commit(im)) {
     rc = qctl_fail(c, "%s", qs_error());
   }
-  double dt = qsyn_now() - t0;
+  double dt = qctl_now() - t0;
   qs_close(s);
   free(v), free(codecs), free(rules);
   if (rc != QCTL_OK) return rc;

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qinsctl.h — internal header of qinsctl, the admin CLI (docs/qinsctl.md): the command table's
- * entry type, the options every command shares, and small output helpers (human sizes, JSON).
+ * entry type, the options every command shares, small output helpers (human sizes, JSON) and the
+ * helpers the store commands share with synth (opening the store, clock, option parsing).
  *
  * Every command is `int fn(qctl_ctx *c, int argc, char **argv)` with argv[0] the command name and
  * the shared options (--store, --socket, --json) already removed by main.c; it returns the exit
@@ -44,6 +45,25 @@ const char *qctl_human(uint64_t bytes, char *buf, size_t cap);
 /* Minimal JSON writer on a FILE: commas are handled by the caller through qctl_jsep. */
 void qctl_jstr(FILE *f, const char *s);
 void qctl_jnum(FILE *f, double v); /* finite: %.17g-ish shortest; non-finite: null */
+
+/* Store helpers (cmd_store.c), shared by the store commands and synth (cmd_synth.c). */
+typedef struct qs_store qs_store;
+/* Prints "qinsctl <cmd>: no store: ..." and returns QCTL_USAGE if neither --store nor
+ * QINS_STORE gave one; QCTL_OK otherwise. */
+int qctl_need_store(const qctl_ctx *c);
+/* qctl_need_store, then qs_open(s, c->store, flags): QCTL_OK, QCTL_USAGE or QCTL_FAIL (the
+ * store's message printed). */
+int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags);
+/* Monotonic clock, seconds. */
+double qctl_now(void);
+/* Full GNU getopt reinitialization (optind = 0) before a command's getopt_long loop. */
+void qctl_getopt_reset(void);
+/* --codec NAME: the codec (qc_codec_from_name), or -1 after printing "unknown codec". */
+int qctl_codec_arg(const qctl_ctx *c, const char *arg);
+/* --codec-for GLOB=CODEC: fills *rule (glob points into arg, its '=' overwritten) and returns 0,
+ * or prints the usage error and returns -1. */
+typedef struct qs_codec_rule qs_codec_rule;
+int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule);
 
 /* Store commands (cmd_store.c). */
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv);
