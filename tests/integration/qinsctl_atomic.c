@@ -37,12 +37,7 @@ TestSuite(qinsctl_atomic, .init = setup, .fini = teardown, .timeout = 240);
 
 static int ctl6(char **out, char **err, const char *a1, const char *a2, const char *a3,
                 const char *a4, const char *a5, const char *a6) {
-  char *argv[12] = {qinsctl, "--store", store};
-  int n = 3;
-  const char *a[] = {a1, a2, a3, a4, a5, a6};
-  for (int i = 0; i < 6 && a[i]; i++) argv[n++] = (char *)a[i];
-  argv[n] = NULL;
-  return qt_run(argv, NULL, out, err);
+  return qt_ctl(store, out, err, a1, a2, a3, a4, a5, a6, (const char *)NULL);
 }
 static int ctl(char **out, char **err, const char *a1, const char *a2, const char *a3,
                const char *a4, const char *a5) {

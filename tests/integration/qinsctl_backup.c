@@ -11,7 +11,6 @@
  */
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -22,31 +21,11 @@
 
 TestSuite(qinsctl_backup, .init = setup, .fini = teardown, .timeout = 240);
 
-/* qinsctl --store store ARGS... (NULL-terminated); stdout and stderr into out and err (may be NULL). */
-static int ctl(const char *store, char **out, char **err, ...) {
-  char bin[512];
-  qt_bin("qinsctl", bin, sizeof bin);
-  char *argv[16] = {bin, "--store", (char *)store};
-  int n = 3;
-  va_list ap;
-  va_start(ap, err);
-  for (const char *a; n < 15 && (a = va_arg(ap, const char *));) argv[n++] = (char *)a;
-  va_end(ap);
-  argv[n] = NULL;
-  char *o = NULL, *e = NULL;
-  int rc = qt_run(argv, NULL, &o, &e);
-  if (out) *out = o;
-  else free(o);
-  if (err) *err = e;
-  else free(e);
-  return rc;
-}
-
 /* `ls --json` and `ls MODEL --json` (names, ids, shapes, codecs, tensor checksums). */
 static char *listing(const char *store, const char *model) {
   char *a, *b;
-  cr_assert_eq(ctl(store, &a, NULL, "--json", "ls", NULL), 0, "ls %s", store);
-  cr_assert_eq(ctl(store, &b, NULL, "--json", "ls", model, NULL), 0, "ls %s %s", store, model);
+  cr_assert_eq(qt_ctl(store, &a, NULL, "--json", "ls", NULL), 0, "ls %s", store);
+  cr_assert_eq(qt_ctl(store, &b, NULL, "--json", "ls", model, NULL), 0, "ls %s %s", store, model);
   char *s = malloc(strlen(a) + strlen(b) + 1);
   strcpy(s, a);
   strcat(s, b);
@@ -65,7 +44,7 @@ static uint64_t json_u64(const char *doc, const char *key) {
 
 static void verify_ok(const char *store) {
   char *out, *err;
-  int rc = ctl(store, &out, &err, "--json", "verify", NULL);
+  int rc = qt_ctl(store, &out, &err, "--json", "verify", NULL);
   cr_assert_eq(rc, 0, "verify %s: %s %s", store, out, err);
   cr_assert(strstr(out, "\"ok\":true"), "%s", out);
   free(out);
@@ -153,8 +132,8 @@ Test(qinsctl_backup, backup_while_serving_verifies_and_serves_on_another_host) {
   qt_tensor t = {"w", QS_ST_F32, 2, {512, 1024}, w, 512 * 1024 * 4};
   cr_assert_eq(qt_st_write(st, &t, 1, NULL), 0);
   free(w);
-  cr_assert_eq(ctl(D.store, NULL, NULL, "import", st, "--model", "tmp", "--codec", "f32", NULL), 0);
-  cr_assert_eq(ctl(D.store, NULL, NULL, "rm", "tmp", NULL), 0);
+  cr_assert_eq(qt_ctl(D.store, NULL, NULL, "import", st, "--model", "tmp", "--codec", "f32", NULL), 0);
+  cr_assert_eq(qt_ctl(D.store, NULL, NULL, "rm", "tmp", NULL), 0);
   got before[N_STD];
   fetch_all(D.sock, before);
   char *src_ls = listing(D.store, "m");
@@ -178,7 +157,7 @@ Test(qinsctl_backup, backup_while_serving_verifies_and_serves_on_another_host) {
   char *out = NULL, *err = NULL;
   int rc = -1, served_after = 0;
   if (served_before) {
-    rc = ctl(D.store, &out, &err, "--json", "backup", bk, NULL);
+    rc = qt_ctl(D.store, &out, &err, "--json", "backup", bk, NULL);
     uint64_t at_end[4];
     for (int i = 0; i < 4; i++) at_end[i] = atomic_load(&L[i].ok);
     served_after = rc == 0 && await_fetches(L, 4, at_end, 3, why, sizeof why);
@@ -199,7 +178,7 @@ Test(qinsctl_backup, backup_while_serving_verifies_and_serves_on_another_host) {
   free(out);
   free(err);
   /* A second backup into the same directory is refused; the first stays intact. */
-  cr_assert_eq(ctl(D.store, NULL, &err, "backup", bk, NULL), 1);
+  cr_assert_eq(qt_ctl(D.store, NULL, &err, "backup", bk, NULL), 1);
   cr_assert(strstr(err, "already holds a store"), "%s", err);
   free(err);
 
@@ -218,7 +197,7 @@ Test(qinsctl_backup, backup_while_serving_verifies_and_serves_on_another_host) {
   cr_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
   qt_rmrf(D.store);
   verify_ok(h2);
-  cr_assert_eq(ctl(h2, &out, NULL, "--json", "audit", NULL), 0);
+  cr_assert_eq(qt_ctl(h2, &out, NULL, "--json", "audit", NULL), 0);
   cr_assert_eq(json_u64(out, "free_pages"), 0, "compacted: no free pages: %s", out);
   cr_assert_eq(json_u64(out, "staging"), 0);
   free(out);
@@ -259,7 +238,7 @@ static pid_t spawn_import(const char *store, const char *file) {
 static uint64_t staging_of(const char *store) {
   char *out = NULL;
   uint64_t n = UINT64_MAX;
-  if (ctl(store, &out, NULL, "--json", "audit", NULL) == 0) n = json_u64(out, "staging");
+  if (qt_ctl(store, &out, NULL, "--json", "audit", NULL) == 0) n = json_u64(out, "staging");
   free(out);
   return n;
 }
@@ -321,7 +300,7 @@ Test(qinsctl_backup, backup_during_an_import_holds_the_old_or_the_new_model_whol
   /* Mid-import: the backup holds the previous model, wholly, and none of the staged data. */
   snprintf(bk1, sizeof bk1, "%s/bk1", D.dir);
   char *out, *err;
-  int rc = ctl(D.store, &out, &err, "--json", "backup", bk1, "--verify", NULL);
+  int rc = qt_ctl(D.store, &out, &err, "--json", "backup", bk1, "--verify", NULL);
   kill(imp, SIGCONT);
   cr_assert_eq(rc, 0, "backup during the import: %s %s", out, err);
   cr_assert_geq(json_u64(out, "staging_dropped"), 1, "%s", out);
@@ -342,7 +321,7 @@ Test(qinsctl_backup, backup_during_an_import_holds_the_old_or_the_new_model_whol
   char *new_ls = listing(D.store, "m");
   cr_assert_str_neq(new_ls, old_ls);
   snprintf(bk2, sizeof bk2, "%s/bk2", D.dir);
-  cr_assert_eq(ctl(D.store, NULL, NULL, "backup", bk2, NULL), 0);
+  cr_assert_eq(qt_ctl(D.store, NULL, NULL, "backup", bk2, NULL), 0);
   char *ls2 = listing(bk2, "m");
   cr_assert_str_eq(ls2, new_ls, "the backup after the import holds the new model");
   verify_ok(bk2);

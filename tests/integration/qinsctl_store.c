@@ -189,31 +189,13 @@ Test(qinsctl_store, stories260K_audit_matrices_within_1_08_bytes_per_weight) {
 
 /* ---------------------------------------------------------------------------------------------
  * Malformed inputs */
-typedef struct buf {
-  uint8_t *p;
-  size_t n, cap;
-} buf;
-static void put(buf *b, const void *d, size_t n) {
-  if (b->n + n > b->cap) {
-    b->cap = (b->n + n) * 2 + 64;
-    b->p = realloc(b->p, b->cap);
-  }
-  memcpy(b->p + b->n, d, n);
-  b->n += n;
-}
-static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
-static void put_gstr(buf *b, const char *s) {
-  put_u64(b, strlen(s));
-  put(b, s, strlen(s));
-}
 
 /* A safetensors file from a header text and data_len bytes of 0x3c (0.0117 as f32 pieces). */
 static void st_raw(const char *path, const char *hdr, uint64_t hlen, size_t data_len) {
-  buf b = {0};
-  put_u64(&b, hlen ? hlen : strlen(hdr));
-  put(&b, hdr, strlen(hdr));
-  for (size_t i = 0; i < data_len; i++) put(&b, "\x3c", 1);
+  qt_buf b = {0};
+  qt_put_u64(&b, hlen ? hlen : strlen(hdr));
+  qt_put(&b, hdr, strlen(hdr));
+  for (size_t i = 0; i < data_len; i++) qt_put(&b, "\x3c", 1);
   cr_assert_eq(qt_write(path, b.p, b.n), 0);
   free(b.p);
 }
@@ -230,56 +212,56 @@ typedef struct gguf_opt {
 
 /* A GGUF v3 file with one F32 tensor "w" of ne = {8, 4} (row-major [4, 8]). */
 static void gguf_write(const char *path, gguf_opt o) {
-  buf b = {0};
-  put(&b, o.magic ? o.magic : "GGUF", 4);
-  put_u32(&b, o.version ? o.version : 3);
-  put_u64(&b, 1);
-  put_u64(&b, o.dup_kv ? 3 : 2);
-  put_gstr(&b, "general.architecture");
-  put_u32(&b, 8);
-  put_gstr(&b, "llama");
-  put_gstr(&b, "general.alignment");
-  put_u32(&b, 4);
-  put_u32(&b, o.bad_align ? 24 : 32);
+  qt_buf b = {0};
+  qt_put(&b, o.magic ? o.magic : "GGUF", 4);
+  qt_put_u32(&b, o.version ? o.version : 3);
+  qt_put_u64(&b, 1);
+  qt_put_u64(&b, o.dup_kv ? 3 : 2);
+  qt_put_gstr(&b, "general.architecture");
+  qt_put_u32(&b, 8);
+  qt_put_gstr(&b, "llama");
+  qt_put_gstr(&b, "general.alignment");
+  qt_put_u32(&b, 4);
+  qt_put_u32(&b, o.bad_align ? 24 : 32);
   if (o.dup_kv) {
-    put_gstr(&b, "general.architecture");
-    put_u32(&b, 8);
-    put_gstr(&b, "other");
+    qt_put_gstr(&b, "general.architecture");
+    qt_put_u32(&b, 8);
+    qt_put_gstr(&b, "other");
   }
-  put_gstr(&b, "w");
-  put_u32(&b, 2);
-  put_u64(&b, 8);
-  put_u64(&b, 4);
-  put_u32(&b, o.type);
-  put_u64(&b, o.offset);
-  while (b.n % 32) put(&b, "\0", 1);
+  qt_put_gstr(&b, "w");
+  qt_put_u32(&b, 2);
+  qt_put_u64(&b, 8);
+  qt_put_u64(&b, 4);
+  qt_put_u32(&b, o.type);
+  qt_put_u64(&b, o.offset);
+  while (b.n % 32) qt_put(&b, "\0", 1);
   for (int i = 0; i < 32; i++) {
     float f = (float)i / 8;
-    put(&b, &f, 4);
+    qt_put(&b, &f, 4);
   }
-  if (o.offset) for (uint64_t i = 0; i < o.offset; i++) put(&b, "\0", 1);
+  if (o.offset) for (uint64_t i = 0; i < o.offset; i++) qt_put(&b, "\0", 1);
   if (o.truncate) b.n -= 16;
   cr_assert_eq(qt_write(path, b.p, b.n), 0);
   free(b.p);
 }
 
 static void npy_write(const char *path, int major, const char *dict, size_t data_len) {
-  buf b = {0};
-  put(&b, "\x93NUMPY", 6);
+  qt_buf b = {0};
+  qt_put(&b, "\x93NUMPY", 6);
   uint8_t v[2] = {(uint8_t)major, 0};
-  put(&b, v, 2);
+  qt_put(&b, v, 2);
   char h[512];
   int hl = snprintf(h, sizeof h, "%s", dict);
   while ((10 + hl + 1) % 64) h[hl++] = ' ';
   h[hl++] = '\n';
   if (major == 1) {
     uint16_t l = (uint16_t)hl;
-    put(&b, &l, 2);
+    qt_put(&b, &l, 2);
   } else {
-    put_u32(&b, (uint32_t)hl);
+    qt_put_u32(&b, (uint32_t)hl);
   }
-  put(&b, h, (size_t)hl);
-  for (size_t i = 0; i < data_len; i++) put(&b, "\0", 1);
+  qt_put(&b, h, (size_t)hl);
+  for (size_t i = 0; i < data_len; i++) qt_put(&b, "\0", 1);
   cr_assert_eq(qt_write(path, b.p, b.n), 0);
   free(b.p);
 }

@@ -36,14 +36,11 @@ TestSuite(scale_synth, .init = setup, .fini = teardown, .timeout = 120);
 
 /* Runs qinsctl --store STORE args... (NULL-terminated); returns the exit status. */
 static int ctl(char **out, char **err, ...) {
-  char *argv[24] = {qinsctl, "--store", store};
-  int n = 3;
   va_list ap;
   va_start(ap, err);
-  for (const char *a; n < 23 && (a = va_arg(ap, const char *));) argv[n++] = (char *)a;
+  int rc = qt_vctl(store, out, err, ap);
   va_end(ap);
-  argv[n] = NULL;
-  return qt_run(argv, NULL, out, err);
+  return rc;
 }
 
 static qs_json *parse(const char *text) {

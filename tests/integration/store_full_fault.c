@@ -81,28 +81,10 @@ static void child_skip(const char *what, int err) {
   _exit(SKIP_STATUS);
 }
 
-/* qinsctl --store STORE ARGS...; output into *out / *err (malloc'd; may be NULL). */
-static int ctl(const char *store, char **out, char **err, ...) {
-  char *argv[16] = {qinsctl, "--store", (char *)store};
-  int n = 3;
-  va_list ap;
-  va_start(ap, err);
-  for (const char *a; n < 15 && (a = va_arg(ap, const char *));) argv[n++] = (char *)a;
-  va_end(ap);
-  argv[n] = NULL;
-  char *o = NULL, *e = NULL;
-  int rc = qt_run(argv, NULL, &o, &e);
-  if (out) *out = o;
-  else free(o);
-  if (err) *err = e;
-  else free(e);
-  return rc;
-}
-
 static char *snapshot(const char *store) {
   char *a = NULL, *b = NULL;
-  CHECK(ctl(store, &a, NULL, "--json", "ls", NULL) == 0, "ls failed");
-  CHECK(ctl(store, &b, NULL, "--json", "ls", "a", NULL) == 0, "ls a failed");
+  CHECK(qt_ctl(store, &a, NULL, "--json", "ls", NULL) == 0, "ls failed");
+  CHECK(qt_ctl(store, &b, NULL, "--json", "ls", "a", NULL) == 0, "ls a failed");
   char *s = malloc(strlen(a) + strlen(b) + 1);
   strcpy(s, a);
   strcat(s, b);
@@ -155,7 +137,7 @@ static void child(const char *a_src, const char *b_src, const char *c_src) {
   snprintf(cd.store, sizeof cd.store, "%s/t/store", dir);
   snprintf(cd.log, sizeof cd.log, "%s/log", dir);
   char *err = NULL;
-  int rc = ctl(cd.store, NULL, &err, "import", a_src, "--model", "a", "--codec", "f32", NULL);
+  int rc = qt_ctl(cd.store, NULL, &err, "import", a_src, "--model", "a", "--codec", "f32", NULL);
   CHECK(rc == 0, "importing a: %s", err);
   free(err);
   CHECK(ts_daemon_start(&cd, NULL) == 0, "starting qinsd on the tmpfs store");
@@ -164,7 +146,7 @@ static void child(const char *a_src, const char *b_src, const char *c_src) {
   uint8_t *v0 = served(&n0);
 
   /* The import that fills the disk. */
-  rc = ctl(cd.store, NULL, &err, "import", b_src, "--model", "b", "--codec", "f32", NULL);
+  rc = qt_ctl(cd.store, NULL, &err, "import", b_src, "--model", "b", "--codec", "f32", NULL);
   CHECK(rc == 1, "importing b on a full disk: exit %d, expected 1: %s", rc, err);
   CHECK(strstr(err, "no space left on device") || strstr(err, "full disk"),
         "the error says the disk is full: %s", err);
@@ -175,7 +157,7 @@ static void child(const char *a_src, const char *b_src, const char *c_src) {
   char *after = snapshot(cd.store);
   CHECK(!strcmp(before, after), "listing changed:\nbefore %s\nafter  %s", before, after);
   char *out = NULL;
-  rc = ctl(cd.store, &out, &err, "--json", "verify", NULL);
+  rc = qt_ctl(cd.store, &out, &err, "--json", "verify", NULL);
   CHECK(rc == 0 && strstr(out, "\"ok\":true"), "verify after the failed import: %s %s", out, err);
   free(out);
   free(err);
@@ -186,19 +168,19 @@ static void child(const char *a_src, const char *b_src, const char *c_src) {
 
   /* Still writable: a small import fits in what the failed one gave back, and nothing staged is
    * left (reclaimed by the failed import's abort, or else by this next writer). */
-  rc = ctl(cd.store, NULL, &err, "import", c_src, "--model", "c", "--codec", "f32", NULL);
+  rc = qt_ctl(cd.store, NULL, &err, "import", c_src, "--model", "c", "--codec", "f32", NULL);
   CHECK(rc == 0, "a small import after the failure: %s", err);
   free(err);
-  rc = ctl(cd.store, &out, NULL, "--json", "audit", NULL);
+  rc = qt_ctl(cd.store, &out, NULL, "--json", "audit", NULL);
   CHECK(rc == 0 && strstr(out, "\"staging\":0"), "staged leftovers after the failure: %s", out);
   free(out);
   /* More space (the operator's fix): "b" now imports, and everything verifies. */
   CHECK(mount(NULL, mnt, NULL, MS_REMOUNT | MS_NOSUID | MS_NODEV, "size=512m") == 0,
         "remount bigger: %s", strerror(errno));
-  rc = ctl(cd.store, NULL, &err, "import", b_src, "--model", "b", "--codec", "f32", NULL);
+  rc = qt_ctl(cd.store, NULL, &err, "import", b_src, "--model", "b", "--codec", "f32", NULL);
   CHECK(rc == 0, "importing b with room: %s", err);
   free(err);
-  rc = ctl(cd.store, &out, &err, "--json", "verify", NULL);
+  rc = qt_ctl(cd.store, &out, &err, "--json", "verify", NULL);
   CHECK(rc == 0, "verify at the end: %s %s", out, err);
   free(out);
   free(err);

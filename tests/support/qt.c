@@ -80,6 +80,24 @@ int qt_run(char *const argv[], char *const env_extra[], char **out, char **err) 
   return -1;
 }
 
+int qt_vctl(const char *store, char **out, char **err, va_list ap) {
+  char bin[4096];
+  qt_bin("qinsctl", bin, sizeof bin);
+  char *argv[24] = {bin, "--store", (char *)store};
+  int n = 3;
+  for (const char *a; n < 23 && (a = va_arg(ap, const char *));) argv[n++] = (char *)a;
+  argv[n] = NULL;
+  return qt_run(argv, NULL, out, err);
+}
+
+int qt_ctl(const char *store, char **out, char **err, ...) {
+  va_list ap;
+  va_start(ap, err);
+  int rc = qt_vctl(store, out, err, ap);
+  va_end(ap);
+  return rc;
+}
+
 const char *qt_bin(const char *name, char *buf, size_t cap) {
   const char *b = getenv("QINS_BUILD");
   snprintf(buf, cap, "%s/%s", b && *b ? b : "build", name);
@@ -138,6 +156,21 @@ char *qt_read(const char *path, size_t *len) {
   if (b) b[n] = 0;
   if (b && len) *len = (size_t)n;
   return b;
+}
+
+void qt_put(qt_buf *b, const void *d, size_t n) {
+  if (b->n + n > b->cap) {
+    b->cap = (b->n + n) * 2 + 64;
+    b->p = realloc(b->p, b->cap);
+  }
+  memcpy(b->p + b->n, d, n);
+  b->n += n;
+}
+void qt_put_u32(qt_buf *b, uint32_t v) { qt_put(b, &v, 4); }
+void qt_put_u64(qt_buf *b, uint64_t v) { qt_put(b, &v, 8); }
+void qt_put_gstr(qt_buf *b, const char *s) {
+  qt_put_u64(b, strlen(s));
+  qt_put(b, s, strlen(s));
 }
 
 int qt_st_write(const char *path, const qt_tensor *t, size_t n, const char *metadata_json) {

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qt.h — test support for the store and importer tests (qt_): run a built binary and capture
- * its output, temp dirs, and writers for synthetic safetensors / GGUF / .npy inputs.
+ * qt.h — test support for the store and importer tests (qt_): run a built binary (or qinsctl on a
+ * store) and capture its output, temp dirs, and writers for synthetic safetensors / GGUF / .npy
+ * inputs (a growable byte buffer for hand-built files).
  *
  * Invariant: qt_run forks; a process that has an LMDB env open must not call it (PITFALLS.md).
  * Tests that run qinsctl keep the env out of the test process (they read the store through
@@ -10,6 +11,7 @@
 #ifndef QINS_QT_H
 #define QINS_QT_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +21,10 @@
  * NULL); *out / *err (may be NULL) get its stdout / stderr as malloc'd NUL-terminated strings.
  * Returns the exit status, 128 + signal if it died of one, or -1. */
 int qt_run(char *const argv[], char *const env_extra[], char **out, char **err);
+/* Runs `qinsctl --store STORE ARGS...` (qinsctl at qt_bin("qinsctl"); ARGS NULL-terminated, at
+ * most 20 used); *out / *err (may be NULL) as qt_run. Returns qt_run's status. */
+int qt_ctl(const char *store, char **out, char **err, ...);
+int qt_vctl(const char *store, char **out, char **err, va_list ap);
 /* $QINS_BUILD/name (QINS_BUILD defaults to "build"). */
 const char *qt_bin(const char *name, char *buf, size_t cap);
 /* $QINS_SHARED (default QINS_SHARED_DIR) / rel. */
@@ -30,6 +36,17 @@ void qt_rmrf(const char *dir);
 int qt_write(const char *path, const void *data, size_t len);
 /* Reads a whole file (malloc'd, NUL-terminated); *len may be NULL. NULL on failure. */
 char *qt_read(const char *path, size_t *len);
+
+/* A growable byte buffer for hand-built inputs (start from {0}; p is malloc'd). Appends are
+ * host-order (little-endian here); qt_put_gstr writes a GGUF string (u64 length, bytes). */
+typedef struct qt_buf {
+  uint8_t *p;
+  size_t n, cap;
+} qt_buf;
+void qt_put(qt_buf *b, const void *d, size_t n);
+void qt_put_u32(qt_buf *b, uint32_t v);
+void qt_put_u64(qt_buf *b, uint64_t v);
+void qt_put_gstr(qt_buf *b, const char *s);
 
 /* One tensor for qt_st_write: name, dtype, shape and its bytes. */
 typedef struct qt_tensor {

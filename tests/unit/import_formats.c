@@ -31,26 +31,8 @@ static void teardown(void) {
 }
 TestSuite(import_formats, .init = setup, .fini = teardown, .timeout = 60);
 
-typedef struct buf {
-  uint8_t *p;
-  size_t n, cap;
-} buf;
-static void put(buf *b, const void *d, size_t n) {
-  if (b->n + n > b->cap) {
-    b->cap = (b->n + n) * 2 + 64;
-    b->p = realloc(b->p, b->cap);
-  }
-  memcpy(b->p + b->n, d, n);
-  b->n += n;
-}
-static void put_u32(buf *b, uint32_t v) { put(b, &v, 4); }
-static void put_u64(buf *b, uint64_t v) { put(b, &v, 8); }
-static void put_gstr(buf *b, const char *s) {
-  put_u64(b, strlen(s));
-  put(b, s, strlen(s));
-}
-static void pad(buf *b, size_t a) {
-  while (b->n % a) put(b, "\0", 1);
+static void pad(qt_buf *b, size_t a) {
+  while (b->n % a) qt_put(b, "\0", 1);
 }
 
 static int import(const char *path, const char *model, int codec, int requant) {
@@ -74,57 +56,57 @@ static float *read_tensor(const char *model, const char *name, qs_tensor *out) {
 
 Test(import_formats, gguf_plain_types_with_reversed_dims) {
   for (uint32_t ver = 2; ver <= 3; ver++) {
-    buf b = {0};
-    put(&b, "GGUF", 4);
-    put_u32(&b, ver);
-    put_u64(&b, 3); /* tensors */
-    put_u64(&b, 4); /* KVs */
-    put_gstr(&b, "general.architecture");
-    put_u32(&b, 8);
-    put_gstr(&b, "llama");
-    put_gstr(&b, "llama.block_count");
-    put_u32(&b, 4);
-    put_u32(&b, 5);
-    put_gstr(&b, "tokenizer.ggml.tokens");
-    put_u32(&b, 9);
-    put_u32(&b, 8);
-    put_u64(&b, 2);
-    put_gstr(&b, "a");
-    put_gstr(&b, "b");
-    put_gstr(&b, "general.alignment");
-    put_u32(&b, 4);
-    put_u32(&b, 64);
+    qt_buf b = {0};
+    qt_put(&b, "GGUF", 4);
+    qt_put_u32(&b, ver);
+    qt_put_u64(&b, 3); /* tensors */
+    qt_put_u64(&b, 4); /* KVs */
+    qt_put_gstr(&b, "general.architecture");
+    qt_put_u32(&b, 8);
+    qt_put_gstr(&b, "llama");
+    qt_put_gstr(&b, "llama.block_count");
+    qt_put_u32(&b, 4);
+    qt_put_u32(&b, 5);
+    qt_put_gstr(&b, "tokenizer.ggml.tokens");
+    qt_put_u32(&b, 9);
+    qt_put_u32(&b, 8);
+    qt_put_u64(&b, 2);
+    qt_put_gstr(&b, "a");
+    qt_put_gstr(&b, "b");
+    qt_put_gstr(&b, "general.alignment");
+    qt_put_u32(&b, 4);
+    qt_put_u32(&b, 64);
     /* w: ne = {8, 4} F32 -> row-major [4, 8]; h: ne = {16, 2, 3} F16 -> [3, 2, 16]; bf: ne {5} BF16 */
-    put_gstr(&b, "w");
-    put_u32(&b, 2);
-    put_u64(&b, 8);
-    put_u64(&b, 4);
-    put_u32(&b, 0);
-    put_u64(&b, 0);
-    put_gstr(&b, "h");
-    put_u32(&b, 3);
-    put_u64(&b, 16);
-    put_u64(&b, 2);
-    put_u64(&b, 3);
-    put_u32(&b, 1);
-    put_u64(&b, 128);
-    put_gstr(&b, "bf");
-    put_u32(&b, 1);
-    put_u64(&b, 5);
-    put_u32(&b, 30);
-    put_u64(&b, 128 + 192);
+    qt_put_gstr(&b, "w");
+    qt_put_u32(&b, 2);
+    qt_put_u64(&b, 8);
+    qt_put_u64(&b, 4);
+    qt_put_u32(&b, 0);
+    qt_put_u64(&b, 0);
+    qt_put_gstr(&b, "h");
+    qt_put_u32(&b, 3);
+    qt_put_u64(&b, 16);
+    qt_put_u64(&b, 2);
+    qt_put_u64(&b, 3);
+    qt_put_u32(&b, 1);
+    qt_put_u64(&b, 128);
+    qt_put_gstr(&b, "bf");
+    qt_put_u32(&b, 1);
+    qt_put_u64(&b, 5);
+    qt_put_u32(&b, 30);
+    qt_put_u64(&b, 128 + 192);
     pad(&b, 64);
     float w[32];
     for (int i = 0; i < 32; i++) w[i] = (float)i * 0.25f - 3;
-    put(&b, w, sizeof w);
+    qt_put(&b, w, sizeof w);
     pad(&b, 64);
     uint16_t h[96];
     for (int i = 0; i < 96; i++) h[i] = qc_f32_to_f16((float)i / 16 - 2);
-    put(&b, h, sizeof h);
+    qt_put(&b, h, sizeof h);
     pad(&b, 64);
     uint16_t bf[5];
     for (int i = 0; i < 5; i++) bf[i] = qc_f32_to_bf16((float)i * 1.5f);
-    put(&b, bf, sizeof bf);
+    qt_put(&b, bf, sizeof bf);
     char p[256];
     snprintf(p, sizeof p, "%s/m%u.gguf", dir, ver);
     cr_assert_eq(qt_write(p, b.p, b.n), 0);
@@ -164,39 +146,39 @@ Test(import_formats, gguf_plain_types_with_reversed_dims) {
 }
 
 Test(import_formats, gguf_q8_0_and_q4_0_dequantize_like_ggml) {
-  buf b = {0};
-  put(&b, "GGUF", 4);
-  put_u32(&b, 3);
-  put_u64(&b, 2);
-  put_u64(&b, 0);
-  put_gstr(&b, "q8");
-  put_u32(&b, 2);
-  put_u64(&b, 64);
-  put_u64(&b, 2);
-  put_u32(&b, 8);
-  put_u64(&b, 0);
-  put_gstr(&b, "q4");
-  put_u32(&b, 1);
-  put_u64(&b, 32);
-  put_u32(&b, 2);
-  put_u64(&b, 160); /* 4 blocks x 34 = 136, padded to 160 */
+  qt_buf b = {0};
+  qt_put(&b, "GGUF", 4);
+  qt_put_u32(&b, 3);
+  qt_put_u64(&b, 2);
+  qt_put_u64(&b, 0);
+  qt_put_gstr(&b, "q8");
+  qt_put_u32(&b, 2);
+  qt_put_u64(&b, 64);
+  qt_put_u64(&b, 2);
+  qt_put_u32(&b, 8);
+  qt_put_u64(&b, 0);
+  qt_put_gstr(&b, "q4");
+  qt_put_u32(&b, 1);
+  qt_put_u64(&b, 32);
+  qt_put_u32(&b, 2);
+  qt_put_u64(&b, 160); /* 4 blocks x 34 = 136, padded to 160 */
   pad(&b, 32);
   float want8[128], want4[32];
   for (int blk = 0; blk < 4; blk++) {
     uint16_t d = qc_f32_to_f16(0.01f * (float)(blk + 1));
-    put(&b, &d, 2);
+    qt_put(&b, &d, 2);
     for (int j = 0; j < 32; j++) {
       int8_t q = (int8_t)(j * 7 - 100 + blk);
-      put(&b, &q, 1);
+      qt_put(&b, &q, 1);
       want8[blk * 32 + j] = (float)q * qc_f16_to_f32(d);
     }
   }
   pad(&b, 32);
   uint16_t d4 = qc_f32_to_f16(0.125f);
-  put(&b, &d4, 2);
+  qt_put(&b, &d4, 2);
   for (int j = 0; j < 16; j++) {
     uint8_t q = (uint8_t)((j & 15) | ((15 - j) << 4));
-    put(&b, &q, 1);
+    qt_put(&b, &q, 1);
     want4[j] = (float)((q & 15) - 8) * qc_f16_to_f32(d4);
     want4[j + 16] = (float)((q >> 4) - 8) * qc_f16_to_f32(d4);
   }
@@ -221,10 +203,10 @@ Test(import_formats, gguf_q8_0_and_q4_0_dequantize_like_ggml) {
 
 static void npy(const char *path, int major, const char *descr, const char *shape,
                 const void *data, size_t n) {
-  buf b = {0};
-  put(&b, "\x93NUMPY", 6);
+  qt_buf b = {0};
+  qt_put(&b, "\x93NUMPY", 6);
   uint8_t v[2] = {(uint8_t)major, 0};
-  put(&b, v, 2);
+  qt_put(&b, v, 2);
   char h[256];
   int hl = snprintf(h, sizeof h, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr, shape);
   size_t pre = major == 1 ? 10 : 12;
@@ -232,12 +214,12 @@ static void npy(const char *path, int major, const char *descr, const char *shap
   h[hl++] = '\n';
   if (major == 1) {
     uint16_t l = (uint16_t)hl;
-    put(&b, &l, 2);
+    qt_put(&b, &l, 2);
   } else {
-    put_u32(&b, (uint32_t)hl);
+    qt_put_u32(&b, (uint32_t)hl);
   }
-  put(&b, h, (size_t)hl);
-  put(&b, data, n);
+  qt_put(&b, h, (size_t)hl);
+  qt_put(&b, data, n);
   cr_assert_eq(qt_write(path, b.p, b.n), 0);
   free(b.p);
 }
