@@ -558,6 +558,16 @@ int qins_shutdown(qins_client *c) {
   return qcl_finish(c, "shutdown", qcl_skip(c));
 }
 
+/* A `shape` array of at most QINS_MAX_NDIM unsigned ints into shape/ndim. */
+static int qcl_rd_shape(qins_client *c, uint64_t shape[QINS_MAX_NDIM], int *ndim) {
+  uint32_t nd;
+  RD(qp_rd_array(&c->rd, &nd));
+  if (nd > QINS_MAX_NDIM) return QINS_EPROTO;
+  *ndim = (int)nd;
+  for (uint32_t d = 0; d < nd; d++) RD(qp_rd_uint(&c->rd, &shape[d]));
+  return 0;
+}
+
 /* One `info` map (PROTOCOL.md §4.5) into out. */
 static int qcl_parse_info(qins_client *c, qins_tensor_info *out) {
   memset(out, 0, sizeof *out);
@@ -572,13 +582,8 @@ static int qcl_parse_info(qins_client *c, qins_tensor_info *out) {
     else if (qcl_str_eq(k, kl, "codec")) rc = qcl_rd_cstr(c, out->codec, sizeof out->codec);
     else if (qcl_str_eq(k, kl, "src_dtype"))
       rc = qcl_rd_cstr(c, out->src_dtype, sizeof out->src_dtype);
-    else if (qcl_str_eq(k, kl, "shape")) {
-      uint32_t nd;
-      RD(qp_rd_array(&c->rd, &nd));
-      if (nd > QINS_MAX_NDIM) return QINS_EPROTO;
-      out->ndim = (int)nd;
-      for (uint32_t d = 0; d < nd; d++) RD(qp_rd_uint(&c->rd, &out->shape[d]));
-    } else if (qcl_str_eq(k, kl, "n_elem")) RD(qp_rd_uint(&c->rd, &out->n_elem));
+    else if (qcl_str_eq(k, kl, "shape")) rc = qcl_rd_shape(c, out->shape, &out->ndim);
+    else if (qcl_str_eq(k, kl, "n_elem")) RD(qp_rd_uint(&c->rd, &out->n_elem));
     else if (qcl_str_eq(k, kl, "src_bytes")) RD(qp_rd_uint(&c->rd, &out->src_bytes));
     else if (qcl_str_eq(k, kl, "stored_bytes")) RD(qp_rd_uint(&c->rd, &out->stored_bytes));
     else if (qcl_str_eq(k, kl, "snr_db")) RD(qp_rd_double(&c->rd, &out->snr_db));
@@ -617,13 +622,8 @@ static int qcl_parse_tensor(qins_client *c, int idx, qins_tensor *t, qcl_dest_fn
     RD(qp_rd_str(&c->rd, &k, &kl));
     if (qcl_str_eq(k, kl, "name")) rc = qcl_rd_cstr(c, t->name, sizeof t->name);
     else if (qcl_str_eq(k, kl, "dtype")) rc = qcl_rd_cstr(c, t->dtype, sizeof t->dtype);
-    else if (qcl_str_eq(k, kl, "shape")) {
-      uint32_t nd;
-      RD(qp_rd_array(&c->rd, &nd));
-      if (nd > QINS_MAX_NDIM) return QINS_EPROTO;
-      t->ndim = (int)nd;
-      for (uint32_t d = 0; d < nd; d++) RD(qp_rd_uint(&c->rd, &t->shape[d]));
-    } else if (qcl_str_eq(k, kl, "data")) {
+    else if (qcl_str_eq(k, kl, "shape")) rc = qcl_rd_shape(c, t->shape, &t->ndim);
+    else if (qcl_str_eq(k, kl, "data")) {
       uint32_t len;
       RD(qp_rd_bin_header(&c->rd, &len));
       seen_data = 1;
