@@ -37,6 +37,18 @@ int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags) {
   return QCTL_OK;
 }
 
+/* Opens the store read-only and begins a read txn; on failure nothing is left open. */
+static int qctl_open_read(qctl_ctx *c, qs_store **s, qs_txn **t) {
+  int rc = qctl_open(c, s, QS_OPEN_RDONLY);
+  if (rc) return rc;
+  if (qs_txn_begin(*s, t)) {
+    rc = qctl_fail(c, "%s", qs_error());
+    qs_close(*s);
+    return rc;
+  }
+  return QCTL_OK;
+}
+
 double qctl_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -260,14 +272,9 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
 int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
   if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
-  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
-  if (rc) return rc;
   qs_txn *t;
-  if (qs_txn_begin(s, &t)) {
-    rc = qctl_fail(c, "%s", qs_error());
-    qs_close(s);
-    return rc;
-  }
+  int rc = qctl_open_read(c, &s, &t);
+  if (rc) return rc;
   qctl_walk w = {c, t, 0};
   int e;
   if (argc == 1) {
@@ -306,14 +313,9 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
     tname = slash + 1;
   }
   qs_store *s;
-  int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
-  if (rc) return rc;
   qs_txn *t;
-  if (qs_txn_begin(s, &t)) {
-    rc = qctl_fail(c, "%s", qs_error());
-    qs_close(s);
-    return rc;
-  }
+  int rc = qctl_open_read(c, &s, &t);
+  if (rc) return rc;
   qs_model m;
   int e = qs_model_get(t, model, &m);
   if (!e && !tname) {
