@@ -133,6 +133,19 @@ static long get_into(int fd, uint32_t id, const char *name, int sliced, uint64_t
   return read_get_response(fd, out, cap);
 }
 
+/* CPU time (ns) the process's main thread has run: /proc/PID/schedstat's first field. For qinsd
+ * and Redis the main thread is the one answering small requests. 0 when unreadable. */
+static uint64_t proc_cpu_ns(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/schedstat", (int)pid);
+  FILE *f = fopen(path, "r");
+  unsigned long long v = 0;
+  if (!f) return 0;
+  if (fscanf(f, "%llu", &v) != 1) v = 0;
+  fclose(f);
+  return v;
+}
+
 static int cmp_d(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return x < y ? -1 : x > y;
@@ -243,12 +256,31 @@ static void throughput(const char *sock, int reps, double *bare_gbps, double *q_
 }
 
 /* ---- 2. latency ---------------------------------------------------------------------------- */
-typedef struct lat_arg {
-  const char *sock; /* where to connect */
-  int redis;        /* 1: Redis GET, 0: qinsd get slice */
-  int n;            /* requests */
-  double *lat;      /* out: n latencies (s) */
+/* One side of the comparison: where to connect, which protocol, the server's pid (its main
+ * thread's CPU time is summed over the timed phases), and the results. */
+typedef struct lat_side {
+  const char *sock;
+  int redis;       /* 1: Redis GET, 0: qinsd get slice */
+  pid_t pid;
+  double *lat;     /* all latencies (s): rounds x clients x n */
+  uint64_t cpu_ns; /* server main-thread CPU over the timed phases */
   int fail;
+  double p50, p99; /* microseconds */
+} lat_side;
+
+/* The clients of one comparison: each thread holds a connection to every side; phases (a side
+ * for n requests a client) start and end on a barrier, so all clients talk to the same server at
+ * once, and the sides take turns round by round (qinsd, Redis, qinsd, ...): both see the same
+ * machine load. Round 0 is a warm-up, not recorded. */
+typedef struct lat_run {
+  lat_side *side;
+  int nsides, clients, rounds, n;
+  pthread_barrier_t bar;
+} lat_run;
+
+typedef struct lat_arg {
+  lat_run *run;
+  int id;
 } lat_arg;
 
 /* One Redis GET on fd, the value copied into out (cap bytes): like read_get_response, the reply
@@ -288,59 +320,75 @@ static long redis_get(int fd, char *out, size_t cap) {
 
 static void *lat_thread(void *p) {
   lat_arg *a = p;
-  int fd = ts_connect(a->sock);
-  if (fd < 0) {
-    a->fail = 1;
-    return NULL;
-  }
+  lat_run *R = a->run;
+  int fd[2] = {-1, -1}, fail = 0;
+  for (int k = 0; k < R->nsides; k++)
+    if ((fd[k] = ts_connect(R->side[k].sock)) < 0) fail = 1;
   char buf[8192];
   /* Requests packed before timing, as Redis's command is a constant: both sides then time only
    * the round trip and the response parsing. */
   enum { NREQ = 64 };
   msgpack_sbuffer req[NREQ];
-  for (int k = 0; k < NREQ; k++) pack_get_req(&req[k], (uint32_t)k, "w", 1, (uint64_t)(k * 61) % BIG_ROWS);
-  for (int i = 0; i < a->n; i++) {
-    double t0 = now_s();
-    int ok;
-    if (a->redis) {
-      ok = redis_get(fd, buf, sizeof buf) == 4096;
-    } else {
-      const msgpack_sbuffer *q = &req[i % NREQ];
-      ok = ts_send(fd, q->data, q->size) == 0 && read_get_response(fd, buf, sizeof buf) == 4096;
+  for (int k = 0; k < NREQ; k++)
+    pack_get_req(&req[k], (uint32_t)k, "w", 1, (uint64_t)(k * 61 + a->id * 7) % BIG_ROWS);
+  size_t per = (size_t)R->clients * (size_t)R->n;
+  for (int r = 0; r <= R->rounds; r++)
+    for (int k = 0; k < R->nsides; k++) {
+      lat_side *S = &R->side[k];
+      double *lat = r ? S->lat + per * (size_t)(r - 1) + (size_t)a->id * (size_t)R->n : NULL;
+      uint64_t c0 = 0;
+      pthread_barrier_wait(&R->bar);
+      if (a->id == 0) c0 = proc_cpu_ns(S->pid);
+      for (int i = 0; i < R->n && !fail; i++) {
+        double t0 = now_s();
+        int ok;
+        if (S->redis) {
+          ok = redis_get(fd[k], buf, sizeof buf) == 4096;
+        } else {
+          const msgpack_sbuffer *q = &req[i % NREQ];
+          ok = ts_send(fd[k], q->data, q->size) == 0 && read_get_response(fd[k], buf, sizeof buf) == 4096;
+        }
+        if (lat) lat[i] = now_s() - t0;
+        if (!ok) fail = 1;
+      }
+      pthread_barrier_wait(&R->bar);
+      if (a->id == 0 && r) S->cpu_ns += proc_cpu_ns(S->pid) - c0;
+      if (fail) S->fail = 1; /* benign race: any thread may set it */
     }
-    a->lat[i] = now_s() - t0;
-    if (!ok) {
-      a->fail = 1;
-      break;
-    }
-  }
-  close(fd);
+  for (int k = 0; k < R->nsides; k++)
+    if (fd[k] >= 0) close(fd[k]);
   for (int k = 0; k < NREQ; k++) msgpack_sbuffer_destroy(&req[k]);
   return NULL;
 }
 
-/* Runs `clients` threads of n requests each; p50/p99 in microseconds. */
-static int latency(const char *sock, int redis, int clients, int n, double *p50, double *p99) {
+static void quantiles(double *v, size_t m, double *p50, double *p99) {
+  qsort(v, m, sizeof *v, cmp_d);
+  *p50 = v[(m - 1) / 2] * 1e6;
+  *p99 = v[(size_t)((double)(m - 1) * 0.99)] * 1e6;
+}
+
+static void latency_pair(lat_side *s, int nsides, int clients, int rounds, int n) {
+  lat_run R = {s, nsides, clients, rounds, n, {{0}}};
+  size_t per = (size_t)clients * (size_t)n;
+  pthread_barrier_init(&R.bar, NULL, (unsigned)clients);
+  for (int k = 0; k < nsides; k++) {
+    s[k].lat = calloc(per * (size_t)rounds, sizeof(double));
+    s[k].cpu_ns = 0;
+    s[k].fail = 0;
+  }
   pthread_t th[16];
   lat_arg a[16];
-  double *all = malloc(sizeof(double) * (size_t)(clients * n));
   for (int c = 0; c < clients; c++) {
-    a[c] = (lat_arg){sock, redis, n, all + c * n, 0};
+    a[c] = (lat_arg){&R, c};
     pthread_create(&th[c], NULL, lat_thread, &a[c]);
   }
-  int fail = 0;
-  for (int c = 0; c < clients; c++) {
-    pthread_join(th[c], NULL);
-    fail |= a[c].fail;
+  for (int c = 0; c < clients; c++) pthread_join(th[c], NULL);
+  pthread_barrier_destroy(&R.bar);
+  for (int k = 0; k < nsides; k++) {
+    s[k].p50 = s[k].p99 = 0;
+    if (!s[k].fail) quantiles(s[k].lat, per * (size_t)rounds, &s[k].p50, &s[k].p99);
+    free(s[k].lat);
   }
-  if (!fail) {
-    size_t m = (size_t)(clients * n);
-    qsort(all, m, sizeof *all, cmp_d);
-    *p50 = all[(m - 1) / 2] * 1e6;
-    *p99 = all[(size_t)((double)(m - 1) * 0.99)] * 1e6;
-  }
-  free(all);
-  return fail ? -1 : 0;
 }
 
 /* ---- Redis ----------------------------------------------------------------------------------- */
@@ -417,8 +465,8 @@ int main(void) {
     return 1;
   }
   int reps = 8 * sc;
-  double bare, q;
-  throughput(d.sock, reps, &bare, &q);
+  double bare = 0, q = 0;
+  if (!getenv("BENCH_SKIP_THROUGHPUT")) throughput(d.sock, reps, &bare, &q);
   printf("serve_get_64MiB_f32: qinsd %.2f GB/s | bare unix socket %.2f GB/s | ratio %.2f "
          "(target >= 0.8; best of %d, alternated; qinsd decode %.1f ms of %.1f ms per get)\n",
          q, bare, bare > 0 ? q / bare : 0, reps, per_get_decode_ms,
@@ -431,24 +479,26 @@ int main(void) {
   const int clients[2] = {1, 16};
   for (int k = 0; k < 2; k++) {
     int c = clients[k];
-    int n = (c == 1 ? 3000 : 400) * sc;
-    double qp50 = 0, qp99 = 0, rp50 = 0, rp99 = 0;
-    latency(d.sock, 0, c, 200, &qp50, &qp99); /* warm-up */
-    int qf = latency(d.sock, 0, c, n, &qp50, &qp99);
-    /* In-daemon time (dispatch to reply queued), over its last 8192 requests: these. */
+    int rounds = 10, n = (c == 1 ? 400 : 100) * sc; /* 4,000 and 16,000 requests a server */
+    lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0}};
+    latency_pair(sd, rp > 0 ? 2 : 1, c, rounds, n);
+    /* In-daemon time (dispatch to reply queued), over its last 8192 requests. */
     double in50 = stats_num(d.sock, "latency_p50_us"), in99 = stats_num(d.sock, "latency_p99_us");
+    double total = (double)rounds * n * c;
+    double qcpu = (double)sd[0].cpu_ns / 1e3 / total, rcpu = (double)sd[1].cpu_ns / 1e3 / total;
     if (rp > 0) {
-      latency(rsock, 1, c, 200, &rp50, &rp99);
-      int rf = latency(rsock, 1, c, n, &rp50, &rp99);
       printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us | redis GET 4KiB p50 %.1f "
-             "us p99 %.1f us | ratio p50 %.2f p99 %.2f (qinsd/redis; target <= 1; in-daemon p50 "
+             "us p99 %.1f us | ratio p50 %.2f p99 %.2f (qinsd/redis; target <= 1; %d rounds "
+             "alternated; server cpu per request qinsd %.2f us redis %.2f us; in-daemon p50 "
              "%.1f us p99 %.1f us)%s\n",
-             c, c > 1 ? "s" : "", qp50, qp99, rp50, rp99, rp50 > 0 ? qp50 / rp50 : 0,
-             rp99 > 0 ? qp99 / rp99 : 0, in50, in99, qf || rf ? " [errors]" : "");
+             c, c > 1 ? "s" : "", sd[0].p50, sd[0].p99, sd[1].p50, sd[1].p99,
+             sd[1].p50 > 0 ? sd[0].p50 / sd[1].p50 : 0, sd[1].p99 > 0 ? sd[0].p99 / sd[1].p99 : 0,
+             rounds, qcpu, rcpu, in50, in99, sd[0].fail || sd[1].fail ? " [errors]" : "");
     } else {
-      printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us (in-daemon p50 %.1f us "
-             "p99 %.1f us)%s\n", c, c > 1 ? "s" : "", qp50, qp99, in50, in99,
-             qf ? " [errors]" : "");
+      printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us (server cpu per "
+             "request %.2f us; in-daemon p50 %.1f us p99 %.1f us)%s\n",
+             c, c > 1 ? "s" : "", sd[0].p50, sd[0].p99, qcpu, in50, in99,
+             sd[0].fail ? " [errors]" : "");
     }
   }
   redis_stop(rp > 0 ? rp : 0);
