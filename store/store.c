@@ -20,7 +20,9 @@
  *    theirs: MDB_MAP_RESIZED) only when none is open in this process, as LMDB requires.
  *  - One ended read txn per store is kept reset (mdb_txn_reset: no snapshot, no page pinned, its
  *    reader slot kept) and renewed by the next qs_txn_begin, on whichever thread (MDB_NOTLS):
- *    each qs_txn_begin is still a fresh snapshot, at a fraction of mdb_txn_begin's cost.
+ *    each qs_txn_begin is still a fresh snapshot, at a fraction of mdb_txn_begin's cost. That txn
+ *    also remembers its recent tensor and chunk lookups while renewals find the same snapshot
+ *    in the same mapping (qs__tcache): a daemon's small gets then skip the B-tree walks.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -64,12 +66,35 @@ struct qs_store {
   uint8_t (*vkeys)[16];   /* QS_VCACHE slots of chunk keys (all-zero = empty: id 0 never exists) */
   int verify_always;      /* $QINS_VERIFY=always: no cache */
   uint64_t map_adopted;   /* times MDB_MAP_RESIZED made us adopt another process's map size */
+  uint64_t map_gen;       /* bumped (under mu) whenever the map may have moved: set_mapsize */
 };
 #define QS_VCACHE 8192 /* slots: 128 KiB of keys, enough for 32 GiB of 4 MiB chunks */
 
+/* Lookups a qs_txn remembers across its renewals (qs_txn_end keeps it reset as the spare): the
+ * decoded record of recently read tensors and the map address of recently read chunks. They are
+ * valid for as long as each renewal finds the same snapshot (mdb_txn_id unchanged: no commit
+ * since, so every page reachable from it is as it was, LMDB never writing a live page in place)
+ * in the same mapping (map_gen unchanged: a resize may move the map). Anything else empties them.
+ * So a small get of a tensor just read costs no B-tree walk, params checksum or chunk lookup. */
+#define QS_TCACHE 32 /* tensors remembered: a layer's worth */
+#define QS_CCACHE 64 /* chunks remembered */
+typedef struct qs__tcache {
+  uint64_t txnid, map_gen;        /* the snapshot and mapping the entries belong to */
+  struct {
+    uint64_t hash;                /* of model and name; 0: empty */
+    qs_tensor t;
+  } ten[QS_TCACHE];
+  struct {
+    uint8_t key[16];              /* chunk key; all zero: empty (model id 0 never exists) */
+    const uint8_t *data;          /* payload, in the map */
+    uint64_t n_rows;
+  } chunk[QS_CCACHE];
+} qs__tcache;
+
 struct qs_txn {
-  qs_store *s;   /* owner */
-  MDB_txn *txn;  /* read-only txn */
+  qs_store *s;     /* owner */
+  MDB_txn *txn;    /* read-only txn */
+  qs__tcache *tc;  /* lookups of this snapshot (allocated at the first lookup), or NULL */
 };
 
 /* ---------------------------------------------------------------------------------------------
@@ -167,6 +192,7 @@ static int qs__begin(qs_store *s, unsigned flags, MDB_txn **out) {
       while (s->active > 0) pthread_cond_wait(&s->cv, &s->mu);
       mdb_env_set_mapsize(s->env, 0); /* adopt the size another process set */
       s->map_adopted++;
+      s->map_gen++;
       s->resizing = 0;
       pthread_cond_broadcast(&s->cv);
     }
@@ -203,6 +229,7 @@ static int qs__ensure_map(qs_store *s, uint64_t extra) {
   s->resizing = 1;
   while (s->active > 0) pthread_cond_wait(&s->cv, &s->mu);
   int rc = mdb_env_set_mapsize(s->env, nsz);
+  s->map_gen++;
   s->resizing = 0;
   pthread_cond_broadcast(&s->cv);
   pthread_mutex_unlock(&s->mu);
@@ -228,6 +255,7 @@ int qs_txn_begin(qs_store *s, qs_txn **out) {
     }
     mdb_txn_abort(t->txn); /* e.g. MDB_MAP_RESIZED: the path below adopts the new size */
     qs__leave(s);
+    free(t->tc);
     free(t);
   }
   t = calloc(1, sizeof *t);
@@ -251,10 +279,17 @@ void qs_txn_end(qs_txn *t) {
   pthread_mutex_lock(&s->mu);
   if (--s->active == 0) pthread_cond_broadcast(&s->cv);
   int keep = !s->spare;
-  if (keep) s->spare = t;
+  if (!keep && t->tc && !s->spare->tc) { /* keep the one that remembers lookups */
+    qs_txn *o = s->spare;
+    s->spare = t;
+    t = o;
+  } else if (keep) {
+    s->spare = t;
+  }
   pthread_mutex_unlock(&s->mu);
   if (!keep) {
     mdb_txn_abort(t->txn);
+    free(t->tc);
     free(t);
   }
 }
@@ -430,6 +465,7 @@ void qs_close(qs_store *s) {
   if (!s) return;
   if (s->spare) {
     mdb_txn_abort(s->spare->txn);
+    free(s->spare->tc);
     free(s->spare);
   }
   if (s->env) mdb_env_close(s->env);
@@ -660,12 +696,49 @@ static int qs__tensor_get_id(qs_store *s, MDB_txn *txn, uint64_t id, const char 
   return 0;
 }
 
+/* t's lookup cache for its current snapshot and mapping (emptied if either changed), or NULL
+ * (no memory, or $QINS_VERIFY=always: every read then checks its chunks again). Holding t, no
+ * resize can run (it waits for active == 0), so map_gen is stable here. */
+static qs__tcache *qs__tc(qs_txn *t) {
+  if (t->s->verify_always) return NULL;
+  uint64_t id = mdb_txn_id(t->txn), gen = t->s->map_gen;
+  qs__tcache *tc = t->tc;
+  if (!tc) {
+    if (!(tc = t->tc = calloc(1, sizeof *tc))) return NULL;
+  } else if (tc->txnid == id && tc->map_gen == gen) {
+    return tc;
+  } else {
+    for (int i = 0; i < QS_TCACHE; i++) tc->ten[i].hash = 0;
+    memset(tc->chunk, 0, sizeof tc->chunk);
+  }
+  tc->txnid = id;
+  tc->map_gen = gen;
+  return tc;
+}
+
 int qs_tensor_get(qs_txn *t, const char *model, const char *name, qs_tensor *out) {
+  qs__tcache *tc = qs__tc(t);
+  uint64_t h = 0;
+  size_t slot = 0;
+  if (tc) {
+    h = qs__hash64(name, strlen(name), qs__hash64(model, strlen(model), 0)) | 1;
+    slot = (size_t)(h % QS_TCACHE);
+    if (tc->ten[slot].hash == h && !strcmp(tc->ten[slot].t.name, name) &&
+        !strcmp(tc->ten[slot].t.model, model)) {
+      *out = tc->ten[slot].t;
+      return 0;
+    }
+  }
   qs_model m;
   int rc = qs__model_lookup(t, model, &m);
   if (rc) return rc;
   qs__trec tr;
-  return qs__tensor_get_id(t->s, t->txn, m.id, m.name, name, out, &tr);
+  rc = qs__tensor_get_id(t->s, t->txn, m.id, m.name, name, out, &tr);
+  if (rc == 0 && tc) {
+    tc->ten[slot].hash = h;
+    tc->ten[slot].t = *out;
+  }
+  return rc;
 }
 
 int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out) {
@@ -743,13 +816,23 @@ int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_
   return 0;
 }
 
-static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64_t ci,
-                           qs__chunk_ref *ref, int full_check) {
+/* Finds chunk ci of t, checked (and, the first time this process reads it or with full_check,
+ * verified: CRC and codec data); tc (may be NULL) remembers it for later reads in this snapshot. */
+static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
+                           uint64_t ci, qs__chunk_ref *ref, int full_check) {
   if (ref->idx == ci) return 0;
   uint8_t key[16];
   qs__put_be64(key, t->model_id);
   qs__put_be32(key + 8, t->index);
   qs__put_be32(key + 12, (uint32_t)ci);
+  uint64_t h = qs__hash64(key, 16, 0);
+  size_t cslot = (size_t)(h % QS_CCACHE);
+  if (tc && !full_check && !memcmp(tc->chunk[cslot].key, key, 16)) {
+    ref->idx = ci;
+    ref->data = tc->chunk[cslot].data;
+    ref->n_rows = tc->chunk[cslot].n_rows;
+    return 0;
+  }
   MDB_val k = {16, key}, v;
   int rc = mdb_get(txn, s->db_chunks, &k, &v);
   if (rc == MDB_NOTFOUND)
@@ -759,7 +842,7 @@ static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64
   uint64_t rows;
   const uint8_t *p = v.mv_data;
   if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 0, &rows))) return rc;
-  size_t slot = (size_t)(qs__hash64(key, 16, 0) % QS_VCACHE);
+  size_t slot = (size_t)(h % QS_VCACHE);
   int known = 0;
   if (!full_check && !s->verify_always && s->vkeys) {
     pthread_mutex_lock(&s->vmu);
@@ -777,16 +860,22 @@ static int qs__chunk_fetch(qs_store *s, MDB_txn *txn, const qs_tensor *t, uint64
   ref->idx = ci;
   ref->data = p + QS_CHUNK_HDR;
   ref->n_rows = rows;
+  if (tc) {
+    memcpy(tc->chunk[cslot].key, key, 16);
+    tc->chunk[cslot].data = ref->data;
+    tc->chunk[cslot].n_rows = rows;
+  }
   return 0;
 }
 
 /* Decodes source elements [a, b) of t (linear, row-major) into out. */
-static int qs__read_linear(qs_store *s, MDB_txn *txn, const qs_tensor *t, qc_dtype dt, uint64_t a,
-                           uint64_t b, uint8_t *out, qs__chunk_ref *ref, size_t esz) {
+static int qs__read_linear(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
+                           qc_dtype dt, uint64_t a, uint64_t b, uint8_t *out, qs__chunk_ref *ref,
+                           size_t esz) {
   uint64_t per_chunk = t->rows_per_chunk * t->row_len;
   while (a < b) {
     uint64_t ci = a / per_chunk, c0 = ci * per_chunk;
-    int rc = qs__chunk_fetch(s, txn, t, ci, ref, 0);
+    int rc = qs__chunk_fetch(s, txn, tc, t, ci, ref, 0);
     if (rc) return rc;
     uint64_t cend = c0 + ref->n_rows * t->row_len;
     uint64_t e = b < cend ? b : cend;
@@ -817,11 +906,12 @@ int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
     return qs__fail(QINS_EDTYPE, "tensor %s/%s: bad output dtype %d", t->model, t->name, (int)dt);
   size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(dt);
   qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
+  qs__tcache *tc = qs__tc(tx);
   uint8_t *o = out;
   int sd = sl ? sl->ndim : 0;
   if (out_begin == out_end) return 0;
   if (sd == 0 || t->ndim == 0)
-    return qs__read_linear(tx->s, tx->txn, t, dt, out_begin, out_end, o, &ref, esz);
+    return qs__read_linear(tx->s, tx->txn, tc, t, dt, out_begin, out_end, o, &ref, esz);
   /* Runs: the last sliced dim k gives contiguous runs of len (stop_k-start_k)*inner elements. */
   int k = sd - 1;
   uint64_t inner = 1;
@@ -842,7 +932,7 @@ int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
     }
     uint64_t take = run - off;
     if (take > out_end - pos) take = out_end - pos;
-    rc = qs__read_linear(tx->s, tx->txn, t, dt, src + off, src + off + take, o, &ref, esz);
+    rc = qs__read_linear(tx->s, tx->txn, tc, t, dt, src + off, src + off + take, o, &ref, esz);
     if (rc) return rc;
     o += take * esz;
     pos += take;
@@ -1876,7 +1966,7 @@ static int qs__verify_tensor(qs__vctx *vc, const qs_tensor *t) {
   uint64_t data = 0;
   for (uint64_t ci = 0; ci < t->n_chunks; ci++) {
     qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
-    rc = qs__chunk_fetch(vc->s, vc->txn, t, ci, &ref, 1);
+    rc = qs__chunk_fetch(vc->s, vc->txn, NULL, t, ci, &ref, 1);
     if (rc) {
       qs__vprob(vc, "%s", qs__errbuf);
       return 0;

@@ -399,3 +399,72 @@ Test(store_api, one_writer_at_a_time) {
   qs_import_abort(im);
   qs_close(s);
 }
+
+/* A child process (the LMDB rule: one env per process, none across fork) replaces model m with a
+ * 2 x n f32 tensor w filled with v, or removes m when n == 0. */
+static void writer_child(uint64_t n, float v) {
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    qs_store *s;
+    if (qs_open(&s, sdir, QS_OPEN_CREATE)) _exit(1);
+    int rc;
+    if (n == 0) {
+      rc = qs_model_remove(s, "m");
+    } else {
+      float *x = malloc(2 * n * sizeof *x);
+      for (uint64_t i = 0; i < 2 * n; i++) x[i] = v;
+      qs_import *im;
+      uint64_t sh[2] = {2, n};
+      qc_params pr;
+      memset(&pr, 0, sizeof pr);
+      pr.codec = QC_F32;
+      qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {sh[0], sh[1]}, QC_F32, &pr};
+      rc = qs_import_begin(s, "m", NULL, &im);
+      if (!rc) rc = qs_import_tensor_begin(im, &d);
+      if (!rc) rc = qs_import_tensor_rows(im, x, 2, NULL);
+      if (!rc) rc = qs_import_tensor_end(im, NULL);
+      rc = rc ? (qs_import_abort(im), rc) : qs_import_commit(im);
+      free(x);
+    }
+    qs_close(s);
+    _exit(rc ? 2 : 0);
+  }
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "writer child failed");
+}
+
+/* Reads m/w whole through a fresh txn (the store's reused one); 0 or the error. */
+static int read_w(qs_store *s, qs_tensor *ten, float *out) {
+  qs_txn *t;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  int rc = qs_tensor_get(t, "m", "w", ten);
+  if (!rc) rc = qs_tensor_read(t, ten, NULL, QC_DT_F32, 0, ten->n_elem, out);
+  qs_txn_end(t);
+  return rc;
+}
+
+/* A read txn is reused and remembers the lookups of its snapshot (store.c, qs__tcache): repeated
+ * reads of one snapshot are served from memory, and a commit by another process (replace, then
+ * remove) is seen by the next txn, never an old record or chunk. */
+Test(store_api, reused_txns_see_each_commit_not_remembered_lookups) {
+  writer_child(8, 1.5f);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
+  qs_tensor ten;
+  float got[64];
+  for (int k = 0; k < 3; k++) { /* the same snapshot: the 2nd and 3rd come from the cache */
+    memset(got, 0, sizeof got);
+    cr_assert_eq(read_w(s, &ten, got), 0, "%s", qs_error());
+    cr_assert_eq(ten.shape[1], 8);
+    for (int i = 0; i < 16; i++) cr_assert_eq(got[i], 1.5f);
+  }
+  writer_child(32, -2.25f); /* same names, new id, new shape and values */
+  cr_assert_eq(read_w(s, &ten, got), 0, "%s", qs_error());
+  cr_assert_eq(ten.shape[1], 32);
+  for (int i = 0; i < 64; i++) cr_assert_eq(got[i], -2.25f, "element %d", i);
+  writer_child(0, 0); /* removed */
+  cr_assert_eq(read_w(s, &ten, got), QINS_ENO_MODEL);
+  qs_close(s);
+}
