@@ -484,8 +484,10 @@ typedef struct job {
   size_t n_items, cap_items;
   uint64_t total;                /* payload bytes */
   uint64_t cost;                 /* estimated bytes touched to decode: decides inline vs pool */
-  void *payload;                 /* qd_buf_get */
+  void *payload;                 /* qd_buf_get, or inside `scratch` (borrowed) */
   size_t payload_cap;
+  int borrowed;                  /* payload is in scratch: not released, answered by job_reply */
+  int on_loop;                   /* job_run runs on the loop thread (may borrow scratch) */
   int err;                       /* 0 or a wire code; msg in req.msg */
   uint64_t reserved;             /* bytes counted against the client's queue while deferred */
   /* Streaming (a large single get): the worker decodes chunk-aligned pieces and tells the loop
@@ -549,7 +551,7 @@ static job *job_new(void) {
 static void job_free(job *j) {
   if (!j) return;
   free(j->names);
-  qd_buf_release(j->payload, j->payload_cap);
+  if (!j->borrowed) qd_buf_release(j->payload, j->payload_cap);
   if (j->stream) {
     qd_buf_release(j->ring, j->ring_cap);
     uv_cond_destroy(&j->ring_cv);
@@ -781,10 +783,21 @@ static int job_decode_stream(job *j, qs_txn *t) {
   return j->err;
 }
 
-/* Decodes the planned items in txn t into a fresh payload buffer. */
+/* A small get decoded on the loop thread is answered from this buffer: the head is packed right
+ * before the payload, and the whole answer is usually written at once from here (qd_reply_copy),
+ * so it costs no allocation. Loop thread only; used from decode to reply within one start_job. */
+#define SCRATCH_HEAD 512                 /* room for a get's response head (at most ~200 bytes) */
+#define SCRATCH_PAYLOAD (64u * 1024)
+static char scratch[SCRATCH_HEAD + SCRATCH_PAYLOAD] __attribute__((aligned(64)));
+
+/* Decodes the planned items in txn t into a fresh payload buffer (or scratch). */
 static int job_decode(job *j, qs_txn *t) {
   uint64_t t0 = qd_now_ns();
-  if (j->total) {
+  if (j->on_loop && !j->many && j->total <= SCRATCH_PAYLOAD) {
+    j->payload = scratch + SCRATCH_HEAD;
+    j->payload_cap = 0;
+    j->borrowed = 1;
+  } else if (j->total) {
     j->payload = qd_buf_get((size_t)j->total, &j->payload_cap);
     if (!j->payload) {
       snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s",
@@ -807,6 +820,7 @@ enum { RUN_DONE = 0, RUN_DEFER = 1 };
 
 /* Plans and (unless deferred) decodes, in one read txn begun and ended on this thread. */
 static int job_run(job *j, int on_loop) {
+  j->on_loop = on_loop;
   qs_txn *t;
   int rc = qs_txn_begin(qd_store, &t);
   if (rc) {
@@ -840,11 +854,59 @@ static void pack_item_head(msgpack_packer *pk, const item *it, int with_name) {
   msgpack_pack_bin(pk, (size_t)it->bytes);
 }
 
+/* msgpack writers for pack_get_head: the smallest encoding, as msgpack-c's packers choose. */
+static size_t put_uint(uint8_t *p, uint64_t v) {
+  if (v < 128) {
+    p[0] = (uint8_t)v;
+    return 1;
+  }
+  int n = v <= 0xff ? 1 : v <= 0xffff ? 2 : v <= 0xffffffffu ? 4 : 8;
+  p[0] = n == 1 ? 0xcc : n == 2 ? 0xcd : n == 4 ? 0xce : 0xcf;
+  for (int i = 0; i < n; i++) p[1 + i] = (uint8_t)(v >> (8 * (n - 1 - i)));
+  return 1 + (size_t)n;
+}
+
+static size_t put_fixstr(uint8_t *p, const char *s) { /* s: under 32 bytes */
+  size_t n = strlen(s);
+  p[0] = (uint8_t)(0xa0 | n);
+  memcpy(p + 1, s, n);
+  return 1 + n;
+}
+
+/* [1, msgid, nil, {shape: [...], dtype: "...", data: <bin header>}] of a get answer, the same
+ * bytes qp_pack_response_ok and pack_item_head write. At most 1 + 5 + 1 + 1 + 6 + 1 + 8 * 9 + 6 +
+ * 5 + 5 + 5 = 112 bytes. */
+static size_t pack_get_head(uint8_t *out, uint32_t msgid, const item *it) {
+  uint8_t *p = out;
+  *p++ = 0x94;
+  *p++ = 0x01;
+  p += put_uint(p, msgid);
+  *p++ = 0xc0;
+  *p++ = 0x83;
+  p += put_fixstr(p, "shape");
+  *p++ = (uint8_t)(0x90 | it->ndim); /* ndim <= QS_MAX_NDIM < 16 */
+  for (int d = 0; d < it->ndim; d++) p += put_uint(p, it->shape[d]);
+  p += put_fixstr(p, "dtype");
+  p += put_fixstr(p, it->dtype);
+  p += put_fixstr(p, "data");
+  p += qp_bin_header(p, (uint32_t)it->bytes);
+  return (size_t)(p - out);
+}
+
 /* Sends the job's answer (or error) and frees it. */
 static void job_reply(job *j) {
   qd_req *r = &j->req;
   if (j->err) {
     qd_reply_err(r, j->err, "%s", r->msg);
+    job_free(j);
+    return;
+  }
+  if (j->borrowed) { /* a small get: [1, msgid, nil, head] packed before the payload, sent as one */
+    uint8_t head[SCRATCH_HEAD];
+    size_t hl = pack_get_head(head, r->msgid, &j->items[0]);
+    char *p = (char *)j->payload - hl;
+    memcpy(p, head, hl);
+    qd_reply_copy(r, p, hl + (size_t)j->total);
     job_free(j);
     return;
   }

@@ -150,6 +150,9 @@ typedef struct qd_payload {
   size_t owned_cap; /* its capacity */
 } qd_payload;
 void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl /* may be NULL */);
+/* Sends the n packed response bytes at p (not taken over: written now if the socket takes them
+ * all, else the rest is copied and queued) and records latency. */
+void qd_reply_copy(qd_req *r, const char *p, size_t n);
 /* Sends [1, msgid, [code, message], nil], logs it naming the client, counts it. */
 void qd_reply_err(qd_req *r, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* A pending request finishes later (thread pool): the connection keeps a slot for it and counts

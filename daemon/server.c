@@ -457,6 +457,37 @@ void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
   conn_send(r->conn, head, len, pl);
 }
 
+void qd_reply_copy(qd_req *r, const char *p, size_t n) {
+  qd_conn *c = r->conn;
+  uint64_t dt = qd_now_ns() - r->t0;
+  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
+  qd_st.lat_n++;
+  /* Nothing queued or held before it: write now, from p (uv_try_write fails with EAGAIN while
+   * libuv has writes queued, so order holds). */
+  if (!c->streaming && !c->closing && !c->sink && c->queued == 0) {
+    uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
+    int k = uv_try_write((uv_stream_t *)&c->pipe, &b, 1);
+    if (k > 0) {
+      qd_st.bytes_served += (size_t)k;
+      p += k;
+      n -= (size_t)k;
+      if (n == 0) return;
+    } else if (k < 0 && k != UV_EAGAIN) {
+      qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(k));
+      conn_close(c);
+      return;
+    }
+  }
+  char *h = malloc(n); /* the rest is queued (or held, or played to the sink) like any response */
+  if (!h) {
+    qd_log(QD_LOG_WARNING, "%s: out of memory queueing a response; closing", c->desc);
+    conn_close(c);
+    return;
+  }
+  memcpy(h, p, n);
+  conn_send(c, h, n, NULL);
+}
+
 static void send_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
   msgpack_sbuffer sb;
   msgpack_sbuffer_init(&sb);
