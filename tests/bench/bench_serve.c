@@ -146,6 +146,13 @@ static uint64_t proc_cpu_ns(pid_t pid) {
   return v;
 }
 
+/* CPU time of this process, all threads (ns). */
+static uint64_t self_cpu_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static int cmp_d(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return x < y ? -1 : x > y;
@@ -264,6 +271,7 @@ typedef struct lat_side {
   pid_t pid;
   double *lat;     /* all latencies (s): rounds x clients x n */
   uint64_t cpu_ns; /* server main-thread CPU over the timed phases */
+  uint64_t client_ns; /* this process's CPU (the client threads) over the timed phases */
   int fail;
   double p50, p99; /* microseconds */
 } lat_side;
@@ -336,9 +344,12 @@ static void *lat_thread(void *p) {
     for (int k = 0; k < R->nsides; k++) {
       lat_side *S = &R->side[k];
       double *lat = r ? S->lat + per * (size_t)(r - 1) + (size_t)a->id * (size_t)R->n : NULL;
-      uint64_t c0 = 0;
+      uint64_t c0 = 0, u0 = 0;
       pthread_barrier_wait(&R->bar);
-      if (a->id == 0) c0 = proc_cpu_ns(S->pid);
+      if (a->id == 0) {
+        c0 = proc_cpu_ns(S->pid);
+        u0 = self_cpu_ns();
+      }
       for (int i = 0; i < R->n && !fail; i++) {
         double t0 = now_s();
         int ok;
@@ -352,7 +363,10 @@ static void *lat_thread(void *p) {
         if (!ok) fail = 1;
       }
       pthread_barrier_wait(&R->bar);
-      if (a->id == 0 && r) S->cpu_ns += proc_cpu_ns(S->pid) - c0;
+      if (a->id == 0 && r) {
+        S->cpu_ns += proc_cpu_ns(S->pid) - c0;
+        S->client_ns += self_cpu_ns() - u0;
+      }
       if (fail) S->fail = 1; /* benign race: any thread may set it */
     }
   for (int k = 0; k < R->nsides; k++)
@@ -373,7 +387,7 @@ static void latency_pair(lat_side *s, int nsides, int clients, int rounds, int n
   pthread_barrier_init(&R.bar, NULL, (unsigned)clients);
   for (int k = 0; k < nsides; k++) {
     s[k].lat = calloc(per * (size_t)rounds, sizeof(double));
-    s[k].cpu_ns = 0;
+    s[k].cpu_ns = s[k].client_ns = 0;
     s[k].fail = 0;
   }
   pthread_t th[16];
@@ -480,20 +494,21 @@ int main(void) {
   for (int k = 0; k < 2; k++) {
     int c = clients[k];
     int rounds = 10, n = (c == 1 ? 400 : 100) * sc; /* 4,000 and 16,000 requests a server */
-    lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0}};
+    lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0, 0}};
     latency_pair(sd, rp > 0 ? 2 : 1, c, rounds, n);
     /* In-daemon time (dispatch to reply queued), over its last 8192 requests. */
     double in50 = stats_num(d.sock, "latency_p50_us"), in99 = stats_num(d.sock, "latency_p99_us");
     double total = (double)rounds * n * c;
     double qcpu = (double)sd[0].cpu_ns / 1e3 / total, rcpu = (double)sd[1].cpu_ns / 1e3 / total;
+    double qcl = (double)sd[0].client_ns / 1e3 / total, rcl = (double)sd[1].client_ns / 1e3 / total;
     if (rp > 0) {
       printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us | redis GET 4KiB p50 %.1f "
              "us p99 %.1f us | ratio p50 %.2f p99 %.2f (qinsd/redis; target <= 1; %d rounds "
-             "alternated; server cpu per request qinsd %.2f us redis %.2f us; in-daemon p50 "
-             "%.1f us p99 %.1f us)%s\n",
+             "alternated; cpu per request: server qinsd %.2f us redis %.2f us, client qinsd "
+             "%.2f us redis %.2f us; in-daemon p50 %.1f us p99 %.1f us)%s\n",
              c, c > 1 ? "s" : "", sd[0].p50, sd[0].p99, sd[1].p50, sd[1].p99,
              sd[1].p50 > 0 ? sd[0].p50 / sd[1].p50 : 0, sd[1].p99 > 0 ? sd[0].p99 / sd[1].p99 : 0,
-             rounds, qcpu, rcpu, in50, in99, sd[0].fail || sd[1].fail ? " [errors]" : "");
+             rounds, qcpu, rcpu, qcl, rcl, in50, in99, sd[0].fail || sd[1].fail ? " [errors]" : "");
     } else {
       printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us (server cpu per "
              "request %.2f us; in-daemon p50 %.1f us p99 %.1f us)%s\n",
