@@ -940,6 +940,33 @@ int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
   return 0;
 }
 
+int qs_tensor_span(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype dt,
+                   uint64_t out_begin, uint64_t out_end, const void **p, uint64_t *n) {
+  int sd = sl ? sl->ndim : 0;
+  size_t esz;
+  if (t->codec == QS_RAW) esz = qs_dtype_size(t->src_dtype);
+  else if (t->codec <= QC_BF16 && t->codec == (int)dt) esz = qc_dtype_size(dt); /* same values */
+  else return 0;
+  if (sd > 1 || out_begin >= out_end) return 0;
+  uint64_t shp[QS_MAX_NDIM], total;
+  int rc = qs_slice_shape(t, sl, shp, &total);
+  if (rc) return rc;
+  if (out_end > total)
+    return qs__fail(QINS_EBAD_SLICE, "tensor %s/%s: output range [%llu, %llu) outside %llu elements",
+                    t->model, t->name, (unsigned long long)out_begin,
+                    (unsigned long long)out_end, (unsigned long long)total);
+  uint64_t inner = t->ndim && t->shape[0] ? t->n_elem / t->shape[0] : 1;
+  uint64_t src = (sd == 1 ? sl->start[0] * inner : 0) + out_begin;
+  uint64_t per_chunk = t->rows_per_chunk * t->row_len, ci = src / per_chunk, c0 = ci * per_chunk;
+  qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
+  if ((rc = qs__chunk_fetch(tx->s, tx->txn, qs__tc(tx), t, ci, &ref, 0))) return rc;
+  uint64_t cend = c0 + ref.n_rows * t->row_len, e = src + (out_end - out_begin);
+  if (e > cend) e = cend;
+  *p = ref.data + (src - c0) * esz;
+  *n = e - src;
+  return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Cleanup of staged ids (leftover imports, removed or replaced models) */
 static int qs__stage_put(qs_store *s, MDB_txn *txn, uint64_t id, int state, const char *name) {

@@ -125,6 +125,14 @@ int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype
                    uint64_t out_begin, uint64_t out_end, void *out);
 /* For QS_RAW (integer/bool) tensors qs_tensor_read ignores dt and writes the stored elements as
  * they came (qs_dtype_size(src_dtype) bytes each, little-endian). */
+/* Zero-copy reads. When the output of t[sl] in dtype dt is the stored bytes themselves (codec
+ * f32/f16/bf16 read as that same dtype, or QS_RAW) and sl slices at most the first dimension
+ * (so the output is one linear run of the source), sets *p to output element out_begin inside the
+ * store's map and *n to how many elements follow it contiguously there (up to out_end, stopping
+ * at a chunk's end), with the same checks as qs_tensor_read, and returns 1. *p is valid until
+ * qs_txn_end. Returns 0 when the output must be decoded (use qs_tensor_read), or an error. */
+int qs_tensor_span(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
+                   uint64_t out_begin, uint64_t out_end, const void **p, uint64_t *n);
 
 /* Names and sizes of source dtypes: "f32", "f16", "bf16", "f64", "i8", "u8", "i16", "u16", "i32",
  * "u32", "i64", "u64", "bool". qs_dtype_from_name returns -1 for an unknown name. */

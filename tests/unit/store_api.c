@@ -468,3 +468,55 @@ Test(store_api, reused_txns_see_each_commit_not_remembered_lookups) {
   cr_assert_eq(read_w(s, &ten, got), QINS_ENO_MODEL);
   qs_close(s);
 }
+
+/* qs_tensor_span (zero-copy reads) gives the stored bytes exactly where qs_tensor_read would
+ * decode the same values, chunk by chunk, for a whole tensor and a row range; it declines (0)
+ * what must be decoded: another output dtype, a coded tensor, a slice past the first dimension. */
+Test(store_api, spans_are_the_stored_bytes_and_decline_what_needs_decoding) {
+  enum { R = 2100, C = 1024 }; /* 8.2 MiB of f32: three chunks of QS_CHUNK_TARGET */
+  uint64_t sh[2] = {R, C};
+  float *x = gauss((uint64_t)R * C, 9);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  put_tensor(im, "q", 2, sh, QC_QINS8, x);
+  cr_assert_eq(qs_import_commit(im), 0);
+  qs_txn *t;
+  qs_tensor w, q;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &w), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "q", &q), 0);
+  cr_assert_eq(w.n_chunks, 3);
+  qs_slice rows = {1, {17}, {2091}}, cols = {2, {0, 3}, {R, 9}};
+  const qs_slice *sls[2] = {NULL, &rows};
+  float *got = malloc(sizeof(float) * R * C), *want = malloc(sizeof(float) * R * C);
+  for (int k = 0; k < 2; k++) {
+    uint64_t n_out = (uint64_t)(k ? 2091 - 17 : R) * C, p = 0, spans = 0;
+    cr_assert_eq(qs_tensor_read(t, &w, sls[k], QC_DT_F32, 0, n_out, want), 0);
+    while (p < n_out) {
+      const void *sp;
+      uint64_t n;
+      cr_assert_eq(qs_tensor_span(t, &w, sls[k], QC_DT_F32, p, n_out, &sp, &n), 1, "%s", qs_error());
+      cr_assert(n > 0 && p + n <= n_out);
+      memcpy(got + p, sp, n * 4);
+      p += n;
+      spans++;
+    }
+    cr_assert(!memcmp(got, want, n_out * 4), "slice %d: spans differ from the decode", k);
+    cr_assert_eq(spans, 3, "slice %d: one span per chunk touched", k);
+  }
+  const void *sp;
+  uint64_t n;
+  cr_assert_eq(qs_tensor_span(t, &w, NULL, QC_DT_F16, 0, 10, &sp, &n), 0);
+  cr_assert_eq(qs_tensor_span(t, &q, NULL, QC_DT_F32, 0, 10, &sp, &n), 0);
+  cr_assert_eq(qs_tensor_span(t, &w, &cols, QC_DT_F32, 0, 10, &sp, &n), 0);
+  cr_assert_eq(qs_tensor_span(t, &w, NULL, QC_DT_F32, 0, (uint64_t)R * C + 1, &sp, &n),
+               QINS_EBAD_SLICE);
+  qs_txn_end(t);
+  qs_close(s);
+  free(got);
+  free(want);
+  free(x);
+}
