@@ -11,17 +11,23 @@
  * its own txn, so a model replaced in between is served consistently from the newer snapshot.
  * No txn is ever held while a client is slow: the reply is queued after qs_txn_end.
  *
- * Payload path: the decoded buffer (qd_buf_get) is sent as its own iovec after a bin header packed
- * in the small response head; it is never copied into an sbuffer. A streamed get decodes into a
- * small ring of piece buffers that the socket drains as they fill (job_decode_stream): the bytes
- * are read by the socket copy while still in cache, and the worker never holds more than a few
- * pieces, nor waits for a slow client longer than the ring's wait budget.
+ * Payload path: a small get is decoded on the loop thread into a static buffer right after its
+ * hand-packed head and written with one call (job_reply, qd_reply_copy); other answers send the
+ * decoded buffer (qd_buf_get) as its own iovec after a bin header packed in the small response
+ * head, never copied into an sbuffer. A streamed get (a large tensor or row range) is written by
+ * its pool worker straight to the socket (job_decode_stream, qd_direct_begin): stored bytes that
+ * are the answer (f32 stored, f32 asked) go from the store's map to the socket with no copy of
+ * ours; coded ones are decoded in cache-sized pieces, each sent while still in cache. The worker
+ * waits for the client no longer than a budget; then the rest is decoded into a buffer that the
+ * loop sends, and the txn ends, so a slow client holds neither a pool thread nor a snapshot.
  */
 #include <errno.h>
 #include <math.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "qinsd.h"
@@ -490,32 +496,22 @@ typedef struct job {
   int on_loop;                   /* job_run runs on the loop thread (may borrow scratch) */
   int err;                       /* 0 or a wire code; msg in req.msg */
   uint64_t reserved;             /* bytes counted against the client's queue while deferred */
-  /* Streaming (a large single get): the worker decodes chunk-aligned pieces and tells the loop
-   * through `async`; the loop sends the head once the first piece decoded, then each piece.
-   * Pieces go through a ring of ring_n slots: the worker decodes into a free slot, the loop
-   * sends it and frees it when its write completed, so the payload is written and read while it
-   * is in cache, and the memory is a few slots instead of the whole answer. When the client does
-   * not free slots within the ring wait budget, the worker decodes the rest into `payload` (bytes
-   * [ring_end, total)) and ends, so a slow client holds a pool thread and a txn only briefly. */
+  /* Streaming (a large single get), job_decode_stream: the worker packs the head, checks the
+   * first piece, asks the loop for the socket (async; grant under mu) and, once granted, writes
+   * head and payload to it itself; what it could not write within its budget (or everything,
+   * without a socket) goes into `payload` for the loop to send: response bytes [done, end). */
   int stream;                    /* this job streams */
-  uv_async_t async;              /* worker -> loop progress (stream only) */
-  atomic_int hdr_ready;          /* the worker's plan is made and the first piece decoded */
-  atomic_uint_fast64_t done_bytes; /* payload prefix decoded so far */
-  uint64_t sent;                 /* payload prefix handed to the socket (loop) */
-  char *ring;                    /* ring_n slots of ring_slot bytes (qd_buf_get) */
-  size_t ring_cap, ring_slot;
-  unsigned ring_n;               /* slots: RING_SLOTS, more for small pieces (RING_MIN_BYTES) */
-  uv_mutex_t ring_mu;            /* guards ring_filled, ring_freed, ring_end */
-  uv_cond_t ring_cv;             /* signalled when a slot is freed */
-  uint64_t ring_filled;          /* pieces decoded into the ring (worker) */
-  uint64_t ring_freed;           /* ring pieces whose write finished or was dropped (loop) */
-  uint64_t ring_end;             /* payload bytes sent through the ring; UINT64_MAX while open */
-  uint32_t ring_len[64];         /* bytes of the piece in each slot (ring_n entries) */
-  uint64_t ring_sent;            /* ring pieces handed to the socket (loop) */
-  uint8_t ring_wq[64];           /* pieces in each ring write not yet finished, oldest first (loop) */
-  unsigned ring_wq_head, ring_wq_n;
-  uint64_t unreserved;           /* reservation already released (loop) */
-  int hdr_sent;                  /* head handed to the socket (loop) */
+  uv_async_t async;              /* worker -> loop: the worker wants the socket */
+  uv_mutex_t mu;                 /* guards grant, fd */
+  uv_cond_t cv;                  /* signalled when grant changes from G_WANT */
+  int grant;                     /* G_* (below) */
+  int fd;                        /* the socket, when grant == G_FD */
+  uint8_t head[128];             /* the response head (pack_get_head) */
+  size_t head_len;
+  uint64_t done;                 /* response bytes the worker wrote itself (head first) */
+  uint64_t rest_skip;            /* bytes at the start of `payload` already written */
+  int gone;                      /* the worker's write failed: the client left or was cut */
+  int direct;                    /* qd_direct_begin gave the socket (loop) */
   int owner;                     /* the stream owns the connection's socket (loop) */
   int waiting;                   /* queued behind another stream of the connection (loop) */
   int work_ended;                /* the worker finished (loop) */
@@ -523,12 +519,9 @@ typedef struct job {
   int work_done, async_closed;   /* lifetime: freed when both are set and writes_out == 0 */
 } job;
 
-#define RING_SLOTS 4 /* stream ring slots: the socket sends one while the worker decodes the next */
-#define RING_MIN_BYTES (1u << 20) /* smaller pieces get more slots (up to RING_MAX): a ring this deep */
-#define RING_MAX 64
-#define RING_WRITE_MAX (4u << 20) /* bytes of ring pieces sent in one write, at most */
-_Static_assert(RING_MAX <= sizeof ((job *)0)->ring_len / sizeof(uint32_t), "ring_len size");
-_Static_assert(RING_MAX <= sizeof ((job *)0)->ring_wq, "ring_wq size");
+/* grant: G_WANT the worker waits for the socket; G_FD granted (fd); G_NOSOCK none (the connection
+ * is closing, or embedded); G_GAVEUP the worker stopped waiting (budget) and buffers everything. */
+enum { G_NONE = 0, G_WANT, G_FD, G_NOSOCK, G_GAVEUP };
 
 /* One freed job (with its items array, if small) is kept for the next request: a small get then
  * costs no malloc of the job (about 3 KiB) or of its plan. Jobs are made and freed on the loop
@@ -553,9 +546,8 @@ static void job_free(job *j) {
   free(j->names);
   if (!j->borrowed) qd_buf_release(j->payload, j->payload_cap);
   if (j->stream) {
-    qd_buf_release(j->ring, j->ring_cap);
-    uv_cond_destroy(&j->ring_cv);
-    uv_mutex_destroy(&j->ring_mu);
+    uv_cond_destroy(&j->cv);
+    uv_mutex_destroy(&j->mu);
   }
   if (!job_spare && j->cap_items <= JOB_SPARE_ITEMS) {
     job_spare = j;
@@ -676,110 +668,153 @@ static int job_plan(job *j, qs_txn *t) {
   return 0;
 }
 
-/* How long in all a streaming worker may wait for the client to free ring slots before it
- * decodes the rest into a buffer of its own: RING_WAIT_NS plus 1 ns a byte (1 GB/s). */
-#define RING_WAIT_NS 20000000ull
+/* How long in all a streaming worker may wait for the socket (its turn on the connection, then
+ * room in it) before the rest goes into a buffer of its own: STREAM_WAIT_NS plus 1 ns a byte. */
+#define STREAM_WAIT_NS 20000000ull
 
-/* A full ring waits until it holds at most this many pieces (a quarter of it free): one wake-up
- * per few pieces when they are small. */
-static uint64_t ring_low(const job *j) { return j->ring_n - (j->ring_n / 4 ? j->ring_n / 4 : 1); }
+static size_t pack_get_head(uint8_t *out, uint32_t msgid, const item *it);
 
-/* Waits (ring_mu held) until a ring slot is free. 0: free; -1: the wait budget is spent. */
-static int ring_wait(job *j, uint64_t deadline) {
-  const uint64_t low = ring_low(j);
-  if (j->ring_filled - j->ring_freed < j->ring_n) return 0;
-  while (j->ring_filled - j->ring_freed > low) {
+/* Sends n bytes at buf on the granted socket, waiting for room (poll) until deadline; *done counts
+ * what went. 0: all sent; 1: the deadline passed; -1: the socket failed (errno). */
+static int direct_send(int fd, const void *buf, size_t n, uint64_t deadline, uint64_t *done) {
+  const char *p = buf;
+  while (n) {
+    ssize_t k = send(fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (k > 0) {
+      p += k;
+      n -= (size_t)k;
+      *done += (uint64_t)k;
+      continue;
+    }
+    if (k < 0 && errno == EINTR) continue;
+    if (k == 0) errno = EPIPE;
+    if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) return -1;
     uint64_t now = qd_now_ns();
-    if (now >= deadline || uv_cond_timedwait(&j->ring_cv, &j->ring_mu, deadline - now) != 0)
-      return j->ring_filled - j->ring_freed >= j->ring_n ? -1 : 0;
+    if (now >= deadline) return 1;
+    struct pollfd pf = {fd, POLLOUT, 0};
+    int r = poll(&pf, 1, (int)((deadline - now + 999999) / 1000000));
+    if (r < 0 && errno != EINTR) return -1;
+    if (r > 0 && (pf.revents & POLLNVAL)) {
+      errno = EBADF;
+      return -1;
+    }
   }
   return 0;
 }
 
-/* Streams the single planned item: decodes pieces of at most stream-piece-bytes that never cross
- * a chunk boundary (so the first piece fetches, and the store verifies, all of the first chunk)
- * into the ring, and signals each; the head is signalled with the first piece. The socket copy
- * then reads each piece right after it was written, while it is in cache (a whole-answer buffer
- * would have been written far ahead of the socket, out of cache: measured 1.3x the socket copy's
- * cost). Past the wait budget the rest goes into a buffer of its own (job struct above). */
-static int job_decode_stream(job *j, qs_txn *t) {
-  uint64_t t0 = qd_now_ns(), waited = 0;
-  item *it = &j->items[0];
-  if (!it->n_elem) {
-    atomic_store_explicit(&j->hdr_ready, 1, memory_order_release);
-    uv_async_send(&j->async);
-    return 0;
+/* Asks the loop for the socket (stream_grant) and waits for the answer until deadline. */
+static int stream_ask(job *j, uint64_t deadline) {
+  uv_mutex_lock(&j->mu);
+  j->grant = G_WANT;
+  uv_mutex_unlock(&j->mu);
+  uv_async_send(&j->async);
+  uv_mutex_lock(&j->mu);
+  while (j->grant == G_WANT) {
+    uint64_t now = qd_now_ns();
+    if (now >= deadline || (uv_cond_timedwait(&j->cv, &j->mu, deadline - now) != 0 &&
+                            j->grant == G_WANT))
+      j->grant = G_GAVEUP;
   }
-  uint64_t esize = it->bytes / it->n_elem;
-  uint64_t inner = 1;
-  for (int d = 1; d < it->t.ndim; d++) inner *= it->t.shape[d];
-  uint64_t base = j->has_slice && j->slice.ndim == 1 ? j->slice.start[0] * inner : 0;
-  uint64_t ce = it->t.rows_per_chunk * it->t.row_len; /* source elements per chunk */
-  if (ce == 0) ce = 1;
+  int g = j->grant;
+  uv_mutex_unlock(&j->mu);
+  return g;
+}
+
+/* Streams the single planned item (job struct above). Output elements are sent as zero-copy
+ * spans of the map when the stored bytes are the answer (qs_tensor_span), else decoded in pieces
+ * of stream-piece-bytes into a buffer that stays in cache until the socket copy reads it. The
+ * first piece is checked before anything is sent: an error in it is still an ordinary reply. */
+static int job_decode_stream(job *j, qs_txn *t) {
+  uint64_t dec = 0, d0; /* dec: time in the store's reads (decode_ns) */
+  item *it = &j->items[0];
+  const qs_slice *sl = j->has_slice ? &j->slice : NULL;
+  const qc_dtype dt = (qc_dtype)j->dt;
+  const uint64_t deadline = qd_now_ns() + STREAM_WAIT_NS + j->total;
+  const uint64_t esize = it->n_elem ? it->bytes / it->n_elem : 1;
   uint64_t piece = qd_cfg.stream_piece_bytes / esize;
   if (piece == 0) piece = 1;
-  if (piece > (it->n_elem + RING_SLOTS - 1) / RING_SLOTS) /* the ring: at most about the answer */
-    piece = (it->n_elem + RING_SLOTS - 1) / RING_SLOTS;
-  j->ring_slot = (size_t)(piece * esize);
-  j->ring_n = RING_SLOTS;
-  while (j->ring_n < RING_MAX && (uint64_t)j->ring_n * j->ring_slot < RING_MIN_BYTES) j->ring_n *= 2;
-  j->ring = qd_buf_get(j->ring_slot * j->ring_n, &j->ring_cap);
-  if (!j->ring) {
-    snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %zu bytes for %s/%s",
-             j->ring_slot * j->ring_n, j->model, it->t.name);
-    return j->err = QINS_ENOMEM;
-  }
-  const uint64_t deadline = t0 + RING_WAIT_NS + j->total;
-  int in_ring = 1;
-  uint64_t p = 0;
-  while (p < it->n_elem) {
-    uint64_t src = base + p;
-    uint64_t end = (src / ce + 1) * ce - base; /* the chunk's end */
-    if (end > p + piece) end = p + piece;
-    if (end > it->n_elem) end = it->n_elem;
-    char *dst = NULL;
-    if (in_ring) {
-      uint64_t w0 = qd_now_ns();
-      uv_mutex_lock(&j->ring_mu);
-      if (ring_wait(j, deadline) == 0) {
-        dst = j->ring + (j->ring_filled % j->ring_n) * j->ring_slot;
-      } else { /* the client is slow: the rest goes into a buffer of its own */
-        in_ring = 0;
-        j->ring_end = p * esize;
+  j->head_len = pack_get_head(j->head, j->req.msgid, it);
+  char *buf = NULL; /* decode pieces */
+  size_t buf_cap = 0;
+  const void *span = NULL; /* or the zero-copy span at p */
+  uint64_t p = 0, n = 0;   /* output elements [p, p + n) are ready to send */
+  int rc = 0, zero_copy = 0;
+  if (it->n_elem) {
+    d0 = qd_now_ns();
+    rc = qs_tensor_span(t, &it->t, sl, dt, 0, it->n_elem, &span, &n);
+    dec += qd_now_ns() - d0;
+    if (rc < 0) return job_fail(j, rc, it->t.name);
+    zero_copy = rc == 1;
+    if (!zero_copy) {
+      n = piece < it->n_elem ? piece : it->n_elem;
+      buf = qd_buf_get((size_t)(n * esize), &buf_cap);
+      if (!buf) {
+        snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s/%s",
+                 (unsigned long long)(n * esize), j->model, it->t.name);
+        return j->err = QINS_ENOMEM;
       }
-      uv_mutex_unlock(&j->ring_mu);
-      waited += qd_now_ns() - w0;
-      if (!in_ring) {
-        j->payload = qd_buf_get((size_t)(j->total - p * esize), &j->payload_cap);
-        if (!j->payload) {
-          snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s/%s",
-                   (unsigned long long)(j->total - p * esize), j->model, it->t.name);
-          j->err = QINS_ENOMEM;
-          break;
-        }
+      d0 = qd_now_ns();
+      rc = qs_tensor_read(t, &it->t, sl, dt, 0, n, buf);
+      dec += qd_now_ns() - d0;
+      if (rc) {
+        qd_buf_release(buf, buf_cap);
+        return job_fail(j, rc, it->t.name);
       }
     }
-    if (!in_ring) dst = (char *)j->payload + (p * esize - j->ring_end);
-    int rc = qs_tensor_read(t, &it->t, j->has_slice ? &j->slice : NULL, (qc_dtype)j->dt, p, end,
-                            dst);
-    if (rc) {
-      job_fail(j, rc, it->t.name);
+  }
+  int g = stream_ask(j, deadline);
+  int fd = j->fd;
+  if (g == G_FD) {
+    int sr = direct_send(fd, j->head, j->head_len, deadline, &j->done);
+    while (sr == 0 && p < it->n_elem) {
+      const void *src = zero_copy ? span : buf;
+      sr = direct_send(fd, src, (size_t)(n * esize), deadline, &j->done);
+      if (sr) break;
+      p += n;
+      if (p == it->n_elem) break;
+      d0 = qd_now_ns();
+      if (zero_copy) {
+        rc = qs_tensor_span(t, &it->t, sl, dt, p, it->n_elem, &span, &n);
+        if (rc == 0) rc = QINS_EINTERNAL; /* a span that stops being one: cannot happen */
+        if (rc == 1) rc = 0;
+      } else {
+        n = it->n_elem - p < piece ? it->n_elem - p : piece;
+        rc = qs_tensor_read(t, &it->t, sl, dt, p, p + n, buf);
+      }
+      dec += qd_now_ns() - d0;
+      if (rc == 0) continue;
+      job_fail(j, rc, it->t.name); /* after the head: the loop closes the connection */
       break;
     }
-    if (in_ring) {
-      uv_mutex_lock(&j->ring_mu);
-      j->ring_len[j->ring_filled % j->ring_n] = (uint32_t)((end - p) * esize);
-      j->ring_filled++;
-      uv_mutex_unlock(&j->ring_mu);
+    if (sr < 0) {
+      j->gone = 1;
+      snprintf(j->req.msg, sizeof j->req.msg, "writing to the socket failed after %llu bytes: %s",
+               (unsigned long long)j->done, strerror(errno));
     }
-    p = end;
-    atomic_store_explicit(&j->done_bytes, p * esize, memory_order_release);
-    /* The head goes out only once the first piece decoded: an error in a tensor's first chunk
-     * (the only one, for most tensors) is still an ordinary error response. */
-    atomic_store_explicit(&j->hdr_ready, 1, memory_order_release);
-    uv_async_send(&j->async);
   }
-  atomic_fetch_add(&qd_st.decode_ns, qd_now_ns() - t0 - waited);
+  qd_buf_release(buf, buf_cap);
+  /* What the worker did not write (all of it without a socket) goes into a buffer for the loop:
+   * response bytes [done, head_len + total); a partly written element is decoded whole and its
+   * written bytes skipped. */
+  if (!j->err && !j->gone && j->done < j->head_len + j->total) {
+    uint64_t from = j->done > j->head_len ? j->done - j->head_len : 0; /* payload bytes written */
+    uint64_t e0 = from / esize;
+    j->rest_skip = from - e0 * esize;
+    if (e0 < it->n_elem) {
+      j->payload = qd_buf_get((size_t)((it->n_elem - e0) * esize), &j->payload_cap);
+      if (!j->payload) {
+        snprintf(j->req.msg, sizeof j->req.msg, "cannot allocate %llu bytes for %s/%s",
+                 (unsigned long long)((it->n_elem - e0) * esize), j->model, it->t.name);
+        j->err = QINS_ENOMEM;
+      } else {
+        d0 = qd_now_ns();
+        if ((rc = qs_tensor_read(t, &it->t, sl, dt, e0, it->n_elem, j->payload)))
+          job_fail(j, rc, it->t.name);
+        dec += qd_now_ns() - d0;
+      }
+    }
+  }
+  atomic_fetch_add(&qd_st.decode_ns, dec);
   return j->err;
 }
 
@@ -974,137 +1009,126 @@ static void stream_piece_done(void *ud) {
   job_maybe_free(j);
 }
 
-/* A ring write finished (or was dropped): its pieces' slots are free (writes on a connection
- * finish in order, so it is the oldest one). The worker is woken when the ring drops to ring_low. */
-static void stream_ring_piece_done(void *ud) {
-  job *j = ud;
-  unsigned cnt = j->ring_wq[j->ring_wq_head];
-  j->ring_wq_head = (j->ring_wq_head + 1) % RING_MAX;
-  j->ring_wq_n--;
-  uv_mutex_lock(&j->ring_mu);
-  uint64_t low = ring_low(j), before = j->ring_filled - j->ring_freed;
-  j->ring_freed += cnt;
-  if (before > low && before - cnt <= low) uv_cond_signal(&j->ring_cv);
-  uv_mutex_unlock(&j->ring_mu);
-  stream_piece_done(j);
-}
-
 static void stream_async_closed(uv_handle_t *h) {
   job *j = h->data;
   j->async_closed = 1;
   job_maybe_free(j);
 }
 
-static void stream_unreserve(job *j, uint64_t n) {
-  uint64_t left = j->reserved - j->unreserved;
-  if (n > left) n = left;
-  j->unreserved += n;
-  qd_req_unreserve(j->req.conn, n);
+static void stream_complete(job *j);
+static void stream_drained(void *ud);
+
+/* Answers the worker's request for the socket, once the stream owns it and libuv's queue is
+ * empty (qd_direct_begin; stream_drained when it was not). A worker that gave up meanwhile buffers
+ * everything: the socket goes back at once. */
+static void stream_grant(job *j) {
+  qd_conn *c = j->req.conn;
+  int fd = qd_direct_begin(c, stream_drained, j);
+  if (fd == -2) return;
+  uv_mutex_lock(&j->mu);
+  int taken = j->grant == G_WANT;
+  if (taken) {
+    j->grant = fd >= 0 ? G_FD : G_NOSOCK;
+    j->fd = fd;
+    uv_cond_signal(&j->cv);
+  }
+  uv_mutex_unlock(&j->mu);
+  if (taken && fd >= 0) j->direct = 1;
+  else if (fd >= 0) qd_direct_end(c, 0);
 }
 
-static void stream_complete(job *j);
-static void stream_progress(job *j);
+static void stream_drained(void *ud) { stream_grant(ud); }
 
+/* The stream's turn on the connection came (it queued behind another stream). */
 static void stream_wake(void *ud) {
   job *j = ud;
   j->waiting = 0;
   j->owner = 1;
-  stream_progress(j);
   if (j->work_ended) stream_complete(j);
+  else stream_grant(j);
 }
 
-/* Hands the head and any newly decoded bytes to the socket, once the stream owns it. */
-static void stream_progress(job *j) {
-  qd_conn *c = j->req.conn;
-  if (!j->owner) {
-    if (j->waiting || !atomic_load_explicit(&j->hdr_ready, memory_order_acquire)) return;
-    if (!qd_stream_acquire(c, stream_wake, j)) {
-      j->waiting = 1;
-      return;
-    }
-    j->owner = 1;
+/* Takes the connection's socket for this stream: 1 if owned now, 0 if stream_wake comes later. */
+static int stream_own(job *j) {
+  if (j->owner) return 1;
+  if (j->waiting) return 0;
+  if (!qd_stream_acquire(j->req.conn, stream_wake, j)) {
+    j->waiting = 1;
+    return 0;
   }
-  /* A job that waited for the socket and failed meanwhile has sent nothing: it can still answer
-   * with an ordinary error (stream_complete) instead of a head it cannot finish. */
-  if (!j->hdr_sent && j->work_ended && j->err) return;
-  if (!j->hdr_sent) {
-    msgpack_sbuffer sb;
-    msgpack_packer pk;
-    init_packer(&sb, &pk);
-    qp_pack_response_ok(&pk, j->req.msgid);
-    pack_item_head(&pk, &j->items[0], 0);
-    size_t len = sb.size;
-    j->writes_out++;
-    qd_stream_write(c, msgpack_sbuffer_release(&sb), len, uv_buf_init(NULL, 0), stream_piece_done, j);
-    j->hdr_sent = 1;
-  }
-  /* Ring pieces first (each freed by its write's completion), then whatever the worker put in
-   * its own buffer after the ring closed: bytes [ring_end, total). */
-  uv_mutex_lock(&j->ring_mu);
-  uint64_t filled = j->ring_filled, ring_end = j->ring_end;
-  uv_mutex_unlock(&j->ring_mu);
-  while (j->ring_sent < filled) {
-    /* One write for consecutive slots that are contiguous (the pieces before the last are full),
-     * up to the ring's end and RING_WRITE_MAX bytes: small pieces do not cost a write each. */
-    size_t slot = (size_t)(j->ring_sent % j->ring_n);
-    uint64_t len = j->ring_len[slot];
-    unsigned cnt = 1;
-    while (j->ring_sent + cnt < filled && slot + cnt < j->ring_n &&
-           j->ring_len[slot + cnt - 1] == j->ring_slot &&
-           len + j->ring_len[slot + cnt] <= RING_WRITE_MAX)
-      len += j->ring_len[slot + cnt++];
-    stream_unreserve(j, len);
-    j->writes_out++;
-    j->ring_sent += cnt;
-    j->sent += len;
-    j->ring_wq[(j->ring_wq_head + j->ring_wq_n++) % RING_MAX] = (uint8_t)cnt;
-    qd_stream_write(c, NULL, 0, uv_buf_init(j->ring + slot * j->ring_slot, (unsigned)len),
-                    stream_ring_piece_done, j);
-  }
-  uint64_t n = atomic_load_explicit(&j->done_bytes, memory_order_acquire);
-  if (ring_end != UINT64_MAX && j->sent >= ring_end && n > j->sent) {
-    stream_unreserve(j, n - j->sent);
-    j->writes_out++;
-    qd_stream_write(c, NULL, 0,
-                    uv_buf_init((char *)j->payload + (j->sent - ring_end), (unsigned)(n - j->sent)),
-                    stream_piece_done, j);
-    j->sent = n;
-  }
+  j->owner = 1;
+  return 1;
 }
 
-static void stream_async_cb(uv_async_t *a) { stream_progress(a->data); }
+static void stream_async_cb(uv_async_t *a) {
+  job *j = a->data;
+  if (!j->work_ended && stream_own(j)) stream_grant(j);
+}
 
-/* The worker is done and the stream owns the socket (or never needed it): finish the answer. */
+/* The worker is done and the stream owns the socket (or needs none): the rest of the answer
+ * (what the worker buffered), or its error. */
 static void stream_complete(job *j) {
   qd_conn *c = j->req.conn;
-  stream_unreserve(j, j->reserved);
-  if (!j->hdr_sent) {
+  qd_req_unreserve(c, j->reserved);
+  if (j->gone) { /* the client left, or the connection was cut, mid-answer */
+    qd_log(QD_LOG_VERBOSE, "%s: get (msgid %u): %s; closing the connection", qd_conn_desc(c),
+           j->req.msgid, j->req.msg);
+    qd_stream_end(c, 1);
+  } else if (j->err && j->done == 0) { /* nothing sent: an ordinary error reply */
     if (j->owner) qd_stream_end(c, 0); /* first, or the error reply would wait behind us */
-    qd_reply_err(&j->req, j->err ? j->err : QINS_EINTERNAL, "%s", j->req.msg);
+    qd_reply_err(&j->req, j->err, "%s", j->req.msg);
   } else if (j->err) {
     /* The head went out: the only honest end is to close (PROTOCOL.md §4.6). */
     qd_log(QD_LOG_WARNING,
            "%s: get (msgid %u): %s: %s after %llu of %llu bytes were sent; closing the connection",
            qd_conn_desc(c), j->req.msgid, qins_err_name(j->err), j->req.msg,
-           (unsigned long long)j->sent, (unsigned long long)j->total);
+           (unsigned long long)j->done, (unsigned long long)(j->head_len + j->total));
     qd_count_error(j->err);
     qd_latency_record(j->req.t0);
     qd_stream_end(c, 1);
   } else {
-    qd_latency_record(j->req.t0);
-    qd_stream_end(c, 0);
+    char *head = NULL;
+    size_t hl = 0;
+    if (j->done < j->head_len) {
+      hl = j->head_len - (size_t)j->done;
+      head = malloc(hl);
+      if (head) memcpy(head, j->head + j->done, hl);
+    }
+    uint64_t from = j->done > j->head_len ? j->done - j->head_len : 0; /* payload written */
+    uv_buf_t piece = uv_buf_init(NULL, 0);
+    if (from < j->total)
+      piece = uv_buf_init((char *)j->payload + j->rest_skip, (unsigned)(j->total - from));
+    if (hl && !head) {
+      qd_log(QD_LOG_WARNING, "%s: out of memory finishing a get; closing", qd_conn_desc(c));
+      qd_stream_end(c, 1);
+    } else {
+      if (hl || piece.len) {
+        j->writes_out++;
+        qd_stream_write(c, head, hl, piece, stream_piece_done, j);
+      }
+      qd_latency_record(j->req.t0);
+      qd_stream_end(c, 0);
+    }
   }
   j->work_done = 1;
   uv_close((uv_handle_t *)&j->async, stream_async_closed);
   qd_req_done_deferred(c); /* last: may free the connection */
 }
 
+/* The worker returned (after_work_cb). */
 static void stream_finish(job *j) {
+  qd_conn *c = j->req.conn;
   j->work_ended = 1;
-  stream_progress(j);
-  /* Not owning the socket with a head to send: stream_wake completes it later. A job that
-   * failed before its head was ready needs no socket turn (its error is an ordinary reply). */
-  if (j->owner || !atomic_load_explicit(&j->hdr_ready, memory_order_acquire)) stream_complete(j);
+  qd_direct_cancel(c, j); /* if stream_grant still waited for libuv's queue */
+  if (j->direct) {
+    j->direct = 0;
+    qd_direct_end(c, j->done);
+  }
+  if (j->waiting) return; /* queued behind another stream: stream_wake completes it */
+  /* With bytes left to send, wait for the socket; an error before anything went out, or a
+   * client gone, needs no turn. */
+  int rest = !j->gone && !(j->err && j->done == 0) && j->done < j->head_len + j->total;
+  if (!rest || stream_own(j)) stream_complete(j);
 }
 
 static void work_cb(uv_work_t *w) {
@@ -1145,9 +1169,9 @@ static int start_job(qd_req *r, job *j) {
   if (j->stream) {
     uv_async_init(uv_default_loop(), &j->async, stream_async_cb);
     j->async.data = j;
-    uv_mutex_init(&j->ring_mu);
-    uv_cond_init(&j->ring_cv);
-    j->ring_end = UINT64_MAX;
+    uv_mutex_init(&j->mu);
+    uv_cond_init(&j->cv);
+    j->fd = -1;
   }
   uint64_t reserved = j->reserved = j->total;
   qd_req_defer(r, reserved);

@@ -6,8 +6,9 @@
  * Threads: everything here runs on the libuv loop thread except qd_job_run, which a thread-pool
  * worker calls for large decodes; a job owns its own LMDB read txn (begun, used and ended on the
  * thread that decodes; the env is MDB_NOTLS) and touches no shared state but the decode-time
- * counter (atomic) and, for a streamed get, its piece ring, shared with the loop under the job's
- * mutex (the worker waits there for free slots, within a bounded budget: commands.c).
+ * counter (atomic) and, for a streamed get, its grant of the socket, shared with the loop under
+ * the job's mutex: while granted, the worker writes to the client's fd itself (qd_direct_begin;
+ * the loop then writes nothing to it and does not close it), within a bounded budget (commands.c).
  */
 #ifndef QINS_QINSD_H
 #define QINS_QINSD_H
@@ -173,6 +174,17 @@ int qd_stream_acquire(qd_conn *c, void (*wake)(void *), void *ud);
 void qd_stream_write(qd_conn *c, char *head /* taken over; may be NULL */, size_t head_len,
                      uv_buf_t piece, void (*done)(void *), void *ud);
 void qd_stream_end(qd_conn *c, int broken);
+/* Direct writes: a streamed get's pool worker writes head and payload to the socket itself
+ * (send + poll, no copy into libuv's queue; commands.c). Only while its stream owns the socket
+ * and libuv has nothing queued for it: qd_direct_begin returns the fd (>= 0) for the worker;
+ * -2 when libuv still has writes queued (drained(ud) is called once they are written, or when
+ * the connection closes); -1 when there is no socket to write (closing, or embedded). Until
+ * qd_direct_end (which counts the worker's bytes as served), closing the connection shuts the
+ * socket down (the worker's next write fails) and defers closing the fd. qd_direct_cancel drops
+ * a pending drained callback registered with ud. Loop thread only. */
+int qd_direct_begin(qd_conn *c, void (*drained)(void *), void *ud);
+void qd_direct_cancel(qd_conn *c, void *ud);
+void qd_direct_end(qd_conn *c, uint64_t bytes);
 int qd_conn_closing(const qd_conn *c);
 void qd_latency_record(uint64_t t0);
 void qd_count_error(int code);

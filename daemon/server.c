@@ -64,6 +64,10 @@ struct qd_conn {
   int eof;             /* the client shut down its side: answer what is buffered, then close */
   int busy;            /* over max_connections: only the BUSY reply is sent */
   int streaming;       /* a streamed response owns the socket: other writes are held */
+  int direct;          /* a pool worker writes to the socket itself (qd_direct_begin .. _end) */
+  int close_deferred;  /* conn_close ran while direct: the handle is closed at qd_direct_end */
+  void (*drain_cb)(void *); /* qd_direct_begin waits for libuv's write queue to empty */
+  void *drain_ud;
   struct waiter *waiters; /* streams waiting for the socket, in order */
   struct wreq *held_head, *held_tail; /* writes held while streaming, in order */
   struct qd_conn *prev, *next; /* all connections */
@@ -235,8 +239,23 @@ static void conn_close(qd_conn *c) {
   c->reading = 0;
   c->streaming = 0;
   conn_release_held(c); /* closing: they are dropped */
-  uv_close((uv_handle_t *)&c->pipe, on_conn_closed);
+  if (c->direct) {
+    /* A pool worker is writing to this fd: closing it now could hand its number to a new
+     * connection mid-write. Shut it down instead (the worker's next write fails at once) and
+     * close the handle when the worker is done (qd_direct_end). */
+    uv_os_fd_t fd;
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0) shutdown(fd, SHUT_RDWR);
+    c->close_deferred = 1;
+  } else {
+    uv_close((uv_handle_t *)&c->pipe, on_conn_closed);
+  }
   conn_wake_streams(c);   /* waiting streams finish (their writes are dropped) */
+  if (c->drain_cb) {      /* a stream waiting for the queue to empty: it gets no socket now */
+    void (*cb)(void *) = c->drain_cb;
+    c->drain_cb = NULL;
+    cb(c->drain_ud);
+  }
 }
 
 /* Closes c if it asked to be closed and nothing is left to send. */
@@ -265,6 +284,11 @@ static void on_write(uv_write_t *req, int status) {
     conn_close(c);
   }
   wreq_free(w);
+  if (c->drain_cb && uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) == 0) {
+    void (*cb)(void *) = c->drain_cb;
+    c->drain_cb = NULL;
+    cb(c->drain_ud);
+  }
   if (!c->closing) {
     conn_process(c);
     conn_maybe_close(c);
@@ -432,6 +456,32 @@ static void conn_wake_streams(qd_conn *c) {
 void qd_stream_write(qd_conn *c, char *head, size_t head_len, uv_buf_t piece,
                      void (*done)(void *), void *ud) {
   conn_send_ex(c, head, head_len, piece.len ? &piece : NULL, piece.len ? 1 : 0, NULL, 0, done, ud, 1);
+}
+
+int qd_direct_begin(qd_conn *c, void (*drained)(void *), void *ud) {
+  if (c->closing || c->sink || !c->streaming) return -1;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > 0) {
+    c->drain_cb = drained;
+    c->drain_ud = ud;
+    return -2;
+  }
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)&c->pipe, &fd)) return -1;
+  c->direct = 1;
+  return fd;
+}
+
+void qd_direct_cancel(qd_conn *c, void *ud) {
+  if (c->drain_ud == ud) c->drain_cb = NULL;
+}
+
+void qd_direct_end(qd_conn *c, uint64_t bytes) {
+  c->direct = 0;
+  qd_st.bytes_served += bytes;
+  if (c->close_deferred) {
+    c->close_deferred = 0;
+    uv_close((uv_handle_t *)&c->pipe, on_conn_closed);
+  }
 }
 
 void qd_stream_end(qd_conn *c, int broken) {

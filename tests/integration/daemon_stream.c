@@ -5,8 +5,9 @@
  * other streams on one connection (responses never interleave), two connections at once, a client
  * leaving mid-stream, and a checksum failure found after the head went out (the connection is
  * closed; an error in the first chunk is still an ordinary CHECKSUM response), and slow readers
- * (past the ring's wait budget the rest of the answer is decoded into a buffer of its own).
- * Model "m": the standard tensors plus "huge" [2048, 1024] f32 = 8 MiB, two 4 MiB chunks.
+ * (past the worker's wait budget the rest of the answer is decoded into a buffer of its own).
+ * Model "m": the standard tensors plus "huge" [2048, 1024] f32 = 8 MiB, two 4 MiB chunks (sent
+ * from the store's map: zero-copy), and "hq", the same values stored qins8 (decoded in pieces).
  */
 #include <fcntl.h>
 #include <pthread.h>
@@ -30,6 +31,7 @@ static int fill_huge(qs_store *s, void *ud) {
   for (uint64_t i = 0; i < (uint64_t)HUGE_R * HUGE_C; i++) v[i] = ts_value(HUGE_SEED, i);
   uint64_t shape[2] = {HUGE_R, HUGE_C};
   rc = ts_import_f32(im, "huge", 2, shape, QC_F32, v);
+  if (!rc) rc = ts_import_f32(im, "hq", 2, shape, QC_QINS8, v); /* streamed by decoding */
   free(v);
   if (rc) {
     qs_import_abort(im);
@@ -377,5 +379,77 @@ Test(daemon_stream, slow_readers_get_the_whole_stream) {
     read_streamed_huge(fd, round == 0 ? 0 : (size_t)2 << 20);
     close(fd);
   }
+  cr_assert_eq(ts_ping(D.sock), 0);
+}
+
+/* Sends get(h/hq, rows [r0, r1) or all when r0 < 0, dtype) on fd; optionally waits before reading
+ * (a slow reader: the worker's budget runs out and the rest is buffered); returns the payload. */
+static got get_hq(ts_rx *rx, int fd, int64_t r0, int64_t r1, const char *dtype, int slow_ms) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_request(&pk, 77, "get");
+  msgpack_pack_array(&pk, 1);
+  msgpack_pack_map(&pk, r0 >= 0 ? 4 : 3);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, "h");
+  qp_pack_cstr(&pk, "name");
+  qp_pack_cstr(&pk, "hq");
+  qp_pack_cstr(&pk, "dtype");
+  qp_pack_cstr(&pk, dtype);
+  if (r0 >= 0) {
+    qp_pack_cstr(&pk, "slice");
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_uint64(&pk, (uint64_t)r0);
+    msgpack_pack_uint64(&pk, (uint64_t)r1);
+  }
+  cr_assert_eq(ts_send(fd, sb.data, sb.size), 0);
+  msgpack_sbuffer_destroy(&sb);
+  if (slow_ms) usleep((useconds_t)slow_ms * 1000);
+  const msgpack_object *o;
+  cr_assert_eq(ts_rx_next(rx, 60000, &o), 1, "no answer");
+  got g;
+  memset(&g, 0, sizeof g);
+  cr_assert_eq(ts_resp_code(o), 0);
+  parse_tensor_map(ts_resp_result(o), &g);
+  return g;
+}
+
+/* A coded tensor is streamed by decoding pieces (not zero-copy): the streamed answer, whole or a
+ * row range, in f32, f16 and bf16, fast or read late (the rest past the worker's budget is
+ * buffered, possibly from the middle of an element), equals the same rows fetched as small
+ * inline gets of 8 rows (32 KiB, under stream-min-bytes). */
+Test(daemon_stream, coded_tensors_stream_the_same_bytes_as_small_gets) {
+  const char *dts[3] = {"f32", "f16", "bf16"};
+  int fd = ts_connect(D.sock);
+  cr_assert_geq(fd, 0);
+  ts_rx rx; /* owns fd */
+  ts_rx_init(&rx, fd);
+  for (int k = 0; k < 3; k++) {
+    size_t es = k == 0 ? 4 : 2, row = HUGE_C * es;
+    uint8_t *ref = malloc((size_t)HUGE_R * row);
+    for (int r = 0; r < HUGE_R; r += 8) {
+      got g = get_hq(&rx, fd, r, r + 8, dts[k], 0);
+      cr_assert_eq(g.bytes, 8 * row);
+      memcpy(ref + (size_t)r * row, g.data, g.bytes);
+      free(g.data);
+    }
+    for (int slow = 0; slow < 2; slow++) {
+      got w = get_hq(&rx, fd, -1, -1, dts[k], slow ? 300 : 0);
+      cr_assert_eq(w.bytes, (size_t)HUGE_R * row);
+      cr_assert_str_eq(w.dtype, dts[k]);
+      cr_assert(!memcmp(w.data, ref, w.bytes), "%s whole (slow %d) differs from the small gets",
+                dts[k], slow);
+      free(w.data);
+      got s = get_hq(&rx, fd, 1001, 2047, dts[k], slow ? 300 : 0);
+      cr_assert_eq(s.bytes, (size_t)1046 * row);
+      cr_assert(!memcmp(s.data, ref + (size_t)1001 * row, s.bytes), "%s rows differ", dts[k]);
+      free(s.data);
+    }
+    free(ref);
+  }
+  ts_rx_destroy(&rx);
   cr_assert_eq(ts_ping(D.sock), 0);
 }
