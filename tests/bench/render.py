@@ -147,14 +147,14 @@ def headline(blocks):
         rows.append(("`qinsctl import`, 512 MiB safetensors, qins8", "%s MB/s, peak RSS %s MiB" % (m.group(2), m.group(3)),
                      "codec alone on one thread: %s MB/s" % m.group(4)))
     b = blocks.get("serve", "")
-    m = re.search(r"qinsd ([\d.]+) GB/s \| bare unix socket ([\d.]+) GB/s \| ratio ([\d.]+)", b)
-    if m:
-        rows.append(("64 MiB FP32 `get` through qinsd", "%s GB/s" % m.group(1),
-                     "bare Unix socket %s GB/s: %sx" % (m.group(2), m.group(3))))
-    m = re.search(r"slice_4KiB_latency_1_client: qinsd p50 ([\d.]+) us p99 ([\d.]+) us \| redis GET 4KiB p50 ([\d.]+) us p99 ([\d.]+) us", b)
-    if m:
-        rows.append(("4 KiB slice latency, 1 client", "p50 %s us, p99 %s us" % (m.group(1), m.group(2)),
-                     "Redis GET p50 %s us, p99 %s us" % (m.group(3), m.group(4))))
+    stored = {"f32": "stored f32", "qins8_as_f32": "stored qins8, decoded"}
+    for m in re.finditer(r"serve_get_64MiB_(\S+): qinsd ([\d.]+) GB/s \| bare unix socket ([\d.]+) GB/s \| ratio ([\d.]+)", b):
+        rows.append(("64 MiB FP32 `get` through qinsd (%s)" % stored.get(m.group(1), m.group(1)),
+                     "%s GB/s" % m.group(2), "bare Unix socket %s GB/s: %sx" % (m.group(3), m.group(4))))
+    for m in re.finditer(r"slice_4KiB_latency_(\d+)_clients?: qinsd p50 ([\d.]+) us p99 ([\d.]+) us \| redis GET 4KiB p50 ([\d.]+) us p99 ([\d.]+) us \| ratio p50 ([\d.]+) p99 ([\d.]+)", b):
+        rows.append(("4 KiB slice latency, %s client%s" % (m.group(1), "" if m.group(1) == "1" else "s"),
+                     "p50 %s us, p99 %s us" % (m.group(2), m.group(3)),
+                     "Redis GET p50 %s us, p99 %s us: %sx, %sx" % (m.group(4), m.group(5), m.group(6), m.group(7))))
     b = blocks.get("worker", "")
     for codec in ("qins8", "qins16"):
         m = re.search(r"%s\s+mean over (\d+) seeds: tokens identical ([\d.]+)/(\d+), mean KLD ([\d.e+-]+), top-1 ([\d.]+)%%" % codec, b)
