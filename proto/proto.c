@@ -3,9 +3,10 @@
  * proto.c — the bounded msgpack scanner, cursor reader and packers of proto.h.
  * Wire contract: docs/PROTOCOL.md §1-§2.
  *
- * One table-free decoder of msgpack headers (qp__head) serves both the scanner and the reader:
- * from the first byte it gives the header size, the body size (str/bin/ext) and the item count
- * (array: n, map: 2n). Invariants of the scanner, kept on every step: s->off <= s->max_bytes;
+ * One 256-entry table (qp__type) says, for every msgpack type byte, how long the header is and
+ * where the value's body size or item count comes from. The scanner's loop runs on it directly;
+ * the cursor reader decodes whole headers with qp__head (head_len + head_parse), whose lengths
+ * come from the same table. Invariants of the scanner, kept on every step: s->off <= s->max_bytes;
  * a declared body never ends past max_bytes; a declared container count never exceeds the bytes
  * still allowed (each item takes at least one byte); depth <= max_depth.
  */
@@ -14,7 +15,7 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Kinds of msgpack values, as far as framing cares. */
+/* Kinds of msgpack values, as far as the cursor reader cares. */
 enum { K_SCALAR, K_STR, K_BIN, K_EXT, K_ARRAY, K_MAP, K_BAD };
 
 typedef struct qp__hd {
@@ -30,22 +31,45 @@ static uint64_t be(const uint8_t *p, unsigned n) {
   return v;
 }
 
+/* Classes of type bytes (high nibble of a qp__type entry): where the body size or item count is. */
+enum {
+  C_SCALAR = 0x00, /* nil, bool, ints, floats: the header is the whole value */
+  C_FIXMAP = 0x10, /* 0x80-0x8f: pairs in the low 4 bits of the type byte */
+  C_FIXARR = 0x20, /* 0x90-0x9f: items in the low 4 bits */
+  C_FIXSTR = 0x30, /* 0xa0-0xbf: length in the low 5 bits */
+  C_STR = 0x40,    /* str8/16/32: big-endian length in the hlen - 1 bytes after the type byte */
+  C_BIN = 0x50,    /* bin8/16/32: likewise */
+  C_EXT = 0x60,    /* ext8/16/32: length in hlen - 2 bytes, then the ext type byte */
+  C_FIXEXT = 0x70, /* fixext1-16 (0xd4-0xd8): 1 << (type byte - 0xd4) body bytes */
+  C_ARRAY = 0x80,  /* array16/32: big-endian item count in hlen - 1 bytes */
+  C_MAP = 0x90,    /* map16/32: big-endian pair count in hlen - 1 bytes */
+  C_BAD = 0xa0     /* 0xc1, never used; hlen 0 */
+};
+
+/* Per type byte: class | header length (type byte included, low nibble). Rows of 16 type bytes. */
+#define T16(e) e, e, e, e, e, e, e, e, e, e, e, e, e, e, e, e
+static const uint8_t qp__type[256] = {
+  T16(C_SCALAR | 1), T16(C_SCALAR | 1), T16(C_SCALAR | 1), T16(C_SCALAR | 1), /* 0x00-0x3f */
+  T16(C_SCALAR | 1), T16(C_SCALAR | 1), T16(C_SCALAR | 1), T16(C_SCALAR | 1), /* 0x40-0x7f */
+  T16(C_FIXMAP | 1),                                                          /* 0x80-0x8f */
+  T16(C_FIXARR | 1),                                                          /* 0x90-0x9f */
+  T16(C_FIXSTR | 1), T16(C_FIXSTR | 1),                                       /* 0xa0-0xbf */
+  /* 0xc0 nil, c1 reserved, c2-c3 bool, c4-c6 bin8/16/32, c7-c9 ext8/16/32, ca-cb float32/64,
+   * cc-cf uint8/16/32/64 */
+  C_SCALAR | 1, C_BAD | 0, C_SCALAR | 1, C_SCALAR | 1, C_BIN | 2, C_BIN | 3, C_BIN | 5,
+  C_EXT | 3, C_EXT | 4, C_EXT | 6, C_SCALAR | 5, C_SCALAR | 9, C_SCALAR | 2, C_SCALAR | 3,
+  C_SCALAR | 5, C_SCALAR | 9,
+  /* 0xd0-d3 int8/16/32/64, d4-d8 fixext1/2/4/8/16, d9-db str8/16/32, dc-dd array16/32,
+   * de-df map16/32 */
+  C_SCALAR | 2, C_SCALAR | 3, C_SCALAR | 5, C_SCALAR | 9, C_FIXEXT | 2, C_FIXEXT | 2,
+  C_FIXEXT | 2, C_FIXEXT | 2, C_FIXEXT | 2, C_STR | 2, C_STR | 3, C_STR | 5, C_ARRAY | 3,
+  C_ARRAY | 5, C_MAP | 3, C_MAP | 5,
+  T16(C_SCALAR | 1), T16(C_SCALAR | 1), /* 0xe0-0xff: negative fixint */
+};
+#undef T16
+
 /* Header size from the type byte alone (0 for 0xc1). */
-static unsigned head_len(uint8_t b) {
-  if (b <= 0xbf || b >= 0xe0) return 1; /* fixint, fixmap, fixarray, fixstr, negative fixint */
-  switch (b) {
-  case 0xc0: case 0xc2: case 0xc3: return 1;
-  case 0xc4: case 0xcc: case 0xd0: case 0xd9: return 2;
-  case 0xc5: case 0xcd: case 0xd1: case 0xda: case 0xdc: case 0xde: return 3;
-  case 0xc6: case 0xca: case 0xce: case 0xd2: case 0xdb: case 0xdd: case 0xdf: return 5;
-  case 0xcb: case 0xcf: case 0xd3: return 9;
-  case 0xc7: return 3;
-  case 0xc8: return 4;
-  case 0xc9: return 6;
-  case 0xd4: case 0xd5: case 0xd6: case 0xd7: case 0xd8: return 2;
-  default: return 0; /* 0xc1: never used */
-  }
-}
+static unsigned head_len(uint8_t b) { return qp__type[b] & 0x0f; }
 
 /* Decodes the header at p (hlen bytes available, hlen = head_len(*p) > 0). */
 static void head_parse(const uint8_t *p, qp__hd *h) {
@@ -74,16 +98,7 @@ static void head_parse(const uint8_t *p, qp__hd *h) {
   }
 }
 
-static const char *kind_name(int k) {
-  switch (k) {
-  case K_STR: return "str";
-  case K_BIN: return "bin";
-  case K_EXT: return "ext";
-  case K_ARRAY: return "array";
-  case K_MAP: return "map";
-  default: return "value";
-  }
-}
+/* ---- scanner ---------------------------------------------------------------------------------- */
 
 void qp_scan_init(qp_scan *s, uint64_t max_bytes, int max_depth) {
   memset(s, 0, sizeof *s);
@@ -106,78 +121,183 @@ void qp_scan_bin_done(qp_scan *s) {
   s->skip = 0;
 }
 
+/* A 1, 2 or 4-byte big-endian length or count. */
+static inline uint64_t be_field(const uint8_t *p, unsigned n) {
+  if (n == 1) return p[0];
+  if (n == 2) return (uint64_t)p[0] << 8 | p[1];
+  return (uint64_t)p[0] << 24 | (uint64_t)p[1] << 16 | (uint64_t)p[2] << 8 | p[3];
+}
+
+/* What a str/bin/ext/array/map type byte declares, for error messages. */
+static const char *type_name(uint8_t b) {
+  switch (qp__type[b] & 0xf0) {
+  case C_FIXSTR: case C_STR: return "str";
+  case C_BIN: return "bin";
+  case C_EXT: case C_FIXEXT: return "ext";
+  case C_FIXARR: case C_ARRAY: return "array";
+  case C_FIXMAP: case C_MAP: return "map";
+  default: return "value";
+  }
+}
+
+/* The scanner's errors, kept out of its loop: each fills s->what and returns the code. `b` is the
+ * type byte at offset `at`. */
+static __attribute__((noinline, cold)) int scan_err_reserved(qp_scan *s, uint64_t at) {
+  snprintf(s->what, sizeof s->what, "reserved byte 0xc1 at offset %llu", (unsigned long long)at);
+  return QINS_EPROTO;
+}
+
+static __attribute__((noinline, cold)) int scan_err_long(qp_scan *s) {
+  snprintf(s->what, sizeof s->what, "message longer than the limit of %llu bytes",
+           (unsigned long long)s->max_bytes);
+  return QINS_ETOO_LARGE;
+}
+
+static __attribute__((noinline, cold)) int scan_err_body(qp_scan *s, uint8_t b, uint64_t body,
+                                                         uint64_t at) {
+  snprintf(s->what, sizeof s->what, "%s length %llu at offset %llu exceeds the limit of %llu",
+           type_name(b), (unsigned long long)body, (unsigned long long)at,
+           (unsigned long long)s->max_bytes);
+  return QINS_ETOO_LARGE;
+}
+
+/* items: what the scanner counts (2 per map pair); the message gives the declared count. */
+static __attribute__((noinline, cold)) int scan_err_count(qp_scan *s, uint8_t b, uint64_t items,
+                                                          uint64_t at) {
+  int map = (qp__type[b] & 0xf0) == C_FIXMAP || (qp__type[b] & 0xf0) == C_MAP;
+  snprintf(s->what, sizeof s->what, "%s of %llu items at offset %llu exceeds the limit of %llu bytes",
+           type_name(b), (unsigned long long)(map ? items / 2 : items), (unsigned long long)at,
+           (unsigned long long)s->max_bytes);
+  return QINS_ETOO_LARGE;
+}
+
+static __attribute__((noinline, cold)) int scan_err_depth(qp_scan *s, uint64_t at) {
+  snprintf(s->what, sizeof s->what, "nesting deeper than %d at offset %llu", s->max_depth,
+           (unsigned long long)at);
+  return QINS_EPROTO;
+}
+
+/* One value header per iteration. The walk position, the depth and the item count left at the
+ * current depth live in locals and are written back to *s on every return (the counts of the
+ * enclosing containers stay in s->left). The one-byte forms requests are made of take a short path
+ * of their own; the others are decoded from qp__type. The checks and their order are the same for
+ * every value: no byte buffered -> QP_MORE; 0xc1 -> QINS_EPROTO; header ending past max_bytes ->
+ * QINS_ETOO_LARGE; header not all buffered -> QP_MORE; then the body length or item count against
+ * the bytes still allowed (QINS_ETOO_LARGE), then the depth (QINS_EPROTO). */
 int qp_scan_next(qp_scan *s, const void *buf, size_t len, size_t *size) {
   const uint8_t *p = buf;
-  for (;;) {
-    if (s->skip) {
-      uint64_t avail = len > s->off ? len - s->off : 0;
-      uint64_t take = avail < s->skip ? avail : s->skip;
-      s->off += take;
-      s->skip -= take;
-      if (s->skip) return QP_MORE;
-    }
-    while (s->left[s->depth] == 0) {
-      if (s->depth == 0) {
-        *size = (size_t)s->off;
-        return QP_COMPLETE;
-      }
-      s->depth--;
-    }
-    if (s->off >= len) return QP_MORE;
-    unsigned hl = head_len(p[s->off]);
-    if (hl == 0) {
-      snprintf(s->what, sizeof s->what, "reserved byte 0xc1 at offset %llu",
-               (unsigned long long)s->off);
-      return QINS_EPROTO;
-    }
-    if (s->off + hl > s->max_bytes) {
-      snprintf(s->what, sizeof s->what, "message longer than the limit of %llu bytes",
-               (unsigned long long)s->max_bytes);
-      return QINS_ETOO_LARGE;
-    }
-    if (s->off + hl > len) return QP_MORE;
-    qp__hd h;
-    head_parse(p + s->off, &h);
-    uint64_t at = s->off;
-    s->off += hl;
-    s->left[s->depth]--;
-    uint64_t room = s->max_bytes - s->off; /* bytes the message may still take */
-    switch (h.kind) {
-    case K_STR: case K_BIN: case K_EXT:
-      if (h.body > room) {
-        snprintf(s->what, sizeof s->what, "%s length %llu at offset %llu exceeds the limit of %llu",
-                 kind_name(h.kind), (unsigned long long)h.body, (unsigned long long)at,
-                 (unsigned long long)s->max_bytes);
-        return QINS_ETOO_LARGE;
-      }
-      s->skip = h.body;
-      if (h.kind == K_BIN && s->bin_stop && h.body >= s->bin_stop) {
-        s->bin_len = h.body;
-        *size = (size_t)s->off;
-        return QP_BIN;
-      }
-      break;
-    case K_ARRAY: case K_MAP: {
-      uint64_t items = h.kind == K_MAP ? h.count * 2 : h.count; /* count < 2^32: no overflow */
-      if (items > room) {
-        snprintf(s->what, sizeof s->what,
-                 "%s of %llu items at offset %llu exceeds the limit of %llu bytes",
-                 kind_name(h.kind), (unsigned long long)h.count, (unsigned long long)at,
-                 (unsigned long long)s->max_bytes);
-        return QINS_ETOO_LARGE;
-      }
-      if (s->depth + 1 > s->max_depth) {
-        snprintf(s->what, sizeof s->what, "nesting deeper than %d at offset %llu", s->max_depth,
-                 (unsigned long long)at);
-        return QINS_EPROTO;
-      }
-      s->depth++;
-      s->left[s->depth] = items;
-      break;
-    }
-    default: break;
-    }
+  const uint64_t max = s->max_bytes;
+  /* A str/bin/ext body left over from the last call (QP_MORE inside it, or QP_BIN). */
+  if (s->skip) {
+    uint64_t avail = len > s->off ? len - s->off : 0;
+    uint64_t take = avail < s->skip ? avail : s->skip;
+    s->off += take;
+    s->skip -= take;
+    if (s->skip) return QP_MORE;
   }
+  uint64_t off = s->off;
+  int depth = s->depth;
+  uint64_t left = s->left[depth]; /* items still expected at this depth */
+  /* Bytes below `end` are buffered and within the limit: a header or body that ends by then needs
+   * no other check. */
+  const uint64_t end = len < max ? len : max;
+  int r;
+  for (;;) {
+    while (left == 0) { /* the current container (or the message) is complete */
+      if (depth == 0) {
+        *size = (size_t)off;
+        r = QP_COMPLETE;
+        goto out;
+      }
+      s->left[depth] = 0;
+      left = s->left[--depth];
+    }
+    if (off >= end) { /* nothing buffered, or at the limit with bytes still to come */
+      if (off >= len) r = QP_MORE;
+      else if (p[off] == 0xc1) r = scan_err_reserved(s, off);
+      else r = scan_err_long(s);
+      goto out;
+    }
+    const uint8_t b = p[off];
+    const uint64_t at = off; /* the header's offset, for error messages */
+    uint64_t n; /* body bytes (str/bin/ext), or items (array: count, map: 2 * pairs) */
+    /* Fast path: the one-byte forms (fixint, fixmap, fixarray, fixstr). Their header is buffered
+     * and within the limit since off < end. */
+    if (b <= 0x7f || b >= 0xe0) { /* positive or negative fixint */
+      off++;
+      left--;
+      continue;
+    }
+    if (b <= 0xbf) {
+      off++;
+      left--;
+      if (b >= 0xa0) { /* fixstr */
+        n = b & 0x1f;
+        goto body;
+      }
+      n = b <= 0x8f ? (uint64_t)(b & 0x0f) * 2 : b & 0x0f; /* fixmap (pairs), fixarray */
+      goto container;
+    }
+    /* 0xc0-0xdf: nil, bool and the forms with a wider header, decoded from the table. */
+    const unsigned t = qp__type[b];
+    const unsigned hl = t & 0x0f;
+    /* One unsigned comparison catches 0xc1 (hl - 1 wraps) and a header ending past `end`. */
+    if ((uint64_t)hl - 1 >= end - off) {
+      if (hl == 0) r = scan_err_reserved(s, off);
+      else if (off + hl > max) r = scan_err_long(s);
+      else r = QP_MORE;
+      goto out;
+    }
+    off += hl;
+    left--;
+    switch (t & 0xf0) {
+    case C_SCALAR: continue; /* the header is the whole value */
+    case C_STR: n = be_field(p + at + 1, hl - 1); goto body;
+    case C_EXT: n = be_field(p + at + 1, hl - 2); goto body;
+    case C_FIXEXT: n = (uint64_t)1 << (b - 0xd4); goto body;
+    case C_ARRAY: n = be_field(p + at + 1, hl - 1); goto container;
+    case C_MAP: n = be_field(p + at + 1, hl - 1) * 2; goto container;
+    default: /* C_BIN */
+      n = be_field(p + at + 1, hl - 1);
+      if (s->bin_stop && n >= s->bin_stop && n <= max - off) { /* (too long: an error below) */
+        s->skip = n; /* the payload is still to walk past (or qp_scan_bin_done) */
+        s->bin_len = n;
+        *size = (size_t)off;
+        r = QP_BIN;
+        goto out;
+      }
+      goto body;
+    }
+  body: /* a str/bin/ext of n bytes after the header (off <= end here) */
+    if (n <= end - off) { /* buffered and within the limit: step over it */
+      off += n;
+      continue;
+    }
+    if (n > max - off) {
+      r = scan_err_body(s, b, n, at);
+      goto out;
+    }
+    s->skip = n - (len - off); /* walk what is buffered; the rest on a later call */
+    off = len;
+    r = QP_MORE;
+    goto out;
+  container: /* an array or map of n items */
+    if (n > max - off) {
+      r = scan_err_count(s, b, n, at);
+      goto out;
+    }
+    if (depth + 1 > s->max_depth) {
+      r = scan_err_depth(s, at);
+      goto out;
+    }
+    s->left[depth++] = left;
+    left = n;
+  }
+out:
+  s->off = off;
+  s->depth = depth;
+  s->left[depth] = left;
+  return r;
 }
 
 /* ---- cursor reader ---------------------------------------------------------------------------- */

@@ -317,3 +317,190 @@ Test(proto_scan, random_bytes_are_bounded) {
     free(copy);
   }
 }
+
+/* Messages mixing the one-byte forms the scanner takes on its fast path (fixint, fixstr, fixarray,
+ * fixmap) with nil/bool and the wider forms (str8, int16, array16, map16, ext, fixext, bin). */
+static void pack_mixed(msgpack_sbuffer *sb, int which) {
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+  static const char blob[300] = {7};
+  switch (which) {
+  case 0: /* the request of the scanner's benchmark */
+    qp_pack_request(&pk, 7, "get");
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_map(&pk, 3);
+    qp_pack_cstr(&pk, "model");
+    qp_pack_cstr(&pk, "bench");
+    qp_pack_cstr(&pk, "name");
+    qp_pack_cstr(&pk, "w");
+    qp_pack_cstr(&pk, "slice");
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_uint32(&pk, 5);
+    msgpack_pack_uint32(&pk, 6);
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_uint32(&pk, 0);
+    msgpack_pack_uint32(&pk, 1024);
+    break;
+  case 1: /* a response with every kind of value and a 300-byte bin last */
+    qp_pack_response_ok(&pk, 9);
+    msgpack_pack_map(&pk, 9);
+    qp_pack_cstr(&pk, "ints");
+    msgpack_pack_array(&pk, 7);
+    msgpack_pack_int64(&pk, -1);
+    msgpack_pack_int64(&pk, -33);
+    msgpack_pack_int64(&pk, 127);
+    msgpack_pack_uint64(&pk, 200);
+    msgpack_pack_uint64(&pk, 70000);
+    msgpack_pack_uint64(&pk, 1ull << 40);
+    msgpack_pack_int64(&pk, -(1ll << 40));
+    qp_pack_cstr(&pk, "flags");
+    msgpack_pack_array(&pk, 4);
+    msgpack_pack_true(&pk);
+    msgpack_pack_false(&pk);
+    msgpack_pack_nil(&pk);
+    msgpack_pack_double(&pk, 0.5);
+    qp_pack_cstr(&pk, "long name, longer than a fixstr's 31 bytes"); /* str8 */
+    msgpack_pack_float(&pk, 1.5f);
+    qp_pack_cstr(&pk, "empty");
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_array(&pk, 0);
+    msgpack_pack_map(&pk, 0);
+    qp_pack_cstr(&pk, "a16");
+    msgpack_pack_array(&pk, 16); /* array16 */
+    for (int i = 0; i < 16; i++) msgpack_pack_int(&pk, i * 1000 - 3);
+    qp_pack_cstr(&pk, "m16");
+    msgpack_pack_map(&pk, 16); /* map16 */
+    for (int i = 0; i < 16; i++) {
+      msgpack_pack_int(&pk, i);
+      msgpack_pack_str_with_body(&pk, blob, (size_t)i);
+    }
+    qp_pack_cstr(&pk, "ext");
+    msgpack_pack_array(&pk, 2);
+    msgpack_pack_ext_with_body(&pk, blob, 4, 1);  /* fixext4 */
+    msgpack_pack_ext_with_body(&pk, blob, 20, 2); /* ext8 */
+    qp_pack_cstr(&pk, "small");
+    msgpack_pack_bin_with_body(&pk, blob, 3);
+    qp_pack_cstr(&pk, "data");
+    msgpack_pack_bin_with_body(&pk, blob, sizeof blob);
+    break;
+  default: /* nested QP_MAX_DEPTH deep, fix and wide containers alternating */
+    for (int d = 0; d < QP_MAX_DEPTH; d++) {
+      if (d % 2) msgpack_pack_array(&pk, 2);
+      else msgpack_pack_map(&pk, 1);
+      msgpack_pack_str_with_body(&pk, blob, (size_t)d * 9);
+    }
+    msgpack_pack_nil(&pk);
+    break;
+  }
+}
+
+/* Scans m whole, then split at every byte offset (one call with the first part, one with all) and
+ * a byte at a time, each from a fresh exact-size copy: same verdict, size and error text. */
+static void scan_splits(const char *m, size_t size, uint64_t max_bytes, uint64_t bin_stop) {
+  qp_scan s;
+  size_t n0 = 0;
+  qp_scan_init(&s, max_bytes, QP_MAX_DEPTH);
+  s.bin_stop = bin_stop;
+  int r0 = qp_scan_next(&s, m, size, &n0);
+  char what0[sizeof s.what];
+  memcpy(what0, s.what, sizeof what0);
+  uint64_t bin0 = s.bin_len;
+  cr_assert(r0 != QP_MORE, "limit %llu", (unsigned long long)max_bytes);
+  for (size_t cut = 0; cut <= size + 1; cut++) { /* cut size + 1: a byte at a time */
+    qp_scan_init(&s, max_bytes, QP_MAX_DEPTH);
+    s.bin_stop = bin_stop;
+    size_t n = 0, len = cut <= size ? cut : 0;
+    int r = QP_MORE;
+    while (r == QP_MORE) {
+      char *copy = malloc(len ? len : 1); /* a new place each call: the buffer may move */
+      memcpy(copy, m, len);
+      r = qp_scan_next(&s, copy, len, &n);
+      free(copy);
+      if (r == QP_MORE) {
+        cr_assert_lt(len, size, "cut %zu limit %llu", cut, (unsigned long long)max_bytes);
+        len = cut <= size ? size : len + 1;
+      }
+    }
+    cr_assert_eq(r, r0, "cut %zu limit %llu: %d vs %d", cut, (unsigned long long)max_bytes, r, r0);
+    cr_assert_str_eq(s.what, what0, "cut %zu", cut);
+    if (r == QP_COMPLETE || r == QP_BIN) cr_assert_eq(n, n0, "cut %zu", cut);
+    if (r == QP_BIN) cr_assert_eq(s.bin_len, bin0);
+  }
+}
+
+Test(proto_scan, mixed_forms_same_verdict_at_every_split_point_and_limit) {
+  for (int which = 0; which < 3; which++) {
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_mixed(&sb, which);
+    /* Every limit up to the size: ETOO_LARGE below it (from a header, a declared length or
+     * count, or the message's length), complete from it on. */
+    for (uint64_t max = 0; max <= sb.size + 1; max++) {
+      scan_splits(sb.data, sb.size, max, 0);
+      qp_scan s;
+      size_t n;
+      qp_scan_init(&s, max, QP_MAX_DEPTH);
+      int r = qp_scan_next(&s, sb.data, sb.size, &n);
+      if (max < sb.size) cr_assert_eq(r, QINS_ETOO_LARGE, "which %d limit %llu", which,
+                                      (unsigned long long)max);
+      else cr_assert(r == QP_COMPLETE && n == sb.size, "which %d: %s", which, s.what);
+    }
+    msgpack_sbuffer_destroy(&sb);
+  }
+}
+
+Test(proto_scan, mixed_forms_stop_at_bin_at_every_split_point) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  pack_mixed(&sb, 1);
+  scan_splits(sb.data, sb.size, 1 << 20, 100); /* the 300-byte bin stops; the 3-byte one not */
+  qp_scan s;
+  size_t n;
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  s.bin_stop = 100;
+  cr_assert_eq(qp_scan_next(&s, sb.data, sb.size, &n), QP_BIN);
+  cr_assert_eq(s.bin_len, 300);
+  cr_assert_eq(n, sb.size - 300);
+  qp_scan_bin_done(&s);
+  cr_assert_eq(qp_scan_offset(&s), sb.size);
+  cr_assert_eq(qp_scan_next(&s, sb.data, sb.size, &n), QP_COMPLETE);
+  cr_assert_eq(n, sb.size);
+  msgpack_sbuffer_destroy(&sb);
+}
+
+/* Errors found on the one-byte forms' path say the same as the general path's. */
+Test(proto_scan, fix_form_errors) {
+  qp_scan s;
+  size_t n;
+  const uint8_t str[] = {0x92, 0x01, 0xa5, 'a', 'b', 'c', 'd', 'e'};
+  qp_scan_init(&s, 6, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, str, 3, &n), QINS_ETOO_LARGE);
+  cr_assert_str_eq(s.what, "str length 5 at offset 2 exceeds the limit of 6");
+  const uint8_t map[] = {0x91, 0x8f};
+  qp_scan_init(&s, 30, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, map, sizeof map, &n), QINS_ETOO_LARGE);
+  cr_assert_str_eq(s.what, "map of 15 items at offset 1 exceeds the limit of 30 bytes");
+  qp_scan_init(&s, 32, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, map, sizeof map, &n), QP_MORE); /* 2 + 2 * 15 <= 32 */
+  const uint8_t arr[] = {0x9f};
+  qp_scan_init(&s, 15, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, arr, sizeof arr, &n), QINS_ETOO_LARGE);
+  cr_assert_str_eq(s.what, "array of 15 items at offset 0 exceeds the limit of 15 bytes");
+  const uint8_t longer[] = {0x93, 0x01, 0x02, 0x03};
+  qp_scan_init(&s, 3, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, longer, 1, &n), QINS_ETOO_LARGE); /* 3 items need 4 bytes */
+  const uint8_t flat[] = {0x01, 0x02};
+  qp_scan_init(&s, 1, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, flat, sizeof flat, &n), QP_COMPLETE);
+  cr_assert_eq(n, 1);
+  uint8_t deep[QP_MAX_DEPTH + 2];
+  memset(deep, 0x81, sizeof deep); /* maps of one pair, nested one level too deep */
+  qp_scan_init(&s, 1 << 20, QP_MAX_DEPTH);
+  cr_assert_eq(qp_scan_next(&s, deep, sizeof deep, &n), QINS_EPROTO);
+  cr_assert_str_eq(s.what, "nesting deeper than 8 at offset 8");
+  const uint8_t reserved[] = {0x92, 0xa1, 'x', 0xc1};
+  qp_scan_init(&s, 3, QP_MAX_DEPTH); /* 0xc1 at the limit: reserved wins over the limit */
+  cr_assert_eq(qp_scan_next(&s, reserved, sizeof reserved, &n), QINS_EPROTO);
+  cr_assert_str_eq(s.what, "reserved byte 0xc1 at offset 3");
+}
