@@ -564,21 +564,28 @@ static int job_fail(job *j, int rc, const char *name) {
   return j->err;
 }
 
-/* Adds tensor t to the plan: output shape, dtype and bytes; checks the response limit. */
-static int job_add(job *j, const qs_tensor *t) {
+/* The next free item (items grown if needed), or NULL (out of memory; err set). */
+static item *job_slot(job *j) {
   if (j->n_items == j->cap_items) {
     size_t nc = j->cap_items ? j->cap_items * 2 : 4;
     item *ni = realloc(j->items, nc * sizeof *ni);
     if (!ni) {
       snprintf(j->req.msg, sizeof j->req.msg, "out of memory planning %s", j->model);
-      return j->err = QINS_ENOMEM;
+      j->err = QINS_ENOMEM;
+      return NULL;
     }
     j->items = ni;
     j->cap_items = nc;
   }
-  item *it = &j->items[j->n_items];
-  memset(it, 0, sizeof *it);
-  it->t = *t;
+  return &j->items[j->n_items];
+}
+
+/* Adds tensor t to the plan: output shape, dtype and bytes; checks the response limit. t may
+ * already be the next slot's record (job_slot), read there to save a copy. */
+static int job_add(job *j, const qs_tensor *t) {
+  item *it = job_slot(j);
+  if (!it) return j->err;
+  if (&it->t != t) it->t = *t; /* the rest of the item is set below */
   const qs_slice *sl = j->has_slice ? &j->slice : NULL;
   if (sl) {
     if (sl->ndim > t->ndim) {
@@ -649,10 +656,11 @@ static int job_plan(job *j, qs_txn *t) {
   j->cost = 0;
   j->err = 0;
   int rc;
-  if (!j->many) {
-    qs_tensor ten;
-    if ((rc = qs_tensor_get(t, j->model, j->name, &ten))) return job_fail(j, rc, j->name);
-    return job_add(j, &ten);
+  if (!j->many) { /* read straight into the item: a tensor record is 1.2 KB */
+    item *it = job_slot(j);
+    if (!it) return j->err;
+    if ((rc = qs_tensor_get(t, j->model, j->name, &it->t))) return job_fail(j, rc, j->name);
+    return job_add(j, &it->t);
   }
   if (j->by_prefix) {
     qs_model m;
