@@ -148,6 +148,19 @@ static uint64_t proc_cpu_ns(pid_t pid) {
   return v;
 }
 
+/* Voluntary context switches of the process's main thread (times it slept), or 0. */
+static uint64_t proc_sleeps(pid_t pid) {
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+  FILE *f = fopen(path, "r");
+  unsigned long long v = 0;
+  if (!f) return 0;
+  while (fgets(line, sizeof line, f))
+    if (sscanf(line, "voluntary_ctxt_switches: %llu", &v) == 1) break;
+  fclose(f);
+  return v;
+}
+
 /* CPU time of this process, all threads (ns). */
 static uint64_t self_cpu_ns(void) {
   struct timespec ts;
@@ -286,14 +299,15 @@ typedef struct lat_side {
   double *lat;     /* all latencies (s): rounds x clients x n */
   uint64_t cpu_ns; /* server main-thread CPU over the timed phases */
   uint64_t client_ns; /* this process's CPU (the client threads) over the timed phases */
+  uint64_t sleeps;    /* the server main thread's voluntary context switches, same phases */
   int fail;
   double p50, p99; /* microseconds */
 } lat_side;
 
 /* The clients of one comparison: each thread holds a connection to every side; phases (a side
  * for n requests a client) start and end on a barrier, so all clients talk to the same server at
- * once, and the sides take turns round by round (qinsd, Redis, qinsd, ...): both see the same
- * machine load. Round 0 is a warm-up, not recorded. */
+ * once, and the sides take turns round by round (qinsd, Redis, Redis, qinsd, ...: the order flips
+ * every round): both see the same machine load. Round 0 is a warm-up, not recorded. */
 typedef struct lat_run {
   lat_side *side;
   int nsides, clients, rounds, n;
@@ -355,12 +369,15 @@ static void *lat_thread(void *p) {
     pack_get_req(&req[k], (uint32_t)k, "w", 1, (uint64_t)(k * 61 + a->id * 7) % BIG_ROWS);
   size_t per = (size_t)R->clients * (size_t)R->n;
   for (int r = 0; r <= R->rounds; r++)
-    for (int k = 0; k < R->nsides; k++) {
+    for (int kk = 0; kk < R->nsides; kk++) {
+      /* ABBA: the order of the sides flips every round, so neither always goes first. */
+      int k = (r & 1) && R->nsides == 2 ? 1 - kk : kk;
       lat_side *S = &R->side[k];
       double *lat = r ? S->lat + per * (size_t)(r - 1) + (size_t)a->id * (size_t)R->n : NULL;
-      uint64_t c0 = 0, u0 = 0;
+      uint64_t c0 = 0, u0 = 0, v0 = 0;
       pthread_barrier_wait(&R->bar);
       if (a->id == 0) {
+        v0 = proc_sleeps(S->pid);
         c0 = proc_cpu_ns(S->pid);
         u0 = self_cpu_ns();
       }
@@ -380,6 +397,7 @@ static void *lat_thread(void *p) {
       if (a->id == 0 && r) {
         S->cpu_ns += proc_cpu_ns(S->pid) - c0;
         S->client_ns += self_cpu_ns() - u0;
+        S->sleeps += proc_sleeps(S->pid) - v0;
       }
       if (fail) S->fail = 1; /* benign race: any thread may set it */
     }
@@ -401,7 +419,7 @@ static void latency_pair(lat_side *s, int nsides, int clients, int rounds, int n
   pthread_barrier_init(&R.bar, NULL, (unsigned)clients);
   for (int k = 0; k < nsides; k++) {
     s[k].lat = calloc(per * (size_t)rounds, sizeof(double));
-    s[k].cpu_ns = s[k].client_ns = 0;
+    s[k].cpu_ns = s[k].client_ns = s[k].sleeps = 0;
     s[k].fail = 0;
   }
   pthread_t th[16];
@@ -514,22 +532,24 @@ int main(void) {
   const int clients[2] = {1, 16};
   for (int k = 0; k < 2; k++) {
     int c = clients[k];
-    int rounds = 10, n = (c == 1 ? 400 : 100) * sc; /* 4,000 and 16,000 requests a server */
-    lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0, 0}};
+    int rounds = 20, n = (c == 1 ? 500 : 200) * sc; /* 10,000 and 64,000 requests a server */
+    lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0, 0, 0}};
     latency_pair(sd, rp > 0 ? 2 : 1, c, rounds, n);
     /* In-daemon time (dispatch to reply queued), over its last 8192 requests. */
     double in50 = stats_num(d.sock, "latency_p50_us"), in99 = stats_num(d.sock, "latency_p99_us");
     double total = (double)rounds * n * c;
     double qcpu = (double)sd[0].cpu_ns / 1e3 / total, rcpu = (double)sd[1].cpu_ns / 1e3 / total;
     double qcl = (double)sd[0].client_ns / 1e3 / total, rcl = (double)sd[1].client_ns / 1e3 / total;
+    double qsl = (double)sd[0].sleeps / total, rsl = (double)sd[1].sleeps / total;
     if (rp > 0) {
       printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us | redis GET 4KiB p50 %.1f "
              "us p99 %.1f us | ratio p50 %.2f p99 %.2f (qinsd/redis; target <= 1; %d rounds "
              "alternated; cpu per request: server qinsd %.2f us redis %.2f us, client qinsd "
-             "%.2f us redis %.2f us; in-daemon p50 %.1f us p99 %.1f us)%s\n",
+             "%.2f us redis %.2f us; server sleeps per request qinsd %.2f redis %.2f; in-daemon p50 "
+             "%.1f us p99 %.1f us)%s\n",
              c, c > 1 ? "s" : "", sd[0].p50, sd[0].p99, sd[1].p50, sd[1].p99,
              sd[1].p50 > 0 ? sd[0].p50 / sd[1].p50 : 0, sd[1].p99 > 0 ? sd[0].p99 / sd[1].p99 : 0,
-             rounds, qcpu, rcpu, qcl, rcl, in50, in99, sd[0].fail || sd[1].fail ? " [errors]" : "");
+             rounds, qcpu, rcpu, qcl, rcl, qsl, rsl, in50, in99, sd[0].fail || sd[1].fail ? " [errors]" : "");
     } else {
       printf("slice_4KiB_latency_%d_client%s: qinsd p50 %.1f us p99 %.1f us (server cpu per "
              "request %.2f us; in-daemon p50 %.1f us p99 %.1f us)%s\n",
