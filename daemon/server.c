@@ -10,7 +10,9 @@
  * unpack, no allocation; handlers look params up in the same bytes). Methods come from the table
  * in commands.c. Responses are packed with msgpack-c into an sbuffer holding only the envelope
  * and small fields; a decoded payload goes out as its own iovec after a bin header (uv_write of
- * several buffers = writev), never copied into the sbuffer.
+ * several buffers = writev), never copied into the sbuffer. A small get is packed and decoded
+ * into one static buffer and written at once when the socket takes it (qd_reply_copy); a
+ * streamed get is written by its pool worker itself (qd_direct_begin .. qd_direct_end).
  *
  * Invariants:
  *  - Backpressure: a connection's requests are read and dispatched only while the bytes it has
