@@ -45,15 +45,22 @@ BENCHES = [
     ("serve", "bench_serve", "Serving vs a bare socket, latency vs Redis — `tests/bench/bench_serve.c`",
      "`make bench`; alone: `QINS_BUILD=build build/bench/bench_serve` (`BENCH_SCALE=N` for N "
      "times the requests, `BENCH_QINSD_ARGS` for qinsd flags).",
-     "(1) One 64 MiB FP32 `get` through qinsd against the same bytes through a bare Unix "
-     "socketpair from a warm buffer (a forked writer), best of 8, alternated: throughput and "
-     "ratio (target >= 0.8), with qinsd's own decode time per get. (2) 4 KiB-slice `get` "
-     "latency p50/p99 with 1 and 16 concurrent clients next to Redis `GET` of a 4 KiB value "
-     "(Debian's redis-server on a temporary Unix socket), with the in-daemon latency from "
-     "qinsd's `stats`.",
+     "(1) A 64 MiB FP32 `get` of a tensor stored f32 (sent from the store's map, no copy) and of "
+     "one stored qins8 (decoded in cache-sized pieces), each against the same bytes through a bare "
+     "Unix socketpair (a forked writer sending from a warm 64 MiB buffer: the target's reference; "
+     "and from a cache-resident 256 KiB buffer: the socket's ceiling on the machine), best of 8, "
+     "alternated: throughput and ratios (target >= 0.8), with qinsd's decode time per get. "
+     "(2) 4 KiB-slice `get` latency p50/p99 (rows spread over the 64 MiB tensor) with 1 and 16 "
+     "concurrent clients next to Redis `GET` of a 4 KiB value (Debian's redis-server on a "
+     "temporary Unix socket): each client holds a connection to both, the two servers take turns "
+     "phase by phase (ABBA, 20 rounds after a warm-up), and each line gives both servers' and the "
+     "clients' CPU per request, the servers' sleeps per request and qinsd's in-daemon latency.",
      "Ratios are same-run and alternated, so they hold on a noisy machine; absolute numbers do "
-     "not. With 16 clients on 2 cores, p99 is dominated by scheduling (more runnable threads "
-     "than cores); the in-daemon figures show what qinsd itself spends per request."),
+     "not. qins8 can beat the 64 MiB-buffer reference because its socket copy reads a piece "
+     "still in cache while the reference reads 64 MiB from memory; against the cache-resident "
+     "ceiling it is below 1. With 16 clients on 2 cores both servers are saturated (about zero "
+     "sleeps per request) and preempted by client threads about every other request: p99 there "
+     "is set by scheduling and moves by 10% from run to run."),
     ("worker", "bench_worker.sh", "Worker sampling sanity — `tests/bench/bench_worker.sh`",
      "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_worker.sh` "
      "(`SEEDS`, `STEPS`, `MODEL` override).",
