@@ -306,7 +306,7 @@ typedef struct lat_side {
 
 /* The clients of one comparison: each thread holds a connection to every side; phases (a side
  * for n requests a client) start and end on a barrier, so all clients talk to the same server at
- * once, and the sides take turns round by round (qinsd, Redis, Redis, qinsd, ...: the order flips
+ * once, and the sides take turns round by round, 100 short rounds (qinsd, Redis, Redis, qinsd, ...: the order flips
  * every round): both see the same machine load. Round 0 is a warm-up, not recorded. */
 typedef struct lat_run {
   lat_side *side;
@@ -532,7 +532,7 @@ int main(void) {
   const int clients[2] = {1, 16};
   for (int k = 0; k < 2; k++) {
     int c = clients[k];
-    int rounds = 20, n = (c == 1 ? 500 : 200) * sc; /* 10,000 and 64,000 requests a server */
+    int rounds = 100, n = (c == 1 ? 400 : 160) * sc; /* 40,000 and 256,000 requests a server */
     lat_side sd[2] = {{d.sock, 0, d.pid, NULL, 0, 0, 0, 0, 0, 0}, {rsock, 1, rp, NULL, 0, 0, 0, 0, 0, 0}};
     latency_pair(sd, rp > 0 ? 2 : 1, c, rounds, n);
     /* In-daemon time (dispatch to reply queued), over its last 8192 requests. */

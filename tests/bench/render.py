@@ -53,7 +53,7 @@ BENCHES = [
      "(2) 4 KiB-slice `get` latency p50/p99 (rows spread over the 64 MiB tensor) with 1 and 16 "
      "concurrent clients next to Redis `GET` of a 4 KiB value (Debian's redis-server on a "
      "temporary Unix socket): each client holds a connection to both, the two servers take turns "
-     "phase by phase (ABBA, 20 rounds after a warm-up), and each line gives both servers' and the "
+     "phase by phase (ABBA, 100 rounds after a warm-up), and each line gives both servers' and the "
      "clients' CPU per request, the servers' sleeps per request and qinsd's in-daemon latency.",
      "Ratios are same-run and alternated, so they hold on a noisy machine; absolute numbers do "
      "not. qins8 can beat the 64 MiB-buffer reference because its socket copy reads a piece "
