@@ -306,8 +306,8 @@ typedef struct lat_side {
 
 /* The clients of one comparison: each thread holds a connection to every side; phases (a side
  * for n requests a client) start and end on a barrier, so all clients talk to the same server at
- * once, and the sides take turns round by round, 100 short rounds (qinsd, Redis, Redis, qinsd, ...: the order flips
- * every round): both see the same machine load. Round 0 is a warm-up, not recorded. */
+ * once, and the sides take turns in many short rounds (qinsd, Redis, Redis, qinsd, ...: the
+ * order flips every round): both see the same machine load. Round 0 is a warm-up, not recorded. */
 typedef struct lat_run {
   lat_side *side;
   int nsides, clients, rounds, n;
