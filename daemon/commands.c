@@ -884,12 +884,12 @@ static int job_run(job *j, int on_loop) {
   return RUN_DONE;
 }
 
-static void pack_item_head(msgpack_packer *pk, const item *it, int with_name) {
-  msgpack_pack_map(pk, with_name ? 4 : 3);
-  if (with_name) {
-    qp_pack_cstr(pk, "name");
-    qp_pack_cstr(pk, it->t.name);
-  }
+/* One get_many tensor map up to its payload: {name, shape, dtype, data: <bin header>}. (A get's
+ * head is pack_get_head's.) */
+static void pack_item_head(msgpack_packer *pk, const item *it) {
+  msgpack_pack_map(pk, 4);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, it->t.name);
   qp_pack_cstr(pk, "shape");
   msgpack_pack_array(pk, (size_t)it->ndim);
   for (int d = 0; d < it->ndim; d++) msgpack_pack_uint64(pk, it->shape[d]);
@@ -918,8 +918,8 @@ static size_t put_fixstr(uint8_t *p, const char *s) { /* s: under 32 bytes */
   return 1 + n;
 }
 
-/* [1, msgid, nil, {shape: [...], dtype: "...", data: <bin header>}] of a get answer, the same
- * bytes qp_pack_response_ok and pack_item_head write. At most 1 + 5 + 1 + 1 + 6 + 1 + 8 * 9 + 6 +
+/* [1, msgid, nil, {shape: [...], dtype: "...", data: <bin header>}]: every get answer's head,
+ * however it is sent (small, buffered or streamed). At most 1 + 5 + 1 + 1 + 6 + 1 + 8 * 9 + 6 +
  * 5 + 5 + 5 = 112 bytes. */
 static size_t pack_get_head(uint8_t *out, uint32_t msgid, const item *it) {
   uint8_t *p = out;
@@ -958,7 +958,6 @@ static void job_reply(job *j) {
   msgpack_sbuffer sb;
   msgpack_packer pk;
   init_packer_small(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
   /* A few items (every get) use the stack; get_many with more allocates. */
   size_t ends_s[JOB_SPARE_ITEMS + 1];
   uv_buf_t bufs_s[2 * JOB_SPARE_ITEMS + 1];
@@ -976,15 +975,23 @@ static void job_reply(job *j) {
     return;
   }
   if (!j->many) {
-    pack_item_head(&pk, &j->items[0], 0);
+    uint8_t head[SCRATCH_HEAD];
+    size_t hl = pack_get_head(head, r->msgid, &j->items[0]);
+    if (msgpack_sbuffer_write(&sb, (const char *)head, hl)) { /* one item: nothing else to free */
+      msgpack_sbuffer_destroy(&sb);
+      qd_reply_err(r, QINS_ENOMEM, "out of memory answering %s", j->model);
+      job_free(j);
+      return;
+    }
     ends[0] = sb.size;
   } else {
+    qp_pack_response_ok(&pk, r->msgid);
     msgpack_pack_map(&pk, 1);
     qp_pack_cstr(&pk, "tensors");
     msgpack_pack_array(&pk, j->n_items);
     ends[0] = sb.size;
     for (size_t i = 0; i < j->n_items; i++) {
-      pack_item_head(&pk, &j->items[i], 1);
+      pack_item_head(&pk, &j->items[i]);
       ends[i] = sb.size;
     }
   }

@@ -297,6 +297,19 @@ static void on_write(uv_write_t *req, int status) {
   }
 }
 
+/* Writes what the socket takes now of bufs, queueing nothing: the bytes written (counted as
+ * served), 0 when none fit, -1 when the socket failed (logged; the caller closes c). */
+static ssize_t conn_try_write(qd_conn *c, const uv_buf_t *bufs, unsigned nbufs) {
+  int n = uv_try_write((uv_stream_t *)&c->pipe, bufs, nbufs);
+  if (n >= 0) {
+    qd_st.bytes_served += (size_t)n;
+    return n;
+  }
+  if (n == UV_EAGAIN) return 0;
+  qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(n));
+  return -1;
+}
+
 /* Hands w to libuv (counted in c->queued until its callback). */
 static void wreq_submit(qd_conn *c, wreq *w) {
   if (c->closing) { /* the client left while this was being computed */
@@ -316,11 +329,17 @@ static void wreq_submit(qd_conn *c, wreq *w) {
   /* Fast path: with nothing queued, write now (one writev, no request, no POLLOUT round trip
    * and its epoll_ctl). Only for plain replies: stream pieces report through their callback. */
   if (!w->done) {
-    int n = uv_try_write((uv_stream_t *)&c->pipe, w->bufs, w->nbufs);
-    if (n > 0 && (size_t)n == w->bytes) {
+    ssize_t n = conn_try_write(c, w->bufs, w->nbufs);
+    if (n < 0) {
       c->queued -= w->bytes;
       qd_st.queued_bytes -= w->bytes;
-      qd_st.bytes_served += w->bytes;
+      wreq_free(w);
+      conn_close(c);
+      return;
+    }
+    c->queued -= (size_t)n;
+    qd_st.queued_bytes -= (size_t)n;
+    if ((size_t)n == w->bytes) {
       wreq_free(w);
       return;
     }
@@ -332,17 +351,7 @@ static void wreq_submit(qd_conn *c, wreq *w) {
       w->bufs[i].len -= skip;
       memmove(w->bufs, w->bufs + i, (w->nbufs - i) * sizeof *w->bufs);
       w->nbufs -= i;
-      c->queued -= (size_t)n;
-      qd_st.queued_bytes -= (size_t)n;
-      qd_st.bytes_served += (size_t)n;
       w->bytes -= (size_t)n;
-    } else if (n < 0 && n != UV_EAGAIN) {
-      c->queued -= w->bytes;
-      qd_st.queued_bytes -= w->bytes;
-      qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(n));
-      wreq_free(w);
-      conn_close(c);
-      return;
     }
   }
   int rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, w->bufs, w->nbufs, on_write);
@@ -501,9 +510,7 @@ void qd_latency_record(uint64_t t0) {
 void qd_count_error(int code) { count_error(code); }
 
 void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
-  uint64_t dt = qd_now_ns() - r->t0;
-  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
-  qd_st.lat_n++;
+  qd_latency_record(r->t0);
   size_t len = pl && pl->head_len ? pl->head_len : sb->size;
   char *head = msgpack_sbuffer_release(sb);
   conn_send(r->conn, head, len, pl);
@@ -511,24 +518,19 @@ void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
 
 void qd_reply_copy(qd_req *r, const char *p, size_t n) {
   qd_conn *c = r->conn;
-  uint64_t dt = qd_now_ns() - r->t0;
-  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
-  qd_st.lat_n++;
+  qd_latency_record(r->t0);
   /* Nothing queued or held before it: write now, from p (uv_try_write fails with EAGAIN while
    * libuv has writes queued, so order holds). */
   if (!c->streaming && !c->closing && !c->sink && c->queued == 0) {
     uv_buf_t b = uv_buf_init((char *)p, (unsigned)n);
-    int k = uv_try_write((uv_stream_t *)&c->pipe, &b, 1);
-    if (k > 0) {
-      qd_st.bytes_served += (size_t)k;
-      p += k;
-      n -= (size_t)k;
-      if (n == 0) return;
-    } else if (k < 0 && k != UV_EAGAIN) {
-      qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(k));
+    ssize_t k = conn_try_write(c, &b, 1);
+    if (k < 0) {
       conn_close(c);
       return;
     }
+    p += k;
+    n -= (size_t)k;
+    if (n == 0) return;
   }
   char *h = malloc(n); /* the rest is queued (or held, or played to the sink) like any response */
   if (!h) {
@@ -564,9 +566,7 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
                   : QD_LOG_VERBOSE;
   qd_log(level,
          "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
-  uint64_t dt = qd_now_ns() - r->t0;
-  qd_st.lat_ns[qd_st.lat_n % QD_LAT_SAMPLES] = dt;
-  qd_st.lat_n++;
+  qd_latency_record(r->t0);
   send_error(r->conn, r->msgid, code, msg);
 }
 
