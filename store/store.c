@@ -893,15 +893,24 @@ static int qs__read_linear(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_t
   return 0;
 }
 
-int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype dt,
-                   uint64_t out_begin, uint64_t out_end, void *out) {
-  uint64_t shp[QS_MAX_NDIM], n;
+/* The output shape of t[sl] into shp, checking that output elements [a, b) lie within it. */
+static int qs__out_range(const qs_tensor *t, const qs_slice *sl, uint64_t a, uint64_t b,
+                         uint64_t shp[QS_MAX_NDIM]) {
+  uint64_t n;
   int rc = qs_slice_shape(t, sl, shp, &n);
   if (rc) return rc;
-  if (out_begin > out_end || out_end > n)
+  if (a > b || b > n)
     return qs__fail(QINS_EBAD_SLICE, "tensor %s/%s: output range [%llu, %llu) outside %llu elements",
-                    t->model, t->name, (unsigned long long)out_begin,
-                    (unsigned long long)out_end, (unsigned long long)n);
+                    t->model, t->name, (unsigned long long)a, (unsigned long long)b,
+                    (unsigned long long)n);
+  return 0;
+}
+
+int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype dt,
+                   uint64_t out_begin, uint64_t out_end, void *out) {
+  uint64_t shp[QS_MAX_NDIM];
+  int rc = qs__out_range(t, sl, out_begin, out_end, shp);
+  if (rc) return rc;
   if (t->codec != QS_RAW && (unsigned)dt >= QC_DT_COUNT)
     return qs__fail(QINS_EDTYPE, "tensor %s/%s: bad output dtype %d", t->model, t->name, (int)dt);
   size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(dt);
@@ -948,13 +957,9 @@ int qs_tensor_span(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
   else if (t->codec <= QC_BF16 && t->codec == (int)dt) esz = qc_dtype_size(dt); /* same values */
   else return 0;
   if (sd > 1 || out_begin >= out_end) return 0;
-  uint64_t shp[QS_MAX_NDIM], total;
-  int rc = qs_slice_shape(t, sl, shp, &total);
+  uint64_t shp[QS_MAX_NDIM];
+  int rc = qs__out_range(t, sl, out_begin, out_end, shp);
   if (rc) return rc;
-  if (out_end > total)
-    return qs__fail(QINS_EBAD_SLICE, "tensor %s/%s: output range [%llu, %llu) outside %llu elements",
-                    t->model, t->name, (unsigned long long)out_begin,
-                    (unsigned long long)out_end, (unsigned long long)total);
   uint64_t inner = t->ndim && t->shape[0] ? t->n_elem / t->shape[0] : 1;
   uint64_t src = (sd == 1 ? sl->start[0] * inner : 0) + out_begin;
   uint64_t per_chunk = t->rows_per_chunk * t->row_len, ci = src / per_chunk, c0 = ci * per_chunk;
