@@ -177,20 +177,10 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, res.model);
-    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
-           "\"bytes_per_weight\":",
+    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,",
            (unsigned long long)res.n_tensors, (unsigned long long)res.n_elem,
            (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes);
-    qctl_jnum(stdout, bpw);
-    printf(",\"ratio\":");
-    qctl_jnum(stdout, ratio);
-    printf(",\"snr_db_matrices\":");
-    qctl_jnum(stdout, res.snr_db_2d);
-    printf(",\"seconds\":");
-    qctl_jnum(stdout, dt);
-    printf(",\"mb_per_s\":");
-    qctl_jnum(stdout, mbs);
-    printf("}\n");
+    qctl_json_import_figures(bpw, ratio, res.snr_db_2d, dt, mbs);
   } else {
     char a[32], b[32];
     printf("imported %s: %llu tensors, %s -> %s (%.2fx, %.3f bytes/weight), matrices SNR %.2f dB, "

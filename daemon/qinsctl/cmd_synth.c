@@ -573,18 +573,9 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
     printf("{\"model\":");
     qctl_jstr(stdout, model);
     printf(",\"arch\":\"%s\",\"seed\":%" PRIu64 ",\"n_tensors\":%" PRIu64 ",\"elements\":%" PRIu64
-           ",\"source_bytes\":%" PRIu64 ",\"stored_bytes\":%" PRIu64 ",\"bytes_per_weight\":",
+           ",\"source_bytes\":%" PRIu64 ",\"stored_bytes\":%" PRIu64 ",",
            arch->name, seed, res.n_tensors, res.n_elem, res.src_bytes, res.stored_bytes);
-    qctl_jnum(stdout, bpw);
-    printf(",\"ratio\":");
-    qctl_jnum(stdout, ratio);
-    printf(",\"snr_db_matrices\":");
-    qctl_jnum(stdout, snr);
-    printf(",\"seconds\":");
-    qctl_jnum(stdout, dt);
-    printf(",\"mb_per_s\":");
-    qctl_jnum(stdout, mbs);
-    printf("}\n");
+    qctl_json_import_figures(bpw, ratio, snr, dt, mbs);
   } else {
     char a[32], b[32];
     printf("synthesized %s (%s, seed %" PRIu64 "): %" PRIu64 " tensors, %" PRIu64

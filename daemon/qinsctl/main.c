@@ -105,6 +105,17 @@ void qctl_jnum(FILE *f, double v) {
   fputs(b, f);
 }
 
+void qctl_json_import_figures(double bytes_per_weight, double ratio, double snr_db_matrices,
+                              double seconds, double mb_per_s) {
+  const char *keys[5] = {"bytes_per_weight", "ratio", "snr_db_matrices", "seconds", "mb_per_s"};
+  const double v[5] = {bytes_per_weight, ratio, snr_db_matrices, seconds, mb_per_s};
+  for (int i = 0; i < 5; i++) {
+    printf("%s\"%s\":", i ? "," : "", keys[i]);
+    qctl_jnum(stdout, v[i]);
+  }
+  printf("}\n");
+}
+
 static void qctl_list(FILE *f) {
   fprintf(f, "usage: qinsctl [--store DIR] [--socket PATH] [--json] COMMAND [ARGS...]\n\ncommands:\n");
   for (size_t i = 0; i < QCTL_NCMDS; i++)

@@ -45,6 +45,10 @@ const char *qctl_human(uint64_t bytes, char *buf, size_t cap);
 /* Minimal JSON writer on a FILE: commas are handled by the caller through qctl_jsep. */
 void qctl_jstr(FILE *f, const char *s);
 void qctl_jnum(FILE *f, double v); /* finite: %.17g-ish shortest; non-finite: null */
+/* The figures that end import's and synth's --json line, from "bytes_per_weight" to the closing
+ * brace and newline. */
+void qctl_json_import_figures(double bytes_per_weight, double ratio, double snr_db_matrices,
+                              double seconds, double mb_per_s);
 
 /* Store helpers (cmd_store.c), shared by the store commands and synth (cmd_synth.c). */
 typedef struct qs_store qs_store;
