@@ -70,7 +70,7 @@ struct qd_conn {
   size_t queued;       /* response bytes handed to uv_write and not yet completed */
   unsigned pending;    /* requests dispatched but not yet answered (pool jobs) */
   uint64_t reserved;   /* planned response bytes of those pending requests */
-  int reading;         /* requests are being read (read set, or uv_read_start) */
+  int reading;         /* requests are being read (rset_read; qd_serve_bytes when embedded) */
   int fd;              /* the socket, while in the read set; else -1 */
   int in_read;         /* inside rset_read for this connection (no nested reads) */
   int closing;         /* uv_close called */
@@ -115,11 +115,11 @@ static qd_conn *conns;
 static uint64_t next_conn_id = 1;
 static uint64_t n_open; /* connections not yet freed (busy ones included) */
 static struct stat sock_st; /* our socket file, to remove it only if still ours */
-static int rset_fd = -1; /* the epoll instance; -1: reads go through uv_read_start, uv_run drives */
+static int rset_fd = -1; /* the read set (epoll), while serve_loop runs */
 static int loop_dirty = 1; /* libuv has fd watchers to (re)register: run it before waiting */
 
-/* Every call that may give libuv a new fd watcher (uv_write, uv_read_start/stop) is followed by
- * this: libuv registers watchers only inside uv_run, and uv_backend_timeout does not count them. */
+/* Called after anything that may give libuv a new fd watcher (uv_write) or work (uv_close): libuv
+ * registers watchers only inside uv_run, and uv_backend_timeout does not count them. */
 static void loop_touch(void) { loop_dirty = 1; }
 
 uint64_t qd_now_ns(void) {
@@ -268,8 +268,6 @@ static void conn_close(qd_conn *c) {
      * connection mid-write. Shut it down instead (the worker's next write fails at once) and
      * close the handle when the worker is done (qd_direct_end). */
     uv_os_fd_t fd;
-    uv_read_stop((uv_stream_t *)&c->pipe);
-    loop_touch();
     if (uv_fileno((uv_handle_t *)&c->pipe, &fd) == 0) shutdown(fd, SHUT_RDWR);
     c->close_deferred = 1;
   } else {
@@ -785,9 +783,9 @@ static void conn_process(qd_conn *c) {
   conn_update_reading(c);
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *out) {
-  (void)suggested;
-  qd_conn *c = h->data;
+/* Room for the next read at c's wpos: 64 KiB at least, up to max_request_bytes plus that (an empty
+ * buffer when that is used up: the caller reports UV_ENOBUFS). */
+static void conn_alloc(qd_conn *c, uv_buf_t *out) {
   const size_t chunk = 64 * 1024;
   if (c->cap - c->wpos < chunk && c->rpos > 0) {
     memmove(c->buf, c->buf + c->rpos, c->wpos - c->rpos);
@@ -830,11 +828,6 @@ static void conn_on_bytes(qd_conn *c, ssize_t nread) {
   conn_maybe_close(c);
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b) {
-  (void)b;
-  conn_on_bytes(s->data, nread);
-}
-
 /* ---- the read set and the loop driver (see Reading, at the top) ---------------------------- */
 
 /* Reads what c's socket holds, while c wants requests. Edge-triggered: a socket is reported again
@@ -846,7 +839,7 @@ static void rset_read(qd_conn *c, int all) {
   c->in_read = 1;
   while (c->reading && !c->closing) {
     uv_buf_t b;
-    on_alloc((uv_handle_t *)&c->pipe, 65536, &b);
+    conn_alloc(c, &b);
     if (b.len == 0) { /* libuv reports an empty buffer as UV_ENOBUFS */
       conn_on_bytes(c, UV_ENOBUFS);
       break;
@@ -913,15 +906,15 @@ static void serve_loop(void) {
 }
 
 /* Starts reading c: joins the read set (once), then reads what already arrived (an edge that came
- * while c was paused is not reported again). 0, or -1 if c must be read through libuv. */
+ * while c was paused is not reported again). 0, or -1 if c cannot be read (logged). */
 static int rset_start(qd_conn *c) {
-  if (rset_fd < 0) return -1;
   if (c->fd < 0) {
     uv_os_fd_t fd;
-    if (uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0) return -1;
     struct epoll_event e = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = c};
-    if (epoll_ctl(rset_fd, EPOLL_CTL_ADD, fd, &e) != 0) {
-      qd_log(QD_LOG_WARNING, "%s: read set: %s; reading through libuv", c->desc, strerror(errno));
+    if (rset_fd < 0 || uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
+        epoll_ctl(rset_fd, EPOLL_CTL_ADD, fd, &e) != 0) {
+      qd_log(QD_LOG_WARNING, "%s: cannot watch the socket (%s): closing it", c->desc,
+             rset_fd < 0 ? "no read set" : strerror(errno)); /* e.g. fs.epoll.max_user_watches */
       return -1;
     }
     c->fd = fd;
@@ -940,16 +933,14 @@ static void conn_update_reading(qd_conn *c) {
   int want = conn_can_dispatch(c) && !stopping && !c->eof;
   if (c->closing) return;
   if (want && !c->reading) {
-    if (c->sink || rset_start(c) != 0) { /* embedded: reads come from qd_serve_bytes */
-      if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) == 0) c->reading = 1;
-      loop_touch();
+    if (c->sink) {
+      c->reading = 1; /* embedded: qd_serve_bytes feeds its reads */
+    } else if (rset_start(c) != 0) {
+      conn_close(c);
+      return;
     }
   } else if (!want && c->reading) {
-    if (c->fd < 0) { /* in the read set it is just not read */
-      uv_read_stop((uv_stream_t *)&c->pipe);
-      loop_touch();
-    }
-    c->reading = 0;
+    c->reading = 0; /* it stays in the read set, just not read (rset_start reads what came) */
     if (!c->close_after && !stopping) {
       qd_st.paused_reads++;
       qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes queued, %u pending)", c->desc, c->queued,
@@ -1200,7 +1191,11 @@ int qd_server_run(void) {
   uv_signal_start(&sig_int, on_signal, SIGINT);
   uv_signal_init(loop, &sig_hup);
   uv_signal_start(&sig_hup, on_signal, SIGHUP);
-  if (listen_socket()) {
+  if ((rc = rset_open()) != 0)
+    qd_log(QD_LOG_WARNING, "cannot create the read set (epoll): %s", strerror(-rc));
+  if (rc || listen_socket()) {
+    if (rset_fd >= 0) close(rset_fd);
+    rset_fd = -1;
     stopping = 1;
     uv_close((uv_handle_t *)&sig_term, NULL);
     uv_close((uv_handle_t *)&sig_int, NULL);
@@ -1211,15 +1206,9 @@ int qd_server_run(void) {
     qs_close(qd_store);
     return 1;
   }
-  if ((rc = rset_open()) == 0) {
-    serve_loop();
-    close(rset_fd);
-    rset_fd = -1;
-  } else {
-    qd_log(QD_LOG_WARNING, "read set: %s; clients are read through libuv, in its batch order",
-           strerror(-rc));
-    uv_run(loop, UV_RUN_DEFAULT);
-  }
+  serve_loop();
+  close(rset_fd);
+  rset_fd = -1;
   int lc = uv_loop_close(loop);
   if (lc) qd_log(QD_LOG_WARNING, "loop closed with handles open: %s", uv_strerror(lc));
   qs_close(qd_store);
@@ -1291,21 +1280,21 @@ int qd_serve_bytes(const void *in, size_t len, size_t piece, qd_sink_fn sink, vo
       continue;
     }
     if (len == 0) {
-      on_read((uv_stream_t *)&c->pipe, UV_EOF, NULL);
+      conn_on_bytes(c, UV_EOF);
       break;
     }
     uv_buf_t b;
-    on_alloc((uv_handle_t *)&c->pipe, 65536, &b);
+    conn_alloc(c, &b);
     size_t n = len < piece ? len : piece;
     if (n > b.len) n = b.len;
     if (n == 0) { /* libuv reports an empty buffer as UV_ENOBUFS */
-      on_read((uv_stream_t *)&c->pipe, UV_ENOBUFS, &b);
+      conn_on_bytes(c, UV_ENOBUFS);
       break;
     }
     memcpy(b.base, p, n);
     p += n;
     len -= n;
-    on_read((uv_stream_t *)&c->pipe, (ssize_t)n, &b);
+    conn_on_bytes(c, (ssize_t)n);
   }
   /* Every answer goes out, then the connection closes by itself. */
   while ((c = conn_by_id(id)))
