@@ -66,7 +66,7 @@ static const opt opts[] = {
   {"inline-decode-bytes", T_SIZE, "256K", 0, 4 * GiB, F(inline_decode_bytes),
    "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},
   {"write-queue-bytes", T_SIZE, "8M", 64 * KiB, 16 * GiB, F(write_queue_bytes),
-   "a client's unsent responses above this pause reading its requests (backpressure)"},
+   "memory held by a client's unsent responses above this pauses reading its requests"},
   {"max-pending", T_U64, "64", 1, 4096, F(max_pending),
    "requests of one client being answered at once; more wait unread"},
   {"shutdown-timeout-ms", T_U64, "10000", 0, 3600000, F(shutdown_timeout_ms),

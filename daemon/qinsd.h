@@ -52,7 +52,8 @@ typedef struct qd_config {
   uint64_t max_connections;    /* concurrent connections */
   uint64_t max_ranges;         /* slice ranges per request */
   uint64_t inline_decode_bytes; /* decodes with output up to this run on the loop thread */
-  uint64_t write_queue_bytes;  /* a client's unsent responses above this pause reading its requests */
+  uint64_t write_queue_bytes;  /* memory held by a client's unsent responses above this pauses
+                                  reading its requests */
   uint64_t max_pending;        /* requests of one client being answered at a time */
   uint64_t shutdown_timeout_ms; /* after SIGTERM, connections still busy after this are cut */
   uint64_t threads;            /* decode threads (libuv pool size) */
@@ -102,7 +103,8 @@ typedef struct qd_stats {
   uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */
   uint64_t lat_n;              /* samples written (ring index = lat_n % QD_LAT_SAMPLES) */
   uint64_t paused_reads;       /* times a client's reading was paused by backpressure */
-  uint64_t queued_bytes;       /* response bytes queued or reserved, all clients */
+  uint64_t queued_bytes;       /* memory held by queued responses, plus bytes reserved by pending
+                                  decodes, all clients */
   uint64_t queued_peak;        /* the most queued_bytes has been */
 } qd_stats;
 extern qd_stats qd_st;

@@ -67,7 +67,7 @@ struct qd_conn {
   char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
   size_t cap, rpos, wpos;
   qp_scan scan;        /* the request being framed, starting at buf + rpos */
-  size_t queued;       /* response bytes handed to uv_write and not yet completed */
+  size_t queued;       /* memory held by its responses not yet written (wreq cost) */
   unsigned pending;    /* requests dispatched but not yet answered (pool jobs) */
   uint64_t reserved;   /* planned response bytes of those pending requests */
   int reading;         /* requests are being read (rset_read; qd_serve_bytes when embedded) */
@@ -94,8 +94,9 @@ typedef struct wreq wreq;
 struct wreq {
   uv_write_t req;  /* libuv request; req.data unused */
   qd_conn *c;      /* connection written to */
-  size_t bytes;    /* total bytes of bufs */
-  char *head;      /* packed prefix (sbuffer data, malloc'd) */
+  size_t bytes;    /* bytes of bufs still to write */
+  size_t cost;     /* memory it holds (itself, head, payload): counted in c->queued until freed */
+  char *head;      /* packed prefix (sbuffer data, malloc'd), or NULL (none, or copied inline) */
   void *owned;     /* payload buffer released after the write, or NULL */
   size_t owned_cap;
   void (*done)(void *); /* called when the write is finished or dropped (may be NULL) */
@@ -295,11 +296,16 @@ static void wreq_free(wreq *w) {
   free(w);
 }
 
+/* w leaves c's queue: what it held is no longer counted. */
+static void wreq_uncount(qd_conn *c, wreq *w) {
+  c->queued -= w->cost;
+  qd_st.queued_bytes -= w->cost;
+}
+
 static void on_write(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
   qd_conn *c = w->c;
-  c->queued -= w->bytes;
-  qd_st.queued_bytes -= w->bytes;
+  wreq_uncount(c, w);
   if (status == 0) {
     qd_st.bytes_served += w->bytes;
   } else if (status != UV_ECANCELED) {
@@ -335,15 +341,13 @@ static ssize_t conn_try_write(qd_conn *c, const uv_buf_t *bufs, unsigned nbufs) 
 /* Hands w to libuv (counted in c->queued until its callback). */
 static void wreq_submit(qd_conn *c, wreq *w) {
   if (c->closing) { /* the client left while this was being computed */
-    c->queued -= w->bytes;
-    qd_st.queued_bytes -= w->bytes;
+    wreq_uncount(c, w);
     wreq_free(w);
     return;
   }
   if (c->sink) { /* embedded (qd_serve_bytes): the whole write is delivered at once */
     for (unsigned i = 0; i < w->nbufs; i++) c->sink(c->sink_ud, w->bufs[i].base, w->bufs[i].len);
-    c->queued -= w->bytes;
-    qd_st.queued_bytes -= w->bytes;
+    wreq_uncount(c, w);
     qd_st.bytes_served += w->bytes;
     wreq_free(w);
     return;
@@ -353,15 +357,13 @@ static void wreq_submit(qd_conn *c, wreq *w) {
   if (!w->done) {
     ssize_t n = conn_try_write(c, w->bufs, w->nbufs);
     if (n < 0) {
-      c->queued -= w->bytes;
-      qd_st.queued_bytes -= w->bytes;
+      wreq_uncount(c, w);
       wreq_free(w);
       conn_close(c);
       return;
     }
-    c->queued -= (size_t)n;
-    qd_st.queued_bytes -= (size_t)n;
     if ((size_t)n == w->bytes) {
+      wreq_uncount(c, w);
       wreq_free(w);
       return;
     }
@@ -379,20 +381,26 @@ static void wreq_submit(qd_conn *c, wreq *w) {
   int rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, w->bufs, w->nbufs, on_write);
   loop_touch();
   if (rc) {
-    c->queued -= w->bytes;
-    qd_st.queued_bytes -= w->bytes;
+    wreq_uncount(c, w);
     qd_log(QD_LOG_VERBOSE, "%s: write failed: %s", c->desc, uv_strerror(rc));
     wreq_free(w);
     conn_close(c);
   }
 }
 
-/* Builds a write of head (taken over; may be NULL) + pieces, and submits it, or holds it while
- * a stream owns the connection (stream = 0) so that responses never interleave. */
-static void conn_send_ex(qd_conn *c, char *head, size_t head_len, const uv_buf_t *pieces,
-                         unsigned np, void *owned, size_t owned_cap, void (*done)(void *),
-                         void *ud, int stream) {
-  wreq *w = malloc(sizeof *w + (1 + np) * sizeof(uv_buf_t));
+/* Builds a write of head (taken over, head_cap bytes allocated; may be NULL) + pieces, and
+ * submits it, or holds it while a stream owns the connection (stream = 0) so that responses never
+ * interleave. Its cost, counted against write_queue_bytes until it is freed, is the memory it
+ * holds, not the bytes it sends: 100,000 queued 13-byte pongs must not hold 100,000 8 KiB
+ * sbuffers. A small head with no pieces (pieces may point into a head) is copied into the
+ * request itself; a larger one is shrunk to its length. */
+#define WREQ_INLINE_HEAD 256
+static void conn_send_ex(qd_conn *c, char *head, size_t head_len, size_t head_cap,
+                         const uv_buf_t *pieces, unsigned np, void *owned, size_t owned_cap,
+                         void (*done)(void *), void *ud, int stream) {
+  size_t inl = head && np == 0 && head_len <= WREQ_INLINE_HEAD ? head_len : 0;
+  size_t wsize = sizeof(wreq) + (1 + np) * sizeof(uv_buf_t) + inl;
+  wreq *w = malloc(wsize);
   if (!w) {
     qd_log(QD_LOG_WARNING, "%s: out of memory queueing a response; closing", c->desc);
     free(head);
@@ -401,8 +409,21 @@ static void conn_send_ex(qd_conn *c, char *head, size_t head_len, const uv_buf_t
     conn_close(c);
     return;
   }
+  if (inl) { /* the request's own bytes now hold the head */
+    char *h = (char *)(w->bufs + 1 + np);
+    memcpy(h, head, head_len);
+    free(head);
+    head = h;
+    head_cap = 0;
+  } else if (head && np == 0 && head_cap > head_len) {
+    char *h = realloc(head, head_len ? head_len : 1);
+    if (h) {
+      head = h;
+      head_cap = head_len;
+    }
+  }
   w->c = c;
-  w->head = head;
+  w->head = inl ? NULL : head;
   w->owned = owned;
   w->owned_cap = owned_cap;
   w->done = done;
@@ -414,12 +435,17 @@ static void conn_send_ex(qd_conn *c, char *head, size_t head_len, const uv_buf_t
     w->bufs[w->nbufs++] = uv_buf_init(head, (unsigned)head_len);
     w->bytes += head_len;
   }
+  w->cost = wsize + head_cap + (owned ? owned_cap : 0);
   for (unsigned i = 0; i < np; i++) {
     w->bufs[w->nbufs++] = pieces[i];
     w->bytes += pieces[i].len;
+    const char *b = pieces[i].base; /* bytes outside head and owned are held for it (streams) */
+    int in_head = head && b >= head && b < head + head_cap;
+    int in_owned = owned && b >= (const char *)owned && b < (const char *)owned + owned_cap;
+    if (!in_head && !in_owned) w->cost += pieces[i].len;
   }
-  c->queued += w->bytes;
-  queued_add(w->bytes);
+  c->queued += w->cost;
+  queued_add(w->cost);
   if (c->streaming && !stream && !c->closing) {
     if (c->held_tail) c->held_tail->next = w;
     else c->held_head = w;
@@ -429,9 +455,10 @@ static void conn_send_ex(qd_conn *c, char *head, size_t head_len, const uv_buf_t
   wreq_submit(c, w);
 }
 
-static void conn_send(qd_conn *c, char *head, size_t head_len, const qd_payload *pl) {
-  conn_send_ex(c, head, head_len, pl ? pl->bufs : NULL, pl ? pl->nbufs : 0, pl ? pl->owned : NULL,
-               pl ? pl->owned_cap : 0, NULL, NULL, 0);
+static void conn_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
+                      const qd_payload *pl) {
+  conn_send_ex(c, head, head_len, head_cap, pl ? pl->bufs : NULL, pl ? pl->nbufs : 0,
+               pl ? pl->owned : NULL, pl ? pl->owned_cap : 0, NULL, NULL, 0);
 }
 
 /* Submits (or, when the connection is closing, drops) the writes held during a stream. */
@@ -489,7 +516,8 @@ static void conn_wake_streams(qd_conn *c) {
 
 void qd_stream_write(qd_conn *c, char *head, size_t head_len, uv_buf_t piece,
                      void (*done)(void *), void *ud) {
-  conn_send_ex(c, head, head_len, piece.len ? &piece : NULL, piece.len ? 1 : 0, NULL, 0, done, ud, 1);
+  conn_send_ex(c, head, head_len, head_len, piece.len ? &piece : NULL, piece.len ? 1 : 0, NULL, 0,
+               done, ud, 1);
 }
 
 int qd_direct_begin(qd_conn *c, void (*drained)(void *), void *ud) {
@@ -534,9 +562,9 @@ void qd_count_error(int code) { count_error(code); }
 
 void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
   qd_latency_record(r->t0);
-  size_t len = pl && pl->head_len ? pl->head_len : sb->size;
+  size_t len = pl && pl->head_len ? pl->head_len : sb->size, cap = sb->alloc;
   char *head = msgpack_sbuffer_release(sb);
-  conn_send(r->conn, head, len, pl);
+  conn_send(r->conn, head, len, cap, pl);
 }
 
 void qd_reply_copy(qd_req *r, const char *p, size_t n) {
@@ -562,7 +590,7 @@ void qd_reply_copy(qd_req *r, const char *p, size_t n) {
     return;
   }
   memcpy(h, p, n);
-  conn_send(c, h, n, NULL);
+  conn_send(c, h, n, n, NULL);
 }
 
 static void send_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
@@ -571,8 +599,8 @@ static void send_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
   msgpack_packer pk;
   msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
   qp_pack_response_err(&pk, msgid, code, "%s", msg);
-  size_t len = sb.size;
-  conn_send(c, msgpack_sbuffer_release(&sb), len, NULL);
+  size_t len = sb.size, cap = sb.alloc;
+  conn_send(c, msgpack_sbuffer_release(&sb), len, cap, NULL);
   count_error(code);
 }
 

@@ -550,3 +550,73 @@ Test(daemon_bad, client_never_reading, .init = setup_small_queue) {
   ts_rx_destroy(&b);
   ts_rx_destroy(&w);
 }
+
+static long daemon_kib(const char *field) { /* a "Vm...: N kB" line of qinsd's /proc status */
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)D.pid);
+  FILE *f = fopen(path, "r");
+  long v = -1;
+  size_t fl = strlen(field);
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, field, fl) && line[fl] == ':') v = strtol(line + fl + 1, NULL, 10);
+  if (f) fclose(f);
+  return v;
+}
+
+/* A client that pipelines tiny requests and never reads: the replies are 13 bytes on the wire but
+ * each queued one holds memory (its write request, its buffer), and that is what the queue limit
+ * counts. Counted by wire bytes, 4 MiB of queue was about 320,000 pongs holding an 8 KiB sbuffer
+ * each (2.6 GB); now the daemon stops reading at 4 MiB held and its peak RSS barely moves. */
+Test(daemon_bad, tiny_requests_never_read_are_bounded_by_memory, .init = setup_small_queue) {
+  ts_rx w, b;
+  open_rx(&w);
+  open_rx(&b);
+  int fl = 1 << 16;
+  setsockopt(b.fd, SOL_SOCKET, SO_RCVBUF, &fl, sizeof fl);
+  long hwm0 = daemon_kib("VmHWM");
+  cr_assert_gt(hwm0, 0, "qinsd's VmHWM");
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  for (uint32_t i = 0; i < 6000; i++) { /* 6,000 pings, about 60 KB, sent again and again */
+    qp_pack_request(&pk, 1000 + i, "ping");
+    msgpack_pack_array(&pk, 0);
+  }
+  /* Send (non-blocking) until the daemon has stopped taking them for 300 ms, or 400,000 pings. */
+  size_t sent = 0, off = 0;
+  int idle_ms = 0;
+  while (sent < 400000u * 10 && idle_ms < 300) {
+    ssize_t n = send(b.fd, sb.data + off, sb.size - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n > 0) {
+      sent += (size_t)n;
+      off = (off + (size_t)n) % sb.size;
+      idle_ms = 0;
+    } else {
+      cr_assert(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "send: %s", strerror(errno));
+      usleep(10000);
+      idle_ms += 10;
+    }
+  }
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(ping_on(&w, 7), "others are served");
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  qp_pack_request(&pk, 99, "stats");
+  msgpack_pack_array(&pk, 0);
+  const msgpack_object *r = ts_call(&w, &sb, 99);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0);
+  const msgpack_object *st = ts_resp_result(r);
+  uint64_t pings = qp_map_get(qp_map_get(st, "requests"), "ping")->via.u64;
+  uint64_t peak = qp_map_get(st, "queued_peak")->via.u64;
+  long hwm1 = daemon_kib("VmHWM");
+  cr_log_info("tiny requests: %zu bytes sent, %llu pings taken, queued peak %llu, VmHWM %ld -> %ld "
+              "KiB", sent, (unsigned long long)pings, (unsigned long long)peak, hwm0, hwm1);
+  cr_assert_geq(qp_map_get(st, "paused_reads")->via.u64, 1, "reading was paused (%zu bytes sent)",
+                sent);
+  cr_assert_leq(peak, (4u << 20) + 4096, "queued peak %llu", (unsigned long long)peak);
+  cr_assert_leq(hwm1 - hwm0, 24 * 1024, "qinsd's peak RSS grew from %ld to %ld KiB", hwm0, hwm1);
+  ts_rx_destroy(&b);
+  ts_rx_destroy(&w);
+}
