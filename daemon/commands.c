@@ -281,7 +281,7 @@ static int m_stats(qd_req *r) {
   qp_pack_response_ok(&pk, r->msgid);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(&pk, 17);
+  msgpack_pack_map(&pk, 18);
   qp_pack_cstr(&pk, "uptime_s");
   msgpack_pack_uint64(&pk, (qd_now_ns() - qd_st.start_ns) / 1000000000ull);
   qp_pack_cstr(&pk, "connections");
@@ -319,6 +319,8 @@ static int m_stats(qd_req *r) {
   msgpack_pack_uint64(&pk, qd_st.pool_decodes);
   qp_pack_cstr(&pk, "paused_reads");
   msgpack_pack_uint64(&pk, qd_st.paused_reads);
+  qp_pack_cstr(&pk, "reads_yielded");
+  msgpack_pack_uint64(&pk, qd_st.reads_yielded);
   qp_pack_cstr(&pk, "queued_bytes");
   msgpack_pack_uint64(&pk, qd_st.queued_bytes);
   qp_pack_cstr(&pk, "queued_peak");

@@ -103,6 +103,7 @@ typedef struct qd_stats {
   uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */
   uint64_t lat_n;              /* samples written (ring index = lat_n % QD_LAT_SAMPLES) */
   uint64_t paused_reads;       /* times a client's reading was paused by backpressure */
+  uint64_t reads_yielded;      /* times a client used its read budget and let the others go */
   uint64_t queued_bytes;       /* memory held by queued responses, plus bytes reserved by pending
                                   decodes, all clients */
   uint64_t queued_peak;        /* the most queued_bytes has been */

@@ -73,6 +73,9 @@ struct qd_conn {
   int reading;         /* requests are being read (rset_read; qd_serve_bytes when embedded) */
   int fd;              /* the socket, while in the read set; else -1 */
   int in_read;         /* inside rset_read for this connection (no nested reads) */
+  int again;           /* on the again list: its read budget ran out with bytes left */
+  int again_all;       /* its rset_read `all`, for the next turn */
+  struct qd_conn *again_prev, *again_next;
   int closing;         /* uv_close called */
   int closed;          /* close_cb ran */
   int close_after;     /* no more requests: close once pending == 0 and queued == 0 */
@@ -118,6 +121,9 @@ static uint64_t n_open; /* connections not yet freed (busy ones included) */
 static struct stat sock_st; /* our socket file, to remove it only if still ours */
 static int rset_fd = -1; /* the read set (epoll), while serve_loop runs */
 static int loop_dirty = 1; /* libuv has fd watchers to (re)register: run it before waiting */
+static int loop_failed;    /* epoll_wait failed: shutting down, exit status 1 */
+static qd_conn *again_head, *again_tail; /* connections to read again next round, in order */
+static size_t again_n;                   /* how many */
 
 /* Called after anything that may give libuv a new fd watcher (uv_write) or work (uv_close): libuv
  * registers watchers only inside uv_run, and uv_backend_timeout does not count them. */
@@ -858,14 +864,35 @@ static void conn_on_bytes(qd_conn *c, ssize_t nread) {
 
 /* ---- the read set and the loop driver (see Reading, at the top) ---------------------------- */
 
+static void again_remove(qd_conn *c) {
+  if (!c->again) return;
+  if (c->again_prev) c->again_prev->again_next = c->again_next;
+  else again_head = c->again_next;
+  if (c->again_next) c->again_next->again_prev = c->again_prev;
+  else again_tail = c->again_prev;
+  c->again = 0;
+  c->again_prev = c->again_next = NULL;
+  again_n--;
+}
+
 /* Reads what c's socket holds, while c wants requests. Edge-triggered: a socket is reported again
  * only when more bytes arrive, so it is read until a short read (drained) or EAGAIN; with `all`
  * (the client hung up, or an edge may have been missed while c was paused) until EAGAIN or end of
- * stream, since a short read says nothing about a FIN behind the bytes. */
+ * stream, since a short read says nothing about a FIN behind the bytes. A client sending without
+ * pause gets RSET_READ_BUDGET bytes a turn (4 full reads; libuv's streams allowed 32): then it goes
+ * on the again list, read after the next round's events, so the others and libuv get theirs. */
+#define RSET_READ_BUDGET (256u << 10)
+static void again_add(qd_conn *c, int all);
 static void rset_read(qd_conn *c, int all) {
   if (c->in_read) return; /* resumed from inside its own read: the loop below goes on */
   c->in_read = 1;
+  size_t budget = RSET_READ_BUDGET;
   while (c->reading && !c->closing) {
+    if (budget == 0) {
+      qd_st.reads_yielded++;
+      again_add(c, all);
+      break;
+    }
     uv_buf_t b;
     conn_alloc(c, &b);
     if (b.len == 0) { /* libuv reports an empty buffer as UV_ENOBUFS */
@@ -877,8 +904,33 @@ static void rset_read(qd_conn *c, int all) {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     conn_on_bytes(c, n < 0 ? -errno : n == 0 ? UV_EOF : n); /* UV errors are -errno on Unix */
     if (n <= 0 || (!all && (size_t)n < b.len)) break;
+    budget = (size_t)n < budget ? budget - (size_t)n : 0;
   }
   c->in_read = 0;
+}
+
+static void again_add(qd_conn *c, int all) {
+  c->again_all |= all;
+  if (c->again) return;
+  c->again = 1;
+  c->again_prev = again_tail;
+  c->again_next = NULL;
+  if (again_tail) again_tail->again_next = c;
+  else again_head = c;
+  again_tail = c;
+  again_n++;
+}
+
+/* One turn for each connection on the again list as it is now (those whose budget runs out again
+ * go to the back, for the next round). */
+static void again_run(void) {
+  for (size_t k = again_n; k > 0 && again_head; k--) {
+    qd_conn *c = again_head;
+    int all = c->again_all;
+    again_remove(c);
+    c->again_all = 0;
+    if (!c->closing && c->reading) rset_read(c, all);
+  }
 }
 
 /* The set holds the client sockets (edge-triggered, data.ptr = the connection) and libuv's own
@@ -909,14 +961,13 @@ static void serve_loop(void) {
       uv_run(loop, UV_RUN_NOWAIT);
     }
     if (!uv_loop_alive(loop)) break;
-    int n = epoll_wait(rset_fd, ev, 64, loop_dirty ? 0 : uv_backend_timeout(loop));
-    if (n <= 0) { /* timeout: timers or queued libuv work are due; EINTR: a signal */
-      if (n < 0 && errno != EINTR) {
-        qd_log(QD_LOG_WARNING, "epoll_wait: %s", strerror(errno));
-        usleep(1000); /* cannot happen with a valid set; never spin */
-      }
-      loop_dirty = 1;
-      continue;
+    uv_update_time(loop); /* the timeout counts from now, not from the last libuv round */
+    int n = epoll_wait(rset_fd, ev, 64, loop_dirty || again_head ? 0 : uv_backend_timeout(loop));
+    if (n < 0 && errno != EINTR) { /* cannot happen with a valid set: stop, and never spin */
+      qd_log(QD_LOG_WARNING, "epoll_wait on the read set: %s; shutting down", strerror(errno));
+      loop_failed = 1;
+      qd_shutdown_begin("epoll_wait failed");
+      usleep(1000);
     }
     uv_update_time(loop); /* timers started while handling requests count from now */
     for (int i = 0; i < n; i++) {
@@ -930,6 +981,9 @@ static void serve_loop(void) {
       if (!c->closing && c->reading)
         rset_read(c, (ev[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
     }
+    again_run();
+    /* Timers, closes or callbacks that came due while requests kept arriving. */
+    if (n <= 0 || uv_backend_timeout(loop) == 0) loop_dirty = 1;
   }
 }
 
@@ -941,7 +995,7 @@ static int rset_start(qd_conn *c) {
     struct epoll_event e = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.ptr = c};
     if (rset_fd < 0 || uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
         epoll_ctl(rset_fd, EPOLL_CTL_ADD, fd, &e) != 0) {
-      qd_log(QD_LOG_WARNING, "%s: cannot watch the socket (%s): closing it", c->desc,
+      qd_log(QD_LOG_WARNING, "%s: cannot watch the socket (%s): refused with BUSY", c->desc,
              rset_fd < 0 ? "no read set" : strerror(errno)); /* e.g. fs.epoll.max_user_watches */
       return -1;
     }
@@ -955,6 +1009,7 @@ static int rset_start(qd_conn *c) {
 static void rset_leave(qd_conn *c) {
   if (c->fd >= 0 && rset_fd >= 0) epoll_ctl(rset_fd, EPOLL_CTL_DEL, c->fd, NULL);
   c->fd = -1;
+  again_remove(c); /* closing: the list must not outlive the connection */
 }
 
 static void conn_update_reading(qd_conn *c) {
@@ -964,7 +1019,9 @@ static void conn_update_reading(qd_conn *c) {
     if (c->sink) {
       c->reading = 1; /* embedded: qd_serve_bytes feeds its reads */
     } else if (rset_start(c) != 0) {
-      conn_close(c);
+      send_error(c, 0, QINS_EBUSY, "the server cannot watch this connection: try again later");
+      c->close_after = 1;
+      conn_maybe_close(c);
       return;
     }
   } else if (!want && c->reading) {
@@ -1242,9 +1299,10 @@ int qd_server_run(void) {
   qs_close(qd_store);
   buf_cache_clear();
   free(qd_st.per_method);
-  qd_log(QD_LOG_NOTICE, "exited cleanly: %llu requests, %llu bytes served",
-         (unsigned long long)qd_st.requests, (unsigned long long)qd_st.bytes_served);
-  return 0;
+  qd_log(QD_LOG_NOTICE, "exited %s: %llu requests, %llu bytes served",
+         loop_failed ? "after a loop failure" : "cleanly", (unsigned long long)qd_st.requests,
+         (unsigned long long)qd_st.bytes_served);
+  return loop_failed ? 1 : 0;
 }
 
 /* ---- embedding: one client's byte stream with no socket (fuzzing; qinsd.h) ------------------- */

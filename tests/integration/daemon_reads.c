@@ -6,10 +6,17 @@
  *   - a request and the client's hang-up in one edge: answered, then the connection closes;
  *   - more ready clients than one epoll_wait returns (64): every one is answered;
  *   - a client paused by backpressure whose remaining requests and hang-up arrived while it was
- *     paused (their edges were seen and dropped): it gets every answer, then the close.
+ *     paused (their edges were seen and dropped): it gets every answer, then the close;
+ *   - a client sending without pause is read in turns of 256 KiB (its later bytes raise no new
+ *     edge until it is read again) and gets every answer.
+ * Connections are accepted and answered once before the daemon is frozen, so what it finds on
+ * waking comes through the read set's events, not through the first read at accept.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include "daemon_fixture.h"
@@ -62,10 +69,21 @@ static int answers_then_close(ts_rx *rx, uint32_t first) {
   return r == 0 ? n : -1;
 }
 
+/* One ping round trip on rx: the daemon has accepted it and watches it. */
+static void ping_once(ts_rx *rx, uint32_t id) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, "ping", -1);
+  const msgpack_object *r = ts_call(rx, &sb, id);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0, "ping %u answered", id);
+}
+
 Test(daemon_reads, request_and_hangup_in_one_edge) {
   ts_rx rx, w;
   open_rx(&rx);
   open_rx(&w);
+  ping_once(&rx, 1);
   msgpack_sbuffer sb;
   msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
@@ -89,16 +107,14 @@ Test(daemon_reads, request_and_hangup_in_one_edge) {
 Test(daemon_reads, more_ready_clients_than_one_wait_returns) {
   enum { N = 100 }; /* > 64 events a wait; < listen backlog 128 and max-connections 256 */
   static ts_rx rx[N];
+  for (int i = 0; i < N; i++) {
+    open_rx(&rx[i]);
+    ping_once(&rx[i], 1);
+  }
   freeze();
   int fails = 0;
-  for (int i = 0; i < N; i++) { /* the kernel queues the connections while qinsd is stopped */
-    int fd = ts_connect(D.sock);
-    if (fd < 0) {
-      fails++;
-      rx[i].fd = -1;
-      continue;
-    }
-    ts_rx_init(&rx[i], fd);
+  for (int i = 0; i < N; i++) { /* N edges wait in the set while qinsd is stopped */
+    int fd = rx[i].fd;
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     msgpack_packer pk;
@@ -159,6 +175,80 @@ Test(daemon_reads, paused_reader_gets_every_answer_and_its_hangup, .init = setup
   /* Reading the answers drains the queue; qinsd resumes, reads the rest and the end of stream. */
   cr_assert_eq(answers_then_close(&rx, 0), N, "every answer, then the close");
   cr_assert_geq(paused_reads(&w), 1);
+  ts_rx_destroy(&rx);
+  ts_rx_destroy(&w);
+}
+
+/* The writer side of a_client_sending_without_pause: all of buf, blocking. */
+typedef struct flood {
+  int fd;
+  const char *buf;
+  size_t len;
+  int rc;
+} flood;
+
+static void *flood_send(void *p) {
+  flood *f = p;
+  f->rc = ts_send(f->fd, f->buf, f->len);
+  return NULL;
+}
+
+static uint64_t stats_u64(ts_rx *w, const char *key) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 8, "stats", -1);
+  const msgpack_object *r = ts_call(w, &sb, 8);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0);
+  return qp_map_get(ts_resp_result(r), key)->via.u64;
+}
+
+Test(daemon_reads, a_client_sending_without_pause_is_read_in_turns) {
+  /* Notifications (no answer, so no backpressure) then one ping: about 4 MB in one go. */
+  enum { N = 500000 };
+  ts_rx rx, w;
+  open_rx(&rx);
+  open_rx(&w);
+  ping_once(&rx, 1);
+  uint64_t y0 = stats_u64(&w, "reads_yielded");
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  for (uint32_t i = 0; i < N; i++) { /* [2, "ping", []] */
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_uint8(&pk, 2);
+    qp_pack_cstr(&pk, "ping");
+    msgpack_pack_array(&pk, 0);
+  }
+  qp_pack_request(&pk, 7, "ping");
+  msgpack_pack_array(&pk, 0);
+  /* Frozen, qinsd finds the socket full on waking: many turns' worth at once. */
+  int big = 4 << 20;
+  setsockopt(rx.fd, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+  freeze();
+  flood f = {rx.fd, sb.data, sb.size, -1};
+  pthread_t th;
+  int tc = pthread_create(&th, NULL, flood_send, &f);
+  int queued = 0;
+  for (int t = 0; t < 200 && queued < (200 << 10); t++) { /* until the socket holds 200 KB */
+    usleep(5000);
+    ioctl(rx.fd, SIOCOUTQ, &queued);
+  }
+  kill(D.pid, SIGCONT);
+  cr_assert_eq(tc, 0);
+  const msgpack_object *o;
+  int answered = ts_rx_next(&rx, 30000, &o);
+  pthread_join(th, NULL);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert_eq(f.rc, 0, "sent all");
+  cr_assert_eq(answered, 1, "the ping after the notifications is answered");
+  cr_assert_eq(ts_resp_code(o), 0);
+  cr_assert_eq(o->via.array.ptr[1].via.u64, 7);
+  uint64_t y1 = stats_u64(&w, "reads_yielded");
+  cr_log_info("a client sending without pause: %d bytes waiting when qinsd woke, %llu read turns "
+              "yielded", queued, (unsigned long long)(y1 - y0));
+  cr_assert_geq(y1 - y0, 1, "its reads were cut into turns");
   ts_rx_destroy(&rx);
   ts_rx_destroy(&w);
 }
