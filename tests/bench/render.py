@@ -59,8 +59,10 @@ BENCHES = [
      "not. qins8 can beat the 64 MiB-buffer reference because its socket copy reads a piece "
      "still in cache while the reference reads 64 MiB from memory; against the cache-resident "
      "ceiling it is below 1. With 16 clients on 2 cores both servers are saturated (about zero "
-     "sleeps per request) and preempted by client threads about every other request: p99 there "
-     "is set by scheduling and moves by 10% from run to run."),
+     "sleeps per request) and preempted by client threads about every other request, so the "
+     "order in which requests are taken shapes the tail: qinsd takes them in arrival order "
+     "(docs/qinsd.md, Serving order); with libuv's batch order its p99 was 1.02-1.15x Redis's "
+     "for a similar median. p99 moves by about 10% from run to run."),
     ("worker", "bench_worker.sh", "Worker sampling sanity — `tests/bench/bench_worker.sh`",
      "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_worker.sh` "
      "(`SEEDS`, `STEPS`, `MODEL` override).",
