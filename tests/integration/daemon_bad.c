@@ -14,15 +14,6 @@
 
 TestSuite(daemon_bad, .init = setup, .fini = teardown, .timeout = 90);
 
-static int ping_on(ts_rx *rx, uint32_t id) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  ts_req_begin(&sb, &pk, id, "ping", -1);
-  const msgpack_object *r = ts_call(rx, &sb, id);
-  msgpack_sbuffer_destroy(&sb);
-  return r && ts_resp_code(r) == 0 && qp_obj_str_eq(ts_resp_result(r), "pong");
-}
-
 /* Sends bytes on a fresh connection; expects error `code` (to msgid `id`); then, if `closes`, a
  * close, else a working connection. A witness connection must be served before and after. */
 static void expect_error(const void *bytes, size_t len, int code, uint32_t id, int closes) {
@@ -532,14 +523,7 @@ Test(daemon_bad, client_never_reading, .init = setup_small_queue) {
   free(g.data);
   /* Backpressure engaged and bounded the daemon's buffering: at most the limit plus one
    * response (2.4 MB) plus the witness's response. */
-  msgpack_sbuffer_init(&sb);
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_request(&pk, 99, "stats");
-  msgpack_pack_array(&pk, 0);
-  const msgpack_object *r = ts_call(&w, &sb, 99);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0);
-  const msgpack_object *st = ts_resp_result(r);
+  const msgpack_object *st = stats_on(&w);
   cr_assert_geq(qp_map_get(st, "paused_reads")->via.u64, 1, "reading was paused");
   uint64_t peak = qp_map_get(st, "queued_peak")->via.u64;
   cr_assert_leq(peak, (4u << 20) + 2 * (1024 * 600 * 4 + 4096), "queued peak %llu",
@@ -600,14 +584,7 @@ Test(daemon_bad, tiny_requests_never_read_are_bounded_by_memory, .init = setup_s
   }
   msgpack_sbuffer_destroy(&sb);
   cr_assert(ping_on(&w, 7), "others are served");
-  msgpack_sbuffer_init(&sb);
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_request(&pk, 99, "stats");
-  msgpack_pack_array(&pk, 0);
-  const msgpack_object *r = ts_call(&w, &sb, 99);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0);
-  const msgpack_object *st = ts_resp_result(r);
+  const msgpack_object *st = stats_on(&w);
   uint64_t pings = qp_map_get(qp_map_get(st, "requests"), "ping")->via.u64;
   uint64_t peak = qp_map_get(st, "queued_peak")->via.u64;
   long hwm1 = daemon_kib("VmHWM");

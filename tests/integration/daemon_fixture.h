@@ -110,6 +110,27 @@ static void open_rx(ts_rx *rx) {
   ts_rx_init(rx, fd);
 }
 
+/* ping over rx: 1 when "pong" came back. */
+__attribute__((unused)) static int ping_on(ts_rx *rx, uint32_t id) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, "ping", -1);
+  const msgpack_object *r = ts_call(rx, &sb, id);
+  msgpack_sbuffer_destroy(&sb);
+  return r && ts_resp_code(r) == 0 && qp_obj_str_eq(ts_resp_result(r), "pong");
+}
+
+/* stats over rx (asserted to succeed): the result map, valid until rx's next call. */
+__attribute__((unused)) static const msgpack_object *stats_on(ts_rx *rx) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 99, "stats", -1);
+  const msgpack_object *r = ts_call(rx, &sb, 99);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r && ts_resp_code(r) == 0, "stats answered");
+  return ts_resp_result(r);
+}
+
 /* The float at bytes p (unaligned) of dtype name dt, widened to f32. */
 __attribute__((unused)) static float elem_f32(const char *dt, const uint8_t *p, uint64_t i) {
   if (!strcmp(dt, "f32")) {

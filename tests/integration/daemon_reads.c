@@ -70,14 +70,7 @@ static int answers_then_close(ts_rx *rx, uint32_t first) {
 }
 
 /* One ping round trip on rx: the daemon has accepted it and watches it. */
-static void ping_once(ts_rx *rx, uint32_t id) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  ts_req_begin(&sb, &pk, id, "ping", -1);
-  const msgpack_object *r = ts_call(rx, &sb, id);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0, "ping %u answered", id);
-}
+static void ping_once(ts_rx *rx, uint32_t id) { cr_assert(ping_on(rx, id), "ping %u answered", id); }
 
 Test(daemon_reads, request_and_hangup_in_one_edge) {
   ts_rx rx, w;
@@ -140,14 +133,8 @@ static void setup_small_queue(void) {
   setup();
 }
 
-static uint64_t paused_reads(ts_rx *w) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  ts_req_begin(&sb, &pk, 7, "stats", -1);
-  const msgpack_object *r = ts_call(w, &sb, 7);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0);
-  return qp_map_get(ts_resp_result(r), "paused_reads")->via.u64;
+static uint64_t stats_u64(ts_rx *w, const char *key) {
+  return qp_map_get(stats_on(w), key)->via.u64;
 }
 
 Test(daemon_reads, paused_reader_gets_every_answer_and_its_hangup, .init = setup_small_queue) {
@@ -164,7 +151,7 @@ Test(daemon_reads, paused_reader_gets_every_answer_and_its_hangup, .init = setup
   msgpack_sbuffer_clear(&sb);
   /* Wait until qinsd has paused reading this client (it is not reading its answers yet). */
   uint64_t p = 0;
-  for (int t = 0; t < 2000 && (p = paused_reads(&w)) == 0; t++) usleep(5000);
+  for (int t = 0; t < 2000 && (p = stats_u64(&w, "paused_reads")) == 0; t++) usleep(5000);
   cr_assert_geq(p, 1, "reading was paused");
   /* The rest and the hang-up arrive while paused: their edges come and are dropped. */
   for (uint32_t i = 4; i < N; i++) pack_get(&pk, i, "big");
@@ -174,7 +161,7 @@ Test(daemon_reads, paused_reader_gets_every_answer_and_its_hangup, .init = setup
   usleep(50000);
   /* Reading the answers drains the queue; qinsd resumes, reads the rest and the end of stream. */
   cr_assert_eq(answers_then_close(&rx, 0), N, "every answer, then the close");
-  cr_assert_geq(paused_reads(&w), 1);
+  cr_assert_geq(stats_u64(&w, "paused_reads"), 1);
   ts_rx_destroy(&rx);
   ts_rx_destroy(&w);
 }
@@ -191,16 +178,6 @@ static void *flood_send(void *p) {
   flood *f = p;
   f->rc = ts_send(f->fd, f->buf, f->len);
   return NULL;
-}
-
-static uint64_t stats_u64(ts_rx *w, const char *key) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  ts_req_begin(&sb, &pk, 8, "stats", -1);
-  const msgpack_object *r = ts_call(w, &sb, 8);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0);
-  return qp_map_get(ts_resp_result(r), key)->via.u64;
 }
 
 Test(daemon_reads, a_client_sending_without_pause_is_read_in_turns) {
