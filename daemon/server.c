@@ -20,15 +20,18 @@
  * sockets of the last batch first: a client answered early sent its next request early and kept
  * its place at the head of every batch, while the others waited a batch more. Under load that
  * gave a lower median but a heavier tail (bench_serve, 16 clients: p99 1.02-1.15x Redis's with
- * libuv's order, 0.73-0.95x in arrival order; docs/qinsd.md). The set also holds libuv's own epoll fd, and serve_loop waits on it,
- * running libuv (UV_RUN_NOWAIT) for writes that wait for the socket, timers, signals and the
- * pool: a small get costs one epoll_wait, one read and one write, as it did under uv_run.
+ * libuv's order, 0.73-0.95x in arrival order; docs/qinsd.md). The set also holds libuv's own
+ * epoll fd, and serve_loop waits on it, running libuv (UV_RUN_NOWAIT) for writes that wait for
+ * the socket, timers, signals and the pool: a small get costs one epoll_wait, one read and one
+ * write, as it did under uv_run. A client that keeps its socket full is read RSET_READ_BUDGET
+ * bytes a turn, then waits on the again list behind the others.
  *
  * Invariants:
- *  - Backpressure: a connection's requests are read and dispatched only while the bytes it has
- *    queued for writing are at most write_queue_bytes and fewer than max_pending of its requests
- *    are unanswered. A client that stops reading therefore costs at most about write_queue_bytes
- *    plus one response, and since its requests stop being read it cannot hold the thread pool.
+ *  - Backpressure: a connection's requests are read and dispatched only while the memory its
+ *    queued responses hold (wreq cost) is at most write_queue_bytes and fewer than max_pending of
+ *    its requests are unanswered. A client that stops reading therefore costs at most about
+ *    write_queue_bytes plus one response, and since its requests stop being read it cannot hold
+ *    the thread pool.
  *  - A connection's memory (qd_conn) is freed only when its handle is closed (close_cb ran) and no
  *    pool job refers to it (pending == 0): jobs finishing after the client left drop their answer.
  *  - LMDB read txns never outlive one request step (commands.c), and are never held while waiting
@@ -445,9 +448,9 @@ static void conn_send_ex(qd_conn *c, char *head, size_t head_len, size_t head_ca
   for (unsigned i = 0; i < np; i++) {
     w->bufs[w->nbufs++] = pieces[i];
     w->bytes += pieces[i].len;
-    const char *b = pieces[i].base; /* bytes outside head and owned are held for it (streams) */
-    int in_head = head && b >= head && b < head + head_cap;
-    int in_owned = owned && b >= (const char *)owned && b < (const char *)owned + owned_cap;
+    uintptr_t b = (uintptr_t)pieces[i].base, h = (uintptr_t)head, o = (uintptr_t)owned;
+    int in_head = head && b >= h && b < h + head_cap; /* bytes outside head and owned are */
+    int in_owned = owned && b >= o && b < o + owned_cap; /* held for this write (streams) */
     if (!in_head && !in_owned) w->cost += pieces[i].len;
   }
   c->queued += w->cost;
@@ -899,6 +902,7 @@ static void rset_read(qd_conn *c, int all) {
       conn_on_bytes(c, UV_ENOBUFS);
       break;
     }
+    if (b.len > budget) b.len = (unsigned)budget; /* a large buffer (after a large request) */
     ssize_t n = read(c->fd, b.base, b.len);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
@@ -921,10 +925,12 @@ static void again_add(qd_conn *c, int all) {
   again_n++;
 }
 
-/* One turn for each connection on the again list as it is now (those whose budget runs out again
- * go to the back, for the next round). */
+/* A turn for each of the first RSET_AGAIN_TURNS connections on the again list (those whose budget
+ * runs out again go to the back, for a later round): like epoll's 64 events, a round is bounded. */
+#define RSET_AGAIN_TURNS 64
 static void again_run(void) {
-  for (size_t k = again_n; k > 0 && again_head; k--) {
+  for (size_t k = again_n < RSET_AGAIN_TURNS ? again_n : RSET_AGAIN_TURNS; k > 0 && again_head;
+       k--) {
     qd_conn *c = again_head;
     int all = c->again_all;
     again_remove(c);
@@ -964,9 +970,11 @@ static void serve_loop(void) {
     uv_update_time(loop); /* the timeout counts from now, not from the last libuv round */
     int n = epoll_wait(rset_fd, ev, 64, loop_dirty || again_head ? 0 : uv_backend_timeout(loop));
     if (n < 0 && errno != EINTR) { /* cannot happen with a valid set: stop, and never spin */
-      qd_log(QD_LOG_WARNING, "epoll_wait on the read set: %s; shutting down", strerror(errno));
-      loop_failed = 1;
-      qd_shutdown_begin("epoll_wait failed");
+      if (!loop_failed) {
+        qd_log(QD_LOG_WARNING, "epoll_wait on the read set: %s; shutting down", strerror(errno));
+        loop_failed = 1;
+        qd_shutdown_begin("epoll_wait failed");
+      }
       usleep(1000);
     }
     uv_update_time(loop); /* timers started while handling requests count from now */
@@ -978,11 +986,15 @@ static void serve_loop(void) {
       }
       /* A connection closed earlier in this batch is still allocated (it is freed by a close
        * callback, which runs inside uv_run); it just has nothing more to read. */
-      if (!c->closing && c->reading)
-        rset_read(c, (ev[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0);
+      int hup = (ev[i].events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
+      if (c->again) /* more bytes came while it waits its turn: it keeps its place in line */
+        c->again_all |= hup;
+      else if (!c->closing && c->reading)
+        rset_read(c, hup);
     }
     again_run();
     /* Timers, closes or callbacks that came due while requests kept arriving. */
+    uv_update_time(loop);
     if (n <= 0 || uv_backend_timeout(loop) == 0) loop_dirty = 1;
   }
 }
@@ -1019,6 +1031,7 @@ static void conn_update_reading(qd_conn *c) {
     if (c->sink) {
       c->reading = 1; /* embedded: qd_serve_bytes feeds its reads */
     } else if (rset_start(c) != 0) {
+      qd_st.connections_refused++;
       send_error(c, 0, QINS_EBUSY, "the server cannot watch this connection: try again later");
       c->close_after = 1;
       conn_maybe_close(c);
@@ -1028,8 +1041,8 @@ static void conn_update_reading(qd_conn *c) {
     c->reading = 0; /* it stays in the read set, just not read (rset_start reads what came) */
     if (!c->close_after && !stopping) {
       qd_st.paused_reads++;
-      qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes queued, %u pending)", c->desc, c->queued,
-             c->pending);
+      qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes held by queued answers, %u pending)",
+             c->desc, c->queued, c->pending);
     }
   }
 }

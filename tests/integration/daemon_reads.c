@@ -7,8 +7,8 @@
  *   - more ready clients than one epoll_wait returns (64): every one is answered;
  *   - a client paused by backpressure whose remaining requests and hang-up arrived while it was
  *     paused (their edges were seen and dropped): it gets every answer, then the close;
- *   - a client sending without pause is read in turns of 256 KiB (its later bytes raise no new
- *     edge until it is read again) and gets every answer.
+ *   - a client sending without pause is read in turns of 256 KiB, waiting on the again list between
+ *     them (all 4 MB are already waiting, so no new edge comes to wake it), and is answered.
  * Connections are accepted and answered once before the daemon is frozen, so what it finds on
  * waking comes through the read set's events, not through the first read at accept.
  */
@@ -70,7 +70,9 @@ static int answers_then_close(ts_rx *rx, uint32_t first) {
 }
 
 /* One ping round trip on rx: the daemon has accepted it and watches it. */
-static void ping_once(ts_rx *rx, uint32_t id) { cr_assert(ping_on(rx, id), "ping %u answered", id); }
+static void ping_once(ts_rx *rx, uint32_t id) {
+  cr_assert(ping_on(rx, id), "ping %u answered", id);
+}
 
 Test(daemon_reads, request_and_hangup_in_one_edge) {
   ts_rx rx, w;
