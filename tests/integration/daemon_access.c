@@ -254,25 +254,7 @@ Test(daemon_access, socket_group_by_name) {
 }
 
 /* Unknown names exit 2 naming the option (a typo must not refuse everyone silently). */
-static int run_qinsd_status(const char *const *args) {
-  char bin[512];
-  ts_build_path("qinsd", bin, sizeof bin);
-  pid_t pid = fork();
-  cr_assert_geq(pid, 0);
-  if (pid == 0) {
-    int nul = open("/dev/null", O_WRONLY);
-    dup2(nul, 1);
-    const char *argv[16] = {bin};
-    int n = 1;
-    for (int i = 0; args[i] && n < 15; i++) argv[n++] = args[i];
-    argv[n] = NULL;
-    execv(bin, (char *const *)argv);
-    _exit(127);
-  }
-  int st;
-  waitpid(pid, &st, 0);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
+static int run_qinsd_status(const char *const *args) { return run_built("qinsd", args); }
 
 TestSuite(daemon_access_opts, .timeout = 30);
 Test(daemon_access_opts, unknown_users_and_groups_exit_2) {

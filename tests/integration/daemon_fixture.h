@@ -22,6 +22,7 @@
 
 #include "daemon.h"
 #include "proto.h"
+#include "qt.h"
 
 typedef struct std_tensor {
   const char *name;
@@ -108,6 +109,21 @@ static void open_rx(ts_rx *rx) {
   int fd = ts_connect(D.sock);
   cr_assert_geq(fd, 0, "connect %s: %s", D.sock, strerror(-fd));
   ts_rx_init(rx, fd);
+}
+
+/* Runs $QINS_BUILD/name with args (NULL-terminated, at most 14); its stdout is dropped, its stderr
+ * goes to ours. Returns qt_run's status (exit status, 128 + signal, or -1). */
+__attribute__((unused)) static int run_built(const char *name, const char *const *args) {
+  char bin[512];
+  char *argv[16] = {(char *)ts_build_path(name, bin, sizeof bin)};
+  int n = 1;
+  for (int i = 0; args[i] && n < 15; i++) argv[n++] = (char *)args[i];
+  argv[n] = NULL;
+  char *err = NULL;
+  int st = qt_run(argv, NULL, NULL, &err);
+  if (err && *err) fputs(err, stderr);
+  free(err);
+  return st;
 }
 
 /* ping over rx: 1 when "pong" came back. */

@@ -439,24 +439,7 @@ Test(daemon_live, sigint_also_stops_cleanly) {
 
 /* The real admin path: `qinsctl import` of the shared tiny model and `qinsctl rm`, run while qinsd
  * serves, are seen on the next request. */
-static int run_ctl(const char *const *args) {
-  char bin[512];
-  ts_build_path("qinsctl", bin, sizeof bin);
-  pid_t pid = fork();
-  if (pid == 0) {
-    int nul = open("/dev/null", O_WRONLY);
-    dup2(nul, 1);
-    const char *argv[16] = {bin};
-    int n = 1;
-    for (int i = 0; args[i] && n < 15; i++) argv[n++] = args[i];
-    argv[n] = NULL;
-    execv(bin, (char *const *)argv);
-    _exit(127);
-  }
-  int st;
-  waitpid(pid, &st, 0);
-  return WIFEXITED(st) ? WEXITSTATUS(st) : 128;
-}
+static int run_ctl(const char *const *args) { return run_built("qinsctl", args); }
 
 Test(daemon_live, qinsctl_import_and_rm_seen_while_serving) {
   char bin[512], model[512];

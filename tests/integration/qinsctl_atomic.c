@@ -56,12 +56,7 @@ static char *snapshot(void) {
   cr_assert_eq(ctl(&a, NULL, "--json", "ls", NULL, NULL, NULL), 0);
   int rc = ctl(&b, NULL, "--json", "ls", "m", NULL, NULL);
   cr_assert_eq(rc, 0);
-  char *s = malloc(strlen(a) + strlen(b) + 1);
-  strcpy(s, a);
-  strcat(s, b);
-  free(a);
-  free(b);
-  return s;
+  return qt_cat(a, b);
 }
 
 /* A synthetic model of n_t matrices rows x cols (f32, Gaussian, seeded) plus a norm vector. */

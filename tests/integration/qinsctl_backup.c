@@ -26,12 +26,7 @@ static char *listing(const char *store, const char *model) {
   char *a, *b;
   cr_assert_eq(qt_ctl(store, &a, NULL, "--json", "ls", NULL), 0, "ls %s", store);
   cr_assert_eq(qt_ctl(store, &b, NULL, "--json", "ls", model, NULL), 0, "ls %s %s", store, model);
-  char *s = malloc(strlen(a) + strlen(b) + 1);
-  strcpy(s, a);
-  strcat(s, b);
-  free(a);
-  free(b);
-  return s;
+  return qt_cat(a, b);
 }
 
 /* A JSON number field of a one-line document ("key":N), or UINT64_MAX if absent. */

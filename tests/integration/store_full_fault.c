@@ -85,12 +85,7 @@ static char *snapshot(const char *store) {
   char *a = NULL, *b = NULL;
   CHECK(qt_ctl(store, &a, NULL, "--json", "ls", NULL) == 0, "ls failed");
   CHECK(qt_ctl(store, &b, NULL, "--json", "ls", "a", NULL) == 0, "ls a failed");
-  char *s = malloc(strlen(a) + strlen(b) + 1);
-  strcpy(s, a);
-  strcat(s, b);
-  free(a);
-  free(b);
-  return s;
+  return qt_cat(a, b);
 }
 
 /* All of a/w0 from qinsd (bytes; malloc'd). */

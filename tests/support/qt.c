@@ -141,6 +141,18 @@ int qt_write(const char *path, const void *data, size_t len) {
   return fclose(f) || w != len ? -1 : 0;
 }
 
+char *qt_cat(char *a, char *b) {
+  size_t la = strlen(a), lb = strlen(b);
+  char *s = malloc(la + lb + 1);
+  if (s) {
+    memcpy(s, a, la);
+    memcpy(s + la, b, lb + 1);
+  }
+  free(a);
+  free(b);
+  return s;
+}
+
 char *qt_read(const char *path, size_t *len) {
   FILE *f = fopen(path, "rb");
   if (!f) return NULL;

@@ -36,6 +36,8 @@ void qt_rmrf(const char *dir);
 int qt_write(const char *path, const void *data, size_t len);
 /* Reads a whole file (malloc'd, NUL-terminated); *len may be NULL. NULL on failure. */
 char *qt_read(const char *path, size_t *len);
+/* a then b in a new malloc'd string; frees both (NULL if out of memory). */
+char *qt_cat(char *a, char *b);
 
 /* A growable byte buffer for hand-built inputs (start from {0}; p is malloc'd). Appends are
  * host-order (little-endian here); qt_put_gstr writes a GGUF string (u64 length, bytes). */
