@@ -136,13 +136,7 @@ static int log_has(const char *a, const char *b, const char *c, const char *d) {
 static uint64_t stat_u64(const char *key, const char *sub) {
   ts_rx rx;
   open_rx(&rx);
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  ts_req_begin(&sb, &pk, 9, "stats", -1);
-  const msgpack_object *r = ts_call(&rx, &sb, 9);
-  msgpack_sbuffer_destroy(&sb);
-  cr_assert(r && ts_resp_code(r) == 0);
-  const msgpack_object *v = qp_map_get(ts_resp_result(r), key);
+  const msgpack_object *v = qp_map_get(stats_on(&rx), key);
   if (v && sub) v = qp_map_get(v, sub);
   uint64_t n = v ? v->via.u64 : 0;
   ts_rx_destroy(&rx);
