@@ -967,7 +967,6 @@ static void serve_loop(void) {
       uv_run(loop, UV_RUN_NOWAIT);
     }
     if (!uv_loop_alive(loop)) break;
-    uv_update_time(loop); /* the timeout counts from now, not from the last libuv round */
     int n = epoll_wait(rset_fd, ev, 64, loop_dirty || again_head ? 0 : uv_backend_timeout(loop));
     if (n < 0 && errno != EINTR) { /* cannot happen with a valid set: stop, and never spin */
       if (!loop_failed) {
@@ -993,7 +992,8 @@ static void serve_loop(void) {
         rset_read(c, hup);
     }
     again_run();
-    /* Timers, closes or callbacks that came due while requests kept arriving. */
+    /* Timers, closes or callbacks that came due while requests kept arriving; the next wait's
+     * timeout counts from this time too (uv_run, if it runs, takes its own). */
     uv_update_time(loop);
     if (n <= 0 || uv_backend_timeout(loop) == 0) loop_dirty = 1;
   }
