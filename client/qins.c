@@ -19,7 +19,9 @@
  *
  * Invariants: a response's msgid must be the request's (or 0 with an error, for errors the server
  * sends before it knows the msgid); any desynchronisation (timeout or error mid-message, a
- * malformed response) closes the connection and later calls fail with QINS_ECLOSED. The scanner
+ * malformed response) closes the connection; the next call reconnects (or, with reconnecting off,
+ * fails with QINS_ECLOSED). A connection lost under a call is reopened and the call sent again
+ * whole, within the caller's retry budget (see "Reconnecting" below). The scanner
  * bounds every declared length by max_response_bytes + QCL_SLACK before anything is buffered.
  * Messages the caller sees through qins_client_error name the call and, for server errors, carry
  * the server's own message.
@@ -44,10 +46,20 @@
 #define QCL_HELLO_MAX (1u << 20)      /* response size limit before hello told us the real one */
 #define QCL_RBUF_MIN (64u << 10)      /* initial receive buffer: most responses fit at once */
 #define QCL_DEFAULT_TIMEOUT_MS 5000   /* connect timeout when the caller passes <= 0 */
+#define QCL_DEFAULT_RETRY_MS 5000     /* reconnect budget: a qinsd restart takes well under 1 s */
+#define QCL_BACKOFF_MIN_MS 5          /* first pause between reconnect attempts */
+#define QCL_BACKOFF_MAX_MS 200        /* pauses double up to this: a daemon back is found soon */
 
 struct qins_client {
   int fd;                  /* the socket, nonblocking; -1 once closed */
   int timeout_ms;          /* per call; <= 0 waits forever */
+  int retry_ms;            /* reconnect budget of a call that lost its connection; 0: none */
+  char path[108];          /* the socket's path, for reconnects and messages */
+  qins_conn_stats stats;   /* reconnect counters (qins_client_stats) */
+  qins_reconnect_fn on_reconnect; /* called after each reconnect, or NULL */
+  void *on_reconnect_ud;   /* its argument */
+  int in_callback;         /* on_reconnect runs: calls it makes do not reconnect */
+  int cut;                 /* the last failure cut a payload short */
   int64_t deadline_ms;     /* of the current call (CLOCK_MONOTONIC ms), or -1 */
   uint32_t msgid;          /* of the last request sent */
   uint8_t *rbuf;           /* receive buffer */
@@ -252,11 +264,14 @@ static int qcl_payload(qins_client *c, void *dst) {
       done += (uint64_t)n;
       continue;
     }
-    if (n == 0) return QINS_ECLOSED;
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -errno;
-    int rc = qcl_wait(c, POLLIN);
-    if (rc) return rc;
+    int rc;
+    if (n == 0) rc = QINS_ECLOSED;
+    else if (errno == EINTR) continue;
+    else if (errno != EAGAIN && errno != EWOULDBLOCK) rc = -errno;
+    else if ((rc = qcl_wait(c, POLLIN)) == 0) continue;
+    else return rc; /* the call's deadline, not the stream */
+    c->cut = 1;     /* the stream ended inside the payload */
+    return rc;
   }
   c->vgone += len;
   c->pending = 0;
@@ -421,24 +436,20 @@ static int qcl_parse_hello(qins_client *c) {
   return 0;
 }
 
-int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
-  *out = NULL;
-  if (!socket_path) return QINS_EINVALID;
+/* Opens the connection to c->path and exchanges hello, bounded by c->deadline_ms: 0, or the
+ * failure's code (message in c->err) with c->fd closed. Any previous connection is closed first
+ * and the receive buffer emptied; c->server is read anew (and kept as it was on failure). */
+static int qcl_open(qins_client *c) {
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
-  if (strlen(socket_path) >= sizeof sa.sun_path) return QINS_ENAME;
-  strcpy(sa.sun_path, socket_path);
-  qins_client *c = calloc(1, sizeof *c);
-  if (!c) return QINS_ENOMEM;
-  c->fd = -1;
-  c->rcap = QCL_RBUF_MIN;
-  c->rbuf = malloc(c->rcap);
-  if (!c->rbuf) {
-    free(c);
-    return QINS_ENOMEM;
-  }
-  msgpack_sbuffer_init(&c->sb);
-  msgpack_packer_init(&c->pk, &c->sb, msgpack_sbuffer_write);
-  qcl_arm(c, timeout_ms > 0 ? timeout_ms : QCL_DEFAULT_TIMEOUT_MS);
+  memcpy(sa.sun_path, c->path, sizeof sa.sun_path); /* NUL-terminated: checked at connect */
+  qcl_break(c, 0);
+  c->rpos = c->rlen = c->mstart = 0;
+  c->vgone = 0;
+  c->pending = 0;
+  c->cut = 0;
+  c->err[0] = 0;
+  qins_server_info prev = c->server;
+  memset(&c->server, 0, sizeof c->server);
   int rc;
   c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (c->fd < 0) {
@@ -471,10 +482,9 @@ int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
     rc = -errno;
     goto fail;
   }
-  int saved_timeout = c->timeout_ms;
   qcl_begin(c, "hello");
   msgpack_pack_array(&c->pk, 0);
-  /* The connect deadline also bounds hello: qcl_call would re-arm from timeout_ms. */
+  /* The caller's deadline bounds hello: qcl_call would re-arm from timeout_ms. */
   rc = qcl_send_all(c, c->sb.data, c->sb.size);
   if (rc == -EPIPE || rc == -ECONNRESET) {
     /* A server that turned us away at connect (BUSY, DENIED: msgid 0, then a close) may have
@@ -492,12 +502,48 @@ int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
   if ((rc = qcl_envelope(c, "hello"))) goto fail;
   rc = qcl_finish(c, "hello", qcl_parse_hello(c));
   if (rc) goto fail;
-  c->timeout_ms = saved_timeout;
-  *out = c;
   return 0;
 fail:
-  qins_close(c);
+  qcl_break(c, rc);
+  c->server = prev;
   return rc;
+}
+
+/* QINS_RETRY_MS from the environment, else the default. */
+static int qcl_env_retry(void) {
+  const char *s = getenv("QINS_RETRY_MS");
+  char *end;
+  long v = s && *s ? strtol(s, &end, 10) : -1;
+  return s && *s && !*end && v >= 0 && v <= INT32_MAX ? (int)v : QCL_DEFAULT_RETRY_MS;
+}
+
+int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
+  *out = NULL;
+  if (!socket_path) return QINS_EINVALID;
+  qins_client *c = NULL;
+  if (strlen(socket_path) >= sizeof c->path) return QINS_ENAME;
+  c = calloc(1, sizeof *c);
+  if (!c) return QINS_ENOMEM;
+  c->fd = -1;
+  strcpy(c->path, socket_path);
+  c->retry_ms = qcl_env_retry();
+  c->rcap = QCL_RBUF_MIN;
+  c->rbuf = malloc(c->rcap);
+  if (!c->rbuf) {
+    free(c);
+    return QINS_ENOMEM;
+  }
+  msgpack_sbuffer_init(&c->sb);
+  msgpack_packer_init(&c->pk, &c->sb, msgpack_sbuffer_write);
+  qcl_arm(c, timeout_ms > 0 ? timeout_ms : QCL_DEFAULT_TIMEOUT_MS);
+  int rc = qcl_open(c);
+  if (rc) {
+    qins_close(c);
+    return rc;
+  }
+  c->stats.generation = 1;
+  *out = c;
+  return 0;
 }
 
 void qins_close(qins_client *c) {
@@ -507,6 +553,116 @@ void qins_close(qins_client *c) {
   free(c->rbuf);
   free(c);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Reconnecting (docs/client.md §1.1). A method's attempt is packed, sent and parsed whole; when
+ * the connection is lost under it, qcl_again opens a new one (hello again, limits re-read) and the
+ * method runs again from the start, so nothing of the lost attempt is reused: outputs are
+ * rewritten, library allocations of the lost attempt were freed by it. Every retried method is a
+ * read; shutdown is never retried. */
+
+/* The connection was lost under the call (rather than the server refusing it or answering
+ * something malformed): reconnecting and sending the call again is the remedy. */
+static int qcl_lost(int rc) {
+  return rc == QINS_ECLOSED || rc == QINS_ESHUTDOWN || rc == -EPIPE || rc == -ECONNRESET ||
+         rc == -ENOTCONN || rc == -ECONNABORTED;
+}
+
+/* A reconnect attempt's failure that a restarting daemon explains: try again after a pause. */
+static int qcl_transient(int rc) {
+  return qcl_lost(rc) || rc == -ENOENT || rc == -ECONNREFUSED || rc == -EAGAIN ||
+         rc == QINS_ETIMEOUT || rc == QINS_EBUSY;
+}
+
+static void qcl_sleep_ms(int64_t ms) {
+  struct timespec ts = {(time_t)(ms / 1000), (long)(ms % 1000) * 1000000L};
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
+}
+
+typedef struct qcl_retry {
+  int64_t deadline_ms; /* end of the call's reconnect budget; -1 until its first loss */
+  int cuts;            /* payloads of this call cut short by a lost connection */
+} qcl_retry;
+
+/* After an attempt of method `what` returned *rc: 1 when the connection had been lost and is open
+ * again (run the attempt again), else 0 with *rc the call's result. */
+static int qcl_again(qins_client *c, const char *what, qcl_retry *rt, int *rc) {
+  if (!qcl_lost(*rc) || c->retry_ms <= 0 || c->in_callback) return 0;
+  if (c->cut && ++rt->cuts > 1) {
+    /* A streamed get whose later chunk fails its checksum is cut off too (PROTOCOL.md §4.6):
+     * the same answer cut twice is reported, not fetched until the budget is spent. */
+    qcl_break(c, 0);
+    *rc = qcl_fail(c, QINS_ECLOSED,
+                   "%s: the connection to %s closed inside the payload twice: the server may "
+                   "have found a damaged chunk (its log names it; treat as CHECKSUM)",
+                   what, c->path);
+    return 0;
+  }
+  if (rt->deadline_ms < 0) rt->deadline_ms = qcl_now_ms() + c->retry_ms;
+  int lost = *rc, last = *rc, attempts = 0;
+  int64_t pause = QCL_BACKOFF_MIN_MS;
+  for (;;) {
+    attempts++;
+    c->deadline_ms = rt->deadline_ms; /* bounds connect and hello */
+    int r = qcl_open(c);
+    if (r == 0) break;
+    last = r;
+    if (!qcl_transient(r)) {
+      char why[sizeof c->err];
+      snprintf(why, sizeof why, "%s", c->err[0] ? c->err : qins_strerror(r));
+      *rc = qcl_fail(c, r, "%s: reconnecting to %s: %s", what, c->path, why);
+      return 0;
+    }
+    int64_t left = rt->deadline_ms - qcl_now_ms();
+    if (left <= 0) {
+      c->stats.budgets_spent++;
+      *rc = qcl_fail(c, QINS_ECLOSED,
+                     "%s: lost the connection to %s (%s) and could not reconnect within the "
+                     "%d ms retry budget (%d attempts, last: %s)",
+                     what, c->path, qins_err_name(lost), c->retry_ms, attempts,
+                     qins_err_name(last));
+      return 0;
+    }
+    qcl_sleep_ms(pause < left ? pause : left);
+    pause = pause * 2 > QCL_BACKOFF_MAX_MS ? QCL_BACKOFF_MAX_MS : pause * 2;
+  }
+  c->stats.reconnects++;
+  c->stats.generation++;
+  if (c->on_reconnect) {
+    c->in_callback = 1;
+    int r = c->on_reconnect(c, c->on_reconnect_ud);
+    c->in_callback = 0;
+    if (r) {
+      char why[sizeof c->err];
+      snprintf(why, sizeof why, "%s", c->err[0] ? c->err : qins_strerror(r));
+      *rc = qcl_fail(c, r, "%s: the reconnect callback failed: %s", what, why);
+      return 0;
+    }
+  }
+  c->stats.retried_calls++;
+  return 1;
+}
+
+/* Runs `attempt` (an expression setting rc) until it succeeds, fails for a reason other than a
+ * lost connection, or the reconnect budget is spent. */
+#define QCL_RETRYING(c, what, rc, attempt)                                                    \
+  do {                                                                                        \
+    qcl_retry rt_ = {-1, 0};                                                                  \
+    do (rc) = (attempt);                                                                      \
+    while (qcl_again((c), (what), &rt_, &(rc)));                                              \
+  } while (0)
+
+void qins_set_retry(qins_client *c, int budget_ms) {
+  c->retry_ms = budget_ms < 0 ? QCL_DEFAULT_RETRY_MS : budget_ms;
+}
+
+void qins_set_reconnect_cb(qins_client *c, qins_reconnect_fn fn, void *ud) {
+  c->on_reconnect = fn;
+  c->on_reconnect_ud = ud;
+}
+
+void qins_client_stats(const qins_client *c, qins_conn_stats *out) { *out = c->stats; }
 
 const char *qins_client_error(const qins_client *c) { return c ? c->err : "no client"; }
 void qins_set_timeout(qins_client *c, int timeout_ms) { c->timeout_ms = timeout_ms; }
@@ -539,7 +695,7 @@ static size_t qcl_dtype_size(const char *name) {
   return 0;
 }
 
-int qins_ping(qins_client *c) {
+static int qcl_ping_once(qins_client *c) {
   qcl_begin(c, "ping");
   msgpack_pack_array(&c->pk, 0);
   int rc = qcl_call(c, "ping");
@@ -548,6 +704,12 @@ int qins_ping(qins_client *c) {
   rc = qcl_rd_cstr(c, s, sizeof s);
   if (!rc && strcmp(s, "pong")) rc = qcl_fail(c, QINS_EPROTO, "ping: answer is not \"pong\"");
   return qcl_finish(c, "ping", rc);
+}
+
+int qins_ping(qins_client *c) {
+  int rc;
+  QCL_RETRYING(c, "ping", rc, qcl_ping_once(c));
+  return rc;
 }
 
 int qins_shutdown(qins_client *c) {
@@ -593,7 +755,8 @@ static int qcl_parse_info(qins_client *c, qins_tensor_info *out) {
   return 0;
 }
 
-int qins_info(qins_client *c, const char *model, const char *name, qins_tensor_info *out) {
+static int qcl_info_once(qins_client *c, const char *model, const char *name,
+                         qins_tensor_info *out) {
   if (!model || !name || !out) return qcl_fail(c, QINS_EINVALID, "info: NULL argument");
   qcl_begin(c, "info");
   msgpack_pack_array(&c->pk, 1);
@@ -603,6 +766,12 @@ int qins_info(qins_client *c, const char *model, const char *name, qins_tensor_i
   int rc = qcl_call(c, "info");
   if (rc) return rc;
   return qcl_finish(c, "info", qcl_parse_info(c, out));
+}
+
+int qins_info(qins_client *c, const char *model, const char *name, qins_tensor_info *out) {
+  int rc;
+  QCL_RETRYING(c, "info", rc, qcl_info_once(c, model, name, out));
+  return rc;
 }
 
 /* Where a tensor map's payload goes: returns the destination for len bytes of tensor t (index
@@ -737,7 +906,10 @@ int qins_get_into(qins_client *c, const char *model, const char *name, const qin
                   int nslice, qins_dtype dt, void *buf, size_t buf_bytes, size_t *out_bytes,
                   uint64_t shape_out[QINS_MAX_NDIM], int *ndim_out) {
   qcl_into in = {.buf = buf, .cap = buf_bytes};
-  return qcl_get_one(c, model, name, slice, nslice, dt, &in, out_bytes, shape_out, ndim_out);
+  int rc;
+  QCL_RETRYING(c, "get", rc,
+               qcl_get_one(c, model, name, slice, nslice, dt, &in, out_bytes, shape_out, ndim_out));
+  return rc;
 }
 
 int qins_get(qins_client *c, const char *model, const char *name, const qins_range *slice,
@@ -745,7 +917,9 @@ int qins_get(qins_client *c, const char *model, const char *name, const qins_ran
              uint64_t shape_out[QINS_MAX_NDIM], int *ndim_out) {
   qcl_into in = {.alloc = 1};
   *out = NULL;
-  int rc = qcl_get_one(c, model, name, slice, nslice, dt, &in, out_bytes, shape_out, ndim_out);
+  int rc;
+  QCL_RETRYING(c, "get", rc,
+               qcl_get_one(c, model, name, slice, nslice, dt, &in, out_bytes, shape_out, ndim_out));
   if (!rc) *out = in.got ? in.got : qcl_aligned(0);
   if (!rc && !*out) return qcl_fail(c, QINS_ENOMEM, "get: out of memory");
   return rc;
@@ -802,8 +976,8 @@ static void *qcl_dest_req(void *ud, int idx, qins_tensor *t, uint64_t len, int *
   return r->buf;
 }
 
-int qins_get_many_into(qins_client *c, const char *model, qins_get_req *reqs, int n,
-                       qins_dtype dt) {
+static int qcl_get_many_into_once(qins_client *c, const char *model, qins_get_req *reqs, int n,
+                                  qins_dtype dt) {
   if (!model || n <= 0 || !reqs) return qcl_fail(c, QINS_EINVALID, "get_many: bad arguments");
   qcl_begin(c, "get_many");
   int rc = qcl_pack_get_common(c, model, dt, 1);
@@ -838,6 +1012,13 @@ int qins_get_many_into(qins_client *c, const char *model, qins_get_req *reqs, in
   return qcl_finish(c, "get_many", rc);
 }
 
+int qins_get_many_into(qins_client *c, const char *model, qins_get_req *reqs, int n,
+                       qins_dtype dt) {
+  int rc;
+  QCL_RETRYING(c, "get_many", rc, qcl_get_many_into_once(c, model, reqs, n, dt));
+  return rc;
+}
+
 static void *qcl_dest_alloc(void *ud, int idx, qins_tensor *t, uint64_t len, int *rc) {
   (void)ud, (void)idx;
   t->data = qcl_aligned(len);
@@ -845,8 +1026,9 @@ static void *qcl_dest_alloc(void *ud, int idx, qins_tensor *t, uint64_t len, int
   return t->data;
 }
 
-int qins_get_many(qins_client *c, const char *model, const char *const *names, int n_names,
-                  const char *prefix, qins_dtype dt, qins_tensor **out, size_t *n_out) {
+static int qcl_get_many_once(qins_client *c, const char *model, const char *const *names,
+                             int n_names, const char *prefix, qins_dtype dt, qins_tensor **out,
+                             size_t *n_out) {
   *out = NULL;
   *n_out = 0;
   if (!model || (names ? n_names <= 0 : !prefix))
@@ -880,13 +1062,21 @@ int qins_get_many(qins_client *c, const char *model, const char *const *names, i
   return 0;
 }
 
+int qins_get_many(qins_client *c, const char *model, const char *const *names, int n_names,
+                  const char *prefix, qins_dtype dt, qins_tensor **out, size_t *n_out) {
+  int rc;
+  QCL_RETRYING(c, "get_many", rc,
+               qcl_get_many_once(c, model, names, n_names, prefix, dt, out, n_out));
+  return rc;
+}
+
 void qins_tensors_free(qins_tensor *t, size_t n) {
   if (!t) return;
   for (size_t i = 0; i < n; i++) free(t[i].data);
   free(t);
 }
 
-int qins_models(qins_client *c, qins_model_info **out, size_t *n_out) {
+static int qcl_models_once(qins_client *c, qins_model_info **out, size_t *n_out) {
   *out = NULL;
   *n_out = 0;
   qcl_begin(c, "models");
@@ -954,8 +1144,14 @@ int qins_models(qins_client *c, qins_model_info **out, size_t *n_out) {
   return 0;
 }
 
-int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t offset,
-              uint64_t limit, qins_tensor_info **out, size_t *n_out, uint64_t *total) {
+int qins_models(qins_client *c, qins_model_info **out, size_t *n_out) {
+  int rc;
+  QCL_RETRYING(c, "models", rc, qcl_models_once(c, out, n_out));
+  return rc;
+}
+
+static int qcl_list_once(qins_client *c, const char *model, const char *prefix, uint64_t offset,
+                         uint64_t limit, qins_tensor_info **out, size_t *n_out, uint64_t *total) {
   *out = NULL;
   *n_out = 0;
   if (!model) return qcl_fail(c, QINS_EINVALID, "list: NULL model");
@@ -1008,6 +1204,13 @@ int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t of
   *out = ts;
   *n_out = count;
   return 0;
+}
+
+int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t offset,
+              uint64_t limit, qins_tensor_info **out, size_t *n_out, uint64_t *total) {
+  int rc;
+  QCL_RETRYING(c, "list", rc, qcl_list_once(c, model, prefix, offset, limit, out, n_out, total));
+  return rc;
 }
 
 /* --- stats: any msgpack value rendered as JSON ---------------------------------------------- */
@@ -1106,7 +1309,7 @@ static int qcl_to_json(qins_client *c, qcl_str *s, int depth) {
   return 0;
 }
 
-int qins_stats(qins_client *c, char **json) {
+static int qcl_stats_once(qins_client *c, char **json) {
   *json = NULL;
   qcl_begin(c, "stats");
   msgpack_pack_array(&c->pk, 0);
@@ -1122,4 +1325,10 @@ int qins_stats(qins_client *c, char **json) {
   }
   *json = s.p;
   return 0;
+}
+
+int qins_stats(qins_client *c, char **json) {
+  int rc;
+  QCL_RETRYING(c, "stats", rc, qcl_stats_once(c, json));
+  return rc;
 }

@@ -11,6 +11,8 @@
  * (<= -1000), stable and append-only; they are also the codes that cross the wire. Other negative
  * values are negated errno values passed through (-ENOENT, -ECONNREFUSED, ...). qins_strerror()
  * names both; qins_client_error() gives the last call's full message (the server's text included).
+ * A lost connection is repaired inside the call (qins_set_retry): the caller sees QINS_ECLOSED only
+ * once the retry budget is spent.
  */
 #ifndef QINS_H
 #define QINS_H
@@ -102,13 +104,52 @@ typedef struct qins_tensor_info {
 typedef struct qins_client qins_client;
 
 /* Connects to qinsd at `socket_path`, waiting at most timeout_ms (<= 0: 5000) for the connection
- * and the `hello` exchange. *out is owned by the caller; free with qins_close (NULL is fine). */
+ * and the `hello` exchange. *out is owned by the caller; free with qins_close (NULL is fine).
+ * The path is kept: later calls reconnect to it (qins_set_retry). */
 QINS_EXTERN int qins_connect(qins_client **out, const char *socket_path, int timeout_ms);
 QINS_EXTERN void qins_close(qins_client *c);
 /* Message of the last failed call on c ("" if none). Valid until the next call on c. */
 QINS_EXTERN const char *qins_client_error(const qins_client *c);
-/* Per-call timeout for later calls (ms; <= 0 waits forever). */
+/* Per-call timeout for later calls (ms; <= 0 waits forever). A call that times out returns
+ * QINS_ETIMEOUT and closes the connection (the next call reconnects); it is not retried. */
 QINS_EXTERN void qins_set_timeout(qins_client *c, int timeout_ms);
+
+/* Reconnecting (docs/client.md §1.1). When a call finds its connection lost — the daemon closed it
+ * (EOF), reset it, EPIPE, a SHUTDOWN answer, or the connection was already closed by an earlier
+ * failure — the library reconnects to the same path (connect + hello, the limits of qins_server
+ * re-read) and sends the call again whole: every method but qins_shutdown is a read, so an
+ * interrupted call is simply repeated. Attempts are spaced 5 ms, 10 ms, ... up to 200 ms apart
+ * (a daemon that comes back is found within 200 ms) while connect fails with ENOENT, ECONNREFUSED,
+ * EAGAIN or BUSY, for at most the retry budget, counted from the call's first loss; the budget
+ * also bounds each attempt's connect and hello. When it is spent the call returns QINS_ECLOSED and
+ * qins_client_error names the socket, the budget and the last failure ("get: lost the connection
+ * to /run/qinsd/qins.sock (ECLOSED) and could not reconnect within the 5000 ms retry budget (31
+ * attempts, last: ENOENT)"). A failure no restart explains (EACCES, DENIED, VERSION) ends the
+ * call at once with its own code. A payload cut short twice in one call (what the daemon does when
+ * a streamed chunk fails its checksum, PROTOCOL.md §4.6) returns QINS_ECLOSED without spending the
+ * budget. Failures of the server's own (NO_TENSOR, ...), timeouts and malformed answers are never
+ * retried. qins_connect itself does not retry: a missing daemon at start is reported at once.
+ *
+ * The budget is $QINS_RETRY_MS when set at qins_connect (a decimal number of ms), else 5000;
+ * qins_set_retry changes it (ms; 0 turns reconnecting off: a lost connection is then reported at
+ * once, as QINS_ECLOSED or a negated errno; < 0: the default). */
+QINS_EXTERN void qins_set_retry(qins_client *c, int budget_ms);
+
+/* Called on c after each reconnect, before the interrupted call is sent again: the place to
+ * restore per-connection state on the new daemon (a future arena lease re-attaches here). Calls on
+ * c inside it work but do not themselves reconnect. A nonzero return fails the interrupted call
+ * with that code. fn NULL removes it. */
+typedef int (*qins_reconnect_fn)(qins_client *c, void *ud);
+QINS_EXTERN void qins_set_reconnect_cb(qins_client *c, qins_reconnect_fn fn, void *ud);
+
+/* Counters of c's connection, for the worker to log. */
+typedef struct qins_conn_stats {
+  uint64_t generation;    /* 1 after qins_connect, +1 per reconnect: which connection is live */
+  uint64_t reconnects;    /* successful reconnects */
+  uint64_t retried_calls; /* calls sent again after a reconnect */
+  uint64_t budgets_spent; /* calls that failed because no reconnect succeeded within the budget */
+} qins_conn_stats;
+QINS_EXTERN void qins_client_stats(const qins_client *c, qins_conn_stats *out /* out */);
 
 QINS_EXTERN int qins_ping(qins_client *c);
 

@@ -2,7 +2,8 @@
 /*
  * client_faults.c — libqins against a scripted fake server that answers with hostile or broken
  * bytes: each case must give an error code (never a crash, a hang or an allocation of what a
- * header merely declares), and a broken stream must leave the client closed (QINS_ECLOSED next).
+ * header merely declares), and a broken stream must leave the client closed (QINS_ECLOSED next,
+ * with reconnecting off: the fake accepts one connection).
  * The client keeps proto's bounds (docs/PROTOCOL.md §1; client/qins.c's header).
  *
  * The fake server (a thread) accepts one connection, answers hello with a valid map (unless the
@@ -104,6 +105,7 @@ static int get_against(fake *f, qins_client **cl) {
   int rc = qins_connect(cl, f->path, 2000);
   cr_assert_eq(rc, 0, "connect: %s", qins_strerror(rc));
   qins_set_timeout(*cl, 2000);
+  qins_set_retry(*cl, 0); /* the fake answers once: a reconnect would wait on its backlog */
   float buf[16];
   return qins_get_into(*cl, "m", "w", NULL, 0, QINS_F32, buf, sizeof buf, NULL, NULL, NULL);
 }
@@ -274,6 +276,7 @@ Test(client_faults, a_silent_server_times_out) {
   fake_start(&f);
   qins_client *c;
   cr_assert_eq(qins_connect(&c, f.path, 2000), 0);
+  qins_set_retry(c, 0);
   qins_set_timeout(c, 100);
   cr_expect_eq(qins_ping(c), QINS_ETIMEOUT);
   cr_expect_eq(qins_ping(c), QINS_ECLOSED);

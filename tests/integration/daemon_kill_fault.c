@@ -48,6 +48,8 @@ static void *client_run(void *arg) {
       sched_yield();
       continue;
     }
+    qins_set_retry(c, 0); /* the kill's failures are counted here; riding through them is
+                             client_reconnect.c's subject */
     int rc;
     int good = 1;
     if (k++ % 2 == 0) { /* the whole 2.4 MB tensor (pool decode) */
