@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 
 #include "daemon_fixture.h"
+#include "qins.h"
 
 #define HUGE_SEED 50
 #define HUGE_R 2048
@@ -452,4 +453,33 @@ Test(daemon_stream, coded_tensors_stream_the_same_bytes_as_small_gets) {
   }
   ts_rx_destroy(&rx);
   cr_assert_eq(ts_ping(D.sock), 0);
+}
+
+/* libqins (client/qins.h "Reconnecting"): a payload cut short is fetched once more after a
+ * reconnect, as the daemon may have restarted under it; cut again (the damaged chunk), or answered
+ * CHECKSUM when the rest was decoded before the head went out, the call fails at once instead of
+ * fetching until its retry budget is spent, and the client keeps serving. */
+Test(daemon_stream, libqins_reports_a_damaged_stream_without_spending_its_budget) {
+  corrupt_huge((uint64_t)1500 * HUGE_C + 100); /* in the second chunk */
+  qins_client *c = NULL;
+  cr_assert_eq(qins_connect(&c, D.sock, 10000), 0);
+  qins_set_retry(c, 20000);
+  void *p = (void *)1;
+  size_t n = 0;
+  int rc = qins_get(c, "h", "huge", NULL, 0, QINS_F32, &p, &n, NULL, NULL);
+  cr_expect(rc == QINS_ECLOSED || rc == QINS_ECHECKSUM, "%s: %s", qins_err_name(rc),
+            qins_client_error(c));
+  cr_expect_null(p);
+  if (rc == QINS_ECLOSED)
+    cr_expect(strstr(qins_client_error(c), "inside the payload twice") != NULL, "%s",
+              qins_client_error(c));
+  qins_conn_stats st;
+  qins_client_stats(c, &st);
+  cr_expect_leq(st.reconnects, 1, "refetched %llu times", (unsigned long long)st.reconnects);
+  cr_expect_eq(st.budgets_spent, 0);
+  float row[129];
+  qins_range r = {0, 1};
+  cr_expect_eq(qins_get_into(c, "m", "a.w", &r, 1, QINS_F32, row, sizeof row, NULL, NULL, NULL), 0,
+               "%s", qins_client_error(c));
+  qins_close(c);
 }
