@@ -185,6 +185,7 @@ struct wprov {
   uint64_t fetches;       /* round trips for weights */
   uint64_t peak_bytes;    /* most decoded bytes held at once */
   uint64_t budget;        /* qinsd: bytes of decoded weights it may hold */
+  uint64_t reconnects;    /* qinsd: connections libqins reopened (daemon restarts ridden out) */
 };
 
 /* --- memory provider --------------------------------------------------------------------------*/
@@ -400,7 +401,16 @@ typedef struct qprov {
   int want;              /* unit the prefetcher should load, or -1 */
   int stop;
   int pf_err;            /* last prefetch failure (the worker then loads itself) */
+  uint64_t pf_reconnects; /* the prefetch connection's reconnects (set by its thread) */
 } qprov;
+
+/* Sums both connections' reconnects into base.reconnects (lock held, on the worker thread: each
+ * client's counters are read by the thread that uses it). */
+static void q_count_reconnects(qprov *q) {
+  qins_conn_stats st;
+  qins_client_stats(q->cl, &st);
+  q->base.reconnects = st.reconnects + q->pf_reconnects;
+}
 
 /* Fetches unit u into buf on connection cl (no lock held). */
 static int q_fetch(qprov *q, qins_client *cl, int u, float *buf) {
@@ -480,7 +490,10 @@ static void *q_prefetch_main(void *arg) {
     pthread_mutex_unlock(&q->mu);
     float *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
     int rc = buf ? q_fetch(q, q->pf, u, buf) : QINS_ENOMEM;
+    qins_conn_stats st;
+    qins_client_stats(q->pf, &st);
     pthread_mutex_lock(&q->mu);
+    q->pf_reconnects = st.reconnects;
     if (rc) {
       free(buf);
       q->u[u].state = U_EMPTY;
@@ -533,6 +546,7 @@ static int q_acquire(wprov *p, int u, const float **w) {
     q->base.fetched_bytes += bytes;
     q->base.fetches++;
   }
+  q_count_reconnects(q);
   q->u[u].pins++;
   q->u[u].used = ++q->tick;
   for (int i = 0; i < unit_ntensors(&q->c, u); i++) w[i] = q->u[u].w[i];
@@ -566,6 +580,9 @@ static int q_embed(wprov *p, int token, float *out) {
     return rc;
   }
   if (got != (size_t)q->c.dim * sizeof(float)) return QINS_EFORMAT;
+  pthread_mutex_lock(&q->mu);
+  q_count_reconnects(q);
+  pthread_mutex_unlock(&q->mu);
   return 0;
 }
 
@@ -1173,6 +1190,8 @@ int main(int argc, char **argv) {
     printf("weights: %" PRIu64 " fetches, %" PRIu64 " decoded bytes received, peak held %" PRIu64
            " of budget %" PRIu64 " bytes\n",
            cand->fetches, cand->fetched_bytes, cand->peak_bytes, cand->budget);
+  if (cand && !strcmp(cand->kind, "qinsd")) /* libqins rode out daemon restarts this often */
+    printf("reconnects: %" PRIu64 "\n", cand->reconnects);
   if (tokens_out) {
     FILE *f = fopen(tokens_out, "w");
     if (!f) die("%s: %s", tokens_out, strerror(errno));

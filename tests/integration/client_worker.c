@@ -8,7 +8,9 @@
  *     applied to the same weights (the worker's --simulate q8_0, run in the same test);
  *   - seed-log, seed-rational, f16 and bf16 are measured and reported (lossy: greedy parity on this
  *     model is fragile, so they are judged on KLD and top-1, with loose sanity bounds);
- *   - the weight budget changes how often weights are fetched, never the result.
+ *   - the weight budget changes how often weights are fetched, never the result;
+ *   - the worker keeps generating while qinsd is restarted 3 times under it (libqins reconnects,
+ *     issue 18): the same 500 tokens, and it reports its reconnects.
  * The shared models are found through $QINS_SHARED (default ../shared); absent, tests skip.
  *
  * Each served test imports the model into a temporary store with the import policy's split:
@@ -25,10 +27,13 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "codec.h"
 #include "daemon.h"
+#include "qins.h"
+#include "qt.h"
 #include "safetensors.h"
 
 #define STEPS 500
@@ -179,6 +184,8 @@ static figures served(const char *codec, const char *extra) {
 
 TestSuite(client_worker, .fini = teardown, .timeout = 240);
 
+static void expect_tokens(const char *what, const char *tokens);
+
 /* Runs the worker with `args` and --tokens-out, and counts the tokens equal to greedy500.txt. */
 static void expect_greedy500(const char *what, const char *args) {
   char b[256], cmd[2048], tokens[] = "/tmp/qins-tokens-XXXXXX";
@@ -191,6 +198,11 @@ static void expect_greedy500(const char *what, const char *args) {
   int st = run(cmd, &out);
   cr_assert_eq(st, 0, "%s exited %d:\n%s", cmd, st, out);
   free(out);
+  expect_tokens(what, tokens);
+}
+
+/* The tokens in file `tokens` (removed) are greedy500.txt's. */
+static void expect_tokens(const char *what, const char *tokens) {
   FILE *a = fopen(tokens, "r"), *e = fopen(greedy_path, "r");
   cr_assert(a && e);
   int match = 0, n = 0, first_bad = -1, x, y;
@@ -289,4 +301,71 @@ Test(client_worker, budget_changes_fetches_not_tokens) {
   /* 5 layers + the head: everything stays once fetched, or everything is fetched every step. */
   cr_expect_eq(all.fetches, 6, "fetches with a budget holding the model: %ld", all.fetches);
   cr_expect_eq(stream.fetches, 6L * STEPS, "fetches when streaming: %ld", stream.fetches);
+}
+
+/* The daemon's count of get_many requests since it started (0 while it cannot be asked). */
+static unsigned long long served_get_many(void) {
+  qins_client *c = NULL;
+  if (qins_connect(&c, D.sock, 5000)) return 0;
+  char *js = NULL;
+  unsigned long long n = 0;
+  if (qins_stats(c, &js) == 0) {
+    const char *p = strstr(js, "\"get_many\":"); /* in "requests" (the first map) */
+    if (p) n = strtoull(p + strlen("\"get_many\":"), NULL, 10);
+  }
+  qins_free(js);
+  qins_close(c);
+  return n;
+}
+
+/* Issue 18: qinsd restarted 3 times (SIGTERM + start) while the worker generates; the worker's
+ * 500 greedy tokens equal an uninterrupted run's (which equals greedy500.txt, checked first), and
+ * it reports at least one reconnect per restart. Each restart waits until the running daemon has
+ * served this worker 30 get_many (5 steps' layers), polled. */
+Test(client_worker, greedy500_across_three_restarts) {
+  serve("f32");
+  char args[600];
+  snprintf(args, sizeof args, "--socket %s --model f32 --n-heads 8", D.sock);
+  expect_greedy500("uninterrupted", args);
+
+  char b[256], cmd[2048], tokens[] = "/tmp/qins-tokens-XXXXXX", out[] = "/tmp/qins-out-XXXXXX";
+  int fd = mkstemp(tokens), fo = mkstemp(out);
+  cr_assert(fd >= 0 && fo >= 0);
+  close(fd);
+  close(fo);
+  snprintf(cmd, sizeof cmd, "exec %s %s --steps %d --tokens-out %s -q > %s 2>&1", bin(b, sizeof b),
+           args, STEPS, tokens, out);
+  unsigned long long base = served_get_many(); /* the uninterrupted run's, on this daemon */
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+    _exit(127);
+  }
+  int st = -1, exited = 0;
+  for (int r = 0; r < 3 && !exited; r++) {
+    while (served_get_many() < base + 30 && !exited) {
+      exited = waitpid(pid, &st, WNOHANG) == pid;
+      struct timespec ts = {0, 5000000};
+      nanosleep(&ts, NULL);
+    }
+    if (exited) break;
+    int dst = ts_daemon_stop(&D);
+    cr_assert(dst >= 0 && WIFEXITED(dst) && WEXITSTATUS(dst) == 0, "qinsd exit 0x%x", dst);
+    cr_assert_eq(ts_daemon_start(&D, NULL), 0, "qinsd restarts");
+    base = 0;
+  }
+  if (!exited) waitpid(pid, &st, 0);
+  char *text = qt_read(out, NULL);
+  cr_assert(text);
+  cr_assert(!exited, "the worker finished before the 3 restarts:\n%s", text);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the worker failed (0x%x):\n%s", st, text);
+  const char *p = strstr(text, "reconnects: ");
+  cr_assert(p, "no reconnects line:\n%s", text);
+  long reconnects = strtol(p + strlen("reconnects: "), NULL, 10);
+  cr_log_info("across 3 restarts: %ld reconnects", reconnects);
+  cr_expect_geq(reconnects, 3, "one reconnect per restart at least:\n%s", text);
+  free(text);
+  unlink(out);
+  expect_tokens("across restarts", tokens);
 }
