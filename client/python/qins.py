@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: MIT
-"""qins.py — a minimal Python client for qinsd (docs/PROTOCOL.md; docs/client.md §2), for workers.
+"""qins.py — the Python client for qinsd (docs/PROTOCOL.md; docs/client.md §2), for workers.
 
-Needs Debian's python3-msgpack and python3-numpy (run with /usr/bin/python3). One blocking
-connection per Client; one request in flight at a time; not thread-safe (one Client per thread).
+Pure Python; needs msgpack and numpy (declared in pyproject.toml; Debian's python3-msgpack and
+python3-numpy serve /usr/bin/python3). `pip install client/python` installs it; or put this
+directory on PYTHONPATH. One blocking connection per Client; one request in flight at a time; not
+thread-safe (one Client per thread).
 
     import qins
     with qins.Client("/run/qins.sock") as c:
@@ -11,21 +13,30 @@ connection per Client; one request in flight at a time; not thread-safe (one Cli
         rows = c.get("stories260K", "tok_embeddings.weight", slice="0:8")  # first 8 rows
         cols = c.get("stories260K", "tok_embeddings.weight", slice=(slice(None), slice(0, 16)))
         layer = c.get_many("stories260K", prefix="layers.3.")           # {name: array}
+        pos = c.get("m", "position_ids")              # an integer tensor: as stored (int64, ...)
+        w2 = c.get("m", "w", copy=True)               # writable (the default is read-only)
 
 Errors: every server error raises QinsError with .code (the stable negative code of PROTOCOL.md
-§3), .name ("NO_TENSOR", ...) and the server's message. Transport failures raise QinsError with
-code CLOSED / TIMEOUT / PROTO and the connection is closed.
+§3), .name ("NO_TENSOR", ...) and the server's message. A lost connection (the daemon restarted)
+is repaired inside the call within the retry budget (Client's docstring); then, and for a
+transport failure with reconnecting off, QinsError CLOSED (never a bare OSError); TIMEOUT and PROTO
+close the connection (the next call reconnects).
 
-Arrays: `data` comes back as little-endian row-major bytes; get returns a numpy array of the
-result's shape: float32 for "f32", float16 for "f16", and for "bf16" float32 values widened
-exactly from the bf16 bits (numpy has no bfloat16; pass raw=True to get the uint16 bits).
+Arrays: `data` comes back as little-endian row-major bytes; get returns a read-only numpy array of
+the result's shape over them (copy=True for a writable one): float32 for "f32" (the default for
+floating-point tensors), float16 for "f16", for "bf16" float32 values widened exactly from the bf16
+bits (numpy has no bfloat16; raw=True gives the uint16 bits), and integer and bool tensors in their
+stored dtype.
 """
+import errno
 import os
 import socket
+import time
 
 import msgpack
 import numpy as np
 
+__version__ = "0.1.0"
 PROTOCOL = 1
 
 # PROTOCOL.md §3 (client/qins.h QINS_ERR_MAP), name by code.
@@ -54,7 +65,22 @@ class QinsError(Exception):
         self.code = code
         self.name = ERRORS.get(code, "UNKNOWN")
         self.message = message
+        self.errno = None  # the OS error's number, for a transport failure
         super().__init__("%s (%d): %s" % (self.name, code, message))
+
+
+def _why(e):
+    """An OSError as text: its errno name and message (EPIPE: Broken pipe)."""
+    num = getattr(e, "errno", None)
+    name = errno.errorcode.get(num, type(e).__name__) if num else type(e).__name__
+    return "%s: %s" % (name, e.strerror or e)
+
+
+def _closed(message, oserror=None):
+    """QinsError CLOSED for a transport failure; .errno keeps the OS error's number."""
+    e = QinsError(CODES["CLOSED"], message)
+    e.errno = getattr(oserror, "errno", None)
+    return e
 
 
 def bf16_to_f32(u16):
@@ -62,7 +88,7 @@ def bf16_to_f32(u16):
     return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _array(t, raw=False):
+def _array(t, raw=False, copy=False):
     dt = t["dtype"]
     if dt not in _NP:
         raise QinsError(CODES["PROTO"], "unknown dtype %r in the answer" % dt)
@@ -75,8 +101,8 @@ def _array(t, raw=False):
         raise QinsError(CODES["PROTO"], "payload of %d elements for shape %r" % (a.size, shape))
     a = a.reshape(shape)
     if dt == "bf16" and not raw:
-        a = bf16_to_f32(a)
-    return a
+        return bf16_to_f32(a)  # a new array: writable
+    return a.copy() if copy else a  # frombuffer over the received bytes: read-only
 
 
 def parse_slice(spec, shape=None):
@@ -128,28 +154,102 @@ def parse_slice(spec, shape=None):
     return out
 
 
-class Client:
-    """One connection to qinsd. socket_path defaults to $QINS_SOCKET."""
+# Methods sent again whole after a reconnect: every method but shutdown only reads.
+_NOT_RETRIED = frozenset(["shutdown"])
+# Answers to hello that a restarting daemon explains (try again): BUSY, SHUTDOWN.
+_TRANSIENT_CODES = frozenset([-1009, -1017])
+_BACKOFF_MIN = 0.005  # first pause between reconnect attempts (s)
+_BACKOFF_MAX = 0.2    # pauses double up to this: a daemon that is back is found soon
 
-    def __init__(self, socket_path=None, timeout=5.0):
+
+def _env_retry():
+    """$QINS_RETRY_MS in seconds, else the default (5 s)."""
+    v = os.environ.get("QINS_RETRY_MS", "")
+    return int(v) / 1000.0 if v.isdigit() else 5.0
+
+
+class _Lost(Exception):
+    """The connection was lost under a call: .error is what the caller sees if it is not retried,
+    .cut is True when the answer had begun to arrive."""
+
+    def __init__(self, error, cut=False):
+        super().__init__(error.message)
+        self.error = error
+        self.cut = cut
+
+
+class Client:
+    """One connection to qinsd. socket_path defaults to $QINS_SOCKET.
+
+    timeout: seconds a call (and the connect + hello) may take; None waits forever.
+    retry: the reconnect budget in seconds (default $QINS_RETRY_MS / 1000, else 5; 0 turns
+    reconnecting off). A call that finds its connection lost (EOF, reset, broken pipe, a SHUTDOWN
+    answer, or a connection closed by an earlier failure) reconnects to the same path (hello again,
+    .server re-read), spacing attempts 5 ms, 10 ms, ... 200 ms apart, and is sent again whole (every
+    method but shutdown only reads); only when the budget is spent does it raise QinsError CLOSED
+    naming the socket and the budget. Counters: .generation (1, +1 per reconnect), .reconnects,
+    .retried_calls, .budgets_spent. .on_reconnect, if set, is called with the client after each
+    reconnect, before the call is sent again (calls it makes do not themselves reconnect).
+    """
+
+    def __init__(self, socket_path=None, timeout=5.0, retry=None):
         path = socket_path or os.environ.get("QINS_SOCKET")
         if not path:
             raise ValueError("no socket path (argument or QINS_SOCKET)")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except OSError:
-            self._sock.close()
-            raise
+        self.path = path
+        self.timeout = timeout
+        self.retry = _env_retry() if retry is None else float(retry)
+        self.server = None
+        self.generation = 0
+        self.reconnects = 0
+        self.retried_calls = 0
+        self.budgets_spent = 0
+        self.on_reconnect = None
+        self._in_callback = False
+        self._sock = None
         self._msgid = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._open(deadline)
+        except _Lost as e:
+            raise e.error from None
+        self.generation = 1
+
+    def _open(self, deadline):
+        """Connects and exchanges hello before deadline (monotonic s, or None). Raises _Lost for
+        what a restarting daemon explains, QinsError for the rest."""
+        self.close()
         # Responses are at most max_response_bytes (<= 2^32 - 1) plus a small header.
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=(1 << 32) + (1 << 20),
                                           strict_map_key=False)
-        self.server = self.call("hello")
-        if self.server.get("protocol") != PROTOCOL:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        sock.settimeout(left)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError, ConnectionResetError,
+                BrokenPipeError, socket.timeout) as e:
+            sock.close()
+            raise _Lost(_closed("connect %s: %s" % (self.path, _why(e)), e)) from None
+        except OSError as e:
+            sock.close()
+            raise _closed("connect %s: %s" % (self.path, _why(e)), e) from None
+        self._sock = sock
+        try:
+            server = self._call_once("hello", {})
+        except QinsError as e:
             self.close()
-            raise QinsError(CODES["VERSION"], "server speaks protocol %r" % self.server.get("protocol"))
+            if e.code in _TRANSIENT_CODES or e.code == CODES["TIMEOUT"]:
+                raise _Lost(e) from None
+            raise
+        except _Lost:
+            self.close()
+            raise
+        if server.get("protocol") != PROTOCOL:
+            self.close()
+            raise QinsError(CODES["VERSION"], "server speaks protocol %r" % server.get("protocol"))
+        sock.settimeout(self.timeout)
+        self.server = server
 
     def close(self):
         if self._sock is not None:
@@ -164,10 +264,63 @@ class Client:
 
     def call(self, method, **params):
         """One request; returns the result or raises QinsError. params -> [ {params} ] (or [])."""
+        deadline = None
+        cuts = 0
+        while True:
+            try:
+                return self._call_once(method, params)
+            except _Lost as lost:
+                if lost.cut:
+                    cuts += 1
+                if (self.retry <= 0 or self._in_callback or method in _NOT_RETRIED
+                        or cuts > 1):
+                    if cuts > 1:
+                        raise QinsError(CODES["CLOSED"], "%s: the connection to %s closed inside "
+                                        "the answer twice: the server may have found a damaged "
+                                        "chunk (its log names it; treat as CHECKSUM)"
+                                        % (method, self.path)) from None
+                    raise lost.error from None
+                if deadline is None:
+                    deadline = time.monotonic() + self.retry
+                self._reconnect(method, deadline, lost)
+
+    def _reconnect(self, method, deadline, lost):
+        attempts, pause, last = 0, _BACKOFF_MIN, lost
+        while True:
+            attempts += 1
+            try:
+                self._open(deadline)
+                break
+            except _Lost as e:
+                last = e
+            except QinsError as e:
+                raise QinsError(e.code, "%s: reconnecting to %s: %s"
+                                % (method, self.path, e.message)) from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.budgets_spent += 1
+                raise QinsError(CODES["CLOSED"], "%s: lost the connection to %s (%s) and could not "
+                                "reconnect within the %d ms retry budget (%d attempts, last: %s)"
+                                % (method, self.path, lost.error.message, round(self.retry * 1000),
+                                   attempts, last.error.message)) from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _BACKOFF_MAX)
+        self.reconnects += 1
+        self.generation += 1
+        if self.on_reconnect is not None:
+            self._in_callback = True
+            try:
+                self.on_reconnect(self)
+            finally:
+                self._in_callback = False
+        self.retried_calls += 1
+
+    def _call_once(self, method, params):
         if self._sock is None:
-            raise QinsError(CODES["CLOSED"], "the connection is closed")
+            raise _Lost(QinsError(CODES["CLOSED"], "%s: the connection is closed" % method))
         self._msgid = self._msgid % 0xFFFFFFFF + 1
         req = msgpack.packb([0, self._msgid, method, [params] if params else []], use_bin_type=True)
+        received = 0
         try:
             self._sock.sendall(req)
             while True:
@@ -176,7 +329,9 @@ class Client:
                 chunk = self._sock.recv(1 << 20)
                 if not chunk:
                     self.close()
-                    raise QinsError(CODES["CLOSED"], "%s: the server closed the connection" % method)
+                    raise _Lost(QinsError(CODES["CLOSED"], "%s: the server closed the connection"
+                                          % method), cut=received > 0)
+                received += len(chunk)
                 self._unpacker.feed(chunk)
         except socket.timeout:
             self.close()
@@ -184,6 +339,9 @@ class Client:
         except (msgpack.UnpackException, ValueError) as e:
             self.close()
             raise QinsError(CODES["PROTO"], "%s: malformed response: %s" % (method, e)) from None
+        except OSError as e:  # EPIPE, ECONNRESET, ENOTCONN: the daemon went away
+            self.close()
+            raise _Lost(_closed("%s: %s" % (method, _why(e)), e), cut=received > 0) from None
 
     def _answer(self, msg, method):
         if not isinstance(msg, list) or len(msg) != 4 or msg[0] != 1:
@@ -194,7 +352,11 @@ class Client:
             if msgid == 0:
                 self.close()  # the server closes after errors it cannot tie to a request
             code, text = (err[0], err[1]) if isinstance(err, list) and len(err) >= 2 else (-1000, repr(err))
-            raise QinsError(code, "%s: %s" % (method, text))
+            e = QinsError(code, "%s: %s" % (method, text))
+            if code == CODES["SHUTDOWN"]:  # the daemon is stopping: it closes after this answer
+                self.close()
+                raise _Lost(e)
+            raise e
         if msgid != self._msgid:
             self.close()
             raise QinsError(CODES["PROTO"], "%s: response msgid %r, expected %d" % (method, msgid, self._msgid))
@@ -219,8 +381,15 @@ class Client:
     def info(self, model, name):
         return self.call("info", model=model, name=name)
 
-    def get(self, model, name, slice=None, dtype="f32", raw=False):
-        """The tensor (or slice) as a numpy array; see parse_slice for slice specs."""
+    def get(self, model, name, slice=None, dtype=None, raw=False, copy=False):
+        """The tensor (or slice) as a numpy array; see parse_slice for slice specs.
+
+        dtype None (the default) asks for the stored kind: floating-point tensors come back as
+        float32 (whatever their codec), integer and bool tensors as stored (int32, uint8, ...);
+        "f32", "f16" or "bf16" ask for that float type (an integer tensor then fails with DTYPE).
+        The array is a read-only view of the received bytes (no copy); copy=True returns a
+        writable copy (bf16 widened to float32 is always a new, writable array).
+        """
         p = {"model": model, "name": name}
         if dtype is not None:
             p["dtype"] = dtype
@@ -229,10 +398,11 @@ class Client:
             rng = parse_slice(slice, self.info(model, name)["shape"])
         if rng:
             p["slice"] = rng
-        return _array(self.call("get", **p), raw)
+        return _array(self.call("get", **p), raw, copy)
 
-    def get_many(self, model, names=None, prefix=None, dtype="f32", raw=False):
-        """{name: array} for the listed names (in that order) or every tensor under prefix."""
+    def get_many(self, model, names=None, prefix=None, dtype=None, raw=False, copy=False):
+        """{name: array} for the listed names (in that order) or every tensor under prefix;
+        dtype and copy as for get."""
         p = {"model": model}
         if (names is None) == (prefix is None):
             raise ValueError("give exactly one of names and prefix")
@@ -246,7 +416,7 @@ class Client:
         out = {}
         for i, t in enumerate(res["tensors"]):
             name = t.get("name") or (names[i] if names is not None else str(i))
-            out[name] = _array(t, raw)
+            out[name] = _array(t, raw, copy)
         return out
 
     def stats(self):
@@ -256,5 +426,5 @@ class Client:
         return self.call("shutdown")
 
 
-def connect(socket_path=None, timeout=5.0):
-    return Client(socket_path, timeout)
+def connect(socket_path=None, timeout=5.0, retry=None):
+    return Client(socket_path, timeout, retry)

@@ -36,6 +36,17 @@ TENSORS = {
     "layers.0.y": rng.standard_normal((4,)).astype("<f4"),
     "layers.1.x": rng.standard_normal((2, 2)).astype("<f4"),
 }
+# Integer, bool and f16 sources (issue 15): get() without a dtype returns floats as f32 and the
+# rest as stored.
+TENSORS.update({
+    "position_ids": np.arange(-3, 13, dtype="<i8").reshape(2, 8),
+    "mask": (rng.random((3, 5)) < 0.5).astype(np.uint8),
+    "flags": rng.random(7) < 0.5,
+    "ids32": rng.integers(-2**31, 2**31, size=(4, 3), dtype=np.int64).astype("<i4"),
+    "h16": rng.standard_normal((3, 6)).astype("<f2"),
+})
+ST_DTYPE = {"float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32", "uint8": "U8",
+            "bool": "BOOL"}
 
 
 def write_safetensors(path, tensors, metadata=None):
@@ -44,7 +55,8 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = metadata
     for name, a in tensors.items():
         b = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        header[name] = {"dtype": ST_DTYPE[a.dtype.name], "shape": list(a.shape),
+                        "data_offsets": [off, off + len(b)]}
         off += len(b)
         blobs.append(b)
     h = json.dumps(header).encode()
@@ -163,10 +175,51 @@ class ClientTest(unittest.TestCase):
 
     def test_get_whole(self):  # §4.6
         for name, a in TENSORS.items():
+            if a.dtype != np.float32:
+                continue
             g = self.c.get(MODEL, name)
             self.assertEqual(g.dtype, np.float32)
             self.assertEqual(g.shape, a.shape)
             self.assertTrue(np.array_equal(g.view(np.uint32), a.view(np.uint32)), name)
+
+    def test_get_default_dtype(self):  # §4.6: floats as f32, integers and bool as stored
+        for name, a in TENSORS.items():
+            g = self.c.get(MODEL, name)
+            info = self.c.info(MODEL, name)
+            want = np.float32 if a.dtype.kind == "f" else a.dtype
+            self.assertEqual(g.dtype, want, name)
+            self.assertEqual(g.shape, a.shape, name)
+            self.assertTrue(np.array_equal(g, a.astype(want)), name)
+            self.assertEqual(info["src_dtype"], {"float32": "f32", "float16": "f16", "int64": "i64",
+                                                 "int32": "i32", "uint8": "u8",
+                                                 "bool": "bool"}[a.dtype.name], name)
+        # A slice and a get_many keep the stored dtypes too.
+        self.assertTrue(np.array_equal(self.c.get(MODEL, "position_ids", slice="1:2"),
+                                       TENSORS["position_ids"][1:2]))
+        got = self.c.get_many(MODEL, names=["mask", "w", "ids32"])
+        self.assertEqual([got[k].dtype for k in got], [np.uint8, np.float32, np.int32])
+        self.assertTrue(np.array_equal(got["ids32"], TENSORS["ids32"]))
+        # A float type asked of an integer tensor is refused, naming it.
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.get(MODEL, "position_ids", dtype="f32")
+        self.assertEqual(e.exception.name, "DTYPE")
+        self.assertIn("position_ids", e.exception.message)
+
+    def test_read_only_unless_copy(self):  # docs/client.md §2: views of the received bytes
+        g = self.c.get(MODEL, "w")
+        self.assertFalse(g.flags.writeable)
+        with self.assertRaises(ValueError):
+            g[0, 0] = 1.0
+        w = self.c.get(MODEL, "w", copy=True)
+        self.assertTrue(w.flags.writeable)
+        w[0, 0] = 1.0  # does not raise
+        self.assertTrue(np.array_equal(w[1:], TENSORS["w"][1:]))
+        for d in (self.c.get_many(MODEL, names=["w", "mask"], copy=True),
+                  {"p": self.c.get(MODEL, "position_ids", copy=True),
+                   "h": self.c.get(MODEL, "w", dtype="f16", copy=True)}):
+            for k, v in d.items():
+                self.assertTrue(v.flags.writeable, k)
+        self.assertFalse(self.c.get_many(MODEL, names=["mask"])["mask"].flags.writeable)
 
     def test_get_slices(self):  # §4.6: rows, columns, hyperslab, empty, negative
         w, c3 = TENSORS["w"], TENSORS["c3"]
