@@ -122,21 +122,27 @@ class Daemon:
         return status
 
 
+def serve(tensors, model, metadata=None):
+    """A started Daemon serving `tensors` as `model` (imported --codec f32); stopped on failure."""
+    d = Daemon()
+    try:
+        path = os.path.join(d.dir, "in.safetensors")
+        write_safetensors(path, tensors, metadata)
+        os.makedirs(d.store, exist_ok=True)
+        d.import_file(path, model)
+        d.start()
+    except BaseException:
+        d.stop()
+        raise
+    return d
+
+
 D = None
 
 
 def setUpModule():
     global D
-    D = Daemon()
-    try:
-        path = os.path.join(D.dir, "t.safetensors")
-        write_safetensors(path, TENSORS, {"purpose": "test"})
-        os.makedirs(D.store, exist_ok=True)
-        D.import_file(path, MODEL)
-        D.start()
-    except BaseException:
-        D.stop()
-        raise
+    D = serve(TENSORS, MODEL, {"purpose": "test"})
 
 
 def tearDownModule():

@@ -21,7 +21,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from test_client import Daemon, write_safetensors  # noqa: E402
+from test_client import serve  # noqa: E402
 
 PKG = os.path.join(ROOT, "client", "python")
 PYTHON = os.environ.get("PYTHON", "/usr/bin/python3")
@@ -62,14 +62,9 @@ class PackageTest(unittest.TestCase):
         self.assertEqual(out[1], "0.1.0")
         self.assertEqual(out[2], "['msgpack', 'numpy']")
         # The installed module talks to a real daemon.
-        d = Daemon()
+        a = np.arange(12, dtype="<f4").reshape(3, 4) - 5.5
+        d = serve({"t": a}, "p")
         try:
-            a = np.arange(12, dtype="<f4").reshape(3, 4) - 5.5
-            path = os.path.join(d.dir, "p.safetensors")
-            write_safetensors(path, {"t": a})
-            os.makedirs(d.store, exist_ok=True)
-            d.import_file(path, "p")
-            d.start()
             got = run([py, "-c", "import qins; c = qins.Client(%r); print(c.get('p', 't').tolist())"
                        % d.sock], cwd=self.elsewhere, env=env)
             self.assertEqual(got.strip(), str(a.tolist()))

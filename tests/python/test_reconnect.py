@@ -20,7 +20,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_client import Daemon, qins, write_safetensors  # noqa: E402
+from test_client import qins, serve  # noqa: E402
 
 MODEL = "r"
 rng = np.random.default_rng(18)
@@ -36,16 +36,7 @@ D = None
 
 def setUpModule():
     global D
-    D = Daemon()
-    try:
-        path = os.path.join(D.dir, "r.safetensors")
-        write_safetensors(path, TENSORS)
-        os.makedirs(D.store, exist_ok=True)
-        D.import_file(path, MODEL)
-        D.start()
-    except BaseException:
-        D.stop()
-        raise
+    D = serve(TENSORS, MODEL)
 
 
 def tearDownModule():
