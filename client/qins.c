@@ -588,8 +588,10 @@ typedef struct qcl_retry {
 /* After an attempt of method `what` returned *rc: 1 when the connection had been lost and is open
  * again (run the attempt again), else 0 with *rc the call's result. */
 static int qcl_again(qins_client *c, const char *what, qcl_retry *rt, int *rc) {
+  int cut = c->cut;
+  c->cut = 0;
   if (!qcl_lost(*rc) || c->retry_ms <= 0 || c->in_callback) return 0;
-  if (c->cut && ++rt->cuts > 1) {
+  if (cut && ++rt->cuts > 1) {
     /* A streamed get whose later chunk fails its checksum is cut off too (PROTOCOL.md §4.6):
      * the same answer cut twice is reported, not fetched until the budget is spent. */
     qcl_break(c, 0);
