@@ -206,6 +206,7 @@ class Client:
         self.budgets_spent = 0
         self.on_reconnect = None
         self._in_callback = False
+        self._shut = False
         self._sock = None
         self._msgid = 0
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -218,7 +219,7 @@ class Client:
     def _open(self, deadline):
         """Connects and exchanges hello before deadline (monotonic s, or None). Raises _Lost for
         what a restarting daemon explains, QinsError for the rest."""
-        self.close()
+        self._drop()
         # Responses are at most max_response_bytes (<= 2^32 - 1) plus a small header.
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=(1 << 32) + (1 << 20),
                                           strict_map_key=False)
@@ -238,20 +239,25 @@ class Client:
         try:
             server = self._call_once("hello", {})
         except QinsError as e:
-            self.close()
+            self._drop()
             if e.code in _TRANSIENT_CODES or e.code == CODES["TIMEOUT"]:
                 raise _Lost(e) from None
             raise
         except _Lost:
-            self.close()
+            self._drop()
             raise
         if server.get("protocol") != PROTOCOL:
-            self.close()
+            self._drop()
             raise QinsError(CODES["VERSION"], "server speaks protocol %r" % server.get("protocol"))
         sock.settimeout(self.timeout)
         self.server = server
 
     def close(self):
+        """Closes the connection for good: later calls raise QinsError CLOSED."""
+        self._shut = True
+        self._drop()
+
+    def _drop(self):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -264,6 +270,8 @@ class Client:
 
     def call(self, method, **params):
         """One request; returns the result or raises QinsError. params -> [ {params} ] (or [])."""
+        if self._shut:
+            raise QinsError(CODES["CLOSED"], "%s: the client is closed" % method)
         deadline = None
         cuts = 0
         while True:
@@ -328,37 +336,37 @@ class Client:
                     return self._answer(msg, method)
                 chunk = self._sock.recv(1 << 20)
                 if not chunk:
-                    self.close()
+                    self._drop()
                     raise _Lost(QinsError(CODES["CLOSED"], "%s: the server closed the connection"
                                           % method), cut=received > 0)
                 received += len(chunk)
                 self._unpacker.feed(chunk)
         except socket.timeout:
-            self.close()
+            self._drop()
             raise QinsError(CODES["TIMEOUT"], "%s: timed out" % method) from None
         except (msgpack.UnpackException, ValueError) as e:
-            self.close()
+            self._drop()
             raise QinsError(CODES["PROTO"], "%s: malformed response: %s" % (method, e)) from None
         except OSError as e:  # EPIPE, ECONNRESET, ENOTCONN: the daemon went away
-            self.close()
+            self._drop()
             raise _Lost(_closed("%s: %s" % (method, _why(e)), e), cut=received > 0) from None
 
     def _answer(self, msg, method):
         if not isinstance(msg, list) or len(msg) != 4 or msg[0] != 1:
-            self.close()
+            self._drop()
             raise QinsError(CODES["PROTO"], "%s: not a msgpack-RPC response" % method)
         _, msgid, err, result = msg
         if err is not None:
             if msgid == 0:
-                self.close()  # the server closes after errors it cannot tie to a request
+                self._drop()  # the server closes after errors it cannot tie to a request
             code, text = (err[0], err[1]) if isinstance(err, list) and len(err) >= 2 else (-1000, repr(err))
             e = QinsError(code, "%s: %s" % (method, text))
             if code == CODES["SHUTDOWN"]:  # the daemon is stopping: it closes after this answer
-                self.close()
+                self._drop()
                 raise _Lost(e)
             raise e
         if msgid != self._msgid:
-            self.close()
+            self._drop()
             raise QinsError(CODES["PROTO"], "%s: response msgid %r, expected %d" % (method, msgid, self._msgid))
         return result
 

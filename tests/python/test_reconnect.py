@@ -149,6 +149,14 @@ class ReconnectTest(unittest.TestCase):
         self.assertEqual(c.reconnects, 0)
         c.close()
 
+    def test_close_is_final(self):  # an explicit close is not a lost connection
+        c = qins.Client(D.sock, retry=60)
+        c.close()
+        with self.assertRaises(qins.QinsError) as e:
+            c.ping()
+        self.assertEqual(e.exception.name, "CLOSED")
+        self.assertEqual(c.reconnects, 0)
+
     def test_on_reconnect_runs_once_per_reconnect(self):
         c = qins.Client(D.sock, retry=60)
         seen = []
