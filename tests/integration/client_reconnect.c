@@ -10,6 +10,7 @@
  *   - a daemon that stays down: the call fails with QINS_ECLOSED naming the socket and the budget,
  *     after the budget and within it + 10% (a functional bound of the retry loop); the same client
  *     recovers on its next call once the daemon is back;
+ *   - hello is redone: the new daemon's limits are what qins_server shows and what judges calls;
  *   - the reconnect callback runs once per reconnect, may call the daemon, and its failure fails
  *     the interrupted call; with reconnecting off a restart is reported at once (the old
  *     behaviour, which is what the first test would see without reconnects).
@@ -280,5 +281,31 @@ Test(client_reconnect, with_the_budget_zero_a_restart_is_an_error) {
   qins_conn_stats st;
   qins_client_stats(c, &st);
   cr_expect_eq(st.reconnects, 0);
+  qins_close(c);
+}
+
+/* hello is redone on the new daemon: qins_server shows its limits, and the call is judged by them
+ * (PROTOCOL.md §2). */
+Test(client_reconnect, hello_is_redone_and_its_limits_read_again) {
+  qins_client *c = conn();
+  qins_set_retry(c, 60000);
+  cr_assert_eq(qins_server(c)->max_ranges, 8);
+  cr_assert_eq(qins_server(c)->max_response_bytes, 1u << 30);
+  int st = ts_daemon_stop(&D);
+  cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  static const char *const args[] = {"--max-ranges", "2", "--max-response-bytes", "64K", NULL};
+  cr_assert_eq(ts_daemon_start(&D, args), 0);
+  void *p = NULL;
+  size_t n = 0;
+  int rc = qins_get(c, "m", "big", NULL, 0, QINS_F32, &p, &n, NULL, NULL); /* 2.4 MB > 64 KiB */
+  cr_expect_eq(rc, QINS_ERESPONSE_TOO_LARGE, "%s: %s", qins_err_name(rc), qins_client_error(c));
+  cr_expect_null(p);
+  cr_expect_eq(qins_server(c)->max_ranges, 2);
+  cr_expect_eq(qins_server(c)->max_response_bytes, 64u << 10);
+  qins_range r = {0, 1};
+  rc = qins_get(c, "m", "big", &r, 1, QINS_F32, &p, &n, NULL, NULL);
+  cr_expect_eq(rc, 0, "%s", qins_client_error(c));
+  cr_expect_eq(n, 600 * 4);
+  qins_free(p);
   qins_close(c);
 }
