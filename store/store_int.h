@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * store_int.h — internals shared by the store's files (store.c, crc32c.c, import*.c, export.c):
+ * store_int.h — internals shared by the store's files (env.c, txn.c, record.c, read.c, stage.c,
+ * gc.c, backup.c, verify.c, crc32c.c, import*.c, export.c):
  * record layouts (docs/FORMAT.md §2), checksums, the error-message seam. Not for other modules.
  *
  * Every layout here is little-endian and packed; keys are big-endian so byte order is numeric
@@ -113,7 +114,7 @@ static inline uint32_t qs__get_be32(const uint8_t *p) {
   return QS__BE32(v);
 }
 
-/* ---- Record decoders: pure functions over a record's bytes (store.c; fuzzed by tests/fuzz/
+/* ---- Record decoders: pure functions over a record's bytes (record.c; fuzzed by tests/fuzz/
  * records.c). Each validates before anything is trusted and fails with QINS_ECORRUPT (or
  * QINS_EVERSION, QINS_ECHECKSUM) naming the record in qs_error(). */
 
@@ -142,5 +143,127 @@ int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_
 
 /* Checks a name for the store: 1..QS_MAX_NAME bytes, no NUL; models also no '/'. */
 int qs__name_check(const char *what, const char *name, int is_model);
+
+/* ---- The environment, shared by the store's files (env.c, txn.c, record.c, read.c, stage.c, gc.c,
+ * backup.c, verify.c). How a model lives in LMDB:
+ *  - Named DBs meta, models, tensors, chunks, params, staging. A model's tensors and chunks are
+ *    keyed by its numeric id (u64 BE), never by its name: the name -> id mapping in "models" is
+ *    the only thing a reader consults first, so flipping it in one transaction makes a whole new
+ *    model visible (or invisible) at once. Ids are never reused (meta.next_model_id).
+ *  - Writes stage a model under a fresh id (stage.c); leftovers are collected by gc.c.
+ *  - Every transaction begins and ends through txn.c, which counts them so the map is resized
+ *    only when none is open. */
+#include <lmdb.h>
+#include <pthread.h>
+
+#define QS_MAP_INITIAL (1ull << 30)   /* first map size: virtual space only, the file grows by use */
+#define QS_MAP_SLACK (32ull << 20)    /* headroom kept beyond a write txn's estimate */
+
+struct qs_store {
+  MDB_env *env;           /* the one environment of this process */
+  MDB_dbi db_meta, db_models, db_tensors, db_chunks, db_params, db_staging;
+  char *dir;              /* store directory */
+  int rdonly;             /* opened QS_OPEN_RDONLY */
+  int lock_fd;            /* DIR/writer.lock, -1 until first write */
+  int locked;             /* we hold the writer flock */
+  uint64_t max_map;       /* growth cap ($QINS_STORE_MAX_MAP), 0 = none */
+  pthread_mutex_t mu;     /* guards active/resizing */
+  pthread_cond_t cv;      /* signalled when active drops to 0 or resizing ends */
+  int active;             /* open transactions of this process */
+  struct qs_txn *spare;   /* one ended read txn kept reset for reuse (qs_txn_end), or NULL */
+  int resizing;           /* a map resize waits for active == 0 */
+  /* Chunks already checked (CRC + codec validation) by this process. Chunks are immutable once
+   * committed and model ids are never reused, so a verified chunk key stays verified; a slice of a
+   * few KiB then does not re-checksum its whole multi-MiB chunk on every request. Direct-mapped by
+   * key hash; a lost slot only means checking again. */
+  pthread_mutex_t vmu;
+  uint8_t (*vkeys)[16];   /* QS_VCACHE slots of chunk keys (all-zero = empty: id 0 never exists) */
+  int verify_always;      /* $QINS_VERIFY=always: no cache */
+  uint64_t map_adopted;   /* times MDB_MAP_RESIZED made us adopt another process's map size */
+  uint64_t map_gen;       /* bumped (under mu) whenever the map may have moved: set_mapsize */
+};
+#define QS_VCACHE 8192 /* slots: 128 KiB of keys, enough for 32 GiB of 4 MiB chunks */
+
+/* Lookups a qs_txn remembers across its renewals (qs_txn_end keeps it reset as the spare): the
+ * decoded record of recently read tensors and the map address of recently read chunks. They are
+ * valid for as long as each renewal finds the same snapshot (mdb_txn_id unchanged: no commit
+ * since, so every page reachable from it is as it was, LMDB never writing a live page in place)
+ * in the same mapping (map_gen unchanged: a resize may move the map). Anything else empties them.
+ * So a small get of a tensor just read costs no B-tree walk, params checksum or chunk lookup. */
+#define QS_TCACHE 32 /* tensors remembered: a layer's worth */
+#define QS_CCACHE 64 /* chunks remembered */
+typedef struct qs__tcache {
+  uint64_t txnid, map_gen;        /* the snapshot and mapping the entries belong to */
+  struct {
+    uint64_t hash;                /* of model and name; 0: empty */
+    qs_tensor t;
+  } ten[QS_TCACHE];
+  struct {
+    uint8_t key[16];              /* chunk key; all zero: empty (model id 0 never exists) */
+    const uint8_t *data;          /* payload, in the map */
+    uint64_t n_rows;
+  } chunk[QS_CCACHE];
+} qs__tcache;
+
+struct qs_txn {
+  qs_store *s;     /* owner */
+  MDB_txn *txn;    /* read-only txn */
+  qs__tcache *tc;  /* lookups of this snapshot (allocated at the first lookup), or NULL */
+};
+
+/* A validated chunk within one read call. */
+typedef struct qs__chunk_ref {
+  uint64_t idx;          /* chunk index, UINT64_MAX = none */
+  const uint8_t *data;   /* payload, in the map */
+  uint64_t n_rows;       /* rows in this chunk */
+} qs__chunk_ref;
+
+#define QS__ERRBUF 1024
+extern _Thread_local char qs__errbuf[QS__ERRBUF]; /* qs_error() of this thread (env.c) */
+
+/* env.c */
+/* Maps an LMDB/errno failure of `what` to a project code with a message. */
+int qs__mdb_fail(qs_store *s, int rc, const char *what);
+/* Takes / releases DIR/writer.lock (flock, non-blocking; QINS_ELOCKED naming the holder). */
+int qs__lock(qs_store *s);
+void qs__unlock(qs_store *s);
+
+/* txn.c: every LMDB txn of the store, counted in s->active. */
+int qs__begin(qs_store *s, unsigned flags, MDB_txn **out); /* handles MDB_MAP_RESIZED */
+void qs__abort(qs_store *s, MDB_txn *txn);                  /* NULL: nothing */
+int qs__commit(qs_store *s, MDB_txn *txn);
+void qs__leave(qs_store *s); /* one txn fewer (for a txn ended without qs__abort/qs__commit) */
+/* Grows the map so that `extra` more bytes of data fit with headroom. No txn may be open. */
+int qs__ensure_map(qs_store *s, uint64_t extra);
+/* t's lookup cache for its snapshot and mapping, or NULL (no memory, or $QINS_VERIFY=always). */
+qs__tcache *qs__tc(qs_txn *t);
+/* Chunk ci of t into *ref (a no-op if ref already holds it): found, size-checked and verified
+ * (CRC + codec data) the first time this process reads it, or every time with full_check; tc
+ * (may be NULL) remembers it for later reads in this snapshot. */
+int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t, uint64_t ci,
+                    qs__chunk_ref *ref, int full_check);
+
+/* record.c: decoders that look things up in the env. */
+int qs__model_decode(qs_store *s, const MDB_val *k, const MDB_val *v, qs_model *m /* out */);
+/* A tensor record and its params record. */
+int qs__tensor_decode(qs_store *s, MDB_txn *txn, const char *model, const MDB_val *v,
+                      qs_tensor *t /* out */, qs__trec *r /* out */);
+/* Stored payload bytes of a chunk of `rows` rows of t. */
+uint64_t qs__chunk_payload(const qs_tensor *t, uint64_t rows);
+
+/* read.c: lookups by model id, for verify.c. */
+int qs__model_lookup(qs_txn *t, const char *model, qs_model *m /* out */);
+int qs__tensor_each_id(qs_store *s, MDB_txn *txn, uint64_t id, const char *model,
+                       const char *prefix, qs_tensor_cb cb, void *ud);
+int qs__tensor_get_id(qs_store *s, MDB_txn *txn, uint64_t id, const char *model, const char *name,
+                      qs_tensor *out /* out */, qs__trec *tr /* out */);
+
+/* gc.c */
+/* Puts id into "staging" with state QS_STAGE_* (an LMDB code back). */
+int qs__stage_put(qs_store *s, MDB_txn *txn, uint64_t id, int state, const char *name);
+/* Deletes everything under model id `id` in bounded txns, then its staging entry. */
+int qs__gc_id(qs_store *s, uint64_t id);
+/* Cleans every staging entry. Caller holds the writer lock. */
+int qs__gc_all(qs_store *s);
 
 #endif /* QINS_STORE_INT_H */

@@ -255,6 +255,6 @@ put("records", "store_scalar", rec_seed(trec("s", 0, 0, [], 1, 1, 4), precord(0,
 put("records", "store_seedlog", rec_seed(trec("l", 5, 0, [1, 8], 1, 9, 12), precord(5, bytes([5, 1, 0, 0]) + f32(-8.0, 2.0)), 0,
                                          crecord(bytes([1, 0xff, 0, 1, 1, 0xff, 0, 1]) + bytes(range(0, 256, 32)))))
 # A qins16 tensor of 2^63 elements in one row: its chunk's payload size (2 * 2^63 + ...) does not
-# fit in 64 bits. The tensor record is refused (store.c); before, the wrapped size let a 16-byte
+# fit in 64 bits. The tensor record is refused (record.c); before, the wrapped size let a 16-byte
 # chunk record through to qc_chunk_validate, which refused it on its own overflow check.
 put("records", "store_chunk_size_overflow", rec_seed(trec("o", 4, 0, [1 << 63], 1, 2, 4), precord(4, bytes([4, 1, 0, 0])), 0, crecord(b"")))

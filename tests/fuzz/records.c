@@ -60,7 +60,7 @@ static void fuzz_store_records(const uint8_t *data, size_t size) {
     fz_check(rc == QINS_ECORRUPT || rc == QINS_EVERSION, "tensor record: %d", rc);
     goto out;
   }
-  /* What the readers rely on from here on (store.c). */
+  /* What the readers rely on from here on (record.c). */
   uint64_t n = 1;
   for (int d = 0; d < t.ndim; d++) n *= t.shape[d];
   fz_check(t.ndim <= QS_MAX_NDIM && n == t.n_elem && t.row_len * t.n_rows == t.n_elem,

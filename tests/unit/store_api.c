@@ -445,7 +445,7 @@ static int read_w(qs_store *s, qs_tensor *ten, float *out) {
   return rc;
 }
 
-/* A read txn is reused and remembers the lookups of its snapshot (store.c, qs__tcache): repeated
+/* A read txn is reused and remembers the lookups of its snapshot (txn.c, qs__tcache): repeated
  * reads of one snapshot are served from memory, and a commit by another process (replace, then
  * remove) is seen by the next txn, never an old record or chunk. */
 Test(store_api, reused_txns_see_each_commit_not_remembered_lookups) {

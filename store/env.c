@@ -1,0 +1,298 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * env.c — the store's environment: opening and closing the one LMDB env of a process (qs_open,
+ * qs_close), its named databases and meta record, the writer lock (DIR/writer.lock), the error
+ * message seam (qs_error, qs__fail, qs__mdb_fail) and environment figures (qs_store_info_get).
+ *
+ * Invariants.
+ *  - One qs_store (one MDB_env) per process, opened MDB_NOTLS; never fork() after qs_open.
+ *  - A store opened without QS_OPEN_RDONLY creates its databases if missing and, holding the
+ *    writer flock for the moment, reclaims whatever a killed writer left staged (gc.c).
+ *  - The writer lock is an flock: it dies with its process, so a killed writer never blocks the
+ *    next one; the pid written into the file is for messages only.
+ *  - qs_error() is per thread: each failing call sets it before returning the negative code.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "store_int.h"
+
+#define QS_MAX_READERS 510 /* reader slots: qinsd threads x requests, well above 126 */
+
+/* ---------------------------------------------------------------------------------------------
+ * Errors */
+_Thread_local char qs__errbuf[QS__ERRBUF];
+
+const char *qs_error(void) { return qs__errbuf; }
+
+int qs__fail(int rc, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(qs__errbuf, sizeof qs__errbuf, fmt, ap);
+  va_end(ap);
+  return rc;
+}
+
+/* Maps an LMDB/errno failure of `what` to a project code with a message. */
+int qs__mdb_fail(qs_store *s, int rc, const char *what) {
+  if (rc == MDB_MAP_FULL)
+    return qs__fail(QINS_ESTORE_FULL, "store %s: %s: the map is full (set QINS_STORE_MAX_MAP "
+                                      "higher or free space); nothing was changed",
+                    s->dir, what);
+  if (rc == ENOSPC || rc == EDQUOT || rc == EFBIG)
+    return qs__fail(QINS_ESTORE_FULL, "store %s: %s: %s; nothing was changed", s->dir, what,
+                    rc == EFBIG ? "file size limit reached" : "no space left on device");
+  if (rc == EIO)
+    return qs__fail(QINS_EIO, "store %s: %s: I/O error (LMDB reports a write cut short by a full "
+                              "disk this way)",
+                    s->dir, what);
+  if (rc == MDB_TXN_FULL)
+    return qs__fail(QINS_ESTORE_FULL, "store %s: %s: transaction too large", s->dir, what);
+  if (rc == ENOMEM) return qs__fail(QINS_ENOMEM, "store %s: %s: out of memory", s->dir, what);
+  if (rc == MDB_CORRUPTED || rc == MDB_PAGE_NOTFOUND || rc == MDB_INVALID)
+    return qs__fail(QINS_ECORRUPT, "store %s: %s: %s", s->dir, what, mdb_strerror(rc));
+  if (rc == MDB_VERSION_MISMATCH)
+    return qs__fail(QINS_EVERSION, "store %s: %s: %s", s->dir, what, mdb_strerror(rc));
+  return qs__fail(QINS_EIO, "store %s: %s: %s", s->dir, what, mdb_strerror(rc));
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Writer lock */
+int qs__lock(qs_store *s) {
+  if (s->rdonly) return qs__fail(QINS_EINVALID, "store %s is open read-only", s->dir);
+  if (s->locked) return 0;
+  if (s->lock_fd < 0) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/writer.lock", s->dir);
+    s->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0664);
+    if (s->lock_fd < 0)
+      return qs__fail(-errno, "store %s: cannot open writer.lock: %s", s->dir, strerror(errno));
+  }
+  if (flock(s->lock_fd, LOCK_EX | LOCK_NB)) {
+    if (errno != EWOULDBLOCK)
+      return qs__fail(-errno, "store %s: flock writer.lock: %s", s->dir, strerror(errno));
+    char pid[32] = "";
+    ssize_t n = pread(s->lock_fd, pid, sizeof pid - 1, 0);
+    pid[n > 0 ? n : 0] = 0;
+    pid[strcspn(pid, "\n")] = 0;
+    return qs__fail(QINS_ELOCKED, "store %s is locked by another writer (pid %s)", s->dir,
+                    pid[0] ? pid : "?");
+  }
+  char pid[32];
+  int n = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+  if (ftruncate(s->lock_fd, 0) == 0 && pwrite(s->lock_fd, pid, (size_t)n, 0) < 0) {
+    /* the pid is only informative */
+  }
+  s->locked = 1;
+  return 0;
+}
+
+void qs__unlock(qs_store *s) {
+  if (!s->locked) return;
+  flock(s->lock_fd, LOCK_UN);
+  s->locked = 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Open / close */
+static int qs__open_dbis(qs_store *s, int create) {
+  MDB_txn *txn;
+  int rc = qs__begin(s, s->rdonly ? MDB_RDONLY : 0, &txn);
+  if (rc) return qs__mdb_fail(s, rc, "opening databases");
+  unsigned fl = create ? MDB_CREATE : 0;
+  struct { const char *name; MDB_dbi *dbi; } dbs[] = {
+      {QS_DB_META, &s->db_meta},       {QS_DB_MODELS, &s->db_models},
+      {QS_DB_TENSORS, &s->db_tensors}, {QS_DB_CHUNKS, &s->db_chunks},
+      {QS_DB_PARAMS, &s->db_params},   {QS_DB_STAGING, &s->db_staging}};
+  for (size_t i = 0; i < sizeof dbs / sizeof dbs[0]; i++) {
+    rc = mdb_dbi_open(txn, dbs[i].name, fl, dbs[i].dbi);
+    if (rc == MDB_NOTFOUND) {
+      qs__abort(s, txn);
+      return qs__fail(QINS_EVERSION, "store %s: not a qins store (no \"%s\" database)", s->dir,
+                      dbs[i].name);
+    }
+    if (rc) {
+      qs__abort(s, txn);
+      return qs__mdb_fail(s, rc, "opening databases");
+    }
+  }
+  MDB_val k = {4, "qins"}, v;
+  rc = mdb_get(txn, s->db_meta, &k, &v);
+  if (rc == MDB_NOTFOUND && create) {
+    uint8_t m[QS_META_SIZE] = {0};
+    memcpy(m, QS_MAGIC_META, 8);
+    qs__put_u32(m + 8, QS_FORMAT_VERSION);
+    qs__put_u64(m + 16, 1); /* next model id */
+    qs__put_u64(m + 24, (uint64_t)time(NULL));
+    v.mv_size = sizeof m;
+    v.mv_data = m;
+    rc = mdb_put(txn, s->db_meta, &k, &v, 0);
+  } else if (rc == 0) {
+    if (v.mv_size < QS_META_SIZE || memcmp(v.mv_data, QS_MAGIC_META, 8)) {
+      qs__abort(s, txn);
+      return qs__fail(QINS_ECORRUPT, "store %s: meta record is malformed", s->dir);
+    }
+    uint32_t ver = qs__get_u32((const uint8_t *)v.mv_data + 8);
+    if (ver != QS_FORMAT_VERSION) {
+      qs__abort(s, txn);
+      return qs__fail(QINS_EVERSION, "store %s: format version %u, this build reads %u", s->dir,
+                      ver, QS_FORMAT_VERSION);
+    }
+  } else if (rc == MDB_NOTFOUND) {
+    qs__abort(s, txn);
+    return qs__fail(QINS_EVERSION, "store %s: not a qins store (no meta record)", s->dir);
+  }
+  if (rc) {
+    qs__abort(s, txn);
+    return qs__mdb_fail(s, rc, "initializing");
+  }
+  rc = qs__commit(s, txn);
+  return rc ? qs__mdb_fail(s, rc, "opening databases") : 0;
+}
+
+int qs_open(qs_store **out, const char *dir, unsigned flags) {
+  *out = NULL;
+  qs__errbuf[0] = 0;
+  struct stat st;
+  if (flags & QS_OPEN_CREATE) {
+    if (mkdir(dir, 0775) && errno != EEXIST)
+      return qs__fail(-errno, "store %s: cannot create: %s", dir, strerror(errno));
+  }
+  if (stat(dir, &st) || !S_ISDIR(st.st_mode))
+    return qs__fail(-ENOENT, "store %s: no such directory", dir);
+  char path[4096];
+  snprintf(path, sizeof path, "%s/data.mdb", dir);
+  int exists = stat(path, &st) == 0;
+  if (!exists && !(flags & QS_OPEN_CREATE))
+    return qs__fail(-ENOENT, "store %s: no store here (no data.mdb; import creates one)", dir);
+  qs_store *s = calloc(1, sizeof *s);
+  if (!s) return qs__fail(QINS_ENOMEM, "out of memory");
+  s->lock_fd = -1;
+  s->rdonly = !!(flags & QS_OPEN_RDONLY);
+  s->dir = strdup(dir);
+  pthread_mutex_init(&s->mu, NULL);
+  pthread_cond_init(&s->cv, NULL);
+  pthread_mutex_init(&s->vmu, NULL);
+  s->vkeys = calloc(QS_VCACHE, sizeof *s->vkeys);
+  const char *va = getenv("QINS_VERIFY");
+  s->verify_always = va && !strcmp(va, "always");
+  const char *mm = getenv("QINS_STORE_MAX_MAP");
+  if (mm && *mm) s->max_map = strtoull(mm, NULL, 10);
+  int rc = mdb_env_create(&s->env);
+  if (rc) {
+    qs_close(s);
+    return qs__fail(QINS_ENOMEM, "store %s: mdb_env_create: %s", dir, mdb_strerror(rc));
+  }
+  uint64_t map = QS_MAP_INITIAL;
+  if (exists && (uint64_t)st.st_size + QS_MAP_SLACK > map) map = (uint64_t)st.st_size + QS_MAP_SLACK;
+  const char *mi = getenv("QINS_STORE_MAP_INITIAL"); /* testing knob: start small, grow often */
+  if (mi && *mi) map = strtoull(mi, NULL, 10);
+  if (s->max_map && map > s->max_map) map = s->max_map;
+  mdb_env_set_mapsize(s->env, map);
+  mdb_env_set_maxdbs(s->env, 8);
+  mdb_env_set_maxreaders(s->env, QS_MAX_READERS);
+  rc = mdb_env_open(s->env, dir, MDB_NOTLS | (s->rdonly ? MDB_RDONLY : 0), 0664);
+  if (rc) {
+    int e = rc == EACCES || rc == ENOENT ? -rc : 0;
+    qs__mdb_fail(s, rc, "mdb_env_open");
+    qs_close(s);
+    return e ? e : (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH ? QINS_EVERSION : QINS_EIO);
+  }
+  int dead = 0;
+  mdb_reader_check(s->env, &dead);
+  rc = qs__open_dbis(s, !s->rdonly);
+  if (rc) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", qs__errbuf);
+    qs_close(s);
+    qs__fail(rc, "%s", msg);
+    return rc;
+  }
+  if (!s->rdonly && qs__lock(s) == 0) {
+    rc = qs__gc_all(s); /* leftovers of a killed import or removal */
+    qs__unlock(s);
+    if (rc) {
+      qs_close(s);
+      return rc;
+    }
+  }
+  qs__errbuf[0] = 0;
+  *out = s;
+  return 0;
+}
+
+void qs_close(qs_store *s) {
+  if (!s) return;
+  if (s->spare) {
+    mdb_txn_abort(s->spare->txn);
+    free(s->spare->tc);
+    free(s->spare);
+  }
+  if (s->env) mdb_env_close(s->env);
+  if (s->lock_fd >= 0) close(s->lock_fd);
+  pthread_mutex_destroy(&s->mu);
+  pthread_cond_destroy(&s->cv);
+  pthread_mutex_destroy(&s->vmu);
+  free(s->vkeys);
+  free(s->dir);
+  free(s);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Maintenance */
+int qs_store_info_get(qs_store *s, qs_store_info *out) {
+  memset(out, 0, sizeof *out);
+  MDB_envinfo ei;
+  MDB_stat st;
+  mdb_env_info(s->env, &ei);
+  mdb_env_stat(s->env, &st);
+  out->map_size = ei.me_mapsize;
+  out->page_size = st.ms_psize;
+  out->last_pgno = ei.me_last_pgno;
+  out->max_readers = ei.me_maxreaders;
+  out->n_readers = ei.me_numreaders;
+  pthread_mutex_lock(&s->mu);
+  out->map_adopted = s->map_adopted;
+  pthread_mutex_unlock(&s->mu);
+  char path[4096];
+  struct stat fst;
+  snprintf(path, sizeof path, "%s/data.mdb", s->dir);
+  if (stat(path, &fst) == 0) out->file_size = (uint64_t)fst.st_size;
+  MDB_txn *txn;
+  int rc = qs__begin(s, MDB_RDONLY, &txn);
+  if (rc) return qs__mdb_fail(s, rc, "reading figures");
+  MDB_cursor *c;
+  MDB_val k, v;
+  /* The freelist: DBI 0 is LMDB's FREE_DBI; each value is an ID list whose first word counts. */
+  if (!mdb_cursor_open(txn, 0, &c)) {
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT))
+      if (v.mv_size >= sizeof(size_t)) {
+        size_t cnt;
+        memcpy(&cnt, v.mv_data, sizeof cnt);
+        out->free_pages += cnt;
+      }
+    mdb_cursor_close(c);
+  }
+  MDB_stat ds;
+  if (!mdb_stat(txn, s->db_models, &ds)) out->n_models = ds.ms_entries;
+  if (!mdb_stat(txn, s->db_staging, &ds)) out->n_staging = ds.ms_entries;
+  if (!mdb_cursor_open(txn, s->db_params, &c)) {
+    for (rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+      out->n_params++;
+      out->params_bytes += v.mv_size >= QS_PARAMS_HDR ? v.mv_size - QS_PARAMS_HDR : 0;
+    }
+    mdb_cursor_close(c);
+  }
+  qs__abort(s, txn);
+  return 0;
+}

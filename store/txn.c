@@ -1,0 +1,227 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * txn.c — transactions and the map: every LMDB transaction of the store begins and ends here
+ * (qs__begin/qs__commit/qs__abort), the map grows here (qs__ensure_map), and the read
+ * transactions of the read API (qs_txn_begin/qs_txn_end) keep their lookup caches here, with the
+ * chunk fetch (qs__chunk_fetch) that reads through them.
+ *
+ * Invariants.
+ *  - Active transactions of this process are counted (s->active); the map is resized (ours:
+ *    growth before a write txn; theirs: MDB_MAP_RESIZED) only while none is open, as LMDB
+ *    requires. A resize bumps s->map_gen.
+ *  - One ended read txn per store is kept reset (mdb_txn_reset: no snapshot, no page pinned, its
+ *    reader slot kept) and renewed by the next qs_txn_begin, on whichever thread (MDB_NOTLS):
+ *    each qs_txn_begin is still a fresh snapshot, at a fraction of mdb_txn_begin's cost.
+ *  - That txn remembers recent tensor and chunk lookups (qs__tcache) only while renewals find the
+ *    same snapshot (mdb_txn_id unchanged) in the same mapping (map_gen unchanged): LMDB never
+ *    writes a live page in place, so every page reachable from that snapshot is as it was.
+ *  - Chunks verified once (CRC + codec validation) are remembered by key (s->vkeys): committed
+ *    chunks are immutable and model ids never reused, so a verified key stays verified.
+ */
+#include <errno.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "store_int.h"
+
+/* ---------------------------------------------------------------------------------------------
+ * Transactions and the map */
+void qs__leave(qs_store *s) {
+  pthread_mutex_lock(&s->mu);
+  if (--s->active == 0) pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* Begins an LMDB txn, handling MDB_MAP_RESIZED (another process grew the map). */
+int qs__begin(qs_store *s, unsigned flags, MDB_txn **out) {
+  for (int tries = 0;; tries++) {
+    pthread_mutex_lock(&s->mu);
+    while (s->resizing) pthread_cond_wait(&s->cv, &s->mu);
+    s->active++;
+    pthread_mutex_unlock(&s->mu);
+    int rc = mdb_txn_begin(s->env, NULL, flags, out);
+    if (rc == 0) return 0;
+    qs__leave(s);
+    if (rc != MDB_MAP_RESIZED || tries >= 16) return rc;
+    pthread_mutex_lock(&s->mu);
+    if (!s->resizing) {
+      s->resizing = 1;
+      while (s->active > 0) pthread_cond_wait(&s->cv, &s->mu);
+      mdb_env_set_mapsize(s->env, 0); /* adopt the size another process set */
+      s->map_adopted++;
+      s->map_gen++;
+      s->resizing = 0;
+      pthread_cond_broadcast(&s->cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+  }
+}
+
+void qs__abort(qs_store *s, MDB_txn *txn) {
+  if (!txn) return;
+  mdb_txn_abort(txn);
+  qs__leave(s);
+}
+
+int qs__commit(qs_store *s, MDB_txn *txn) {
+  int rc = mdb_txn_commit(txn);
+  qs__leave(s);
+  return rc;
+}
+
+/* Grows the map so that `extra` more bytes of data fit with headroom. No txn may be open. */
+int qs__ensure_map(qs_store *s, uint64_t extra) {
+  MDB_envinfo ei;
+  MDB_stat st;
+  if (mdb_env_info(s->env, &ei) || mdb_env_stat(s->env, &st)) return 0;
+  uint64_t used = ((uint64_t)ei.me_last_pgno + 1) * st.ms_psize;
+  uint64_t need = used + 2 * extra + QS_MAP_SLACK;
+  if (need <= ei.me_mapsize) return 0;
+  uint64_t nsz = ei.me_mapsize * 2 > need ? ei.me_mapsize * 2 : need;
+  nsz = (nsz + (64ull << 20) - 1) & ~((64ull << 20) - 1);
+  if (s->max_map && nsz > s->max_map) nsz = s->max_map;
+  if (nsz <= ei.me_mapsize) return 0; /* at the cap: MDB_MAP_FULL will tell */
+  pthread_mutex_lock(&s->mu);
+  while (s->resizing) pthread_cond_wait(&s->cv, &s->mu);
+  s->resizing = 1;
+  while (s->active > 0) pthread_cond_wait(&s->cv, &s->mu);
+  int rc = mdb_env_set_mapsize(s->env, nsz);
+  s->map_gen++;
+  s->resizing = 0;
+  pthread_cond_broadcast(&s->cv);
+  pthread_mutex_unlock(&s->mu);
+  return rc ? qs__mdb_fail(s, rc, "growing the map") : 0;
+}
+
+int qs_txn_begin(qs_store *s, qs_txn **out) {
+  *out = NULL;
+  /* The spare (a reset read txn, see qs_txn_end) is renewed: cheaper than begin (no allocation,
+   * the reader slot is kept). Counted active like any txn, so a map resize still waits for it. */
+  pthread_mutex_lock(&s->mu);
+  qs_txn *t = s->spare;
+  if (t) {
+    s->spare = NULL;
+    while (s->resizing) pthread_cond_wait(&s->cv, &s->mu);
+    s->active++;
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (t) {
+    if (mdb_txn_renew(t->txn) == 0) {
+      *out = t;
+      return 0;
+    }
+    mdb_txn_abort(t->txn); /* e.g. MDB_MAP_RESIZED: the path below adopts the new size */
+    qs__leave(s);
+    free(t->tc);
+    free(t);
+  }
+  t = calloc(1, sizeof *t);
+  if (!t) return qs__fail(QINS_ENOMEM, "out of memory");
+  int rc = qs__begin(s, MDB_RDONLY, &t->txn);
+  if (rc) {
+    free(t);
+    return qs__mdb_fail(s, rc, "beginning a read transaction");
+  }
+  t->s = s;
+  *out = t;
+  return 0;
+}
+
+void qs_txn_end(qs_txn *t) {
+  if (!t) return;
+  qs_store *s = t->s;
+  /* Reset (the snapshot is released now, like an abort) and kept as the spare if there is none;
+   * a reset txn holds no page of the map, so a resize may happen while it waits. */
+  mdb_txn_reset(t->txn);
+  pthread_mutex_lock(&s->mu);
+  if (--s->active == 0) pthread_cond_broadcast(&s->cv);
+  int keep = !s->spare;
+  if (!keep && t->tc && !s->spare->tc) { /* keep the one that remembers lookups */
+    qs_txn *o = s->spare;
+    s->spare = t;
+    t = o;
+  } else if (keep) {
+    s->spare = t;
+  }
+  pthread_mutex_unlock(&s->mu);
+  if (!keep) {
+    mdb_txn_abort(t->txn);
+    free(t->tc);
+    free(t);
+  }
+}
+
+/* t's lookup cache for its current snapshot and mapping (emptied if either changed), or NULL
+ * (no memory, or $QINS_VERIFY=always: every read then checks its chunks again). Holding t, no
+ * resize can run (it waits for active == 0), so map_gen is stable here. */
+qs__tcache *qs__tc(qs_txn *t) {
+  if (t->s->verify_always) return NULL;
+  uint64_t id = mdb_txn_id(t->txn), gen = t->s->map_gen;
+  qs__tcache *tc = t->tc;
+  if (!tc) {
+    if (!(tc = t->tc = calloc(1, sizeof *tc))) return NULL;
+  } else if (tc->txnid == id && tc->map_gen == gen) {
+    return tc;
+  } else {
+    for (int i = 0; i < QS_TCACHE; i++) tc->ten[i].hash = 0;
+    memset(tc->chunk, 0, sizeof tc->chunk);
+  }
+  tc->txnid = id;
+  tc->map_gen = gen;
+  return tc;
+}
+
+/* Finds chunk ci of t, checked (and, the first time this process reads it or with full_check,
+ * verified: CRC and codec data); tc (may be NULL) remembers it for later reads in this snapshot. */
+int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
+                    uint64_t ci, qs__chunk_ref *ref, int full_check) {
+  if (ref->idx == ci) return 0;
+  uint8_t key[16];
+  qs__put_be64(key, t->model_id);
+  qs__put_be32(key + 8, t->index);
+  qs__put_be32(key + 12, (uint32_t)ci);
+  uint64_t h = qs__hash64(key, 16, 0);
+  size_t cslot = (size_t)(h % QS_CCACHE);
+  if (tc && !full_check && !memcmp(tc->chunk[cslot].key, key, 16)) {
+    ref->idx = ci;
+    ref->data = tc->chunk[cslot].data;
+    ref->n_rows = tc->chunk[cslot].n_rows;
+    return 0;
+  }
+  MDB_val k = {16, key}, v;
+  int rc = mdb_get(txn, s->db_chunks, &k, &v);
+  if (rc == MDB_NOTFOUND)
+    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
+                    (unsigned long long)ci);
+  if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
+  uint64_t rows;
+  const uint8_t *p = v.mv_data;
+  if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 0, &rows))) return rc;
+  size_t slot = (size_t)(h % QS_VCACHE);
+  int known = 0;
+  if (!full_check && !s->verify_always && s->vkeys) {
+    pthread_mutex_lock(&s->vmu);
+    known = !memcmp(s->vkeys[slot], key, 16);
+    pthread_mutex_unlock(&s->vmu);
+  }
+  if (!known) {
+    if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 1, &rows))) return rc;
+    if (s->vkeys) {
+      pthread_mutex_lock(&s->vmu);
+      memcpy(s->vkeys[slot], key, 16);
+      pthread_mutex_unlock(&s->vmu);
+    }
+  }
+  ref->idx = ci;
+  ref->data = p + QS_CHUNK_HDR;
+  ref->n_rows = rows;
+  if (tc) {
+    memcpy(tc->chunk[cslot].key, key, 16);
+    tc->chunk[cslot].data = ref->data;
+    tc->chunk[cslot].n_rows = rows;
+  }
+  return 0;
+}
