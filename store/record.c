@@ -143,7 +143,7 @@ int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, 
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: record fields are inconsistent",
                     dir, model, t->name);
   t->params.codec = t->codec == QS_RAW ? QC_F32 : (qc_codec)t->codec;
-  if (!r->params_id && t->codec != QS_RAW && qc_params_size((qc_codec)t->codec) != 0)
+  if (!r->params_id && t->codec != QS_RAW && t->n_elem && qc_params_size((qc_codec)t->codec) != 0)
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor %s: codec parameters missing",
                     dir, model, t->name);
   return 0;

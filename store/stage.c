@@ -267,7 +267,8 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   free(im->blob);
   im->blob = NULL;
   im->blob_len = 0;
-  if (d->codec != QS_RAW && (im->blob_len = qc_params_size((qc_codec)d->codec))) {
+  /* An empty tensor has no chunks to decode and nothing to fit: it stores no parameters. */
+  if (d->codec != QS_RAW && t->n_elem && (im->blob_len = qc_params_size((qc_codec)d->codec))) {
     im->blob = malloc(im->blob_len);
     if (!im->blob) return qs__fail(QINS_ENOMEM, "out of memory");
     qc_params_write(d->params, im->blob);
