@@ -34,6 +34,18 @@ static void check_all(void) {
     }
   cr_assert_eq(qs__crc32c(0, b, 4099), ref_crc(b, 4099));
   free(b);
+  /* Long buffers (the hardware path joins three streams of 8 KiB, then of 256 bytes). */
+  size_t big = 200000;
+  b = malloc(big);
+  for (size_t i = 0; i < big; i++) b[i] = (uint8_t)(i * 2654435761u >> 13);
+  size_t lens[] = {767, 768, 769, 24575, 24576, 24577, 24576 + 768 + 13, 3 * 24576 + 5, big - 3};
+  for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+    uint32_t want = ref_crc(b + 3, lens[i]);
+    cr_assert_eq(qs__crc32c(0, b + 3, lens[i]), want, "len %zu", lens[i]);
+    if (lens[i] > 1000)
+      cr_assert_eq(qs__crc32c(qs__crc32c(0, b + 3, 1000), b + 1003, lens[i] - 1000), want);
+  }
+  free(b);
 }
 
 Test(store_crc, matches_the_bitwise_definition) { check_all(); }
