@@ -151,6 +151,30 @@ uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len) {
   return ~qs__crc_sw(crc, buf, len);
 }
 
+/* a(x) * b(x) mod P(x) in the reflected bit order of the CRC (bit 31 is x^0); a != 0. */
+static uint32_t qs__crc_mulmod(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if (!(a & (m - 1))) break;
+    }
+    m >>= 1;
+    b = b & 1 ? (b >> 1) ^ 0x82F63B78u : b >> 1;
+  }
+  return p;
+}
+
+uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B): x^(8 len_b) by squaring x^8 along len_b's bits. */
+  uint32_t x = 1u << 23, r = 1u << 31; /* x^8, x^0 */
+  for (; len_b; len_b >>= 1) {
+    if (len_b & 1) r = qs__crc_mulmod(x, r);
+    x = qs__crc_mulmod(x, x);
+  }
+  return qs__crc_mulmod(r, crc_a) ^ crc_b;
+}
+
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed) {
   const uint8_t *p = buf;
   uint64_t h = 0xcbf29ce484222325ull ^ seed;

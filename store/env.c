@@ -183,9 +183,11 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
   pthread_mutex_init(&s->mu, NULL);
   pthread_cond_init(&s->cv, NULL);
   pthread_mutex_init(&s->vmu, NULL);
-  s->vkeys = calloc(QS_VCACHE, sizeof *s->vkeys);
+  s->sums = calloc(QS_SUMS, sizeof *s->sums);
   const char *va = getenv("QINS_VERIFY");
-  s->verify_always = va && !strcmp(va, "always");
+  s->verify = !va ? QS_VERIFY_READ
+              : !strcmp(va, "always") ? QS_VERIFY_ALWAYS
+              : !strcmp(va, "risk-wrong-numbers") ? QS_VERIFY_RISKY : QS_VERIFY_READ;
   const char *mm = getenv("QINS_STORE_MAX_MAP");
   if (mm && *mm) s->max_map = strtoull(mm, NULL, 10);
   int rc = mdb_env_create(&s->env);
@@ -243,7 +245,8 @@ void qs_close(qs_store *s) {
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   pthread_mutex_destroy(&s->vmu);
-  free(s->vkeys);
+  for (size_t i = 0; s->sums && i < QS_SUMS; i++) free(s->sums[i]);
+  free(s->sums);
   free(s->dir);
   free(s);
 }

@@ -7,8 +7,8 @@
  * Invariants.
  *  - A reader consults "models" first (name -> id); everything else is keyed by the model id, so
  *    a model is seen whole or not at all.
- *  - Every chunk a read touches is fetched through qs__chunk_fetch (txn.c), which checks it
- *    before its bytes are decoded or handed out.
+ *  - Every chunk a read touches is fetched through qs__chunk_fetch (txn.c), and the bytes each
+ *    read serves are checked by qs__chunk_check right before they are decoded or handed out.
  *  - Output ranges are checked against the slice's shape before any chunk is read.
  */
 #include <errno.h>
@@ -186,6 +186,7 @@ static int qs__read_linear(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_t
     if (rc) return rc;
     uint64_t cend = c0 + ref->n_rows * t->row_len;
     uint64_t e = b < cend ? b : cend;
+    if ((rc = qs__chunk_check(s, t, ref, a - c0, e - c0))) return rc;
     if (t->codec == QS_RAW) {
       memcpy(out, ref->data + (a - c0) * esz, (e - a) * esz);
     } else {
@@ -221,7 +222,7 @@ int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
   if (t->codec != QS_RAW && (unsigned)dt >= QC_DT_COUNT)
     return qs__fail(QINS_EDTYPE, "tensor %s/%s: bad output dtype %d", t->model, t->name, (int)dt);
   size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(dt);
-  qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
+  qs__chunk_ref ref = {.idx = UINT64_MAX};
   qs__tcache *tc = qs__tc(tx);
   uint8_t *o = out;
   int sd = sl ? sl->ndim : 0;
@@ -270,10 +271,11 @@ int qs_tensor_span(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
   uint64_t inner = t->ndim && t->shape[0] ? t->n_elem / t->shape[0] : 1;
   uint64_t src = (sd == 1 ? sl->start[0] * inner : 0) + out_begin;
   uint64_t per_chunk = t->rows_per_chunk * t->row_len, ci = src / per_chunk, c0 = ci * per_chunk;
-  qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
+  qs__chunk_ref ref = {.idx = UINT64_MAX};
   if ((rc = qs__chunk_fetch(tx->s, tx->txn, qs__tc(tx), t, ci, &ref, 0))) return rc;
   uint64_t cend = c0 + ref.n_rows * t->row_len, e = src + (out_end - out_begin);
   if (e > cend) e = cend;
+  if ((rc = qs__chunk_check(tx->s, t, &ref, src - c0, e - c0))) return rc;
   *p = ref.data + (src - c0) * esz;
   *n = e - src;
   return 1;

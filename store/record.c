@@ -198,11 +198,29 @@ int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_
                     t->model, t->name, (unsigned long long)ci,
                     size < QS_CHUNK_HDR ? (size_t)0 : size - QS_CHUNK_HDR, (unsigned long long)want);
   *rows_out = rows;
-  if (!verify) return 0;
-  if (qs__crc32c(0, p + QS_CHUNK_HDR, want) != qs__get_u32(p + 4))
+  return verify ? qs__chunk_verify(t, ci, p, rows, NULL) : 0;
+}
+
+int qs__chunk_verify(const qs_tensor *t, uint64_t ci, const uint8_t *p, uint64_t rows,
+                     qs__sums *sums) {
+  uint64_t pay = qs__chunk_payload(t, rows);
+  const uint8_t *d = p + QS_CHUNK_HDR;
+  uint32_t crc;
+  if (!sums) {
+    crc = qs__crc32c(0, d, pay);
+  } else {
+    uint64_t seg = sums->seg = qs__seg_bytes(pay);
+    crc = 0;
+    for (uint64_t i = 0, off = 0; off < pay; i++, off += seg) {
+      uint64_t len = pay - off < seg ? pay - off : seg;
+      sums->crc[i] = qs__crc32c(0, d + off, len);
+      crc = i ? qs__crc32c_combine(crc, sums->crc[i], len) : sums->crc[i];
+    }
+  }
+  if (crc != qs__get_u32(p + 4))
     return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum", t->model,
                     t->name, (unsigned long long)ci);
-  if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, p + QS_CHUNK_HDR))
+  if (t->codec != QS_RAW && qc_chunk_validate(&t->params, t->row_len, rows, d))
     return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu holds invalid codec data", t->model,
                     t->name, (unsigned long long)ci);
   return 0;

@@ -117,10 +117,14 @@ int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX
                    uint64_t *n_elem /* out */);
 
 /* Decodes output elements [out_begin, out_end) of t[sl] (row-major over the slice's shape) as dtype
- * dt into out. Reads only the chunks the range touches; checks each chunk's checksum
- * (QINS_ECHECKSUM naming the tensor and chunk) and validates it before decoding, the first time
- * this process touches the chunk (committed chunks are immutable: later reads skip the check;
- * QINS_VERIFY=always in the environment checks on every read; qs_verify always checks). */
+ * dt into out. Reads only the chunks the range touches. Every call checks the stored bytes it
+ * decodes from (QINS_ECHECKSUM naming the tensor and chunk): the first read of a chunk in this
+ * process verifies it whole (CRC, then the codec's validation: QINS_ECORRUPT) and keeps the CRCs
+ * of its 16 KiB segments; later reads check the segments they touch against those, so bytes
+ * changed in the file after any earlier check are an error, never other numbers.
+ * $QINS_VERIFY=always verifies whole chunks on every call; $QINS_VERIFY=risk-wrong-numbers
+ * (opt-in, never the default) checks once per process, so bytes changed later are served as
+ * they are; qs_verify always verifies whole chunks. */
 int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, void *out);
 /* For QS_RAW (integer/bool) tensors qs_tensor_read ignores dt and writes the stored elements as
@@ -129,8 +133,9 @@ int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype
  * f32/f16/bf16 read as that same dtype, or QS_RAW) and sl slices at most the first dimension
  * (so the output is one linear run of the source), sets *p to output element out_begin inside the
  * store's map and *n to how many elements follow it contiguously there (up to out_end, stopping
- * at a chunk's end), with the same checks as qs_tensor_read, and returns 1. *p is valid until
- * qs_txn_end. Returns 0 when the output must be decoded (use qs_tensor_read), or an error. */
+ * at a chunk's end), with the same checks as qs_tensor_read (of those bytes, when the call is
+ * made), and returns 1. *p is valid until qs_txn_end. Returns 0 when the output must be decoded
+ * (use qs_tensor_read), or an error. */
 int qs_tensor_span(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, const void **p, uint64_t *n);
 

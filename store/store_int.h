@@ -47,6 +47,8 @@ enum { QS_TF_PARAMS_FIRST = 1 }; /* tensor record flags */
 
 /* CRC-32C (Castagnoli), SSE4.2 when the CPU has it, else a table; crc32c.c. */
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len);
+/* qs__crc32c of A ++ B from those of A and of B (len_b bytes). */
+uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 /* 64-bit content hash (FNV-1a 64 finished with a splitmix64 mixer) for params dedup keys. */
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed);
 
@@ -118,6 +120,8 @@ static inline uint32_t qs__get_be32(const uint8_t *p) {
  * records.c). Each validates before anything is trusted and fails with QINS_ECORRUPT (or
  * QINS_EVERSION, QINS_ECHECKSUM) naming the record in qs_error(). */
 
+struct qs__sums; /* below */
+
 /* Raw tensor-record fields beyond qs_tensor. */
 typedef struct qs__trec {
   uint64_t params_id;    /* 0 = none */
@@ -140,6 +144,11 @@ int qs__params_rec_decode(const char *dir, const qs__trec *r, const uint8_t *p, 
  * qc_chunk_validate. *rows gets the chunk's rows; the payload starts at p + QS_CHUNK_HDR. */
 int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_t size, int verify,
                         uint64_t *rows /* out */);
+/* The verify step of qs__chunk_rec_check on a record whose header passed (rows rows): the
+ * payload's CRC against the stored one, then qc_chunk_validate. With sums (may be NULL) the CRC
+ * is joined from segment CRCs, which sums keeps (its key is left to the caller). */
+int qs__chunk_verify(const qs_tensor *t, uint64_t ci, const uint8_t *p, uint64_t rows,
+                     struct qs__sums *sums /* out */);
 
 /* Checks a name for the store: 1..QS_MAX_NAME bytes, no NUL; models also no '/'. */
 int qs__name_check(const char *what, const char *name, int is_model);
@@ -172,17 +181,40 @@ struct qs_store {
   int active;             /* open transactions of this process */
   struct qs_txn *spare;   /* one ended read txn kept reset for reuse (qs_txn_end), or NULL */
   int resizing;           /* a map resize waits for active == 0 */
-  /* Chunks already checked (CRC + codec validation) by this process. Chunks are immutable once
-   * committed and model ids are never reused, so a verified chunk key stays verified; a slice of a
-   * few KiB then does not re-checksum its whole multi-MiB chunk on every request. Direct-mapped by
-   * key hash; a lost slot only means checking again. */
+  /* Segment checksums of chunks this process verified whole (qs__sums), direct-mapped by chunk
+   * key hash; each slot allocated at its first use. A lost slot only means verifying again. */
   pthread_mutex_t vmu;
-  uint8_t (*vkeys)[16];   /* QS_VCACHE slots of chunk keys (all-zero = empty: id 0 never exists) */
-  int verify_always;      /* $QINS_VERIFY=always: no cache */
+  struct qs__sums **sums; /* QS_SUMS slots */
+  int verify;             /* QS_VERIFY_* from $QINS_VERIFY */
   uint64_t map_adopted;   /* times MDB_MAP_RESIZED made us adopt another process's map size */
   uint64_t map_gen;       /* bumped (under mu) whenever the map may have moved: set_mapsize */
 };
-#define QS_VCACHE 8192 /* slots: 128 KiB of keys, enough for 32 GiB of 4 MiB chunks */
+/* When stored bytes are checked against their checksums ($QINS_VERIFY; docs/OPERATIONS.md). */
+enum {
+  QS_VERIFY_READ = 0, /* default: every read checks the bytes it serves (segment CRCs, below) */
+  QS_VERIFY_ALWAYS,   /* "always": every read checks its chunks whole, no lookup caches */
+  QS_VERIFY_RISKY     /* "risk-wrong-numbers": once per process; bytes changed later are served */
+};
+
+/* A chunk's payload cut into segments of `seg` bytes (the last one shorter), with each segment's
+ * CRC-32C, taken while the whole payload was verified against the chunk's stored CRC (the stored
+ * CRC is the segments' CRCs joined: qs__crc32c_combine, one pass). A read then checks only the
+ * segments holding the bytes it serves against these: a small slice of a large chunk costs a few
+ * KiB of CRC, not the chunk's MiB, and bytes changed after the verification are still caught. */
+#define QS_SUMS 4096            /* chunks remembered: 16 GiB of 4 MiB chunks; about 4 MiB at most */
+#define QS_SEGS 256             /* segments per chunk at most */
+#define QS_SEG_MIN (16u << 10)  /* smallest segment: a 4 MiB chunk has 256 of 16 KiB */
+typedef struct qs__sums {
+  uint8_t key[16];              /* chunk key; all-zero: empty (model id 0 never exists) */
+  uint64_t seg;                 /* segment bytes (qs__seg_bytes of the payload size) */
+  uint32_t crc[QS_SEGS];
+} qs__sums;
+/* Segment size for a payload of pay bytes: QS_SEG_MIN, doubled until QS_SEGS segments hold it. */
+static inline uint64_t qs__seg_bytes(uint64_t pay) {
+  uint64_t seg = QS_SEG_MIN;
+  while (seg * QS_SEGS < pay) seg *= 2;
+  return seg;
+}
 
 /* Lookups a qs_txn remembers across its renewals (qs_txn_end keeps it reset as the spare): the
  * decoded record of recently read tensors and the map address of recently read chunks. They are
@@ -216,6 +248,7 @@ typedef struct qs__chunk_ref {
   uint64_t idx;          /* chunk index, UINT64_MAX = none */
   const uint8_t *data;   /* payload, in the map */
   uint64_t n_rows;       /* rows in this chunk */
+  uint8_t key[16];       /* its key in "chunks" */
 } qs__chunk_ref;
 
 #define QS__ERRBUF 1024
@@ -237,11 +270,18 @@ void qs__leave(qs_store *s); /* one txn fewer (for a txn ended without qs__abort
 int qs__ensure_map(qs_store *s, uint64_t extra);
 /* t's lookup cache for its snapshot and mapping, or NULL (no memory, or $QINS_VERIFY=always). */
 qs__tcache *qs__tc(qs_txn *t);
-/* Chunk ci of t into *ref (a no-op if ref already holds it): found, size-checked and verified
- * (CRC + codec data) the first time this process reads it, or every time with full_check; tc
- * (may be NULL) remembers it for later reads in this snapshot. */
+/* Chunk ci of t into *ref (a no-op if ref already holds it): found and its header checked; with
+ * full_check or QS_VERIFY_ALWAYS also verified whole (CRC + codec data), with QS_VERIFY_RISKY the
+ * first time this process reads it. tc (may be NULL) remembers where it is for later reads in
+ * this snapshot. Then qs__chunk_check before serving any of its bytes. */
 int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t, uint64_t ci,
                     qs__chunk_ref *ref, int full_check);
+/* Checks the payload bytes output elements [a, e) of ref's chunk (chunk-relative, row-major)
+ * decode from against the segment CRCs of the chunk's verification (verifying it whole first if
+ * this process has no sums for it): QINS_ECHECKSUM naming tensor and chunk when they changed.
+ * A no-op unless QS_VERIFY_READ. */
+int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, uint64_t a,
+                    uint64_t e);
 
 /* record.c: decoders that look things up in the env. */
 int qs__model_decode(qs_store *s, const MDB_val *k, const MDB_val *v, qs_model *m /* out */);

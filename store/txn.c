@@ -15,8 +15,11 @@
  *  - That txn remembers recent tensor and chunk lookups (qs__tcache) only while renewals find the
  *    same snapshot (mdb_txn_id unchanged) in the same mapping (map_gen unchanged): LMDB never
  *    writes a live page in place, so every page reachable from that snapshot is as it was.
- *  - Chunks verified once (CRC + codec validation) are remembered by key (s->vkeys): committed
- *    chunks are immutable and model ids never reused, so a verified key stays verified.
+ *  - Every read checks the stored bytes it serves (qs__chunk_check), however often they were
+ *    checked before: the first read of a chunk in this process verifies it whole (CRC + codec
+ *    data) and keeps its segment CRCs (s->sums); later reads check the segments they touch
+ *    against those. So a byte changed in data.mdb after a check is an error, never a number.
+ *    The lookup cache remembers where a chunk is, never that its bytes are good.
  */
 #include <errno.h>
 #include <lmdb.h>
@@ -158,7 +161,7 @@ void qs_txn_end(qs_txn *t) {
  * (no memory, or $QINS_VERIFY=always: every read then checks its chunks again). Holding t, no
  * resize can run (it waits for active == 0), so map_gen is stable here. */
 qs__tcache *qs__tc(qs_txn *t) {
-  if (t->s->verify_always) return NULL;
+  if (t->s->verify == QS_VERIFY_ALWAYS) return NULL;
   uint64_t id = mdb_txn_id(t->txn), gen = t->s->map_gen;
   qs__tcache *tc = t->tc;
   if (!tc) {
@@ -174,8 +177,39 @@ qs__tcache *qs__tc(qs_txn *t) {
   return tc;
 }
 
-/* Finds chunk ci of t, checked (and, the first time this process reads it or with full_check,
- * verified: CRC and codec data); tc (may be NULL) remembers it for later reads in this snapshot. */
+/* The sums slot of a chunk key (hash h). */
+static size_t qs__sums_slot(uint64_t h) { return (size_t)((h >> 17) % QS_SUMS); }
+
+/* Verifies chunk ci (record at p, header checked) whole and keeps its segment CRCs. */
+static int qs__chunk_learn(qs_store *s, const qs_tensor *t, uint64_t ci, const uint8_t *p,
+                           uint64_t rows, const uint8_t key[16], uint64_t h) {
+  qs__sums *n = malloc(sizeof *n);
+  if (!n) return qs__chunk_verify(t, ci, p, rows, NULL);
+  int rc = qs__chunk_verify(t, ci, p, rows, n);
+  if (rc) {
+    free(n);
+    return rc;
+  }
+  memcpy(n->key, key, 16);
+  size_t slot = qs__sums_slot(h);
+  pthread_mutex_lock(&s->vmu);
+  qs__sums *old = s->sums ? s->sums[slot] : NULL;
+  if (s->sums) s->sums[slot] = n;
+  pthread_mutex_unlock(&s->vmu);
+  free(s->sums ? old : n);
+  return 0;
+}
+
+/* Whether this process holds sums for key. */
+static int qs__chunk_known(qs_store *s, const uint8_t key[16], uint64_t h) {
+  if (!s->sums) return 0;
+  size_t slot = qs__sums_slot(h);
+  pthread_mutex_lock(&s->vmu);
+  int known = s->sums[slot] && !memcmp(s->sums[slot]->key, key, 16);
+  pthread_mutex_unlock(&s->vmu);
+  return known;
+}
+
 int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
                     uint64_t ci, qs__chunk_ref *ref, int full_check) {
   if (ref->idx == ci) return 0;
@@ -185,43 +219,103 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   qs__put_be32(key + 12, (uint32_t)ci);
   uint64_t h = qs__hash64(key, 16, 0);
   size_t cslot = (size_t)(h % QS_CCACHE);
-  if (tc && !full_check && !memcmp(tc->chunk[cslot].key, key, 16)) {
-    ref->idx = ci;
-    ref->data = tc->chunk[cslot].data;
-    ref->n_rows = tc->chunk[cslot].n_rows;
-    return 0;
-  }
-  MDB_val k = {16, key}, v;
-  int rc = mdb_get(txn, s->db_chunks, &k, &v);
-  if (rc == MDB_NOTFOUND)
-    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
-                    (unsigned long long)ci);
-  if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
+  const uint8_t *p;
+  size_t size;
   uint64_t rows;
-  const uint8_t *p = v.mv_data;
-  if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 0, &rows))) return rc;
-  size_t slot = (size_t)(h % QS_VCACHE);
-  int known = 0;
-  if (!full_check && !s->verify_always && s->vkeys) {
-    pthread_mutex_lock(&s->vmu);
-    known = !memcmp(s->vkeys[slot], key, 16);
-    pthread_mutex_unlock(&s->vmu);
+  int rc;
+  if (tc && !memcmp(tc->chunk[cslot].key, key, 16)) {
+    /* Same snapshot, same mapping: the record is where it was (its bytes are checked below). */
+    p = tc->chunk[cslot].data - QS_CHUNK_HDR;
+    size = QS_CHUNK_HDR + qs__chunk_payload(t, tc->chunk[cslot].n_rows);
+  } else {
+    MDB_val k = {16, key}, v;
+    rc = mdb_get(txn, s->db_chunks, &k, &v);
+    if (rc == MDB_NOTFOUND)
+      return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
+                      (unsigned long long)ci);
+    if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
+    p = v.mv_data;
+    size = v.mv_size;
   }
-  if (!known) {
-    if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 1, &rows))) return rc;
-    if (s->vkeys) {
-      pthread_mutex_lock(&s->vmu);
-      memcpy(s->vkeys[slot], key, 16);
-      pthread_mutex_unlock(&s->vmu);
-    }
+  if ((rc = qs__chunk_rec_check(t, ci, p, size, 0, &rows))) return rc;
+  if (full_check || s->verify == QS_VERIFY_ALWAYS) {
+    if ((rc = qs__chunk_verify(t, ci, p, rows, NULL))) return rc;
+  } else if (s->verify == QS_VERIFY_RISKY && !qs__chunk_known(s, key, h)) {
+    if ((rc = qs__chunk_learn(s, t, ci, p, rows, key, h))) return rc;
   }
   ref->idx = ci;
   ref->data = p + QS_CHUNK_HDR;
   ref->n_rows = rows;
+  memcpy(ref->key, key, 16);
   if (tc) {
     memcpy(tc->chunk[cslot].key, key, 16);
     tc->chunk[cslot].data = ref->data;
     tc->chunk[cslot].n_rows = rows;
   }
+  return 0;
+}
+
+/* The payload byte ranges output elements [a, e) (a < e) of a chunk of `rows` rows of t decode
+ * from (docs/FORMAT.md §1.1: the arrays of each codec); returns how many (1 or 2). */
+static int qs__chunk_ranges(const qs_tensor *t, uint64_t rows, uint64_t a, uint64_t e,
+                            uint64_t lo[2], uint64_t hi[2]) {
+  uint64_t n = rows * t->row_len, rl = t->row_len;
+  switch (t->codec) {
+  case QC_QINS8:
+  case QC_QINS16: {
+    uint64_t B = t->codec == QC_QINS8 ? QC_QINS8_BLOCK : QC_QINS16_BLOCK;
+    uint64_t bpr = (rl + B - 1) / B, nb = rows * bpr, sb = t->codec == QC_QINS8 ? 2 : 1;
+    uint64_t b0 = (a / rl) * bpr + (a % rl) / B, b1 = ((e - 1) / rl) * bpr + ((e - 1) % rl) / B;
+    lo[0] = sb * b0;
+    hi[0] = sb * (b1 + 1);
+    lo[1] = sb * nb + (3 - sb) * a; /* codes: u8 (qins8) or u16 (qins16) */
+    hi[1] = sb * nb + (3 - sb) * e;
+    return 2;
+  }
+  case QC_SEED_LOG:
+    lo[0] = a, hi[0] = e, lo[1] = n + a, hi[1] = n + e;
+    return 2;
+  default: {
+    uint64_t esz = qs__chunk_payload(t, rows) / (n ? n : 1); /* f32, f16, bf16, seed-rational, raw */
+    lo[0] = esz * a;
+    hi[0] = esz * e;
+    return 1;
+  }
+  }
+}
+
+int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, uint64_t a,
+                    uint64_t e) {
+  if (s->verify != QS_VERIFY_READ || a >= e) return 0;
+  uint64_t pay = qs__chunk_payload(t, ref->n_rows), seg = qs__seg_bytes(pay);
+  uint64_t lo[2], hi[2];
+  int nr = qs__chunk_ranges(t, ref->n_rows, a, e, lo, hi);
+  uint32_t got[2][QS_SEGS];
+  uint64_t s0[2], s1[2];
+  for (int r = 0; r < nr; r++) {
+    s0[r] = lo[r] / seg;
+    s1[r] = (hi[r] - 1) / seg; /* last segment, inclusive */
+    for (uint64_t i = s0[r]; i <= s1[r]; i++) {
+      uint64_t off = i * seg, len = pay - off < seg ? pay - off : seg;
+      got[r][i - s0[r]] = qs__crc32c(0, ref->data + off, len);
+    }
+  }
+  uint64_t h = qs__hash64(ref->key, 16, 0);
+  size_t slot = qs__sums_slot(h);
+  int known = 0, bad = 0;
+  pthread_mutex_lock(&s->vmu);
+  const qs__sums *sm = s->sums ? s->sums[slot] : NULL;
+  if (sm && !memcmp(sm->key, ref->key, 16)) {
+    known = 1;
+    for (int r = 0; r < nr && !bad; r++)
+      bad = memcmp(got[r], sm->crc + s0[r], (size_t)(s1[r] - s0[r] + 1) * 4) != 0;
+  }
+  pthread_mutex_unlock(&s->vmu);
+  if (!known) /* first read here (or the slot went to another chunk): verify it whole, now */
+    return qs__chunk_learn(s, t, ref->idx, ref->data - QS_CHUNK_HDR, ref->n_rows, ref->key, h);
+  if (bad)
+    return qs__fail(QINS_ECHECKSUM, "tensor %s/%s: chunk %llu fails its checksum (its bytes "
+                                    "changed after they were verified)",
+                    t->model, t->name, (unsigned long long)ref->idx);
   return 0;
 }

@@ -78,7 +78,7 @@ static int qs__verify_tensor(qs__vctx *vc, const qs_tensor *t) {
   uint32_t tcrc = 0;
   uint64_t data = 0;
   for (uint64_t ci = 0; ci < t->n_chunks; ci++) {
-    qs__chunk_ref ref = {UINT64_MAX, NULL, 0};
+    qs__chunk_ref ref = {.idx = UINT64_MAX};
     rc = qs__chunk_fetch(vc->s, vc->txn, NULL, t, ci, &ref, 1);
     if (rc) {
       qs__vprob(vc, "%s", qs__errbuf);

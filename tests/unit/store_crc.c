@@ -44,6 +44,11 @@ static void check_all(void) {
     cr_assert_eq(qs__crc32c(0, b + 3, lens[i]), want, "len %zu", lens[i]);
     if (lens[i] > 1000)
       cr_assert_eq(qs__crc32c(qs__crc32c(0, b + 3, 1000), b + 1003, lens[i] - 1000), want);
+    /* Joined from the CRCs of two parts computed apart. */
+    for (size_t cut = 0; cut <= lens[i]; cut += lens[i] / 3 + 1)
+      cr_assert_eq(qs__crc32c_combine(qs__crc32c(0, b + 3, cut), qs__crc32c(0, b + 3 + cut, lens[i] - cut),
+                                      lens[i] - cut),
+                   want, "combine at %zu of %zu", cut, lens[i]);
   }
   free(b);
 }
