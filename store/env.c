@@ -22,6 +22,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -68,15 +69,27 @@ int qs__mdb_fail(qs_store *s, int rc, const char *what) {
 
 /* ---------------------------------------------------------------------------------------------
  * Writer lock */
+/* Gives a file of the store the group asked for at open (if it is ours and has another). */
+static void qs__own(qs_store *s, int fd) {
+  struct stat st;
+  if (s->gid >= 0 && fstat(fd, &st) == 0 && st.st_uid == geteuid() && st.st_gid != (gid_t)s->gid &&
+      fchown(fd, (uid_t)-1, (gid_t)s->gid) != 0) {
+    /* the group is a convenience: the file stays private to its owner */
+  }
+}
+
 int qs__lock(qs_store *s) {
   if (s->rdonly) return qs__fail(QINS_EINVALID, "store %s is open read-only", s->dir);
+  int rc = qs__write_check(s);
+  if (rc) return rc;
   if (s->locked) return 0;
   if (s->lock_fd < 0) {
     char path[4096];
     snprintf(path, sizeof path, "%s/writer.lock", s->dir);
-    s->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0664);
+    s->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, s->fmode);
     if (s->lock_fd < 0)
       return qs__fail(-errno, "store %s: cannot open writer.lock: %s", s->dir, strerror(errno));
+    qs__own(s, s->lock_fd);
   }
   if (flock(s->lock_fd, LOCK_EX | LOCK_NB)) {
     if (errno != EWOULDBLOCK)
@@ -160,13 +173,109 @@ static int qs__open_dbis(qs_store *s, int create) {
   return rc ? qs__mdb_fail(s, rc, "opening databases") : 0;
 }
 
+/* data.mdb against LMDB's meta: every committed page lies within the file. */
+static int qs__size_check(qs_store *s) {
+  MDB_envinfo ei;
+  MDB_stat st;
+  mdb_filehandle_t fd;
+  struct stat fst;
+  if (mdb_env_info(s->env, &ei) || mdb_env_stat(s->env, &st) || mdb_env_get_fd(s->env, &fd) ||
+      fstat(fd, &fst))
+    return 0; /* nothing to compare with */
+  uint64_t need = ((uint64_t)ei.me_last_pgno + 1) * st.ms_psize;
+  if ((uint64_t)fst.st_size < need)
+    return qs__fail(QINS_ECORRUPT, "store %s: data.mdb is %llu bytes but its last committed page "
+                                   "ends at byte %llu: the file is truncated (a copy cut short?); "
+                                   "restore it from a backup",
+                    s->dir, (unsigned long long)fst.st_size, (unsigned long long)need);
+  return 0;
+}
+
+static int qs__lock_check(qs_store *s) {
+  char path[4096];
+  struct stat st;
+  if (!s->lock_ok) return 0;
+  snprintf(path, sizeof path, "%s/lock.mdb", s->dir);
+  if (!s->lock_lost && (stat(path, &st) || st.st_dev != s->lock_dev || st.st_ino != s->lock_ino))
+    s->lock_lost = 1;
+  if (s->lock_lost)
+    return qs__fail(QINS_EIO, "store %s: lock.mdb was removed or replaced after this process "
+                              "opened the store: readers and writers no longer share LMDB's "
+                              "reader table, so a write could overwrite pages being read; "
+                              "restart every process using the store (qinsd, imports)",
+                    s->dir);
+  return 0;
+}
+
+int qs_store_check(qs_store *s) {
+  int rc = qs__lock_check(s);
+  return rc ? rc : qs__size_check(s);
+}
+
+int qs__write_check(qs_store *s) {
+  if (!s->lock_ok)
+    return qs__fail(QINS_EIO, "store %s: no lock.mdb (read-only mount?): refusing to write "
+                              "without LMDB's reader table",
+                    s->dir);
+  return qs__lock_check(s);
+}
+
+unsigned qs_store_warnings(qs_store *s, char *msg, size_t cap) {
+  if (msg && cap) {
+    int n = 0;
+    msg[0] = 0;
+    if (s->warnings & QS_WARN_OTHERS_READ)
+      n = snprintf(msg, cap, "store %s: users other than its owner and group can read data.mdb "
+                             "(the directory is traversable and the file readable by others): "
+                             "they can copy every model; chmod o-rwx the directory or the file. ",
+                   s->dir);
+    if ((s->warnings & QS_WARN_NO_LOCK) && n >= 0 && (size_t)n < cap)
+      snprintf(msg + n, cap - (size_t)n, "store %s: no lock table (lock.mdb cannot be written: "
+                                         "read-only mount?): LMDB runs without a reader table, "
+                                         "so a writer elsewhere cannot see this process's reads; "
+                                         "write the store only where nothing reads it. ",
+               s->dir);
+  }
+  return s->warnings;
+}
+
+/* Conditions that weaken the store's protection (qs_store_warnings), and lock.mdb's identity. */
+static void qs__open_survey(qs_store *s) {
+  char path[4096];
+  struct stat st, dst;
+  struct statvfs vfs;
+  snprintf(path, sizeof path, "%s/lock.mdb", s->dir);
+  s->lock_ok = stat(path, &st) == 0;
+  if (s->lock_ok) {
+    s->lock_dev = st.st_dev;
+    s->lock_ino = st.st_ino;
+  }
+  if (!s->lock_ok || (statvfs(s->dir, &vfs) == 0 && (vfs.f_flag & ST_RDONLY)))
+    s->warnings |= QS_WARN_NO_LOCK;
+  snprintf(path, sizeof path, "%s/data.mdb", s->dir);
+  if (stat(s->dir, &dst) == 0 && (dst.st_mode & S_IXOTH) && stat(path, &st) == 0 &&
+      (st.st_mode & S_IROTH))
+    s->warnings |= QS_WARN_OTHERS_READ;
+}
+
 int qs_open(qs_store **out, const char *dir, unsigned flags) {
+  return qs_open_ex(out, dir, flags, NULL);
+}
+
+int qs_open_ex(qs_store **out, const char *dir, unsigned flags, const qs_open_opts *o) {
   *out = NULL;
   qs__errbuf[0] = 0;
   struct stat st;
+  int group = o && o->group_read;
+  long gid = o ? o->gid : -1;
   if (flags & QS_OPEN_CREATE) {
-    if (mkdir(dir, 0775) && errno != EEXIST)
+    if (mkdir(dir, group ? 0750 : 0700) == 0) {
+      if (gid >= 0 && chown(dir, (uid_t)-1, (gid_t)gid) != 0) {
+        /* the group is a convenience: the directory stays private to its owner */
+      }
+    } else if (errno != EEXIST) {
       return qs__fail(-errno, "store %s: cannot create: %s", dir, strerror(errno));
+    }
   }
   if (stat(dir, &st) || !S_ISDIR(st.st_mode))
     return qs__fail(-ENOENT, "store %s: no such directory", dir);
@@ -175,11 +284,20 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
   int exists = stat(path, &st) == 0;
   if (!exists && !(flags & QS_OPEN_CREATE))
     return qs__fail(-ENOENT, "store %s: no store here (no data.mdb; import creates one)", dir);
+  /* LMDB would take an empty file for a new environment, and cannot read a shorter one's meta. */
+  long pg = sysconf(_SC_PAGESIZE);
+  if (exists && ((st.st_size == 0 && !(flags & QS_OPEN_CREATE)) ||
+                 (st.st_size > 0 && st.st_size < 2 * (pg > 0 ? pg : 4096))))
+    return qs__fail(QINS_ECORRUPT, "store %s: data.mdb is %lld bytes, shorter than LMDB's two "
+                                   "meta pages: the file is truncated (a copy cut short?)",
+                    dir, (long long)st.st_size);
   qs_store *s = calloc(1, sizeof *s);
   if (!s) return qs__fail(QINS_ENOMEM, "out of memory");
   s->lock_fd = -1;
   s->rdonly = !!(flags & QS_OPEN_RDONLY);
   s->dir = strdup(dir);
+  s->fmode = group ? 0640 : 0600;
+  s->gid = gid;
   pthread_mutex_init(&s->mu, NULL);
   pthread_cond_init(&s->cv, NULL);
   pthread_mutex_init(&s->vmu, NULL);
@@ -203,12 +321,30 @@ int qs_open(qs_store **out, const char *dir, unsigned flags) {
   mdb_env_set_mapsize(s->env, map);
   mdb_env_set_maxdbs(s->env, 8);
   mdb_env_set_maxreaders(s->env, QS_MAX_READERS);
-  rc = mdb_env_open(s->env, dir, MDB_NOTLS | (s->rdonly ? MDB_RDONLY : 0), 0664);
+  rc = mdb_env_open(s->env, dir, MDB_NOTLS | (s->rdonly ? MDB_RDONLY : 0), s->fmode);
   if (rc) {
     int e = rc == EACCES || rc == ENOENT ? -rc : 0;
     qs__mdb_fail(s, rc, "mdb_env_open");
     qs_close(s);
     return e ? e : (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH ? QINS_EVERSION : QINS_EIO);
+  }
+  if ((rc = qs__size_check(s))) {
+    char msg[QS__ERRBUF];
+    snprintf(msg, sizeof msg, "%s", qs__errbuf);
+    qs_close(s);
+    return qs__fail(rc, "%s", msg);
+  }
+  qs__open_survey(s);
+  if (gid >= 0) {
+    const char *files[] = {"data.mdb", "lock.mdb"};
+    for (size_t i = 0; i < 2; i++) {
+      snprintf(path, sizeof path, "%s/%s", dir, files[i]);
+      int fd = open(path, O_RDONLY | O_CLOEXEC);
+      if (fd >= 0) {
+        qs__own(s, fd);
+        close(fd);
+      }
+    }
   }
   int dead = 0;
   mdb_reader_check(s->env, &dead);

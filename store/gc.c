@@ -67,7 +67,9 @@ int qs__gc_id(qs_store *s, uint64_t id) {
     MDB_dbi dbi = phase == 0 ? s->db_chunks : s->db_tensors;
     for (;;) {
       MDB_txn *txn;
-      int rc = qs__ensure_map(s, 1 << 20); /* deletions copy branch pages too */
+      int rc = qs__write_check(s);
+      if (rc) return rc;
+      rc = qs__ensure_map(s, 1 << 20); /* deletions copy branch pages too */
       if (rc) return rc;
       rc = qs__begin(s, 0, &txn);
       if (rc) return qs__mdb_fail(s, rc, "cleaning up");

@@ -39,16 +39,57 @@ const char *qs_codec_name(int codec) {
   return qc_codec_name((qc_codec)codec);
 }
 
-int qs__name_check(const char *what, const char *name, int is_model) {
+/* Length of the UTF-8 sequence at p (n bytes left) if it is well formed (shortest form, no
+ * surrogate, at most U+10FFFF), else 0; *cp gets the code point. */
+static size_t qs__utf8_seq(const unsigned char *p, size_t n, uint32_t *cp) {
+  unsigned char c = p[0];
+  size_t len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+  if (!len || len > n) return 0;
+  uint32_t v = len == 1 ? c : c & (0x7F >> len);
+  for (size_t i = 1; i < len; i++) {
+    if ((p[i] & 0xC0) != 0x80) return 0;
+    v = (v << 6) | (p[i] & 0x3F);
+  }
+  static const uint32_t min[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (v < min[len] || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 0;
+  *cp = v;
+  return len;
+}
+
+/* name with every byte outside printable ASCII as \xNN (at most cap - 1 bytes, cut at 60). */
+static void qs__escape(const char *name, char *out, size_t cap) {
+  size_t o = 0;
+  for (const unsigned char *p = (const unsigned char *)name; *p && o + 5 < cap && o < 60; p++)
+    o += (size_t)(*p >= 0x20 && *p < 0x7F && *p != '"' && *p != '\\'
+                      ? snprintf(out + o, cap - o, "%c", *p)
+                      : snprintf(out + o, cap - o, "\\x%02x", *p));
+  out[o] = 0;
+}
+
+int qs_name_check(const char *what, const char *name, int is_model) {
   size_t n = name ? strlen(name) : 0;
+  char esc[128];
   if (n == 0) return qs__fail(QINS_ENAME, "%s name is empty", what);
+  qs__escape(name, esc, sizeof esc);
   if (n > QS_MAX_NAME)
-    return qs__fail(QINS_ENAME, "%s name \"%.40s...\" is %zu bytes; at most %d allowed (LMDB keys "
+    return qs__fail(QINS_ENAME, "%s name \"%s...\" is %zu bytes; at most %d allowed (LMDB keys "
                                 "are limited to 511 bytes)",
-                    what, name, n, QS_MAX_NAME);
+                    what, esc, n, QS_MAX_NAME);
+  const unsigned char *p = (const unsigned char *)name;
+  for (size_t i = 0; i < n;) {
+    uint32_t cp = 0;
+    size_t len = qs__utf8_seq(p + i, n - i, &cp);
+    if (!len)
+      return qs__fail(QINS_ENAME, "%s name \"%s\" is not valid UTF-8 (byte %zu: 0x%02x)", what,
+                      esc, i, p[i]);
+    if (cp < 0x20 || (cp >= 0x7F && cp < 0xA0))
+      return qs__fail(QINS_ENAME, "%s name \"%s\" contains control character U+%04X at byte %zu",
+                      what, esc, (unsigned)cp, i);
+    i += len;
+  }
   if (is_model && strchr(name, '/'))
     return qs__fail(QINS_ENAME, "%s name \"%s\" contains '/' (reserved for MODEL/TENSOR)", what,
-                    name);
+                    esc);
   return 0;
 }
 

@@ -109,7 +109,9 @@ static void *qs__worker(void *arg) {
 
 static int qs__im_txn(qs_import *im, uint64_t extra) {
   if (im->txn) return 0;
-  int rc = qs__ensure_map(im->s, extra > QS_TXN_BYTES ? extra : QS_TXN_BYTES);
+  int rc = qs__write_check(im->s);
+  if (rc) return rc;
+  rc = qs__ensure_map(im->s, extra > QS_TXN_BYTES ? extra : QS_TXN_BYTES);
   if (rc) return rc;
   rc = qs__begin(im->s, 0, &im->txn);
   if (rc) return qs__mdb_fail(im->s, rc, "beginning a write transaction");

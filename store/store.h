@@ -56,7 +56,33 @@ enum { QS_OPEN_RDONLY = 1, QS_OPEN_CREATE = 2 };
  * killed writer left staged, if no other process holds the writer lock. QINS_EVERSION for a
  * directory that is not a qins store or has another format version. */
 int qs_open(qs_store **out /* out; qs_close */, const char *dir, unsigned flags);
+/* Before mapping, data.mdb is checked against its own LMDB meta: a file shorter than its last
+ * committed page (truncated, or a copy cut short) is QINS_ECORRUPT naming the file and both sizes,
+ * never a SIGBUS on a later read; so is an existing empty data.mdb opened without CREATE.
+ * Files the store creates (data.mdb, lock.mdb, writer.lock) are 0600 and a directory it creates
+ * 0700, unless qs_open_ex asks for group read. */
+typedef struct qs_open_opts {
+  int group_read; /* created files 0640, a created directory 0750 */
+  long gid;       /* >= 0: created files (and a created directory) get this group; -1: the default */
+} qs_open_opts;
+int qs_open_ex(qs_store **out /* out; qs_close */, const char *dir, unsigned flags,
+               const qs_open_opts *o /* NULL: as qs_open */);
 void qs_close(qs_store *s);
+
+/* What open found that weakens the store's protection, for the caller to log (qinsd at start;
+ * msg, if not NULL, gets a sentence per condition). */
+enum {
+  QS_WARN_OTHERS_READ = 1, /* users other than owner and group can read data.mdb */
+  QS_WARN_NO_LOCK = 2      /* no lock table (read-only mount): writers cannot see our readers */
+};
+unsigned qs_store_warnings(qs_store *s, char *msg /* out */, size_t cap);
+/* Re-checks what open established; cheap (two stats): lock.mdb is still the file this process
+ * opened (LMDB's reader table lives in it: if it was removed or replaced, a writer using another
+ * one may reuse pages this process reads) and data.mdb still holds every committed page. 0, or
+ * QINS_EIO (lock file) / QINS_ECORRUPT (data.mdb) naming the file and what to do; a lost lock
+ * file stays an error until the store is closed and reopened. Every write transaction runs this
+ * first and refuses to write; a reader (qinsd) calls it periodically. */
+int qs_store_check(qs_store *s);
 /* Message of the last failure on this store in this thread ("" if none): names the object. */
 const char *qs_error(void);
 
@@ -146,6 +172,12 @@ int qs_dtype_from_name(const char *name);
 size_t qs_dtype_size(qs_dtype d);
 /* "qins8", "f32", ... for a codec, "raw" for QS_RAW. */
 const char *qs_codec_name(int codec);
+/* Checks a model or tensor name where it enters (import, the protocol, file and directory
+ * names): 1..QS_MAX_NAME bytes of well-formed UTF-8 (shortest forms, no surrogates), no NUL and
+ * no control characters (U+0000-U+001F, U+007F-U+009F); a model name (is_model) also no '/'.
+ * 0, or QINS_ENAME with qs_error() saying what is wrong and where, the name echoed with every
+ * byte outside printable ASCII as \xNN. what names the kind in the message ("model", "tensor"). */
+int qs_name_check(const char *what, const char *name, int is_model);
 
 /* ===== Write API ===========================================================================
  * One writer process at a time: every write call takes DIR/writer.lock (flock, non-blocking;
@@ -169,7 +201,7 @@ const char *qs_codec_name(int codec);
 typedef struct qs_import qs_import;
 
 typedef struct qs_tensor_desc {
-  const char *name;             /* 1..QS_MAX_NAME bytes, no NUL; unique within the model */
+  const char *name;             /* qs_name_check'ed (UTF-8, no controls); unique within the model */
   qs_dtype src_dtype;           /* dtype of the source data (src_bytes = n_elem * its size) */
   uint64_t src_bytes;           /* source bytes if not n_elem * size (block-quantized); else 0 */
   int ndim;                     /* 0..QS_MAX_NDIM */
@@ -178,8 +210,8 @@ typedef struct qs_tensor_desc {
   const qc_params *params;      /* codec parameters (params->codec == codec); NULL for QS_RAW */
 } qs_tensor_desc;
 
-/* metadata_json: a JSON object text kept with the model (NULL: "{}"). Model names are
- * 1..QS_MAX_NAME bytes without NUL or '/' (QINS_ENAME). */
+/* metadata_json: a JSON object text kept with the model (NULL: "{}"). Model and tensor names
+ * must pass qs_name_check (QINS_ENAME). */
 int qs_import_begin(qs_store *s, const char *model, const char *metadata_json,
                     qs_import **out /* out; freed by qs_import_commit or qs_import_abort */);
 int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d);

@@ -150,8 +150,8 @@ int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_
 int qs__chunk_verify(const qs_tensor *t, uint64_t ci, const uint8_t *p, uint64_t rows,
                      struct qs__sums *sums /* out */);
 
-/* Checks a name for the store: 1..QS_MAX_NAME bytes, no NUL; models also no '/'. */
-int qs__name_check(const char *what, const char *name, int is_model);
+/* The internal spelling of qs_name_check (store.h), as the importers call it. */
+#define qs__name_check qs_name_check
 
 /* ---- The environment, shared by the store's files (env.c, txn.c, record.c, read.c, stage.c, gc.c,
  * backup.c, verify.c). How a model lives in LMDB:
@@ -164,6 +164,7 @@ int qs__name_check(const char *what, const char *name, int is_model);
  *    only when none is open. */
 #include <lmdb.h>
 #include <pthread.h>
+#include <sys/types.h>
 
 #define QS_MAP_INITIAL (1ull << 30)   /* first map size: virtual space only, the file grows by use */
 #define QS_MAP_SLACK (32ull << 20)    /* headroom kept beyond a write txn's estimate */
@@ -187,6 +188,13 @@ struct qs_store {
   struct qs__sums **sums; /* QS_SUMS slots */
   int verify;             /* QS_VERIFY_* from $QINS_VERIFY */
   uint64_t map_adopted;   /* times MDB_MAP_RESIZED made us adopt another process's map size */
+  dev_t lock_dev;         /* DIR/lock.mdb as this process opened it (lock_ok) */
+  ino_t lock_ino;
+  int lock_ok;            /* lock.mdb existed after mdb_env_open (no read-only mount fallback) */
+  int lock_lost;          /* qs_store_check found it removed or replaced: sticky */
+  unsigned warnings;      /* QS_WARN_* found at open */
+  mode_t fmode;           /* mode of the files this process creates (0600 or 0640) */
+  long gid;               /* group given to them, or -1 */
   uint64_t map_gen;       /* bumped (under mu) whenever the map may have moved: set_mapsize */
 };
 /* When stored bytes are checked against their checksums ($QINS_VERIFY; docs/OPERATIONS.md). */
@@ -257,6 +265,9 @@ extern _Thread_local char qs__errbuf[QS__ERRBUF]; /* qs_error() of this thread (
 /* env.c */
 /* Maps an LMDB/errno failure of `what` to a project code with a message. */
 int qs__mdb_fail(qs_store *s, int rc, const char *what);
+/* qs_store_check for a write: the lock table this process uses is the store's (and no writes on a
+ * store whose lock table is not in use). */
+int qs__write_check(qs_store *s);
 /* Takes / releases DIR/writer.lock (flock, non-blocking; QINS_ELOCKED naming the holder). */
 int qs__lock(qs_store *s);
 void qs__unlock(qs_store *s);

@@ -201,3 +201,222 @@ Test(store_guard, bits_flipped_after_reading_give_errors_never_other_numbers) {
   }
   qs_close(s);
 }
+
+/* Cuts data.mdb to len bytes. */
+static void cut_to(off_t len) { cr_assert_eq(truncate(path, len), 0); }
+
+Test(store_guard, a_truncated_data_mdb_is_refused_at_open_naming_it) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  fill(s);
+  qs_close(s);
+  struct stat st;
+  cr_assert_eq(stat(path, &st), 0);
+  /* Short of its last pages: before, a read of them died of SIGBUS. */
+  cut_to(st.st_size / 2);
+  int rc = qs_open(&s, sdir, QS_OPEN_RDONLY);
+  cr_assert_eq(rc, QINS_ECORRUPT, "open of a truncated store gave %d (%s)", rc, qs_error());
+  cr_assert(strstr(qs_error(), "data.mdb") && strstr(qs_error(), "truncated"), "%s", qs_error());
+  cr_assert_eq(qs_open(&s, sdir, 0), QINS_ECORRUPT, "%s", qs_error()); /* a writer too */
+  /* Shorter than LMDB's meta pages, and empty. */
+  cut_to(100);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), QINS_ECORRUPT, "%s", qs_error());
+  cr_assert(strstr(qs_error(), "data.mdb is 100 bytes"), "%s", qs_error());
+  cut_to(0);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), QINS_ECORRUPT, "%s", qs_error());
+  cr_assert(strstr(qs_error(), "data.mdb is 0 bytes"), "%s", qs_error());
+}
+
+Test(store_guard, a_data_mdb_truncated_while_open_fails_the_check) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  fill(s);
+  cr_assert_eq(qs_store_check(s), 0, "%s", qs_error());
+  struct stat st;
+  cr_assert_eq(stat(path, &st), 0);
+  cut_to(st.st_size / 2);
+  cr_assert_eq(qs_store_check(s), QINS_ECORRUPT, "%s", qs_error());
+  cr_assert(strstr(qs_error(), "data.mdb"), "%s", qs_error());
+  /* backup refuses it before reading a page (a read past the end would be SIGBUS). */
+  char bdir[160];
+  snprintf(bdir, sizeof bdir, "%s/bk", dir);
+  cr_assert_eq(qs_backup(s, bdir, NULL), QINS_ECORRUPT, "%s", qs_error());
+  cr_assert_neq(access(bdir, F_OK), 0, "backup left %s behind", bdir);
+  cr_assert_eq(truncate(path, st.st_size), 0); /* LMDB must not see its own pages missing */
+  qs_close(s);
+}
+
+/* Removing lock.mdb (or replacing it) under an open store: qs_store_check fails, writes are
+ * refused naming it, and reads still work. */
+static void lock_case(int replace) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  fill(s);
+  char lp[200];
+  snprintf(lp, sizeof lp, "%s/lock.mdb", sdir);
+  cr_assert_eq(qs_store_check(s), 0, "%s", qs_error());
+  cr_assert_eq(unlink(lp), 0);
+  if (replace) cr_assert_eq(qt_write(lp, "x", 1), 0);
+  int rc = qs_store_check(s);
+  cr_assert_eq(rc, QINS_EIO, "check after %s lock.mdb: %d", replace ? "replacing" : "removing", rc);
+  cr_assert(strstr(qs_error(), "lock.mdb was removed or replaced"), "%s", qs_error());
+  qs_import *im;
+  rc = qs_import_begin(s, "n", NULL, &im);
+  cr_assert_eq(rc, QINS_EIO, "an import began without a lock table: %d", rc);
+  cr_assert(strstr(qs_error(), "lock.mdb"), "%s", qs_error());
+  cr_assert_eq(qs_model_remove(s, "m"), QINS_EIO, "a removal ran without a lock table");
+  if (replace) cr_assert_eq(unlink(lp), 0);
+  if (!replace) cr_assert_eq(qt_write(lp, "", 0), 0); /* even a new file at that name */
+  cr_assert_eq(qs_store_check(s), QINS_EIO, "the loss is sticky until reopened");
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0, "%s", qs_error());
+  cr_assert_eq(qs_tensor_get(t, "m", "w32", &ten), 0, "%s", qs_error());
+  qs_txn_end(t);
+  qs_close(s);
+}
+
+Test(store_guard, a_removed_lock_file_is_detected_and_writes_refused) { lock_case(0); }
+Test(store_guard, a_replaced_lock_file_is_detected_and_writes_refused) { lock_case(1); }
+
+static mode_t mode_of(const char *p) {
+  struct stat st;
+  cr_assert_eq(stat(p, &st), 0, "stat %s", p);
+  return st.st_mode & 07777;
+}
+
+Test(store_guard, store_files_are_private_and_readable_stores_are_flagged) {
+  qs_store *s;
+  umask(0);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  fill(s);
+  char p[200];
+  cr_assert_eq(mode_of(sdir), 0700);
+  cr_assert_eq(mode_of(path), 0600);
+  snprintf(p, sizeof p, "%s/lock.mdb", sdir);
+  cr_assert_eq(mode_of(p), 0600);
+  snprintf(p, sizeof p, "%s/writer.lock", sdir);
+  cr_assert_eq(mode_of(p), 0600);
+  char msg[1024];
+  cr_assert_eq(qs_store_warnings(s, msg, sizeof msg), 0, "%s", msg);
+  char bdir[160];
+  snprintf(bdir, sizeof bdir, "%s/bk", dir);
+  cr_assert_eq(qs_backup(s, bdir, NULL), 0, "%s", qs_error());
+  snprintf(p, sizeof p, "%s/data.mdb", bdir);
+  cr_assert_eq(mode_of(p), 0600, "backup's data.mdb is %o", mode_of(p));
+  cr_assert_eq(mode_of(bdir), 0700);
+  snprintf(p, sizeof p, "%s/.partial", bdir);
+  cr_assert_neq(access(p, F_OK), 0, "backup left .partial");
+  qs_close(s);
+  /* A store others can read (the directory traversable, the file readable) is flagged. */
+  cr_assert_eq(chmod(sdir, 0755), 0);
+  cr_assert_eq(chmod(path, 0644), 0);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0, "%s", qs_error());
+  unsigned w = qs_store_warnings(s, msg, sizeof msg);
+  cr_assert_eq(w, QS_WARN_OTHERS_READ, "warnings %u: %s", w, msg);
+  cr_assert(strstr(msg, "other") && strstr(msg, sdir), "%s", msg);
+  qs_close(s);
+}
+
+Test(store_guard, group_read_stores_get_0640_and_the_group) {
+  qs_store *s;
+  umask(0);
+  qs_open_opts o = {.group_read = 1, .gid = (long)getgid() + 1};
+  cr_assert_eq(qs_open_ex(&s, sdir, QS_OPEN_CREATE, &o), 0, "%s", qs_error());
+  fill(s);
+  cr_assert_eq(mode_of(sdir), 0750);
+  cr_assert_eq(mode_of(path), 0640);
+  struct stat st;
+  cr_assert_eq(stat(path, &st), 0);
+  /* As root (or a member of that group) the group is set; otherwise it may stay ours. */
+  if (geteuid() == 0) cr_assert_eq(st.st_gid, (gid_t)o.gid);
+  char msg[256];
+  cr_assert_eq(qs_store_warnings(s, msg, sizeof msg), 0, "%s", msg);
+  qs_close(s);
+}
+
+Test(store_guard, names_are_utf8_without_controls) {
+  static const char *const good[] = {"m", "layers.0.attn", "modèle-ü", "权重", "emoji-\xf0\x9f\x98\x80",
+                                     "a b"};
+  static const struct {
+    const char *name, *why;
+  } bad[] = {
+      {"bad\xff", "not valid UTF-8 (byte 3: 0xff)"},
+      {"\xc0\xaf", "not valid UTF-8 (byte 0"},        /* overlong '/' */
+      {"\xed\xa0\x80x", "not valid UTF-8 (byte 0"},   /* a surrogate */
+      {"cut\xe6\x9d", "not valid UTF-8 (byte 3"},     /* truncated sequence */
+      {"\xf4\x90\x80\x80", "not valid UTF-8 (byte 0"}, /* above U+10FFFF */
+      {"new\nline", "control character U+000A at byte 3"},
+      {"tab\t", "control character U+0009"},
+      {"del\x7f", "control character U+007F"},
+      {"c1\xc2\x85", "control character U+0085"},
+  };
+  for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+    cr_assert_eq(qs_name_check("tensor", good[i], 0), 0, "%s: %s", good[i], qs_error());
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    cr_assert_eq(qs_name_check("tensor", bad[i].name, 0), QINS_ENAME, "case %zu accepted", i);
+    cr_assert(strstr(qs_error(), bad[i].why), "case %zu: %s", i, qs_error());
+    for (const char *c = qs_error(); *c; c++) /* the message echoes it escaped */
+      cr_assert((unsigned char)*c >= 0x20 && (unsigned char)*c < 0x7F, "case %zu: raw byte in %s", i,
+                qs_error());
+  }
+  cr_assert_eq(qs_name_check("model", "a/b", 1), QINS_ENAME);
+  cr_assert_eq(qs_name_check("tensor", "a/b", 0), 0);
+  /* Where names enter: a model and a tensor name at import, the store unchanged. */
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "bad\xff", NULL, &im), QINS_ENAME);
+  cr_assert(strstr(qs_error(), "model name \"bad\\xff\" is not valid UTF-8"), "%s", qs_error());
+  cr_assert_eq(qs_import_begin(s, "ok", NULL, &im), 0, "%s", qs_error());
+  qs_tensor_desc d = {.name = "x\x01y", .src_dtype = QS_DT_I32, .ndim = 1, .shape = {2}, .codec = QS_RAW};
+  cr_assert_eq(qs_import_tensor_begin(im, &d), QINS_ENAME);
+  cr_assert(strstr(qs_error(), "tensor name \"x\\x01y\" contains control character U+0001"), "%s",
+            qs_error());
+  qs_import_abort(im);
+  qs_txn *t;
+  qs_model m;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_model_get(t, "ok", &m), QINS_ENO_MODEL);
+  qs_txn_end(t);
+  qs_close(s);
+}
+
+/* A .npy directory whose file name is not UTF-8: the import fails naming it, nothing stored. */
+Test(store_guard, npy_file_names_that_are_not_utf8_are_refused) {
+  char npy[200], d[160];
+  snprintf(d, sizeof d, "%s/npys", dir);
+  cr_assert_eq(mkdir(d, 0700), 0);
+  /* A valid .npy: magic, version 1.0, header, 2 f32 values. */
+  static const char hdr[] = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+  uint8_t buf[256];
+  size_t hl = sizeof hdr - 1, pad = 64 - ((10 + hl + 1) % 64);
+  if (pad == 64) pad = 0;
+  memcpy(buf, "\x93NUMPY\x01\x00", 8);
+  buf[8] = (uint8_t)(hl + pad + 1);
+  buf[9] = 0;
+  memcpy(buf + 10, hdr, hl);
+  memset(buf + 10 + hl, ' ', pad);
+  buf[10 + hl + pad] = '\n';
+  float v[2] = {1.5f, -2.0f};
+  memcpy(buf + 11 + hl + pad, v, 8);
+  size_t total = 11 + hl + pad + 8;
+  snprintf(npy, sizeof npy, "%s/good.npy", d);
+  cr_assert_eq(qt_write(npy, buf, total), 0);
+  snprintf(npy, sizeof npy, "%s/bad\xfe.npy", d);
+  cr_assert_eq(qt_write(npy, buf, total), 0);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  qs_import_opts o;
+  qs_import_opts_init(&o);
+  o.model = "n";
+  int rc = qs_import_path(s, d, &o, NULL);
+  cr_assert_eq(rc, QINS_ENAME, "import of a directory with a non-UTF-8 name: %d (%s)", rc, qs_error());
+  cr_assert(strstr(qs_error(), "bad\\xfe"), "%s", qs_error());
+  qs_txn *t;
+  qs_model m;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_model_get(t, "n", &m), QINS_ENO_MODEL);
+  qs_txn_end(t);
+  qs_close(s);
+}
