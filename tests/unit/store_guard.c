@@ -335,6 +335,15 @@ Test(store_guard, group_read_stores_get_0640_and_the_group) {
   qs_close(s);
 }
 
+/* The store holds no model `name` (a refused import left nothing). */
+static void assert_no_model(qs_store *s, const char *name) {
+  qs_txn *t;
+  qs_model m;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_model_get(t, name, &m), QINS_ENO_MODEL, "model %s exists", name);
+  qs_txn_end(t);
+}
+
 Test(store_guard, names_are_utf8_without_controls) {
   static const char *const good[] = {"m", "layers.0.attn", "modèle-ü", "权重", "emoji-\xf0\x9f\x98\x80",
                                      "a b"};
@@ -374,11 +383,7 @@ Test(store_guard, names_are_utf8_without_controls) {
   cr_assert(strstr(qs_error(), "tensor name \"x\\x01y\" contains control character U+0001"), "%s",
             qs_error());
   qs_import_abort(im);
-  qs_txn *t;
-  qs_model m;
-  cr_assert_eq(qs_txn_begin(s, &t), 0);
-  cr_assert_eq(qs_model_get(t, "ok", &m), QINS_ENO_MODEL);
-  qs_txn_end(t);
+  assert_no_model(s, "ok");
   qs_close(s);
 }
 
@@ -413,10 +418,6 @@ Test(store_guard, npy_file_names_that_are_not_utf8_are_refused) {
   int rc = qs_import_path(s, d, &o, NULL);
   cr_assert_eq(rc, QINS_ENAME, "import of a directory with a non-UTF-8 name: %d (%s)", rc, qs_error());
   cr_assert(strstr(qs_error(), "bad\\xfe"), "%s", qs_error());
-  qs_txn *t;
-  qs_model m;
-  cr_assert_eq(qs_txn_begin(s, &t), 0);
-  cr_assert_eq(qs_model_get(t, "n", &m), QINS_ENO_MODEL);
-  qs_txn_end(t);
+  assert_no_model(s, "n");
   qs_close(s);
 }
