@@ -80,9 +80,7 @@ static void qs__own(qs_store *s, int fd) {
 
 int qs__lock(qs_store *s) {
   if (s->rdonly) return qs__fail(QINS_EINVALID, "store %s is open read-only", s->dir);
-  int rc = qs__write_check(s);
-  if (rc) return rc;
-  if (s->locked) return 0;
+  if (s->locked) return qs__write_check(s);
   if (s->lock_fd < 0) {
     char path[4096];
     snprintf(path, sizeof path, "%s/writer.lock", s->dir);
@@ -107,7 +105,10 @@ int qs__lock(qs_store *s) {
     /* the pid is only informative */
   }
   s->locked = 1;
-  return 0;
+  /* Checked holding the flock: one process probes the shared flocks at a time. */
+  int rc = qs__write_check(s);
+  if (rc) qs__unlock(s);
+  return rc;
 }
 
 void qs__unlock(qs_store *s) {
@@ -212,12 +213,34 @@ int qs_store_check(qs_store *s) {
   return rc ? rc : qs__size_check(s);
 }
 
+/* Whether another open file description holds a flock on fd's file (ours is a shared one, kept). */
+static int qs__others_hold(int fd) {
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    flock(fd, LOCK_SH);
+    return 0;
+  }
+  int busy = errno == EWOULDBLOCK;
+  flock(fd, LOCK_SH); /* a failed conversion may have dropped ours */
+  return busy;
+}
+
 int qs__write_check(qs_store *s) {
   if (!s->lock_ok)
     return qs__fail(QINS_EIO, "store %s: no lock.mdb (read-only mount?): refusing to write "
                               "without LMDB's reader table",
                     s->dir);
-  return qs__lock_check(s);
+  int rc = qs__lock_check(s);
+  if (rc) return rc;
+  /* Every process with the store open holds shared flocks on data.mdb and on the lock.mdb it
+   * uses. Others on data.mdb but none on our lock.mdb: they use a lock.mdb removed or replaced
+   * since, so LMDB cannot show us their readers and a write could reuse pages they read. */
+  if (s->share_data >= 0 && s->share_lock >= 0 && qs__others_hold(s->share_data) &&
+      !qs__others_hold(s->share_lock))
+    return qs__fail(QINS_EIO, "store %s: other processes (qinsd?) have data.mdb open with a "
+                              "lock.mdb that was removed or replaced: they would not see this "
+                              "write's page reuse; refusing to write until they restart",
+                    s->dir);
+  return 0;
 }
 
 unsigned qs_store_warnings(qs_store *s, char *msg, size_t cap) {
@@ -293,7 +316,7 @@ int qs_open_ex(qs_store **out, const char *dir, unsigned flags, const qs_open_op
                     dir, (long long)st.st_size);
   qs_store *s = calloc(1, sizeof *s);
   if (!s) return qs__fail(QINS_ENOMEM, "out of memory");
-  s->lock_fd = -1;
+  s->lock_fd = s->share_data = s->share_lock = -1;
   s->rdonly = !!(flags & QS_OPEN_RDONLY);
   s->dir = strdup(dir);
   s->fmode = group ? 0640 : 0600;
@@ -335,6 +358,12 @@ int qs_open_ex(qs_store **out, const char *dir, unsigned flags, const qs_open_op
     return qs__fail(rc, "%s", msg);
   }
   qs__open_survey(s);
+  const char *shared[] = {"data.mdb", s->lock_ok ? "lock.mdb" : NULL};
+  int *sfd[] = {&s->share_data, &s->share_lock};
+  for (size_t i = 0; i < 2 && shared[i]; i++) {
+    snprintf(path, sizeof path, "%s/%s", dir, shared[i]);
+    if ((*sfd[i] = open(path, O_RDONLY | O_CLOEXEC)) >= 0) flock(*sfd[i], LOCK_SH);
+  }
   if (gid >= 0) {
     const char *files[] = {"data.mdb", "lock.mdb"};
     for (size_t i = 0; i < 2; i++) {
@@ -378,6 +407,8 @@ void qs_close(qs_store *s) {
   }
   if (s->env) mdb_env_close(s->env);
   if (s->lock_fd >= 0) close(s->lock_fd);
+  if (s->share_data >= 0) close(s->share_data);
+  if (s->share_lock >= 0) close(s->share_lock);
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   pthread_mutex_destroy(&s->vmu);

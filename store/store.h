@@ -80,8 +80,10 @@ unsigned qs_store_warnings(qs_store *s, char *msg /* out */, size_t cap);
  * opened (LMDB's reader table lives in it: if it was removed or replaced, a writer using another
  * one may reuse pages this process reads) and data.mdb still holds every committed page. 0, or
  * QINS_EIO (lock file) / QINS_ECORRUPT (data.mdb) naming the file and what to do; a lost lock
- * file stays an error until the store is closed and reopened. Every write transaction runs this
- * first and refuses to write; a reader (qinsd) calls it periodically. */
+ * file stays an error until the store is closed and reopened. Every write transaction runs it
+ * first and refuses to write; a reader (qinsd) calls it periodically. Every open store also
+ * holds shared flocks on data.mdb and the lock.mdb it uses, so a writer refuses (QINS_EIO) while
+ * another process has data.mdb open with a lock.mdb removed or replaced since. */
 int qs_store_check(qs_store *s);
 /* Message of the last failure on this store in this thread ("" if none): names the object. */
 const char *qs_error(void);

@@ -192,6 +192,8 @@ struct qs_store {
   ino_t lock_ino;
   int lock_ok;            /* lock.mdb existed after mdb_env_open (no read-only mount fallback) */
   int lock_lost;          /* qs_store_check found it removed or replaced: sticky */
+  int share_data, share_lock; /* data.mdb and lock.mdb opened again, each holding a shared flock
+                           * for as long as the store is open: who uses which file (write_check) */
   unsigned warnings;      /* QS_WARN_* found at open */
   mode_t fmode;           /* mode of the files this process creates (0600 or 0640) */
   long gid;               /* group given to them, or -1 */

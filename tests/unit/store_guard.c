@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "qins.h"
@@ -419,5 +420,56 @@ Test(store_guard, npy_file_names_that_are_not_utf8_are_refused) {
   cr_assert_eq(rc, QINS_ENAME, "import of a directory with a non-UTF-8 name: %d (%s)", rc, qs_error());
   cr_assert(strstr(qs_error(), "bad\\xfe"), "%s", qs_error());
   assert_no_model(s, "n");
+  qs_close(s);
+}
+
+/* qinsd's case: a reader process keeps the store open, lock.mdb is removed, and a writer then
+ * opens the store (LMDB creates a new lock.mdb it alone uses): the writer refuses to write while
+ * that reader runs, and writes once it is gone. The reader is forked before this process opens
+ * anything (no fork with an env open). */
+Test(store_guard, a_writer_refuses_while_readers_use_a_removed_lock_file) {
+  int go[2], done[2];
+  cr_assert_eq(pipe(go), 0);
+  cr_assert_eq(pipe(done), 0);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0, "%s", qs_error());
+  fill(s);
+  qs_close(s);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    close(go[0]);
+    close(done[1]);
+    qs_store *r;
+    qs_txn *t;
+    qs_tensor ten;
+    int ok = qs_open(&r, sdir, QS_OPEN_RDONLY) == 0 && qs_txn_begin(r, &t) == 0 &&
+             qs_tensor_get(t, "m", "w32", &ten) == 0;
+    if (ok) qs_txn_end(t);
+    char c = ok ? 'y' : 'n';
+    if (write(go[1], &c, 1) != 1) _exit(2);
+    if (read(done[0], &c, 1) < 0) _exit(2); /* until the parent closes its end */
+    qs_close(r);
+    _exit(0);
+  }
+  close(go[1]);
+  close(done[0]);
+  char c = 0;
+  cr_assert_eq(read(go[0], &c, 1), 1);
+  cr_assert_eq(c, 'y', "the reader could not open the store");
+  char lp[200];
+  snprintf(lp, sizeof lp, "%s/lock.mdb", sdir);
+  cr_assert_eq(unlink(lp), 0);
+  cr_assert_eq(qs_open(&s, sdir, 0), 0, "%s", qs_error());
+  qs_import *im;
+  int rc = qs_import_begin(s, "n", NULL, &im);
+  cr_assert_eq(rc, QINS_EIO, "a writer began beside a reader of a removed lock.mdb: %d", rc);
+  cr_assert(strstr(qs_error(), "lock.mdb that was removed or replaced"), "%s", qs_error());
+  cr_assert_eq(qs_model_remove(s, "m"), QINS_EIO);
+  close(done[1]); /* the reader closes and exits */
+  int ws;
+  cr_assert_eq(waitpid(pid, &ws, 0), pid);
+  cr_assert(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+  cr_assert_eq(qs_model_remove(s, "m"), 0, "with the reader gone: %s", qs_error());
   qs_close(s);
 }
