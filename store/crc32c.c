@@ -175,6 +175,13 @@ uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
   return qs__crc_mulmod(r, crc_a) ^ crc_b;
 }
 
+uint32_t qs__rec_crc(const uint8_t *p, size_t size, size_t off) {
+  static const uint8_t zero[4];
+  uint32_t c = qs__crc32c(0, p, off);
+  c = qs__crc32c(c, zero, 4);
+  return qs__crc32c(c, p + off + 4, size - off - 4);
+}
+
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed) {
   const uint8_t *p = buf;
   uint64_t h = 0xcbf29ce484222325ull ^ seed;

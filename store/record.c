@@ -100,15 +100,19 @@ int qs__model_decode(qs_store *s, const MDB_val *k, const MDB_val *v, qs_model *
   if (v->mv_size < QS_MODEL_HDR + 2 || memcmp(p, QS_MAGIC_MODEL, 4))
     return qs__fail(QINS_ECORRUPT, "store %s: model record \"%.*s\" is malformed", s->dir,
                     (int)k->mv_size, (const char *)k->mv_data);
-  if (qs__get_u16(p + 4) != QS_FORMAT_VERSION)
-    return qs__fail(QINS_EVERSION, "store %s: model record \"%.*s\" has version %u", s->dir,
-                    (int)k->mv_size, (const char *)k->mv_data, qs__get_u16(p + 4));
   uint16_t nl = qs__get_u16(p + 6);
   uint32_t ml = qs__get_u32(p + 56);
   if ((uint64_t)QS_MODEL_HDR + nl + 1 + ml + 1 != v->mv_size || p[QS_MODEL_HDR + nl] ||
       p[QS_MODEL_HDR + nl + 1 + ml] || nl != k->mv_size)
     return qs__fail(QINS_ECORRUPT, "store %s: model record \"%.*s\" has bad lengths", s->dir,
                     (int)k->mv_size, (const char *)k->mv_data);
+  uint32_t crc = qs__get_u32(p + QS_MODEL_CRC);
+  if (crc && crc != qs__rec_crc(p, QS_MODEL_HDR + nl + 1, QS_MODEL_CRC))
+    return qs__fail(QINS_ECHECKSUM, "store %s: model record \"%.*s\" fails its checksum", s->dir,
+                    (int)k->mv_size, (const char *)k->mv_data);
+  if (qs__get_u16(p + 4) != QS_FORMAT_VERSION)
+    return qs__fail(QINS_EVERSION, "store %s: model record \"%.*s\" has version %u", s->dir,
+                    (int)k->mv_size, (const char *)k->mv_data, qs__get_u16(p + 4));
   m->name = (const char *)p + QS_MODEL_HDR;
   m->id = qs__get_u64(p + 8);
   m->n_tensors = qs__get_u64(p + 16);
@@ -125,13 +129,17 @@ int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, 
   memset(t, 0, sizeof *t);
   if (size < QS_TENSOR_HDR + 2 || memcmp(p, QS_MAGIC_TENSOR, 4))
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record is malformed", dir, model);
-  if (qs__get_u16(p + 4) != QS_FORMAT_VERSION)
-    return qs__fail(QINS_EVERSION, "store %s: model %s: tensor record has version %u", dir,
-                    model, qs__get_u16(p + 4));
   uint16_t nl = qs__get_u16(p + 10);
   if ((uint64_t)QS_TENSOR_HDR + nl + 1 != size || nl > QS_MAX_NAME || p[QS_TENSOR_HDR + nl])
     return qs__fail(QINS_ECORRUPT, "store %s: model %s: tensor record has bad lengths", dir,
                     model);
+  uint32_t crc = qs__get_u32(p + QS_TENSOR_CRC);
+  if (crc && crc != qs__rec_crc(p, size, QS_TENSOR_CRC))
+    return qs__fail(QINS_ECHECKSUM, "store %s: model %s: tensor record \"%.*s\" fails its checksum",
+                    dir, model, (int)nl, (const char *)p + QS_TENSOR_HDR);
+  if (qs__get_u16(p + 4) != QS_FORMAT_VERSION)
+    return qs__fail(QINS_EVERSION, "store %s: model %s: tensor record has version %u", dir,
+                    model, qs__get_u16(p + 4));
   size_t ml = strnlen(model, sizeof t->model - 1); /* as snprintf "%s" would, without its cost */
   memcpy(t->model, model, ml);
   t->model[ml] = 0;

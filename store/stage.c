@@ -569,6 +569,7 @@ int qs_import_tensor_end(qs_import *im, qs_tensor *st) {
   qs__put_f64(rec + 152, t->snr_db);
   qs__put_f64(rec + 160, t->max_err);
   memcpy(rec + QS_TENSOR_HDR, t->name, nl);
+  qs__put_u32(rec + QS_TENSOR_CRC, qs__rec_crc(rec, QS_TENSOR_HDR + nl + 1, QS_TENSOR_CRC));
   uint8_t key[8 + QS_MAX_NAME];
   qs__put_be64(key, im->id);
   memcpy(key + 8, t->name, nl);
@@ -658,6 +659,7 @@ int qs_import_commit(qs_import *im) {
   qs__put_u32(rec + 56, (uint32_t)ml);
   memcpy(rec + QS_MODEL_HDR, im->name, nl);
   memcpy(rec + QS_MODEL_HDR + nl + 1, im->metadata, ml);
+  qs__put_u32(rec + QS_MODEL_CRC, qs__rec_crc(rec, QS_MODEL_HDR + nl + 1, QS_MODEL_CRC));
   uint64_t old = 0;
   if ((rc = qs__im_txn(im, rl))) goto fail;
   MDB_val k = {nl, im->name}, v;

@@ -49,6 +49,11 @@ enum { QS_TF_PARAMS_FIRST = 1 }; /* tensor record flags */
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len);
 /* qs__crc32c of A ++ B from those of A and of B (len_b bytes). */
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+/* CRC-32C of a record's first size bytes with the 4 checksum bytes at off taken as zero
+ * (the model and tensor record checksums, docs/FORMAT.md §2.3, §2.4). */
+uint32_t qs__rec_crc(const uint8_t *p, size_t size, size_t off);
+#define QS_MODEL_CRC 60   /* model record: u32 CRC of header + name, 0 = none */
+#define QS_TENSOR_CRC 168 /* tensor record: u32 CRC of the record, 0 = none */
 /* 64-bit content hash (FNV-1a 64 finished with a splitmix64 mixer) for params dedup keys. */
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed);
 
