@@ -24,10 +24,13 @@
  * Read API */
 int qs__model_lookup(qs_txn *t, const char *model, qs_model *m) {
   size_t nl = strlen(model);
-  if (nl == 0 || nl > QS_MAX_NAME) return qs__fail(QINS_ENO_MODEL, "no model \"%.300s\"", model);
   MDB_val k = {nl, (void *)model}, v;
-  int rc = mdb_get(t->txn, t->s->db_models, &k, &v);
-  if (rc == MDB_NOTFOUND) return qs__fail(QINS_ENO_MODEL, "no model \"%s\"", model);
+  int rc = nl == 0 || nl > QS_MAX_NAME ? MDB_NOTFOUND : mdb_get(t->txn, t->s->db_models, &k, &v);
+  if (rc == MDB_NOTFOUND) {
+    char esc[96];
+    qs__escape(model, esc, sizeof esc);
+    return qs__fail(QINS_ENO_MODEL, "no model \"%s\"", esc);
+  }
   if (rc) return qs__mdb_fail(t->s, rc, "reading models");
   return qs__model_decode(t->s, &k, &v, m);
 }
@@ -95,15 +98,19 @@ int qs_tensors_each(qs_txn *t, const char *model, const char *prefix, qs_tensor_
 int qs__tensor_get_id(qs_store *s, MDB_txn *txn, uint64_t id, const char *model,
                       const char *name, qs_tensor *out, qs__trec *tr) {
   size_t nl = strlen(name);
-  if (nl == 0 || nl > QS_MAX_NAME)
-    return qs__fail(QINS_ENO_TENSOR, "model %s has no tensor \"%.300s\"", model, name);
   uint8_t key[8 + QS_MAX_NAME];
-  qs__put_be64(key, id);
-  memcpy(key + 8, name, nl);
+  int rc = MDB_NOTFOUND;
   MDB_val k = {8 + nl, key}, v;
-  int rc = mdb_get(txn, s->db_tensors, &k, &v);
-  if (rc == MDB_NOTFOUND)
-    return qs__fail(QINS_ENO_TENSOR, "model %s has no tensor \"%s\"", model, name);
+  if (nl && nl <= QS_MAX_NAME) {
+    qs__put_be64(key, id);
+    memcpy(key + 8, name, nl);
+    rc = mdb_get(txn, s->db_tensors, &k, &v);
+  }
+  if (rc == MDB_NOTFOUND) {
+    char esc[96];
+    qs__escape(name, esc, sizeof esc);
+    return qs__fail(QINS_ENO_TENSOR, "model %s has no tensor \"%s\"", model, esc);
+  }
   if (rc) return qs__mdb_fail(s, rc, "reading a tensor");
   rc = qs__tensor_decode(s, txn, model, &v, out, tr);
   if (rc) return rc;

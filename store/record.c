@@ -56,10 +56,9 @@ static size_t qs__utf8_seq(const unsigned char *p, size_t n, uint32_t *cp) {
   return len;
 }
 
-/* name with every byte outside printable ASCII as \xNN (at most cap - 1 bytes, cut at 60). */
-static void qs__escape(const char *name, char *out, size_t cap) {
+void qs__escape(const char *name, char *out, size_t cap) {
   size_t o = 0;
-  for (const unsigned char *p = (const unsigned char *)name; *p && o + 5 < cap && o < 60; p++)
+  for (const unsigned char *p = (const unsigned char *)name; *p && o + 5 < cap && o < 80; p++)
     o += (size_t)(*p >= 0x20 && *p < 0x7F && *p != '"' && *p != '\\'
                       ? snprintf(out + o, cap - o, "%c", *p)
                       : snprintf(out + o, cap - o, "\\x%02x", *p));

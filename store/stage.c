@@ -707,7 +707,9 @@ int qs_model_remove(qs_store *s, const char *model) {
   rc = mdb_get(txn, s->db_models, &k, &v);
   if (rc == MDB_NOTFOUND) {
     qs__abort(s, txn);
-    rc = qs__fail(QINS_ENO_MODEL, "no model \"%s\" in store %s", model, s->dir);
+    char esc[96];
+    qs__escape(model, esc, sizeof esc);
+    rc = qs__fail(QINS_ENO_MODEL, "no model \"%s\" in store %s", esc, s->dir);
     goto out;
   }
   uint64_t id = 0;

@@ -155,6 +155,9 @@ int qs__chunk_rec_check(const qs_tensor *t, uint64_t ci, const uint8_t *p, size_
 int qs__chunk_verify(const qs_tensor *t, uint64_t ci, const uint8_t *p, uint64_t rows,
                      struct qs__sums *sums /* out */);
 
+/* name for a message: bytes outside printable ASCII, '"' and '\\' as \\xNN, at most about 80
+ * bytes of output (cap >= 86), so a message never carries raw bytes a client sent. */
+void qs__escape(const char *name, char *out, size_t cap);
 /* The internal spelling of qs_name_check (store.h), as the importers call it. */
 #define qs__name_check qs_name_check
 

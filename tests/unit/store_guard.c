@@ -385,6 +385,13 @@ Test(store_guard, names_are_utf8_without_controls) {
             qs_error());
   qs_import_abort(im);
   assert_no_model(s, "ok");
+  /* Lookups echo what they were asked for escaped (a client's bytes never reach a message raw). */
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "no\xff\n", "x", &ten), QINS_ENO_MODEL);
+  cr_assert(strstr(qs_error(), "no model \"no\\xff\\x0a\""), "%s", qs_error());
+  qs_txn_end(t);
   qs_close(s);
 }
 
