@@ -489,7 +489,7 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
     params.codec = (qc_codec)codec;
     int need_fit = qc_codec_is_lossy((qc_codec)codec) || qc_params_size((qc_codec)codec) > 0;
     if (whole && (rc = qs__bufs_need(b, s->nbytes, s->n_elem))) return rc;
-    if (whole && (rc = qs__read_rows(s, 0, nrows, b, 1))) return rc;
+    if (whole && nrows && (rc = qs__read_rows(s, 0, nrows, b, 1))) return rc; /* none: empty */
     if (need_fit && nrows) {
       qc_fit *fit;
       qc_fit_opts fo = {0};
