@@ -1,16 +1,17 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * bench_store.c — `make bench`: what checking every read's checksums costs (store.h,
- * qs_tensor_read). The same reads through the store API, in process, with the default checks (each
- * read transaction checks the CRC and codec data of every chunk it reads) and with
- * QINS_VERIFY=risk-wrong-numbers (a chunk checked once per process, as before issue 13), timed
- * alternately in one run so both see the same machine:
+ * qs_tensor_read). The same reads through the store API, in process, with the default checks (every
+ * read checks the CRCs of the stored bytes it serves: a chunk verified whole at its first read in
+ * the process, then the 16 KiB segments each read touches) and with
+ * QINS_VERIFY=risk-wrong-numbers (a chunk checked once per process), timed alternately in one run
+ * so both see the same machine:
  *  - a 64 MiB f32 tensor read whole through qs_tensor_span (the zero-copy path qinsd streams f32
  *    from), copied out as a socket write would;
  *  - a 64 MiB FP32 output of a qins8 tensor decoded by qs_tensor_read in 256 KiB pieces, one read
  *    transaction for the whole tensor (as a streamed get);
  *  - a 4 KiB row of a 4096-wide f32 tensor, one read transaction per row (as a small get): the
- *    check reads the row's whole chunk (4 MiB).
+ *    check reads the one or two 16 KiB segments holding it.
  * Best of 5 rounds; each figure is GB/s of output (or microseconds per small read) and the
  * checked/unchecked ratio. The store is a temp directory, removed at the end.
  */
@@ -145,8 +146,8 @@ int main(void) {
       if (a < c[k]) c[k] = a;
       if (b < u[k]) u[k] = b;
     }
-  printf("store read, checked every read txn vs QINS_VERIFY=risk-wrong-numbers (checked once per "
-         "process), best of 5, same run:\n");
+  printf("store read, checked on every read vs QINS_VERIFY=risk-wrong-numbers (checked once per "
+         "process), best of 5, alternated, same run:\n");
   printf("f32 64 MiB span + copy:    checked %6.2f GB/s  unchecked %6.2f GB/s  ratio %.2f\n",
          mib64 / c[0] / 1e9, mib64 / u[0] / 1e9, u[0] / c[0]);
   printf("qins8 64 MiB FP32 decode:  checked %6.2f GB/s  unchecked %6.2f GB/s  ratio %.2f\n",
