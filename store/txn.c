@@ -288,11 +288,14 @@ int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, u
                     uint64_t e) {
   if (s->verify != QS_VERIFY_READ || a >= e) return 0;
   uint64_t pay = qs__chunk_payload(t, ref->n_rows), seg = qs__seg_bytes(pay);
+  if (!pay) return 0;
   uint64_t lo[2], hi[2];
   int nr = qs__chunk_ranges(t, ref->n_rows, a, e, lo, hi);
   uint32_t got[2][QS_SEGS];
   uint64_t s0[2], s1[2];
   for (int r = 0; r < nr; r++) {
+    if (hi[r] > pay) hi[r] = pay; /* within the payload whatever the ranges say */
+    if (lo[r] >= hi[r]) lo[r] = hi[r] - 1;
     s0[r] = lo[r] / seg;
     s1[r] = (hi[r] - 1) / seg; /* last segment, inclusive */
     for (uint64_t i = s0[r]; i <= s1[r]; i++) {
