@@ -20,9 +20,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "methods.h"
 #include "qinsd.h"
 
-qd_config qd_cfg;
 
 enum { T_STR, T_U64, T_SIZE, T_MODE, T_LEVEL, T_GROUP, T_UIDS, T_GIDS };
 
@@ -172,19 +172,19 @@ static void idlist_add(const opt *o, qd_idlist *l, const char *val, const char *
 
 int qd_peer_may_read(uid_t uid, gid_t gid, const gid_t *groups, size_t ngroups) {
   if (uid == 0 || uid == getuid()) return 1;
-  if (!qd_cfg.allow_uid.n && !qd_cfg.allow_gid.n) return 1;
-  for (size_t i = 0; i < qd_cfg.allow_uid.n; i++)
-    if (qd_cfg.allow_uid.v[i] == (uint32_t)uid) return 1;
-  for (size_t i = 0; i < qd_cfg.allow_gid.n; i++) {
-    if (qd_cfg.allow_gid.v[i] == (uint32_t)gid) return 1;
+  if (!qd_srv.cfg.allow_uid.n && !qd_srv.cfg.allow_gid.n) return 1;
+  for (size_t i = 0; i < qd_srv.cfg.allow_uid.n; i++)
+    if (qd_srv.cfg.allow_uid.v[i] == (uint32_t)uid) return 1;
+  for (size_t i = 0; i < qd_srv.cfg.allow_gid.n; i++) {
+    if (qd_srv.cfg.allow_gid.v[i] == (uint32_t)gid) return 1;
     for (size_t k = 0; k < ngroups; k++)
-      if (qd_cfg.allow_gid.v[i] == (uint32_t)groups[k]) return 1;
+      if (qd_srv.cfg.allow_gid.v[i] == (uint32_t)groups[k]) return 1;
   }
   return 0;
 }
 
 static void opt_set(const opt *o, const char *val, const char *where) {
-  char *base = (char *)&qd_cfg;
+  char *base = (char *)&qd_srv.cfg;
   if (o->type == T_UIDS || o->type == T_GIDS) {
     idlist_add(o, (qd_idlist *)(base + o->off), val, where);
     return;
@@ -194,9 +194,9 @@ static void opt_set(const opt *o, const char *val, const char *where) {
     if (*val && parse_id(val, 1, &g))
       die_usage("bad value for %s: \"%s\"%s (not a group name or a numeric gid)", o->name, val,
                 where);
-    free(qd_cfg.socket_group);
-    qd_cfg.socket_group = strdup(val);
-    qd_cfg.socket_gid = (gid_t)g;
+    free(qd_srv.cfg.socket_group);
+    qd_srv.cfg.socket_group = strdup(val);
+    qd_srv.cfg.socket_gid = (gid_t)g;
     return;
   }
   if (o->type == T_STR) {
@@ -302,7 +302,7 @@ int qd_config_load(int argc, char **argv) {
     if (strcmp(a, "--config") == 0 && i + 1 < argc) opt_set(opt_find("config", 6), argv[i + 1], "");
     if (strncmp(a, "--config=", 9) == 0) opt_set(opt_find("config", 6), a + 9, "");
   }
-  if (qd_cfg.config) load_file(qd_cfg.config);
+  if (qd_srv.cfg.config) load_file(qd_srv.cfg.config);
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (strcmp(a, "--check") == 0) continue;
@@ -322,11 +322,11 @@ int qd_config_load(int argc, char **argv) {
     opt_set(o, val, "");
   }
   if (!check) {
-    if (!qd_cfg.store || !*qd_cfg.store) die_usage("missing --store DIR");
-    if (!qd_cfg.socket || !*qd_cfg.socket) die_usage("missing --socket PATH");
+    if (!qd_srv.cfg.store || !*qd_srv.cfg.store) die_usage("missing --store DIR");
+    if (!qd_srv.cfg.socket || !*qd_srv.cfg.socket) die_usage("missing --socket PATH");
   }
-  if (qd_cfg.socket && strlen(qd_cfg.socket) >= 108)
+  if (qd_srv.cfg.socket && strlen(qd_srv.cfg.socket) >= 108)
     die_usage("bad value for socket: \"%s\" (a socket path holds at most 107 bytes)",
-              qd_cfg.socket);
+              qd_srv.cfg.socket);
   return check;
 }

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * main.c — qinsd's entry point: options (config.c), log, then the server (server.c) until a
+ * main.c — qinsd's entry point: options (config.c), log, then the server (loop.c) until a
  * clean shutdown. Exit status: 0 clean shutdown, 1 runtime error (store, socket), 2 bad option.
  */
 #include <stdio.h>
@@ -14,11 +14,11 @@ int main(int argc, char **argv) {
     printf("qinsd: configuration ok\n");
     return 0;
   }
-  int rc = qd_log_open(qd_cfg.log);
+  int rc = qd_log_open(qd_srv.cfg.log);
   if (rc) {
-    fprintf(stderr, "qinsd: cannot open log %s: %s\n", qd_cfg.log, strerror(-rc));
+    fprintf(stderr, "qinsd: cannot open log %s: %s\n", qd_srv.cfg.log, strerror(-rc));
     return 1;
   }
-  qd_log_level = qd_cfg.log_level;
+  qd_log_level = qd_srv.cfg.log_level;
   return qd_server_run();
 }

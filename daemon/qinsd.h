@@ -1,14 +1,35 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qinsd.h — internal header of the qins daemon (qd_): configuration, logging, statistics, the
- * server core and the method table. Wire contract: docs/PROTOCOL.md; options: docs/qinsd.conf.example.
+ * qinsd.h — the daemon's shared header (qd_): configuration, logging, statistics and the one
+ * server struct that holds the daemon's state. Wire contract: docs/PROTOCOL.md; options:
+ * docs/qinsd.conf.example; the design picture below is also in docs/qinsd.md.
  *
- * Threads: everything here runs on the libuv loop thread except qd_job_run, which a thread-pool
- * worker calls for large decodes; a job owns its own LMDB read txn (begun, used and ended on the
- * thread that decodes; the env is MDB_NOTLS) and touches no shared state but the decode-time
- * counter (atomic) and, for a streamed get, its grant of the socket, shared with the loop under
- * the job's mutex: while granted, the worker writes to the client's fd itself (qd_direct_begin;
- * the loop then writes nothing to it and does not close it), within a bounded budget (commands.c).
+ * The serving core, one layer per file, calls going down only (a layer never calls the one
+ * above it; libuv callbacks enter the layer that registered them):
+ *
+ *   loop.c     the one readiness loop: an epoll read set of client sockets (edge-triggered,
+ *              arrival order) with libuv's own epoll fd inside it; the listener (or the socket
+ *              systemd passes), signals, shutdown, the daemon's life.           (loop.h)
+ *     |  readable connection
+ *   conn.c     connections: read buffer, framing (proto's qp_scan), envelope and dispatch, the
+ *              write queue, backpressure, and the connection state machine. The only code that
+ *              writes to a client socket.                                       (conn.h)
+ *     |  qd_req (no fd, no libuv)               ^ replies: reply.h, implemented in conn.c
+ *   methods.c  the method table and its handlers: params in, one response out through reply.h
+ *              (a small reply, a packed head with payload pieces, an error, or a stream).
+ *     |  get / get_many                         (methods.h)
+ *   job.c      decode jobs: plan and decode in one LMDB read txn, on the loop thread when small,
+ *              on the pool when large; a large single get streams its pieces.  (job.h)
+ *     |
+ *   store/     the store (store.h): snapshots, tensor records, decode.
+ *
+ * Side files: config.c (the option table), log.c, stats.c (counters, latency ring, the payload
+ * buffer cache), main.c.
+ *
+ * Threads: everything runs on the loop thread except a pool job's work (job.c: plan, decode, and
+ * for a streamed get the writes of its pieces, through the connection's lent state, conn.c). A
+ * job owns its own LMDB read txn (the env is MDB_NOTLS) and touches no shared state but the
+ * decode-time counter (atomic), the buffer cache (mutex) and its stream (conn.c, mutex).
  */
 #ifndef QINS_QINSD_H
 #define QINS_QINSD_H
@@ -18,9 +39,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
-#include <msgpack.h>
 #include <uv.h>
 
 #include "proto.h"
@@ -62,9 +83,9 @@ typedef struct qd_config {
   uint64_t stream_piece_bytes; /* decode (and send) streamed gets in pieces of about this size */
 } qd_config;
 
-extern qd_config qd_cfg;
-/* Parses defaults, the config file (--config) and flags. Exits 0 after --help/--methods, 2 with a
- * message naming the option on a bad value. Returns 1 if --check was given (validate only). */
+/* Parses defaults, the config file (--config) and flags into qd_srv.cfg. Exits 0 after
+ * --help/--methods, 2 with a message naming the option on a bad value. Returns 1 if --check was
+ * given (validate only). */
 int qd_config_load(int argc, char **argv);
 void qd_config_help(FILE *out);
 /* 1 if a peer with these credentials may call read methods: the daemon's own uid, root, or (with
@@ -85,7 +106,7 @@ int qd_log_open(const char *path); /* NULL/"" = stderr; 0 or -errno */
 int qd_log_level_from_name(const char *s);
 const char *qd_log_level_name(int level);
 
-/* ---- statistics (server.c) --------------------------------------------------------------------- */
+/* ---- statistics and payload buffers (stats.c) ------------------------------------------------ */
 #define QD_LAT_SAMPLES 8192 /* latency ring: enough for stable p99 of recent traffic */
 #define QD_ERR_SLOTS 64     /* project codes -1000 .. -1063 */
 typedef struct qd_stats {
@@ -108,92 +129,63 @@ typedef struct qd_stats {
                                   decodes, all clients */
   uint64_t queued_peak;        /* the most queued_bytes has been */
 } qd_stats;
-extern qd_stats qd_st;
+
 uint64_t qd_now_ns(void);
-void qd_latency_quantiles(double *p50_us /* out */, double *p99_us /* out */);
-
-/* ---- server core (server.c) ------------------------------------------------------------------- */
-typedef struct qd_conn qd_conn;
-typedef void (*qd_sink_fn)(void *ud, const void *p, size_t n); /* embedded responses (below) */
-
-/* One request being answered. Lives on the stack for inline methods; get/get_many copy what they
- * need into a qd_job. */
-#define QD_PARAM_KEYS 8 /* params keys indexed per request (methods take at most 6) */
-typedef struct qd_req {
-  qd_conn *conn;                 /* the client */
-  uint32_t msgid;                /* echoed in the response */
-  int method;                    /* index in qd_methods */
-  qp_rd params;                  /* the named-argument map in the request bytes (read with qp_rd_*
-                                    after qp_scan validated the message); params.p is NULL when
-                                    params is [] */
-  int n_keys;                    /* str keys of params indexed below in map order, or -1 when
-                                    there were more than QD_PARAM_KEYS (lookups then walk it) */
-  struct {
-    const char *k;               /* key bytes (in the request; not NUL-terminated) */
-    uint32_t kl;
-    const uint8_t *v;            /* its value */
-  } keys[QD_PARAM_KEYS];
-  uint64_t t0;                   /* qd_now_ns() at dispatch */
-  char msg[1200];                /* error message set by a handler that returns an error */
-} qd_req;
-
-extern qs_store *qd_store;
-int qd_server_run(void); /* the whole daemon life; returns the exit status */
-void qd_shutdown_begin(const char *why);
-uint64_t qd_conn_id(const qd_conn *c);
-uid_t qd_conn_uid(const qd_conn *c);
-const char *qd_conn_desc(const qd_conn *c); /* "client 7 (pid 123 uid 1000)" */
-
-/* Sends a packed response (sb's buffer is taken over; sb is left empty) and records latency.
- * payload (may be NULL) is owned by the server from then on: released after the write. */
-typedef struct qd_payload {
-  size_t head_len; /* bytes of the sbuffer sent first (0: all of it); bufs may point further in */
-  uv_buf_t *bufs;  /* header/payload pieces to writev, in order, after the packed prefix */
-  unsigned nbufs;  /* count */
-  void *owned;     /* buffer released (qd_buf_release) after the write; may be NULL */
-  size_t owned_cap; /* its capacity */
-} qd_payload;
-void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl /* may be NULL */);
-/* Sends the n packed response bytes at p (not taken over: written now if the socket takes them
- * all, else the rest is copied and queued) and records latency. */
-void qd_reply_copy(qd_req *r, const char *p, size_t n);
-/* Sends [1, msgid, [code, message], nil], logs it naming the client, counts it. */
-void qd_reply_err(qd_req *r, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-/* A pending request finishes later (thread pool): the connection keeps a slot for it and counts
- * `bytes` (its planned response) against its write queue until qd_req_done_deferred. */
-void qd_req_defer(qd_req *r, uint64_t bytes);
-/* Releases the reservation (call before queueing the reply, so it is not counted twice). */
-void qd_req_unreserve(qd_conn *c, uint64_t bytes);
-/* The deferred request is answered: may resume reading, or free a connection already closed. */
-void qd_req_done_deferred(qd_conn *c);
-
-/* Streamed responses (commands.c, large gets): while a stream owns c, every other response to c
- * is held and sent after qd_stream_end, so responses never interleave on the socket. Pieces are
- * not owned: done(ud) is called when each piece's write finished or was dropped. A broken stream
- * (an error after its header went out) closes the connection. */
-/* 1 if the stream may write now; else wake(ud) is called later, when it may (streams on one
- * connection take turns, in order; a closing connection wakes everyone). */
-int qd_stream_acquire(qd_conn *c, void (*wake)(void *), void *ud);
-void qd_stream_write(qd_conn *c, char *head /* taken over; may be NULL */, size_t head_len,
-                     uv_buf_t piece, void (*done)(void *), void *ud);
-void qd_stream_end(qd_conn *c, int broken);
-/* Direct writes: a streamed get's pool worker writes head and payload to the socket itself
- * (send + poll, no copy into libuv's queue; commands.c). Only while its stream owns the socket
- * and libuv has nothing queued for it: qd_direct_begin returns the fd (>= 0) for the worker;
- * -2 when libuv still has writes queued (drained(ud) is called once they are written, or when
- * the connection closes); -1 when there is no socket to write (closing, or embedded). Until
- * qd_direct_end (which counts the worker's bytes as served), closing the connection shuts the
- * socket down (the worker's next write fails) and defers closing the fd. qd_direct_cancel drops
- * a pending drained callback registered with ud. Loop thread only. */
-int qd_direct_begin(qd_conn *c, void (*drained)(void *), void *ud);
-void qd_direct_cancel(qd_conn *c, void *ud);
-void qd_direct_end(qd_conn *c, uint64_t bytes);
-int qd_conn_closing(const qd_conn *c);
 void qd_latency_record(uint64_t t0);
+void qd_latency_quantiles(double *p50_us /* out */, double *p99_us /* out */);
 void qd_count_error(int code);
+void qd_queued_add(uint64_t n);
+void qd_queued_sub(uint64_t n);
+int qd_stats_init(void); /* 0 or QINS_ENOMEM */
+void qd_stats_fini(void);
+
+/* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time.
+ * Any thread. */
+void *qd_buf_get(size_t n, size_t *cap /* out */);
+void qd_buf_release(void *p, size_t cap);
+
+/* ---- the server: every piece of the daemon's state, grouped by the file that owns it ---------- */
+#define QD_BUF_SLOTS 8 /* payload buffers kept (stats.c) */
+typedef struct qd_conn qd_conn;
+typedef struct qd_server {
+  qd_config cfg;               /* config.c: set at start, read-only after (tests may tune) */
+  qd_stats st;                 /* stats.c and everyone (loop thread, but decode_ns) */
+  qs_store *store;             /* opened by loop.c, read by job.c and methods.c */
+  uv_loop_t *loop;             /* loop.c: libuv's loop (timers, signals, pool, queued writes) */
+  int stopping;                /* loop.c: shutdown began (read by conn.c and methods.c) */
+  struct {                     /* loop.c */
+    uv_pipe_t listener;        /* the listening socket */
+    int listening;             /* listener open */
+    int activated;             /* the listener came from systemd (LISTEN_FDS): not ours to unlink */
+    struct stat sock_st;       /* our socket file, to remove it only if still ours */
+    uv_signal_t sig_term, sig_int, sig_hup;
+    uv_timer_t shutdown_timer;
+    int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
+    int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */
+    int failed;                /* epoll_wait failed: shutting down, exit status 1 */
+    qd_conn *again_head, *again_tail; /* connections to read again next round, in order */
+    size_t again_n;            /* how many */
+  } lp;
+  struct {                     /* conn.c */
+    qd_conn *all;              /* every connection not yet freed */
+    uint64_t next_id;          /* next client number, from 1 */
+    uint64_t n_open;           /* connections not yet freed (refused ones included) */
+  } cn;
+  struct {                     /* stats.c: the payload buffer cache */
+    struct { void *p; size_t cap; } slot[QD_BUF_SLOTS];
+    size_t cached;             /* bytes held */
+    uv_mutex_t mu;             /* qd_buf_get runs on pool threads too */
+  } bufs;
+} qd_server;
+extern qd_server qd_srv;
+
+/* ---- the daemon's life (loop.c) -------------------------------------------------------------- */
+int qd_server_run(void); /* the whole daemon life; returns the exit status */
+/* Stops accepting, finishes what is in flight, then the loop returns (SIGTERM, `shutdown`). */
+void qd_shutdown_begin(const char *why);
 
 /* Embedding, for fuzzing (tests/fuzz/request.c): the server without a socket, listener or signals.
- * qd_embed_init sets up what qd_server_run would (qd_cfg loaded and qd_store open first);
+ * qd_embed_init sets up what qd_server_run would (qd_srv.cfg loaded and qd_srv.store open first);
  * qd_serve_bytes then plays `in` as one client's whole byte stream, fed in reads of at most
  * `piece` bytes (0: as large as the read buffer allows) through the same read buffer, framing,
  * dispatch, backpressure and replies as a socket client, followed by end of stream; it runs the
@@ -201,26 +193,9 @@ void qd_count_error(int code);
  * Every response byte goes to sink, in stream order, as soon as it is written. The client has no
  * credentials (uid -1): admin methods get DENIED. Returns 0, QINS_ENOMEM, or QINS_EINTERNAL if the
  * connection would never close (a server bug). qd_embed_fini runs the loop dry and frees. */
+typedef void (*qd_sink_fn)(void *ud, const void *p, size_t n);
 int qd_embed_init(void);
 int qd_serve_bytes(const void *in, size_t len, size_t piece, qd_sink_fn sink, void *ud);
 void qd_embed_fini(void);
-
-/* Payload buffers: a small cache so 64 MiB responses do not page-fault a fresh mapping each time. */
-void *qd_buf_get(size_t n, size_t *cap /* out */);
-void qd_buf_release(void *p, size_t cap);
-
-/* ---- methods (commands.c) --------------------------------------------------------------------- */
-enum { QD_READONLY = 1, QD_ADMIN = 2 };
-typedef int (*qd_handler)(qd_req *r); /* 0: replied (or deferred); else an error code, r->msg */
-typedef struct qd_method {
-  const char *name;     /* wire name */
-  unsigned flags;       /* QD_READONLY, QD_ADMIN */
-  qd_handler handler;   /* runs on the loop thread */
-  const char *params;   /* named arguments, for --methods and docs */
-  const char *summary;  /* one line */
-} qd_method;
-extern const qd_method qd_methods[];
-extern const int qd_n_methods;
-int qd_method_find(const char *name, size_t len); /* index or -1 */
 
 #endif /* QINS_QINSD_H */

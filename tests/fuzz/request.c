@@ -86,8 +86,8 @@ static int fill_model(qs_store *s, const char *model, const spec *v, size_t n) {
 }
 
 static void cleanup(void) {
-  if (qd_store) qs_close(qd_store);
-  qd_store = NULL;
+  if (qd_srv.store) qs_close(qd_srv.store);
+  qd_srv.store = NULL;
   qd_embed_fini();
   DIR *d = opendir(store_path);
   if (d) {
@@ -124,7 +124,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   if (!rc) rc = fill_model(s, "m", model_m, sizeof model_m / sizeof model_m[0]);
   if (!rc) rc = fill_model(s, "n", model_n, 1);
   if (s) qs_close(s);
-  if (!rc) rc = qs_open(&qd_store, store_path, QS_OPEN_RDONLY);
+  if (!rc) rc = qs_open(&qd_srv.store, store_path, QS_OPEN_RDONLY);
   if (!rc) rc = qd_embed_init();
   if (rc) {
     fprintf(stderr, "request fuzzer: cannot build the store: %s: %s\n", qins_strerror(rc),
@@ -237,11 +237,11 @@ static void sink(void *ud, const void *p, size_t n) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   uint8_t opt = (uint8_t)fz_take(&data, &size, 1);
   static const size_t pieces[4] = {0, 1, 7, 64};
-  qd_cfg.inline_decode_bytes = opt & 4 ? 0 : 256 * 1024;
-  qd_cfg.stream_min_bytes = opt & 8 ? 4096 : 0;
-  qd_cfg.stream_piece_bytes = 4096;
-  qd_cfg.max_request_bytes = opt & 16 ? 256 : 64 * 1024;
-  qd_cfg.max_pending = opt & 32 ? 1 : 64;
+  qd_srv.cfg.inline_decode_bytes = opt & 4 ? 0 : 256 * 1024;
+  qd_srv.cfg.stream_min_bytes = opt & 8 ? 4096 : 0;
+  qd_srv.cfg.stream_piece_bytes = 4096;
+  qd_srv.cfg.max_request_bytes = opt & 16 ? 256 : 64 * 1024;
+  qd_srv.cfg.max_pending = opt & 32 ? 1 : 64;
   sink_state st;
   fz_check(msgpack_unpacker_init(&st.up, 64 * 1024), "out of memory");
   msgpack_unpacked_init(&st.res);
@@ -251,9 +251,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fz_check(st.up.used == st.up.off, "the output ends inside a response"); /* nothing unparsed */
   msgpack_unpacked_destroy(&st.res);
   msgpack_unpacker_destroy(&st.up);
-  fz_check(qd_st.connections == 0, "%llu connections left open",
-           (unsigned long long)qd_st.connections);
-  fz_check(qd_st.queued_bytes == 0, "%llu bytes left queued or reserved",
-           (unsigned long long)qd_st.queued_bytes);
+  fz_check(qd_srv.st.connections == 0, "%llu connections left open",
+           (unsigned long long)qd_srv.st.connections);
+  fz_check(qd_srv.st.queued_bytes == 0, "%llu bytes left queued or reserved",
+           (unsigned long long)qd_srv.st.queued_bytes);
   return 0;
 }

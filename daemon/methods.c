@@ -1,0 +1,495 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * methods.c — qinsd's methods: one static table (name, flags, handler, params, summary) read by
+ * dispatch (conn.c) and `qinsd --methods`; a test checks each name has its section in
+ * docs/PROTOCOL.md §4. Handlers run on the loop thread, read their params in place from the
+ * request bytes, and answer through reply.h (or hand a get to a decode job, job.h); they never
+ * see a socket. Store access: one short LMDB read txn per request step, ended before the reply is
+ * queued, so no txn is held while a client is slow.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "job.h"
+#include "methods.h"
+#include "qinsd.h"
+
+/* ---- parameter helpers ------------------------------------------------------------------------ */
+static void init_packer(msgpack_sbuffer *sb, msgpack_packer *pk) {
+  msgpack_sbuffer_init(sb);
+  msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+}
+
+/* Params are read in place from the request bytes, which qp_scan has already validated (every
+ * declared length and count fits the message, nesting is bounded), so qp_rd_* cannot run off it.
+ * The value of str key `key` in the params map: 1 with *v at it, or 0 when params is [] or the key
+ * is absent. The first matching key wins (as qp_map_get did); non-str keys are skipped. */
+static int param_find(const qd_req *r, const char *key, qp_rd *v) {
+  if (!r->params.p) return 0;
+  size_t kl = strlen(key);
+  if (r->n_keys >= 0) { /* the map was indexed once at dispatch (qd_req_index_params) */
+    for (int i = 0; i < r->n_keys; i++)
+      if (r->keys[i].kl == kl && memcmp(r->keys[i].k, key, kl) == 0) {
+        v->p = r->keys[i].v;
+        v->end = r->params.end;
+        return 1;
+      }
+    return 0;
+  }
+  qp_rd rd = r->params;
+  uint32_t n;
+  if (qp_rd_map(&rd, &n)) return 0;
+  for (uint32_t i = 0; i < n; i++) {
+    const char *k;
+    uint32_t len;
+    if (qp_rd_str(&rd, &k, &len) == 0) {
+      if (len == kl && memcmp(k, key, kl) == 0) {
+        *v = rd;
+        return 1;
+      }
+    } else if (qp_rd_skip(&rd)) {
+      return 0;
+    }
+    if (qp_rd_skip(&rd)) return 0;
+  }
+  return 0;
+}
+
+static int rd_is_str(const qp_rd *v) {
+  qp_rd t = *v;
+  const char *s;
+  uint32_t n;
+  return qp_rd_str(&t, &s, &n) == 0;
+}
+
+/* Reads a str into dst (cap bytes incl. NUL): 0, or QINS_EBAD_PARAMS if it is not a str, does
+ * not fit or holds a NUL (the cursor then may have moved). Like qp_obj_cstr. */
+static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
+  const char *s;
+  uint32_t n;
+  if (qp_rd_str(v, &s, &n) || n >= cap || memchr(s, 0, n)) return QINS_EBAD_PARAMS;
+  memcpy(dst, s, n);
+  dst[n] = '\0';
+  return 0;
+}
+
+/* A required or optional str parameter into dst. */
+static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
+  qp_rd v;
+  dst[0] = '\0';
+  if (!param_find(r, key, &v)) {
+    if (!required) return 1;
+    snprintf(r->msg, sizeof r->msg, "missing parameter \"%s\" (a str)", key);
+    return QINS_EBAD_PARAMS;
+  }
+  if (!rd_is_str(&v)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be a str", key);
+    return QINS_EBAD_PARAMS;
+  }
+  if (rd_cstr(&v, dst, cap)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" is too long (max %zu bytes) or holds a NUL",
+             key, cap - 1);
+    return QINS_EBAD_PARAMS;
+  }
+  return 0;
+}
+
+static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
+  qp_rd v;
+  *out = def;
+  if (!param_find(r, key, &v)) return 0;
+  if (qp_rd_uint(&v, out)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"%s\" must be an unsigned integer", key);
+    return QINS_EBAD_PARAMS;
+  }
+  return 0;
+}
+
+static int param_dtype(qd_req *r, int *dt, int *given) {
+  char s[16];
+  int rc = param_str(r, "dtype", 0, s, sizeof s);
+  *dt = QC_DT_F32;
+  *given = 0;
+  if (rc == 1) return 0;
+  qp_rd v;
+  if (rc == QINS_EBAD_PARAMS && param_find(r, "dtype", &v) && rd_is_str(&v)) {
+    snprintf(r->msg, sizeof r->msg, "unsupported dtype (f32, f16 or bf16)");
+    return QINS_EDTYPE;
+  }
+  if (rc) return rc;
+  int d = qc_dtype_from_name(s);
+  if (d >= 0) {
+    *dt = d;
+    *given = 1;
+    return 0;
+  }
+  snprintf(r->msg, sizeof r->msg, "unsupported dtype \"%s\" (f32, f16 or bf16)", s);
+  return QINS_EDTYPE;
+}
+
+static int param_slice(qd_req *r, qs_slice *sl, int *has) {
+  qp_rd v;
+  uint32_t nr;
+  *has = 0;
+  memset(sl, 0, sizeof *sl);
+  if (!param_find(r, "slice", &v) || qp_rd_is_nil(&v)) return 0;
+  if (qp_rd_array(&v, &nr)) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"slice\" must be an array of [start, stop]");
+    return QINS_EBAD_PARAMS;
+  }
+  if (nr > qd_srv.cfg.max_ranges) {
+    snprintf(r->msg, sizeof r->msg, "slice has %u ranges; at most %llu are allowed",
+             nr, (unsigned long long)qd_srv.cfg.max_ranges);
+    return QINS_EBAD_SLICE;
+  }
+  for (uint32_t i = 0; i < nr; i++) {
+    uint32_t ne;
+    if (qp_rd_array(&v, &ne) || ne != 2 || qp_rd_uint(&v, &sl->start[i]) ||
+        qp_rd_uint(&v, &sl->stop[i])) {
+      snprintf(r->msg, sizeof r->msg, "slice range %u must be [start, stop] of unsigned integers", i);
+      return QINS_EBAD_PARAMS;
+    }
+  }
+  sl->ndim = (int)nr;
+  *has = 1;
+  return 0;
+}
+
+static void pack_info(msgpack_packer *pk, const qs_tensor *t) {
+  msgpack_pack_map(pk, 8);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, t->name);
+  qp_pack_cstr(pk, "codec");
+  qp_pack_cstr(pk, qs_codec_name(t->codec));
+  qp_pack_cstr(pk, "src_dtype");
+  qp_pack_cstr(pk, qs_dtype_name(t->src_dtype));
+  qp_pack_cstr(pk, "shape");
+  msgpack_pack_array(pk, (size_t)t->ndim);
+  for (int i = 0; i < t->ndim; i++) msgpack_pack_uint64(pk, t->shape[i]);
+  qp_pack_cstr(pk, "n_elem");
+  msgpack_pack_uint64(pk, t->n_elem);
+  qp_pack_cstr(pk, "src_bytes");
+  msgpack_pack_uint64(pk, t->src_bytes);
+  qp_pack_cstr(pk, "stored_bytes");
+  msgpack_pack_uint64(pk, t->stored_bytes);
+  qp_pack_cstr(pk, "snr_db");
+  msgpack_pack_double(pk, t->snr_db);
+}
+
+/* Store error -> reply code, with r->msg naming the object. */
+static int store_err(qd_req *r, int rc, const char *model, const char *name) {
+  return qd_store_err(r->msg, sizeof r->msg, rc, model, name);
+}
+
+/* ---- hello, ping, stats, shutdown ------------------------------------------------------------ */
+static int m_hello(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_map(&pk, 7);
+  qp_pack_cstr(&pk, "protocol");
+  msgpack_pack_uint32(&pk, QP_PROTOCOL_VERSION);
+  qp_pack_cstr(&pk, "server");
+  qp_pack_cstr(&pk, QD_SERVER_NAME);
+  qp_pack_cstr(&pk, "max_request_bytes");
+  msgpack_pack_uint64(&pk, qd_srv.cfg.max_request_bytes);
+  qp_pack_cstr(&pk, "max_response_bytes");
+  msgpack_pack_uint64(&pk, qd_srv.cfg.max_response_bytes);
+  qp_pack_cstr(&pk, "max_connections");
+  msgpack_pack_uint64(&pk, qd_srv.cfg.max_connections);
+  qp_pack_cstr(&pk, "max_ranges");
+  msgpack_pack_uint64(&pk, qd_srv.cfg.max_ranges);
+  qp_pack_cstr(&pk, "dtypes");
+  msgpack_pack_array(&pk, QC_DT_COUNT);
+  for (int i = 0; i < QC_DT_COUNT; i++) qp_pack_cstr(&pk, qc_dtype_name((qc_dtype)i));
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_ping(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  qp_pack_cstr(&pk, "pong");
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_stats(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  double p50, p99;
+  qd_latency_quantiles(&p50, &p99);
+  msgpack_pack_map(&pk, 18);
+  qp_pack_cstr(&pk, "uptime_s");
+  msgpack_pack_uint64(&pk, (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
+  qp_pack_cstr(&pk, "connections");
+  msgpack_pack_uint64(&pk, qd_srv.st.connections);
+  qp_pack_cstr(&pk, "connections_total");
+  msgpack_pack_uint64(&pk, qd_srv.st.connections_total);
+  qp_pack_cstr(&pk, "connections_refused");
+  msgpack_pack_uint64(&pk, qd_srv.st.connections_refused);
+  qp_pack_cstr(&pk, "connections_denied");
+  msgpack_pack_uint64(&pk, qd_srv.st.connections_denied);
+  qp_pack_cstr(&pk, "requests_total");
+  msgpack_pack_uint64(&pk, qd_srv.st.requests);
+  qp_pack_cstr(&pk, "requests");
+  msgpack_pack_map(&pk, (size_t)qd_n_methods);
+  for (int i = 0; i < qd_n_methods; i++) {
+    qp_pack_cstr(&pk, qd_methods[i].name);
+    msgpack_pack_uint64(&pk, qd_srv.st.per_method[i]);
+  }
+  qp_pack_cstr(&pk, "errors");
+  size_t ne = 0;
+  for (int i = 0; i < QD_ERR_SLOTS; i++) ne += qd_srv.st.errors[i] != 0;
+  msgpack_pack_map(&pk, ne);
+  for (int i = 0; i < QD_ERR_SLOTS; i++)
+    if (qd_srv.st.errors[i]) {
+      qp_pack_cstr(&pk, qins_err_name(-1000 - i));
+      msgpack_pack_uint64(&pk, qd_srv.st.errors[i]);
+    }
+  qp_pack_cstr(&pk, "bytes_served");
+  msgpack_pack_uint64(&pk, qd_srv.st.bytes_served);
+  qp_pack_cstr(&pk, "decode_ns");
+  msgpack_pack_uint64(&pk, atomic_load(&qd_srv.st.decode_ns));
+  qp_pack_cstr(&pk, "inline_decodes");
+  msgpack_pack_uint64(&pk, qd_srv.st.inline_decodes);
+  qp_pack_cstr(&pk, "pool_decodes");
+  msgpack_pack_uint64(&pk, qd_srv.st.pool_decodes);
+  qp_pack_cstr(&pk, "paused_reads");
+  msgpack_pack_uint64(&pk, qd_srv.st.paused_reads);
+  qp_pack_cstr(&pk, "reads_yielded");
+  msgpack_pack_uint64(&pk, qd_srv.st.reads_yielded);
+  qp_pack_cstr(&pk, "queued_bytes");
+  msgpack_pack_uint64(&pk, qd_srv.st.queued_bytes);
+  qp_pack_cstr(&pk, "queued_peak");
+  msgpack_pack_uint64(&pk, qd_srv.st.queued_peak);
+  qp_pack_cstr(&pk, "latency_p50_us");
+  msgpack_pack_double(&pk, p50);
+  qp_pack_cstr(&pk, "latency_p99_us");
+  msgpack_pack_double(&pk, p99);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_shutdown(qd_req *r) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_true(&pk);
+  qd_reply(r, &sb, NULL);
+  qd_log(QD_LOG_NOTICE, "%s asked for shutdown", qd_conn_desc(r->conn));
+  qd_shutdown_begin("shutdown method");
+  return 0;
+}
+
+/* ---- models, list, info --------------------------------------------------------------------- */
+typedef struct walk {
+  msgpack_packer *pk; /* packs the items */
+  uint64_t n;         /* items packed */
+  uint64_t total;     /* items seen */
+  uint64_t offset, limit;
+} walk;
+
+static int model_cb(void *ud, const qs_model *m) {
+  walk *w = ud;
+  msgpack_packer *pk = w->pk;
+  msgpack_pack_map(pk, 6);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, m->name);
+  qp_pack_cstr(pk, "tensors");
+  msgpack_pack_uint64(pk, m->n_tensors);
+  qp_pack_cstr(pk, "n_elem");
+  msgpack_pack_uint64(pk, m->n_elem);
+  qp_pack_cstr(pk, "src_bytes");
+  msgpack_pack_uint64(pk, m->src_bytes);
+  qp_pack_cstr(pk, "stored_bytes");
+  msgpack_pack_uint64(pk, m->stored_bytes);
+  qp_pack_cstr(pk, "created");
+  msgpack_pack_uint64(pk, m->created > 0 ? (uint64_t)m->created : 0);
+  w->n++;
+  return 0;
+}
+
+static int m_models(qd_req *r) {
+  qs_txn *t;
+  int rc = qs_txn_begin(qd_srv.store, &t);
+  if (rc) return store_err(r, rc, "", NULL);
+  msgpack_sbuffer body;
+  msgpack_packer bpk;
+  init_packer(&body, &bpk);
+  walk w = {.pk = &bpk};
+  rc = qs_models_each(t, model_cb, &w);
+  qs_txn_end(t);
+  if (rc) {
+    msgpack_sbuffer_destroy(&body);
+    return store_err(r, rc, "*", NULL);
+  }
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_array(&pk, (size_t)w.n);
+  msgpack_sbuffer_write(&sb, body.data, body.size);
+  msgpack_sbuffer_destroy(&body);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int list_cb(void *ud, const qs_tensor *t) {
+  walk *w = ud;
+  if (w->total >= w->offset && w->n < w->limit) {
+    pack_info(w->pk, t);
+    w->n++;
+  }
+  w->total++;
+  return 0;
+}
+
+static int m_list(qd_req *r) {
+  char model[QS_MAX_NAME + 1], prefix[QS_MAX_NAME + 1];
+  int rc = param_str(r, "model", 1, model, sizeof model);
+  if (rc) return rc;
+  if ((rc = param_str(r, "prefix", 0, prefix, sizeof prefix)) < 0) return rc;
+  walk w = {0};
+  if ((rc = param_uint(r, "offset", 0, &w.offset))) return rc;
+  if ((rc = param_uint(r, "limit", 1000, &w.limit))) return rc;
+  if (w.limit > 100000) w.limit = 100000; /* keeps one reply bounded */
+  qs_txn *t;
+  if ((rc = qs_txn_begin(qd_srv.store, &t))) return store_err(r, rc, model, NULL);
+  msgpack_sbuffer body;
+  msgpack_packer bpk;
+  init_packer(&body, &bpk);
+  w.pk = &bpk;
+  qs_model mi;
+  rc = qs_model_get(t, model, &mi);
+  if (rc == 0) rc = qs_tensors_each(t, model, prefix, list_cb, &w);
+  qs_txn_end(t);
+  if (rc) {
+    msgpack_sbuffer_destroy(&body);
+    return store_err(r, rc, model, NULL);
+  }
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  msgpack_pack_map(&pk, 2);
+  qp_pack_cstr(&pk, "total");
+  msgpack_pack_uint64(&pk, w.total);
+  qp_pack_cstr(&pk, "tensors");
+  msgpack_pack_array(&pk, (size_t)w.n);
+  msgpack_sbuffer_write(&sb, body.data, body.size);
+  msgpack_sbuffer_destroy(&body);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_info(qd_req *r) {
+  char model[QS_MAX_NAME + 1], name[QS_MAX_NAME + 1];
+  int rc = param_str(r, "model", 1, model, sizeof model);
+  if (rc || (rc = param_str(r, "name", 1, name, sizeof name))) return rc;
+  qs_txn *t;
+  if ((rc = qs_txn_begin(qd_srv.store, &t))) return store_err(r, rc, model, name);
+  qs_tensor ten;
+  rc = qs_tensor_get(t, model, name, &ten);
+  qs_txn_end(t);
+  if (rc) return store_err(r, rc, model, name);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  init_packer(&sb, &pk);
+  qp_pack_response_ok(&pk, r->msgid);
+  pack_info(&pk, &ten);
+  qd_reply(r, &sb, NULL);
+  return 0;
+}
+
+static int m_get(qd_req *r) {
+  qd_ask *a = qd_job_new();
+  if (!a) return QINS_ENOMEM;
+  int rc;
+  if ((rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
+      (rc = param_str(r, "name", 1, a->name, sizeof a->name)) ||
+      (rc = param_slice(r, &a->slice, &a->has_slice)) ||
+      (rc = param_dtype(r, &a->dt, &a->dt_given))) {
+    qd_job_discard(a);
+    return rc;
+  }
+  return qd_job_start(r, a);
+}
+
+static int m_get_many(qd_req *r) {
+  qd_ask *a = qd_job_new();
+  if (!a) return QINS_ENOMEM;
+  a->many = 1;
+  int rc;
+  if ((rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
+      (rc = param_dtype(r, &a->dt, &a->dt_given)))
+    goto fail;
+  qp_rd names;
+  if (param_find(r, "slice", &names)) {
+    snprintf(r->msg, sizeof r->msg, "get_many takes no slice: use get for slices");
+    rc = QINS_EBAD_PARAMS;
+    goto fail;
+  }
+  int has_names = param_find(r, "names", &names);
+  rc = param_str(r, "prefix", 0, a->prefix, sizeof a->prefix);
+  if (rc < 0) goto fail;
+  a->by_prefix = rc == 0;
+  if (has_names == a->by_prefix) {
+    snprintf(r->msg, sizeof r->msg, "get_many needs exactly one of \"names\" and \"prefix\"");
+    rc = QINS_EBAD_PARAMS;
+    goto fail;
+  }
+  if (has_names) {
+    uint32_t nn;
+    if (qp_rd_array(&names, &nn)) {
+      snprintf(r->msg, sizeof r->msg, "parameter \"names\" must be an array of str");
+      rc = QINS_EBAD_PARAMS;
+      goto fail;
+    }
+    a->n_names = nn;
+    a->names = calloc(a->n_names ? a->n_names : 1, sizeof *a->names);
+    if (!a->names) {
+      rc = QINS_ENOMEM;
+      goto fail;
+    }
+    for (uint32_t i = 0; i < a->n_names; i++)
+      if (rd_cstr(&names, a->names[i], sizeof a->names[i])) {
+        snprintf(r->msg, sizeof r->msg, "names[%u] must be a str of at most %d bytes", i,
+                 QS_MAX_NAME);
+        rc = QINS_EBAD_PARAMS;
+        goto fail;
+      }
+  }
+  return qd_job_start(r, a);
+fail:
+  qd_job_discard(a);
+  return rc;
+}
+
+/* ---- the table -------------------------------------------------------------------------------- */
+const qd_method qd_methods[] = {
+  {"hello", QD_READONLY, m_hello, "", "protocol version, server version and limits"},
+  {"ping", QD_READONLY, m_ping, "", "liveness check: \"pong\""},
+  {"models", QD_READONLY, m_models, "", "the models in the store"},
+  {"list", QD_READONLY, m_list, "model, prefix?, offset?, limit?", "a model's tensors"},
+  {"info", QD_READONLY, m_info, "model, name", "one tensor's metadata"},
+  {"get", QD_READONLY, m_get, "model, name, slice?, dtype?", "a tensor or hyperslab, decoded"},
+  {"get_many", QD_READONLY, m_get_many, "model, names | prefix, dtype?",
+   "several whole tensors in one round trip"},
+  {"stats", QD_READONLY, m_stats, "", "connections, requests, errors, bytes, latency"},
+  {"shutdown", QD_ADMIN, m_shutdown, "", "stop accepting, finish in-flight requests, exit 0"},
+};
+const int qd_n_methods = (int)(sizeof qd_methods / sizeof qd_methods[0]);
+
+int qd_method_find(const char *name, size_t len) {
+  for (int i = 0; i < qd_n_methods; i++)
+    if (strlen(qd_methods[i].name) == len && memcmp(qd_methods[i].name, name, len) == 0) return i;
+  return -1;
+}
