@@ -582,8 +582,8 @@ static void after_work_cb(uv_work_t *w, int status) {
      * went out, or a client gone, needs none. */
     const uint64_t all = j->plan.head_len + j->plan.total;
     int rest = !j->plan.gone && !(j->plan.err && j->plan.sent == 0) && j->plan.sent < all;
-    qd_stream_worker_done(j->lp.stream, j->plan.sent, rest); /* stream_complete follows */
-    return;
+    if (qd_stream_worker_done(j->lp.stream, j->plan.sent, rest)) stream_complete(j);
+    return; /* else stream_complete runs when the stream's turn comes */
   }
   qd_req_unreserve(c, j->lp.reserved);
   job_reply(j);

@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,9 +269,83 @@ static int claim_socket_path(const char *path) {
   return 0;
 }
 
+/* Who may call read methods, for the "listening" log line. */
+static const char *read_access(void) {
+  return qd_srv.cfg.allow_uid.n || qd_srv.cfg.allow_gid.n ? "allow-uid/allow-gid, own uid and root"
+                                                          : "anyone who can connect";
+}
+
+/* Socket activation, as sd_listen_fds(3) without libsystemd: a supervisor that holds the
+ * listening socket passes it as fd 3 with LISTEN_FDS=1 and LISTEN_PID=<our pid>, so connects
+ * made while qinsd restarts wait in its backlog. 1 with *fd set when a socket was passed, 0 when
+ * none was (or the variables name another process), -1 when what was passed is unusable
+ * (logged, naming what is wrong). The variables are unset so no child inherits them. */
+#define LISTEN_FDS_START 3
+static int activated_socket(int *fd) {
+  const char *pid_s = getenv("LISTEN_PID"), *fds_s = getenv("LISTEN_FDS");
+  if (!pid_s || !fds_s) return 0;
+  char *end;
+  errno = 0;
+  unsigned long pid = strtoul(pid_s, &end, 10);
+  if (errno || end == pid_s || *end || pid != (unsigned long)getpid()) return 0;
+  unsigned long n = strtoul(fds_s, &end, 10);
+  int bad = end == fds_s || *end;
+  unsetenv("LISTEN_PID");
+  unsetenv("LISTEN_FDS");
+  unsetenv("LISTEN_FDNAMES");
+  if (bad || n != 1) {
+    qd_log(QD_LOG_WARNING, "socket activation: LISTEN_FDS=%s: qinsd takes exactly one listening "
+           "socket (one ListenStream= in the .socket unit)", fds_s);
+    return -1;
+  }
+  int f = LISTEN_FDS_START, v = 0;
+  socklen_t vl = sizeof v;
+  struct sockaddr_un sa;
+  socklen_t sl = sizeof sa;
+  const char *why = NULL;
+  if (getsockopt(f, SOL_SOCKET, SO_DOMAIN, &v, &vl) != 0)
+    why = errno == ENOTSOCK ? "is not a socket" : "is not open";
+  else if (v != AF_UNIX)
+    why = "is not a Unix socket";
+  else if (vl = sizeof v, getsockopt(f, SOL_SOCKET, SO_TYPE, &v, &vl) != 0 || v != SOCK_STREAM)
+    why = "is not a stream socket";
+  else if (vl = sizeof v, getsockopt(f, SOL_SOCKET, SO_ACCEPTCONN, &v, &vl) != 0 || !v)
+    why = "is not listening";
+  if (why) {
+    qd_log(QD_LOG_WARNING, "socket activation: fd %d %s", f, why);
+    return -1;
+  }
+  fcntl(f, F_SETFD, FD_CLOEXEC);
+  if (getsockname(f, (struct sockaddr *)&sa, &sl) == 0 && sl > offsetof(struct sockaddr_un, sun_path) &&
+      sa.sun_path[0] && strncmp(sa.sun_path, qd_srv.cfg.socket, sizeof sa.sun_path) != 0)
+    qd_log(QD_LOG_NOTICE, "socket activation: the passed socket is %.*s, not %s (socket option)",
+           (int)sizeof sa.sun_path, sa.sun_path, qd_srv.cfg.socket);
+  *fd = f;
+  return 1;
+}
+
 static int listen_socket(void) {
   const char *path = qd_srv.cfg.socket;
   uv_pipe_t *srv = &qd_srv.lp.listener;
+  int afd = -1, act = activated_socket(&afd);
+  if (act < 0) return -1;
+  if (act) { /* the supervisor's socket: its unit sets mode and group; never unlinked here */
+    uv_pipe_init(qd_srv.loop, srv, 0);
+    int rc = uv_pipe_open(srv, afd);
+    /* listen() again sets the backlog: as large as the kernel allows (net.core.somaxconn), so
+     * the unit's Backlog= is what bounds the connects that wait during a restart. */
+    if (rc == 0) rc = uv_listen((uv_stream_t *)srv, SOMAXCONN, on_connection);
+    if (rc) {
+      qd_log(QD_LOG_WARNING, "socket activation: fd %d: %s", afd, uv_strerror(rc));
+      uv_close((uv_handle_t *)srv, NULL);
+      return -1;
+    }
+    qd_srv.lp.listening = 1;
+    qd_srv.lp.activated = 1;
+    qd_log(QD_LOG_NOTICE, "listening on %s (socket activation: fd %d from the supervisor); read "
+           "access: %s", path, afd, read_access());
+    return 0;
+  }
   if (claim_socket_path(path)) return -1;
   uv_pipe_init(qd_srv.loop, srv, 0);
   /* Created owner-only, then opened up to socket-mode before listen(): no window in which a
@@ -294,9 +369,7 @@ static int listen_socket(void) {
   stat(path, &qd_srv.lp.sock_st);
   qd_srv.lp.listening = 1;
   qd_log(QD_LOG_NOTICE, "listening on %s (mode %04o, gid %u); read access: %s", path,
-         qd_srv.cfg.socket_mode, (unsigned)qd_srv.lp.sock_st.st_gid,
-         qd_srv.cfg.allow_uid.n || qd_srv.cfg.allow_gid.n ? "allow-uid/allow-gid, own uid and root"
-                                                          : "anyone who can connect");
+         qd_srv.cfg.socket_mode, (unsigned)qd_srv.lp.sock_st.st_gid, read_access());
   return 0;
 }
 

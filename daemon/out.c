@@ -449,7 +449,7 @@ int qd_stream_send(qd_stream *s, const void *buf, size_t n, uint64_t deadline, u
   return 0;
 }
 
-void qd_stream_worker_done(qd_stream *s, uint64_t sent, int want_turn) {
+int qd_stream_worker_done(qd_stream *s, uint64_t sent, int want_turn) {
   qd_conn *c = s->c;
   s->worker_done = 1;
   if (c->drain_wait == s) c->drain_wait = NULL; /* it still waited for libuv's queue */
@@ -464,8 +464,8 @@ void qd_stream_worker_done(qd_stream *s, uint64_t sent, int want_turn) {
       c->out = OUT_STREAM;
     }
   }
-  if (s->turn == T_WAITING) return; /* stream_on_turn completes it */
-  if (!want_turn || stream_take_turn(s)) s->complete(s->ud);
+  if (s->turn == T_WAITING) return 0; /* stream_on_turn completes it */
+  return !want_turn || stream_take_turn(s);
 }
 
 void qd_stream_write(qd_stream *s, char *head, size_t head_len, const void *p, size_t n,

@@ -91,12 +91,12 @@ int qd_conn_hold(qd_conn *c, void (*fn)(void *ud), void *ud);
  *
  *   loop:  s = qd_stream_open(r, complete, ud)                  then queue the work
  *   pool:  if (qd_stream_lend(s, deadline)) qd_stream_send(s, ...) ... ; else buffer the rest
- *   loop:  qd_stream_worker_done(s, bytes_sent, want_turn)       after the work
+ *   loop:  if (qd_stream_worker_done(s, bytes_sent, want_turn)) complete(ud)   after the work
  *   loop:  complete(ud): qd_stream_write(s, rest...) and/or qd_stream_close(s, broken)
  */
 typedef struct qd_stream qd_stream;
-/* NULL when out of memory. complete(ud) runs on the loop once the worker is done and the stream
- * holds its turn (or needs none, or the connection is closing). */
+/* NULL when out of memory. complete(ud) runs on the loop when the worker is done and the stream's
+ * turn comes later than that (see qd_stream_worker_done), or the connection closes. */
 qd_stream *qd_stream_open(qd_req *r, void (*complete)(void *ud), void *ud);
 /* Pool thread: asks for the socket and waits until deadline (qd_now_ns) for it. 1: this thread
  * may qd_stream_send until qd_stream_worker_done; 0: no socket (closing, embedded, or the
@@ -105,9 +105,10 @@ int qd_stream_lend(qd_stream *s, uint64_t deadline);
 /* Pool thread, while lent: sends n bytes, waiting for room until deadline; *sent counts what
  * went. 0: all sent; 1: the deadline passed; -1: the socket failed (errno set). */
 int qd_stream_send(qd_stream *s, const void *p, size_t n, uint64_t deadline, uint64_t *sent);
-/* Loop: the worker finished, having sent `sent` bytes itself. Ends the lent state; complete(ud)
- * follows, at once or when the stream's turn comes (want_turn: bytes are left to send). */
-void qd_stream_worker_done(qd_stream *s, uint64_t sent, int want_turn);
+/* Loop: the worker finished, having sent `sent` bytes itself. Ends the lent state. 1: the caller
+ * completes the stream now; 0: complete(ud) runs when the stream's turn comes (want_turn: bytes
+ * are left to send, so the stream needs its turn). */
+int qd_stream_worker_done(qd_stream *s, uint64_t sent, int want_turn);
 /* Loop, from complete: queues head (taken over, may be NULL) and piece [p, p + n), which lies in
  * `owned` (released after the write; may be NULL). */
 void qd_stream_write(qd_stream *s, char *head, size_t head_len, const void *p, size_t n,
