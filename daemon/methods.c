@@ -21,6 +21,30 @@ static void init_packer(msgpack_sbuffer *sb, msgpack_packer *pk) {
   msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
 }
 
+/* A successful answer being packed: [1, msgid, nil, <result>]; ok_begin packs up to the result,
+ * ok_send sends it. */
+typedef struct ok_reply {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+} ok_reply;
+
+static msgpack_packer *ok_begin(ok_reply *o, const qd_req *r) {
+  init_packer(&o->sb, &o->pk);
+  qp_pack_response_ok(&o->pk, r->msgid);
+  return &o->pk;
+}
+
+static int ok_send(qd_req *r, ok_reply *o) {
+  qd_reply(r, &o->sb, NULL);
+  return 0;
+}
+
+/* One "key": uint entry of a map. */
+static void kv_u64(msgpack_packer *pk, const char *key, uint64_t v) {
+  qp_pack_cstr(pk, key);
+  msgpack_pack_uint64(pk, v);
+}
+
 /* Params are read in place from the request bytes, which qp_scan has already validated (every
  * declared length and count fits the message, nesting is bounded), so qp_rd_* cannot run off it.
  * The value of str key `key` in the params map: 1 with *v at it, or 0 when params is [] or the key
@@ -167,12 +191,9 @@ static void pack_info(msgpack_packer *pk, const qs_tensor *t) {
   qp_pack_cstr(pk, "shape");
   msgpack_pack_array(pk, (size_t)t->ndim);
   for (int i = 0; i < t->ndim; i++) msgpack_pack_uint64(pk, t->shape[i]);
-  qp_pack_cstr(pk, "n_elem");
-  msgpack_pack_uint64(pk, t->n_elem);
-  qp_pack_cstr(pk, "src_bytes");
-  msgpack_pack_uint64(pk, t->src_bytes);
-  qp_pack_cstr(pk, "stored_bytes");
-  msgpack_pack_uint64(pk, t->stored_bytes);
+  kv_u64(pk, "n_elem", t->n_elem);
+  kv_u64(pk, "src_bytes", t->src_bytes);
+  kv_u64(pk, "stored_bytes", t->stored_bytes);
   qp_pack_cstr(pk, "snr_db");
   msgpack_pack_double(pk, t->snr_db);
 }
@@ -184,106 +205,77 @@ static int store_err(qd_req *r, int rc, const char *model, const char *name) {
 
 /* ---- hello, ping, stats, shutdown ------------------------------------------------------------ */
 static int m_hello(qd_req *r) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  msgpack_pack_map(&pk, 7);
-  qp_pack_cstr(&pk, "protocol");
-  msgpack_pack_uint32(&pk, QP_PROTOCOL_VERSION);
-  qp_pack_cstr(&pk, "server");
-  qp_pack_cstr(&pk, QD_SERVER_NAME);
-  qp_pack_cstr(&pk, "max_request_bytes");
-  msgpack_pack_uint64(&pk, qd_srv.cfg.max_request_bytes);
-  qp_pack_cstr(&pk, "max_response_bytes");
-  msgpack_pack_uint64(&pk, qd_srv.cfg.max_response_bytes);
-  qp_pack_cstr(&pk, "max_connections");
-  msgpack_pack_uint64(&pk, qd_srv.cfg.max_connections);
-  qp_pack_cstr(&pk, "max_ranges");
-  msgpack_pack_uint64(&pk, qd_srv.cfg.max_ranges);
-  qp_pack_cstr(&pk, "dtypes");
-  msgpack_pack_array(&pk, QC_DT_COUNT);
-  for (int i = 0; i < QC_DT_COUNT; i++) qp_pack_cstr(&pk, qc_dtype_name((qc_dtype)i));
-  qd_reply(r, &sb, NULL);
-  return 0;
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  msgpack_pack_map(pk, 7);
+  qp_pack_cstr(pk, "protocol");
+  msgpack_pack_uint32(pk, QP_PROTOCOL_VERSION);
+  qp_pack_cstr(pk, "server");
+  qp_pack_cstr(pk, QD_SERVER_NAME);
+  kv_u64(pk, "max_request_bytes", qd_srv.cfg.max_request_bytes);
+  kv_u64(pk, "max_response_bytes", qd_srv.cfg.max_response_bytes);
+  kv_u64(pk, "max_connections", qd_srv.cfg.max_connections);
+  kv_u64(pk, "max_ranges", qd_srv.cfg.max_ranges);
+  qp_pack_cstr(pk, "dtypes");
+  msgpack_pack_array(pk, QC_DT_COUNT);
+  for (int i = 0; i < QC_DT_COUNT; i++) qp_pack_cstr(pk, qc_dtype_name((qc_dtype)i));
+  return ok_send(r, &o);
 }
 
 static int m_ping(qd_req *r) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  qp_pack_cstr(&pk, "pong");
-  qd_reply(r, &sb, NULL);
-  return 0;
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  qp_pack_cstr(pk, "pong");
+  return ok_send(r, &o);
 }
 
 static int m_stats(qd_req *r) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(&pk, 18);
-  qp_pack_cstr(&pk, "uptime_s");
-  msgpack_pack_uint64(&pk, (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
-  qp_pack_cstr(&pk, "connections");
-  msgpack_pack_uint64(&pk, qd_srv.st.connections);
-  qp_pack_cstr(&pk, "connections_total");
-  msgpack_pack_uint64(&pk, qd_srv.st.connections_total);
-  qp_pack_cstr(&pk, "connections_refused");
-  msgpack_pack_uint64(&pk, qd_srv.st.connections_refused);
-  qp_pack_cstr(&pk, "connections_denied");
-  msgpack_pack_uint64(&pk, qd_srv.st.connections_denied);
-  qp_pack_cstr(&pk, "requests_total");
-  msgpack_pack_uint64(&pk, qd_srv.st.requests);
-  qp_pack_cstr(&pk, "requests");
-  msgpack_pack_map(&pk, (size_t)qd_n_methods);
+  msgpack_pack_map(pk, 18);
+  kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
+  kv_u64(pk, "connections", qd_srv.st.connections);
+  kv_u64(pk, "connections_total", qd_srv.st.connections_total);
+  kv_u64(pk, "connections_refused", qd_srv.st.connections_refused);
+  kv_u64(pk, "connections_denied", qd_srv.st.connections_denied);
+  kv_u64(pk, "requests_total", qd_srv.st.requests);
+  qp_pack_cstr(pk, "requests");
+  msgpack_pack_map(pk, (size_t)qd_n_methods);
   for (int i = 0; i < qd_n_methods; i++) {
-    qp_pack_cstr(&pk, qd_methods[i].name);
-    msgpack_pack_uint64(&pk, qd_srv.st.per_method[i]);
+    qp_pack_cstr(pk, qd_methods[i].name);
+    msgpack_pack_uint64(pk, qd_srv.st.per_method[i]);
   }
-  qp_pack_cstr(&pk, "errors");
+  qp_pack_cstr(pk, "errors");
   size_t ne = 0;
   for (int i = 0; i < QD_ERR_SLOTS; i++) ne += qd_srv.st.errors[i] != 0;
-  msgpack_pack_map(&pk, ne);
+  msgpack_pack_map(pk, ne);
   for (int i = 0; i < QD_ERR_SLOTS; i++)
     if (qd_srv.st.errors[i]) {
-      qp_pack_cstr(&pk, qins_err_name(-1000 - i));
-      msgpack_pack_uint64(&pk, qd_srv.st.errors[i]);
+      qp_pack_cstr(pk, qins_err_name(-1000 - i));
+      msgpack_pack_uint64(pk, qd_srv.st.errors[i]);
     }
-  qp_pack_cstr(&pk, "bytes_served");
-  msgpack_pack_uint64(&pk, qd_srv.st.bytes_served);
-  qp_pack_cstr(&pk, "decode_ns");
-  msgpack_pack_uint64(&pk, atomic_load(&qd_srv.st.decode_ns));
-  qp_pack_cstr(&pk, "inline_decodes");
-  msgpack_pack_uint64(&pk, qd_srv.st.inline_decodes);
-  qp_pack_cstr(&pk, "pool_decodes");
-  msgpack_pack_uint64(&pk, qd_srv.st.pool_decodes);
-  qp_pack_cstr(&pk, "paused_reads");
-  msgpack_pack_uint64(&pk, qd_srv.st.paused_reads);
-  qp_pack_cstr(&pk, "reads_yielded");
-  msgpack_pack_uint64(&pk, qd_srv.st.reads_yielded);
-  qp_pack_cstr(&pk, "queued_bytes");
-  msgpack_pack_uint64(&pk, qd_srv.st.queued_bytes);
-  qp_pack_cstr(&pk, "queued_peak");
-  msgpack_pack_uint64(&pk, qd_srv.st.queued_peak);
-  qp_pack_cstr(&pk, "latency_p50_us");
-  msgpack_pack_double(&pk, p50);
-  qp_pack_cstr(&pk, "latency_p99_us");
-  msgpack_pack_double(&pk, p99);
-  qd_reply(r, &sb, NULL);
-  return 0;
+  kv_u64(pk, "bytes_served", qd_srv.st.bytes_served);
+  kv_u64(pk, "decode_ns", atomic_load(&qd_srv.st.decode_ns));
+  kv_u64(pk, "inline_decodes", qd_srv.st.inline_decodes);
+  kv_u64(pk, "pool_decodes", qd_srv.st.pool_decodes);
+  kv_u64(pk, "paused_reads", qd_srv.st.paused_reads);
+  kv_u64(pk, "reads_yielded", qd_srv.st.reads_yielded);
+  kv_u64(pk, "queued_bytes", qd_srv.st.queued_bytes);
+  kv_u64(pk, "queued_peak", qd_srv.st.queued_peak);
+  qp_pack_cstr(pk, "latency_p50_us");
+  msgpack_pack_double(pk, p50);
+  qp_pack_cstr(pk, "latency_p99_us");
+  msgpack_pack_double(pk, p99);
+  return ok_send(r, &o);
 }
 
 static int m_shutdown(qd_req *r) {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  msgpack_pack_true(&pk);
-  qd_reply(r, &sb, NULL);
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  msgpack_pack_true(pk);
+  ok_send(r, &o);
   qd_log(QD_LOG_NOTICE, "%s asked for shutdown", qd_conn_desc(r->conn));
   qd_shutdown_begin("shutdown method");
   return 0;
@@ -303,16 +295,11 @@ static int model_cb(void *ud, const qs_model *m) {
   msgpack_pack_map(pk, 6);
   qp_pack_cstr(pk, "name");
   qp_pack_cstr(pk, m->name);
-  qp_pack_cstr(pk, "tensors");
-  msgpack_pack_uint64(pk, m->n_tensors);
-  qp_pack_cstr(pk, "n_elem");
-  msgpack_pack_uint64(pk, m->n_elem);
-  qp_pack_cstr(pk, "src_bytes");
-  msgpack_pack_uint64(pk, m->src_bytes);
-  qp_pack_cstr(pk, "stored_bytes");
-  msgpack_pack_uint64(pk, m->stored_bytes);
-  qp_pack_cstr(pk, "created");
-  msgpack_pack_uint64(pk, m->created > 0 ? (uint64_t)m->created : 0);
+  kv_u64(pk, "tensors", m->n_tensors);
+  kv_u64(pk, "n_elem", m->n_elem);
+  kv_u64(pk, "src_bytes", m->src_bytes);
+  kv_u64(pk, "stored_bytes", m->stored_bytes);
+  kv_u64(pk, "created", m->created > 0 ? (uint64_t)m->created : 0);
   w->n++;
   return 0;
 }
@@ -331,15 +318,12 @@ static int m_models(qd_req *r) {
     msgpack_sbuffer_destroy(&body);
     return store_err(r, rc, "*", NULL);
   }
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  msgpack_pack_array(&pk, (size_t)w.n);
-  msgpack_sbuffer_write(&sb, body.data, body.size);
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  msgpack_pack_array(pk, (size_t)w.n);
+  msgpack_sbuffer_write(&o.sb, body.data, body.size);
   msgpack_sbuffer_destroy(&body);
-  qd_reply(r, &sb, NULL);
-  return 0;
+  return ok_send(r, &o);
 }
 
 static int list_cb(void *ud, const qs_tensor *t) {
@@ -375,19 +359,15 @@ static int m_list(qd_req *r) {
     msgpack_sbuffer_destroy(&body);
     return store_err(r, rc, model, NULL);
   }
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  msgpack_pack_map(&pk, 2);
-  qp_pack_cstr(&pk, "total");
-  msgpack_pack_uint64(&pk, w.total);
-  qp_pack_cstr(&pk, "tensors");
-  msgpack_pack_array(&pk, (size_t)w.n);
-  msgpack_sbuffer_write(&sb, body.data, body.size);
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  msgpack_pack_map(pk, 2);
+  kv_u64(pk, "total", w.total);
+  qp_pack_cstr(pk, "tensors");
+  msgpack_pack_array(pk, (size_t)w.n);
+  msgpack_sbuffer_write(&o.sb, body.data, body.size);
   msgpack_sbuffer_destroy(&body);
-  qd_reply(r, &sb, NULL);
-  return 0;
+  return ok_send(r, &o);
 }
 
 static int m_info(qd_req *r) {
@@ -400,13 +380,10 @@ static int m_info(qd_req *r) {
   rc = qs_tensor_get(t, model, name, &ten);
   qs_txn_end(t);
   if (rc) return store_err(r, rc, model, name);
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-  init_packer(&sb, &pk);
-  qp_pack_response_ok(&pk, r->msgid);
-  pack_info(&pk, &ten);
-  qd_reply(r, &sb, NULL);
-  return 0;
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  pack_info(pk, &ten);
+  return ok_send(r, &o);
 }
 
 static int m_get(qd_req *r) {

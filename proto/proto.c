@@ -313,29 +313,21 @@ static int rd_head(const qp_rd *r, qp__hd *h) {
 
 /* Fast paths below: the fix* forms (one type byte) are what requests are made of; they are
  * decided from the type byte alone and agree with the general path. */
-int qp_rd_array(qp_rd *r, uint32_t *n) {
-  if (r->p < r->end && (*r->p & 0xf0) == 0x90) {
+/* An array or map header (kind), whose fix form is the type byte fix | count (count < 16). */
+static inline int rd_container(qp_rd *r, uint8_t fix, int kind, uint32_t *n) {
+  if (r->p < r->end && (*r->p & 0xf0) == fix) {
     *n = *r->p++ & 0x0f;
     return 0;
   }
   qp__hd h;
-  if (rd_head(r, &h) || h.kind != K_ARRAY) return QINS_EPROTO;
+  if (rd_head(r, &h) || h.kind != kind) return QINS_EPROTO;
   r->p += h.hlen;
   *n = (uint32_t)h.count;
   return 0;
 }
 
-int qp_rd_map(qp_rd *r, uint32_t *n) {
-  if (r->p < r->end && (*r->p & 0xf0) == 0x80) {
-    *n = *r->p++ & 0x0f;
-    return 0;
-  }
-  qp__hd h;
-  if (rd_head(r, &h) || h.kind != K_MAP) return QINS_EPROTO;
-  r->p += h.hlen;
-  *n = (uint32_t)h.count;
-  return 0;
-}
+int qp_rd_array(qp_rd *r, uint32_t *n) { return rd_container(r, 0x90, K_ARRAY, n); }
+int qp_rd_map(qp_rd *r, uint32_t *n) { return rd_container(r, 0x80, K_MAP, n); }
 
 int qp_rd_is_nil(const qp_rd *r) { return r->p < r->end && *r->p == 0xc0; }
 
