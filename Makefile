@@ -1,6 +1,7 @@
 # qins — plain Makefile. Outputs go in $(BUILD)/ (build/ by default; build/asan/ for `make asan`).
 #
-# Modules and their archives (dependencies run daemon -> store, proto; client -> proto):
+# Modules and their archives (dependencies run daemon -> store, proto; client -> proto; every
+# module sees client/qins.h, the contract; the include paths below enforce it):
 #   store/   -> $(BUILD)/store.a   codecs (codec*.c), LMDB store, importers
 #   proto/   -> $(BUILD)/proto.a   msgpack-RPC framing, bounded request scanner
 #   client/  -> $(BUILD)/libqins.a libqins, the worker-facing client library (client/qins.h)
@@ -27,7 +28,20 @@ WARN      := -Wall -Wextra -Werror -Wformat=2 -Wstrict-prototypes -Wshadow
 OPT       ?= -O2 -g
 SAN       ?=
 CFLAGS    ?=
-CPPFLAGS  += -Iclient -Iproto -Istore -Idaemon -Itests/support -DQINS_SHARED_DIR='"$(SHARED)"'
+CPPFLAGS  += -DQINS_SHARED_DIR='"$(SHARED)"'
+# Include paths per module: a file sees its own directory and the modules it depends on, nothing
+# else, so a wrong include (store/ including a daemon or proto header, proto/ including store.h)
+# fails to compile. client/qins.h is the shared contract (error codes and messages, limits) every
+# module sees. The first prefix that matches a source path wins.
+INC_daemon/qinsctl/   := -Idaemon/qinsctl -Istore -Iclient
+INC_daemon/           := -Idaemon -Istore -Iproto -Iclient
+INC_client/examples/  := -Iclient -Istore
+INC_client/           := -Iclient -Iproto
+INC_proto/            := -Iproto -Iclient
+INC_store/            := -Istore -Iclient
+INC_tests/            := -Iclient -Iproto -Istore -Idaemon -Itests/support
+INC_PREFIXES := daemon/qinsctl/ daemon/ client/examples/ client/ proto/ store/ tests/
+includes = $(INC_$(firstword $(foreach d,$(INC_PREFIXES),$(if $(filter $(d)%,$(1)),$(d)))))
 ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(OPT) $(SAN) -pthread -fPIC $(PKG_CFLAGS) $(CFLAGS)
 LDLIBS    += $(PKG_LIBS) -lm -lpthread
 ALL_LDFLAGS = $(SAN) -pthread $(LDFLAGS)
@@ -79,7 +93,7 @@ deps:
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS) $(ALL_CFLAGS) $(if $(filter store/codec%,$<),$(CODEC_FLAGS)) \
+	$(CC) $(call includes,$<) $(CPPFLAGS) $(ALL_CFLAGS) $(if $(filter store/codec%,$<),$(CODEC_FLAGS)) \
 	  $(if $(filter %_avx2.c,$<),$(AVX2_FLAGS)) $(if $(filter %_avx512.c,$<),$(AVX512_FLAGS)) \
 	  -MMD -MP -c $< -o $@
 
