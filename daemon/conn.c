@@ -30,12 +30,6 @@
 #include "conn.h"
 #include "methods.h"
 
-struct qd_hold {
-  void (*fn)(void *);
-  void *ud;
-  qd_hold *next;
-};
-
 uint64_t qd_conn_id(const qd_conn *c) { return c->id; }
 uid_t qd_conn_uid(const qd_conn *c) { return c->uid; }
 const char *qd_conn_desc(const qd_conn *c) { return c->desc; }
@@ -56,16 +50,6 @@ static void conn_set_state(qd_conn *c, conn_state to) {
   c->state = to;
 }
 
-int qd_conn_hold(qd_conn *c, void (*fn)(void *), void *ud) {
-  qd_hold *h = malloc(sizeof *h);
-  if (!h) return QINS_ENOMEM;
-  h->fn = fn;
-  h->ud = ud;
-  h->next = c->holds;
-  c->holds = h;
-  return 0;
-}
-
 qd_conn *qd_conn_new(void) {
   qd_conn *c = calloc(1, sizeof *c);
   if (!c) return NULL;
@@ -84,12 +68,6 @@ void qd_conn_free(qd_conn *c) {
   if (c->prev) c->prev->next = c->next;
   else qd_srv.cn.all = c->next;
   if (c->next) c->next->prev = c->prev;
-  while (c->holds) {
-    qd_hold *h = c->holds;
-    c->holds = h->next;
-    h->fn(h->ud);
-    free(h);
-  }
   free(c->buf);
   if (!c->refused && qd_srv.st.connections) qd_srv.st.connections--;
   free(c);

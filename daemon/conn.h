@@ -43,7 +43,6 @@ typedef enum conn_state {
 typedef enum out_state { OUT_QUEUE = 0, OUT_STREAM, OUT_LENT } out_state;
 
 typedef struct wreq wreq;
-typedef struct qd_hold qd_hold;
 struct qd_conn {
   uv_pipe_t pipe;      /* the client socket; pipe.data = this */
   uint64_t id;         /* client number, from 1, for logs */
@@ -55,7 +54,6 @@ struct qd_conn {
   int refused;         /* turned away (BUSY/DENIED): never counted as an open connection */
   int eof;             /* the client shut down its side: answer what is buffered, then drain */
   struct qd_conn *prev, *next; /* all connections (qd_srv.cn.all) */
-  qd_hold *holds;      /* released when the connection is freed (qd_conn_hold) */
   /* read side (conn.c) */
   char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
   size_t cap, rpos, wpos;

@@ -13,8 +13,9 @@
  *    the head (writev), never copied into it; an owned payload buffer is released after the write;
  *  - an error (qd_reply_err): logged naming the client, counted;
  *  - a stream (qd_stream_*): a large answer whose pieces a pool job produces while they are sent.
- * Per-connection resources (qd_conn_hold) are released when the connection is freed: a delivery
- * path that lends the client something (e.g. a lease) ties its release to the connection's end.
+ * A further delivery path (docs/qinsd.md, "Adding a delivery path") is one more function here and
+ * one more case in out.c: e.g. a small reply that carries an fd (SCM_RIGHTS on its bytes), and
+ * per-connection resources released when the connection is freed (conn.c, qd_conn_free).
  */
 #ifndef QINS_REPLY_H
 #define QINS_REPLY_H
@@ -78,10 +79,6 @@ void qd_req_defer(qd_req *r, uint64_t bytes);
 void qd_req_unreserve(qd_conn *c, uint64_t bytes);
 /* The deferred request is answered: the connection may read again, or is freed if it closed. */
 void qd_req_done_deferred(qd_conn *c);
-
-/* Releases fn(ud) when c is freed (after its socket closed and no job refers to it). 0, or
- * QINS_ENOMEM (fn is then not registered). */
-int qd_conn_hold(qd_conn *c, void (*fn)(void *ud), void *ud);
 
 /* ---- streams: a large answer sent while a pool job produces it --------------------------------
  * Streams of one connection take turns, in order; while one holds the turn every other reply to
