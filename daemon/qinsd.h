@@ -4,32 +4,35 @@
  * server struct that holds the daemon's state. Wire contract: docs/PROTOCOL.md; options:
  * docs/qinsd.conf.example; the design picture below is also in docs/qinsd.md.
  *
- * The serving core, one layer per file, calls going down only (a layer never calls the one
- * above it; libuv callbacks enter the layer that registered them):
+ * The serving core, one layer per file; requests travel down. Calls up are notifications only:
+ * out.c tells conn.c that a write finished or failed or a deferred answer is done (the
+ * connection may read again, or closes); conn.c registers its socket in loop.c's read set; a
+ * stream that waited for its turn is completed through the callback its job gave (reply.h).
  *
  *   loop.c     the one readiness loop: an epoll read set of client sockets (edge-triggered,
- *              arrival order) with libuv's own epoll fd inside it; the listener (or the socket
- *              systemd passes), signals, shutdown, the daemon's life.           (loop.h)
- *     |  readable connection
- *   conn.c     connections: read buffer, framing (proto's qp_scan), envelope and dispatch, the
- *              write queue, backpressure, and the connection state machine. The only code that
- *              writes to a client socket.                                       (conn.h)
- *     |  qd_req (no fd, no libuv)               ^ replies: reply.h, implemented in conn.c
- *   methods.c  the method table and its handlers: params in, one response out through reply.h
- *              (a small reply, a packed head with payload pieces, an error, or a stream).
- *     |  get / get_many                         (methods.h)
- *   job.c      decode jobs: plan and decode in one LMDB read txn, on the loop thread when small,
- *              on the pool when large; a large single get streams its pieces.  (job.h)
+ *     |        arrival order) with libuv's own epoll fd inside it; the listener (or the socket
+ *     |        systemd passes), signals, shutdown, the daemon's life.
+ *     v        a readable connection
+ *   conn.c     connections, read side: buffer, framing (proto's qp_scan), envelope, dispatch,
+ *     |        the connection state machine (conn.h), backpressure.
+ *     v        qd_req: no fd, no libuv
+ *   methods.c  the method table (methods.h); handlers answer through reply.h.
  *     |
- *   store/     the store (store.h): snapshots, tensor records, decode.
+ *     v        get / get_many: a qd_ask
+ *   job.c      decode jobs (job.h): plan and decode in one LMDB read txn, on the loop thread when
+ *     |        small, on the pool when large; a large single get streams its pieces.
+ *     v
+ *   out.c      connections, write side: reply.h's implementation, the only code that writes to
+ *              a client socket (write queue, held replies, streams, the lent state).
+ *   store/     (store.h) snapshots, tensor records, decode: called by methods.c and job.c.
  *
  * Side files: config.c (the option table), log.c, stats.c (counters, latency ring, the payload
  * buffer cache), main.c.
  *
  * Threads: everything runs on the loop thread except a pool job's work (job.c: plan, decode, and
- * for a streamed get the writes of its pieces, through the connection's lent state, conn.c). A
+ * for a streamed get the writes of its pieces, through the connection's lent state, out.c). A
  * job owns its own LMDB read txn (the env is MDB_NOTLS) and touches no shared state but the
- * decode-time counter (atomic), the buffer cache (mutex) and its stream (conn.c, mutex).
+ * decode-time counter (atomic), the buffer cache (mutex) and its stream (out.c, mutex).
  */
 #ifndef QINS_QINSD_H
 #define QINS_QINSD_H
