@@ -12,7 +12,7 @@
  * message is then at most `max_bytes` long, so handing exactly those bytes to msgpack_unpack bounds
  * what it can allocate by a small multiple of max_bytes. Nothing here allocates.
  *
- * Typical server loop (daemon/server.c):
+ * Typical server loop (daemon/conn.c):
  *     qp_scan sc; qp_scan_init(&sc, max_request_bytes, QP_MAX_DEPTH);
  *     on read: for (;;) { size_t n; int r = qp_scan_next(&sc, buf + pos, len - pos, &n);
  *                if (r == QP_MORE) break;            // keep buf[pos..len), read more

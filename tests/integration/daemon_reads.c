@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * daemon_reads.c — qinsd's read set (daemon/server.c, "Reading"): client sockets are read from an
+ * daemon_reads.c — qinsd's read set (daemon/loop.c, "Reading"; daemon/conn.c): client sockets are read from an
  * edge-triggered epoll set, so every edge must be acted on or made up for. Each case freezes the
  * daemon (SIGSTOP) to line up what it will find at once when it wakes (SIGCONT):
  *   - a request and the client's hang-up in one edge: answered, then the connection closes;
