@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * daemon_reads.c — qinsd's read set (daemon/loop.c, "Reading"; daemon/conn.c): client sockets are read from an
- * edge-triggered epoll set, so every edge must be acted on or made up for. Each case freezes the
- * daemon (SIGSTOP) to line up what it will find at once when it wakes (SIGCONT):
+ * daemon_reads.c — qinsd's read set (daemon/loop.c, "Reading"; daemon/conn.c): client sockets
+ * are read from an edge-triggered epoll set, so every edge must be acted on or made up for. Each
+ * case freezes the daemon (SIGSTOP) to line up what it will find at once when it wakes (SIGCONT):
  *   - a request and the client's hang-up in one edge: answered, then the connection closes;
  *   - more ready clients than one epoll_wait returns (64): every one is answered;
  *   - a client paused by backpressure whose remaining requests and hang-up arrived while it was
