@@ -1,7 +1,7 @@
 # qins — plain Makefile. Outputs go in $(BUILD)/ (build/ by default; build/asan/ for `make asan`).
 #
-# Modules and their archives (dependencies run daemon -> store, proto; client -> proto; every
-# module sees client/qins.h, the contract; the include paths below enforce it):
+# Modules and their archives (dependencies run daemon -> store, proto; client -> proto; proto ->
+# nothing; every module sees proto/qins_base.h; the include paths below enforce it):
 #   store/   -> $(BUILD)/store.a   codecs (codec*.c), LMDB store, importers
 #   proto/   -> $(BUILD)/proto.a   msgpack-RPC framing, bounded request scanner
 #   client/  -> $(BUILD)/libqins.a libqins, the worker-facing client library (client/qins.h)
@@ -30,15 +30,15 @@ SAN       ?=
 CFLAGS    ?=
 CPPFLAGS  += -DQINS_SHARED_DIR='"$(SHARED)"'
 # Include paths per module: a file sees its own directory and the modules it depends on, nothing
-# else, so a wrong include (store/ including a daemon or proto header, proto/ including store.h)
-# fails to compile. client/qins.h is the shared contract (error codes and messages, limits) every
-# module sees. The first prefix that matches a source path wins.
-INC_daemon/qinsctl/   := -Idaemon/qinsctl -Istore -Iclient
+# else, so a wrong include (store/ including a daemon header, proto/ including store.h or qins.h)
+# fails to compile. proto/qins_base.h (version, limits, the error map) is what every module shares;
+# store.h still reaches it through client/qins.h. The first prefix that matches a source path wins.
+INC_daemon/qinsctl/   := -Idaemon/qinsctl -Istore -Iclient -Iproto
 INC_daemon/           := -Idaemon -Istore -Iproto -Iclient
-INC_client/examples/  := -Iclient -Istore
+INC_client/examples/  := -Iclient -Istore -Iproto
 INC_client/           := -Iclient -Iproto
-INC_proto/            := -Iproto -Iclient
-INC_store/            := -Istore -Iclient
+INC_proto/            := -Iproto
+INC_store/            := -Istore -Iclient -Iproto
 INC_tests/            := -Iclient -Iproto -Istore -Idaemon -Itests/support
 INC_PREFIXES := daemon/qinsctl/ daemon/ client/examples/ client/ proto/ store/ tests/
 includes = $(INC_$(firstword $(foreach d,$(INC_PREFIXES),$(if $(filter $(d)%,$(1)),$(d)))))
@@ -202,7 +202,7 @@ install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
 	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
 	$(if $(CLIENT_SRC),install -m 0644 $(CLIENT_A) $(CLIENT_SO) $(DESTDIR)$(PREFIX)/lib/)
-	install -m 0644 client/qins.h $(DESTDIR)$(PREFIX)/include/
+	install -m 0644 client/qins.h proto/qins_base.h $(DESTDIR)$(PREFIX)/include/
 
 clean:
 	rm -rf build

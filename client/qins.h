@@ -1,18 +1,19 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qins.h — the public C API of libqins, the client library inference workers link to fetch
- * decoded weights from qinsd. This is the only installed header.
+ * decoded weights from qinsd. Installed with qins_base.h (proto/: the version and the error map,
+ * shared with the daemon and the store), which it includes.
  *
  * Design: one blocking connection per thread (a qins_client is not thread-safe); every call is
  * one msgpack-RPC round trip on the Unix socket (docs/PROTOCOL.md). Payloads of `get` are read
  * from the socket straight into the caller's buffer: no intermediate copy.
  *
- * Errors: every function returns 0 or a negative code. Codes in QINS_ERR_MAP are the project's
- * (<= -1000), stable and append-only; they are also the codes that cross the wire. Other negative
- * values are negated errno values passed through (-ENOENT, -ECONNREFUSED, ...). qins_strerror()
- * names both; qins_client_error() gives the last call's full message (the server's text included).
- * A lost connection is repaired inside the call (qins_set_retry): the caller sees QINS_ECLOSED only
- * once the retry budget is spent.
+ * Errors: every function returns 0 or a negative code. Codes in QINS_ERR_MAP (qins_base.h) are
+ * the project's (<= -1000), stable and append-only; they are also the codes that cross the wire.
+ * Other negative values are negated errno values passed through (-ENOENT, -ECONNREFUSED, ...).
+ * qins_strerror() names both; qins_client_error() gives the last call's full message (the
+ * server's text included). A lost connection is repaired inside the call (qins_set_retry): the
+ * caller sees QINS_ECLOSED only once the retry budget is spent.
  */
 #ifndef QINS_H
 #define QINS_H
@@ -26,60 +27,13 @@ extern "C" {
 
 #define QINS_EXTERN __attribute__((visibility("default")))
 
-#define QINS_VERSION_MAJOR 0
-#define QINS_VERSION_MINOR 1
-#define QINS_VERSION_PATCH 0
-#define QINS_VERSION_HEX ((QINS_VERSION_MAJOR << 16) | (QINS_VERSION_MINOR << 8) | QINS_VERSION_PATCH)
-#define QINS_VERSION_STRING "0.1.0"
-
-/* Error codes: NAME, value, message. Append-only; values are never reused (they cross the wire). */
-#define QINS_ERR_MAP(X)                                                                      \
-  X(PROTO,          -1000, "malformed request")                                              \
-  X(TOO_LARGE,      -1001, "request exceeds the size limit")                                  \
-  X(UNKNOWN_METHOD, -1002, "unknown method")                                                  \
-  X(BAD_PARAMS,     -1003, "missing or ill-typed parameter")                                  \
-  X(NO_MODEL,       -1004, "no such model")                                                   \
-  X(NO_TENSOR,      -1005, "no such tensor")                                                  \
-  X(BAD_SLICE,      -1006, "bad slice (out of range, reversed or too many ranges)")          \
-  X(RESPONSE_TOO_LARGE, -1007, "response exceeds the size limit: request a slice")            \
-  X(DENIED,         -1008, "permission denied")                                               \
-  X(BUSY,           -1009, "too many connections")                                            \
-  X(CHECKSUM,       -1010, "stored data failed its checksum")                                 \
-  X(CORRUPT,        -1011, "stored record is malformed")                                      \
-  X(NONFINITE,      -1012, "NaN or infinity in a tensor bound for a lossy codec")             \
-  X(FORMAT,         -1013, "malformed input file")                                            \
-  X(UNSUPPORTED,    -1014, "unsupported")                                                     \
-  X(STORE_FULL,     -1015, "the store is out of space")                                       \
-  X(NAME,           -1016, "bad or too long name")                                            \
-  X(SHUTDOWN,       -1017, "the server is shutting down")                                     \
-  X(INTERNAL,       -1018, "internal error")                                                  \
-  X(NOMEM,          -1019, "out of memory")                                                   \
-  X(IO,             -1020, "I/O error")                                                       \
-  X(TIMEOUT,        -1021, "timed out")                                                       \
-  X(CLOSED,         -1022, "connection closed")                                               \
-  X(DTYPE,          -1023, "unsupported dtype")                                               \
-  X(INVALID,        -1024, "invalid argument")                                                \
-  X(BUFFER,         -1025, "buffer too small")                                                \
-  X(VERSION,        -1026, "unsupported format or protocol version")                          \
-  X(LOCKED,         -1027, "the store is locked by another writer")
-
-typedef enum qins_err {
-  QINS_OK = 0,
-#define QINS__ERR_ENUM(name, val, msg) QINS_E##name = (val),
-  QINS_ERR_MAP(QINS__ERR_ENUM)
-#undef QINS__ERR_ENUM
-} qins_err;
-
-/* "PROTO", "NO_TENSOR", ... for project codes; "ENOENT"-style for errno values; never NULL. */
-QINS_EXTERN const char *qins_err_name(int code);
-/* A human message for any code (project or negated errno); never NULL. */
-QINS_EXTERN const char *qins_strerror(int code);
-QINS_EXTERN unsigned qins_version(void); /* QINS_VERSION_HEX of the library */
+/* The version, the error map (QINS_ERR_MAP, qins_err, qins_err_name, qins_strerror) and
+ * qins_version: shared with the daemon and the store, installed beside this header. */
+#include "qins_base.h"
 
 /* Output dtypes of decoded data. Values match the wire names "f32", "f16", "bf16". */
 typedef enum qins_dtype { QINS_F32 = 0, QINS_F16 = 1, QINS_BF16 = 2 } qins_dtype;
 
-#define QINS_MAX_NDIM 8    /* tensors have at most this many dimensions */
 #define QINS_MAX_NAME 256  /* model and tensor names: bytes, NUL excluded (LMDB keys <= 511) */
 
 /* One [start, stop) range on one dimension. */

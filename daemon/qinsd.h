@@ -48,7 +48,7 @@
 #include <uv.h>
 
 #include "proto.h"
-#include "qins.h"
+#include "qins_base.h"
 #include "store.h"
 
 #define QD_SERVER_NAME "qinsd " QINS_VERSION_STRING

@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * errors.c — names and messages for every qins error code: the project's QINS_ERR_MAP codes
- * (client/qins.h, <= -1000, the ones that cross the wire) and negated errno values.
+ * (proto/qins_base.h, <= -1000, the ones that cross the wire) and negated errno values.
  */
 #include <errno.h>
 #include <string.h>
 
-#include "qins.h"
+#include "qins_base.h"
 
 const char *qins_err_name(int code) {
   switch (code) {

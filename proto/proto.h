@@ -37,7 +37,7 @@
 
 #include <msgpack.h>
 
-#include "qins.h"
+#include "qins_base.h"
 
 #define QP_PROTOCOL_VERSION 1 /* hello's `protocol`; bumped only for incompatible changes */
 #define QP_MAX_DEPTH 8        /* nesting depth of containers in a request (PROTOCOL.md §2) */

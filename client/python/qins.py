@@ -39,7 +39,7 @@ import numpy as np
 __version__ = "0.1.0"
 PROTOCOL = 1
 
-# PROTOCOL.md §3 (client/qins.h QINS_ERR_MAP), name by code.
+# PROTOCOL.md §3 (proto/qins_base.h QINS_ERR_MAP), name by code.
 ERRORS = {
     -1000: "PROTO", -1001: "TOO_LARGE", -1002: "UNKNOWN_METHOD", -1003: "BAD_PARAMS",
     -1004: "NO_MODEL", -1005: "NO_TENSOR", -1006: "BAD_SLICE", -1007: "RESPONSE_TOO_LARGE",
