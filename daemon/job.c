@@ -89,15 +89,14 @@ static job *job_of(qd_ask *a) { return (job *)((char *)a - offsetof(job, ask)); 
  * costs no malloc of the job (about 3 KiB) or of its plan. Jobs are made and freed on the loop
  * thread only (pool threads run job_run on a job they do not free). */
 #define JOB_SPARE_ITEMS 8 /* items array kept with the spare job: enough for a get */
-static job *job_spare;
 
 qd_ask *qd_job_new(void) {
-  job *j = job_spare;
+  job *j = qd_srv.jb.spare;
   if (!j) {
     j = calloc(1, sizeof(job));
     return j ? &j->ask : NULL;
   }
-  job_spare = NULL;
+  qd_srv.jb.spare = NULL;
   item *items = j->plan.items;
   size_t cap = j->plan.cap_items;
   memset(j, 0, offsetof(job, req)); /* req is set by qd_job_start */
@@ -109,8 +108,8 @@ qd_ask *qd_job_new(void) {
 static void job_free(job *j) {
   free(j->ask.names);
   if (!j->plan.borrowed) qd_buf_release(j->plan.payload, j->plan.payload_cap);
-  if (!job_spare && j->plan.cap_items <= JOB_SPARE_ITEMS) {
-    job_spare = j;
+  if (!qd_srv.jb.spare && j->plan.cap_items <= JOB_SPARE_ITEMS) {
+    qd_srv.jb.spare = j;
     return;
   }
   free(j->plan.items);

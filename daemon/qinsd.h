@@ -174,6 +174,9 @@ typedef struct qd_server {
     uint64_t next_id;          /* next client number, from 1 */
     uint64_t n_open;           /* connections not yet freed (refused ones included) */
   } cn;
+  struct {                     /* job.c */
+    struct job *spare;         /* one freed job kept for the next request */
+  } jb;
   struct {                     /* stats.c: the payload buffer cache */
     struct { void *p; size_t cap; } slot[QD_BUF_SLOTS];
     size_t cached;             /* bytes held */
