@@ -205,11 +205,81 @@ static int qs__st_kind(qs_st_dtype d, qs__src *s) {
   }
 }
 
+/* --------------------------------------------------------------------------------------------
+ * Sniffing: what a file is, from its first bytes, before any parser sees it. */
+enum { QS__F_SAFETENSORS, QS__F_GGUF, QS__F_NPY, QS__F_UNKNOWN };
+
+/* Whether the zip at fd is a NumPy .npz: its first member's name ends in ".npy" (local file
+ * header: name length u16 at 26, name at 30). */
+static int qs__zip_is_npz(int fd) {
+  unsigned char h[30 + 256];
+  ssize_t got = pread(fd, h, sizeof h, 0);
+  if (got < 30) return 0;
+  size_t nl = (size_t)(h[26] | (h[27] << 8));
+  if (nl < 4 || 30 + nl > (size_t)got) return 0;
+  return !memcmp(h + 30 + nl - 4, ".npy", 4);
+}
+
+/* Classifies path by content (the extension only breaks ties for files too short to tell). Files
+ * that are not model weights in a format qins reads, but are often mistaken for them, fail here
+ * with a message naming what the file is and what to do:
+ *   "version https://git-lfs..."  a Git LFS pointer: the real file was never fetched;
+ *   PK\x03\x04                    a zip: NumPy .npz (members *.npy) or a PyTorch .bin/.pt;
+ *   \x80 + protocol 2..5           a raw pickle (older PyTorch .bin). */
+static int qs__sniff(const char *path, int *kind) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return qs__fail(-errno, "%s: cannot open: %s", path, strerror(errno));
+  unsigned char m[64] = {0};
+  ssize_t got = pread(fd, m, sizeof m, 0);
+  struct stat st;
+  int have_st = fstat(fd, &st) == 0;
+  int npz = got >= 4 && !memcmp(m, "PK\x03\x04", 4) && qs__zip_is_npz(fd);
+  close(fd);
+  if (got < 0) return qs__fail(QINS_EIO, "%s: read error: %s", path, strerror(errno));
+  *kind = QS__F_UNKNOWN;
+  if (got >= 4 && !memcmp(m, "GGUF", 4)) *kind = QS__F_GGUF;
+  else if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) *kind = QS__F_NPY;
+  else if (got >= 23 && !memcmp(m, "version https://git-lfs", 23))
+    return qs__fail(QINS_EFORMAT,
+                    "%s: this is a Git LFS pointer (%lld bytes), not the model file: fetch the "
+                    "real file (git lfs pull, or huggingface-cli download) and import that",
+                    path, have_st ? (long long)st.st_size : (long long)got);
+  else if (npz || (got >= 4 && !memcmp(m, "PK\x03\x04", 4) && qs__ends_with(path, ".npz")))
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a NumPy .npz archive (a zip of .npy files): unpack it "
+                    "(unzip -d DIR FILE) and import the directory of .npy files",
+                    path);
+  else if (got >= 4 && !memcmp(m, "PK\x03\x04", 4))
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a zip archive (a PyTorch .bin/.pt checkpoint): qins does not read "
+                    "pickles; convert it to safetensors (e.g. safetensors.torch.save_file) and "
+                    "import that",
+                    path);
+  else if (got >= 2 && m[0] == 0x80 && m[1] >= 2 && m[1] <= 5)
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a Python pickle (protocol %u; an older PyTorch .bin): qins does "
+                    "not read pickles; convert it to safetensors (e.g. safetensors.torch.save_file) "
+                    "and import that",
+                    path, m[1]);
+  else if (got >= 9 && m[8] == '{') *kind = QS__F_SAFETENSORS;
+  if (*kind == QS__F_UNKNOWN) {
+    if (qs__ends_with(path, ".gguf")) *kind = QS__F_GGUF;
+    else if (qs__ends_with(path, ".npy")) *kind = QS__F_NPY;
+    else *kind = QS__F_SAFETENSORS; /* its parser names what is wrong */
+  }
+  return 0;
+}
+
 /* Adds the tensors of safetensors file `path`; the first file's metadata goes to *meta. */
 static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
   char err[1024];
   qs_st_file *f;
-  int rc = qs_st_open(path, &f, err, sizeof err);
+  int kind, rc = qs__sniff(path, &kind);
+  if (rc) return rc;
+  if (kind != QS__F_SAFETENSORS)
+    return qs__fail(QINS_EFORMAT, "%s: this is a %s file, not safetensors", path,
+                    kind == QS__F_GGUF ? "GGUF" : ".npy");
+  rc = qs_st_open(path, &f, err, sizeof err);
   if (rc) return qs__fail(rc, "%s", err);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
@@ -564,11 +634,15 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
     DIR *d = opendir(path);
     if (!d) return qs__fail(-errno, "%s: %s", path, strerror(errno));
     char **names = NULL;
-    size_t n = 0, n_st = 0, n_npy = 0;
+    size_t n = 0, n_st = 0, n_npy = 0, n_pt = 0, n_npz = 0, n_gguf = 0;
     struct dirent *e;
     int rc = 0;
     while ((e = readdir(d))) {
       int is_st = qs__ends_with(e->d_name, ".safetensors"), is_npy = qs__ends_with(e->d_name, ".npy");
+      n_pt += qs__ends_with(e->d_name, ".bin") || qs__ends_with(e->d_name, ".pt") ||
+              qs__ends_with(e->d_name, ".pth");
+      n_npz += qs__ends_with(e->d_name, ".npz");
+      n_gguf += qs__ends_with(e->d_name, ".gguf");
       if (!is_st && !is_npy) continue;
       char **nn = realloc(names, (n + 1) * sizeof *nn);
       if (!nn || !(nn[n] = strdup(e->d_name))) {
@@ -601,6 +675,15 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
         qs__stem(names[i], stem, sizeof stem);
         rc = qs__npy_sources(p, stem, L);
       }
+    } else if (!rc && n_st == 0 && n_npy == 0) {
+      /* Name what is there instead, and what to do with it. */
+      rc = qs__fail(QINS_EFORMAT,
+                    "%s: directory holds no .safetensors or .npy files%s%s%s%s%s%s%s", path,
+                    n_pt ? "; " : "", n_pt ? "PyTorch .bin/.pt checkpoints: convert them to "
+                                             "safetensors" : "",
+                    n_npz ? "; " : "", n_npz ? ".npz archives: unpack them into .npy files" : "",
+                    n_gguf ? "; " : "", n_gguf ? ".gguf files: import the .gguf file itself" : "",
+                    n_pt + n_npz + n_gguf ? "" : " (nothing qins can import)");
     } else if (!rc) {
       rc = qs__fail(QINS_EFORMAT,
                     "%s: directory holds %zu .safetensors and %zu .npy files and no "
@@ -621,20 +704,11 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
     }
     return qs__index_sources(path, L, meta);
   }
-  /* Sniff the magic: GGUF, NUMPY, else safetensors. */
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return qs__fail(-errno, "%s: cannot open: %s", path, strerror(errno));
-  unsigned char m[6] = {0};
-  ssize_t got = pread(fd, m, 6, 0);
-  close(fd);
-  if (got >= 4 && !memcmp(m, "GGUF", 4)) return qs__gguf_sources(path, L, meta, o->allow_requant);
-  if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) {
-    char stem[QS_MAX_NAME + 1];
-    qs__stem(path, stem, sizeof stem);
-    return qs__npy_sources(path, stem, L);
-  }
-  if (qs__ends_with(path, ".gguf")) return qs__gguf_sources(path, L, meta, o->allow_requant);
-  if (qs__ends_with(path, ".npy")) {
+  /* By content first: GGUF, NUMPY, safetensors, or a named refusal. */
+  int kind, rc = qs__sniff(path, &kind);
+  if (rc) return rc;
+  if (kind == QS__F_GGUF) return qs__gguf_sources(path, L, meta, o->allow_requant);
+  if (kind == QS__F_NPY) {
     char stem[QS_MAX_NAME + 1];
     qs__stem(path, stem, sizeof stem);
     return qs__npy_sources(path, stem, L);
