@@ -40,7 +40,7 @@ static const char *const src_dtype_names[QS_DT_COUNT] = {
 static const uint8_t src_dtype_size[QS_DT_COUNT] = {4, 2, 2, 8, 1, 1, 2, 2, 4, 4, 8, 8, 1};
 
 static const char *src_dtype_name(qs_dtype d) {
-  return (unsigned)d < QS_DT_COUNT ? src_dtype_names[d] : "?";
+  return (unsigned)d < QS_DT_COUNT && src_dtype_names[d] ? src_dtype_names[d] : qs_dtype_name(d);
 }
 static const char *codec_name(int codec) {
   return codec == QS_RAW ? "raw" : qc_codec_name((qc_codec)codec);

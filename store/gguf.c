@@ -10,8 +10,10 @@
  * most 4 dims, element count without overflow, known type, offsets aligned and equal to the
  * running sum of padded sizes, data inside the file. GGUF lists dims innermost first (ne[0] is the
  * contiguous axis): the row-major shape is ne reversed, with the same bytes.
- * Types: F32, F16, BF16, F64 (codecs), I8..I64 (raw); Q8_0 and Q4_0 are dequantized when
- * allow_requant is set; every other quantized type is refused, naming it.
+ * Types: F32, F16, BF16, F64 (codecs), I8..I64 (raw); the block types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+ * Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K are listed as QS__K_BLOCKS with their own qs_dtype and dequantized
+ * exactly by gguf_quant.c (the codec policy decides whether they are re-encoded: import.c); every
+ * other quantized type (IQ*, TQ*, MXFP4, Q8_1) is refused, naming it.
  * Metadata kept with the model: string and scalar KVs as strings (arrays such as the tokenizer's
  * are skipped, and so are keys that are not UTF-8), plus "source_format": "gguf"; string values
  * that are not UTF-8 keep their valid parts (U+FFFD for the rest).
@@ -150,6 +152,24 @@ static const qs__gtype qs__gtypes[] = {
 };
 #define QS__NGTYPES (sizeof qs__gtypes / sizeof qs__gtypes[0])
 
+/* The qs_dtype of a ggml block type qins dequantizes, or -1. */
+static int qs__gblock_dtype(uint32_t ty) {
+  switch (ty) {
+  case 2: return QS_DT_Q4_0;
+  case 3: return QS_DT_Q4_1;
+  case 6: return QS_DT_Q5_0;
+  case 7: return QS_DT_Q5_1;
+  case 8: return QS_DT_Q8_0;
+  case 10: return QS_DT_Q2_K;
+  case 11: return QS_DT_Q3_K;
+  case 12: return QS_DT_Q4_K;
+  case 13: return QS_DT_Q5_K;
+  case 14: return QS_DT_Q6_K;
+  case 15: return QS_DT_Q8_K;
+  default: return -1;
+  }
+}
+
 static int qs__key_cmp(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
@@ -161,7 +181,7 @@ static int qs__gguf_meta_key(const char *key, uint64_t kl) {
   return qs__utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13));
 }
 
-int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int allow_requant) {
+int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   qs__gr *r = calloc(1, sizeof *r);
   if (!r) return qs__fail(QINS_ENOMEM, "out of memory");
   r->path = path;
@@ -379,18 +399,10 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
       break;
     }
     const qs__gtype *gt = &qs__gtypes[ty];
-    int quant = gt->blck > 1;
-    if (quant && ty != 8 && ty != 2) {
+    if (gt->blck > 1 && qs__gblock_dtype(ty) < 0) {
       qs__gr_fail(r, QINS_EUNSUPPORTED,
-                  "tensor %s has quantized type %s, which is not supported (F32, F16, BF16 are; "
-                  "Q8_0 and Q4_0 with --allow-requant)",
-                  s->name, gt->name);
-      break;
-    }
-    if (quant && !allow_requant) {
-      qs__gr_fail(r, QINS_EUNSUPPORTED,
-                  "tensor %s has quantized type %s: re-encoding it stacks two quantization "
-                  "errors; pass --allow-requant to dequantize it",
+                  "tensor %s has quantized type %s, which is not supported (Q4_0 Q4_1 Q5_0 Q5_1 "
+                  "Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K are, and F32 F16 BF16 F64 I8..I64)",
                   s->name, gt->name);
       break;
     }
@@ -417,12 +429,12 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
     case 25: s->dtype = QS_DT_I16; break;
     case 26: s->dtype = QS_DT_I32; break;
     case 27: s->dtype = QS_DT_I64; break;
-    case 8:
-    case 2:
-      s->kind = ty == 8 ? QS__K_Q8_0 : QS__K_Q4_0;
-      s->dtype = QS_DT_F32;
-      break;
     default:
+      if (gt->blck > 1) {
+        s->kind = QS__K_BLOCKS;
+        s->dtype = (qs_dtype)qs__gblock_dtype(ty);
+        break;
+      }
       qs__gr_fail(r, QINS_EINTERNAL, "tensor %s: unhandled type %s", s->name, gt->name);
     }
   }

@@ -237,7 +237,11 @@ static int qs__sniff(const char *path, int *kind) {
   close(fd);
   if (got < 0) return qs__fail(QINS_EIO, "%s: read error: %s", path, strerror(errno));
   *kind = QS__F_UNKNOWN;
-  if (got >= 4 && !memcmp(m, "GGUF", 4)) *kind = QS__F_GGUF;
+  /* safetensors first: its u64 header length can begin like a pickle (0x80 0x02 is N = 640). */
+  uint64_t hn = got >= 8 ? qs__get_u64(m) : 0;
+  if (got >= 9 && m[8] == '{' && have_st && hn <= (uint64_t)st.st_size - 8)
+    *kind = QS__F_SAFETENSORS;
+  else if (got >= 4 && !memcmp(m, "GGUF", 4)) *kind = QS__F_GGUF;
   else if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) *kind = QS__F_NPY;
   else if (got >= 23 && !memcmp(m, "version https://git-lfs", 23))
     return qs__fail(QINS_EFORMAT,
@@ -261,7 +265,6 @@ static int qs__sniff(const char *path, int *kind) {
                     "not read pickles; convert it to safetensors (e.g. safetensors.torch.save_file) "
                     "and import that",
                     path, m[1]);
-  else if (got >= 9 && m[8] == '{') *kind = QS__F_SAFETENSORS;
   if (*kind == QS__F_UNKNOWN) {
     if (qs__ends_with(path, ".gguf")) *kind = QS__F_GGUF;
     else if (qs__ends_with(path, ".npy")) *kind = QS__F_NPY;
@@ -406,8 +409,8 @@ static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta
 static uint64_t qs__src_row_len(const qs__src *s) { return s->ndim ? s->shape[s->ndim - 1] : 1; }
 static uint64_t qs__src_row_bytes(const qs__src *s) {
   uint64_t rl = qs__src_row_len(s);
-  if (s->kind == QS__K_Q8_0) return rl / 32 * 34;
-  if (s->kind == QS__K_Q4_0) return rl / 32 * 18;
+  unsigned bw, bb;
+  if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) return rl / bw * bb;
   return rl * qs_dtype_size(s->dtype);
 }
 
@@ -427,23 +430,9 @@ static int qs__pread_all(int fd, void *buf, uint64_t n, uint64_t off) {
 
 static void qs__to_f32(const qs__src *s, const uint8_t *src, uint64_t n_rows, float *dst) {
   uint64_t rl = qs__src_row_len(s), n = n_rows * rl;
-  if (s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0) {
-    uint64_t nb = n / 32;
-    for (uint64_t b = 0; b < nb; b++) {
-      uint16_t h = (uint16_t)(src[0] | (src[1] << 8));
-      float d = qc_f16_to_f32(h);
-      float *y = dst + b * 32;
-      if (s->kind == QS__K_Q8_0) {
-        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)src[2 + j] * d;
-        src += 34;
-      } else {
-        for (int j = 0; j < 16; j++) {
-          y[j] = (float)((src[2 + j] & 0x0F) - 8) * d;
-          y[j + 16] = (float)((src[2 + j] >> 4) - 8) * d;
-        }
-        src += 18;
-      }
-    }
+  unsigned bw, bb;
+  if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) {
+    qs__gguf_dequant(s->dtype, src, n / bw, dst);
     return;
   }
   switch (s->dtype) {
@@ -470,14 +459,20 @@ void qs_import_opts_init(qs_import_opts *o) {
 }
 
 static int qs__is_float(const qs__src *s) {
-  return s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0 ||
+  return s->kind == QS__K_BLOCKS ||
          (s->kind == QS__K_PLAIN && (s->dtype == QS_DT_F32 || s->dtype == QS_DT_F16 ||
                                      s->dtype == QS_DT_BF16 || s->dtype == QS_DT_F64));
 }
 
+/* The codec policy (store.h §Importers). Block-quantized GGUF sources are stored as their exact
+ * dequantized f32 values unless allow_requant lets the rules re-encode them: their values are
+ * d * q (- m) products that f16/bf16 generally cannot hold, and a lossy codec would stack a second
+ * quantization error on the first. A 1-D f16/bf16 tensor keeps its own dtype (no widening). */
 static int qs__codec_for(const qs__src *s, const qs_import_opts *o) {
   if (!qs__is_float(s)) return QS_RAW;
-  int c = s->ndim >= 2 ? QC_QINS8 : QC_F32;
+  if (s->kind == QS__K_BLOCKS && !o->allow_requant) return QC_F32;
+  int c = s->ndim >= 2 ? QC_QINS8 : s->dtype == QS_DT_F16 ? QC_F16
+                                  : s->dtype == QS_DT_BF16 ? QC_BF16 : QC_F32;
   if (o->codec >= 0) c = o->codec;
   for (size_t i = 0; i < o->n_rules; i++)
     if (fnmatch(o->rules[i].glob, s->name, 0) == 0) c = o->rules[i].codec;
@@ -622,7 +617,7 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
 }
 
 /* Collects sources for path; *model_default gets the name to use without --model. */
-static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L, char **meta,
+static int qs__collect(const char *path, qs__srclist *L, char **meta,
                        char *model_default, size_t mcap) {
   struct stat st;
   if (stat(path, &st)) return qs__fail(-errno, "%s: %s", path, strerror(errno));
@@ -707,7 +702,7 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
   /* By content first: GGUF, NUMPY, safetensors, or a named refusal. */
   int kind, rc = qs__sniff(path, &kind);
   if (rc) return rc;
-  if (kind == QS__F_GGUF) return qs__gguf_sources(path, L, meta, o->allow_requant);
+  if (kind == QS__F_GGUF) return qs__gguf_sources(path, L, meta);
   if (kind == QS__F_NPY) {
     char stem[QS_MAX_NAME + 1];
     qs__stem(path, stem, sizeof stem);
@@ -725,7 +720,7 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
   memset(&L, 0, sizeof L);
   char *meta = NULL;
   char model[QS_MAX_NAME + 64];
-  int rc = qs__collect(path, o, &L, &meta, model, sizeof model);
+  int rc = qs__collect(path, &L, &meta, model, sizeof model);
   if (o->model) snprintf(model, sizeof model, "%s", o->model);
   int *codecs = NULL;
   qs_import *im = NULL;

@@ -203,7 +203,8 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   if (d->ndim < 0 || d->ndim > QS_MAX_NDIM)
     return qs__fail(QINS_EUNSUPPORTED, "tensor %s: %d dimensions (at most %d)", d->name, d->ndim,
                     QS_MAX_NDIM);
-  if ((unsigned)d->src_dtype >= QS_DT_COUNT)
+  if ((unsigned)d->src_dtype >= QS_DT_COUNT ||
+      (d->codec == QS_RAW && !qs_dtype_size(d->src_dtype)))
     return qs__fail(QINS_EDTYPE, "tensor %s: bad source dtype", d->name);
   if (d->codec != QS_RAW && (d->codec < 0 || d->codec >= QC_CODEC_COUNT || !d->params ||
                              (int)d->params->codec != d->codec))

@@ -180,3 +180,223 @@ Test(import_ecosystem, formats_are_found_by_magic_not_extension) {
   cr_assert_eq(memcmp(x, w, sizeof w), 0);
   free(x);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * GGUF block types: an independent dequantizer, element by element from ggml's layouts (the
+ * importer's works block by block in ggml's loop order; both must give the same bits). */
+typedef struct qtype {
+  uint32_t ggml;    /* ggml type id */
+  const char *name; /* qins src_dtype name */
+  int dt;           /* qs_dtype */
+  unsigned bw, bb;  /* weights, bytes per block */
+} qtype;
+
+static const qtype qtypes[] = {
+    {2, "q4_0", QS_DT_Q4_0, 32, 18},    {3, "q4_1", QS_DT_Q4_1, 32, 20},
+    {6, "q5_0", QS_DT_Q5_0, 32, 22},    {7, "q5_1", QS_DT_Q5_1, 32, 24},
+    {8, "q8_0", QS_DT_Q8_0, 32, 34},    {10, "q2_k", QS_DT_Q2_K, 256, 84},
+    {11, "q3_k", QS_DT_Q3_K, 256, 110}, {12, "q4_k", QS_DT_Q4_K, 256, 144},
+    {13, "q5_k", QS_DT_Q5_K, 256, 176}, {14, "q6_k", QS_DT_Q6_K, 256, 210},
+    {15, "q8_k", QS_DT_Q8_K, 256, 292},
+};
+#define NQTYPES (sizeof qtypes / sizeof qtypes[0])
+
+static float half_at(const uint8_t *p) { return qc_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+/* Scale j and min j (6 bits each) of Q4_K/Q5_K's 12 bytes: j < 4 in bytes j and j + 4; j >= 4 the
+ * low nibble (scale) / high nibble (min) of byte j + 4 with the top 2 bits from bytes j - 4 / j. */
+static void k4_scale(const uint8_t *q, int j, int *sc, int *m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 15) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+/* Q3_K's 16 signed scales through ggml's 32-bit mask arithmetic (kmask1 0x03030303, kmask2
+ * 0x0f0f0f0f), a different route from the importer's per-scale bit picking. */
+static void q3_scales(const uint8_t *s12, int8_t out[16]) {
+  uint32_t a[4];
+  memcpy(a, s12, 12);
+  uint32_t tmp = a[2];
+  a[2] = ((a[0] >> 4) & 0x0f0f0f0fu) | (((tmp >> 4) & 0x03030303u) << 4);
+  a[3] = ((a[1] >> 4) & 0x0f0f0f0fu) | (((tmp >> 6) & 0x03030303u) << 4);
+  a[0] = (a[0] & 0x0f0f0f0fu) | (((tmp >> 0) & 0x03030303u) << 4);
+  a[1] = (a[1] & 0x0f0f0f0fu) | (((tmp >> 2) & 0x03030303u) << 4);
+  uint8_t u[16];
+  memcpy(u, a, 16);
+  for (int i = 0; i < 16; i++) out[i] = (int8_t)(u[i] - 32);
+}
+
+static float ref_elem(int dt, const uint8_t *b, int i) {
+  switch (dt) {
+  case QS_DT_Q4_0: {
+    int q = i < 16 ? b[2 + i] & 15 : b[2 + i - 16] >> 4;
+    return (float)(q - 8) * half_at(b);
+  }
+  case QS_DT_Q4_1: {
+    int q = i < 16 ? b[4 + i] & 15 : b[4 + i - 16] >> 4;
+    return (float)q * half_at(b) + half_at(b + 2);
+  }
+  case QS_DT_Q5_0:
+  case QS_DT_Q5_1: {
+    int o = dt == QS_DT_Q5_1 ? 4 : 2;
+    uint32_t qh = (uint32_t)b[o] | (uint32_t)b[o + 1] << 8 | (uint32_t)b[o + 2] << 16 |
+                  (uint32_t)b[o + 3] << 24;
+    int q = (i < 16 ? b[o + 4 + i] & 15 : b[o + 4 + i - 16] >> 4) | (int)((qh >> i) & 1) << 4;
+    return dt == QS_DT_Q5_1 ? (float)q * half_at(b) + half_at(b + 2) : (float)(q - 16) * half_at(b);
+  }
+  case QS_DT_Q8_0: return (float)(int8_t)b[2 + i] * half_at(b);
+  case QS_DT_Q2_K:
+  case QS_DT_Q3_K: {
+    int n = i / 128, r = i % 128, s = r / 32, h = (r % 32) / 16, k = r % 32;
+    int is = n * 8 + s * 2 + h;
+    if (dt == QS_DT_Q2_K) {
+      int q = (b[16 + n * 32 + k] >> (2 * s)) & 3;
+      float dl = half_at(b + 80) * (float)(b[is] & 15), ml = half_at(b + 82) * (float)(b[is] >> 4);
+      return dl * (float)q - ml;
+    }
+    int8_t sc[16];
+    q3_scales(b + 96, sc);
+    int q = ((b[32 + n * 32 + k] >> (2 * s)) & 3) - ((b[k] >> (n * 4 + s)) & 1 ? 0 : 4);
+    return half_at(b + 108) * (float)sc[is] * (float)q;
+  }
+  case QS_DT_Q4_K:
+  case QS_DT_Q5_K: {
+    int c = i / 64, sub = (i % 64) / 32, l = i % 32, sc, m;
+    k4_scale(b + 4, 2 * c + sub, &sc, &m);
+    int qsoff = dt == QS_DT_Q5_K ? 48 : 16;
+    int q = sub ? b[qsoff + 32 * c + l] >> 4 : b[qsoff + 32 * c + l] & 15;
+    if (dt == QS_DT_Q5_K && (b[16 + l] >> (2 * c + sub)) & 1) q += 16;
+    float d1 = half_at(b) * (float)sc, m1 = half_at(b + 2) * (float)m;
+    return d1 * (float)q - m1;
+  }
+  case QS_DT_Q6_K: {
+    int n = i / 128, r = i % 128, g = r / 32, l = r % 32;
+    uint8_t lo = b[64 * n + l + (g & 1 ? 32 : 0)];
+    int q = ((g < 2 ? lo & 15 : lo >> 4) | (((b[128 + 32 * n + l] >> (2 * g)) & 3) << 4)) - 32;
+    int8_t sc = (int8_t)b[192 + 8 * n + l / 16 + 2 * g];
+    return half_at(b + 208) * (float)sc * (float)q;
+  }
+  case QS_DT_Q8_K: {
+    float d;
+    memcpy(&d, b, 4);
+    return d * (float)(int8_t)b[4 + i];
+  }
+  }
+  return NAN;
+}
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint32_t rnd(void) {
+  rng_state ^= rng_state << 13;
+  rng_state ^= rng_state >> 7;
+  rng_state ^= rng_state << 17;
+  return (uint32_t)(rng_state >> 11);
+}
+
+/* A random block whose fp16 (f32 for Q8_K) scales are finite and moderate. */
+static void random_block(const qtype *q, uint8_t *b) {
+  for (unsigned k = 0; k < q->bb; k++) b[k] = (uint8_t)rnd();
+  float lo = (float)(rnd() % 1000 + 1) / 4096.0f;
+  uint16_t h1 = qc_f32_to_f16(lo * ((rnd() & 1) ? 1 : -1)), h2 = qc_f32_to_f16((float)(rnd() % 997) / 8192.0f);
+  int d_at = -1, m_at = -1;
+  switch (q->dt) {
+  case QS_DT_Q4_0: case QS_DT_Q5_0: case QS_DT_Q8_0: d_at = 0; break;
+  case QS_DT_Q4_1: case QS_DT_Q5_1: case QS_DT_Q4_K: case QS_DT_Q5_K: d_at = 0; m_at = 2; break;
+  case QS_DT_Q2_K: d_at = 80; m_at = 82; break;
+  case QS_DT_Q3_K: d_at = 108; break;
+  case QS_DT_Q6_K: d_at = 208; break;
+  case QS_DT_Q8_K: memcpy(b, &lo, 4); break;
+  }
+  if (d_at >= 0) memcpy(b + d_at, &h1, 2);
+  if (m_at >= 0) memcpy(b + m_at, &h2, 2);
+}
+
+Test(import_ecosystem, gguf_block_types_dequantize_bit_for_bit) {
+  /* One tensor per type: ne = {2 * 256, 3} (row-major [3, 512]), random blocks. */
+  const uint64_t row = 512, rows = 3;
+  qt_buf b = {0};
+  qt_put(&b, "GGUF", 4);
+  qt_put_u32(&b, 3);
+  qt_put_u64(&b, NQTYPES);
+  qt_put_u64(&b, 0);
+  uint64_t off = 0, sizes[NQTYPES];
+  for (size_t t = 0; t < NQTYPES; t++) {
+    qt_put_gstr(&b, qtypes[t].name);
+    qt_put_u32(&b, 2);
+    qt_put_u64(&b, row);
+    qt_put_u64(&b, rows);
+    qt_put_u32(&b, qtypes[t].ggml);
+    qt_put_u64(&b, off);
+    sizes[t] = row * rows / qtypes[t].bw * qtypes[t].bb;
+    off += (sizes[t] + 31) / 32 * 32;
+  }
+  float *want[NQTYPES];
+  for (size_t t = 0; t < NQTYPES; t++) {
+    while (b.n % 32) qt_put(&b, "\0", 1);
+    want[t] = malloc(row * rows * sizeof(float));
+    uint8_t blk[292];
+    for (uint64_t k = 0; k < row * rows / qtypes[t].bw; k++) {
+      random_block(&qtypes[t], blk);
+      qt_put(&b, blk, qtypes[t].bb);
+      for (unsigned i = 0; i < qtypes[t].bw; i++) want[t][k * qtypes[t].bw + i] = ref_elem(qtypes[t].dt, blk, (int)i);
+    }
+  }
+  char p[256];
+  path_of(p, sizeof p, "quants.gguf");
+  cr_assert_eq(qt_write(p, b.p, b.n), 0);
+  free(b.p);
+  /* Default policy: exact f32 whatever --codec says; src_dtype the block type. */
+  cr_assert_eq(import_opts(p, "q", QC_QINS8, 0), 0, "%s", qs_error());
+  for (size_t t = 0; t < NQTYPES; t++) {
+    qs_tensor ten;
+    float *x = read_tensor("q", qtypes[t].name, &ten);
+    cr_assert_eq(ten.codec, QC_F32, "%s", qtypes[t].name);
+    cr_assert_str_eq(qs_dtype_name(ten.src_dtype), qtypes[t].name);
+    cr_assert_eq(ten.src_bytes, sizes[t], "%s", qtypes[t].name);
+    cr_assert(ten.shape[0] == rows && ten.shape[1] == row);
+    cr_assert(isinf(ten.snr_db), "%s: %g", qtypes[t].name, ten.snr_db);
+    for (uint64_t i = 0; i < row * rows; i++) {
+      uint32_t a, w;
+      memcpy(&a, &x[i], 4);
+      memcpy(&w, &want[t][i], 4);
+      cr_assert_eq(a, w, "%s element %llu: %a, want %a", qtypes[t].name, (unsigned long long)i,
+                   (double)x[i], (double)want[t][i]);
+    }
+    free(x);
+  }
+  /* --allow-requant: the rules apply (qins8 for matrices); the source type is still named. */
+  cr_assert_eq(import_opts(p, "r", -1, 1), 0, "%s", qs_error());
+  qs_tensor ten;
+  float *x = read_tensor("r", "q4_k", &ten);
+  cr_assert_eq(ten.codec, QC_QINS8);
+  cr_assert_eq(ten.src_dtype, QS_DT_Q4_K);
+  cr_assert(isfinite(ten.snr_db) && ten.snr_db > 20, "%g", ten.snr_db);
+  free(x);
+  for (size_t t = 0; t < NQTYPES; t++) free(want[t]);
+}
+
+Test(import_ecosystem, gguf_unsupported_block_type_is_named) {
+  qt_buf b = {0};
+  qt_put(&b, "GGUF", 4);
+  qt_put_u32(&b, 3);
+  qt_put_u64(&b, 1);
+  qt_put_u64(&b, 0);
+  qt_put_gstr(&b, "iq");
+  qt_put_u32(&b, 1);
+  qt_put_u64(&b, 256);
+  qt_put_u32(&b, 23); /* IQ4_XS */
+  qt_put_u64(&b, 0);
+  while (b.n % 32) qt_put(&b, "\0", 1);
+  uint8_t z[136] = {0};
+  qt_put(&b, z, sizeof z);
+  char p[256];
+  path_of(p, sizeof p, "iq.gguf");
+  cr_assert_eq(qt_write(p, b.p, b.n), 0);
+  free(b.p);
+  cr_assert_eq(import_opts(p, "iq", -1, 1), QINS_EUNSUPPORTED);
+  cr_assert(strstr(qs_error(), "IQ4_XS") && strstr(qs_error(), "Q4_K"), "%s", qs_error());
+}

@@ -2,7 +2,7 @@
 /*
  * import_formats.c — importers on valid inputs (store.h §Importers; FORMATS-AND-PEERS.md §1):
  * GGUF v2/v3 with reversed dims and F32/F16/BF16, Q8_0/Q4_0 dequantization against the ggml
- * formulas, .npy v1/v2/v3 (file and directory), a sharded safetensors model, unaligned data.
+ * formulas (every block type: import_ecosystem.c), .npy v1/v2/v3 (file and directory), a sharded safetensors model, unaligned data.
  * Values are checked by reading the store back (f32 codec: exact).
  */
 #include <criterion/criterion.h>
@@ -186,10 +186,15 @@ Test(import_formats, gguf_q8_0_and_q4_0_dequantize_like_ggml) {
   snprintf(p, sizeof p, "%s/q.gguf", dir);
   cr_assert_eq(qt_write(p, b.p, b.n), 0);
   free(b.p);
-  cr_assert_eq(import(p, "q", QC_F32, 0), QINS_EUNSUPPORTED);
-  cr_assert(strstr(qs_error(), "quantized type Q8_0") && strstr(qs_error(), "--allow-requant"), "%s", qs_error());
-  cr_assert_eq(import(p, "q", QC_F32, 1), 0, "%s", qs_error());
+  /* The default policy stores the dequantized values exactly (f32), whatever --codec asks. */
+  cr_assert_eq(import(p, "q", QC_QINS8, 0), 0, "%s", qs_error());
   qs_tensor t;
+  float *x0 = read_tensor("q", "q8", &t);
+  cr_assert_eq(t.codec, QC_F32);
+  cr_assert_eq(t.src_dtype, QS_DT_Q8_0);
+  cr_assert_eq(memcmp(x0, want8, sizeof want8), 0);
+  free(x0);
+  cr_assert_eq(import(p, "q", QC_F32, 1), 0, "%s", qs_error());
   float *x = read_tensor("q", "q8", &t);
   cr_assert(t.shape[0] == 2 && t.shape[1] == 64);
   cr_assert_eq(t.src_bytes, 136);
