@@ -216,6 +216,9 @@ typedef struct qs_tensor_desc {
   uint64_t shape[QS_MAX_NDIM];  /* row-major */
   int codec;                    /* qc_codec, or QS_RAW for integer/bool data */
   const qc_params *params;      /* codec parameters (params->codec == codec); NULL for QS_RAW */
+  const qc_stats *src_stats;    /* NULL, or error figures the caller measured against the source's
+                                   own values (wider than the f32 rows it passes, e.g. f64): the
+                                   record's snr_db/max_err come from them, not from the encoder */
 } qs_tensor_desc;
 
 /* metadata_json: a JSON object text kept with the model (NULL: "{}"). Model and tensor names
@@ -345,7 +348,11 @@ typedef struct qs_import_opts {
 typedef struct qs_import_result {
   char model[QS_MAX_NAME + 1]; /* name it was stored under */
   uint64_t n_tensors, n_elem, src_bytes, stored_bytes;
-  double snr_db_2d;            /* element-weighted SNR over lossy tensors with >= 2 dims */
+  double snr_db_2d;            /* element-weighted SNR over inexact tensors with >= 2 dims */
+  uint64_t n_narrowed;         /* tensors stored f32/f16/bf16 whose values differ from the source's
+                                  (f64 to f32, bf16 as f16, ...): SNR against the source values */
+  double snr_db_narrowed;      /* the lowest SNR among them (+inf if none) */
+  char narrowed_tensor[QS_MAX_NAME + 1]; /* the tensor with that SNR ("" if none) */
 } qs_import_result;
 
 void qs_import_opts_init(qs_import_opts *o);

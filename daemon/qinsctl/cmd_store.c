@@ -81,6 +81,15 @@ int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule) {
   return 0;
 }
 
+/* An SNR for people: "lossless" only when nothing differs from the source (+inf), "overflow"
+ * when values became infinite (-inf: a narrowing out of range), else "%.2f" + unit. */
+static const char *qctl_snr(double snr, const char *unit, char *buf, size_t cap) {
+  if (isinf(snr) && snr > 0) snprintf(buf, cap, "lossless");
+  else if (!isfinite(snr)) snprintf(buf, cap, "overflow");
+  else snprintf(buf, cap, "%.2f%s", snr, unit);
+  return buf;
+}
+
 static void qctl_shape(FILE *f, const qs_tensor *t, int json) {
   fputc('[', f);
   for (int i = 0; i < t->ndim; i++) fprintf(f, "%s%llu", i ? (json ? "," : ", ") : "", (unsigned long long)t->shape[i]);
@@ -177,9 +186,14 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, res.model);
-    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,",
+    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
+           "\"narrowed\":%llu,\"snr_db_narrowed\":",
            (unsigned long long)res.n_tensors, (unsigned long long)res.n_elem,
-           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes);
+           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes,
+           (unsigned long long)res.n_narrowed);
+    if (isinf(res.snr_db_narrowed) && res.snr_db_narrowed < 0) fputs("\"-inf\"", stdout);
+    else qctl_jnum(stdout, res.snr_db_narrowed);
+    putchar(',');
     qctl_json_import_figures(bpw, ratio, res.snr_db_2d, dt, mbs);
   } else {
     char a[32], b[32];
@@ -187,6 +201,12 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
            "%.1f MB/s\n",
            res.model, (unsigned long long)res.n_tensors, qctl_human(res.src_bytes, a, sizeof a),
            qctl_human(res.stored_bytes, b, sizeof b), ratio, bpw, res.snr_db_2d, mbs);
+    if (res.n_narrowed) {
+      char snr[32];
+      printf("  %llu tensor%s narrowed from the source dtype, lowest SNR %s (%s)\n",
+             (unsigned long long)res.n_narrowed, res.n_narrowed == 1 ? "" : "s",
+             qctl_snr(res.snr_db_narrowed, " dB", snr, sizeof snr), res.narrowed_tensor);
+    }
   }
   qs_close(s);
   return QCTL_OK;
@@ -250,8 +270,7 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
       k += snprintf(shp + k, sizeof shp - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
     if (!t->ndim) snprintf(shp, sizeof shp, "scalar");
     char snr[32];
-    if (isfinite(t->snr_db)) snprintf(snr, sizeof snr, "%.2f dB", t->snr_db);
-    else snprintf(snr, sizeof snr, "lossless");
+    qctl_snr(t->snr_db, " dB", snr, sizeof snr);
     printf("%-40s %-14s %-5s %-8s %11s  %s\n", t->name, shp, qs_dtype_name(t->src_dtype),
            qs_codec_name(t->codec), qctl_human(t->stored_bytes, b, sizeof b), snr);
   }
@@ -371,8 +390,13 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
              (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
              cost.params_bytes ? (cost.params_first ? ", paid here" : ", shared") : "");
       if (cost.params_id) printf("params id:      %016llx\n", (unsigned long long)cost.params_id);
-      if (isfinite(ten.snr_db)) printf("SNR:            %.3f dB\nmax error:      %g\n", ten.snr_db, ten.max_err);
-      else printf("SNR:            lossless\n");
+      if (isinf(ten.snr_db) && ten.snr_db > 0) printf("SNR:            lossless\n");
+      else printf("SNR:            %.3f dB%s\nmax error:      %g\n", ten.snr_db,
+                  qs_dtype_size(ten.src_dtype) > qc_dtype_size((qc_dtype)ten.codec) &&
+                          ten.codec <= QC_BF16
+                      ? " (narrowed from the source dtype)"
+                      : "",
+                  ten.max_err);
     }
   }
   if (e) rc = qctl_fail(c, "%s", qs_error());
@@ -659,7 +683,7 @@ int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
     double mat_stored = 0;
     for (size_t i = 0; i < al.n; i++) {
       const qctl_at *a = &al.v[i];
-      int lossy = a->t.codec != QS_RAW && qc_codec_is_lossy((qc_codec)a->t.codec) && isfinite(a->t.snr_db);
+      int lossy = a->t.codec != QS_RAW && isfinite(a->t.snr_db); /* any tensor not exact */
       ms.n_tensors++;
       ms.elements += a->t.n_elem;
       ms.src += a->t.src_bytes;
@@ -731,8 +755,7 @@ int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
       for (size_t i = 0; i < al.n; i++) {
         const qctl_at *a = &al.v[i];
         char snr[32];
-        if (isfinite(a->t.snr_db)) snprintf(snr, sizeof snr, "%.2f", a->t.snr_db);
-        else snprintf(snr, sizeof snr, "lossless");
+        qctl_snr(a->t.snr_db, "", snr, sizeof snr);
         printf("  %-40s %-8s %12llu %12.0f %9.4f %6.2fx %10s\n", a->t.name, qs_codec_name(a->t.codec),
                (unsigned long long)a->t.src_bytes, a->stored,
                a->t.n_elem ? a->stored / (double)a->t.n_elem : 0,

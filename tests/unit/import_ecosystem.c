@@ -400,3 +400,102 @@ Test(import_ecosystem, gguf_unsupported_block_type_is_named) {
   cr_assert_eq(import_opts(p, "iq", -1, 1), QINS_EUNSUPPORTED);
   cr_assert(strstr(qs_error(), "IQ4_XS") && strstr(qs_error(), "Q4_K"), "%s", qs_error());
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * SNR against the true source values; the default policy for 1-D f16/bf16 */
+static void snr_of(const double *src, const float *got, size_t n, double *snr, double *max_err) {
+  double s = 0, e2 = 0, mx = 0;
+  for (size_t i = 0; i < n; i++) {
+    double e = fabs(src[i] - (double)got[i]);
+    s += src[i] * src[i];
+    e2 += e * e;
+    if (e > mx) mx = e;
+  }
+  *snr = 10 * log10(s / e2);
+  *max_err = mx;
+}
+
+Test(import_ecosystem, f64_sources_report_their_real_snr) {
+  enum { R = 16, C = 64 };
+  static double vec[C], mat[R * C];
+  for (int i = 0; i < C; i++) vec[i] = sin(i * 0.37) * 3.0 + 1e-3 / 3.0;
+  for (int i = 0; i < R * C; i++) mat[i] = cos(i * 0.011) * 0.05 + sin(i * 1.7) * 0.01;
+  qt_tensor t[2] = {{"bias", QS_ST_F64, 1, {C}, vec, sizeof vec},
+                    {"w", QS_ST_F64, 2, {R, C}, mat, sizeof mat}};
+  char p[256];
+  path_of(p, sizeof p, "f64.safetensors");
+  cr_assert_eq(qt_st_write(p, t, 2, NULL), 0);
+  qs_import_opts o;
+  qs_import_opts_init(&o);
+  qs_import_result res;
+  cr_assert_eq(qs_import_path(st, p, &o, &res), 0, "%s", qs_error());
+  qs_tensor ten;
+  double want, want_max;
+  /* 1-D f64 -> f32: not lossless; the SNR is that of the rounding to f32. */
+  float *x = read_tensor("f64", "bias", &ten);
+  cr_assert_eq(ten.codec, QC_F32);
+  cr_assert_eq(ten.src_dtype, QS_DT_F64);
+  snr_of(vec, x, C, &want, &want_max);
+  cr_assert(isfinite(ten.snr_db) && ten.snr_db > 130 && ten.snr_db < 200, "%g", ten.snr_db);
+  cr_assert(fabs(ten.snr_db - want) < 1e-9, "snr %.12g, want %.12g", ten.snr_db, want);
+  cr_assert_eq(ten.max_err, want_max);
+  free(x);
+  cr_assert_eq(res.n_narrowed, 1);
+  cr_assert_str_eq(res.narrowed_tensor, "bias");
+  cr_assert(fabs(res.snr_db_narrowed - want) < 1e-9);
+  /* 2-D f64 -> qins8: the codec's error measured against the f64 values. */
+  x = read_tensor("f64", "w", &ten);
+  cr_assert_eq(ten.codec, QC_QINS8);
+  snr_of(mat, x, R * C, &want, &want_max);
+  cr_assert(fabs(ten.snr_db - want) < 1e-9, "snr %.12g, want %.12g", ten.snr_db, want);
+  cr_assert_eq(ten.max_err, want_max);
+  free(x);
+}
+
+Test(import_ecosystem, half_vectors_keep_their_dtype_and_narrowing_shows) {
+  enum { C = 64 };
+  uint16_t h[C], bf[C], bfm[4 * C];
+  float bfv[4 * C];
+  for (int i = 0; i < C; i++) {
+    h[i] = qc_f32_to_f16((float)i / 7 - 3);
+    bf[i] = qc_f32_to_bf16((float)i * 1.001f - 20);
+  }
+  for (int i = 0; i < 4 * C; i++) {
+    bfm[i] = qc_f32_to_bf16(1e-6f * (1 + (float)i / 37)); /* f16 subnormals: bits lost */
+    bfv[i] = qc_bf16_to_f32(bfm[i]);
+  }
+  qt_tensor t[3] = {{"norm_h", QS_ST_F16, 1, {C}, h, sizeof h},
+                    {"norm_bf", QS_ST_BF16, 1, {C}, bf, sizeof bf},
+                    {"m_bf", QS_ST_BF16, 2, {4, C}, bfm, sizeof bfm}};
+  char p[256];
+  path_of(p, sizeof p, "half.safetensors");
+  cr_assert_eq(qt_st_write(p, t, 3, NULL), 0);
+  cr_assert_eq(import_opts(p, "half", -1, 0), 0, "%s", qs_error());
+  qs_tensor ten;
+  float *x = read_tensor("half", "norm_h", &ten);
+  cr_assert_eq(ten.codec, QC_F16);
+  cr_assert_lt(ten.stored_bytes, C * 4, "%llu", (unsigned long long)ten.stored_bytes);
+  cr_assert(isinf(ten.snr_db) && ten.snr_db > 0);
+  free(x);
+  x = read_tensor("half", "norm_bf", &ten);
+  cr_assert_eq(ten.codec, QC_BF16);
+  cr_assert_lt(ten.stored_bytes, C * 4);
+  free(x);
+  /* bf16 asked as f16: a narrowing with its real SNR. */
+  qs_codec_rule rule = {"m_bf", QC_F16};
+  qs_import_opts o;
+  qs_import_opts_init(&o);
+  o.model = "half16";
+  o.rules = &rule;
+  o.n_rules = 1;
+  qs_import_result res;
+  cr_assert_eq(qs_import_path(st, p, &o, &res), 0, "%s", qs_error());
+  x = read_tensor("half16", "m_bf", &ten);
+  cr_assert_eq(ten.codec, QC_F16);
+  double src[4 * C], want, want_max;
+  for (int i = 0; i < 4 * C; i++) src[i] = bfv[i];
+  snr_of(src, x, 4 * C, &want, &want_max);
+  cr_assert(isfinite(ten.snr_db) && fabs(ten.snr_db - want) < 1e-6, "%g vs %g", ten.snr_db, want);
+  cr_assert_eq(res.n_narrowed, 1);
+  free(x);
+}
