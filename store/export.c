@@ -3,7 +3,7 @@
  * export.c — qs_export_safetensors: write a stored model back out as a safetensors file.
  *
  * Deterministic by construction: tensors in name order (the tensors DB's key order), a header
- * built by qs_st_header_build from the records alone, the model's metadata verbatim, and data
+ * built by qs_st_header_build from the records alone, the model's string metadata, and data
  * decoded by the bit-exact codecs; so two exports of one model are byte-identical. The file is
  * written to OUT.tmp and renamed into place (a reader never sees half a file; a source being
  * mmapped elsewhere is never truncated under it). One read transaction covers the export, so a
@@ -15,6 +15,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "import_int.h"
+#include "json.h"
 #include "safetensors.h"
 #include "store_int.h"
 
@@ -58,6 +60,34 @@ static qs_st_dtype qs__st_of(const qs_tensor *t, qc_dtype dt) {
   }
 }
 
+/* The string members of the metadata object text m, as a compact JSON object: safetensors'
+ * __metadata__ maps strings to strings, so the structured members (the GGUF KV list, the HF JSON
+ * files) stay out of it. *out is malloc'd. */
+static int qs__st_metadata_of(const char *m, char **out) {
+  qs_json *root = NULL;
+  qs__sbuf b = {0};
+  qs__sbuf_puts(&b, "{");
+  if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT) {
+    int n = 0;
+    for (size_t i = 0; i < root->len; i++) {
+      const qs_json *v = &root->items[i];
+      if (v->type != QS_JSON_STRING) continue;
+      if (n++) qs__sbuf_puts(&b, ",");
+      qs__sbuf_json_str(&b, v->key, v->key_len);
+      qs__sbuf_puts(&b, ":");
+      qs__sbuf_json_str(&b, v->str, v->len);
+    }
+  }
+  qs_json_free(root);
+  qs__sbuf_puts(&b, "}");
+  if (b.oom) {
+    free(b.p);
+    return qs__fail(QINS_ENOMEM, "out of memory");
+  }
+  *out = b.p;
+  return 0;
+}
+
 int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
                           qs_progress_cb progress, void *progress_ud) {
   if ((unsigned)dt >= QC_DT_COUNT) return qs__fail(QINS_EDTYPE, "bad export dtype");
@@ -95,7 +125,11 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
     total += e[i].nbytes;
   }
   size_t hl;
-  if ((rc = qs_st_header_build(e, l.n, m.metadata, &hdr, &hl))) {
+  char *smeta = NULL;
+  if ((rc = qs__st_metadata_of(m.metadata, &smeta))) goto out;
+  rc = qs_st_header_build(e, l.n, smeta, &hdr, &hl);
+  free(smeta);
+  if (rc) {
     rc = qs__fail(rc, "%s: cannot build the header", out_path);
     goto out;
   }

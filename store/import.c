@@ -322,30 +322,43 @@ static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
   return 0;
 }
 
-/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor": "shard file"}}. */
-static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta) {
-  int fd = open(index_path, O_RDONLY | O_CLOEXEC);
+/* Reads a whole small file (at most max bytes, else QINS_EFORMAT naming `what`) into a malloc'd
+ * NUL-terminated buffer. */
+static int qs__read_file(const char *path, uint64_t max, const char *what, char **out, size_t *len) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
   if (fd < 0 || fstat(fd, &st)) {
     int e = errno;
     if (fd >= 0) close(fd);
-    return qs__fail(-e, "%s: cannot open: %s", index_path, strerror(e));
+    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
   }
-  if ((uint64_t)st.st_size > QS__INDEX_MAX) {
+  if ((uint64_t)st.st_size > max) {
     close(fd);
-    return qs__fail(QINS_EFORMAT, "%s: index file is %lld bytes (limit %u)", index_path,
-                    (long long)st.st_size, QS__INDEX_MAX);
+    return qs__fail(QINS_EFORMAT, "%s: %s is %lld bytes (limit %llu)", path, what,
+                    (long long)st.st_size, (unsigned long long)max);
   }
   char *buf = malloc((size_t)st.st_size + 1);
   ssize_t got = buf ? pread(fd, buf, (size_t)st.st_size, 0) : -1;
   close(fd);
   if (got != st.st_size) {
     free(buf);
-    return qs__fail(QINS_EIO, "%s: read error", index_path);
+    return buf ? qs__fail(QINS_EIO, "%s: read error", path) : qs__fail(QINS_ENOMEM, "out of memory");
   }
+  buf[got] = 0;
+  *out = buf;
+  *len = (size_t)got;
+  return 0;
+}
+
+/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor": "shard file"}}. */
+static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta) {
+  char *buf;
+  size_t len;
+  int rc = qs__read_file(index_path, QS__INDEX_MAX, "index file", &buf, &len);
+  if (rc) return rc;
   qs_json *root;
   char jerr[256];
-  int rc = qs_json_parse(buf, (size_t)st.st_size, &root, jerr, sizeof jerr);
+  rc = qs_json_parse(buf, len, &root, jerr, sizeof jerr);
   free(buf);
   if (rc) return qs__fail(rc, "%s: not valid JSON: %s", index_path, jerr);
   const qs_json *wm = qs_json_get(root, "weight_map");
@@ -668,6 +681,112 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
   return 0;
 }
 
+/* --------------------------------------------------------------------------------------------
+ * Hugging Face directories: the JSON files kept with the model, and cache snapshot names */
+
+/* Adds "hf": {"config": {...}, "generation_config": {...}, "tokenizer": {...}} to the metadata
+ * object *meta for those of dir's config.json, generation_config.json and tokenizer.json that
+ * exist (each must be valid JSON; one larger than QS_META_MAX is left out and named in
+ * "hf_omitted"). Nothing changes when none exists or *meta already has an "hf" member. */
+static int qs__hf_meta(const char *dir, char **meta) {
+  static const char *const files[3][2] = {{"config.json", "config"},
+                                          {"generation_config.json", "generation_config"},
+                                          {"tokenizer.json", "tokenizer"}};
+  qs__sbuf hb = {0}, om = {0};
+  int rc = 0, n = 0, n_om = 0;
+  for (int i = 0; i < 3 && !rc; i++) {
+    char p[8192];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
+    if (stat(p, &st) || !S_ISREG(st.st_mode)) continue;
+    if ((uint64_t)st.st_size > QS_META_MAX) {
+      qs__sbuf_puts(&om, n_om++ ? "," : "[");
+      qs__sbuf_json_str(&om, files[i][0], strlen(files[i][0]));
+      continue;
+    }
+    char *buf;
+    size_t len;
+    if ((rc = qs__read_file(p, QS_META_MAX, files[i][0], &buf, &len))) break;
+    qs_json *j;
+    char jerr[256];
+    if ((rc = qs_json_parse(buf, len, &j, jerr, sizeof jerr))) {
+      free(buf);
+      rc = qs__fail(rc, "%s: not valid JSON: %s", p, jerr);
+      break;
+    }
+    qs_json_free(j);
+    qs__sbuf_puts(&hb, n++ ? ",\"" : "{\"");
+    qs__sbuf_puts(&hb, files[i][1]);
+    qs__sbuf_puts(&hb, "\":");
+    qs__sbuf_put(&hb, buf, len);
+    free(buf);
+  }
+  if (!rc && (n || n_om)) {
+    const char *m = *meta && **meta ? *meta : "{}";
+    qs_json *root = NULL;
+    if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT &&
+        !qs_json_get(root, "hf") && !qs_json_get(root, "hf_omitted")) {
+      qs__sbuf nb = {0};
+      size_t ml = strlen(m);
+      while (ml && m[ml - 1] != '}') ml--; /* the object's closing brace */
+      qs__sbuf_put(&nb, m, ml ? ml - 1 : 0);
+      int empty = root->len == 0;
+      if (n) {
+        qs__sbuf_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
+        qs__sbuf_put(&nb, hb.p, hb.n);
+        qs__sbuf_puts(&nb, "}");
+        empty = 0;
+      }
+      if (n_om) {
+        qs__sbuf_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
+        qs__sbuf_put(&nb, om.p, om.n);
+        qs__sbuf_puts(&nb, "]");
+      }
+      qs__sbuf_puts(&nb, "}");
+      if (nb.oom) rc = qs__fail(QINS_ENOMEM, "out of memory");
+      else {
+        free(*meta);
+        *meta = nb.p;
+        nb.p = NULL;
+      }
+      free(nb.p);
+    }
+    qs_json_free(root);
+  }
+  if (!rc && (hb.oom || om.oom)) rc = qs__fail(QINS_ENOMEM, "out of memory");
+  free(hb.p);
+  free(om.p);
+  return rc;
+}
+
+/* A path inside a Hugging Face cache snapshot (.../models--ORG--NAME/snapshots/HASH, or a file
+ * directly in it) gives NAME; returns 1 and writes it, else 0. */
+static int qs__hf_snapshot_name(const char *path, char *out, size_t cap) {
+  char buf[8192];
+  snprintf(buf, sizeof buf, "%s", path);
+  size_t n = strlen(buf);
+  while (n > 1 && buf[n - 1] == '/') buf[--n] = 0;
+  /* Up to three trailing components: [FILE] HASH "snapshots" "models--ORG--NAME". */
+  for (int tries = 0; tries < 2; tries++) {
+    char *hash = strrchr(buf, '/');
+    if (!hash) return 0;
+    *hash = 0;
+    char *snap = strrchr(buf, '/');
+    const char *sname = snap ? snap + 1 : buf;
+    if (!strcmp(sname, "snapshots") && snap) {
+      *snap = 0;
+      char *repo = strrchr(buf, '/');
+      repo = repo ? repo + 1 : buf;
+      const char *last = NULL;
+      for (const char *q = repo; (q = strstr(q, "--")); q += 2) last = q + 2;
+      if (strncmp(repo, "models--", 8) || !last || !*last) return 0;
+      snprintf(out, cap, "%s", last);
+      return 1;
+    }
+  }
+  return 0;
+}
+
 /* Collects sources for path; *model_default gets the name to use without --model. */
 static int qs__collect(const char *path, qs__srclist *L, char **meta,
                        char *model_default, size_t mcap) {
@@ -773,6 +892,9 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
   char *meta = NULL;
   char model[QS_MAX_NAME + 64];
   int rc = qs__collect(path, &L, &meta, model, sizeof model);
+  struct stat pst;
+  if (!rc && stat(path, &pst) == 0 && S_ISDIR(pst.st_mode)) rc = qs__hf_meta(path, &meta);
+  qs__hf_snapshot_name(path, model, sizeof model);
   if (o->model) snprintf(model, sizeof model, "%s", o->model);
   int *codecs = NULL;
   qs_import *im = NULL;

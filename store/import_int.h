@@ -59,6 +59,13 @@ int qs__gguf_block(qs_dtype dt, unsigned *weights /* out */, unsigned *bytes /* 
 void qs__gguf_dequant(qs_dtype dt, const uint8_t *src, uint64_t n_blocks, float *dst);
 int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
 
+/* Bound on the structured parts of a model's metadata: the GGUF typed KV list (an array that
+ * would take it past this is kept as its type and count only: [key, "[type]", null, count]) and
+ * each Hugging Face JSON file kept from a directory (a larger one is left out, named in
+ * "hf_omitted"). 32 MiB holds the tokenizers of today's large vocabularies (150k tokens and their
+ * merges take a few MiB). */
+#define QS_META_MAX (32u << 20)
+
 /* Growing string buffer for JSON text. */
 typedef struct qs__sbuf {
   char *p;

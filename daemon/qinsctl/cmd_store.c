@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "json.h"
 #include "qinsctl.h"
 #include "store.h"
 
@@ -311,6 +312,92 @@ int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
 
 /* ---------------------------------------------------------------------------------------------
  * info */
+
+/* A JSON value on one line, at most max bytes of it ("..." after). */
+static void qctl_jval_line(const qs_json *v, size_t max) {
+  char buf[512];
+  size_t k = 0;
+  switch (v->type) {
+  case QS_JSON_STRING: k = (size_t)snprintf(buf, sizeof buf, "%.*s", (int)(v->len < 400 ? v->len : 400), v->str); break;
+  case QS_JSON_NUMBER:
+    if (v->num_flags & QS_JSON_IS_I64) k = (size_t)snprintf(buf, sizeof buf, "%lld", (long long)v->i64);
+    else if (v->num_flags & QS_JSON_IS_U64) k = (size_t)snprintf(buf, sizeof buf, "%llu", (unsigned long long)v->u64);
+    else k = (size_t)snprintf(buf, sizeof buf, "%.9g", v->num);
+    break;
+  case QS_JSON_BOOL: k = (size_t)snprintf(buf, sizeof buf, "%s", v->boolean ? "true" : "false"); break;
+  case QS_JSON_NULL: k = (size_t)snprintf(buf, sizeof buf, "null"); break;
+  default: k = (size_t)snprintf(buf, sizeof buf, "%s of %zu", qs_json_type_name(v->type), v->len);
+  }
+  if (k >= sizeof buf) k = sizeof buf - 1;
+  for (size_t i = 0; i < k; i++)
+    if ((unsigned char)buf[i] < 0x20) buf[i] = ' ';
+  if (k > max) printf("%.*s...", (int)max, buf);
+  else printf("%s", buf);
+}
+
+/* The model's metadata for people: string members as "key: value"; the GGUF KV list with each
+ * value (arrays as their type and length); HF files with their scalar members. --json prints the
+ * whole JSON (docs/qinsctl.md). */
+static void qctl_metadata_print(const char *md) {
+  qs_json *root = NULL;
+  if (qs_json_parse(md, strlen(md), &root, NULL, 0) || root->type != QS_JSON_OBJECT) {
+    printf("metadata:  %s\n", md);
+    qs_json_free(root);
+    return;
+  }
+  printf("metadata:  %s\n", root->len ? "" : "(none)");
+  const qs_json *gg = qs_json_get(root, "gguf"), *hf = NULL;
+  if (gg && gg->type != QS_JSON_OBJECT) gg = NULL;
+  for (size_t i = 0; i < root->len; i++) {
+    const qs_json *v = &root->items[i];
+    if (&root->items[i] == gg) continue;
+    if (!strcmp(v->key, "hf") && v->type == QS_JSON_OBJECT) hf = v;
+    else if (gg && v->type == QS_JSON_STRING && strcmp(v->key, "source_format"))
+      continue; /* a GGUF KV: listed below with its type */
+    else {
+      printf("  %s: ", v->key);
+      qctl_jval_line(v, 120);
+      putchar('\n');
+    }
+  }
+  const qs_json *kv = gg ? qs_json_get(gg, "kv") : NULL;
+  if (kv && kv->type == QS_JSON_ARRAY) {
+    printf("  gguf: %zu key/values\n", kv->len);
+    for (size_t i = 0; i < kv->len; i++) {
+      const qs_json *e = &kv->items[i];
+      if (e->type != QS_JSON_ARRAY || e->len < 3) continue;
+      const qs_json *k = &e->items[0], *t = &e->items[1], *v = &e->items[2];
+      if (k->type != QS_JSON_STRING || t->type != QS_JSON_STRING) continue;
+      printf("    %-40s %-9s ", k->str, t->str);
+      if (v->type == QS_JSON_ARRAY) printf("%zu elements", v->len);
+      else if (v->type == QS_JSON_NULL && e->len > 3) printf("%.0f elements (too large, not kept)", e->items[3].num);
+      else qctl_jval_line(v, 80);
+      putchar('\n');
+    }
+  }
+  for (size_t i = 0; hf && i < hf->len; i++) {
+    const qs_json *f = &hf->items[i];
+    printf("  hf %s:%s\n", f->key, f->type == QS_JSON_OBJECT ? "" : " (not an object)");
+    if (!strcmp(f->key, "tokenizer")) {
+      const qs_json *model = qs_json_get(f, "model"), *vocab = model ? qs_json_get(model, "vocab") : NULL;
+      const qs_json *ty = model ? qs_json_get(model, "type") : NULL;
+      if (ty) {
+        printf("    model.type: ");
+        qctl_jval_line(ty, 40);
+        putchar('\n');
+      }
+      if (vocab) printf("    model.vocab: %zu entries\n", vocab->len);
+      continue;
+    }
+    for (size_t j = 0; f->type == QS_JSON_OBJECT && j < f->len; j++) {
+      printf("    %s: ", f->items[j].key);
+      qctl_jval_line(&f->items[j], 80);
+      putchar('\n');
+    }
+  }
+  qs_json_free(root);
+}
+
 int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
   if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
   char model[QS_MAX_NAME * 2 + 2];
@@ -346,10 +433,11 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
       gmtime_r(&tt, &tm);
       strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
       printf("model:     %s\nid:        %llu\ntensors:   %llu\nelements:  %llu\nsource:    %s\n"
-             "stored:    %s (%.2fx)\ncreated:   %s\nmetadata:  %s\n",
+             "stored:    %s (%.2fx)\ncreated:   %s\n",
              m.name, (unsigned long long)m.id, (unsigned long long)m.n_tensors,
              (unsigned long long)m.n_elem, qctl_human(m.src_bytes, a, sizeof a),
-             qctl_human(m.stored_bytes, b, sizeof b), ratio, when, m.metadata);
+             qctl_human(m.stored_bytes, b, sizeof b), ratio, when);
+      qctl_metadata_print(m.metadata);
     }
   } else if (!e) {
     qs_tensor ten;

@@ -499,3 +499,165 @@ Test(import_ecosystem, half_vectors_keep_their_dtype_and_narrowing_shows) {
   cr_assert_eq(res.n_narrowed, 1);
   free(x);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Metadata: GGUF KVs with their types, HF directories, cache snapshot names */
+static void kv_u32(qt_buf *b, const char *k, uint32_t ty, const void *v, size_t n) {
+  qt_put_gstr(b, k);
+  qt_put_u32(b, ty);
+  qt_put(b, v, n);
+}
+
+/* A GGUF with a KV of every type (arrays included: a tokenizer) and two F32/F16 tensors. */
+static size_t gguf_with_every_kv(const char *path) {
+  qt_buf b = {0};
+  qt_put(&b, "GGUF", 4);
+  qt_put_u32(&b, 3);
+  qt_put_u64(&b, 2);
+  qt_put_u64(&b, 15);
+  uint8_t u8 = 200;
+  int8_t i8 = -100;
+  uint16_t u16 = 60000;
+  int16_t i16 = -30000;
+  uint32_t u32 = 4000000000u;
+  int32_t i32 = -2000000000;
+  float f32 = 1e-5f, finf = INFINITY;
+  uint8_t bl = 1;
+  uint64_t u64 = 18446744073709551615ull;
+  int64_t i64 = -9223372036854775807ll - 1;
+  double f64 = 0.1;
+  kv_u32(&b, "general.architecture", 8, "\x05\0\0\0\0\0\0\0llama", 13);
+  kv_u32(&b, "t.u8", 0, &u8, 1);
+  kv_u32(&b, "t.i8", 1, &i8, 1);
+  kv_u32(&b, "t.u16", 2, &u16, 2);
+  kv_u32(&b, "t.i16", 3, &i16, 2);
+  kv_u32(&b, "t.u32", 4, &u32, 4);
+  kv_u32(&b, "t.i32", 5, &i32, 4);
+  kv_u32(&b, "llama.rope.freq_base", 6, &f32, 4);
+  kv_u32(&b, "t.f32_inf", 6, &finf, 4);
+  kv_u32(&b, "t.bool", 7, &bl, 1);
+  kv_u32(&b, "t.u64", 10, &u64, 8);
+  kv_u32(&b, "t.i64", 11, &i64, 8);
+  kv_u32(&b, "t.f64", 12, &f64, 8);
+  qt_put_gstr(&b, "tokenizer.ggml.tokens");
+  qt_put_u32(&b, 9);
+  qt_put_u32(&b, 8);
+  qt_put_u64(&b, 3);
+  qt_put_gstr(&b, "<s>");
+  qt_put_gstr(&b, "\"q\"\n");
+  qt_put_gstr(&b, "\xe2\x96\x81the");
+  qt_put_gstr(&b, "tokenizer.ggml.scores");
+  qt_put_u32(&b, 9);
+  qt_put_u32(&b, 6);
+  qt_put_u64(&b, 3);
+  float sc[3] = {0, -1.5f, -2.25f};
+  qt_put(&b, sc, sizeof sc);
+  /* Tensors in name order (export writes name order: the round trip is then byte-identical). */
+  qt_put_gstr(&b, "a.weight");
+  qt_put_u32(&b, 2);
+  qt_put_u64(&b, 8);
+  qt_put_u64(&b, 2);
+  qt_put_u32(&b, 0);
+  qt_put_u64(&b, 0);
+  qt_put_gstr(&b, "b.norm");
+  qt_put_u32(&b, 1);
+  qt_put_u64(&b, 8);
+  qt_put_u32(&b, 1);
+  qt_put_u64(&b, 64);
+  while (b.n % 32) qt_put(&b, "\0", 1);
+  float a[16];
+  for (int i = 0; i < 16; i++) a[i] = (float)i / 3 - 2;
+  qt_put(&b, a, sizeof a);
+  while (b.n % 32) qt_put(&b, "\0", 1);
+  uint16_t h[8];
+  for (int i = 0; i < 8; i++) h[i] = qc_f32_to_f16((float)i * 0.125f + 1);
+  qt_put(&b, h, sizeof h);
+  while (b.n % 32) qt_put(&b, "\0", 1);
+  cr_assert_eq(qt_write(path, b.p, b.n), 0);
+  size_t n = b.n;
+  free(b.p);
+  return n;
+}
+
+Test(import_ecosystem, gguf_metadata_keeps_every_kv_with_its_type) {
+  char p[256];
+  path_of(p, sizeof p, "kv.gguf");
+  gguf_with_every_kv(p);
+  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  char *md = model_metadata("kv");
+  const char *want[] = {
+      "\"general.architecture\":\"llama\"",     /* flat strings, as before */
+      "\"llama.rope.freq_base\":\"9.99999975e-06\"",
+      "\"gguf\":{\"version\":3,\"kv\":[[\"general.architecture\",\"string\",\"llama\"]",
+      "[\"t.u8\",\"u8\",200]", "[\"t.i8\",\"i8\",-100]", "[\"t.u16\",\"u16\",60000]",
+      "[\"t.i16\",\"i16\",-30000]", "[\"t.u32\",\"u32\",4000000000]",
+      "[\"t.i32\",\"i32\",-2000000000]", "[\"llama.rope.freq_base\",\"f32\",9.99999975e-06]",
+      "[\"t.f32_inf\",\"f32\",\"inf\"]", "[\"t.bool\",\"bool\",true]",
+      "[\"t.u64\",\"u64\",18446744073709551615]", "[\"t.i64\",\"i64\",-9223372036854775808]",
+      "[\"t.f64\",\"f64\",0.10000000000000001]",
+      "[\"tokenizer.ggml.tokens\",\"[string]\",[\"<s>\",\"\\\"q\\\"\\u000a\",\"\xe2\x96\x81the\"]]",
+      "[\"tokenizer.ggml.scores\",\"[f32]\",[0,-1.5,-2.25]]]}",
+  };
+  for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+    cr_assert(strstr(md, want[i]), "want %s in %s", want[i], md);
+  free(md);
+}
+
+static void put_text(const char *rel, const char *text) {
+  char p[512];
+  path_of(p, sizeof p, rel);
+  cr_assert_eq(qt_write(p, text, strlen(text)), 0);
+}
+
+Test(import_ecosystem, hf_directory_keeps_its_json_files_and_snapshot_name) {
+  char p[512];
+  const char *parts[] = {"hub", "hub/models--acme--tiny-llama", "hub/models--acme--tiny-llama/snapshots",
+                         "hub/models--acme--tiny-llama/snapshots/0123abcd"};
+  for (int i = 0; i < 4; i++) {
+    path_of(p, sizeof p, parts[i]);
+    cr_assert_eq(mkdir(p, 0700), 0);
+  }
+  const char *snap = "hub/models--acme--tiny-llama/snapshots/0123abcd";
+  float w[4] = {1, 2, 3, 4};
+  qt_tensor t = {"model.norm.weight", QS_ST_F32, 1, {4}, w, sizeof w};
+  snprintf(p, sizeof p, "%s/%s/model.safetensors", dir, snap);
+  cr_assert_eq(qt_st_write(p, &t, 1, "{\"format\":\"pt\"}"), 0);
+  char rel[256];
+  snprintf(rel, sizeof rel, "%s/config.json", snap);
+  put_text(rel, "{\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"hidden_size\": 64,\n"
+                "  \"num_attention_heads\": 4\n}\n");
+  snprintf(rel, sizeof rel, "%s/generation_config.json", snap);
+  put_text(rel, "{\"bos_token_id\": 1, \"eos_token_id\": 2}");
+  snprintf(rel, sizeof rel, "%s/tokenizer.json", snap);
+  put_text(rel, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0, \"b\": 1}}}");
+  snprintf(p, sizeof p, "%s/%s", dir, snap);
+  qs_import_opts o;
+  qs_import_opts_init(&o);
+  qs_import_result res;
+  cr_assert_eq(qs_import_path(st, p, &o, &res), 0, "%s", qs_error());
+  cr_assert_str_eq(res.model, "tiny-llama");
+  char *md = model_metadata("tiny-llama");
+  cr_assert(strstr(md, "\"format\":\"pt\""), "%s", md);
+  cr_assert(strstr(md, "\"hf\":{\"config\":{\n  \"architectures\""), "%s", md);
+  cr_assert(strstr(md, "\"generation_config\":{\"bos_token_id\": 1"), "%s", md);
+  cr_assert(strstr(md, "\"tokenizer\":{\"model\""), "%s", md);
+  free(md);
+  /* A file in the snapshot is named after the repository too. */
+  snprintf(p, sizeof p, "%s/%s/model.safetensors", dir, snap);
+  cr_assert_eq(qs_import_path(st, p, &o, &res), 0, "%s", qs_error());
+  cr_assert_str_eq(res.model, "tiny-llama");
+  /* safetensors export keeps the string metadata only (the format's rule). */
+  snprintf(p, sizeof p, "%s/out.safetensors", dir);
+  cr_assert_eq(qs_export_safetensors(st, "tiny-llama", p, QC_DT_F32, NULL, NULL), 0, "%s", qs_error());
+  size_t n;
+  char *f = qt_read(p, &n);
+  cr_assert(f && n > 8);
+  cr_assert(memmem(f, n, "\"__metadata__\":{\"format\":\"pt\"}", 30), "%.*s", (int)n, f);
+  free(f);
+  /* A broken config.json is named. */
+  snprintf(rel, sizeof rel, "%s/config.json", snap);
+  put_text(rel, "{\"hidden_size\": 64,}");
+  snprintf(p, sizeof p, "%s/%s", dir, snap);
+  cr_assert_eq(qs_import_path(st, p, &o, &res), QINS_EFORMAT);
+  cr_assert(strstr(qs_error(), "config.json: not valid JSON"), "%s", qs_error());
+}
