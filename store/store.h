@@ -364,5 +364,15 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o,
  * model's metadata as __metadata__. Deterministic: the same model gives the same bytes. */
 int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
                           qs_progress_cb progress, void *progress_ud);
+/* Writes model as a GGUF v3 file at out_path (through out_path.tmp + rename): the model's GGUF
+ * KV list as it was imported (every key, type and value, the tokenizer's arrays too; a model from
+ * another format gets its string metadata as string KVs), tensors in name order with ggml's
+ * reversed dims, padded to general.alignment (32 if absent). Codec tensors are written as dt
+ * (QC_DT_F32/F16/BF16), or with dt -1 as F16/BF16 when that was their source dtype and F32
+ * otherwise (block-quantized sources too: they are not re-quantized); raw i8..i64 tensors as
+ * I8..I64. QINS_EUNSUPPORTED for what GGUF cannot hold (u8..u64, bool, more than 4 dims, a KV
+ * list cut at import). Deterministic. */
+int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
+                   qs_progress_cb progress, void *progress_ud);
 
 #endif /* QINS_STORE_H */

@@ -496,32 +496,45 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
 /* ---------------------------------------------------------------------------------------------
  * export, rm */
 int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
-  static const struct option opts[] = {{"dtype", required_argument, 0, 'd'}, {0, 0, 0, 0}};
-  int ch, dt = QC_DT_F32;
+  static const struct option opts[] = {{"dtype", required_argument, 0, 'd'},
+                                       {"format", required_argument, 0, 'f'},
+                                       {0, 0, 0, 0}};
+  int ch, dt = -1, gguf = -1;
   qctl_getopt_reset();
-  while ((ch = getopt_long(argc, argv, "d:", opts, NULL)) != -1) {
-    if (ch != 'd' || (dt = qc_dtype_from_name(optarg)) < 0) {
-      if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
-      return qctl_usage(c, QCTL_USAGE);
+  while ((ch = getopt_long(argc, argv, "d:f:", opts, NULL)) != -1) {
+    if (ch == 'd' && (dt = qc_dtype_from_name(optarg)) >= 0) continue;
+    if (ch == 'f' && (!strcmp(optarg, "gguf") || !strcmp(optarg, "safetensors"))) {
+      gguf = !strcmp(optarg, "gguf");
+      continue;
     }
+    if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
+    if (ch == 'f') fprintf(stderr, "qinsctl export: --format is safetensors or gguf, got \"%s\"\n", optarg);
+    return qctl_usage(c, QCTL_USAGE);
   }
   if (optind != argc - 2) return qctl_usage(c, QCTL_USAGE);
+  const char *out = argv[optind + 1];
+  size_t ol = strlen(out);
+  if (gguf < 0) gguf = ol >= 5 && !strcasecmp(out + ol - 5, ".gguf"); /* else safetensors */
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
   qctl_progress pr = {isatty(2), 0, qctl_now()};
-  int e = qs_export_safetensors(s, argv[optind], argv[optind + 1], (qc_dtype)dt, qctl_progress_cb, &pr);
+  int e = gguf ? qs_export_gguf(s, argv[optind], out, dt, qctl_progress_cb, &pr)
+               : qs_export_safetensors(s, argv[optind], out, dt < 0 ? QC_DT_F32 : (qc_dtype)dt,
+                                       qctl_progress_cb, &pr);
   if (pr.tty) fprintf(stderr, "\r%90s\r", "");
+  const char *dts = dt >= 0 ? qc_dtype_name((qc_dtype)dt) : gguf ? "source dtypes" : "f32";
   if (e) {
     rc = qctl_fail(c, "%s", qs_error());
   } else if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, argv[optind]);
     printf(",\"path\":");
-    qctl_jstr(stdout, argv[optind + 1]);
-    printf(",\"dtype\":\"%s\"}\n", qc_dtype_name((qc_dtype)dt));
+    qctl_jstr(stdout, out);
+    printf(",\"format\":\"%s\",\"dtype\":\"%s\"}\n", gguf ? "gguf" : "safetensors",
+           dt >= 0 ? qc_dtype_name((qc_dtype)dt) : gguf ? "source" : "f32");
   } else {
-    printf("exported %s to %s (%s)\n", argv[optind], argv[optind + 1], qc_dtype_name((qc_dtype)dt));
+    printf("exported %s to %s (%s, %s)\n", argv[optind], out, gguf ? "gguf" : "safetensors", dts);
   }
   qs_close(s);
   return rc;

@@ -661,3 +661,44 @@ Test(import_ecosystem, hf_directory_keeps_its_json_files_and_snapshot_name) {
   cr_assert_eq(qs_import_path(st, p, &o, &res), QINS_EFORMAT);
   cr_assert(strstr(qs_error(), "config.json: not valid JSON"), "%s", qs_error());
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Export */
+Test(import_ecosystem, gguf_round_trip_is_byte_identical) {
+  char p[256], q[256];
+  path_of(p, sizeof p, "kv.gguf");
+  size_t n0 = gguf_with_every_kv(p);
+  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  path_of(q, sizeof q, "again.gguf");
+  cr_assert_eq(qs_export_gguf(st, "kv", q, -1, NULL, NULL), 0, "%s", qs_error());
+  size_t n0r, n1;
+  char *a = qt_read(p, &n0r), *b = qt_read(q, &n1);
+  cr_assert_eq(n0r, n0);
+  cr_assert_eq(n1, n0, "exported %zu bytes, source %zu", n1, n0);
+  cr_assert_eq(memcmp(a, b, n0), 0, "the exported GGUF differs from the source");
+  free(a);
+  free(b);
+  /* And it imports again to the same metadata. */
+  cr_assert_eq(import_opts(q, "kv2", QC_F32, 0), 0, "%s", qs_error());
+  char *m1 = model_metadata("kv"), *m2 = model_metadata("kv2");
+  cr_assert_str_eq(m1, m2);
+  free(m1);
+  free(m2);
+  /* A model from safetensors exports its string metadata as string KVs. */
+  float w[4] = {1, 2, 3, 4};
+  qt_tensor t = {"w", QS_ST_F32, 2, {2, 2}, w, sizeof w};
+  path_of(p, sizeof p, "st.safetensors");
+  cr_assert_eq(qt_st_write(p, &t, 1, "{\"format\":\"pt\"}"), 0);
+  cr_assert_eq(import_opts(p, "st", QC_F32, 0), 0, "%s", qs_error());
+  path_of(q, sizeof q, "st.gguf");
+  cr_assert_eq(qs_export_gguf(st, "st", q, -1, NULL, NULL), 0, "%s", qs_error());
+  cr_assert_eq(import_opts(q, "st2", QC_F32, 0), 0, "%s", qs_error());
+  qs_tensor ten;
+  float *x = read_tensor("st2", "w", &ten);
+  cr_assert(ten.ndim == 2 && ten.shape[0] == 2 && ten.shape[1] == 2);
+  cr_assert_eq(memcmp(x, w, sizeof w), 0);
+  free(x);
+  m1 = model_metadata("st2");
+  cr_assert(strstr(m1, "[\"format\",\"string\",\"pt\"]"), "%s", m1);
+  free(m1);
+}
