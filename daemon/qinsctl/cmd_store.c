@@ -120,6 +120,19 @@ static void qctl_progress_cb(void *ud, uint64_t done, uint64_t total, const char
   fflush(stderr);
 }
 
+void qctl_import_help(FILE *f) {
+  fprintf(f, "codecs (--codec NAME, --codec-for GLOB=NAME):");
+  for (int i = 0; i < QC_CODEC_COUNT; i++)
+    fprintf(f, " %s%s", qc_codec_name((qc_codec)i), qc_codec_is_lossy((qc_codec)i) ? "*" : "");
+  fprintf(f, "  (* lossy: refuses NaN/Inf)\n"
+             "policy, first that applies: a GGUF Q4_0..Q8_0/Q2_K..Q8_K tensor is stored f32, its\n"
+             "  exact dequantized values (--allow-requant lets the rules below re-encode it); the\n"
+             "  last --codec-for whose glob matches the name; --codec; qins8 for 2+ dimensions; 1-D\n"
+             "  f16/bf16 keep their dtype; f32 otherwise. Integer/bool tensors are stored raw.\n"
+             "sources: .safetensors (file, index.json or directory, HF config/tokenizer kept), .gguf,\n"
+             "  .npy (file or directory); recognized by content. SNR is measured against the source.\n");
+}
+
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                        {"codec", required_argument, 0, 'c'},
@@ -219,7 +232,34 @@ typedef struct qctl_walk {
   qctl_ctx *c;
   qs_txn *t;
   int n;
+  int w_name, w_shape; /* column widths: the human tables size to their content */
 } qctl_walk;
+
+/* "4x8", or "scalar". */
+static void qctl_shape_x(const qs_tensor *t, char *shp, size_t cap) {
+  int k = 0;
+  shp[0] = 0;
+  for (int i = 0; i < t->ndim && k < (int)cap - 24; i++)
+    k += snprintf(shp + k, cap - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
+  if (!t->ndim) snprintf(shp, cap, "scalar");
+}
+
+static int qctl_width_model_cb(void *ud, const qs_model *m) {
+  qctl_walk *w = ud;
+  int n = (int)strlen(m->name);
+  if (n > w->w_name) w->w_name = n;
+  return 0;
+}
+
+static int qctl_width_tensor_cb(void *ud, const qs_tensor *t) {
+  qctl_walk *w = ud;
+  char shp[128];
+  qctl_shape_x(t, shp, sizeof shp);
+  int n = (int)strlen(t->name), k = (int)strlen(shp);
+  if (n > w->w_name) w->w_name = n;
+  if (k > w->w_shape) w->w_shape = k;
+  return 0;
+}
 
 static int qctl_ls_model_cb(void *ud, const qs_model *m) {
   qctl_walk *w = ud;
@@ -240,7 +280,7 @@ static int qctl_ls_model_cb(void *ud, const qs_model *m) {
     struct tm tm;
     gmtime_r(&tt, &tm);
     strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
-    printf("%-24s %6llu %8llu %12llu %11s %11s %6.2fx  %s\n", m->name, (unsigned long long)m->id,
+    printf("%-*s %6llu %8llu %12llu %11s %11s %6.2fx  %s\n", w->w_name, m->name, (unsigned long long)m->id,
            (unsigned long long)m->n_tensors, (unsigned long long)m->n_elem,
            qctl_human(m->src_bytes, a, sizeof a), qctl_human(m->stored_bytes, b, sizeof b), ratio,
            when);
@@ -265,14 +305,11 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
     qctl_jnum(stdout, t->snr_db);
     printf(",\"checksum\":\"%08x\"}", cost.checksum);
   } else {
-    char shp[128] = "", b[32];
-    int k = 0;
-    for (int i = 0; i < t->ndim && k < (int)sizeof shp - 24; i++)
-      k += snprintf(shp + k, sizeof shp - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
-    if (!t->ndim) snprintf(shp, sizeof shp, "scalar");
+    char shp[128], b[32];
+    qctl_shape_x(t, shp, sizeof shp);
     char snr[32];
     qctl_snr(t->snr_db, " dB", snr, sizeof snr);
-    printf("%-40s %-14s %-5s %-8s %11s  %s\n", t->name, shp, qs_dtype_name(t->src_dtype),
+    printf("%-*s %-*s %-5s %-8s %11s  %s\n", w->w_name, t->name, w->w_shape, shp, qs_dtype_name(t->src_dtype),
            qs_codec_name(t->codec), qctl_human(t->stored_bytes, b, sizeof b), snr);
   }
   w->n++;
@@ -280,16 +317,18 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
 }
 
 int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   qs_txn *t;
   int rc = qctl_open_read(c, &s, &t);
   if (rc) return rc;
-  qctl_walk w = {c, t, 0};
+  qctl_walk w = {c, t, 0, 4, 5};
   int e;
   if (argc == 1) {
     if (c->json) printf("{\"models\":[");
-    else printf("%-24s %6s %8s %12s %11s %11s %7s  %s\n", "NAME", "ID", "TENSORS", "ELEMENTS", "SOURCE", "STORED", "RATIO", "CREATED (UTC)");
+    else if (!(e = qs_models_each(t, qctl_width_model_cb, &w)))
+      printf("%-*s %6s %8s %12s %11s %11s %7s  %s\n", w.w_name, "NAME", "ID", "TENSORS", "ELEMENTS", "SOURCE", "STORED", "RATIO", "CREATED (UTC)");
     e = qs_models_each(t, qctl_ls_model_cb, &w);
     if (c->json) printf("]}\n");
   } else {
@@ -300,7 +339,8 @@ int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
     }
     qs_model m;
     e = qs_model_get(t, argv[1], &m);
-    if (!e && !c->json) printf("%-40s %-14s %-5s %-8s %11s  %s\n", "NAME", "SHAPE", "DTYPE", "CODEC", "STORED", "SNR");
+    if (!e && !c->json && !(e = qs_tensors_each(t, argv[1], NULL, qctl_width_tensor_cb, &w)))
+      printf("%-*s %-*s %-5s %-8s %11s  %s\n", w.w_name, "NAME", w.w_shape, "SHAPE", "DTYPE", "CODEC", "STORED", "SNR");
     if (!e) e = qs_tensors_each(t, argv[1], NULL, qctl_ls_tensor_cb, &w);
     if (c->json) printf("]}\n");
   }
@@ -399,7 +439,8 @@ static void qctl_metadata_print(const char *md) {
 }
 
 int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
-  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
   char model[QS_MAX_NAME * 2 + 2];
   snprintf(model, sizeof model, "%s", argv[1]);
   char *slash = strchr(model, '/');
@@ -541,7 +582,8 @@ int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
 }
 
 int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv) {
-  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, 0);
   if (rc) return rc;
@@ -576,7 +618,8 @@ static void qctl_verify_cb(void *ud, const char *msg) {
 }
 
 int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
@@ -736,7 +779,8 @@ static void qctl_sum_json(const char *key, const qctl_sum *s) {
 }
 
 int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
