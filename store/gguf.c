@@ -19,7 +19,7 @@
  * 64 KiB too); and "gguf": {"version": V, "kv": [[key, type, value], ...]} holding every KV in file
  * order with its GGUF type ("u32", "f32", "string", "[string]", ...), arrays (the tokenizer's
  * too) as JSON arrays, integers exact, floats to the bit (f32 with 9, f64 with 17 digits;
- * non-finite ones as "nan"/"inf"/"-inf"). An array that would take the list past QS_META_MAX is
+ * non-finite ones as "nan"/"inf"/"-inf"). An array that would take the list past qs__meta_max() is
  * kept as [key, "[type]", null, count]. String values that are not UTF-8 keep their valid parts
  * (U+FFFD for the rest).
  */
@@ -282,6 +282,7 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   }
   uint64_t align = 32;
   qs__sbuf kv = {0}; /* the typed KV list: [[key, type, value], ...] */
+  uint64_t meta_max = qs__meta_max();
   qs__sbuf_puts(&kv, "[");
   for (uint64_t i = 0; i < n_kv && !r->rc; i++) {
     char *key;
@@ -326,7 +327,7 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
       qs__sbuf_puts(&kv, "]\",[");
       int elided = 0;
       for (uint64_t j = 0; j < cnt && !r->rc; j++) {
-        if (!elided && kv.n > QS_META_MAX) { /* too big to keep: the count stands for it */
+        if (!elided && kv.n > meta_max) { /* too big to keep: the count stands for it */
           elided = 1;
           kv.n = entry;
           kv.p[kv.n] = 0;

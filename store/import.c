@@ -110,6 +110,13 @@ void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n) {
   qs__sbuf_put(b, "\"", 1);
 }
 
+uint64_t qs__meta_max(void) {
+  const char *e = getenv("QINS_IMPORT_META_MAX");
+  char *end;
+  unsigned long long v = e && *e ? strtoull(e, &end, 10) : 0;
+  return e && *e && !*end && v ? (uint64_t)v : QS_META_MAX;
+}
+
 int qs__srclist_file(qs__srclist *L, const char *path, int fd) {
   char **np = realloc(L->paths, (L->n_files + 1) * sizeof *np);
   if (np) L->paths = np;
@@ -686,7 +693,7 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
 
 /* Adds "hf": {"config": {...}, "generation_config": {...}, "tokenizer": {...}} to the metadata
  * object *meta for those of dir's config.json, generation_config.json and tokenizer.json that
- * exist (each must be valid JSON; one larger than QS_META_MAX is left out and named in
+ * exist (each must be valid JSON; one larger than qs__meta_max() is left out and named in
  * "hf_omitted"). Nothing changes when none exists or *meta already has an "hf" member. */
 static int qs__hf_meta(const char *dir, char **meta) {
   static const char *const files[3][2] = {{"config.json", "config"},
@@ -699,14 +706,14 @@ static int qs__hf_meta(const char *dir, char **meta) {
     struct stat st;
     snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
     if (stat(p, &st) || !S_ISREG(st.st_mode)) continue;
-    if ((uint64_t)st.st_size > QS_META_MAX) {
+    if ((uint64_t)st.st_size > qs__meta_max()) {
       qs__sbuf_puts(&om, n_om++ ? "," : "[");
       qs__sbuf_json_str(&om, files[i][0], strlen(files[i][0]));
       continue;
     }
     char *buf;
     size_t len;
-    if ((rc = qs__read_file(p, QS_META_MAX, files[i][0], &buf, &len))) break;
+    if ((rc = qs__read_file(p, qs__meta_max(), files[i][0], &buf, &len))) break;
     qs_json *j;
     char jerr[256];
     if ((rc = qs_json_parse(buf, len, &j, jerr, sizeof jerr))) {

@@ -65,6 +65,9 @@ int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
  * "hf_omitted"). 32 MiB holds the tokenizers of today's large vocabularies (150k tokens and their
  * merges take a few MiB). */
 #define QS_META_MAX (32u << 20)
+/* QS_META_MAX, or $QINS_IMPORT_META_MAX bytes when set (a smaller bound for hosts that want
+ * small model records, and for tests). */
+uint64_t qs__meta_max(void);
 
 /* Growing string buffer for JSON text. */
 typedef struct qs__sbuf {

@@ -702,3 +702,40 @@ Test(import_ecosystem, gguf_round_trip_is_byte_identical) {
   cr_assert(strstr(m1, "[\"format\",\"string\",\"pt\"]"), "%s", m1);
   free(m1);
 }
+
+Test(import_ecosystem, metadata_over_the_bound_keeps_counts_and_names) {
+  setenv("QINS_IMPORT_META_MAX", "300", 1);
+  char p[256], q[256];
+  path_of(p, sizeof p, "kv.gguf");
+  gguf_with_every_kv(p);
+  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  char *md = model_metadata("kv");
+  cr_assert(strstr(md, "[\"tokenizer.ggml.tokens\",\"[string]\",null,3]"), "%s", md);
+  cr_assert(strstr(md, "[\"tokenizer.ggml.scores\",\"[f32]\",null,3]]"), "%s", md);
+  cr_assert(strstr(md, "[\"t.f64\",\"f64\",0.10000000000000001]"), "%s", md);
+  free(md);
+  path_of(q, sizeof q, "cut.gguf");
+  cr_assert_eq(qs_export_gguf(st, "kv", q, -1, NULL, NULL), QINS_EUNSUPPORTED);
+  cr_assert(strstr(qs_error(), "tokenizer.ggml.tokens") && strstr(qs_error(), "too large"), "%s",
+            qs_error());
+  cr_assert_neq(access(q, F_OK), 0);
+  /* An HF file over the bound is named, not kept. */
+  path_of(p, sizeof p, "hfdir");
+  cr_assert_eq(mkdir(p, 0700), 0);
+  float w[2] = {1, 2};
+  qt_tensor t = {"w", QS_ST_F32, 1, {2}, w, sizeof w};
+  path_of(p, sizeof p, "hfdir/model.safetensors");
+  cr_assert_eq(qt_st_write(p, &t, 1, NULL), 0);
+  char big[600];
+  memset(big, ' ', sizeof big);
+  memcpy(big, "{\"model\":{}}", 12);
+  path_of(p, sizeof p, "hfdir/tokenizer.json");
+  cr_assert_eq(qt_write(p, big, sizeof big), 0);
+  put_text("hfdir/config.json", "{\"hidden_size\":8}");
+  path_of(p, sizeof p, "hfdir");
+  cr_assert_eq(import_opts(p, "hfd", QC_F32, 0), 0, "%s", qs_error());
+  md = model_metadata("hfd");
+  cr_assert(strstr(md, "\"hf\":{\"config\":{\"hidden_size\":8}}"), "%s", md);
+  cr_assert(strstr(md, "\"hf_omitted\":[\"tokenizer.json\"]"), "%s", md);
+  free(md);
+}
