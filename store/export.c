@@ -90,6 +90,59 @@ static int qs__st_metadata_of(const char *m, char **out) {
   return 0;
 }
 
+/* Writes head (hl bytes) to tmp, then each tensor of l decoded as dts[i] (dt for all when dts is
+ * NULL; raw tensors as stored), each followed by zeros up to a multiple of align; fsyncs, and
+ * renames tmp to out_path. On failure tmp is removed and qs_error() names the file. */
+static int qs__export_write(qs_txn *tx, const qs__elist *l, const qc_dtype *dts, qc_dtype dt,
+                            uint64_t align, const void *head, size_t hl, const char *tmp,
+                            const char *out_path, uint64_t total, qs_progress_cb progress,
+                            void *progress_ud) {
+  static const char zeros[64] = {0};
+  uint8_t *buf = malloc(QS__EXPORT_BUF);
+  if (!buf) return qs__fail(QINS_ENOMEM, "out of memory");
+  int rc = 0;
+  FILE *f = fopen(tmp, "wb");
+  if (!f) {
+    rc = qs__fail(-errno, "%s: cannot create: %s", tmp, strerror(errno));
+    goto out;
+  }
+  if (fwrite(head, 1, hl, f) != hl) goto werr;
+  uint64_t done = 0;
+  for (size_t i = 0; i < l->n; i++) {
+    const qs_tensor *t = &l->t[i];
+    qc_dtype d = dts ? dts[i] : dt;
+    size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(d);
+    uint64_t step = QS__EXPORT_BUF / esz;
+    for (uint64_t a = 0; a < t->n_elem; a += step) {
+      uint64_t b = t->n_elem - a < step ? t->n_elem : a + step;
+      if ((rc = qs_tensor_read(tx, t, NULL, d, a, b, buf))) goto out;
+      if (fwrite(buf, esz, b - a, f) != b - a) goto werr;
+      done += (b - a) * esz;
+      if (progress) progress(progress_ud, done, total, t->name);
+    }
+    for (uint64_t pad = (align - t->n_elem * esz % align) % align; pad;) {
+      size_t k = pad < sizeof zeros ? (size_t)pad : sizeof zeros;
+      if (fwrite(zeros, 1, k, f) != k) goto werr;
+      pad -= k;
+    }
+  }
+  if (fflush(f) || fsync(fileno(f))) goto werr;
+  if (fclose(f)) {
+    f = NULL;
+    goto werr;
+  }
+  f = NULL;
+  if (rename(tmp, out_path)) rc = qs__fail(-errno, "%s: cannot rename into place: %s", out_path, strerror(errno));
+  goto out;
+werr:
+  rc = qs__fail(QINS_EIO, "%s: write error: %s", tmp, strerror(errno));
+out:
+  if (f) fclose(f);
+  if (rc) unlink(tmp);
+  free(buf);
+  return rc;
+}
+
 int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
                           qs_progress_cb progress, void *progress_ud) {
   if ((unsigned)dt >= QC_DT_COUNT) return qs__fail(QINS_EDTYPE, "bad export dtype");
@@ -99,8 +152,7 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
   qs_model m;
   qs__elist l = {0};
   qs_st_entry *e = NULL;
-  uint8_t *hdr = NULL, *buf = NULL;
-  FILE *f = NULL;
+  uint8_t *hdr = NULL;
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
   if ((rc = qs_model_get(tx, model, &m))) goto out;
@@ -110,8 +162,7 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
     goto out;
   }
   e = calloc(l.n + 1, sizeof *e);
-  buf = malloc(QS__EXPORT_BUF);
-  if (!e || !buf) {
+  if (!e) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
   }
@@ -135,47 +186,12 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
     rc = qs__fail(rc, "%s: cannot build the header", out_path);
     goto out;
   }
-  f = fopen(tmp, "wb");
-  if (!f) {
-    rc = qs__fail(-errno, "%s: cannot create: %s", tmp, strerror(errno));
-    goto out;
-  }
-  if (fwrite(hdr, 1, hl, f) != hl) goto werr;
-  uint64_t done = 0;
-  for (size_t i = 0; i < l.n; i++) {
-    const qs_tensor *t = &l.t[i];
-    size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(dt);
-    uint64_t step = QS__EXPORT_BUF / esz;
-    for (uint64_t a = 0; a < t->n_elem; a += step) {
-      uint64_t b = t->n_elem - a < step ? t->n_elem : a + step;
-      if ((rc = qs_tensor_read(tx, t, NULL, dt, a, b, buf))) goto out;
-      if (fwrite(buf, esz, b - a, f) != b - a) goto werr;
-      done += (b - a) * esz;
-      if (progress) progress(progress_ud, done, total, t->name);
-    }
-  }
-  if (fflush(f) || fsync(fileno(f))) goto werr;
-  if (fclose(f)) {
-    f = NULL;
-    goto werr;
-  }
-  f = NULL;
-  if (rename(tmp, out_path)) {
-    rc = qs__fail(-errno, "%s: cannot rename into place: %s", out_path, strerror(errno));
-    goto out;
-  }
-  rc = 0;
-  goto out;
-werr:
-  rc = qs__fail(QINS_EIO, "%s: write error: %s", tmp, strerror(errno));
+  rc = qs__export_write(tx, &l, NULL, dt, 1, hdr, hl, tmp, out_path, total, progress, progress_ud);
 out:
-  if (f) fclose(f);
-  if (rc) unlink(tmp);
   qs_txn_end(tx);
   free(l.t);
   free(e);
   free(hdr);
-  free(buf);
   return rc;
 }
 
@@ -348,18 +364,15 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
   qs_model m;
   qs__elist l = {0};
   qs__sbuf h = {0};
-  uint8_t *buf = NULL;
   int *types = NULL;
   qc_dtype *dts = NULL;
-  FILE *f = NULL;
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
   if ((rc = qs_model_get(tx, model, &m))) goto out;
   if ((rc = qs_tensors_each(tx, model, NULL, qs__elist_cb, &l))) goto out;
   types = calloc(l.n + 1, sizeof *types);
   dts = calloc(l.n + 1, sizeof *dts);
-  buf = malloc(QS__EXPORT_BUF);
-  if (l.oom || !types || !dts || !buf) {
+  if (l.oom || !types || !dts) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
   }
@@ -401,52 +414,12 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
   }
-  f = fopen(tmp, "wb");
-  if (!f) {
-    rc = qs__fail(-errno, "%s: cannot create: %s", tmp, strerror(errno));
-    goto out;
-  }
-  if (fwrite(h.p, 1, h.n, f) != h.n) goto werr;
-  uint64_t done = 0;
-  static const char zeros[64] = {0};
-  for (size_t i = 0; i < l.n; i++) {
-    const qs_tensor *t = &l.t[i];
-    size_t esz = t->codec == QS_RAW ? qs_dtype_size(t->src_dtype) : qc_dtype_size(dts[i]);
-    uint64_t step = QS__EXPORT_BUF / esz;
-    for (uint64_t a = 0; a < t->n_elem; a += step) {
-      uint64_t b = t->n_elem - a < step ? t->n_elem : a + step;
-      if ((rc = qs_tensor_read(tx, t, NULL, dts[i], a, b, buf))) goto out;
-      if (fwrite(buf, esz, b - a, f) != b - a) goto werr;
-      done += (b - a) * esz;
-      if (progress) progress(progress_ud, done, total, t->name);
-    }
-    for (uint64_t pad = (align - t->n_elem * esz % align) % align; pad;) {
-      size_t k = pad < sizeof zeros ? (size_t)pad : sizeof zeros;
-      if (fwrite(zeros, 1, k, f) != k) goto werr;
-      pad -= k;
-    }
-  }
-  if (fflush(f) || fsync(fileno(f))) goto werr;
-  if (fclose(f)) {
-    f = NULL;
-    goto werr;
-  }
-  f = NULL;
-  if (rename(tmp, out_path)) {
-    rc = qs__fail(-errno, "%s: cannot rename into place: %s", out_path, strerror(errno));
-    goto out;
-  }
-  rc = 0;
-  goto out;
-werr:
-  rc = qs__fail(QINS_EIO, "%s: write error: %s", tmp, strerror(errno));
+  rc = qs__export_write(tx, &l, dts, QC_DT_F32, align, h.p, h.n, tmp, out_path, total, progress,
+                        progress_ud);
 out:
-  if (f) fclose(f);
-  if (rc) unlink(tmp);
   qs_txn_end(tx);
   free(l.t);
   free(h.p);
-  free(buf);
   free(types);
   free(dts);
   return rc;

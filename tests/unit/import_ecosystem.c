@@ -15,42 +15,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "qins.h"
-#include "qt.h"
-#include "store.h"
+#include "import_test.h"
 
-static char dir[64], sdir[128];
-static qs_store *st;
-
-static void setup(void) {
-  cr_assert_eq(qt_tmpdir(dir), 0);
-  snprintf(sdir, sizeof sdir, "%s/store", dir);
-  cr_assert_eq(qs_open(&st, sdir, QS_OPEN_CREATE), 0);
-}
-static void teardown(void) {
-  qs_close(st);
-  qt_rmrf(dir);
-}
 TestSuite(import_ecosystem, .init = setup, .fini = teardown, .timeout = 120);
-
-static int import_opts(const char *path, const char *model, int codec, int requant) {
-  qs_import_opts o;
-  qs_import_opts_init(&o);
-  o.model = model;
-  o.codec = codec;
-  o.allow_requant = requant;
-  return qs_import_path(st, path, &o, NULL);
-}
-
-static float *read_tensor(const char *model, const char *name, qs_tensor *out) {
-  qs_txn *t;
-  cr_assert_eq(qs_txn_begin(st, &t), 0);
-  cr_assert_eq(qs_tensor_get(t, model, name, out), 0, "%s", qs_error());
-  float *x = malloc(out->n_elem * 4 + 4);
-  cr_assert_eq(qs_tensor_read(t, out, NULL, QC_DT_F32, 0, out->n_elem, x), 0, "%s", qs_error());
-  qs_txn_end(t);
-  return x;
-}
 
 static char *model_metadata(const char *model) {
   qs_txn *t;
@@ -72,7 +39,7 @@ Test(import_ecosystem, safetensors_metadata_null_is_no_metadata) {
   char p[256];
   path_of(p, sizeof p, "adapters.safetensors");
   cr_assert_eq(qt_st_write(p, &t, 1, "null"), 0);
-  cr_assert_eq(import_opts(p, "ad", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "ad", QC_F32, 0), 0, "%s", qs_error());
   qs_tensor ten;
   float *x = read_tensor("ad", "lora_a", &ten);
   cr_assert_eq(memcmp(x, w, sizeof w), 0);
@@ -83,7 +50,7 @@ Test(import_ecosystem, safetensors_metadata_null_is_no_metadata) {
   /* Any other non-object is still refused, naming the key. */
   path_of(p, sizeof p, "bad.safetensors");
   cr_assert_eq(qt_st_write(p, &t, 1, "[1]"), 0);
-  cr_assert_eq(import_opts(p, "bad", QC_F32, 0), QINS_EFORMAT);
+  cr_assert_eq(import(p, "bad", QC_F32, 0), QINS_EFORMAT);
   cr_assert(strstr(qs_error(), "__metadata__"), "%s", qs_error());
 }
 
@@ -92,7 +59,7 @@ static void expect_named(const char *name, const void *bytes, size_t n, const ch
   char p[256];
   path_of(p, sizeof p, name);
   cr_assert_eq(qt_write(p, bytes, n), 0);
-  int rc = import_opts(p, "x", -1, 0);
+  int rc = import(p, "x", -1, 0);
   cr_assert(rc != 0, "%s imported", name);
   cr_assert(strstr(qs_error(), p), "%s", qs_error());
   cr_assert(strstr(qs_error(), what), "%s: want \"%s\" in: %s", name, what, qs_error());
@@ -135,7 +102,7 @@ Test(import_ecosystem, foreign_files_are_named_with_what_to_do) {
   const char *idx = "{\"weight_map\":{\"w\":\"model-00001-of-00001.safetensors\"}}";
   cr_assert_eq(qt_write(p, idx, strlen(idx)), 0);
   path_of(p, sizeof p, "sharded");
-  cr_assert_neq(import_opts(p, "x", -1, 0), 0);
+  cr_assert_neq(import(p, "x", -1, 0), 0);
   cr_assert(strstr(qs_error(), "Git LFS pointer"), "%s", qs_error());
   /* A directory holding only a PyTorch checkpoint says so. */
   path_of(p, sizeof p, "hf");
@@ -143,7 +110,7 @@ Test(import_ecosystem, foreign_files_are_named_with_what_to_do) {
   path_of(p, sizeof p, "hf/pytorch_model.bin");
   cr_assert_eq(qt_write(p, z, zn), 0);
   path_of(p, sizeof p, "hf");
-  cr_assert_neq(import_opts(p, "x", -1, 0), 0);
+  cr_assert_neq(import(p, "x", -1, 0), 0);
   cr_assert(strstr(qs_error(), "PyTorch .bin/.pt") && strstr(qs_error(), "convert"), "%s",
             qs_error());
 }
@@ -154,7 +121,7 @@ Test(import_ecosystem, formats_are_found_by_magic_not_extension) {
   char p[256];
   path_of(p, sizeof p, "model.gguf"); /* safetensors under a GGUF name */
   cr_assert_eq(qt_st_write(p, &t, 1, NULL), 0);
-  cr_assert_eq(import_opts(p, "st", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "st", QC_F32, 0), 0, "%s", qs_error());
   qs_tensor ten;
   float *x = read_tensor("st", "w", &ten);
   cr_assert_eq(memcmp(x, w, sizeof w), 0);
@@ -175,7 +142,7 @@ Test(import_ecosystem, formats_are_found_by_magic_not_extension) {
   path_of(p, sizeof p, "model.bin");
   cr_assert_eq(qt_write(p, b.p, b.n), 0);
   free(b.p);
-  cr_assert_eq(import_opts(p, "gg", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "gg", QC_F32, 0), 0, "%s", qs_error());
   x = read_tensor("gg", "g", &ten);
   cr_assert_eq(memcmp(x, w, sizeof w), 0);
   free(x);
@@ -350,7 +317,7 @@ Test(import_ecosystem, gguf_block_types_dequantize_bit_for_bit) {
   cr_assert_eq(qt_write(p, b.p, b.n), 0);
   free(b.p);
   /* Default policy: exact f32 whatever --codec says; src_dtype the block type. */
-  cr_assert_eq(import_opts(p, "q", QC_QINS8, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "q", QC_QINS8, 0), 0, "%s", qs_error());
   for (size_t t = 0; t < NQTYPES; t++) {
     qs_tensor ten;
     float *x = read_tensor("q", qtypes[t].name, &ten);
@@ -369,7 +336,7 @@ Test(import_ecosystem, gguf_block_types_dequantize_bit_for_bit) {
     free(x);
   }
   /* --allow-requant: the rules apply (qins8 for matrices); the source type is still named. */
-  cr_assert_eq(import_opts(p, "r", -1, 1), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "r", -1, 1), 0, "%s", qs_error());
   qs_tensor ten;
   float *x = read_tensor("r", "q4_k", &ten);
   cr_assert_eq(ten.codec, QC_QINS8);
@@ -397,7 +364,7 @@ Test(import_ecosystem, gguf_unsupported_block_type_is_named) {
   path_of(p, sizeof p, "iq.gguf");
   cr_assert_eq(qt_write(p, b.p, b.n), 0);
   free(b.p);
-  cr_assert_eq(import_opts(p, "iq", -1, 1), QINS_EUNSUPPORTED);
+  cr_assert_eq(import(p, "iq", -1, 1), QINS_EUNSUPPORTED);
   cr_assert(strstr(qs_error(), "IQ4_XS") && strstr(qs_error(), "Q4_K"), "%s", qs_error());
 }
 
@@ -470,7 +437,7 @@ Test(import_ecosystem, half_vectors_keep_their_dtype_and_narrowing_shows) {
   char p[256];
   path_of(p, sizeof p, "half.safetensors");
   cr_assert_eq(qt_st_write(p, t, 3, NULL), 0);
-  cr_assert_eq(import_opts(p, "half", -1, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "half", -1, 0), 0, "%s", qs_error());
   qs_tensor ten;
   float *x = read_tensor("half", "norm_h", &ten);
   cr_assert_eq(ten.codec, QC_F16);
@@ -583,7 +550,7 @@ Test(import_ecosystem, gguf_metadata_keeps_every_kv_with_its_type) {
   char p[256];
   path_of(p, sizeof p, "kv.gguf");
   gguf_with_every_kv(p);
-  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "kv", QC_F32, 0), 0, "%s", qs_error());
   char *md = model_metadata("kv");
   const char *want[] = {
       "\"general.architecture\":\"llama\"",     /* flat strings, as before */
@@ -668,7 +635,7 @@ Test(import_ecosystem, gguf_round_trip_is_byte_identical) {
   char p[256], q[256];
   path_of(p, sizeof p, "kv.gguf");
   size_t n0 = gguf_with_every_kv(p);
-  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "kv", QC_F32, 0), 0, "%s", qs_error());
   path_of(q, sizeof q, "again.gguf");
   cr_assert_eq(qs_export_gguf(st, "kv", q, -1, NULL, NULL), 0, "%s", qs_error());
   size_t n0r, n1;
@@ -679,7 +646,7 @@ Test(import_ecosystem, gguf_round_trip_is_byte_identical) {
   free(a);
   free(b);
   /* And it imports again to the same metadata. */
-  cr_assert_eq(import_opts(q, "kv2", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(q, "kv2", QC_F32, 0), 0, "%s", qs_error());
   char *m1 = model_metadata("kv"), *m2 = model_metadata("kv2");
   cr_assert_str_eq(m1, m2);
   free(m1);
@@ -689,10 +656,10 @@ Test(import_ecosystem, gguf_round_trip_is_byte_identical) {
   qt_tensor t = {"w", QS_ST_F32, 2, {2, 2}, w, sizeof w};
   path_of(p, sizeof p, "st.safetensors");
   cr_assert_eq(qt_st_write(p, &t, 1, "{\"format\":\"pt\"}"), 0);
-  cr_assert_eq(import_opts(p, "st", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "st", QC_F32, 0), 0, "%s", qs_error());
   path_of(q, sizeof q, "st.gguf");
   cr_assert_eq(qs_export_gguf(st, "st", q, -1, NULL, NULL), 0, "%s", qs_error());
-  cr_assert_eq(import_opts(q, "st2", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(q, "st2", QC_F32, 0), 0, "%s", qs_error());
   qs_tensor ten;
   float *x = read_tensor("st2", "w", &ten);
   cr_assert(ten.ndim == 2 && ten.shape[0] == 2 && ten.shape[1] == 2);
@@ -708,7 +675,7 @@ Test(import_ecosystem, metadata_over_the_bound_keeps_counts_and_names) {
   char p[256], q[256];
   path_of(p, sizeof p, "kv.gguf");
   gguf_with_every_kv(p);
-  cr_assert_eq(import_opts(p, "kv", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "kv", QC_F32, 0), 0, "%s", qs_error());
   char *md = model_metadata("kv");
   cr_assert(strstr(md, "[\"tokenizer.ggml.tokens\",\"[string]\",null,3]"), "%s", md);
   cr_assert(strstr(md, "[\"tokenizer.ggml.scores\",\"[f32]\",null,3]]"), "%s", md);
@@ -733,7 +700,7 @@ Test(import_ecosystem, metadata_over_the_bound_keeps_counts_and_names) {
   cr_assert_eq(qt_write(p, big, sizeof big), 0);
   put_text("hfdir/config.json", "{\"hidden_size\":8}");
   path_of(p, sizeof p, "hfdir");
-  cr_assert_eq(import_opts(p, "hfd", QC_F32, 0), 0, "%s", qs_error());
+  cr_assert_eq(import(p, "hfd", QC_F32, 0), 0, "%s", qs_error());
   md = model_metadata("hfd");
   cr_assert(strstr(md, "\"hf\":{\"config\":{\"hidden_size\":8}}"), "%s", md);
   cr_assert(strstr(md, "\"hf_omitted\":[\"tokenizer.json\"]"), "%s", md);

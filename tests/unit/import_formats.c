@@ -13,45 +13,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "qins.h"
-#include "qt.h"
-#include "store.h"
+#include "import_test.h"
 
-static char dir[64], sdir[128];
-static qs_store *st;
-
-static void setup(void) {
-  cr_assert_eq(qt_tmpdir(dir), 0);
-  snprintf(sdir, sizeof sdir, "%s/store", dir);
-  cr_assert_eq(qs_open(&st, sdir, QS_OPEN_CREATE), 0);
-}
-static void teardown(void) {
-  qs_close(st);
-  qt_rmrf(dir);
-}
 TestSuite(import_formats, .init = setup, .fini = teardown, .timeout = 60);
 
 static void pad(qt_buf *b, size_t a) {
   while (b->n % a) qt_put(b, "\0", 1);
-}
-
-static int import(const char *path, const char *model, int codec, int requant) {
-  qs_import_opts o;
-  qs_import_opts_init(&o);
-  o.model = model;
-  o.codec = codec;
-  o.allow_requant = requant;
-  return qs_import_path(st, path, &o, NULL);
-}
-
-static float *read_tensor(const char *model, const char *name, qs_tensor *out) {
-  qs_txn *t;
-  cr_assert_eq(qs_txn_begin(st, &t), 0);
-  cr_assert_eq(qs_tensor_get(t, model, name, out), 0, "%s", qs_error());
-  float *x = malloc(out->n_elem * 4 + 4);
-  cr_assert_eq(qs_tensor_read(t, out, NULL, QC_DT_F32, 0, out->n_elem, x), 0, "%s", qs_error());
-  qs_txn_end(t);
-  return x;
 }
 
 Test(import_formats, gguf_plain_types_with_reversed_dims) {
