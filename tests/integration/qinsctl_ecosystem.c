@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qinsctl_ecosystem.c — qinsctl on files from the wider ecosystem (issue 15; docs/qinsctl.md):
- * --version, a bad option named, `ls` columns sized to their content, `import --help` listing
+ * --version (qins-llama2's too), a bad option named, `ls` columns sized to their content, `import --help` listing
  * codecs and policy, narrowed sources (f64) shown with their real SNR by import/ls/info/audit,
  * GGUF metadata shown by `info`, `export --format gguf`, and `stats --format prometheus` against
  * a running qinsd. Every input is generated here; the store is read only through qinsctl.
@@ -34,6 +34,12 @@ Test(qinsctl_ecosystem, version_and_bad_options_are_named) {
   char *out = NULL, *err = NULL;
   cr_assert_eq(CTL(&out, &err, "--version"), 0);
   cr_assert(!strncmp(out, "qinsctl ", 8) && isdigit((unsigned char)out[8]), "%s", out);
+  free(out);
+  free(err);
+  char bin[256];
+  char *argv[] = {(char *)qt_bin("qins-llama2", bin, sizeof bin), "--version", NULL};
+  cr_assert_eq(qt_run(argv, NULL, &out, &err), 0);
+  cr_assert(!strncmp(out, "qins-llama2 ", 12) && isdigit((unsigned char)out[12]), "%s", out);
   free(out);
   free(err);
   const char *cmds[] = {"ls", "info", "rm", "verify", "audit", "import", "export"};
