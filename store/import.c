@@ -846,6 +846,8 @@ static int qs__collect(const char *path, qs__srclist *L, char **meta,
         char stem[QS_MAX_NAME + 1];
         snprintf(p, sizeof p, "%s/%s", path, names[i]);
         qs__stem(names[i], stem, sizeof stem);
+        int kind;
+        if ((rc = qs__sniff(p, &kind))) break; /* an LFS pointer named .npy is named */
         rc = qs__npy_sources(p, stem, L);
       }
     } else if (!rc && n_st == 0 && n_npy == 0) {

@@ -104,6 +104,14 @@ Test(import_ecosystem, foreign_files_are_named_with_what_to_do) {
   path_of(p, sizeof p, "sharded");
   cr_assert_neq(import(p, "x", -1, 0), 0);
   cr_assert(strstr(qs_error(), "Git LFS pointer"), "%s", qs_error());
+  /* So is one in a directory of .npy files. */
+  path_of(p, sizeof p, "arrays");
+  cr_assert_eq(mkdir(p, 0700), 0);
+  path_of(p, sizeof p, "arrays/w.npy");
+  cr_assert_eq(qt_write(p, lfs, strlen(lfs)), 0);
+  path_of(p, sizeof p, "arrays");
+  cr_assert_neq(import(p, "x", -1, 0), 0);
+  cr_assert(strstr(qs_error(), "arrays/w.npy: this is a Git LFS pointer"), "%s", qs_error());
   /* A directory holding only a PyTorch checkpoint says so. */
   path_of(p, sizeof p, "hf");
   cr_assert_eq(mkdir(p, 0700), 0);
