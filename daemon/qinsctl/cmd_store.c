@@ -366,6 +366,19 @@ static void qctl_jval_line(const qs_json *v, size_t max) {
     break;
   case QS_JSON_BOOL: k = (size_t)snprintf(buf, sizeof buf, "%s", v->boolean ? "true" : "false"); break;
   case QS_JSON_NULL: k = (size_t)snprintf(buf, sizeof buf, "null"); break;
+  case QS_JSON_ARRAY: /* short arrays of strings and numbers in full, e.g. architectures */
+    k = (size_t)snprintf(buf, sizeof buf, "[");
+    for (size_t i = 0; i < v->len && k < 200; i++) {
+      const qs_json *e = &v->items[i];
+      if (e->type == QS_JSON_STRING) k += (size_t)snprintf(buf + k, sizeof buf - k, "%s%.80s", i ? ", " : "", e->str);
+      else if (e->type == QS_JSON_NUMBER) k += (size_t)snprintf(buf + k, sizeof buf - k, "%s%.9g", i ? ", " : "", e->num);
+      else {
+        k = (size_t)snprintf(buf, sizeof buf, "array of %zu", v->len);
+        break;
+      }
+    }
+    if (buf[0] == '[') k += (size_t)snprintf(buf + k, sizeof buf - k, k < 200 ? "]" : ", ...]");
+    break;
   default: k = (size_t)snprintf(buf, sizeof buf, "%s of %zu", qs_json_type_name(v->type), v->len);
   }
   if (k >= sizeof buf) k = sizeof buf - 1;

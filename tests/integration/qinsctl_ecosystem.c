@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -263,4 +264,34 @@ Test(qinsctl_ecosystem, stats_in_prometheus_text_format) {
   free(err);
   free(out2);
   free(err2);
+}
+
+Test(qinsctl_ecosystem, hf_snapshot_named_and_its_config_shown) {
+  char p[256];
+  const char *parts[] = {"models--acme--tiny-llama", "models--acme--tiny-llama/snapshots",
+                         "models--acme--tiny-llama/snapshots/5e1f"};
+  for (int i = 0; i < 3; i++) {
+    snprintf(p, sizeof p, "%s/%s", dir, parts[i]);
+    cr_assert_eq(mkdir(p, 0700), 0);
+  }
+  float w[4] = {1, 2, 3, 4};
+  qt_tensor t = {"model.norm.weight", QS_ST_F32, 1, {4}, w, sizeof w};
+  snprintf(p, sizeof p, "%s/%s/model.safetensors", dir, parts[2]);
+  cr_assert_eq(qt_st_write(p, &t, 1, "{\"format\":\"pt\"}"), 0);
+  const char *cfg = "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 4}";
+  snprintf(p, sizeof p, "%s/%s/config.json", dir, parts[2]);
+  cr_assert_eq(qt_write(p, cfg, strlen(cfg)), 0);
+  snprintf(p, sizeof p, "%s/%s", dir, parts[2]);
+  char *out = NULL, *err = NULL;
+  cr_assert_eq(CTL(&out, &err, "import", p), 0, "%s", err);
+  cr_assert(strstr(out, "imported tiny-llama:"), "%s", out);
+  free(out);
+  free(err);
+  cr_assert_eq(CTL(&out, &err, "info", "tiny-llama"), 0, "%s", err);
+  cr_assert(strstr(out, "  format: pt\n") && strstr(out, "  hf config:\n") &&
+                strstr(out, "    architectures: [LlamaForCausalLM]\n") &&
+                strstr(out, "    hidden_size: 4\n"),
+            "%s", out);
+  free(out);
+  free(err);
 }
