@@ -221,7 +221,8 @@ static int qs__key_cmp(const void *a, const void *b) {
 
 /* Whether KV `key` goes into the model metadata: its JSON object must keep distinct keys, so a
  * key that is not well-formed UTF-8 (two such keys could both become "\ufffd"...) and our own
- * "source_format" are left out, as arrays are. */
+ * "source_format" and "gguf" are left out of the flat string map, as arrays are (the typed list
+ * keeps every KV). */
 static int qs__gguf_meta_key(const char *key, uint64_t kl) {
   return qs__utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13)) &&
          !(kl == 4 && !memcmp(key, "gguf", 4));
