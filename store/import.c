@@ -1,8 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * import.c — qs_import_path: find the source files (safetensors single or sharded, GGUF, .npy),
- * validate all of them, pick each tensor's codec, then stream every tensor into the store with
- * bounded memory (store.h §Importers).
+ * recognized by content (qs__sniff names LFS pointers, zips, pickles), validate all of them, pick
+ * each tensor's codec, then stream every tensor into the store with bounded memory (store.h
+ * §Importers). A directory's Hugging Face JSON files join the model's metadata (qs__hf_meta); an
+ * HF cache snapshot is named after its repository.
+ *
+ * SNR: the store measures the codec against the f32 rows it is given; for sources wider than f32
+ * (f64) those rows are already rounded, so the importer measures against the source's values
+ * itself (qs__measure_wide) and hands the figures to the store.
  *
  * Memory: a tensor whose f32 form fits in QS__WHOLE_MAX is read once and fitted and encoded from
  * that buffer; a larger one is read twice in batches of rows (pass 1 fits the codec parameters,
@@ -228,7 +234,7 @@ static int qs__zip_is_npz(int fd) {
   return !memcmp(h + 30 + nl - 4, ".npy", 4);
 }
 
-/* Classifies path by content (the extension only breaks ties for files too short to tell). Files
+/* Classifies path by content (the extension decides only when the content does not). Files
  * that are not model weights in a format qins reads, but are often mistaken for them, fail here
  * with a message naming what the file is and what to do:
  *   "version https://git-lfs..."  a Git LFS pointer: the real file was never fetched;
