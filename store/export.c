@@ -272,8 +272,8 @@ static int qs__gg_scalar(qs__sbuf *b, int ty, const qs_json *v) {
 
 /* The KV section from the model's metadata into b; *n_kv counts them, *align gets
  * general.alignment. Without a "gguf" list, the string members become string KVs. */
-static int qs__gg_kvs(const char *model, const char *md, qs__sbuf *b, uint64_t *n_kv,
-                      uint64_t *align) {
+static int qs__gg_kvs(const char *model, const char *md, int64_t file_type, qs__sbuf *b,
+                      uint64_t *n_kv, uint64_t *align) {
   qs_json *root = NULL;
   int rc = 0;
   *n_kv = 0;
@@ -319,6 +319,9 @@ static int qs__gg_kvs(const char *model, const char *md, qs__sbuf *b, uint64_t *
       qs__gg_u32(b, (uint32_t)ty);
       qs__gg_u64(b, v->len);
       for (size_t j = 0; !rc && j < v->len; j++) rc = qs__gg_scalar(b, ty, &v->items[j]);
+    } else if (file_type >= 0 && ty == 4 && !strcmp(k->str, "general.file_type")) {
+      qs__gg_u32(b, 4); /* the tensors' types changed (block types are written as floats) */
+      qs__gg_u32(b, (uint32_t)file_type);
     } else {
       qs__gg_u32(b, (uint32_t)ty);
       rc = qs__gg_scalar(b, ty, v);
@@ -378,7 +381,14 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
   }
   uint64_t n_kv, align;
   qs__sbuf kvs = {0};
-  rc = qs__gg_kvs(model, m.metadata, &kvs, &n_kv, &align);
+  /* A model from block-quantized tensors is written as floats: general.file_type (llama.cpp's
+   * LLAMA_FTYPE) then says so, ALL_F32 0, MOSTLY_F16 1 or MOSTLY_BF16 32. */
+  int64_t ftype = -1;
+  for (size_t i = 0; i < l.n; i++) {
+    unsigned bw, bb;
+    if (qs__gguf_block(l.t[i].src_dtype, &bw, &bb)) ftype = dt == QC_DT_F16 ? 1 : dt == QC_DT_BF16 ? 32 : 0;
+  }
+  rc = qs__gg_kvs(model, m.metadata, ftype, &kvs, &n_kv, &align);
   qs__sbuf_put(&h, "GGUF", 4);
   qs__gg_u32(&h, 3);
   qs__gg_u64(&h, l.n);

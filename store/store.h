@@ -370,8 +370,9 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
  * reversed dims, padded to general.alignment (32 if absent). Codec tensors are written as dt
  * (QC_DT_F32/F16/BF16), or with dt -1 as F16/BF16 when that was their source dtype and F32
  * otherwise (block-quantized sources too: they are not re-quantized); raw i8..i64 tensors as
- * I8..I64. QINS_EUNSUPPORTED for what GGUF cannot hold (u8..u64, bool, more than 4 dims, a KV
- * list cut at import). Deterministic. */
+ * I8..I64; a model with block-quantized sources gets general.file_type rewritten to match (0 all
+ * F32, 1 mostly F16, 32 mostly BF16). QINS_EUNSUPPORTED for what GGUF cannot hold (u8..u64, bool,
+ * more than 4 dims, a KV list cut at import). Deterministic. */
 int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
                    qs_progress_cb progress, void *progress_ud);
 

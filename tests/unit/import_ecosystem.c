@@ -297,7 +297,10 @@ Test(import_ecosystem, gguf_block_types_dequantize_bit_for_bit) {
   qt_put(&b, "GGUF", 4);
   qt_put_u32(&b, 3);
   qt_put_u64(&b, NQTYPES);
-  qt_put_u64(&b, 0);
+  qt_put_u64(&b, 1);
+  qt_put_gstr(&b, "general.file_type"); /* llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_K_M */
+  qt_put_u32(&b, 4);
+  qt_put_u32(&b, 15);
   uint64_t off = 0, sizes[NQTYPES];
   for (size_t t = 0; t < NQTYPES; t++) {
     qt_put_gstr(&b, qtypes[t].name);
@@ -341,6 +344,21 @@ Test(import_ecosystem, gguf_block_types_dequantize_bit_for_bit) {
       cr_assert_eq(a, w, "%s element %llu: %a, want %a", qtypes[t].name, (unsigned long long)i,
                    (double)x[i], (double)want[t][i]);
     }
+    free(x);
+  }
+  /* Exported as GGUF: F32 tensors of the same values, general.file_type saying ALL_F32. */
+  char q[256];
+  path_of(q, sizeof q, "dequantized.gguf");
+  cr_assert_eq(qs_export_gguf(st, "q", q, -1, NULL, NULL), 0, "%s", qs_error());
+  cr_assert_eq(import(q, "q2", QC_F32, 0), 0, "%s", qs_error());
+  char *md = model_metadata("q2");
+  cr_assert(strstr(md, "[\"general.file_type\",\"u32\",0]"), "%s", md);
+  free(md);
+  for (size_t t = 0; t < NQTYPES; t++) {
+    qs_tensor ten;
+    float *x = read_tensor("q2", qtypes[t].name, &ten);
+    cr_assert_eq(ten.src_dtype, QS_DT_F32);
+    cr_assert_eq(memcmp(x, want[t], row * rows * sizeof(float)), 0, "%s", qtypes[t].name);
     free(x);
   }
   /* --allow-requant: the rules apply (qins8 for matrices); the source type is still named. */
