@@ -457,6 +457,7 @@ static int qs__pread_all(int fd, void *buf, uint64_t n, uint64_t off) {
 
 static void qs__to_f32(const qs__src *s, const uint8_t *src, uint64_t n_rows, float *dst) {
   uint64_t rl = qs__src_row_len(s), n = n_rows * rl;
+  if (!n) return; /* an empty tensor has no buffers (NULL) to convert between */
   unsigned bw, bb;
   if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) {
     qs__gguf_dequant(s->dtype, src, n / bw, dst);
