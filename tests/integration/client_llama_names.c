@@ -223,3 +223,39 @@ Test(client_llama_names, gguf_import_runs_like_the_reference) { run_against_refe
 Test(client_llama_names, hf_import_runs_like_the_reference) {
   run_against_reference("hf", "Hugging Face");
 }
+
+/* Without a reference the worker finds its config in the tensors' shapes (plus --n-heads; the
+ * server sends no metadata in `models` yet) under GGUF and HF names alike, and generates the
+ * reference's tokens. */
+static void run_ok(char **argv) {
+  char *out = NULL, *err = NULL;
+  int rc = qt_run(argv, NULL, &out, &err);
+  cr_assert_eq(rc, 0, "%s%s", out, err);
+  free(out);
+  free(err);
+}
+
+Test(client_llama_names, served_names_configure_from_shapes) {
+  char bin[256], ref[256], a[256], b[256];
+  ts_build_path("qins-llama2", bin, sizeof bin);
+  snprintf(ref, sizeof ref, "%s/ref.safetensors", D.dir);
+  snprintf(a, sizeof a, "%s/ref.tokens", D.dir);
+  char *ra[] = {bin, "--reference", ref, "--steps", "20", "--quiet", "--tokens-out", a, NULL};
+  run_ok(ra);
+  size_t na;
+  char *want = qt_read(a, &na);
+  cr_assert(want && na > 20);
+  const char *models[] = {"gg", "hf"};
+  for (int i = 0; i < 2; i++) {
+    snprintf(b, sizeof b, "%s/%s.tokens", D.dir, models[i]);
+    char *rb[] = {bin, "--socket", D.sock, "--model", (char *)models[i], "--n-heads", "4",
+                  "--seq-len", "32", "--steps", "20", "--quiet", "--tokens-out", b, NULL};
+    run_ok(rb);
+    size_t nb;
+    char *got = qt_read(b, &nb);
+    cr_assert(got && nb == na && !memcmp(got, want, na), "%s: tokens differ:\n%s\nvs\n%s",
+              models[i], got, want);
+    free(got);
+  }
+  free(want);
+}
