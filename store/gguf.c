@@ -10,14 +10,22 @@
  * most 4 dims, element count without overflow, known type, offsets aligned and equal to the
  * running sum of padded sizes, data inside the file. GGUF lists dims innermost first (ne[0] is the
  * contiguous axis): the row-major shape is ne reversed, with the same bytes.
- * Types: F32, F16, BF16, F64 (codecs), I8..I64 (raw); Q8_0 and Q4_0 are dequantized when
- * allow_requant is set; every other quantized type is refused, naming it.
- * Metadata kept with the model: string and scalar KVs as strings (arrays such as the tokenizer's
- * are skipped, and so are keys that are not UTF-8), plus "source_format": "gguf"; string values
- * that are not UTF-8 keep their valid parts (U+FFFD for the rest).
+ * Types: F32, F16, BF16, F64 (codecs), I8..I64 (raw); the block types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0
+ * Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K are listed as QS__K_BLOCKS with their own qs_dtype and dequantized
+ * exactly by gguf_quant.c (the codec policy decides whether they are re-encoded: import.c); every
+ * other quantized type (IQ*, TQ*, MXFP4, Q8_1) is refused, naming it.
+ * Metadata kept with the model (docs/FORMAT.md §Model metadata): "source_format": "gguf"; every
+ * string and scalar KV as a string member (keys that are not UTF-8 skipped, string values over
+ * 64 KiB too); and "gguf": {"version": V, "kv": [[key, type, value], ...]} holding every KV in file
+ * order with its GGUF type ("u32", "f32", "string", "[string]", ...), arrays (the tokenizer's
+ * too) as JSON arrays, integers exact, floats to the bit (f32 with 9, f64 with 17 digits;
+ * non-finite ones as "nan"/"inf"/"-inf"). An array that would take the list past qs__meta_max() is
+ * kept as [key, "[type]", null, count]. String values that are not UTF-8 keep their valid parts
+ * (U+FFFD for the rest).
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,6 +136,45 @@ static int qs__gr_str(qs__gr *r, char **out, uint64_t *len, uint64_t max, const 
 
 enum { G_U8, G_I8, G_U16, G_I16, G_U32, G_I32, G_F32, G_BOOL, G_STRING, G_ARRAY, G_U64, G_I64, G_F64 };
 static const unsigned char qs__gsz[13] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+static const char *const qs__gtname[13] = {"u8",     "i8",    "u16", "i16", "u32", "i32", "f32",
+                                           "bool",   "string", "array", "u64", "i64", "f64"};
+
+/* A scalar KV value of type ty (bytes at v) as JSON: integers exactly, f32 with 9 and f64 with 17
+ * significant digits (both read back to the same bits), non-finite floats as the strings "nan",
+ * "inf", "-inf" (JSON has no such numbers). */
+static void qs__gguf_json_scalar(qs__sbuf *b, uint32_t ty, const uint8_t *v) {
+  char num[64];
+  double f = 0;
+  int is_f = 0;
+  switch (ty) {
+  case G_U8: snprintf(num, sizeof num, "%u", v[0]); break;
+  case G_I8: snprintf(num, sizeof num, "%d", (int8_t)v[0]); break;
+  case G_U16: snprintf(num, sizeof num, "%u", qs__get_u16(v)); break;
+  case G_I16: snprintf(num, sizeof num, "%d", (int16_t)qs__get_u16(v)); break;
+  case G_U32: snprintf(num, sizeof num, "%u", qs__get_u32(v)); break;
+  case G_I32: snprintf(num, sizeof num, "%d", (int32_t)qs__get_u32(v)); break;
+  case G_U64: snprintf(num, sizeof num, "%llu", (unsigned long long)qs__get_u64(v)); break;
+  case G_I64: snprintf(num, sizeof num, "%lld", (long long)qs__get_u64(v)); break;
+  case G_BOOL: snprintf(num, sizeof num, "%s", v[0] ? "true" : "false"); break;
+  case G_F32: {
+    uint32_t u = qs__get_u32(v);
+    float x;
+    memcpy(&x, &u, 4);
+    f = x;
+    is_f = 1;
+    snprintf(num, sizeof num, "%.9g", f);
+    break;
+  }
+  case G_F64:
+    f = qs__get_f64(v);
+    is_f = 1;
+    snprintf(num, sizeof num, "%.17g", f);
+    break;
+  default: snprintf(num, sizeof num, "null");
+  }
+  if (is_f && !isfinite(f)) snprintf(num, sizeof num, "\"%s\"", isnan(f) ? "nan" : f > 0 ? "inf" : "-inf");
+  qs__sbuf_puts(b, num);
+}
 
 typedef struct qs__gtype {
   const char *name;   /* ggml name, NULL = no such id */
@@ -150,18 +197,38 @@ static const qs__gtype qs__gtypes[] = {
 };
 #define QS__NGTYPES (sizeof qs__gtypes / sizeof qs__gtypes[0])
 
+/* The qs_dtype of a ggml block type qins dequantizes, or -1. */
+static int qs__gblock_dtype(uint32_t ty) {
+  switch (ty) {
+  case 2: return QS_DT_Q4_0;
+  case 3: return QS_DT_Q4_1;
+  case 6: return QS_DT_Q5_0;
+  case 7: return QS_DT_Q5_1;
+  case 8: return QS_DT_Q8_0;
+  case 10: return QS_DT_Q2_K;
+  case 11: return QS_DT_Q3_K;
+  case 12: return QS_DT_Q4_K;
+  case 13: return QS_DT_Q5_K;
+  case 14: return QS_DT_Q6_K;
+  case 15: return QS_DT_Q8_K;
+  default: return -1;
+  }
+}
+
 static int qs__key_cmp(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
 /* Whether KV `key` goes into the model metadata: its JSON object must keep distinct keys, so a
  * key that is not well-formed UTF-8 (two such keys could both become "\ufffd"...) and our own
- * "source_format" are left out, as arrays are. */
+ * "source_format" and "gguf" are left out of the flat string map, as arrays are (the typed list
+ * keeps every KV). */
 static int qs__gguf_meta_key(const char *key, uint64_t kl) {
-  return qs__utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13));
+  return qs__utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13)) &&
+         !(kl == 4 && !memcmp(key, "gguf", 4));
 }
 
-int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int allow_requant) {
+int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   qs__gr *r = calloc(1, sizeof *r);
   if (!r) return qs__fail(QINS_ENOMEM, "out of memory");
   r->path = path;
@@ -215,6 +282,9 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
     goto out;
   }
   uint64_t align = 32;
+  qs__sbuf kv = {0}; /* the typed KV list: [[key, type, value], ...] */
+  uint64_t meta_max = qs__meta_max();
+  qs__sbuf_puts(&kv, "[");
   for (uint64_t i = 0; i < n_kv && !r->rc; i++) {
     char *key;
     uint64_t kl;
@@ -230,6 +300,10 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
       qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\" has unknown type %u", key, ty);
       break;
     }
+    size_t entry = kv.n; /* to roll back an array that does not fit */
+    if (i) qs__sbuf_puts(&kv, ",");
+    qs__sbuf_puts(&kv, "[");
+    qs__sbuf_json_str(&kv, key, kl);
     if (ty == G_ARRAY) {
       uint32_t et = qs__gr_u32(r, "an array type");
       uint64_t cnt = qs__gr_u64(r, "an array count");
@@ -244,26 +318,60 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
                     (unsigned long long)cnt);
         break;
       }
-      if (et == G_STRING) {
-        for (uint64_t j = 0; j < cnt && !r->rc; j++) qs__gr_str(r, NULL, NULL, QS__GGUF_MAX_STR, "an array string");
-      } else {
-        if (cnt * qs__gsz[et] > r->size - r->pos) {
-          qs__gr_fail(r, QINS_EFORMAT, "truncated: KV \"%.100s\" array of %llu elements runs past the end",
-                      key, (unsigned long long)cnt);
-          break;
+      if (et != G_STRING && cnt * qs__gsz[et] > r->size - r->pos) {
+        qs__gr_fail(r, QINS_EFORMAT, "truncated: KV \"%.100s\" array of %llu elements runs past the end",
+                    key, (unsigned long long)cnt);
+        break;
+      }
+      qs__sbuf_puts(&kv, ",\"[");
+      qs__sbuf_puts(&kv, qs__gtname[et]);
+      qs__sbuf_puts(&kv, "]\",[");
+      int elided = 0;
+      for (uint64_t j = 0; j < cnt && !r->rc; j++) {
+        if (!elided && kv.n > meta_max) { /* too big to keep: the count stands for it */
+          elided = 1;
+          kv.n = entry;
+          kv.p[kv.n] = 0;
+          if (i) qs__sbuf_puts(&kv, ",");
+          qs__sbuf_puts(&kv, "[");
+          qs__sbuf_json_str(&kv, key, kl);
+          qs__sbuf_puts(&kv, ",\"[");
+          qs__sbuf_puts(&kv, qs__gtname[et]);
+          qs__sbuf_puts(&kv, "]\",null,");
+          char num[32];
+          snprintf(num, sizeof num, "%llu", (unsigned long long)cnt);
+          qs__sbuf_puts(&kv, num);
         }
-        if (et == G_BOOL) {
-          for (uint64_t j = 0; j < cnt && !r->rc; j++) {
-            uint8_t bv;
-            qs__gr_read(r, &bv, 1, "a bool");
-            if (bv > 1) qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\": bool element is %u", key, bv);
+        if (et == G_STRING) {
+          char *sv;
+          uint64_t svl;
+          if (elided) {
+            qs__gr_str(r, NULL, NULL, QS__GGUF_MAX_STR, "an array string");
+            continue;
           }
+          if (qs__gr_str(r, &sv, &svl, QS__GGUF_MAX_STR, "an array string")) break;
+          if (j) qs__sbuf_puts(&kv, ",");
+          qs__sbuf_json_str(&kv, sv, (size_t)svl);
+          free(sv);
         } else {
-          qs__gr_read(r, NULL, cnt * qs__gsz[et], "an array");
+          uint8_t v[8] = {0};
+          if (qs__gr_read(r, v, qs__gsz[et], "an array element")) break;
+          if (et == G_BOOL && v[0] > 1) {
+            qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\": bool element is %u", key, v[0]);
+            break;
+          }
+          if (elided) continue;
+          if (j) qs__sbuf_puts(&kv, ",");
+          qs__gguf_json_scalar(&kv, et, v);
         }
       }
+      if (r->rc) break;
+      qs__sbuf_puts(&kv, elided ? "]" : "]]");
       continue;
     }
+    qs__sbuf_puts(&kv, ",\"");
+    qs__sbuf_puts(&kv, qs__gtname[ty]);
+    qs__sbuf_puts(&kv, "\",");
     if (ty == G_STRING) {
       char *val;
       uint64_t vl;
@@ -274,57 +382,56 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
         qs__sbuf_puts(&mb, ":");
         qs__sbuf_json_str(&mb, val, vl);
       }
+      qs__sbuf_json_str(&kv, val, (size_t)vl);
+      qs__sbuf_puts(&kv, "]");
       free(val);
       continue;
     }
     uint8_t v[8] = {0};
     if (qs__gr_read(r, v, qs__gsz[ty], "a value")) break;
-    char num[64];
-    switch (ty) {
-    case G_U8: snprintf(num, sizeof num, "%u", v[0]); break;
-    case G_I8: snprintf(num, sizeof num, "%d", (int8_t)v[0]); break;
-    case G_U16: snprintf(num, sizeof num, "%u", qs__get_u16(v)); break;
-    case G_I16: snprintf(num, sizeof num, "%d", (int16_t)qs__get_u16(v)); break;
-    case G_U32: snprintf(num, sizeof num, "%u", qs__get_u32(v)); break;
-    case G_I32: snprintf(num, sizeof num, "%d", (int32_t)qs__get_u32(v)); break;
-    case G_U64: snprintf(num, sizeof num, "%llu", (unsigned long long)qs__get_u64(v)); break;
-    case G_I64: snprintf(num, sizeof num, "%lld", (long long)qs__get_u64(v)); break;
-    case G_F32: {
-      uint32_t u = qs__get_u32(v);
-      float f;
-      memcpy(&f, &u, 4);
-      snprintf(num, sizeof num, "%.9g", (double)f);
+    if (ty == G_BOOL && v[0] > 1) {
+      qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\": bool value is %u (must be 0 or 1)", key, v[0]);
       break;
     }
-    case G_F64: snprintf(num, sizeof num, "%.17g", qs__get_f64(v)); break;
-    case G_BOOL:
-      if (v[0] > 1) {
-        qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\": bool value is %u (must be 0 or 1)", key, v[0]);
-        break;
-      }
-      snprintf(num, sizeof num, "%s", v[0] ? "true" : "false");
-      break;
-    default: num[0] = 0;
-    }
-    if (r->rc) break;
+    qs__sbuf num = {0};
+    qs__gguf_json_scalar(&num, ty, v);
+    qs__sbuf_put(&kv, num.p ? num.p : "null", num.p ? num.n : 4);
+    qs__sbuf_puts(&kv, "]");
     if (!strcmp(key, "general.alignment")) {
       if (ty != G_U32) {
+        free(num.p);
         qs__gr_fail(r, QINS_EFORMAT, "general.alignment has type %u, not u32", ty);
         break;
       }
       align = qs__get_u32(v);
       if (align == 0 || (align & (align - 1))) {
+        free(num.p);
         qs__gr_fail(r, QINS_EFORMAT, "general.alignment %llu is not a power of two",
                     (unsigned long long)align);
         break;
       }
     }
-    if (!qs__gguf_meta_key(key, kl)) continue;
-    qs__sbuf_puts(&mb, ",");
-    qs__sbuf_json_str(&mb, key, kl);
-    qs__sbuf_puts(&mb, ":");
-    qs__sbuf_json_str(&mb, num, strlen(num));
+    if (qs__gguf_meta_key(key, kl) && num.p) { /* the flat map keeps scalars as strings */
+      const char *t = num.p;
+      size_t tl = num.n;
+      if (t[0] == '"') t++, tl -= 2; /* non-finite floats are already strings */
+      qs__sbuf_puts(&mb, ",");
+      qs__sbuf_json_str(&mb, key, kl);
+      qs__sbuf_puts(&mb, ":");
+      qs__sbuf_json_str(&mb, t, tl);
+    }
+    free(num.p);
   }
+  qs__sbuf_puts(&kv, "]");
+  if (!r->rc) {
+    char hdr[64];
+    snprintf(hdr, sizeof hdr, ",\"gguf\":{\"version\":%u,\"kv\":", ver);
+    qs__sbuf_puts(&mb, hdr);
+    qs__sbuf_put(&mb, kv.p ? kv.p : "[]", kv.p ? kv.n : 2);
+    qs__sbuf_puts(&mb, "}");
+    if (kv.oom) mb.oom = 1;
+  }
+  free(kv.p);
   if (r->rc) goto out;
   qsort(keys, n_keys, sizeof *keys, qs__key_cmp);
   for (uint64_t i = 1; i < n_keys; i++)
@@ -379,18 +486,10 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
       break;
     }
     const qs__gtype *gt = &qs__gtypes[ty];
-    int quant = gt->blck > 1;
-    if (quant && ty != 8 && ty != 2) {
+    if (gt->blck > 1 && qs__gblock_dtype(ty) < 0) {
       qs__gr_fail(r, QINS_EUNSUPPORTED,
-                  "tensor %s has quantized type %s, which is not supported (F32, F16, BF16 are; "
-                  "Q8_0 and Q4_0 with --allow-requant)",
-                  s->name, gt->name);
-      break;
-    }
-    if (quant && !allow_requant) {
-      qs__gr_fail(r, QINS_EUNSUPPORTED,
-                  "tensor %s has quantized type %s: re-encoding it stacks two quantization "
-                  "errors; pass --allow-requant to dequantize it",
+                  "tensor %s has quantized type %s, which is not supported (Q4_0 Q4_1 Q5_0 Q5_1 "
+                  "Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K are, and F32 F16 BF16 F64 I8..I64)",
                   s->name, gt->name);
       break;
     }
@@ -417,12 +516,12 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int all
     case 25: s->dtype = QS_DT_I16; break;
     case 26: s->dtype = QS_DT_I32; break;
     case 27: s->dtype = QS_DT_I64; break;
-    case 8:
-    case 2:
-      s->kind = ty == 8 ? QS__K_Q8_0 : QS__K_Q4_0;
-      s->dtype = QS_DT_F32;
-      break;
     default:
+      if (gt->blck > 1) {
+        s->kind = QS__K_BLOCKS;
+        s->dtype = (qs_dtype)qs__gblock_dtype(ty);
+        break;
+      }
       qs__gr_fail(r, QINS_EINTERNAL, "tensor %s: unhandled type %s", s->name, gt->name);
     }
   }

@@ -1,8 +1,14 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * import.c — qs_import_path: find the source files (safetensors single or sharded, GGUF, .npy),
- * validate all of them, pick each tensor's codec, then stream every tensor into the store with
- * bounded memory (store.h §Importers).
+ * recognized by content (qs__sniff names LFS pointers, zips, pickles), validate all of them, pick
+ * each tensor's codec, then stream every tensor into the store with bounded memory (store.h
+ * §Importers). A directory's Hugging Face JSON files join the model's metadata (qs__hf_meta); an
+ * HF cache snapshot is named after its repository.
+ *
+ * SNR: the store measures the codec against the f32 rows it is given; for sources wider than f32
+ * (f64) those rows are already rounded, so the importer measures against the source's values
+ * itself (qs__measure_wide) and hands the figures to the store.
  *
  * Memory: a tensor whose f32 form fits in QS__WHOLE_MAX is read once and fitted and encoded from
  * that buffer; a larger one is read twice in batches of rows (pass 1 fits the codec parameters,
@@ -15,6 +21,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <fnmatch.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,6 +114,13 @@ void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n) {
     }
   }
   qs__sbuf_put(b, "\"", 1);
+}
+
+uint64_t qs__meta_max(void) {
+  const char *e = getenv("QINS_IMPORT_META_MAX");
+  char *end;
+  unsigned long long v = e && *e ? strtoull(e, &end, 10) : 0;
+  return e && *e && !*end && v ? (uint64_t)v : QS_META_MAX;
 }
 
 int qs__srclist_file(qs__srclist *L, const char *path, int fd) {
@@ -205,11 +219,84 @@ static int qs__st_kind(qs_st_dtype d, qs__src *s) {
   }
 }
 
+/* --------------------------------------------------------------------------------------------
+ * Sniffing: what a file is, from its first bytes, before any parser sees it. */
+enum { QS__F_SAFETENSORS, QS__F_GGUF, QS__F_NPY, QS__F_UNKNOWN };
+
+/* Whether the zip at fd is a NumPy .npz: its first member's name ends in ".npy" (local file
+ * header: name length u16 at 26, name at 30). */
+static int qs__zip_is_npz(int fd) {
+  unsigned char h[30 + 256];
+  ssize_t got = pread(fd, h, sizeof h, 0);
+  if (got < 30) return 0;
+  size_t nl = (size_t)(h[26] | (h[27] << 8));
+  if (nl < 4 || 30 + nl > (size_t)got) return 0;
+  return !memcmp(h + 30 + nl - 4, ".npy", 4);
+}
+
+/* Classifies path by content (the extension decides only when the content does not). Files
+ * that are not model weights in a format qins reads, but are often mistaken for them, fail here
+ * with a message naming what the file is and what to do:
+ *   "version https://git-lfs..."  a Git LFS pointer: the real file was never fetched;
+ *   PK\x03\x04                    a zip: NumPy .npz (members *.npy) or a PyTorch .bin/.pt;
+ *   \x80 + protocol 2..5           a raw pickle (older PyTorch .bin). */
+static int qs__sniff(const char *path, int *kind) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return qs__fail(-errno, "%s: cannot open: %s", path, strerror(errno));
+  unsigned char m[64] = {0};
+  ssize_t got = pread(fd, m, sizeof m, 0);
+  struct stat st;
+  int have_st = fstat(fd, &st) == 0;
+  int npz = got >= 4 && !memcmp(m, "PK\x03\x04", 4) && qs__zip_is_npz(fd);
+  close(fd);
+  if (got < 0) return qs__fail(QINS_EIO, "%s: read error: %s", path, strerror(errno));
+  *kind = QS__F_UNKNOWN;
+  /* safetensors first: its u64 header length can begin like a pickle (0x80 0x02 is N = 640). */
+  uint64_t hn = got >= 8 ? qs__get_u64(m) : 0;
+  if (got >= 9 && m[8] == '{' && have_st && hn <= (uint64_t)st.st_size - 8)
+    *kind = QS__F_SAFETENSORS;
+  else if (got >= 4 && !memcmp(m, "GGUF", 4)) *kind = QS__F_GGUF;
+  else if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) *kind = QS__F_NPY;
+  else if (got >= 23 && !memcmp(m, "version https://git-lfs", 23))
+    return qs__fail(QINS_EFORMAT,
+                    "%s: this is a Git LFS pointer (%lld bytes), not the model file: fetch the "
+                    "real file (git lfs pull, or huggingface-cli download) and import that",
+                    path, have_st ? (long long)st.st_size : (long long)got);
+  else if (npz || (got >= 4 && !memcmp(m, "PK\x03\x04", 4) && qs__ends_with(path, ".npz")))
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a NumPy .npz archive (a zip of .npy files): unpack it "
+                    "(unzip -d DIR FILE) and import the directory of .npy files",
+                    path);
+  else if (got >= 4 && !memcmp(m, "PK\x03\x04", 4))
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a zip archive (a PyTorch .bin/.pt checkpoint): qins does not read "
+                    "pickles; convert it to safetensors (e.g. safetensors.torch.save_file) and "
+                    "import that",
+                    path);
+  else if (got >= 2 && m[0] == 0x80 && m[1] >= 2 && m[1] <= 5)
+    return qs__fail(QINS_EUNSUPPORTED,
+                    "%s: this is a Python pickle (protocol %u; an older PyTorch .bin): qins does "
+                    "not read pickles; convert it to safetensors (e.g. safetensors.torch.save_file) "
+                    "and import that",
+                    path, m[1]);
+  if (*kind == QS__F_UNKNOWN) {
+    if (qs__ends_with(path, ".gguf")) *kind = QS__F_GGUF;
+    else if (qs__ends_with(path, ".npy")) *kind = QS__F_NPY;
+    else *kind = QS__F_SAFETENSORS; /* its parser names what is wrong */
+  }
+  return 0;
+}
+
 /* Adds the tensors of safetensors file `path`; the first file's metadata goes to *meta. */
 static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
   char err[1024];
   qs_st_file *f;
-  int rc = qs_st_open(path, &f, err, sizeof err);
+  int kind, rc = qs__sniff(path, &kind);
+  if (rc) return rc;
+  if (kind != QS__F_SAFETENSORS)
+    return qs__fail(QINS_EFORMAT, "%s: this is a %s file, not safetensors", path,
+                    kind == QS__F_GGUF ? "GGUF" : ".npy");
+  rc = qs_st_open(path, &f, err, sizeof err);
   if (rc) return qs__fail(rc, "%s", err);
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
@@ -248,30 +335,43 @@ static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
   return 0;
 }
 
-/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor": "shard file"}}. */
-static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta) {
-  int fd = open(index_path, O_RDONLY | O_CLOEXEC);
+/* Reads a whole small file (at most max bytes, else QINS_EFORMAT naming `what`) into a malloc'd
+ * NUL-terminated buffer. */
+static int qs__read_file(const char *path, uint64_t max, const char *what, char **out, size_t *len) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
   if (fd < 0 || fstat(fd, &st)) {
     int e = errno;
     if (fd >= 0) close(fd);
-    return qs__fail(-e, "%s: cannot open: %s", index_path, strerror(e));
+    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
   }
-  if ((uint64_t)st.st_size > QS__INDEX_MAX) {
+  if ((uint64_t)st.st_size > max) {
     close(fd);
-    return qs__fail(QINS_EFORMAT, "%s: index file is %lld bytes (limit %u)", index_path,
-                    (long long)st.st_size, QS__INDEX_MAX);
+    return qs__fail(QINS_EFORMAT, "%s: %s is %lld bytes (limit %llu)", path, what,
+                    (long long)st.st_size, (unsigned long long)max);
   }
   char *buf = malloc((size_t)st.st_size + 1);
   ssize_t got = buf ? pread(fd, buf, (size_t)st.st_size, 0) : -1;
   close(fd);
   if (got != st.st_size) {
     free(buf);
-    return qs__fail(QINS_EIO, "%s: read error", index_path);
+    return buf ? qs__fail(QINS_EIO, "%s: read error", path) : qs__fail(QINS_ENOMEM, "out of memory");
   }
+  buf[got] = 0;
+  *out = buf;
+  *len = (size_t)got;
+  return 0;
+}
+
+/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {"tensor": "shard file"}}. */
+static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta) {
+  char *buf;
+  size_t len;
+  int rc = qs__read_file(index_path, QS__INDEX_MAX, "index file", &buf, &len);
+  if (rc) return rc;
   qs_json *root;
   char jerr[256];
-  int rc = qs_json_parse(buf, (size_t)st.st_size, &root, jerr, sizeof jerr);
+  rc = qs_json_parse(buf, len, &root, jerr, sizeof jerr);
   free(buf);
   if (rc) return qs__fail(rc, "%s: not valid JSON: %s", index_path, jerr);
   const qs_json *wm = qs_json_get(root, "weight_map");
@@ -336,8 +436,8 @@ static int qs__index_sources(const char *index_path, qs__srclist *L, char **meta
 static uint64_t qs__src_row_len(const qs__src *s) { return s->ndim ? s->shape[s->ndim - 1] : 1; }
 static uint64_t qs__src_row_bytes(const qs__src *s) {
   uint64_t rl = qs__src_row_len(s);
-  if (s->kind == QS__K_Q8_0) return rl / 32 * 34;
-  if (s->kind == QS__K_Q4_0) return rl / 32 * 18;
+  unsigned bw, bb;
+  if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) return rl / bw * bb;
   return rl * qs_dtype_size(s->dtype);
 }
 
@@ -357,23 +457,10 @@ static int qs__pread_all(int fd, void *buf, uint64_t n, uint64_t off) {
 
 static void qs__to_f32(const qs__src *s, const uint8_t *src, uint64_t n_rows, float *dst) {
   uint64_t rl = qs__src_row_len(s), n = n_rows * rl;
-  if (s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0) {
-    uint64_t nb = n / 32;
-    for (uint64_t b = 0; b < nb; b++) {
-      uint16_t h = (uint16_t)(src[0] | (src[1] << 8));
-      float d = qc_f16_to_f32(h);
-      float *y = dst + b * 32;
-      if (s->kind == QS__K_Q8_0) {
-        for (int j = 0; j < 32; j++) y[j] = (float)(int8_t)src[2 + j] * d;
-        src += 34;
-      } else {
-        for (int j = 0; j < 16; j++) {
-          y[j] = (float)((src[2 + j] & 0x0F) - 8) * d;
-          y[j + 16] = (float)((src[2 + j] >> 4) - 8) * d;
-        }
-        src += 18;
-      }
-    }
+  if (!n) return; /* an empty tensor has no buffers (NULL) to convert between */
+  unsigned bw, bb;
+  if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) {
+    qs__gguf_dequant(s->dtype, src, n / bw, dst);
     return;
   }
   switch (s->dtype) {
@@ -400,14 +487,20 @@ void qs_import_opts_init(qs_import_opts *o) {
 }
 
 static int qs__is_float(const qs__src *s) {
-  return s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0 ||
+  return s->kind == QS__K_BLOCKS ||
          (s->kind == QS__K_PLAIN && (s->dtype == QS_DT_F32 || s->dtype == QS_DT_F16 ||
                                      s->dtype == QS_DT_BF16 || s->dtype == QS_DT_F64));
 }
 
+/* The codec policy (store.h §Importers). Block-quantized GGUF sources are stored as their exact
+ * dequantized f32 values unless allow_requant lets the rules re-encode them: their values are
+ * d * q (- m) products that f16/bf16 generally cannot hold, and a lossy codec would stack a second
+ * quantization error on the first. A 1-D f16/bf16 tensor keeps its own dtype (no widening). */
 static int qs__codec_for(const qs__src *s, const qs_import_opts *o) {
   if (!qs__is_float(s)) return QS_RAW;
-  int c = s->ndim >= 2 ? QC_QINS8 : QC_F32;
+  if (s->kind == QS__K_BLOCKS && !o->allow_requant) return QC_F32;
+  int c = s->ndim >= 2 ? QC_QINS8 : s->dtype == QS_DT_F16 ? QC_F16
+                                  : s->dtype == QS_DT_BF16 ? QC_BF16 : QC_F32;
   if (o->codec >= 0) c = o->codec;
   for (size_t i = 0; i < o->n_rules; i++)
     if (fnmatch(o->rules[i].glob, s->name, 0) == 0) c = o->rules[i].codec;
@@ -468,6 +561,52 @@ static int qs__with_path(const qs__src *s, int rc) {
   return rc;
 }
 
+/* Error figures of `params` on s's rows measured against the source's own values, for sources
+ * wider than the f32 rows the store encodes (f64): each batch is converted to f32 as the import
+ * does, encoded, decoded, and compared with the f64 values in double. One extra encode of the
+ * tensor, paid only by such sources. `whole`: b already holds all of s (raw bytes and f32). */
+static int qs__measure_wide(const qs__src *s, const qc_params *params, qs__bufs *b, int whole,
+                            qc_stats *st) {
+  uint64_t rl = qs__src_row_len(s), nrows = rl ? s->n_elem / rl : 0, rb = qs__src_row_bytes(s);
+  uint64_t batch = QS__BATCH_F32 / sizeof(float) / (rl ? rl : 1);
+  if (!batch) batch = 1;
+  if (batch > nrows) batch = nrows;
+  int ovf = 0;
+  uint64_t cb = qc_chunk_bytes(params->codec, rl, batch, &ovf);
+  void *enc = ovf ? NULL : malloc(cb ? cb : 1);
+  float *dec = malloc(batch * rl * sizeof *dec + sizeof *dec);
+  int rc = 0;
+  if (!enc || !dec) rc = qs__fail(QINS_ENOMEM, "out of memory measuring tensor %s", s->name);
+  if (!rc && !whole) rc = qs__bufs_need(b, batch * rb, batch * rl);
+  memset(st, 0, sizeof *st);
+  for (uint64_t r = 0; !rc && r < nrows; r += batch) {
+    uint64_t nr = nrows - r < batch ? nrows - r : batch;
+    if (!whole && (rc = qs__read_rows(s, r, nr, b, 1))) break;
+    const uint8_t *raw = whole ? b->raw + r * rb : b->raw;
+    const float *f = whole ? b->f + r * rl : b->f;
+    uint64_t bad = 0;
+    if ((rc = qc_encode(params, rl, nr, f, enc, NULL, &bad)) ||
+        (rc = qc_decode(params, rl, nr, enc, 0, nr * rl, QC_DT_F32, dec))) {
+      rc = qs__fail(rc, "%s: tensor %s: codec %s: %s", s->path, s->name,
+                    qc_codec_name(params->codec), qins_strerror(rc));
+      break;
+    }
+    for (uint64_t i = 0; i < nr * rl; i++) {
+      double x;
+      memcpy(&x, raw + 8 * i, 8);
+      if (!isfinite(x)) continue;
+      double e = fabs(x - (double)dec[i]);
+      st->sum_sq += x * x;
+      st->err_sq += e * e;
+      if (!(e <= st->max_err)) st->max_err = e;
+      st->n++;
+    }
+  }
+  free(enc);
+  free(dec);
+  return rc;
+}
+
 static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_import_opts *o,
                           qs__bufs *b, qs_tensor *out, uint64_t *done, uint64_t total) {
   uint64_t rl = qs__src_row_len(s), nrows = rl ? s->n_elem / rl : 0;
@@ -525,6 +664,11 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
     }
     d.params = &params;
   }
+  qc_stats wide;
+  if (codec != QS_RAW && s->kind == QS__K_PLAIN && s->dtype == QS_DT_F64) {
+    if ((rc = qs__measure_wide(s, &params, b, whole, &wide))) return rc;
+    d.src_stats = &wide;
+  }
   if ((rc = qs_import_tensor_begin(im, &d))) return qs__with_path(s, rc);
   uint64_t cr = qs_import_chunk_rows(im);
   if (!whole && (rc = qs__bufs_need(b, cr * rb, codec == QS_RAW ? 0 : cr * rl))) return rc;
@@ -551,8 +695,114 @@ static int qs__import_one(qs_import *im, const qs__src *s, int codec, const qs_i
   return 0;
 }
 
+/* --------------------------------------------------------------------------------------------
+ * Hugging Face directories: the JSON files kept with the model, and cache snapshot names */
+
+/* Adds "hf": {"config": {...}, "generation_config": {...}, "tokenizer": {...}} to the metadata
+ * object *meta for those of dir's config.json, generation_config.json and tokenizer.json that
+ * exist (each must be valid JSON; one larger than qs__meta_max() is left out and named in
+ * "hf_omitted"). Nothing changes when none exists or *meta already has an "hf" member. */
+static int qs__hf_meta(const char *dir, char **meta) {
+  static const char *const files[3][2] = {{"config.json", "config"},
+                                          {"generation_config.json", "generation_config"},
+                                          {"tokenizer.json", "tokenizer"}};
+  qs__sbuf hb = {0}, om = {0};
+  int rc = 0, n = 0, n_om = 0;
+  for (int i = 0; i < 3 && !rc; i++) {
+    char p[8192];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
+    if (stat(p, &st) || !S_ISREG(st.st_mode)) continue;
+    if ((uint64_t)st.st_size > qs__meta_max()) {
+      qs__sbuf_puts(&om, n_om++ ? "," : "[");
+      qs__sbuf_json_str(&om, files[i][0], strlen(files[i][0]));
+      continue;
+    }
+    char *buf;
+    size_t len;
+    if ((rc = qs__read_file(p, qs__meta_max(), files[i][0], &buf, &len))) break;
+    qs_json *j;
+    char jerr[256];
+    if ((rc = qs_json_parse(buf, len, &j, jerr, sizeof jerr))) {
+      free(buf);
+      rc = qs__fail(rc, "%s: not valid JSON: %s", p, jerr);
+      break;
+    }
+    qs_json_free(j);
+    qs__sbuf_puts(&hb, n++ ? ",\"" : "{\"");
+    qs__sbuf_puts(&hb, files[i][1]);
+    qs__sbuf_puts(&hb, "\":");
+    qs__sbuf_put(&hb, buf, len);
+    free(buf);
+  }
+  if (!rc && (n || n_om)) {
+    const char *m = *meta && **meta ? *meta : "{}";
+    qs_json *root = NULL;
+    if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT &&
+        !qs_json_get(root, "hf") && !qs_json_get(root, "hf_omitted")) {
+      qs__sbuf nb = {0};
+      size_t ml = strlen(m);
+      while (ml && m[ml - 1] != '}') ml--; /* the object's closing brace */
+      qs__sbuf_put(&nb, m, ml ? ml - 1 : 0);
+      int empty = root->len == 0;
+      if (n) {
+        qs__sbuf_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
+        qs__sbuf_put(&nb, hb.p, hb.n);
+        qs__sbuf_puts(&nb, "}");
+        empty = 0;
+      }
+      if (n_om) {
+        qs__sbuf_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
+        qs__sbuf_put(&nb, om.p, om.n);
+        qs__sbuf_puts(&nb, "]");
+      }
+      qs__sbuf_puts(&nb, "}");
+      if (nb.oom) rc = qs__fail(QINS_ENOMEM, "out of memory");
+      else {
+        free(*meta);
+        *meta = nb.p;
+        nb.p = NULL;
+      }
+      free(nb.p);
+    }
+    qs_json_free(root);
+  }
+  if (!rc && (hb.oom || om.oom)) rc = qs__fail(QINS_ENOMEM, "out of memory");
+  free(hb.p);
+  free(om.p);
+  return rc;
+}
+
+/* A path inside a Hugging Face cache snapshot (.../models--ORG--NAME/snapshots/HASH, or a file
+ * directly in it) gives NAME; returns 1 and writes it, else 0. */
+static int qs__hf_snapshot_name(const char *path, char *out, size_t cap) {
+  char buf[8192];
+  snprintf(buf, sizeof buf, "%s", path);
+  size_t n = strlen(buf);
+  while (n > 1 && buf[n - 1] == '/') buf[--n] = 0;
+  /* Up to three trailing components: [FILE] HASH "snapshots" "models--ORG--NAME". */
+  for (int tries = 0; tries < 2; tries++) {
+    char *hash = strrchr(buf, '/');
+    if (!hash) return 0;
+    *hash = 0;
+    char *snap = strrchr(buf, '/');
+    const char *sname = snap ? snap + 1 : buf;
+    if (!strcmp(sname, "snapshots") && snap) {
+      *snap = 0;
+      char *repo = strrchr(buf, '/');
+      repo = repo ? repo + 1 : buf;
+      const char *last = NULL;
+      for (const char *q = repo; (q = strstr(q, "--")); q += 2) last = q + 2;
+      if (strncmp(repo, "models--", 8) || !last || !*last) return 0;
+      snprintf(out, cap, "%s", last);
+      return 1;
+    }
+  }
+  return 0;
+}
+
 /* Collects sources for path; *model_default gets the name to use without --model. */
-static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L, char **meta,
+static int qs__collect(const char *path, qs__srclist *L, char **meta,
                        char *model_default, size_t mcap) {
   struct stat st;
   if (stat(path, &st)) return qs__fail(-errno, "%s: %s", path, strerror(errno));
@@ -564,11 +814,15 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
     DIR *d = opendir(path);
     if (!d) return qs__fail(-errno, "%s: %s", path, strerror(errno));
     char **names = NULL;
-    size_t n = 0, n_st = 0, n_npy = 0;
+    size_t n = 0, n_st = 0, n_npy = 0, n_pt = 0, n_npz = 0, n_gguf = 0;
     struct dirent *e;
     int rc = 0;
     while ((e = readdir(d))) {
       int is_st = qs__ends_with(e->d_name, ".safetensors"), is_npy = qs__ends_with(e->d_name, ".npy");
+      n_pt += qs__ends_with(e->d_name, ".bin") || qs__ends_with(e->d_name, ".pt") ||
+              qs__ends_with(e->d_name, ".pth");
+      n_npz += qs__ends_with(e->d_name, ".npz");
+      n_gguf += qs__ends_with(e->d_name, ".gguf");
       if (!is_st && !is_npy) continue;
       char **nn = realloc(names, (n + 1) * sizeof *nn);
       if (!nn || !(nn[n] = strdup(e->d_name))) {
@@ -599,8 +853,19 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
         char stem[QS_MAX_NAME + 1];
         snprintf(p, sizeof p, "%s/%s", path, names[i]);
         qs__stem(names[i], stem, sizeof stem);
+        int kind;
+        if ((rc = qs__sniff(p, &kind))) break; /* an LFS pointer named .npy is named */
         rc = qs__npy_sources(p, stem, L);
       }
+    } else if (!rc && n_st == 0 && n_npy == 0) {
+      /* Name what is there instead, and what to do with it. */
+      rc = qs__fail(QINS_EFORMAT,
+                    "%s: directory holds no .safetensors or .npy files%s%s%s%s%s%s%s", path,
+                    n_pt ? "; " : "", n_pt ? "PyTorch .bin/.pt checkpoints: convert them to "
+                                             "safetensors" : "",
+                    n_npz ? "; " : "", n_npz ? ".npz archives: unpack them into .npy files" : "",
+                    n_gguf ? "; " : "", n_gguf ? ".gguf files: import the .gguf file itself" : "",
+                    n_pt + n_npz + n_gguf ? "" : " (nothing qins can import)");
     } else if (!rc) {
       rc = qs__fail(QINS_EFORMAT,
                     "%s: directory holds %zu .safetensors and %zu .npy files and no "
@@ -621,20 +886,11 @@ static int qs__collect(const char *path, const qs_import_opts *o, qs__srclist *L
     }
     return qs__index_sources(path, L, meta);
   }
-  /* Sniff the magic: GGUF, NUMPY, else safetensors. */
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return qs__fail(-errno, "%s: cannot open: %s", path, strerror(errno));
-  unsigned char m[6] = {0};
-  ssize_t got = pread(fd, m, 6, 0);
-  close(fd);
-  if (got >= 4 && !memcmp(m, "GGUF", 4)) return qs__gguf_sources(path, L, meta, o->allow_requant);
-  if (got >= 6 && !memcmp(m, "\x93NUMPY", 6)) {
-    char stem[QS_MAX_NAME + 1];
-    qs__stem(path, stem, sizeof stem);
-    return qs__npy_sources(path, stem, L);
-  }
-  if (qs__ends_with(path, ".gguf")) return qs__gguf_sources(path, L, meta, o->allow_requant);
-  if (qs__ends_with(path, ".npy")) {
+  /* By content first: GGUF, NUMPY, safetensors, or a named refusal. */
+  int kind, rc = qs__sniff(path, &kind);
+  if (rc) return rc;
+  if (kind == QS__F_GGUF) return qs__gguf_sources(path, L, meta);
+  if (kind == QS__F_NPY) {
     char stem[QS_MAX_NAME + 1];
     qs__stem(path, stem, sizeof stem);
     return qs__npy_sources(path, stem, L);
@@ -651,7 +907,10 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
   memset(&L, 0, sizeof L);
   char *meta = NULL;
   char model[QS_MAX_NAME + 64];
-  int rc = qs__collect(path, o, &L, &meta, model, sizeof model);
+  int rc = qs__collect(path, &L, &meta, model, sizeof model);
+  struct stat pst;
+  if (!rc && stat(path, &pst) == 0 && S_ISDIR(pst.st_mode)) rc = qs__hf_meta(path, &meta);
+  qs__hf_snapshot_name(path, model, sizeof model);
   if (o->model) snprintf(model, sizeof model, "%s", o->model);
   int *codecs = NULL;
   qs_import *im = NULL;
@@ -702,6 +961,7 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
   double snr_w = 0, snr_n = 0;
   qs_import_result r;
   memset(&r, 0, sizeof r);
+  r.snr_db_narrowed = INFINITY;
   for (size_t i = 0; i < L.n; i++) {
     qs_tensor t;
     if ((rc = qs__import_one(im, &L.v[i], codecs[i], o, &b, &t, &done, total))) {
@@ -713,10 +973,16 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o_in,
     r.n_elem += t.n_elem;
     r.src_bytes += t.src_bytes;
     r.stored_bytes += t.stored_bytes;
-    if (t.ndim >= 2 && t.codec != QS_RAW && qc_codec_is_lossy((qc_codec)t.codec) &&
-        isfinite(t.snr_db)) {
+    if (t.ndim >= 2 && t.codec != QS_RAW && isfinite(t.snr_db)) {
       snr_w += t.snr_db * (double)t.n_elem;
       snr_n += (double)t.n_elem;
+    }
+    if (t.codec != QS_RAW && !qc_codec_is_lossy((qc_codec)t.codec) && !(t.snr_db > DBL_MAX)) {
+      r.n_narrowed++;
+      if (!(t.snr_db >= r.snr_db_narrowed)) {
+        r.snr_db_narrowed = t.snr_db;
+        memcpy(r.narrowed_tensor, t.name, sizeof r.narrowed_tensor);
+      }
     }
   }
   rc = qs_import_commit(im);

@@ -15,8 +15,7 @@
 /* How a source tensor's bytes become elements. */
 enum {
   QS__K_PLAIN = 0, /* elements of `dtype` */
-  QS__K_Q8_0,      /* GGUF Q8_0 blocks (32 weights: fp16 d, i8 q[32]) along rows */
-  QS__K_Q4_0,      /* GGUF Q4_0 blocks (32 weights: fp16 d, u8 qs[16]) along rows */
+  QS__K_BLOCKS,    /* GGUF blocks of `dtype` (QS_DT_Q4_0 ... QS_DT_Q8_K) along rows */
   QS__K_REFUSED    /* cannot be imported: `why` says why (reported only if it is reached) */
 };
 
@@ -30,7 +29,7 @@ typedef struct qs__src {
   uint64_t shape[QS_MAX_NDIM];
   uint64_t n_elem;
   int kind;                     /* QS__K_* */
-  qs_dtype dtype;               /* QS__K_PLAIN: element dtype; quantized: QS_DT_F32 */
+  qs_dtype dtype;               /* element dtype, or the block type (QS__K_BLOCKS) */
   char why[160];                /* QS__K_REFUSED: the reason */
 } qs__src;
 
@@ -50,8 +49,25 @@ void qs__srclist_free(qs__srclist *L);
 
 /* Parsers: validate the whole file and append its tensors. On failure qs_error() names the file
  * and the problem. *meta_json (malloc'd, may stay NULL) gets the metadata to keep. */
-int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json, int allow_requant);
+int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json);
+
+/* GGUF block types (gguf_quant.c). qs__gguf_block gives the weights and bytes per block of dt and
+ * returns 1 for a block type (else 1 weight of qs_dtype_size bytes, and 0). qs__gguf_dequant
+ * expands n_blocks blocks of dt at src (any alignment) into n_blocks * weights floats, exactly as
+ * ggml's reference dequantizer does. */
+int qs__gguf_block(qs_dtype dt, unsigned *weights /* out */, unsigned *bytes /* out */);
+void qs__gguf_dequant(qs_dtype dt, const uint8_t *src, uint64_t n_blocks, float *dst);
 int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
+
+/* Bound on the structured parts of a model's metadata: the GGUF typed KV list (an array that
+ * would take it past this is kept as its type and count only: [key, "[type]", null, count]) and
+ * each Hugging Face JSON file kept from a directory (a larger one is left out, named in
+ * "hf_omitted"). 32 MiB holds the tokenizers of today's large vocabularies (150k tokens and their
+ * merges take a few MiB). */
+#define QS_META_MAX (32u << 20)
+/* QS_META_MAX, or $QINS_IMPORT_META_MAX bytes when set (a smaller bound for hosts that want
+ * small model records, and for tests). */
+uint64_t qs__meta_max(void);
 
 /* Growing string buffer for JSON text. */
 typedef struct qs__sbuf {

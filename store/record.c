@@ -21,10 +21,10 @@
 
 /* ---------------------------------------------------------------------------------------------
  * Names */
-static const char *const qs__dt_names[QS_DT_COUNT] = {"f32", "f16", "bf16", "f64", "i8",
-                                                      "u8",  "i16", "u16",  "i32", "u32",
-                                                      "i64", "u64", "bool"};
-static const unsigned char qs__dt_sizes[QS_DT_COUNT] = {4, 2, 2, 8, 1, 1, 2, 2, 4, 4, 8, 8, 1};
+static const char *const qs__dt_names[QS_DT_COUNT] = {
+    "f32",  "f16",  "bf16", "f64",  "i8",   "u8",   "i16",  "u16",  "i32",  "u32",  "i64", "u64",
+    "bool", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k"};
+static const unsigned char qs__dt_sizes[QS_DT_COUNT] = {4, 2, 2, 8, 1, 1, 2, 2, 4, 4, 8, 8, 1}; /* block types: 0 */
 
 const char *qs_dtype_name(qs_dtype d) { return (unsigned)d < QS_DT_COUNT ? qs__dt_names[d] : "?"; }
 int qs_dtype_from_name(const char *name) {
@@ -165,7 +165,8 @@ int qs__tensor_rec_decode(const char *dir, const char *model, const uint8_t *p, 
   t->stored_bytes = r->data_bytes + ((r->flags & QS_TF_PARAMS_FIRST) ? r->params_bytes : 0);
   /* Validate what readers rely on. */
   int bad = t->ndim > QS_MAX_NDIM || (t->codec != QS_RAW && t->codec >= QC_CODEC_COUNT) ||
-            (unsigned)t->src_dtype >= QS_DT_COUNT;
+            (unsigned)t->src_dtype >= QS_DT_COUNT ||
+            (t->codec == QS_RAW && !qs_dtype_size(t->src_dtype));
   uint64_t n = 1;
   for (int i = 0; !bad && i < t->ndim; i++)
     if (__builtin_mul_overflow(n, t->shape[i], &n)) bad = 1;

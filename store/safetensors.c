@@ -336,8 +336,10 @@ int qs_st_open(const char *path, qs_st_file **out, char *err, size_t errlen) {
     rc = qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", path);
     goto fail;
   }
-  if (meta && (rc = qs__st_metadata(f, meta, err, errlen))) goto fail;
-  if (!meta) {
+  /* "__metadata__": null means no metadata, as the reference reader (serde Option) takes it:
+   * mlx-lm writes adapters that way. */
+  if (meta && meta->type != QS_JSON_NULL && (rc = qs__st_metadata(f, meta, err, errlen))) goto fail;
+  if (!meta || meta->type == QS_JSON_NULL) {
     f->meta_json = strdup("{}");
     if (!f->meta_json) { rc = qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", path); goto fail; }
   }

@@ -8,7 +8,8 @@
  *   - the file holds at least 8 bytes; N <= 100,000,000; 8 + N <= file size;
  *   - the header is valid UTF-8 JSON (store/json.h: strict, duplicate keys rejected) whose top level
  *     is an object; each tensor entry is {"dtype": known, "shape": [u64...], "data_offsets":
- *     [BEGIN, END]} and nothing else; "__metadata__", if present, maps strings to strings;
+ *     [BEGIN, END]} and nothing else; "__metadata__", if present, maps strings to strings
+ *     (null counts as absent, as in the reference reader);
  *   - element counts are computed with checked 64-bit multiplication, and count * bits(dtype) must
  *     be a whole number of bytes equal to END - BEGIN;
  *   - sorted by offsets, the first BEGIN is 0, each BEGIN equals the previous END (no gaps, no

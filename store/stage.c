@@ -47,6 +47,8 @@ struct qs_import {
   uint64_t data_bytes;    /* chunk payload bytes so far */
   uint32_t tcrc;          /* running crc over chunk crcs */
   qc_stats stats;         /* encode error figures */
+  qc_stats src_stats;     /* the caller's figures against the source (has_src_stats) */
+  int has_src_stats;
   size_t row_bytes;       /* input bytes per row (f32 or raw) */
   uint8_t *pend;          /* buffered rows (fewer than a chunk) */
   uint64_t pend_rows;     /* rows in pend */
@@ -203,7 +205,8 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   if (d->ndim < 0 || d->ndim > QS_MAX_NDIM)
     return qs__fail(QINS_EUNSUPPORTED, "tensor %s: %d dimensions (at most %d)", d->name, d->ndim,
                     QS_MAX_NDIM);
-  if ((unsigned)d->src_dtype >= QS_DT_COUNT)
+  if ((unsigned)d->src_dtype >= QS_DT_COUNT ||
+      (d->codec == QS_RAW && !qs_dtype_size(d->src_dtype)))
     return qs__fail(QINS_EDTYPE, "tensor %s: bad source dtype", d->name);
   if (d->codec != QS_RAW && (d->codec < 0 || d->codec >= QC_CODEC_COUNT || !d->params ||
                              (int)d->params->codec != d->codec))
@@ -226,6 +229,8 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   t->n_rows = t->row_len ? n / t->row_len : 0;
   t->codec = d->codec;
   t->src_dtype = d->src_dtype;
+  im->has_src_stats = d->src_stats && d->codec != QS_RAW;
+  if (im->has_src_stats) im->src_stats = *d->src_stats;
   if (__builtin_mul_overflow(n, (uint64_t)qs_dtype_size(d->src_dtype), &t->src_bytes))
     return qs__fail(QINS_EINVALID, "tensor %s: size overflows", d->name);
   if (d->src_bytes) t->src_bytes = d->src_bytes;
@@ -545,6 +550,10 @@ int qs_import_tensor_end(qs_import *im, qs_tensor *st) {
   /* SNR and max error as measured by the encoder (+inf / 0 when nothing was lost). */
   t->snr_db = t->codec != QS_RAW && im->stats.n ? qc_stats_snr_db(&im->stats) : INFINITY;
   t->max_err = t->codec != QS_RAW ? im->stats.max_err : 0;
+  if (im->has_src_stats) { /* measured by the importer against the source's own values */
+    t->snr_db = im->src_stats.n ? qc_stats_snr_db(&im->src_stats) : INFINITY;
+    t->max_err = im->src_stats.max_err;
+  }
   size_t nl = strlen(t->name);
   uint8_t rec[QS_TENSOR_HDR + QS_MAX_NAME + 1] = {0};
   memcpy(rec, QS_MAGIC_TENSOR, 4);

@@ -42,6 +42,11 @@
 typedef enum qs_dtype {
   QS_DT_F32 = 0, QS_DT_F16, QS_DT_BF16, QS_DT_F64,
   QS_DT_I8, QS_DT_U8, QS_DT_I16, QS_DT_U16, QS_DT_I32, QS_DT_U32, QS_DT_I64, QS_DT_U64, QS_DT_BOOL,
+  /* GGUF block-quantized sources (ggml's layouts; gguf.c dequantizes them). They name where a
+   * codec tensor came from; their qs_dtype_size is 0 (src_bytes comes from the descriptor) and a
+   * QS_RAW tensor never has one. */
+  QS_DT_Q4_0, QS_DT_Q4_1, QS_DT_Q5_0, QS_DT_Q5_1, QS_DT_Q8_0,
+  QS_DT_Q2_K, QS_DT_Q3_K, QS_DT_Q4_K, QS_DT_Q5_K, QS_DT_Q6_K, QS_DT_Q8_K,
   QS_DT_COUNT
 } qs_dtype;
 #define QS_RAW 255 /* codec value of a raw (integer/bool) tensor */
@@ -168,7 +173,8 @@ int qs_tensor_span(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype
                    uint64_t out_begin, uint64_t out_end, const void **p, uint64_t *n);
 
 /* Names and sizes of source dtypes: "f32", "f16", "bf16", "f64", "i8", "u8", "i16", "u16", "i32",
- * "u32", "i64", "u64", "bool". qs_dtype_from_name returns -1 for an unknown name. */
+ * "u32", "i64", "u64", "bool", and the GGUF block types "q4_0" "q4_1" "q5_0" "q5_1" "q8_0" "q2_k"
+ * "q3_k" "q4_k" "q5_k" "q6_k" "q8_k" (size 0). qs_dtype_from_name returns -1 for an unknown name. */
 const char *qs_dtype_name(qs_dtype d);
 int qs_dtype_from_name(const char *name);
 size_t qs_dtype_size(qs_dtype d);
@@ -210,6 +216,9 @@ typedef struct qs_tensor_desc {
   uint64_t shape[QS_MAX_NDIM];  /* row-major */
   int codec;                    /* qc_codec, or QS_RAW for integer/bool data */
   const qc_params *params;      /* codec parameters (params->codec == codec); NULL for QS_RAW */
+  const qc_stats *src_stats;    /* NULL, or error figures the caller measured against the source's
+                                   own values (wider than the f32 rows it passes, e.g. f64): the
+                                   record's snr_db/max_err come from them, not from the encoder */
 } qs_tensor_desc;
 
 /* metadata_json: a JSON object text kept with the model (NULL: "{}"). Model and tensor names
@@ -304,13 +313,20 @@ int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out /* o
  *   FILE.safetensors                    one model
  *   DIR with model.safetensors.index.json (or that file itself): a sharded model
  *   DIR with exactly one *.safetensors   that file
- *   FILE.gguf                           GGUF v2/v3, F32/F16/BF16 (+ Q8_0/Q4_0 with allow_requant;
- *                                       other quantized types refused naming the type); GGUF's
+ *   FILE.gguf                           GGUF v2/v3: F32/F16/BF16/F64, I8..I64, and the block
+ *                                       types Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K..Q6_K Q8_K dequantized
+ *                                       exactly as ggml does (src_dtype names the type, "q4_k");
+ *                                       other quantized types refused naming the type; GGUF's
  *                                       innermost-first dims are stored row-major
+ * Files are recognized by content (magic), not by extension; a Git LFS pointer, a zip (PyTorch
+ * .bin, NumPy .npz) or a pickle is refused with a message naming it and what to do.
  *   FILE.npy, or DIR of *.npy           one tensor per file, named by the file's stem
- * Codec policy per float tensor, first that applies: the last --codec-for GLOB=NAME rule whose
- * glob (fnmatch) matches the tensor name; --codec NAME; qins8 for 2 or more dimensions, f32
- * otherwise. Integer and bool tensors are stored raw (QS_RAW) whatever the rules say. */
+ * Codec policy per float tensor, first that applies: a GGUF block-quantized tensor without
+ * allow_requant is stored f32 (its dequantized values exactly: d * q - m products are generally
+ * not f16-exact, and re-encoding would stack two quantization errors); the last --codec-for
+ * GLOB=NAME rule whose glob (fnmatch) matches the tensor name; --codec NAME; qins8 for 2 or more
+ * dimensions; a 1-D (or scalar) f16/bf16 tensor keeps its dtype (codec f16/bf16); f32 otherwise.
+ * Integer and bool tensors are stored raw (QS_RAW) whatever the rules say. */
 typedef struct qs_codec_rule {
   const char *glob; /* fnmatch(3) pattern over tensor names */
   int codec;        /* qc_codec */
@@ -324,7 +340,7 @@ typedef struct qs_import_opts {
   const qs_codec_rule *rules;  /* per-name overrides, later ones win */
   size_t n_rules;
   int effort;                  /* QC_EFFORT_DEFAULT or QC_EFFORT_MAX */
-  int allow_requant;           /* GGUF Q8_0/Q4_0: dequantize and re-encode */
+  int allow_requant;           /* GGUF block types: re-encode by the rules (else exact f32) */
   qs_progress_cb progress;     /* may be NULL: called with source bytes done/total */
   void *progress_ud;
 } qs_import_opts;
@@ -332,7 +348,11 @@ typedef struct qs_import_opts {
 typedef struct qs_import_result {
   char model[QS_MAX_NAME + 1]; /* name it was stored under */
   uint64_t n_tensors, n_elem, src_bytes, stored_bytes;
-  double snr_db_2d;            /* element-weighted SNR over lossy tensors with >= 2 dims */
+  double snr_db_2d;            /* element-weighted SNR over inexact tensors with >= 2 dims */
+  uint64_t n_narrowed;         /* tensors stored f32/f16/bf16 whose values differ from the source's
+                                  (f64 to f32, bf16 as f16, ...): SNR against the source values */
+  double snr_db_narrowed;      /* the lowest SNR among them (+inf if none) */
+  char narrowed_tensor[QS_MAX_NAME + 1]; /* the tensor with that SNR ("" if none) */
 } qs_import_result;
 
 void qs_import_opts_init(qs_import_opts *o);
@@ -344,5 +364,16 @@ int qs_import_path(qs_store *s, const char *path, const qs_import_opts *o,
  * model's metadata as __metadata__. Deterministic: the same model gives the same bytes. */
 int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
                           qs_progress_cb progress, void *progress_ud);
+/* Writes model as a GGUF v3 file at out_path (through out_path.tmp + rename): the model's GGUF
+ * KV list as it was imported (every key, type and value, the tokenizer's arrays too; a model from
+ * another format gets its string metadata as string KVs), tensors in name order with ggml's
+ * reversed dims, padded to general.alignment (32 if absent). Codec tensors are written as dt
+ * (QC_DT_F32/F16/BF16), or with dt -1 as F16/BF16 when that was their source dtype and F32
+ * otherwise (block-quantized sources too: they are not re-quantized); raw i8..i64 tensors as
+ * I8..I64; a model with block-quantized sources gets general.file_type rewritten to match (0 all
+ * F32, 1 mostly F16, 32 mostly BF16). QINS_EUNSUPPORTED for what GGUF cannot hold (u8..u64, bool,
+ * more than 4 dims, a KV list cut at import). Deterministic. */
+int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
+                   qs_progress_cb progress, void *progress_ud);
 
 #endif /* QINS_STORE_H */

@@ -85,22 +85,69 @@ enum { W_ATT_NORM, W_Q, W_K, W_V, W_O, W_FFN_NORM, W_1, W_2, W_3, W_LAYER_N };
 enum { W_NORM = 0, W_CLS = 1, W_HEAD_N = 2 };
 #define W_MAX W_LAYER_N
 
-/* Suffixes after "layers.N." in llama2.c's PyTorch names, in W_* order. */
-static const char *const layer_tensor[W_LAYER_N] = {
-    "attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
-    "attention.wv.weight",   "attention.wo.weight", "ffn_norm.weight",
-    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight"};
-static const char *const head_tensor[W_HEAD_N] = {"norm.weight", "tok_embeddings.weight"};
 #define EMBED_NAME "tok_embeddings.weight"
 
 static int unit_count(const cfg *c) { return c->n_layers + 1; }
 static int unit_ntensors(const cfg *c, int u) { return u < c->n_layers ? W_LAYER_N : W_HEAD_N; }
 
-static void tensor_name(const cfg *c, int u, int i, char *out, size_t n) {
+/* Served models may carry other checkpoints' names (issue 15): Hugging Face's
+ * (model.layers.N.self_attn.q_proj.weight ...) or GGUF's (blk.N.attn_q.weight ...), tensor for
+ * tensor the same shapes (GGUF's reversed dims are row-major again in the store). The classifier
+ * is its own tensor when the model has one (lm_head.weight, output.weight), else the embedding.
+ * Hugging Face's q_proj/k_proj rows are permuted for its half-split rotary (transformers'
+ * convert_llama_weights_to_hf); llama.cpp's converter undoes that, so GGUF holds them in llama2.c's
+ * (Meta's) adjacent-pair order, and only HF weights are un-permuted after a fetch (hf_unpermute). */
+enum { NS_LLAMA2C, NS_HF, NS_GGUF, NS_COUNT };
+static const char *const ns_name[NS_COUNT] = {"llama2.c", "Hugging Face", "GGUF"};
+static const char *const ns_prefix[NS_COUNT] = {"layers.", "model.layers.", "blk."};
+static const char *const ns_layer[NS_COUNT][W_LAYER_N] = { /* after "PREFIX N." */
+    {"attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+     "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+     "feed_forward.w3.weight"},
+    {"input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+     "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+     "mlp.gate_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"},
+    {"attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+     "ffn_norm.weight", "ffn_gate.weight", "ffn_down.weight", "ffn_up.weight"}};
+static const char *const ns_norm[NS_COUNT] = {"norm.weight", "model.norm.weight", "output_norm.weight"};
+static const char *const ns_embed[NS_COUNT] = {EMBED_NAME, "model.embed_tokens.weight", "token_embd.weight"};
+static const char *const ns_cls[NS_COUNT] = {NULL, "lm_head.weight", "output.weight"};
+
+typedef struct tnames {
+  int ns;         /* NS_* */
+  int own_cls;    /* the classifier is ns_cls[ns], not the embedding */
+} tnames;
+
+static void ns_tensor_name(const tnames *nm, const cfg *c, int u, int i, char *out, size_t n) {
   if (u < c->n_layers)
-    snprintf(out, n, "layers.%d.%s", u, layer_tensor[i]);
+    snprintf(out, n, "%s%d.%s", ns_prefix[nm->ns], u, ns_layer[nm->ns][i]);
   else
-    snprintf(out, n, "%s", head_tensor[i]);
+    snprintf(out, n, "%s", i == W_NORM ? ns_norm[nm->ns] : nm->own_cls ? ns_cls[nm->ns] : ns_embed[nm->ns]);
+}
+
+/* llama2.c's names (the reference file's). */
+static void tensor_name(const cfg *c, int u, int i, char *out, size_t n) {
+  static const tnames ll = {NS_LLAMA2C, 0};
+  ns_tensor_name(&ll, c, u, i, out, n);
+}
+
+/* HF's q/k rows back to adjacent-pair rotary order: within each head of hs rows, HF row
+ * j * hs/2 + i holds llama2.c's row 2i + j. */
+static void hf_unpermute(float *w, int heads, int hs, int cols) {
+  size_t rb = (size_t)cols * sizeof(float);
+  float *tmp = malloc((size_t)hs * rb);
+  if (!tmp) {
+    fprintf(stderr, "qins-llama2: out of memory\n");
+    exit(1);
+  }
+  for (int h = 0; h < heads; h++) {
+    float *hw = w + (size_t)h * (size_t)hs * (size_t)cols;
+    memcpy(tmp, hw, (size_t)hs * rb);
+    for (int i = 0; i < hs / 2; i++)
+      for (int j = 0; j < 2; j++)
+        memcpy(hw + (size_t)(2 * i + j) * (size_t)cols, tmp + (size_t)(j * (hs / 2) + i) * (size_t)cols, rb);
+  }
+  free(tmp);
 }
 
 /* Expected [rows, cols] of tensor i of unit u (1-D tensors: rows 1). */
@@ -287,22 +334,83 @@ static int meta_int(const qs_json *meta, const char *key, int *out) {
   return 0;
 }
 
-/* Fills c from the hyper-parameters in metadata JSON text (llama2.c names). */
+/* Seven hyper-parameters from obj under the given keys (each prefixed by `prefix`), in cfg order
+ * dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a NULL or absent
+ * n_kv_heads key means n_heads, a NULL vocab key is left to the caller. */
+static int cfg_keys(const qs_json *obj, const char *prefix, const char *const keys[7], cfg *c,
+                    char *err, size_t errlen) {
+  int *dst[7] = {&c->dim,        &c->hidden_dim, &c->n_layers, &c->n_heads,
+                 &c->n_kv_heads, &c->vocab_size, &c->seq_len};
+  for (int i = 0; i < 7; i++) {
+    char k[128];
+    if (!keys[i]) continue;
+    snprintf(k, sizeof k, "%s%s", prefix, keys[i]);
+    if (meta_int(obj, k, dst[i])) {
+      if (i == 4 && !qs_json_get(obj, k)) {
+        c->n_kv_heads = c->n_heads;
+        continue;
+      }
+      snprintf(err, errlen, "metadata lacks integer \"%s\"", k);
+      return -1;
+    }
+  }
+  if (!keys[4]) c->n_kv_heads = c->n_heads;
+  return 0;
+}
+
+/* The rotary base, if the metadata gives one, must be llama2.c's 10000. */
+static int rope_check(const qs_json *obj, const char *key, char *err, size_t errlen) {
+  const qs_json *v = qs_json_get(obj, key);
+  double th = v && v->type == QS_JSON_NUMBER ? v->num : v && v->type == QS_JSON_STRING ? atof(v->str) : 10000;
+  if (th == 10000) return 0;
+  snprintf(err, errlen, "%s is %g: this worker's rotary embedding uses 10000", key, th);
+  return -1;
+}
+
+/* Fills c from the hyper-parameters in metadata JSON text: llama2.c's names (dim, hidden_dim, ...
+ * as its export writes them), else a Hugging Face llama config.json (kept under "hf"."config"),
+ * else GGUF llama keys (ARCH.embedding_length, ...; the vocabulary from ARCH.vocab_size or the
+ * tokenizer's token list). */
 static int cfg_from_meta(const char *text, size_t len, cfg *c, char *err, size_t errlen) {
   qs_json *j = NULL;
   if (qs_json_parse(text, len, &j, err, errlen)) return -1;
-  static const char *const keys[] = {"dim",       "hidden_dim", "n_layers",   "n_heads",
-                                     "n_kv_heads", "vocab_size", "max_seq_len"};
-  int *dst[] = {&c->dim,        &c->hidden_dim, &c->n_layers, &c->n_heads,
-                &c->n_kv_heads, &c->vocab_size, &c->seq_len};
-  int rc = 0;
-  for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
-    if (meta_int(j, keys[i], dst[i])) {
-      snprintf(err, errlen, "metadata lacks integer \"%s\"", keys[i]);
-      rc = -1;
-      break;
+  static const char *const ll[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+                                    "vocab_size", "max_seq_len"};
+  static const char *const hf[7] = {"hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                    "max_position_embeddings"};
+  static const char *const gg[7] = {"embedding_length", "feed_forward_length", "block_count",
+                                    "attention.head_count", "attention.head_count_kv", NULL,
+                                    "context_length"};
+  const qs_json *h = qs_json_get(qs_json_get(j, "hf"), "config");
+  const qs_json *arch = qs_json_get(j, "general.architecture");
+  int rc;
+  if (qs_json_get(j, "dim") || (!h && !arch)) {
+    rc = cfg_keys(j, "", ll, c, err, errlen);
+  } else if (h) {
+    rc = cfg_keys(h, "", hf, c, err, errlen);
+    if (!rc) rc = rope_check(h, "rope_theta", err, errlen);
+  } else {
+    char pre[96], k[128];
+    snprintf(pre, sizeof pre, "%s.", arch->type == QS_JSON_STRING ? arch->str : "?");
+    rc = cfg_keys(j, pre, gg, c, err, errlen);
+    snprintf(k, sizeof k, "%svocab_size", pre);
+    if (!rc && meta_int(j, k, &c->vocab_size)) {
+      const qs_json *kv = qs_json_get(qs_json_get(j, "gguf"), "kv");
+      c->vocab_size = 0;
+      for (size_t i = 0; kv && i < kv->len; i++) {
+        const qs_json *e = &kv->items[i], *k0 = qs_json_at(e, 0), *v = qs_json_at(e, 2);
+        if (k0 && k0->type == QS_JSON_STRING && !strcmp(k0->str, "tokenizer.ggml.tokens") && v)
+          c->vocab_size = (int)v->len;
+      }
+      if (!c->vocab_size) {
+        snprintf(err, errlen, "metadata lacks %s and the tokenizer's token list", k);
+        rc = -1;
+      }
     }
-  if (!rc && qs_json_get(j, "n_kv_heads") == NULL) c->n_kv_heads = c->n_heads;
+    snprintf(k, sizeof k, "%srope.freq_base", pre);
+    if (!rc) rc = rope_check(j, k, err, errlen);
+  }
   qs_json_free(j);
   return rc ? rc : cfg_check(c, err, errlen);
 }
@@ -389,6 +497,7 @@ typedef struct qunit {
 typedef struct qprov {
   wprov base;
   cfg c;
+  tnames nm;             /* the served model's tensor names */
   char *model;
   qins_client *cl;       /* the worker thread's connection */
   qins_client *pf;       /* the prefetch thread's connection */
@@ -419,7 +528,7 @@ static int q_fetch(qprov *q, qins_client *cl, int u, float *buf) {
   int n = unit_ntensors(&q->c, u);
   float *p = buf;
   for (int i = 0; i < n; i++) {
-    tensor_name(&q->c, u, i, names[i], sizeof names[i]);
+    ns_tensor_name(&q->nm, &q->c, u, i, names[i], sizeof names[i]);
     size_t bytes = tensor_elems(&q->c, u, i) * sizeof(float);
     req[i] = (qins_get_req){.name = names[i], .buf = p, .buf_bytes = bytes};
     p += tensor_elems(&q->c, u, i);
@@ -441,6 +550,11 @@ static int q_fetch(qprov *q, qins_client *cl, int u, float *buf) {
       fprintf(stderr, "qins-llama2: %s/%s has an unexpected shape\n", q->model, names[i]);
       return QINS_EFORMAT;
     }
+  }
+  if (q->nm.ns == NS_HF && u < q->c.n_layers) {
+    int hs = q->c.dim / q->c.n_heads;
+    hf_unpermute((float *)req[W_Q].buf, q->c.n_heads, hs, q->c.dim);
+    hf_unpermute((float *)req[W_K].buf, q->c.n_kv_heads, hs, q->c.dim);
   }
   return 0;
 }
@@ -573,7 +687,7 @@ static int q_embed(wprov *p, int token, float *out) {
   qprov *q = (qprov *)p;
   qins_range r = {(uint64_t)token, (uint64_t)token + 1};
   size_t got = 0;
-  int rc = qins_get_into(q->cl, q->model, EMBED_NAME, &r, 1, QINS_F32, out,
+  int rc = qins_get_into(q->cl, q->model, ns_embed[q->nm.ns], &r, 1, QINS_F32, out,
                          (size_t)q->c.dim * sizeof(float), &got, NULL, NULL);
   if (rc) {
     fprintf(stderr, "qins-llama2: embedding row %d: %s\n", token, qins_client_error(q->cl));
@@ -606,10 +720,28 @@ static void q_destroy(wprov *p) {
   free(q);
 }
 
-/* Config of a served model: from its metadata (safetensors __metadata__ as imported) when the
- * server sends it in `models`; else from the tensors' shapes (`info`) with n_heads from the command
- * line (shapes cannot tell heads apart) and seq_len given or 512. */
-static void q_config(qins_client *cl, const char *model, int n_heads, int seq_len, cfg *c) {
+/* Which names the served model uses: the scheme whose embedding it has; and whether it has its
+ * own classifier. */
+static tnames ns_detect(qins_client *cl, const char *model) {
+  tnames nm = {NS_LLAMA2C, 0};
+  qins_tensor_info ti;
+  int k;
+  for (k = 0; k < NS_COUNT; k++)
+    if (!qins_info(cl, model, ns_embed[k], &ti)) break;
+  if (k == NS_COUNT)
+    die("model %s has none of %s, %s, %s: not a llama model this worker knows", model,
+        ns_embed[0], ns_embed[1], ns_embed[2]);
+  nm.ns = k;
+  nm.own_cls = ns_cls[k] && !qins_info(cl, model, ns_cls[k], &ti);
+  return nm;
+}
+
+/* Config of a served model: from its metadata (llama2.c keys, an HF config.json or GGUF llama
+ * keys: cfg_from_meta) when the server sends it in `models`; else from the tensors' shapes
+ * (`info`) with n_heads from the command line (shapes cannot tell heads apart) and seq_len given
+ * or 512. */
+static void q_config(qins_client *cl, const char *model, const tnames *nm, int n_heads, int seq_len,
+                     cfg *c) {
   qins_model_info *ms = NULL;
   size_t n = 0;
   char err[256];
@@ -627,14 +759,17 @@ static void q_config(qins_client *cl, const char *model, int n_heads, int seq_le
   uint64_t total = 0;
   qins_tensor_info *ts = NULL;
   size_t nt = 0;
-  if (qins_info(cl, model, EMBED_NAME, &emb) || qins_info(cl, model, "layers.0.feed_forward.w1.weight", &w1) ||
-      qins_info(cl, model, "layers.0.attention.wk.weight", &wk) ||
-      qins_list(cl, model, "layers.", 0, 0, &ts, &nt, &total))
+  char n_w1[QINS_MAX_NAME + 1], n_wk[QINS_MAX_NAME + 1];
+  const char *prefix = ns_prefix[nm->ns];
+  snprintf(n_w1, sizeof n_w1, "%s0.%s", prefix, ns_layer[nm->ns][W_1]);
+  snprintf(n_wk, sizeof n_wk, "%s0.%s", prefix, ns_layer[nm->ns][W_K]);
+  if (qins_info(cl, model, ns_embed[nm->ns], &emb) || qins_info(cl, model, n_w1, &w1) ||
+      qins_info(cl, model, n_wk, &wk) || qins_list(cl, model, prefix, 0, 0, &ts, &nt, &total))
     die("model %s: %s", model, qins_client_error(cl));
   int layers = 0;
   for (size_t i = 0; i < nt; i++) {
     int l;
-    if (sscanf(ts[i].name, "layers.%d.", &l) == 1 && l + 1 > layers) layers = l + 1;
+    if (sscanf(ts[i].name + strlen(prefix), "%d.", &l) == 1 && l + 1 > layers) layers = l + 1;
   }
   qins_free(ts);
   if (emb.ndim != 2 || w1.ndim != 2 || wk.ndim != 2) die("model %s: unexpected shapes", model);
@@ -648,10 +783,11 @@ static void q_config(qins_client *cl, const char *model, int n_heads, int seq_le
   if (cfg_check(c, err, sizeof err)) die("model %s: %s", model, err);
 }
 
-static qprov *q_new(const char *sock, const char *model, const cfg *c, uint64_t budget,
-                    int prefetch) {
+static qprov *q_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
+                    uint64_t budget, int prefetch) {
   qprov *q = xcalloc(1, sizeof *q);
   q->c = *c;
+  q->nm = *nm;
   q->model = strdup(model);
   q->base.kind = "qinsd";
   q->base.embed = q_embed;
@@ -1004,7 +1140,8 @@ static void usage(int code) {
           "      --n-heads N         query heads, when neither the server's metadata nor a\n"
           "                          reference gives the hyper-parameters (--seq-len N: 512)\n"
           "  -q, --quiet             no per-step lines\n"
-          "  -h, --help              this text\n");
+          "  -h, --help              this text\n"
+          "      --version           print the version\n");
   exit(code);
 }
 
@@ -1042,7 +1179,8 @@ int main(int argc, char **argv) {
       {"budget", required_argument, 0, 'b'},      {"no-prefetch", no_argument, 0, 'P'},
       {"simulate", required_argument, 0, 'M'},    {"quiet", no_argument, 0, 'q'},
       {"n-heads", required_argument, 0, 'H'},     {"seq-len", required_argument, 0, 'L'},
-      {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+      {"help", no_argument, 0, 'h'},              {"version", no_argument, 0, 'V'},
+      {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "s:m:r:n:t:p:S:o:b:qh", opts, NULL)) != -1) {
     char *end = NULL;
@@ -1062,6 +1200,7 @@ int main(int argc, char **argv) {
     case 'H': n_heads = (int)strtol(optarg, &end, 10); if (*end || n_heads <= 0) usage(2); break;
     case 'L': seq_len = (int)strtol(optarg, &end, 10); if (*end || seq_len <= 0) usage(2); break;
     case 'h': usage(0); break;
+    case 'V': printf("qins-llama2 %s\n", QINS_VERSION_STRING); return 0;
     default: usage(2);
     }
   }
@@ -1079,14 +1218,17 @@ int main(int argc, char **argv) {
   wprov *cand = NULL;
   if (ref_path) ref = ends_with(ref_path, ".bin") ? load_bin(ref_path, &c) : load_safetensors(ref_path, &c);
   if (served) {
-    if (!ref) { /* with a reference, its config is the model's (shapes are checked per fetch) */
-      qins_client *probe = NULL;
-      int rc = qins_connect(&probe, sock, 5000);
-      if (rc) die("connect %s: %s", sock, qins_strerror(rc));
-      q_config(probe, model, n_heads, seq_len, &c);
-      qins_close(probe);
-    }
-    cand = &q_new(sock, model, &c, budget, prefetch)->base;
+    qins_client *probe = NULL;
+    int rc = qins_connect(&probe, sock, 5000);
+    if (rc) die("connect %s: %s", sock, qins_strerror(rc));
+    tnames nm = ns_detect(probe, model);
+    if (nm.ns != NS_LLAMA2C)
+      printf("model %s has %s tensor names%s\n", model, ns_name[nm.ns],
+             nm.own_cls ? " and its own classifier" : "");
+    /* With a reference, its config is the model's (shapes are checked per fetch). */
+    if (!ref) q_config(probe, model, &nm, n_heads, seq_len, &c);
+    qins_close(probe);
+    cand = &q_new(sock, model, &c, &nm, budget, prefetch)->base;
   } else if (simulate) {
     cand = &simulate_q8_0(ref)->base;
   }

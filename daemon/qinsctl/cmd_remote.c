@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * cmd_remote.c — qinsctl's commands that talk to a running qinsd through libqins (client/qins.h)
- * rather than opening the store: `ping`, `stats` and `get MODEL/TENSOR [--slice ...] [-o F.npy]`.
+ * rather than opening the store: `ping`, `stats [--format prometheus]` and
+ * `get MODEL/TENSOR [--slice ...] [-o F.npy]`.
  * The socket comes from --socket PATH or $QINS_SOCKET. docs/client.md §4.
  *
  * Each command is `int qctl_cmd_NAME(qctl_ctx *c, int argc, char **argv)` (qinsctl.h: argv[0] the
@@ -15,6 +16,7 @@
  * .npy output: format version 1.0, C order, '<f4' for f32 (and for bf16, widened exactly: numpy
  * has no bfloat16), '<f2' for f16.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
@@ -33,10 +35,10 @@
 static const struct option remote_opts[] = {
     {"slice", required_argument, 0, 'S'}, {"dtype", required_argument, 0, 'd'},
     {"output", required_argument, 0, 'o'}, {"max", required_argument, 0, 'n'},
-    {0, 0, 0, 0}};
+    {"format", required_argument, 0, 'F'}, {0, 0, 0, 0}};
 
 typedef struct remote_args {
-  const char *slice, *out;
+  const char *slice, *out, *format;
   qins_dtype dt;
   long max;
   int first; /* optind of the first operand */
@@ -53,6 +55,7 @@ static int remote_parse(qctl_ctx *c, int argc, char **argv, int nops, remote_arg
     switch (ch) {
     case 'S': a->slice = optarg; break;
     case 'o': a->out = optarg; break;
+    case 'F': a->format = optarg; break;
     case 'n':
       a->max = strtol(optarg, &end, 10);
       if (*end || a->max < 0) return qctl_usage(c, QCTL_USAGE);
@@ -130,9 +133,76 @@ static void stats_flat(const qs_json *v, char *key, size_t len, size_t cap) {
   }
 }
 
+/* --- Prometheus text exposition (format 0.0.4; docs/OPERATIONS.md §Metrics) ------------------
+ * Every numeric stats field becomes qinsd_FIELD; counters (monotonic fields) get the "_total"
+ * suffix and "# TYPE ... counter", the rest are gauges. The per-method and per-error maps become
+ * one labelled counter each (qinsd_method_requests_total{method=...}, qinsd_errors_total{code=...});
+ * any other map a labelled gauge with label "key". Names keep [a-zA-Z0-9_] only. */
+static int prom_gauge(const char *k) {
+  static const char *const g[] = {"connections", "queued_bytes", "queued_peak", "uptime_s"};
+  for (size_t i = 0; i < sizeof g / sizeof g[0]; i++)
+    if (!strcmp(k, g[i])) return 1;
+  return !strncmp(k, "latency", 7) || strstr(k, "_p50") || strstr(k, "_p99");
+}
+
+static void prom_name(char *out, size_t cap, const char *k, int counter) {
+  size_t n = (size_t)snprintf(out, cap, "qinsd_");
+  for (; *k && n + 1 < cap; k++) out[n++] = (isalnum((unsigned char)*k) || *k == '_') ? *k : '_';
+  out[n] = 0;
+  if (counter && (n < 6 || strcmp(out + n - 6, "_total"))) snprintf(out + n, cap - n, "_total");
+}
+
+static void prom_value(const qs_json *v) {
+  if (v->type == QS_JSON_BOOL) printf("%d\n", v->boolean);
+  else if (v->num_flags & QS_JSON_IS_U64) printf("%" PRIu64 "\n", v->u64);
+  else if (v->num_flags & QS_JSON_IS_I64) printf("%" PRId64 "\n", v->i64);
+  else printf("%.17g\n", v->num);
+}
+
+static void prom_label(const char *s) { /* a label value: backslash, quote and newline escaped */
+  for (; *s; s++) {
+    if (*s == '\\' || *s == '"') printf("\\%c", *s);
+    else if (*s == '\n') printf("\\n");
+    else putchar(*s);
+  }
+}
+
+static void stats_prometheus(const qs_json *j) {
+  for (size_t i = 0; j->type == QS_JSON_OBJECT && i < j->len; i++) {
+    const qs_json *m = &j->items[i];
+    char name[160];
+    if (m->type == QS_JSON_NUMBER || m->type == QS_JSON_BOOL) {
+      int counter = !prom_gauge(m->key);
+      prom_name(name, sizeof name, m->key, counter);
+      printf("# HELP %s qinsd stats field %s.\n# TYPE %s %s\n%s ", name, m->key, name,
+             counter ? "counter" : "gauge", name);
+      prom_value(m);
+    } else if (m->type == QS_JSON_OBJECT) {
+      const char *label = !strcmp(m->key, "requests") ? "method" : !strcmp(m->key, "errors") ? "code" : "key";
+      int counter = !strcmp(m->key, "requests") || !strcmp(m->key, "errors");
+      prom_name(name, sizeof name, !strcmp(m->key, "requests") ? "method_requests" : m->key, counter);
+      printf("# HELP %s qinsd stats field %s, by %s.\n# TYPE %s %s\n", name, m->key, label, name,
+             counter ? "counter" : "gauge");
+      for (size_t k = 0; k < m->len; k++) {
+        const qs_json *v = &m->items[k];
+        if (v->type != QS_JSON_NUMBER && v->type != QS_JSON_BOOL) continue;
+        printf("%s{%s=\"", name, label);
+        prom_label(v->key);
+        printf("\"} ");
+        prom_value(v);
+      }
+    }
+  }
+}
+
 int qctl_cmd_stats(qctl_ctx *c, int argc, char **argv) {
   remote_args a;
   int rc = remote_parse(c, argc, argv, 0, &a);
+  if (!rc && a.format && strcmp(a.format, "prometheus") && strcmp(a.format, "text")) {
+    fprintf(stderr, "qinsctl stats: --format is text or prometheus, got \"%s\"\n", a.format);
+    rc = QCTL_USAGE;
+  }
+  int prom = !rc && a.format && !strcmp(a.format, "prometheus");
   qins_client *cl;
   if (rc || (rc = remote_connect(c, &cl))) return rc;
   char *js = NULL;
@@ -142,7 +212,7 @@ int qctl_cmd_stats(qctl_ctx *c, int argc, char **argv) {
     return rc;
   }
   qins_close(cl);
-  if (c->json) {
+  if (c->json && !prom) {
     printf("%s\n", js);
     qins_free(js);
     return QCTL_OK;
@@ -153,7 +223,8 @@ int qctl_cmd_stats(qctl_ctx *c, int argc, char **argv) {
     qins_free(js);
     return qctl_fail(c, "unreadable answer: %s", err);
   }
-  stats_flat(j, key, 0, sizeof key);
+  if (prom) stats_prometheus(j);
+  else stats_flat(j, key, 0, sizeof key);
   qs_json_free(j);
   qins_free(js);
   return QCTL_OK;

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "json.h"
 #include "qinsctl.h"
 #include "store.h"
 
@@ -81,6 +82,15 @@ int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule) {
   return 0;
 }
 
+/* An SNR for people: "lossless" only when nothing differs from the source (+inf), "overflow"
+ * when values became infinite (-inf: a narrowing out of range), else "%.2f" + unit. */
+static const char *qctl_snr(double snr, const char *unit, char *buf, size_t cap) {
+  if (isinf(snr) && snr > 0) snprintf(buf, cap, "lossless");
+  else if (!isfinite(snr)) snprintf(buf, cap, "overflow");
+  else snprintf(buf, cap, "%.2f%s", snr, unit);
+  return buf;
+}
+
 static void qctl_shape(FILE *f, const qs_tensor *t, int json) {
   fputc('[', f);
   for (int i = 0; i < t->ndim; i++) fprintf(f, "%s%llu", i ? (json ? "," : ", ") : "", (unsigned long long)t->shape[i]);
@@ -108,6 +118,19 @@ static void qctl_progress_cb(void *ud, uint64_t done, uint64_t total, const char
   fprintf(stderr, "\r[%s] %3d%% %8.1f MB %7.1f MB/s %-32.32s", bar,
           total ? (int)(100.0 * (double)done / (double)total) : 100, mb, rate, what ? what : "");
   fflush(stderr);
+}
+
+void qctl_import_help(FILE *f) {
+  fprintf(f, "codecs (--codec NAME, --codec-for GLOB=NAME):");
+  for (int i = 0; i < QC_CODEC_COUNT; i++)
+    fprintf(f, " %s%s", qc_codec_name((qc_codec)i), qc_codec_is_lossy((qc_codec)i) ? "*" : "");
+  fprintf(f, "  (* lossy: refuses NaN/Inf)\n"
+             "policy, first that applies: a GGUF Q4_0..Q8_0/Q2_K..Q8_K tensor is stored f32, its\n"
+             "  exact dequantized values (--allow-requant lets the rules below re-encode it); the\n"
+             "  last --codec-for whose glob matches the name; --codec; qins8 for 2+ dimensions; 1-D\n"
+             "  f16/bf16 keep their dtype; f32 otherwise. Integer/bool tensors are stored raw.\n"
+             "sources: .safetensors (file, index.json or directory, HF config/tokenizer kept), .gguf,\n"
+             "  .npy (file or directory); recognized by content. SNR is measured against the source.\n");
 }
 
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
@@ -177,9 +200,14 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, res.model);
-    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,",
+    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
+           "\"narrowed\":%llu,\"snr_db_narrowed\":",
            (unsigned long long)res.n_tensors, (unsigned long long)res.n_elem,
-           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes);
+           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes,
+           (unsigned long long)res.n_narrowed);
+    if (isinf(res.snr_db_narrowed) && res.snr_db_narrowed < 0) fputs("\"-inf\"", stdout);
+    else qctl_jnum(stdout, res.snr_db_narrowed);
+    putchar(',');
     qctl_json_import_figures(bpw, ratio, res.snr_db_2d, dt, mbs);
   } else {
     char a[32], b[32];
@@ -187,6 +215,12 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
            "%.1f MB/s\n",
            res.model, (unsigned long long)res.n_tensors, qctl_human(res.src_bytes, a, sizeof a),
            qctl_human(res.stored_bytes, b, sizeof b), ratio, bpw, res.snr_db_2d, mbs);
+    if (res.n_narrowed) {
+      char snr[32];
+      printf("  %llu tensor%s narrowed from the source dtype, lowest SNR %s (%s)\n",
+             (unsigned long long)res.n_narrowed, res.n_narrowed == 1 ? "" : "s",
+             qctl_snr(res.snr_db_narrowed, " dB", snr, sizeof snr), res.narrowed_tensor);
+    }
   }
   qs_close(s);
   return QCTL_OK;
@@ -198,7 +232,34 @@ typedef struct qctl_walk {
   qctl_ctx *c;
   qs_txn *t;
   int n;
+  int w_name, w_shape; /* column widths: the human tables size to their content */
 } qctl_walk;
+
+/* "4x8", or "scalar". */
+static void qctl_shape_x(const qs_tensor *t, char *shp, size_t cap) {
+  int k = 0;
+  shp[0] = 0;
+  for (int i = 0; i < t->ndim && k < (int)cap - 24; i++)
+    k += snprintf(shp + k, cap - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
+  if (!t->ndim) snprintf(shp, cap, "scalar");
+}
+
+static int qctl_width_model_cb(void *ud, const qs_model *m) {
+  qctl_walk *w = ud;
+  int n = (int)strlen(m->name);
+  if (n > w->w_name) w->w_name = n;
+  return 0;
+}
+
+static int qctl_width_tensor_cb(void *ud, const qs_tensor *t) {
+  qctl_walk *w = ud;
+  char shp[128];
+  qctl_shape_x(t, shp, sizeof shp);
+  int n = (int)strlen(t->name), k = (int)strlen(shp);
+  if (n > w->w_name) w->w_name = n;
+  if (k > w->w_shape) w->w_shape = k;
+  return 0;
+}
 
 static int qctl_ls_model_cb(void *ud, const qs_model *m) {
   qctl_walk *w = ud;
@@ -219,7 +280,7 @@ static int qctl_ls_model_cb(void *ud, const qs_model *m) {
     struct tm tm;
     gmtime_r(&tt, &tm);
     strftime(when, sizeof when, "%Y-%m-%d %H:%M", &tm);
-    printf("%-24s %6llu %8llu %12llu %11s %11s %6.2fx  %s\n", m->name, (unsigned long long)m->id,
+    printf("%-*s %6llu %8llu %12llu %11s %11s %6.2fx  %s\n", w->w_name, m->name, (unsigned long long)m->id,
            (unsigned long long)m->n_tensors, (unsigned long long)m->n_elem,
            qctl_human(m->src_bytes, a, sizeof a), qctl_human(m->stored_bytes, b, sizeof b), ratio,
            when);
@@ -244,15 +305,11 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
     qctl_jnum(stdout, t->snr_db);
     printf(",\"checksum\":\"%08x\"}", cost.checksum);
   } else {
-    char shp[128] = "", b[32];
-    int k = 0;
-    for (int i = 0; i < t->ndim && k < (int)sizeof shp - 24; i++)
-      k += snprintf(shp + k, sizeof shp - (size_t)k, "%s%llu", i ? "x" : "", (unsigned long long)t->shape[i]);
-    if (!t->ndim) snprintf(shp, sizeof shp, "scalar");
+    char shp[128], b[32];
+    qctl_shape_x(t, shp, sizeof shp);
     char snr[32];
-    if (isfinite(t->snr_db)) snprintf(snr, sizeof snr, "%.2f dB", t->snr_db);
-    else snprintf(snr, sizeof snr, "lossless");
-    printf("%-40s %-14s %-5s %-8s %11s  %s\n", t->name, shp, qs_dtype_name(t->src_dtype),
+    qctl_snr(t->snr_db, " dB", snr, sizeof snr);
+    printf("%-*s %-*s %-5s %-8s %11s  %s\n", w->w_name, t->name, w->w_shape, shp, qs_dtype_name(t->src_dtype),
            qs_codec_name(t->codec), qctl_human(t->stored_bytes, b, sizeof b), snr);
   }
   w->n++;
@@ -260,16 +317,18 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
 }
 
 int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   qs_txn *t;
   int rc = qctl_open_read(c, &s, &t);
   if (rc) return rc;
-  qctl_walk w = {c, t, 0};
+  qctl_walk w = {c, t, 0, 4, 5};
   int e;
   if (argc == 1) {
     if (c->json) printf("{\"models\":[");
-    else printf("%-24s %6s %8s %12s %11s %11s %7s  %s\n", "NAME", "ID", "TENSORS", "ELEMENTS", "SOURCE", "STORED", "RATIO", "CREATED (UTC)");
+    else if (!(e = qs_models_each(t, qctl_width_model_cb, &w)))
+      printf("%-*s %6s %8s %12s %11s %11s %7s  %s\n", w.w_name, "NAME", "ID", "TENSORS", "ELEMENTS", "SOURCE", "STORED", "RATIO", "CREATED (UTC)");
     e = qs_models_each(t, qctl_ls_model_cb, &w);
     if (c->json) printf("]}\n");
   } else {
@@ -280,7 +339,8 @@ int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
     }
     qs_model m;
     e = qs_model_get(t, argv[1], &m);
-    if (!e && !c->json) printf("%-40s %-14s %-5s %-8s %11s  %s\n", "NAME", "SHAPE", "DTYPE", "CODEC", "STORED", "SNR");
+    if (!e && !c->json && !(e = qs_tensors_each(t, argv[1], NULL, qctl_width_tensor_cb, &w)))
+      printf("%-*s %-*s %-5s %-8s %11s  %s\n", w.w_name, "NAME", w.w_shape, "SHAPE", "DTYPE", "CODEC", "STORED", "SNR");
     if (!e) e = qs_tensors_each(t, argv[1], NULL, qctl_ls_tensor_cb, &w);
     if (c->json) printf("]}\n");
   }
@@ -292,8 +352,108 @@ int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
 
 /* ---------------------------------------------------------------------------------------------
  * info */
+
+/* A JSON value on one line, at most max bytes of it ("..." after). */
+static void qctl_jval_line(const qs_json *v, size_t max) {
+  char buf[512];
+  size_t k = 0;
+  switch (v->type) {
+  case QS_JSON_STRING: k = (size_t)snprintf(buf, sizeof buf, "%.*s", (int)(v->len < 400 ? v->len : 400), v->str); break;
+  case QS_JSON_NUMBER:
+    if (v->num_flags & QS_JSON_IS_I64) k = (size_t)snprintf(buf, sizeof buf, "%lld", (long long)v->i64);
+    else if (v->num_flags & QS_JSON_IS_U64) k = (size_t)snprintf(buf, sizeof buf, "%llu", (unsigned long long)v->u64);
+    else k = (size_t)snprintf(buf, sizeof buf, "%.9g", v->num);
+    break;
+  case QS_JSON_BOOL: k = (size_t)snprintf(buf, sizeof buf, "%s", v->boolean ? "true" : "false"); break;
+  case QS_JSON_NULL: k = (size_t)snprintf(buf, sizeof buf, "null"); break;
+  case QS_JSON_ARRAY: /* short arrays of strings and numbers in full, e.g. architectures */
+    k = (size_t)snprintf(buf, sizeof buf, "[");
+    for (size_t i = 0; i < v->len && k < 200; i++) {
+      const qs_json *e = &v->items[i];
+      if (e->type == QS_JSON_STRING) k += (size_t)snprintf(buf + k, sizeof buf - k, "%s%.80s", i ? ", " : "", e->str);
+      else if (e->type == QS_JSON_NUMBER) k += (size_t)snprintf(buf + k, sizeof buf - k, "%s%.9g", i ? ", " : "", e->num);
+      else {
+        k = (size_t)snprintf(buf, sizeof buf, "array of %zu", v->len);
+        break;
+      }
+    }
+    if (buf[0] == '[') k += (size_t)snprintf(buf + k, sizeof buf - k, k < 200 ? "]" : ", ...]");
+    break;
+  default: k = (size_t)snprintf(buf, sizeof buf, "%s of %zu", qs_json_type_name(v->type), v->len);
+  }
+  if (k >= sizeof buf) k = sizeof buf - 1;
+  for (size_t i = 0; i < k; i++)
+    if ((unsigned char)buf[i] < 0x20) buf[i] = ' ';
+  if (k > max) printf("%.*s...", (int)max, buf);
+  else printf("%s", buf);
+}
+
+/* The model's metadata for people: string members as "key: value"; the GGUF KV list with each
+ * value (arrays as their type and length); HF files with their scalar members. --json prints the
+ * whole JSON (docs/qinsctl.md). */
+static void qctl_metadata_print(const char *md) {
+  qs_json *root = NULL;
+  if (qs_json_parse(md, strlen(md), &root, NULL, 0) || root->type != QS_JSON_OBJECT) {
+    printf("metadata:  %s\n", md);
+    qs_json_free(root);
+    return;
+  }
+  printf("metadata:  %s\n", root->len ? "" : "(none)");
+  const qs_json *gg = qs_json_get(root, "gguf"), *hf = NULL;
+  if (gg && gg->type != QS_JSON_OBJECT) gg = NULL;
+  for (size_t i = 0; i < root->len; i++) {
+    const qs_json *v = &root->items[i];
+    if (&root->items[i] == gg) continue;
+    if (!strcmp(v->key, "hf") && v->type == QS_JSON_OBJECT) hf = v;
+    else if (gg && v->type == QS_JSON_STRING && strcmp(v->key, "source_format"))
+      continue; /* a GGUF KV: listed below with its type */
+    else {
+      printf("  %s: ", v->key);
+      qctl_jval_line(v, 120);
+      putchar('\n');
+    }
+  }
+  const qs_json *kv = gg ? qs_json_get(gg, "kv") : NULL;
+  if (kv && kv->type == QS_JSON_ARRAY) {
+    printf("  gguf: %zu key/values\n", kv->len);
+    for (size_t i = 0; i < kv->len; i++) {
+      const qs_json *e = &kv->items[i];
+      if (e->type != QS_JSON_ARRAY || e->len < 3) continue;
+      const qs_json *k = &e->items[0], *t = &e->items[1], *v = &e->items[2];
+      if (k->type != QS_JSON_STRING || t->type != QS_JSON_STRING) continue;
+      printf("    %-40s %-9s ", k->str, t->str);
+      if (v->type == QS_JSON_ARRAY) printf("%zu elements", v->len);
+      else if (v->type == QS_JSON_NULL && e->len > 3) printf("%.0f elements (too large, not kept)", e->items[3].num);
+      else qctl_jval_line(v, 80);
+      putchar('\n');
+    }
+  }
+  for (size_t i = 0; hf && i < hf->len; i++) {
+    const qs_json *f = &hf->items[i];
+    printf("  hf %s:%s\n", f->key, f->type == QS_JSON_OBJECT ? "" : " (not an object)");
+    if (!strcmp(f->key, "tokenizer")) {
+      const qs_json *model = qs_json_get(f, "model"), *vocab = model ? qs_json_get(model, "vocab") : NULL;
+      const qs_json *ty = model ? qs_json_get(model, "type") : NULL;
+      if (ty) {
+        printf("    model.type: ");
+        qctl_jval_line(ty, 40);
+        putchar('\n');
+      }
+      if (vocab) printf("    model.vocab: %zu entries\n", vocab->len);
+      continue;
+    }
+    for (size_t j = 0; f->type == QS_JSON_OBJECT && j < f->len; j++) {
+      printf("    %s: ", f->items[j].key);
+      qctl_jval_line(&f->items[j], 80);
+      putchar('\n');
+    }
+  }
+  qs_json_free(root);
+}
+
 int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
-  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
   char model[QS_MAX_NAME * 2 + 2];
   snprintf(model, sizeof model, "%s", argv[1]);
   char *slash = strchr(model, '/');
@@ -327,10 +487,11 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
       gmtime_r(&tt, &tm);
       strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &tm);
       printf("model:     %s\nid:        %llu\ntensors:   %llu\nelements:  %llu\nsource:    %s\n"
-             "stored:    %s (%.2fx)\ncreated:   %s\nmetadata:  %s\n",
+             "stored:    %s (%.2fx)\ncreated:   %s\n",
              m.name, (unsigned long long)m.id, (unsigned long long)m.n_tensors,
              (unsigned long long)m.n_elem, qctl_human(m.src_bytes, a, sizeof a),
-             qctl_human(m.stored_bytes, b, sizeof b), ratio, when, m.metadata);
+             qctl_human(m.stored_bytes, b, sizeof b), ratio, when);
+      qctl_metadata_print(m.metadata);
     }
   } else if (!e) {
     qs_tensor ten;
@@ -371,8 +532,13 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
              (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
              cost.params_bytes ? (cost.params_first ? ", paid here" : ", shared") : "");
       if (cost.params_id) printf("params id:      %016llx\n", (unsigned long long)cost.params_id);
-      if (isfinite(ten.snr_db)) printf("SNR:            %.3f dB\nmax error:      %g\n", ten.snr_db, ten.max_err);
-      else printf("SNR:            lossless\n");
+      if (isinf(ten.snr_db) && ten.snr_db > 0) printf("SNR:            lossless\n");
+      else printf("SNR:            %.3f dB%s\nmax error:      %g\n", ten.snr_db,
+                  qs_dtype_size(ten.src_dtype) > qc_dtype_size((qc_dtype)ten.codec) &&
+                          ten.codec <= QC_BF16
+                      ? " (narrowed from the source dtype)"
+                      : "",
+                  ten.max_err);
     }
   }
   if (e) rc = qctl_fail(c, "%s", qs_error());
@@ -384,39 +550,53 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
 /* ---------------------------------------------------------------------------------------------
  * export, rm */
 int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
-  static const struct option opts[] = {{"dtype", required_argument, 0, 'd'}, {0, 0, 0, 0}};
-  int ch, dt = QC_DT_F32;
+  static const struct option opts[] = {{"dtype", required_argument, 0, 'd'},
+                                       {"format", required_argument, 0, 'f'},
+                                       {0, 0, 0, 0}};
+  int ch, dt = -1, gguf = -1;
   qctl_getopt_reset();
-  while ((ch = getopt_long(argc, argv, "d:", opts, NULL)) != -1) {
-    if (ch != 'd' || (dt = qc_dtype_from_name(optarg)) < 0) {
-      if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
-      return qctl_usage(c, QCTL_USAGE);
+  while ((ch = getopt_long(argc, argv, "d:f:", opts, NULL)) != -1) {
+    if (ch == 'd' && (dt = qc_dtype_from_name(optarg)) >= 0) continue;
+    if (ch == 'f' && (!strcmp(optarg, "gguf") || !strcmp(optarg, "safetensors"))) {
+      gguf = !strcmp(optarg, "gguf");
+      continue;
     }
+    if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
+    if (ch == 'f') fprintf(stderr, "qinsctl export: --format is safetensors or gguf, got \"%s\"\n", optarg);
+    return qctl_usage(c, QCTL_USAGE);
   }
   if (optind != argc - 2) return qctl_usage(c, QCTL_USAGE);
+  const char *out = argv[optind + 1];
+  size_t ol = strlen(out);
+  if (gguf < 0) gguf = ol >= 5 && !strcasecmp(out + ol - 5, ".gguf"); /* else safetensors */
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
   qctl_progress pr = {isatty(2), 0, qctl_now()};
-  int e = qs_export_safetensors(s, argv[optind], argv[optind + 1], (qc_dtype)dt, qctl_progress_cb, &pr);
+  int e = gguf ? qs_export_gguf(s, argv[optind], out, dt, qctl_progress_cb, &pr)
+               : qs_export_safetensors(s, argv[optind], out, dt < 0 ? QC_DT_F32 : (qc_dtype)dt,
+                                       qctl_progress_cb, &pr);
   if (pr.tty) fprintf(stderr, "\r%90s\r", "");
+  const char *dts = dt >= 0 ? qc_dtype_name((qc_dtype)dt) : gguf ? "source dtypes" : "f32";
   if (e) {
     rc = qctl_fail(c, "%s", qs_error());
   } else if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, argv[optind]);
     printf(",\"path\":");
-    qctl_jstr(stdout, argv[optind + 1]);
-    printf(",\"dtype\":\"%s\"}\n", qc_dtype_name((qc_dtype)dt));
+    qctl_jstr(stdout, out);
+    printf(",\"format\":\"%s\",\"dtype\":\"%s\"}\n", gguf ? "gguf" : "safetensors",
+           dt >= 0 ? qc_dtype_name((qc_dtype)dt) : gguf ? "source" : "f32");
   } else {
-    printf("exported %s to %s (%s)\n", argv[optind], argv[optind + 1], qc_dtype_name((qc_dtype)dt));
+    printf("exported %s to %s (%s, %s)\n", argv[optind], out, gguf ? "gguf" : "safetensors", dts);
   }
   qs_close(s);
   return rc;
 }
 
 int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv) {
-  if (argc != 2 || argv[1][0] == '-') return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, 0);
   if (rc) return rc;
@@ -451,7 +631,8 @@ static void qctl_verify_cb(void *ud, const char *msg) {
 }
 
 int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
@@ -611,7 +792,8 @@ static void qctl_sum_json(const char *key, const qctl_sum *s) {
 }
 
 int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
-  if (argc > 2 || (argc == 2 && argv[1][0] == '-')) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
@@ -659,7 +841,7 @@ int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
     double mat_stored = 0;
     for (size_t i = 0; i < al.n; i++) {
       const qctl_at *a = &al.v[i];
-      int lossy = a->t.codec != QS_RAW && qc_codec_is_lossy((qc_codec)a->t.codec) && isfinite(a->t.snr_db);
+      int lossy = a->t.codec != QS_RAW && isfinite(a->t.snr_db); /* any tensor not exact */
       ms.n_tensors++;
       ms.elements += a->t.n_elem;
       ms.src += a->t.src_bytes;
@@ -731,8 +913,7 @@ int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
       for (size_t i = 0; i < al.n; i++) {
         const qctl_at *a = &al.v[i];
         char snr[32];
-        if (isfinite(a->t.snr_db)) snprintf(snr, sizeof snr, "%.2f", a->t.snr_db);
-        else snprintf(snr, sizeof snr, "lossless");
+        qctl_snr(a->t.snr_db, "", snr, sizeof snr);
         printf("  %-40s %-8s %12llu %12.0f %9.4f %6.2fx %10s\n", a->t.name, qs_codec_name(a->t.codec),
                (unsigned long long)a->t.src_bytes, a->stored,
                a->t.n_elem ? a->stored / (double)a->t.n_elem : 0,

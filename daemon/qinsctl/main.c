@@ -27,8 +27,8 @@ static const qctl_cmd qctl_cmds[] = {
      "[--allow-requant]"},
     {"ls", qctl_cmd_ls, "list models, or one model's tensors", "ls [MODEL]"},
     {"info", qctl_cmd_info, "show a model (metadata) or one tensor's record", "info MODEL[/TENSOR]"},
-    {"export", qctl_cmd_export, "write a model out as safetensors (deterministic)",
-     "export MODEL OUT.safetensors [--dtype f32|f16|bf16]"},
+    {"export", qctl_cmd_export, "write a model out as safetensors or GGUF (deterministic)",
+     "export MODEL OUT.safetensors|OUT.gguf [--format safetensors|gguf] [--dtype f32|f16|bf16]"},
     {"rm", qctl_cmd_rm, "remove a model (atomic)", "rm MODEL"},
     {"verify", qctl_cmd_verify, "check every checksum and decode every record", "verify [MODEL]"},
     {"audit", qctl_cmd_audit, "storage footprint per model and tensor, totals, LMDB file use",
@@ -42,7 +42,8 @@ static const qctl_cmd qctl_cmds[] = {
      *   {"ping", qctl_cmd_ping, "ask qinsd whether it is alive", "ping"},
      */
     {"ping", qctl_cmd_ping, "ask qinsd whether it is alive (--socket)", "ping"},
-    {"stats", qctl_cmd_stats, "qinsd's counters: connections, requests, errors, bytes, latency", "stats"},
+    {"stats", qctl_cmd_stats, "qinsd's counters: connections, requests, errors, bytes, latency",
+     "stats [--format text|prometheus]"},
     {"get", qctl_cmd_get, "fetch a tensor or a slice decoded by qinsd (--socket)",
      "get MODEL/TENSOR [--slice SPEC] [--dtype f32|f16|bf16] [-o OUT.npy] [--max N]"},
     {"help", qctl_cmd_help, "list commands, or show one command's usage", "help [COMMAND]"},
@@ -52,8 +53,20 @@ static const qctl_cmd qctl_cmds[] = {
 int qctl_usage(const qctl_ctx *c, int code) {
   FILE *f = code == QCTL_OK ? stdout : stderr;
   fprintf(f, "usage: qinsctl [--store DIR] [--json] %s\n  %s\n", c->cmd->usage, c->cmd->summary);
+  if (code == QCTL_OK && c->cmd->fn == qctl_cmd_import) qctl_import_help(f);
   if (code == QCTL_OK) fprintf(f, "See docs/qinsctl.md for options and output fields.\n");
   return code;
+}
+
+int qctl_no_options(const qctl_ctx *c, int argc, char **argv) {
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--")) break;
+    if (argv[i][0] == '-' && argv[i][1]) {
+      fprintf(stderr, "qinsctl %s: unrecognized option '%s'\n", c->cmd->name, argv[i]);
+      return qctl_usage(c, QCTL_USAGE);
+    }
+  }
+  return QCTL_OK;
 }
 
 int qctl_fail(const qctl_ctx *c, const char *fmt, ...) {

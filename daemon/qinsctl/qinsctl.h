@@ -36,6 +36,9 @@ struct qctl_cmd {
 /* Prints "usage: qinsctl <usage>" and the summary to stderr (or stdout for --help) and returns
  * code. */
 int qctl_usage(const qctl_ctx *c, int code);
+/* For commands without options: an argument starting with '-' (before "--") is named as an
+ * unrecognized option, then usage; returns QCTL_USAGE, or QCTL_OK when there is none. */
+int qctl_no_options(const qctl_ctx *c, int argc, char **argv);
 /* Prints "qinsctl <cmd>: <msg>" to stderr; returns QCTL_FAIL. */
 int qctl_fail(const qctl_ctx *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
@@ -71,6 +74,7 @@ int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule);
 
 /* Store commands (cmd_store.c). */
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv);
+void qctl_import_help(FILE *f); /* the codecs and the codec policy, for `import --help` */
 int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_info(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_export(qctl_ctx *c, int argc, char **argv);

@@ -1,11 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * gguf.c — fuzz target: the GGUF v2/v3 reader the importer uses (store/gguf.c, qs__gguf_sources),
- * with requantization allowed so Q8_0/Q4_0 tensors are listed too.
+ * gguf.c — fuzz target: the GGUF v2/v3 reader the importer uses (store/gguf.c, qs__gguf_sources);
+ * block-quantized tensors (Q4_0 ... Q8_K) are listed and dequantized too.
  *
  * Oracles, for a file it accepts: every tensor has 1..4 dimensions (GGUF's limit) whose product
- * is n_elem and lies inside the file; plain tensors hold n_elem * itemsize bytes, Q8_0/Q4_0 ones
- * whole 32-weight blocks (34/18 bytes) per row; refused ones say why; tensor data reads back as
+ * is n_elem and lies inside the file; plain tensors hold n_elem * itemsize bytes, block-quantized
+ * ones whole blocks (qs__gguf_block) per row; refused ones say why; tensor data reads back as
  * the file's own bytes; the metadata kept with the model is a JSON object (store/json.h parses
  * it). A refused file leaves qs_error() naming the file.
  */
@@ -20,7 +20,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   qs__srclist L;
   memset(&L, 0, sizeof L);
   char *meta = NULL;
-  int rc = qs__gguf_sources(path, &L, &meta, 1);
+  int rc = qs__gguf_sources(path, &L, &meta);
   close(fd);
   if (rc) {
     fz_check(strstr(qs_error(), path) != NULL, "the error does not name the file: %s", qs_error());
@@ -39,16 +39,25 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     uint64_t row = s->shape[s->ndim - 1], rows = row ? n / row : 0;
     if (s->kind == QS__K_PLAIN)
       fz_check(n * qs_dtype_size(s->dtype) == s->nbytes, "%s: nbytes", s->name);
-    else if (s->kind == QS__K_Q8_0 || s->kind == QS__K_Q4_0)
-      fz_check(row % 32 == 0 && rows * (row / 32) * (s->kind == QS__K_Q8_0 ? 34 : 18) == s->nbytes,
-               "%s: quantized nbytes", s->name);
-    else
+    else if (s->kind == QS__K_BLOCKS) {
+      unsigned bw = 0, bb = 0;
+      fz_check(qs__gguf_block(s->dtype, &bw, &bb), "%s: not a block type", s->name);
+      fz_check(row % bw == 0 && rows * (row / bw) * bb == s->nbytes, "%s: quantized nbytes",
+               s->name);
+    } else
       fz_check(s->kind == QS__K_REFUSED && s->why[0], "%s: refused without a reason", s->name);
     if (s->nbytes <= (1u << 20)) {
       uint8_t *buf = malloc(s->nbytes ? s->nbytes : 1);
       fz_check(buf, "out of memory");
       fz_check(pread(s->fd, buf, s->nbytes, (off_t)s->offset) == (ssize_t)s->nbytes, "pread");
       fz_check(memcmp(buf, data + s->offset, s->nbytes) == 0, "%s: data differs", s->name);
+      unsigned bw, bb;
+      if (s->kind == QS__K_BLOCKS && qs__gguf_block(s->dtype, &bw, &bb)) {
+        float *f = malloc(s->nbytes / bb * bw * sizeof *f + sizeof *f);
+        fz_check(f, "out of memory");
+        qs__gguf_dequant(s->dtype, buf, s->nbytes / bb, f);
+        free(f);
+      }
       free(buf);
     }
   }

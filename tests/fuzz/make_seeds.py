@@ -158,7 +158,13 @@ put("gguf", "v3_types", gguf(kv_basic[:2], [
     ("a", [2], 1, b"\x00\x3c\x00\xc0"), ("b", [2], 30, b"\x80\x3f\x00\x40"), ("c", [32, 2], 8, q8 * 2),
     ("d", [32], 2, q4), ("e", [3], 26, struct.pack("<3i", 1, 2, 3)), ("f", [1], 28, struct.pack("<d", 1.0)),
     ("g", [2, 2, 2, 1], 24, b"\x01\x02\x03\x04\x05\x06\x07\x08")]))
-put("gguf", "v3_refused", gguf(kv_basic[:1], [("k", [256], 12, b"\x00" * 144)]))
+put("gguf", "v3_refused", gguf(kv_basic[:1], [("k", [256], 23, b"\x00" * 136)]))  # IQ4_XS
+# Every block type qins dequantizes: (ggml type, weights, bytes per block) and one block of
+# patterned bytes each (scales included: the target checks sizes and in-bounds dequantization).
+blocks = [(2, 32, 18), (3, 32, 20), (6, 32, 22), (7, 32, 24), (8, 32, 34), (10, 256, 84),
+          (11, 256, 110), (12, 256, 144), (13, 256, 176), (14, 256, 210), (15, 256, 292)]
+put("gguf", "v3_blocks", gguf(kv_basic[:1], [
+    ("q%d" % ty, [w], ty, bytes((i * 37 + ty) % 251 for i in range(nb))) for ty, w, nb in blocks]))
 put("gguf", "v2_f16", gguf([("general.name", 8, gstr("x"))], [("w", [2, 2], 1, b"\x00\x3c" * 4)], version=2))
 put("gguf", "no_tensors", gguf(kv_basic, []))
 put("gguf", "align64", gguf([("general.alignment", 4, struct.pack("<I", 64))], [("w", [3], 0, f32(1, 2, 3)), ("v", [1], 0, f32(4))], align=64))

@@ -372,9 +372,9 @@ Test(qinsctl_store, malformed_inputs_fail_clearly_and_leave_the_store_unchanged)
   gguf_write(p, (gguf_opt){.offset = 8});
   CASE("unknown_type.gguf", "unknown ggml type 99");
   gguf_write(p, (gguf_opt){.type = 99});
-  CASE("q4k.gguf", "quantized type Q4_K");
-  gguf_write(p, (gguf_opt){.type = 12});
-  CASE("q8_0.gguf", "pass --allow-requant");
+  CASE("iq4xs.gguf", "quantized type IQ4_XS");
+  gguf_write(p, (gguf_opt){.type = 23});
+  CASE("q8_0.gguf", "not a multiple of Q8_0's block of 32");
   gguf_write(p, (gguf_opt){.type = 8});
   CASE("truncated.gguf", "runs past the end");
   gguf_write(p, (gguf_opt){.truncate = 1});

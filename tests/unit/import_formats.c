@@ -2,7 +2,7 @@
 /*
  * import_formats.c — importers on valid inputs (store.h §Importers; FORMATS-AND-PEERS.md §1):
  * GGUF v2/v3 with reversed dims and F32/F16/BF16, Q8_0/Q4_0 dequantization against the ggml
- * formulas, .npy v1/v2/v3 (file and directory), a sharded safetensors model, unaligned data.
+ * formulas (every block type: import_ecosystem.c), .npy v1/v2/v3 (file and directory), a sharded safetensors model, unaligned data.
  * Values are checked by reading the store back (f32 codec: exact).
  */
 #include <criterion/criterion.h>
@@ -13,45 +13,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "qins.h"
-#include "qt.h"
-#include "store.h"
+#include "import_test.h"
 
-static char dir[64], sdir[128];
-static qs_store *st;
-
-static void setup(void) {
-  cr_assert_eq(qt_tmpdir(dir), 0);
-  snprintf(sdir, sizeof sdir, "%s/store", dir);
-  cr_assert_eq(qs_open(&st, sdir, QS_OPEN_CREATE), 0);
-}
-static void teardown(void) {
-  qs_close(st);
-  qt_rmrf(dir);
-}
 TestSuite(import_formats, .init = setup, .fini = teardown, .timeout = 60);
 
 static void pad(qt_buf *b, size_t a) {
   while (b->n % a) qt_put(b, "\0", 1);
-}
-
-static int import(const char *path, const char *model, int codec, int requant) {
-  qs_import_opts o;
-  qs_import_opts_init(&o);
-  o.model = model;
-  o.codec = codec;
-  o.allow_requant = requant;
-  return qs_import_path(st, path, &o, NULL);
-}
-
-static float *read_tensor(const char *model, const char *name, qs_tensor *out) {
-  qs_txn *t;
-  cr_assert_eq(qs_txn_begin(st, &t), 0);
-  cr_assert_eq(qs_tensor_get(t, model, name, out), 0, "%s", qs_error());
-  float *x = malloc(out->n_elem * 4 + 4);
-  cr_assert_eq(qs_tensor_read(t, out, NULL, QC_DT_F32, 0, out->n_elem, x), 0, "%s", qs_error());
-  qs_txn_end(t);
-  return x;
 }
 
 Test(import_formats, gguf_plain_types_with_reversed_dims) {
@@ -132,7 +99,7 @@ Test(import_formats, gguf_plain_types_with_reversed_dims) {
     cr_assert_eq(t.src_bytes, 10);
     for (int i = 0; i < 5; i++) cr_assert_eq(x[i], qc_bf16_to_f32(bf[i]));
     free(x);
-    /* Metadata: strings and scalars as strings, arrays skipped. */
+    /* Metadata: strings and scalars as strings; every KV typed in "gguf" (import_ecosystem.c). */
     qs_txn *tx;
     qs_model m;
     cr_assert_eq(qs_txn_begin(st, &tx), 0);
@@ -140,7 +107,8 @@ Test(import_formats, gguf_plain_types_with_reversed_dims) {
     cr_assert(strstr(m.metadata, "\"general.architecture\":\"llama\""), "%s", m.metadata);
     cr_assert(strstr(m.metadata, "\"llama.block_count\":\"5\""), "%s", m.metadata);
     cr_assert(strstr(m.metadata, "\"source_format\":\"gguf\""), "%s", m.metadata);
-    cr_assert_null(strstr(m.metadata, "tokenizer"), "%s", m.metadata);
+    cr_assert(strstr(m.metadata, "[\"tokenizer.ggml.tokens\",\"[string]\",[\"a\",\"b\"]]"), "%s",
+              m.metadata);
     qs_txn_end(tx);
   }
 }
@@ -186,10 +154,15 @@ Test(import_formats, gguf_q8_0_and_q4_0_dequantize_like_ggml) {
   snprintf(p, sizeof p, "%s/q.gguf", dir);
   cr_assert_eq(qt_write(p, b.p, b.n), 0);
   free(b.p);
-  cr_assert_eq(import(p, "q", QC_F32, 0), QINS_EUNSUPPORTED);
-  cr_assert(strstr(qs_error(), "quantized type Q8_0") && strstr(qs_error(), "--allow-requant"), "%s", qs_error());
-  cr_assert_eq(import(p, "q", QC_F32, 1), 0, "%s", qs_error());
+  /* The default policy stores the dequantized values exactly (f32), whatever --codec asks. */
+  cr_assert_eq(import(p, "q", QC_QINS8, 0), 0, "%s", qs_error());
   qs_tensor t;
+  float *x0 = read_tensor("q", "q8", &t);
+  cr_assert_eq(t.codec, QC_F32);
+  cr_assert_eq(t.src_dtype, QS_DT_Q8_0);
+  cr_assert_eq(memcmp(x0, want8, sizeof want8), 0);
+  free(x0);
+  cr_assert_eq(import(p, "q", QC_F32, 1), 0, "%s", qs_error());
   float *x = read_tensor("q", "q8", &t);
   cr_assert(t.shape[0] == 2 && t.shape[1] == 64);
   cr_assert_eq(t.src_bytes, 136);

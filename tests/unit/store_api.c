@@ -186,7 +186,7 @@ Test(store_api, raw_tensors_round_trip_as_stored) {
   for (int i = 0; i < 15; i++) v[i / 5][i % 5] = (int64_t)i * 1000000007LL - 5;
   qs_import *im;
   cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
-  qs_tensor_desc d = {"ids", QS_DT_I64, 0, 2, {3, 5}, QS_RAW, NULL};
+  qs_tensor_desc d = {"ids", QS_DT_I64, 0, 2, {3, 5}, QS_RAW, NULL, NULL};
   cr_assert_eq(qs_import_tensor_begin(im, &d), 0, "%s", qs_error());
   cr_assert_eq(qs_import_tensor_rows(im, v, 3, NULL), 0);
   qs_tensor st;
@@ -286,7 +286,7 @@ Test(store_api, abort_leaves_nothing_and_input_errors_are_named) {
   float *x = gauss(64, 7);
   cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
   put_tensor(im, "w", 2, sh, QC_F32, x);
-  qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {8, 8}, QC_F32, NULL};
+  qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {8, 8}, QC_F32, NULL, NULL};
   qc_params p = {0};
   p.codec = QC_F32;
   d.params = &p;
@@ -308,7 +308,7 @@ Test(store_api, abort_leaves_nothing_and_input_errors_are_named) {
   qc_params q;
   cr_assert_eq(qc_fit_tensor(QC_QINS8, 8, 8, w, NULL, &q, NULL), 0);
   w[37] = NAN;
-  qs_tensor_desc dq = {"q", QS_DT_F32, 0, 2, {8, 8}, QC_QINS8, &q};
+  qs_tensor_desc dq = {"q", QS_DT_F32, 0, 2, {8, 8}, QC_QINS8, &q, NULL};
   cr_assert_eq(qs_import_tensor_begin(im, &dq), 0);
   uint64_t bad = 0;
   /* Encoding may run on a worker: the error comes from rows or from tensor_end. */
@@ -419,7 +419,7 @@ static void writer_child(uint64_t n, float v) {
       qc_params pr;
       memset(&pr, 0, sizeof pr);
       pr.codec = QC_F32;
-      qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {sh[0], sh[1]}, QC_F32, &pr};
+      qs_tensor_desc d = {"w", QS_DT_F32, 0, 2, {sh[0], sh[1]}, QC_F32, &pr, NULL};
       rc = qs_import_begin(s, "m", NULL, &im);
       if (!rc) rc = qs_import_tensor_begin(im, &d);
       if (!rc) rc = qs_import_tensor_rows(im, x, 2, NULL);
