@@ -1184,6 +1184,11 @@ int main(int argc, char **argv) {
            steps / t_cand);
   } else {
     printf("generated %d tokens (%s)\n", steps, gen_kind);
+    if (!quiet) { /* no tokenizer ships with the models: the ids, from BOS (1) on */
+      printf("tokens:");
+      for (int i = 0; i < steps; i++) printf(" %d", seq[i]);
+      printf("\n");
+    }
     printf("speed: %s %.1f tokens/s\n", gen_kind, steps / t_ref);
   }
   if (cand && !strcmp(cand->kind, "qinsd"))

@@ -21,7 +21,7 @@
  * spread 0.04, or 0.1 * gain for the llama2 archs). gain is 1 except in the llama2 archs, whose
  * gains follow stories260K's trained weights (wq and wk 1.6, wv and wo 0.7) and keep a random
  * model generating varied tokens: the classifier is the embedding, so the embedding stays plain
- * (gain 1, no outlier columns, no single outliers) and the final norm (gain 3) sets logits about
+ * (gain 1, row scales spread 10%, no outlier columns, no single outliers) and the final norm (gain 3) sets logits about
  * as peaked as stories260K's; the other llama2 matrices' single outliers are 3..9 sigma_t, as in
  * stories260K. Nothing exceeds a few units, so every codec accepts every value.
  *
@@ -114,6 +114,7 @@ typedef struct qsyn_tensor {
   double norm_sd; /* norms: spread around the mean */
   double out_lo;  /* matrices: single outliers are out_lo..3 out_lo sigma (0: none) */
   int out_cols;   /* matrices: 1..4 outlier input columns (0: none) */
+  double row_sd;  /* matrices: log-normal spread of the row scales */
 } qsyn_tensor;
 
 static inline uint64_t qsyn_mix(uint64_t z) {
@@ -130,12 +131,14 @@ static size_t qsyn_plan(const qsyn_arch *a, uint64_t seed, qsyn_tensor *v /* may
    * row or outlier makes its token the argmax of almost every step of a random model. */
   double nsd = a->layout == QSYN_LLAMA2 ? 0.1 : 0.04, out_lo = a->layout == QSYN_LLAMA2 ? 3 : 12;
   int out_cols = 1;
+  double row_sd = QSYN_ROW_SIGMA;
 #define QSYN_ADD(nd, r, c, g, ...)                                                                \
   do {                                                                                            \
     if (v) {                                                                                      \
       snprintf(v[n].name, sizeof v[n].name, __VA_ARGS__);                                         \
       v[n].ndim = (nd), v[n].rows = (r), v[n].cols = (c), v[n].gain = (g);                        \
       v[n].norm_sd = nsd * (g), v[n].out_lo = out_lo, v[n].out_cols = out_cols;                   \
+      v[n].row_sd = row_sd;                                                                       \
       uint64_t h = 0xCBF29CE484222325ull; /* FNV-1a 64 of the name, then mixed with the seed */  \
       for (const char *p = v[n].name; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001B3ull;   \
       v[n].key = qsyn_mix(qsyn_mix(seed + QSYN_GOLDEN) ^ h);                                       \
@@ -144,9 +147,9 @@ static size_t qsyn_plan(const qsyn_arch *a, uint64_t seed, qsyn_tensor *v /* may
   } while (0)
   if (a->layout == QSYN_LLAMA2) {
     uint64_t kv = (uint64_t)a->hidden / a->heads * a->kv_heads;
-    out_lo = 0, out_cols = 0;
+    out_lo = 0, out_cols = 0, row_sd = 0.1;
     QSYN_ADD(2, a->vocab, a->hidden, 1.0, "tok_embeddings.weight");
-    out_lo = 3, out_cols = 1;
+    out_lo = 3, out_cols = 1, row_sd = QSYN_ROW_SIGMA;
     for (uint32_t l = 0; l < a->layers; l++) {
       QSYN_ADD(1, 1, a->hidden, 1.0, "layers.%u.attention_norm.weight", l);
       QSYN_ADD(2, a->hidden, a->hidden, 1.6, "layers.%u.attention.wq.weight", l);
@@ -299,7 +302,7 @@ static void qsyn_gen_rows(const qsyn_gen *g, uint64_t r0, uint64_t nr, float *ou
       }
       continue;
     }
-    float rs = (float)(g->sigma * exp(QSYN_ROW_SIGMA * qsyn_gauss(qsyn_mix(rk ^ 0x5851F42D4C957F2Dull))));
+    float rs = (float)(g->sigma * exp(t->row_sd * qsyn_gauss(qsyn_mix(rk ^ 0x5851F42D4C957F2Dull))));
     const float *cs = g->colscale;
     uint64_t c = 0;
     for (; c + 3 <= cols; c += 3) {
