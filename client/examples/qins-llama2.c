@@ -1004,7 +1004,8 @@ static void usage(int code) {
           "      --n-heads N         query heads, when neither the server's metadata nor a\n"
           "                          reference gives the hyper-parameters (--seq-len N: 512)\n"
           "  -q, --quiet             no per-step lines\n"
-          "  -h, --help              this text\n");
+          "  -h, --help              this text\n"
+          "      --version           print the version, then exit\n");
   exit(code);
 }
 
@@ -1042,7 +1043,8 @@ int main(int argc, char **argv) {
       {"budget", required_argument, 0, 'b'},      {"no-prefetch", no_argument, 0, 'P'},
       {"simulate", required_argument, 0, 'M'},    {"quiet", no_argument, 0, 'q'},
       {"n-heads", required_argument, 0, 'H'},     {"seq-len", required_argument, 0, 'L'},
-      {"help", no_argument, 0, 'h'},              {0, 0, 0, 0}};
+      {"help", no_argument, 0, 'h'},              {"version", no_argument, 0, 'V'},
+      {0, 0, 0, 0}};
   int ch;
   while ((ch = getopt_long(argc, argv, "s:m:r:n:t:p:S:o:b:qh", opts, NULL)) != -1) {
     char *end = NULL;
@@ -1062,6 +1064,7 @@ int main(int argc, char **argv) {
     case 'H': n_heads = (int)strtol(optarg, &end, 10); if (*end || n_heads <= 0) usage(2); break;
     case 'L': seq_len = (int)strtol(optarg, &end, 10); if (*end || seq_len <= 0) usage(2); break;
     case 'h': usage(0); break;
+    case 'V': printf("qins-llama2 %s\n", QINS_VERSION_STRING); return 0;
     default: usage(2);
     }
   }
