@@ -190,8 +190,9 @@ bench: deps all $(BENCH_BINS)
 bench-scale: deps all $(BENCH_BINS)
 	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
 
-# The README's main-job command: builds, imports ../shared/models/stories260K.safetensors (or
-# MODEL=path) into a temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
+# The README's main-job command: builds, imports MODEL=path (.safetensors or a llama2.c .bin), else
+# ../shared/models/stories260K.safetensors, else a synthetic llama2-tiny (qinsctl synth) into a
+# temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
 demo: deps
 	@$(MAKE) --no-print-directory all
 	@PYTHON=$(PYTHON) sh tests/support/demo.sh $(abspath $(BUILD)) $(SHARED) $(MODEL)

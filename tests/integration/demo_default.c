@@ -13,7 +13,10 @@
  *     ids; with the model served as f32 it generates exactly the ids of the FP32 reference that
  *     `qinsctl export` wrote from the same generation (whose __metadata__ configures it).
  *     The served run gives --n-heads: qinsd's `models` does not send the model's metadata yet
- *     (issue 15), so shapes plus --n-heads configure it.
+ *     (issue 15), so shapes plus --n-heads configure it;
+ *   - client/examples/llama2c_to_safetensors.py turns a llama2.c legacy .bin (written here from the
+ *     synthetic model in run.c's order) into a safetensors file with the same tensors, bit for
+ *     bit, and the hyper-parameters; a truncated file and an untied classifier are refused.
  * The demo script is found from the working directory (make test runs at the repository root).
  */
 #include <criterion/criterion.h>
@@ -89,7 +92,7 @@ Test(demo_default, bare_clone_runs_the_synthetic_model) {
   /* It says plainly what the model is and how to use a real one. */
   cr_assert(strstr(out, "using a synthetic one"), "%s", out);
   cr_assert(strstr(out, "It is not a trained model: its tokens\n   are ids, not text"), "%s", out);
-  cr_assert(strstr(out, "make demo MODEL=path/to/model.safetensors"), "%s", out);
+  cr_assert(strstr(out, "make demo MODEL=path/to/stories15M.bin"), "%s", out);
   cr_assert(strstr(out, "== importing ") && strstr(out, "/llama2-tiny.safetensors\n"), "%s", out);
 
   /* Footprint: the qins8 import about 1.07 bytes a weight, qins16 about 2, one copy of each far
@@ -120,7 +123,7 @@ Test(demo_default, bare_clone_runs_the_synthetic_model) {
   /* The daemon's counters, then a clean stop. */
   cr_assert(num_after(out, "   requests.get_many ") > 0, "%s", out);
   cr_assert(num_after(out, "   bytes_served ") > 0, "%s", out);
-  cr_assert(strstr(out, "== done (on the synthetic llama2-tiny: make demo MODEL="), "%s", out);
+  cr_assert(strstr(out, "== done (on the synthetic llama2-tiny: make demo MODEL=path/to/model.bin|.safetensors"), "%s", out);
   free(out);
   free(err);
 }
@@ -277,4 +280,94 @@ Test(demo_default, worker_runs_the_served_model_without_a_tokenizer) {
   char *tr = tokens_line(out);
   cr_assert_str_eq(ts, tr);
   free(ts), free(tr), free(out), free(err);
+}
+
+/* Writes llama2-tiny (from the exported reference) as a llama2.c legacy .bin: the 7-int header,
+ * the tensors in run.c's order (each layer kind for all layers in turn), the two RoPE tables. */
+static void write_bin(const char *ref, const char *bin, int32_t vocab_sign) {
+  char e[512];
+  qs_st_file *f;
+  cr_assert_eq(qs_st_open(ref, &f, e, sizeof e), 0, "%s", e);
+  FILE *o = fopen(bin, "wb");
+  cr_assert(o, "%s", bin);
+  int32_t h[7] = {64, 172, 5, 8, 4, 512 * vocab_sign, 512};
+  fwrite(h, sizeof h, 1, o);
+  static const char *const kinds[] = {"attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                                      "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"};
+  char names[48][64];
+  size_t n = 0;
+  snprintf(names[n++], 64, "tok_embeddings.weight");
+  for (size_t k = 0; k < 9; k++)
+    for (int l = 0; l < 5; l++) snprintf(names[n++], 64, "layers.%d.%s.weight", l, kinds[k]);
+  snprintf(names[n++], 64, "norm.weight");
+  for (size_t i = 0; i < n; i++) {
+    const qs_st_tensor *t = qs_st_find(f, names[i]);
+    cr_assert(t, "%s", names[i]);
+    void *x = malloc(t->nbytes);
+    cr_assert_eq(qs_st_read(f, t, 0, t->nbytes, x, e, sizeof e), 0, "%s", e);
+    fwrite(x, 1, t->nbytes, o);
+    free(x);
+  }
+  float rope[512 * 8] = {0}; /* seq_len x head_size / 2, twice */
+  fwrite(rope, sizeof rope, 1, o);
+  cr_assert_eq(fclose(o), 0);
+  qs_st_close(f);
+}
+
+static int convert(const char *bin, const char *out_path, char **out, char **err) {
+  const char *py = getenv("PYTHON");
+  char *argv[] = {(char *)(py && *py ? py : "/usr/bin/python3"), "client/examples/llama2c_to_safetensors.py",
+                  (char *)bin, (char *)out_path, NULL};
+  return qt_run(argv, NULL, out, err);
+}
+
+Test(demo_default, llama2c_bin_converts_to_the_same_safetensors) {
+  char ref[256], bin[256], conv[256], e[512], *out, *err;
+  synth_f32_and_export(ref, sizeof ref);
+  snprintf(bin, sizeof bin, "%s/m.bin", D.dir);
+  snprintf(conv, sizeof conv, "%s/m.safetensors", D.dir);
+  write_bin(ref, bin, 1);
+  int rc = convert(bin, conv, &out, &err);
+  cr_assert_eq(rc, 0, "converter exited %d: %s%s", rc, out, err);
+  free(out), free(err);
+  /* Every tensor byte for byte, and the hyper-parameters. */
+  qs_st_file *a, *b;
+  cr_assert_eq(qs_st_open(ref, &a, e, sizeof e), 0, "%s", e);
+  cr_assert_eq(qs_st_open(conv, &b, e, sizeof e), 0, "%s", e);
+  cr_assert_eq(qs_st_count(b), qs_st_count(a));
+  for (size_t i = 0; i < qs_st_count(a); i++) {
+    const qs_st_tensor *ta = qs_st_tensor_at(a, i), *tb = qs_st_find(b, ta->name);
+    cr_assert(tb && tb->dtype == QS_ST_F32 && tb->ndim == ta->ndim && tb->nbytes == ta->nbytes, "%s", ta->name);
+    for (int d = 0; d < ta->ndim; d++) cr_assert_eq(tb->shape[d], ta->shape[d], "%s", ta->name);
+    char *xa = malloc(ta->nbytes), *xb = malloc(tb->nbytes);
+    cr_assert_eq(qs_st_read(a, ta, 0, ta->nbytes, xa, e, sizeof e), 0, "%s", e);
+    cr_assert_eq(qs_st_read(b, tb, 0, tb->nbytes, xb, e, sizeof e), 0, "%s", e);
+    cr_assert_eq(memcmp(xa, xb, ta->nbytes), 0, "%s differs", ta->name);
+    free(xa), free(xb);
+  }
+  qs_json *ja = NULL, *jb = NULL;
+  const char *ma = qs_st_metadata_json(a), *mb = qs_st_metadata_json(b);
+  cr_assert_eq(qs_json_parse(ma, strlen(ma), &ja, e, sizeof e), 0);
+  cr_assert_eq(qs_json_parse(mb, strlen(mb), &jb, e, sizeof e), 0);
+  static const char *const keys[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                     "max_seq_len"};
+  for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+    cr_assert_str_eq(qs_json_get(jb, keys[i])->str, qs_json_get(ja, keys[i])->str, "%s", keys[i]);
+  qs_json_free(ja), qs_json_free(jb);
+  qs_st_close(a), qs_st_close(b);
+
+  /* A truncated file and an untied classifier are refused, each named. */
+  char bad[256];
+  snprintf(bad, sizeof bad, "%s/t.bin", D.dir);
+  size_t len;
+  char *all = qt_read(bin, &len);
+  cr_assert_eq(qt_write(bad, all, len - 4), 0);
+  free(all);
+  cr_assert_eq(convert(bad, conv, &out, &err), 1);
+  cr_assert(strstr(err, "t.bin") && strstr(err, "bytes, but its header"), "%s", err);
+  free(out), free(err);
+  write_bin(ref, bad, -1);
+  cr_assert_eq(convert(bad, conv, &out, &err), 1);
+  cr_assert(strstr(err, "untied classifier"), "%s", err);
+  free(out), free(err);
 }

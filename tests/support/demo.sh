@@ -1,14 +1,16 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
 # demo.sh — `make demo`: one compressed copy of a model served to four inference workers.
-# Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors]
+# Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors|MODEL.bin]
 #
 # The model: MODEL if given (it must exist); else SHARED_DIR/models/stories260K.safetensors when
 # it is there; else (a bare clone) a synthetic one made here: `qinsctl synth --arch llama2-tiny`
 # (llama2.c's architecture with stories260K's shapes, seeded random weights with trained-like
 # statistics, its hyper-parameters in the metadata) written as f32 into a scratch store and
 # exported as the safetensors file the demo then uses like a real one, FP32 reference included.
-# The demo says so, and how to run it on a real model: nothing is downloaded.
+# The demo says so, and how to run it on a real model: nothing is downloaded. A llama2.c legacy
+# checkpoint (MODEL.bin: stories15M.bin ...) is converted to safetensors first
+# (client/examples/llama2c_to_safetensors.py).
 #
 # Creates a store in a temporary directory, imports the model twice (the default policy: qins8 for
 # matrices, f32 for norms; and qins16 for matrices, f32 for norms: near-lossless — qins16 on the
@@ -25,7 +27,7 @@ if [ -z "$MODEL" ]; then
   [ -f "$MODEL" ] || SYNTH=llama2-tiny
 elif [ ! -f "$MODEL" ]; then
   echo "demo: no model at $MODEL" >&2
-  echo "demo: give a llama2.c model as safetensors (README.md: where models come from), or run make demo without MODEL for the synthetic one" >&2
+  echo "demo: give a llama2.c model as .bin or safetensors (README.md: where models come from), or run make demo without MODEL for the synthetic one" >&2
   exit 1
 fi
 for b in qinsd qinsctl qins-llama2; do
@@ -48,8 +50,8 @@ if [ -n "$SYNTH" ]; then
   echo "== no model given and none at $SHARED/models/stories260K.safetensors: using a synthetic one"
   echo "   $SYNTH is made here by qinsctl synth: llama2.c's architecture with stories260K's shapes,"
   echo "   seeded random weights with trained-like statistics. It is not a trained model: its tokens"
-  echo "   are ids, not text. On a real model: make demo MODEL=path/to/model.safetensors"
-  echo "   (README.md says where llama2.c's models come from)."
+  echo "   are ids, not text. On a real model: make demo MODEL=path/to/stories15M.bin (a llama2.c"
+  echo "   checkpoint) or MODEL=path/to/model.safetensors (README.md: where real models come from)."
   echo "== synthesizing $SYNTH (qinsctl synth --arch $SYNTH --codec f32) and exporting it as the FP32 reference"
   mkdir -p "$D/gen"
   "$BUILD/qinsctl" synth --store "$D/gen" --arch "$SYNTH" --codec f32 >/dev/null
@@ -57,6 +59,13 @@ if [ -n "$SYNTH" ]; then
   "$BUILD/qinsctl" export --store "$D/gen" "$SYNTH" "$MODEL" >/dev/null
   rm -rf "$D/gen"
 fi
+case $MODEL in
+  *.bin)
+    echo "== converting $MODEL (a llama2.c checkpoint) to safetensors"
+    NAME=$(basename "$MODEL" .bin)
+    "$PY" "$ROOT/client/examples/llama2c_to_safetensors.py" "$MODEL" "$D/$NAME.safetensors" | sed 's/^/   /'
+    MODEL="$D/$NAME.safetensors" ;;
+esac
 NAME=$(basename "$MODEL" .safetensors)
 
 echo "== importing $MODEL"
@@ -109,7 +118,7 @@ echo "== stopping qinsd"
 cleanup
 [ $fail -eq 0 ] || { echo "demo: a worker failed" >&2; exit 1; }
 if [ -n "$SYNTH" ]; then
-  echo "== done (on the synthetic $SYNTH: make demo MODEL=path/to/model.safetensors runs a real model)"
+  echo "== done (on the synthetic $SYNTH: make demo MODEL=path/to/model.bin|.safetensors runs a real one)"
 else
   echo "== done"
 fi
