@@ -18,12 +18,9 @@ PY=${PYTHON:-/usr/bin/python3}
 T=$(mktemp -d /tmp/qins-inst-XXXXXX)   # short: the socket path must stay under 108 bytes
 P=$T/usr
 PID=""
+. tests/support/daemon_lib.sh
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    i=0; while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
+  stop_daemon "$PID"
   rm -rf "$T"
 }
 trap cleanup EXIT INT TERM
@@ -66,12 +63,7 @@ mkdir "$T/store"
 "$P/bin/qinsctl" --store "$T/store" synth --arch llama2-tiny --model tiny > /dev/null || fail "installed qinsctl synth"
 "$P/bin/qinsd" --store "$T/store" --socket "$T/s" --log "$T/qinsd.log" &
 PID=$!
-i=0
-until "$P/bin/qinsctl" --socket "$T/s" ping > /dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 1000 ] || fail "the installed qinsd did not start: $(cat "$T/qinsd.log")"
-  kill -0 "$PID" 2>/dev/null || fail "the installed qinsd exited: $(cat "$T/qinsd.log")"
-  sleep 0.01
-done
+wait_daemon "$P/bin/qinsctl" "$T/s" "$PID" "$T/qinsd.log" || fail "the installed qinsd did not start"
 
 # A program of the user's, built with pkg-config alone.
 export PKG_CONFIG_PATH="$P/lib/pkgconfig"

@@ -36,12 +36,9 @@ done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 D=$(mktemp -d /tmp/qins-demo-XXXXXX)   # short: the socket path must stay under 108 bytes
 PID=""
+. "$ROOT/tests/support/daemon_lib.sh"
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    i=0; while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
+  stop_daemon "$PID"
   rm -rf "$D"
 }
 trap cleanup EXIT INT TERM
@@ -76,12 +73,7 @@ mkdir -p "$D/store"
 echo "== starting qinsd on $D/s"
 "$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/qinsd.log" &
 PID=$!
-i=0
-until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 1000 ] || { echo "demo: qinsd did not start:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
-  kill -0 "$PID" 2>/dev/null || { echo "demo: qinsd exited:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
-  sleep 0.01
-done
+wait_daemon "$BUILD/qinsctl" "$D/s" "$PID" "$D/qinsd.log" || exit 1
 
 echo "== footprint"
 QINS_SOCKET="$D/s" PYTHONPATH="$ROOT/client/python" "$PY" - <<'PYEOF'
