@@ -8,7 +8,7 @@
 # libqins.so.MAJOR and the two symlinks; the shared library (built and installed) exports only
 # qins_*; a program outside the build (tests/install/prog.c) compiles with `pkg-config --cflags
 # --libs qins` alone, needs libqins.so.MAJOR and talks to the installed qinsd serving a model made
-# by the installed qinsctl; the Python module from the install does the same; --version on the
+# by the installed qinsctl, and links with libqins.a and `pkg-config --static`; the Python module from the install does the same; --version on the
 # three programs; the man pages render (man -l, no warnings) and name every qinsd option and
 # qinsctl command; `man qinsctl` finds the page on MANPATH; the systemd units run the installed
 # qinsd; bash completion completes commands and model names; `make uninstall` leaves no file.
@@ -82,6 +82,15 @@ for want in "libqins $VERSION (header $VERSION)" "NO_MODEL: no such model" "mode
   grep -qF "$want" "$T/prog.out" || fail "prog printed no \"$want\": $(cat "$T/prog.out")"
 done
 ok "a program built with pkg-config --cflags --libs qins talks to the installed qinsd"
+# The same against libqins.a: the static flags (Libs.private) suffice, nothing needs the .so.
+# shellcheck disable=SC2046
+$CC $SANFLAGS -o "$T/prog-static" tests/install/prog.c $(pkg-config --cflags qins) -L"$P/lib" \
+  -Wl,-Bstatic -lqins -Wl,-Bdynamic $(pkg-config --static --libs-only-l qins | sed 's/-lqins//') \
+  2> "$T/cc.log" || fail "cc tests/install/prog.c with libqins.a and pkg-config --static: $(cat "$T/cc.log")"
+if readelf -d "$T/prog-static" | grep -q "(NEEDED).*libqins"; then fail "prog-static needs libqins.so"; fi
+"$T/prog-static" "$T/s" tiny > "$T/prog.out" 2>&1 && grep -qF "model tiny: 47 tensors" "$T/prog.out" ||
+  fail "prog-static: $(cat "$T/prog.out")"
+ok "the same program linked with libqins.a and pkg-config --static"
 
 # The Python module, from the install only.
 QINS_SOCKET="$T/s" PYTHONPATH="$SITE" "$PY" -c '
