@@ -80,7 +80,7 @@ BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 REPLAY_BINS := $(patsubst %,$(BUILD)/fuzz-replay/%,$(FUZZ_NAMES))
 
 .PHONY: all deps test unit integration pytest fuzz-replay fuzz-bins asan bench fuzz soak demo \
-        install clean
+        install uninstall clean
 .DEFAULT_GOAL := all
 # Keep intermediate objects (fuzz-replay and bench objects are built through chained rules).
 .SECONDARY:
@@ -105,8 +105,20 @@ $(BUILD)/%.a:
 	@mkdir -p $(dir $@)
 	rm -f $@ && ar rcs $@ $^
 
-$(CLIENT_SO): $(call obj,$(CLIENT_SRC) $(PROTO_SRC))
-	$(CC) -shared $(ALL_LDFLAGS) -o $@ $^ $(PKG_LIBS) -lm
+# libqins.so.MAJOR.MINOR with the SONAME libqins.so.MAJOR (client/qins.h's version), exporting
+# only qins_* (client/libqins.map); libqins.so.MAJOR and libqins.so are symlinks to it.
+QINS_VERSION := $(shell sed -n 's/^\#define QINS_VERSION_STRING "\(.*\)"/\1/p' client/qins.h)
+QINS_MAJOR   := $(word 1,$(subst ., ,$(QINS_VERSION)))
+QINS_MINOR   := $(word 2,$(subst ., ,$(QINS_VERSION)))
+SO_NAME      := libqins.so.$(QINS_MAJOR)
+SO_FILE      := libqins.so.$(QINS_MAJOR).$(QINS_MINOR)
+$(BUILD)/$(SO_FILE): $(call obj,$(CLIENT_SRC) $(PROTO_SRC)) client/libqins.map
+	$(CC) -shared $(ALL_LDFLAGS) -Wl,-soname,$(SO_NAME) -Wl,--version-script=client/libqins.map \
+	  -Wl,-z,defs -Wl,--as-needed -o $@ $(filter %.o,$^) $(PKG_LIBS) -lm
+$(BUILD)/$(SO_NAME): $(BUILD)/$(SO_FILE)
+	ln -sf $(SO_FILE) $@
+$(CLIENT_SO): $(BUILD)/$(SO_NAME)
+	ln -sf $(SO_NAME) $@
 
 $(BUILD)/qinsd: $(call obj,$(DAEMON_SRC)) $(STORE_A) $(PROTO_A)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -192,17 +204,63 @@ bench: deps all $(BENCH_BINS)
 bench-scale: deps all $(BENCH_BINS)
 	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
 
-# The README's main-job command: builds, imports ../shared/models/stories260K.safetensors (or
-# MODEL=path) into a temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
+# The README's main-job command: builds, imports MODEL=path (.safetensors or a llama2.c .bin), else
+# ../shared/models/stories260K.safetensors, else a synthetic llama2-tiny (qinsctl synth) into a
+# temporary store, serves it with qinsd to 4 qins-llama2 workers at once.
 demo: deps
 	@$(MAKE) --no-print-directory all
 	@PYTHON=$(PYTHON) sh tests/support/demo.sh $(abspath $(BUILD)) $(SHARED) $(MODEL)
 
+# `make install` (PREFIX, DESTDIR): the programs, qins.h, libqins (shared with its SONAME and
+# symlinks, and static), qins.pc, the man pages, the systemd units and tmpfiles.d entry (with
+# this PREFIX's paths), the example config, bash completion and the Python module; `make
+# uninstall` removes exactly those files. tests/support/install_check.sh (make test) checks both.
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib
+INCLUDEDIR  ?= $(PREFIX)/include
+MANDIR      ?= $(PREFIX)/share/man
+DOCDIR      ?= $(PREFIX)/share/doc/qins
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+TMPFILESDIR ?= $(PREFIX)/lib/tmpfiles.d
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+# Where $(PYTHON) looks under PREFIX: lib/python3.X/dist-packages on Debian, site-packages elsewhere.
+PYTHONDIR   ?= $(PREFIX)/$(shell $(PYTHON) -c 'import sys; print("lib/python%d.%d/%s" % (sys.version_info[0], \
+  sys.version_info[1], "dist-packages" if any(p.endswith("dist-packages") for p in sys.path) else "site-packages"))')
+PY_MODULE   := $(wildcard client/python/qins.py)
+PY_PACKAGE  := $(patsubst %/__init__.py,%,$(wildcard client/python/qins/__init__.py))
+D := $(DESTDIR)
+INSTALLED = $(addprefix $(D)$(BINDIR)/,$(notdir $(BINS))) $(D)$(INCLUDEDIR)/qins.h $(D)$(INCLUDEDIR)/qins_base.h \
+  $(D)$(LIBDIR)/libqins.a $(D)$(LIBDIR)/$(SO_FILE) $(D)$(LIBDIR)/$(SO_NAME) $(D)$(LIBDIR)/libqins.so \
+  $(D)$(LIBDIR)/pkgconfig/qins.pc $(D)$(MANDIR)/man8/qinsd.8 $(D)$(MANDIR)/man1/qinsctl.1 \
+  $(D)$(UNITDIR)/qinsd.service $(D)$(UNITDIR)/qinsd.socket $(D)$(TMPFILESDIR)/qinsd.conf \
+  $(D)$(DOCDIR)/qinsd.conf.example $(D)$(BASHCOMPDIR)/qinsctl \
+  $(if $(PY_MODULE),$(D)$(PYTHONDIR)/qins.py $(D)$(PYTHONDIR)/__pycache__/qins.*.pyc)
+
 install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
-	install -m 0755 $(BINS) $(DESTDIR)$(PREFIX)/bin/
-	$(if $(CLIENT_SRC),install -m 0644 $(CLIENT_A) $(CLIENT_SO) $(DESTDIR)$(PREFIX)/lib/)
-	install -m 0644 client/qins.h proto/qins_base.h $(DESTDIR)$(PREFIX)/include/
+	install -d $(D)$(BINDIR) $(D)$(LIBDIR)/pkgconfig $(D)$(INCLUDEDIR) $(D)$(MANDIR)/man1 \
+	  $(D)$(MANDIR)/man8 $(D)$(DOCDIR) $(D)$(UNITDIR) $(D)$(TMPFILESDIR) $(D)$(BASHCOMPDIR) $(D)$(PYTHONDIR)
+	install -m 0755 $(BINS) $(D)$(BINDIR)/
+	install -m 0644 client/qins.h proto/qins_base.h $(D)$(INCLUDEDIR)/
+	install -m 0644 $(CLIENT_A) $(D)$(LIBDIR)/
+	install -m 0755 $(BUILD)/$(SO_FILE) $(D)$(LIBDIR)/
+	ln -sf $(SO_FILE) $(D)$(LIBDIR)/$(SO_NAME)
+	ln -sf $(SO_NAME) $(D)$(LIBDIR)/libqins.so
+	sed -e 's|@PREFIX@|$(PREFIX)|; s|@LIBDIR@|$(LIBDIR)|; s|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+	  -e 's|@VERSION@|$(QINS_VERSION)|' client/qins.pc.in > $(D)$(LIBDIR)/pkgconfig/qins.pc
+	install -m 0644 docs/man/qinsd.8 $(D)$(MANDIR)/man8/
+	install -m 0644 docs/man/qinsctl.1 $(D)$(MANDIR)/man1/
+	for u in qinsd.service qinsd.socket; do \
+	  sed 's|/usr/local/bin/|$(BINDIR)/|g' docs/systemd/$$u > $(D)$(UNITDIR)/$$u || exit 1; done
+	install -m 0644 docs/systemd/qinsd-tmpfiles.conf $(D)$(TMPFILESDIR)/qinsd.conf
+	install -m 0644 docs/qinsd.conf.example $(D)$(DOCDIR)/
+	install -m 0644 daemon/qinsctl/qinsctl.bash $(D)$(BASHCOMPDIR)/qinsctl
+	$(if $(PY_MODULE),install -m 0644 $(PY_MODULE) $(D)$(PYTHONDIR)/)
+	$(if $(PY_PACKAGE),cp -R $(PY_PACKAGE) $(D)$(PYTHONDIR)/ && chmod -R a+rX $(D)$(PYTHONDIR)/qins)
+
+uninstall:
+	rm -f $(INSTALLED)
+	$(if $(PY_PACKAGE),rm -rf $(D)$(PYTHONDIR)/qins)
+	rmdir $(D)$(DOCDIR) $(D)$(PYTHONDIR)/__pycache__ 2>/dev/null || true
 
 clean:
 	rm -rf build

@@ -275,6 +275,7 @@ void qd_config_help(FILE *out) {
           "\nother flags:\n"
           "  --check                        validate the options and config file, then exit\n"
           "  --methods                      list the protocol methods, then exit\n"
+          "  --version                      print the version, then exit\n"
           "  --help                         this text\n"
           "Sizes take K, M or G suffixes (powers of 1024). Exit status: 0 clean shutdown, 1 error,\n"
           "2 bad option.\n");
@@ -289,6 +290,10 @@ int qd_config_load(int argc, char **argv) {
     const char *a = argv[i];
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
       qd_config_help(stdout);
+      exit(0);
+    }
+    if (strcmp(a, "--version") == 0) {
+      printf("qinsd %s\n", QINS_VERSION_STRING);
       exit(0);
     }
     if (strcmp(a, "--methods") == 0) {

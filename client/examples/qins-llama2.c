@@ -1141,7 +1141,7 @@ static void usage(int code) {
           "                          reference gives the hyper-parameters (--seq-len N: 512)\n"
           "  -q, --quiet             no per-step lines\n"
           "  -h, --help              this text\n"
-          "      --version           print the version\n");
+          "      --version           print the version, then exit\n");
   exit(code);
 }
 
@@ -1326,6 +1326,11 @@ int main(int argc, char **argv) {
            steps / t_cand);
   } else {
     printf("generated %d tokens (%s)\n", steps, gen_kind);
+    if (!quiet) { /* no tokenizer ships with the models: the ids, from BOS (1) on */
+      printf("tokens:");
+      for (int i = 0; i < steps; i++) printf(" %d", seq[i]);
+      printf("\n");
+    }
     printf("speed: %s %.1f tokens/s\n", gen_kind, steps / t_ref);
   }
   if (cand && !strcmp(cand->kind, "qinsd"))

@@ -1,18 +1,29 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * cmd_synth.c — `qinsctl synth`: writes a synthetic model with a real architecture's tensor names
- * and shapes (Phi-3.5-mini, or smaller variants for quick runs) straight into the store through
- * the store's write API (store.h: qs_import_begin ... qs_import_commit), so that scale tests need
- * no 15 GB source file. Usage and output fields: docs/qinsctl.md §synth.
+ * and shapes (Phi-3.5-mini, or smaller variants for quick runs; llama2.c's Llama with stories260K's
+ * or stories110M's shapes) straight into the store through the store's write API (store.h:
+ * qs_import_begin ... qs_import_commit), so that scale tests need no 15 GB source file and
+ * `make demo` runs on a bare clone. Usage and output fields: docs/qinsctl.md §synth.
+ *
+ * The llama2 archs carry llama2.c's hyper-parameters in the model's metadata (dim, hidden_dim,
+ * n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len as strings, as in a safetensors
+ * __metadata__), so qins-llama2 configures itself from the server, and `qinsctl export` of an f32
+ * synth is a complete FP32 reference file for it.
  *
  * Statistics (trained-like, not Gaussian noise): every matrix element is
  *     w[r][c] = sigma_t * rowscale_r * colscale_c * x
  * with x drawn from a heavy-tailed unit-variance mixture (half Laplace, half Student-t with 5
  * degrees of freedom: kurtosis about 7.5), rowscale_r log-normal (per-row scales that vary by
  * about 30%), a few outlier input columns per tensor (1..4 of them, colscale 2..4) and a few
- * large single outliers per tensor (4..16 of them, 12..36 sigma_t). sigma_t is about 1/sqrt(fan_in). Norm vectors (1-D) are
- * near 1 (a per-tensor mean within 1 +- 0.1, spread 0.04). Nothing exceeds a few units, so
- * every codec accepts every value.
+ * large single outliers per tensor (4..16 of them, 12..36 sigma_t). sigma_t is about
+ * gain/sqrt(fan_in). Norm vectors (1-D) are near gain (a per-tensor mean within gain * (1 +- 0.1),
+ * spread 0.04, or 0.1 * gain for the llama2 archs). gain is 1 except in the llama2 archs, whose
+ * gains follow stories260K's trained weights (wq and wk 1.6, wv and wo 0.7) and keep a random
+ * model generating varied tokens: the classifier is the embedding, so the embedding stays plain
+ * (gain 1, row scales spread 10%, no outlier columns, no single outliers) and the final norm (gain 3) sets logits about
+ * as peaked as stories260K's; the other llama2 matrices' single outliers are 3..9 sigma_t, as in
+ * stories260K. Nothing exceeds a few units, so every codec accepts every value.
  *
  * Generation is cheap: each row has its own key (splitmix64 of the tensor key and the row index)
  * seeding a wyrand stream; each 64-bit step gives three draws of 21 bits: a sign bit, a 15-bit
@@ -51,34 +62,59 @@
 #define QSYN_GOLDEN 0x9E3779B97F4A7C15ull /* splitmix64's increment */
 
 /* ---------------------------------------------------------------------------------------------
- * Architectures: the Phi-3 layout (fused qkv and gate_up projections, untied lm_head). */
+ * Architectures: the Phi-3 layout (fused qkv and gate_up projections, untied lm_head) and
+ * llama2.c's (its PyTorch names, separate q/k/v and w1/w2/w3, classifier tied to the embedding). */
+typedef enum qsyn_layout { QSYN_PHI3, QSYN_LLAMA2 } qsyn_layout;
+
 typedef struct qsyn_arch {
   const char *name;    /* --arch value */
   const char *summary; /* one line for --list */
+  qsyn_layout layout;
   uint32_t layers;     /* decoder layers */
-  uint32_t hidden;     /* hidden size */
-  uint32_t qkv;        /* rows of self_attn.qkv_proj (q + k + v heads) */
-  uint32_t inter;      /* MLP intermediate size (gate_up_proj has 2x rows) */
-  uint32_t vocab;      /* embedding and lm_head rows */
+  uint32_t hidden;     /* hidden size (llama2.c's dim) */
+  uint32_t qkv;        /* Phi-3: rows of self_attn.qkv_proj (q + k + v heads) */
+  uint32_t inter;      /* MLP intermediate size (Phi-3's gate_up_proj has 2x rows; hidden_dim) */
+  uint32_t vocab;      /* embedding (and lm_head) rows */
+  uint32_t heads;      /* llama2: query heads */
+  uint32_t kv_heads;   /* llama2: key/value heads */
+  uint32_t seq_len;    /* llama2: maximum positions */
 } qsyn_arch;
 
 static const qsyn_arch qsyn_archs[] = {
-    {"phi-3.5-mini", "Phi-3.5-mini: 32 layers, hidden 3072, vocab 32064 (3.82 B weights, 15.3 GB FP32)",
-     32, 3072, 9216, 8192, 32064},
-    {"phi-mini-4l", "Phi-3.5-mini's shapes with 4 layers (0.65 B weights, 2.6 GB FP32)", 4, 3072,
-     9216, 8192, 32064},
-    {"tiny", "Phi-3.5-mini's layout scaled down: 2 layers, hidden 256 (1.8 M weights, 7.3 MB FP32)",
-     2, 256, 768, 512, 1024},
+    {.name = "phi-3.5-mini",
+     .summary = "Phi-3.5-mini: 32 layers, hidden 3072, vocab 32064 (3.82 B weights, 15.3 GB FP32)",
+     .layout = QSYN_PHI3, .layers = 32, .hidden = 3072, .qkv = 9216, .inter = 8192, .vocab = 32064},
+    {.name = "phi-mini-4l",
+     .summary = "Phi-3.5-mini's shapes with 4 layers (0.65 B weights, 2.6 GB FP32)",
+     .layout = QSYN_PHI3, .layers = 4, .hidden = 3072, .qkv = 9216, .inter = 8192, .vocab = 32064},
+    {.name = "tiny",
+     .summary = "Phi-3.5-mini's layout scaled down: 2 layers, hidden 256 (1.8 M weights, 7.3 MB FP32)",
+     .layout = QSYN_PHI3, .layers = 2, .hidden = 256, .qkv = 768, .inter = 512, .vocab = 1024},
+    {.name = "llama2-tiny",
+     .summary = "llama2.c's Llama with stories260K's shapes: dim 64, 5 layers, 8 heads, 4 KV heads, "
+                "hidden 172, vocab 512 (260 K weights, 1.0 MB FP32)",
+     .layout = QSYN_LLAMA2, .layers = 5, .hidden = 64, .inter = 172, .vocab = 512, .heads = 8,
+     .kv_heads = 4, .seq_len = 512},
+    {.name = "llama2-110m",
+     .summary = "llama2.c's Llama with stories110M's shapes: dim 768, 12 layers, 12 heads, hidden "
+                "2048, vocab 32000 (110 M weights, 438 MB FP32)",
+     .layout = QSYN_LLAMA2, .layers = 12, .hidden = 768, .inter = 2048, .vocab = 32000,
+     .heads = 12, .kv_heads = 12, .seq_len = 1024},
 };
 #define QSYN_NARCHS (sizeof qsyn_archs / sizeof qsyn_archs[0])
 
 /* One tensor to synthesize. */
 typedef struct qsyn_tensor {
-  char name[96];  /* HF name, e.g. model.layers.3.mlp.down_proj.weight */
+  char name[96];  /* e.g. model.layers.3.mlp.down_proj.weight, layers.3.feed_forward.w2.weight */
   int ndim;       /* 1 (norm) or 2 (matrix) */
   uint64_t rows;  /* 1 for a norm */
   uint64_t cols;  /* row length */
   uint64_t key;   /* per-tensor seed: mix(seed, name) */
+  double gain;    /* scale multiplier (matrices: of sigma; norms: of the mean) */
+  double norm_sd; /* norms: spread around the mean */
+  double out_lo;  /* matrices: single outliers are out_lo..3 out_lo sigma (0: none) */
+  int out_cols;   /* matrices: 1..4 outlier input columns (0: none) */
+  double row_sd;  /* matrices: log-normal spread of the row scales */
 } qsyn_tensor;
 
 static inline uint64_t qsyn_mix(uint64_t z) {
@@ -90,28 +126,55 @@ static inline double qsyn_unit(uint64_t z) { return (double)(z >> 11) * 0x1p-53;
 
 static size_t qsyn_plan(const qsyn_arch *a, uint64_t seed, qsyn_tensor *v /* may be NULL */) {
   size_t n = 0;
-#define QSYN_ADD(nd, r, c, ...)                                                                   \
+  /* Phi-3 (a large model): outliers of 12..36 sigma. llama2 (stories260K, a small one): none
+   * past ~9 sigma, and a plain embedding, which the tied classifier reads back: a large embedding
+   * row or outlier makes its token the argmax of almost every step of a random model. */
+  double nsd = a->layout == QSYN_LLAMA2 ? 0.1 : 0.04, out_lo = a->layout == QSYN_LLAMA2 ? 3 : 12;
+  int out_cols = 1;
+  double row_sd = QSYN_ROW_SIGMA;
+#define QSYN_ADD(nd, r, c, g, ...)                                                                \
   do {                                                                                            \
     if (v) {                                                                                      \
       snprintf(v[n].name, sizeof v[n].name, __VA_ARGS__);                                         \
-      v[n].ndim = (nd), v[n].rows = (r), v[n].cols = (c);                                         \
+      v[n].ndim = (nd), v[n].rows = (r), v[n].cols = (c), v[n].gain = (g);                        \
+      v[n].norm_sd = nsd * (g), v[n].out_lo = out_lo, v[n].out_cols = out_cols;                   \
+      v[n].row_sd = row_sd;                                                                       \
       uint64_t h = 0xCBF29CE484222325ull; /* FNV-1a 64 of the name, then mixed with the seed */  \
       for (const char *p = v[n].name; *p; p++) h = (h ^ (unsigned char)*p) * 0x100000001B3ull;   \
       v[n].key = qsyn_mix(qsyn_mix(seed + QSYN_GOLDEN) ^ h);                                       \
     }                                                                                             \
     n++;                                                                                          \
   } while (0)
-  QSYN_ADD(2, a->vocab, a->hidden, "model.embed_tokens.weight");
-  for (uint32_t l = 0; l < a->layers; l++) {
-    QSYN_ADD(1, 1, a->hidden, "model.layers.%u.input_layernorm.weight", l);
-    QSYN_ADD(2, a->qkv, a->hidden, "model.layers.%u.self_attn.qkv_proj.weight", l);
-    QSYN_ADD(2, a->hidden, a->hidden, "model.layers.%u.self_attn.o_proj.weight", l);
-    QSYN_ADD(1, 1, a->hidden, "model.layers.%u.post_attention_layernorm.weight", l);
-    QSYN_ADD(2, 2ull * a->inter, a->hidden, "model.layers.%u.mlp.gate_up_proj.weight", l);
-    QSYN_ADD(2, a->hidden, a->inter, "model.layers.%u.mlp.down_proj.weight", l);
+  if (a->layout == QSYN_LLAMA2) {
+    uint64_t kv = (uint64_t)a->hidden / a->heads * a->kv_heads;
+    out_lo = 0, out_cols = 0, row_sd = 0.1;
+    QSYN_ADD(2, a->vocab, a->hidden, 1.0, "tok_embeddings.weight");
+    out_lo = 3, out_cols = 1, row_sd = QSYN_ROW_SIGMA;
+    for (uint32_t l = 0; l < a->layers; l++) {
+      QSYN_ADD(1, 1, a->hidden, 1.0, "layers.%u.attention_norm.weight", l);
+      QSYN_ADD(2, a->hidden, a->hidden, 1.6, "layers.%u.attention.wq.weight", l);
+      QSYN_ADD(2, kv, a->hidden, 1.6, "layers.%u.attention.wk.weight", l);
+      QSYN_ADD(2, kv, a->hidden, 0.7, "layers.%u.attention.wv.weight", l);
+      QSYN_ADD(2, a->hidden, a->hidden, 0.7, "layers.%u.attention.wo.weight", l);
+      QSYN_ADD(1, 1, a->hidden, 1.0, "layers.%u.ffn_norm.weight", l);
+      QSYN_ADD(2, a->inter, a->hidden, 1.0, "layers.%u.feed_forward.w1.weight", l);
+      QSYN_ADD(2, a->hidden, a->inter, 1.0, "layers.%u.feed_forward.w2.weight", l);
+      QSYN_ADD(2, a->inter, a->hidden, 1.0, "layers.%u.feed_forward.w3.weight", l);
+    }
+    QSYN_ADD(1, 1, a->hidden, 3.0, "norm.weight");
+    return n;
   }
-  QSYN_ADD(1, 1, a->hidden, "model.norm.weight");
-  QSYN_ADD(2, a->vocab, a->hidden, "lm_head.weight");
+  QSYN_ADD(2, a->vocab, a->hidden, 1.0, "model.embed_tokens.weight");
+  for (uint32_t l = 0; l < a->layers; l++) {
+    QSYN_ADD(1, 1, a->hidden, 1.0, "model.layers.%u.input_layernorm.weight", l);
+    QSYN_ADD(2, a->qkv, a->hidden, 1.0, "model.layers.%u.self_attn.qkv_proj.weight", l);
+    QSYN_ADD(2, a->hidden, a->hidden, 1.0, "model.layers.%u.self_attn.o_proj.weight", l);
+    QSYN_ADD(1, 1, a->hidden, 1.0, "model.layers.%u.post_attention_layernorm.weight", l);
+    QSYN_ADD(2, 2ull * a->inter, a->hidden, 1.0, "model.layers.%u.mlp.gate_up_proj.weight", l);
+    QSYN_ADD(2, a->hidden, a->inter, 1.0, "model.layers.%u.mlp.down_proj.weight", l);
+  }
+  QSYN_ADD(1, 1, a->hidden, 1.0, "model.norm.weight");
+  QSYN_ADD(2, a->vocab, a->hidden, 1.0, "lm_head.weight");
 #undef QSYN_ADD
   return n;
 }
@@ -199,24 +262,24 @@ static int qsyn_gen_init(qsyn_gen *g, const qsyn_tensor *t) {
   g->t = t;
   uint64_t k = t->key;
   if (t->ndim == 1) {
-    g->mean = 1.0 + 0.2 * (qsyn_unit(qsyn_mix(k + 1)) - 0.5);
-    g->sigma = 0.04;
+    g->mean = t->gain * (1.0 + 0.2 * (qsyn_unit(qsyn_mix(k + 1)) - 0.5));
+    g->sigma = t->norm_sd;
     return 0;
   }
-  g->sigma = (0.7 + 0.6 * qsyn_unit(qsyn_mix(k + 1))) / sqrt((double)t->cols);
+  g->sigma = t->gain * (0.7 + 0.6 * qsyn_unit(qsyn_mix(k + 1))) / sqrt((double)t->cols);
   if (!(g->colscale = malloc(t->cols * sizeof(float)))) return -1;
   for (uint64_t c = 0; c < t->cols; c++) g->colscale[c] = 1.0f;
-  int n_oc = 1 + (int)(qsyn_mix(k + 2) % 4); /* 1..4 outlier input features */
+  int n_oc = t->out_cols ? 1 + (int)(qsyn_mix(k + 2) % 4) : 0; /* 1..4 outlier input features */
   for (int i = 0; i < n_oc; i++) {
     uint64_t h = qsyn_mix(k + 100 + (uint64_t)i);
     g->colscale[h % t->cols] = (float)(2.0 + 2.0 * qsyn_unit(qsyn_mix(h)));
   }
-  g->n_out = 4 + (int)(qsyn_mix(k + 3) % (QSYN_MAX_OUTLIERS - 3)); /* 4..16 */
+  g->n_out = t->out_lo > 0 ? 4 + (int)(qsyn_mix(k + 3) % (QSYN_MAX_OUTLIERS - 3)) : 0; /* 4..16 */
   for (int i = 0; i < g->n_out; i++) {
     uint64_t h = qsyn_mix(k + 200 + (uint64_t)i), h2 = qsyn_mix(h);
     g->out_row[i] = h % t->rows;
     g->out_col[i] = (h >> 32) % t->cols;
-    float m = (float)(g->sigma * (12.0 + 24.0 * qsyn_unit(h2)));
+    float m = (float)(g->sigma * (t->out_lo + 2.0 * t->out_lo * qsyn_unit(h2)));
     g->out_val[i] = (h2 & 1) ? -m : m;
   }
   return 0;
@@ -239,7 +302,7 @@ static void qsyn_gen_rows(const qsyn_gen *g, uint64_t r0, uint64_t nr, float *ou
       }
       continue;
     }
-    float rs = (float)(g->sigma * exp(QSYN_ROW_SIGMA * qsyn_gauss(qsyn_mix(rk ^ 0x5851F42D4C957F2Dull))));
+    float rs = (float)(g->sigma * exp(t->row_sd * qsyn_gauss(qsyn_mix(rk ^ 0x5851F42D4C957F2Dull))));
     const float *cs = g->colscale;
     uint64_t c = 0;
     for (; c + 3 <= cols; c += 3) {
@@ -544,11 +607,20 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
     free(v), free(codecs), free(rules);
     return rc;
   }
-  char meta[512];
-  snprintf(meta, sizeof meta,
-           "{\"synthetic\":\"qinsctl synth\",\"synth_version\":\"%d\",\"arch\":\"%s\",\"seed\":\"%" PRIu64
-           "\",\"format\":\"pt\"}",
-           QSYN_VERSION, arch->name, seed);
+  char meta[1024];
+  int ml = snprintf(meta, sizeof meta,
+                    "{\"synthetic\":\"qinsctl synth\",\"synth_version\":\"%d\",\"arch\":\"%s\",\"seed\":\"%" PRIu64
+                    "\",\"format\":\"pt\"",
+                    QSYN_VERSION, arch->name, seed);
+  /* llama2.c's hyper-parameters, as its safetensors __metadata__ holds them (strings). */
+  if (arch->layout == QSYN_LLAMA2)
+    ml += snprintf(meta + ml, sizeof meta - (size_t)ml,
+                   ",\"source\":\"qinsctl synth: random weights, tokens are not text\",\"dim\":\"%u\","
+                   "\"hidden_dim\":\"%u\",\"n_layers\":\"%u\",\"n_heads\":\"%u\",\"n_kv_heads\":\"%u\","
+                   "\"vocab_size\":\"%u\",\"max_seq_len\":\"%u\",\"tied_embeddings\":\"true\"",
+                   arch->hidden, arch->inter, arch->layers, arch->heads, arch->kv_heads, arch->vocab,
+                   arch->seq_len);
+  snprintf(meta + ml, sizeof meta - (size_t)ml, "}");
   qs_import *im;
   double t0 = qctl_now();
   qsyn_result res;

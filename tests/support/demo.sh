@@ -1,7 +1,16 @@
 #!/bin/sh
 # SPDX-License-Identifier: MIT
-# demo.sh — `make demo`: one compressed copy of a real model served to four inference workers.
-# Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors]
+# demo.sh — `make demo`: one compressed copy of a model served to four inference workers.
+# Usage: demo.sh BUILD_DIR SHARED_DIR [MODEL.safetensors|MODEL.bin]
+#
+# The model: MODEL if given (it must exist); else SHARED_DIR/models/stories260K.safetensors when
+# it is there; else (a bare clone) a synthetic one made here: `qinsctl synth --arch llama2-tiny`
+# (llama2.c's architecture with stories260K's shapes, seeded random weights with trained-like
+# statistics, its hyper-parameters in the metadata) written as f32 into a scratch store and
+# exported as the safetensors file the demo then uses like a real one, FP32 reference included.
+# The demo says so, and how to run it on a real model: nothing is downloaded. A llama2.c legacy
+# checkpoint (MODEL.bin: stories15M.bin ...) is converted to safetensors first
+# (client/examples/llama2c_to_safetensors.py).
 #
 # Creates a store in a temporary directory, imports the model twice (the default policy: qins8 for
 # matrices, f32 for norms; and qins16 for matrices, f32 for norms: near-lossless — qins16 on the
@@ -12,10 +21,13 @@
 set -eu
 BUILD="$1"; SHARED="$2"; MODEL="${3:-}"
 PY=${PYTHON:-/usr/bin/python3}
-[ -n "$MODEL" ] || MODEL="$SHARED/models/stories260K.safetensors"
-if [ ! -f "$MODEL" ]; then
+SYNTH=""
+if [ -z "$MODEL" ]; then
+  MODEL="$SHARED/models/stories260K.safetensors"
+  [ -f "$MODEL" ] || SYNTH=llama2-tiny
+elif [ ! -f "$MODEL" ]; then
   echo "demo: no model at $MODEL" >&2
-  echo "demo: put llama2.c's stories260K.safetensors in $SHARED/models/, or run make demo MODEL=path/to/model.safetensors" >&2
+  echo "demo: give a llama2.c model as .bin or safetensors (README.md: where models come from), or run make demo without MODEL for the synthetic one" >&2
   exit 1
 fi
 for b in qinsd qinsctl qins-llama2; do
@@ -24,15 +36,33 @@ done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 D=$(mktemp -d /tmp/qins-demo-XXXXXX)   # short: the socket path must stay under 108 bytes
 PID=""
+. "$ROOT/tests/support/daemon_lib.sh"
 cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID" 2>/dev/null || true
-    i=0; while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
+  stop_daemon "$PID"
   rm -rf "$D"
 }
 trap cleanup EXIT INT TERM
+
+if [ -n "$SYNTH" ]; then
+  echo "== no model given and none at $SHARED/models/stories260K.safetensors: using a synthetic one"
+  echo "   $SYNTH is made here by qinsctl synth: llama2.c's architecture with stories260K's shapes,"
+  echo "   seeded random weights with trained-like statistics. It is not a trained model: its tokens"
+  echo "   are ids, not text. On a real model: make demo MODEL=path/to/stories15M.bin (a llama2.c"
+  echo "   checkpoint) or MODEL=path/to/model.safetensors (README.md: where real models come from)."
+  echo "== synthesizing $SYNTH (qinsctl synth --arch $SYNTH --codec f32) and exporting it as the FP32 reference"
+  mkdir -p "$D/gen"
+  "$BUILD/qinsctl" synth --store "$D/gen" --arch "$SYNTH" --codec f32 >/dev/null
+  MODEL="$D/$SYNTH.safetensors"
+  "$BUILD/qinsctl" export --store "$D/gen" "$SYNTH" "$MODEL" >/dev/null
+  rm -rf "$D/gen"
+fi
+case $MODEL in
+  *.bin)
+    echo "== converting $MODEL (a llama2.c checkpoint) to safetensors"
+    NAME=$(basename "$MODEL" .bin)
+    "$PY" "$ROOT/client/examples/llama2c_to_safetensors.py" "$MODEL" "$D/$NAME.safetensors" | sed 's/^/   /'
+    MODEL="$D/$NAME.safetensors" ;;
+esac
 NAME=$(basename "$MODEL" .safetensors)
 
 echo "== importing $MODEL"
@@ -43,12 +73,7 @@ mkdir -p "$D/store"
 echo "== starting qinsd on $D/s"
 "$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/qinsd.log" &
 PID=$!
-i=0
-until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 1000 ] || { echo "demo: qinsd did not start:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
-  kill -0 "$PID" 2>/dev/null || { echo "demo: qinsd exited:" >&2; cat "$D/qinsd.log" >&2; exit 1; }
-  sleep 0.01
-done
+wait_daemon "$BUILD/qinsctl" "$D/s" "$PID" "$D/qinsd.log" || exit 1
 
 echo "== footprint"
 QINS_SOCKET="$D/s" PYTHONPATH="$ROOT/client/python" "$PY" - <<'PYEOF'
@@ -84,4 +109,8 @@ echo "== qinsd counters"
 echo "== stopping qinsd"
 cleanup
 [ $fail -eq 0 ] || { echo "demo: a worker failed" >&2; exit 1; }
-echo "== done"
+if [ -n "$SYNTH" ]; then
+  echo "== done (on the synthetic $SYNTH: make demo MODEL=path/to/model.bin|.safetensors runs a real one)"
+else
+  echo "== done"
+fi
