@@ -107,7 +107,7 @@ $(BUILD)/%.a:
 
 # libqins.so.MAJOR.MINOR with the SONAME libqins.so.MAJOR (client/qins.h's version), exporting
 # only qins_* (client/libqins.map); libqins.so.MAJOR and libqins.so are symlinks to it.
-QINS_VERSION := $(shell sed -n 's/^\#define QINS_VERSION_STRING "\(.*\)"/\1/p' client/qins.h)
+QINS_VERSION := $(shell sed -n 's/^\#define QINS_VERSION_STRING "\(.*\)"/\1/p' proto/qins_base.h)
 QINS_MAJOR   := $(word 1,$(subst ., ,$(QINS_VERSION)))
 QINS_MINOR   := $(word 2,$(subst ., ,$(QINS_VERSION)))
 SO_NAME      := libqins.so.$(QINS_MAJOR)

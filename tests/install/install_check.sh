@@ -29,12 +29,12 @@ ok() { echo "install_check: ok: $*"; }
 
 make --no-print-directory BUILD="$BUILD" PREFIX="$P" install > "$T/install.log" 2>&1 ||
   { cat "$T/install.log" >&2; fail "make install PREFIX=$P"; }
-VERSION=$(sed -n 's/^#define QINS_VERSION_STRING "\(.*\)"/\1/p' client/qins.h)
+VERSION=$(sed -n 's/^#define QINS_VERSION_STRING "\(.*\)"/\1/p' proto/qins_base.h)
 MAJOR=${VERSION%%.*}; MINOR=${VERSION#*.}; MINOR=${MINOR%%.*}
 SITE=$(cd "$P" && find lib -name qins.py -path '*-packages/*' | head -1)
 [ -n "$SITE" ] || fail "no qins.py installed under $P/lib/python3*/*-packages"
 SITE=$P/$(dirname "$SITE")
-for f in bin/qinsd bin/qinsctl bin/qins-llama2 include/qins.h lib/libqins.a "lib/libqins.so.$MAJOR.$MINOR" \
+for f in bin/qinsd bin/qinsctl bin/qins-llama2 include/qins.h include/qins_base.h lib/libqins.a "lib/libqins.so.$MAJOR.$MINOR" \
          lib/pkgconfig/qins.pc share/man/man8/qinsd.8 share/man/man1/qinsctl.1 \
          lib/systemd/system/qinsd.service lib/systemd/system/qinsd.socket lib/tmpfiles.d/qinsd.conf \
          share/doc/qins/qinsd.conf.example share/bash-completion/completions/qinsctl; do
