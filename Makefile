@@ -95,6 +95,7 @@ $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(call includes,$<) $(CPPFLAGS) $(ALL_CFLAGS) $(if $(filter store/codec%,$<),$(CODEC_FLAGS)) \
 	  $(if $(filter %_avx2.c,$<),$(AVX2_FLAGS)) $(if $(filter %_avx512.c,$<),$(AVX512_FLAGS)) \
+	  $(if $(filter %_vbmi2.c,$<),$(AVX512_FLAGS) -mavx512vbmi2) \
 	  -MMD -MP -c $< -o $@
 
 $(STORE_A): $(call obj,$(STORE_SRC))

@@ -43,6 +43,9 @@ const qc_traits qc_traits_table[QC_CODEC_COUNT] = {
     {"qins16", QC_QINS16_BLOCK, 1, 2, 1, 16.125},
     {"seed-log", 0, 0, 2, 1, 16},
     {"seed-rational", 0, 0, 1, 1, 8},
+    /* qinsx: a 3-bit code + one raw byte on bf16 values without escapes; the real figure
+     * depends on the data (about 11.2 on trained weights): qc_chunk_size. */
+    {"qinsx", 0, 0, 0, 0, 11},
 };
 static const char *const qc_dt_names[QC_DT_COUNT] = {"f32", "f16", "bf16"};
 
@@ -85,12 +88,32 @@ uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *over
   uint64_t n, nb = 0, r;
   if (overflow) *overflow = 0;
   if ((unsigned)c >= QC_CODEC_COUNT || __builtin_mul_overflow(row_len, n_rows, &n)) goto ovf;
+  if (c == QC_QINSX) {
+    int o = 0;
+    r = qc__qx_bound(n, &o);
+    if (o) goto ovf;
+    return r;
+  }
   uint32_t B = qc_codec_block(c);
   if (B) nb = (row_len / B + (row_len % B != 0)) * n_rows; /* <= n: cannot overflow */
   if (mul_add(n, code_bytes(c), nb * qc_traits_table[c].scale_bytes, &r)) goto ovf;
   return r;
 ovf:
   if (overflow) *overflow = 1;
+  return 0;
+}
+
+int qc_codec_varsize(qc_codec c) { return c == QC_QINSX; }
+
+int qc_chunk_size(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
+                  uint64_t avail, uint64_t *size) {
+  int ovf;
+  if (!p || (unsigned)p->codec >= QC_CODEC_COUNT) return QINS_EINVALID;
+  uint64_t b = qc_chunk_bytes(p->codec, row_len, n_rows, &ovf);
+  if (ovf) return QINS_EINVALID;
+  if (p->codec == QC_QINSX) return qc__qx_size(row_len * n_rows, chunk, avail, size);
+  if (avail < b) return QINS_ECORRUPT;
+  *size = b;
   return 0;
 }
 
@@ -110,6 +133,9 @@ int qc_chunk_locate(qc_codec c, uint64_t row_len, uint64_t n_rows, uint64_t elem
   } else if (c == QC_SEED_LOG) {
     *scale_off = elem;    /* sign byte */
     *code_off = n + elem; /* stored byte */
+  } else if (c == QC_QINSX) { /* a coded chunk: the group record and the first raw byte */
+    *scale_off = qc__qx_planes_off(n) + 24 * (elem / QC_QX_GROUP);
+    *code_off = qc__qx_planes_off(n) + 24 * ((n + QC_QX_GROUP - 1) / QC_QX_GROUP) + elem;
   } else {
     *scale_off = 0;
     *code_off = elem * code_bytes(c);
@@ -244,17 +270,20 @@ static int cpu_has(const char *k) {
     return cpu_has("avx2") && __builtin_cpu_supports("avx512f") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512vbmi");
+  if (!strcmp(k, "vbmi2")) return cpu_has("avx512") && __builtin_cpu_supports("avx512vbmi2");
 #endif
   return 0;
 }
 static const qc__kernel *kernel_by_name(const char *k) {
-  if (!cpu_has(k)) return NULL;
+  if (!strcmp(k, "vbmi2") || !cpu_has(k)) return NULL;
   if (!strcmp(k, "ref")) return &qc__kernel_ref;
   if (!strcmp(k, "avx2")) return &qc__kernel_avx2;
   if (!strcmp(k, "avx512")) return &qc__kernel_avx512;
   return NULL;
 }
+static int qc_vbmi2; /* AVX-512 VBMI2 (vpexpandb) for the qinsx kernel: set by kern_init */
 static void kern_init(void) {
+  qc_vbmi2 = cpu_has("vbmi2");
   const char *env = getenv("QINS_CODEC");
   const qc__kernel *k = env && *env ? kernel_by_name(env) : NULL;
   if (!k) k = kernel_by_name("avx512");
@@ -348,17 +377,14 @@ static void dec_f32(const dec *D, uint64_t begin, uint64_t end, uint8_t *out, in
   }
 }
 
-static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len, uint64_t n_rows,
-                       const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
-  int rc = qc__check_decode(p, row_len, n_rows, begin, end, dt);
-  if (rc || begin == end) return rc;
-  const uint8_t *c = chunk;
-  uint64_t n = row_len * n_rows;
-  if (p->codec <= QC_BF16) { /* passthrough */
-    unsigned es = code_bytes(p->codec);
-    const uint8_t *src = c + es * begin;
+/* Values of dtype sdt at `base` (elements [begin, end)) as dtype dt: the passthrough codecs and
+ * qinsx's raw variants. */
+static void decode_plain(const qc__kernel *k, qc_dtype sdt, const uint8_t *base, uint64_t begin,
+                         uint64_t end, qc_dtype dt, void *out) {
+  {
+    unsigned es = (unsigned)qc_dtype_size(sdt);
+    const uint8_t *src = base + es * begin;
     uint64_t cnt = end - begin;
-    qc_dtype sdt = (qc_dtype)p->codec; /* QC_F32/F16/BF16 share values with qc_dtype */
     if (sdt == dt) memcpy(out, src, cnt * es);
     else if (dt == QC_DT_F32) (sdt == QC_DT_F16 ? k->f16_to_f32 : k->bf16_to_f32)(src, cnt, out);
     else if (sdt == QC_DT_F32) (dt == QC_DT_F16 ? k->f32_to_f16 : k->f32_to_bf16)(src, cnt, out);
@@ -370,6 +396,49 @@ static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len
         (dt == QC_DT_F16 ? k->f32_to_f16 : k->f32_to_bf16)(tile, t, (uint8_t *)out + 2 * i);
       }
     }
+  }
+}
+
+/* qinsx (docs/FORMAT.md §1.5): raw variants as passthrough; coded ones through the kernel, which
+ * writes f32 (or, for the bf16 variant, the stored bf16 bits); other dtypes via f32 tiles. */
+static void decode_qinsx(const qc__kernel *k, const uint8_t *c, uint64_t n, uint64_t begin,
+                         uint64_t end, qc_dtype dt, void *out) {
+  int v = c[0];
+  if (v == QC_QX_F16_RAW || v == QC_QX_BF16_RAW || v == QC_QX_F32_RAW) {
+    qc_dtype sdt = v == QC_QX_F16_RAW ? QC_DT_F16 : v == QC_QX_BF16_RAW ? QC_DT_BF16 : QC_DT_F32;
+    decode_plain(k, sdt, c + QC_QX_HDR, begin, end, dt, out);
+    return;
+  }
+  uint64_t (*kq)(const qc__qx *, uint64_t, uint64_t, uint64_t, void *, int, int) = k->qinsx;
+  if (k == &qc__kernel_avx512 && !qc_vbmi2) kq = qc__avx2_qinsx; /* no vpexpandb */
+  qc__qx x;
+  qc__qx_view(c, n, &x);
+  uint64_t ei = qc__qx_esc_before(c, &x, begin);
+  if (dt == QC_DT_F32 || (dt == QC_DT_BF16 && v == QC_QX_BF16)) {
+    kq(&x, begin, end - begin, ei, out, dt == QC_DT_BF16, (end - begin) * 4 >= QC_NT_MIN);
+    return;
+  }
+  float tile[QC_TILE];
+  void (*conv)(const void *, uint64_t, void *) = dt == QC_DT_F16 ? k->f32_to_f16 : k->f32_to_bf16;
+  for (uint64_t i = begin; i < end; i += QC_TILE) {
+    uint64_t t = end - i < QC_TILE ? end - i : QC_TILE;
+    ei = kq(&x, i, t, ei, tile, 0, 0);
+    conv(tile, t, (uint8_t *)out + 2 * (i - begin));
+  }
+}
+
+static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len, uint64_t n_rows,
+                       const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
+  int rc = qc__check_decode(p, row_len, n_rows, begin, end, dt);
+  if (rc || begin == end) return rc;
+  const uint8_t *c = chunk;
+  uint64_t n = row_len * n_rows;
+  if (p->codec <= QC_BF16) { /* passthrough: QC_F32/F16/BF16 share values with qc_dtype */
+    decode_plain(k, (qc_dtype)p->codec, c, begin, end, dt, out);
+    return 0;
+  }
+  if (p->codec == QC_QINSX) {
+    decode_qinsx(k, c, n, begin, end, dt, out);
     return 0;
   }
   dec D;
@@ -418,6 +487,7 @@ int qc_decode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void 
 
 int qc_decode_with(const char *kernel, const qc_params *p, uint64_t row_len, uint64_t n_rows,
                    const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
+  pthread_once(&qc_kern_once, kern_init);
   const qc__kernel *k = kernel ? kernel_by_name(kernel) : NULL;
   if (!k) return QINS_EUNSUPPORTED;
   return decode_with(k, p, row_len, n_rows, chunk, begin, end, dt, out);
@@ -463,6 +533,7 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
   case QC_SEED_RATIONAL:
     if (!isfinite(p->alpha) || !(p->alpha > 0)) return QINS_ECORRUPT;
     break;
+  case QC_QINSX: return qc__qx_validate(n, c);
   default: break;
   }
   return 0;
@@ -790,6 +861,7 @@ int qc_encode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const float
     rc = encode_qins8(p, row_len, n_rows, src, o, st);
     break;
   case QC_QINS16: rc = encode_qins16(row_len, n_rows, src, o, st, &bad); break;
+  case QC_QINSX: rc = qc__qx_encode(n, src, o, st); break;
   case QC_SEED_LOG: {
     if (!isfinite(p->log_min) || !isfinite(p->log_max)) return QINS_EINVALID;
     float range = p->log_max - p->log_min;

@@ -19,6 +19,9 @@
  *   qins16       i8 exponent[nb] (B = 64), then u16 code[n]
  *   seed-log     i8 sign[n], then u8 stored[n]
  *   seed-rational u8 q[n]
+ *   qinsx        a 16-byte header, then (coded variants) u64 esc_before[ns], u64 plane[3][ng]
+ *                per group of 64, u8 raw[r][n], u8 escape[n_esc]; or (raw variants) the values
+ *                (docs/FORMAT.md §1.5). Its size depends on the data: qc_chunk_size.
  * The block records of ggml are split here into a scales array and a codes array so that codes
  * stay contiguous (one vector load per 32/64 weights) and a range decode touches two short runs.
  *
@@ -55,6 +58,7 @@ typedef enum qc_codec {
   QC_QINS16 = 4,        /* near-lossless: 16.125 bits/weight */
   QC_SEED_LOG = 5,      /* the seed's log codec: 16 bits/weight */
   QC_SEED_RATIONAL = 6, /* the seed's rational codec: 8 bits/weight */
+  QC_QINSX = 7,         /* exact: coded exponent + raw sign/mantissa, ~11 bits/weight on BF16 */
   QC_CODEC_COUNT
 } qc_codec;
 
@@ -80,6 +84,23 @@ _Static_assert(2 + QC_QINS8_BLOCK == 34, "qins8 block is 34 bytes");
 /* A full qins16 block: one i8 exponent + 64 u16 codes = 129 bytes = 16.125 bits/weight. */
 _Static_assert(1 + 2 * QC_QINS16_BLOCK == 129, "qins16 block is 129 bytes");
 #define QC_QINS8_LEVELS 128 /* magnitude table entries T[0..127] */
+/* qinsx (docs/FORMAT.md §1.5): exponent codes are 3 bits in three bit planes per group of 64
+ * elements (one u64 each: an AVX-512 mask register apiece); code 7 is an escape whose exponent
+ * byte comes from the escape array, in element order. Every QC_QX_SUPER elements the count of
+ * escapes before them is stored, so a range decode finds its first escape with at most 127
+ * popcounts (and the index costs 64 bits per 8192 weights, 0.008 bit/weight). */
+#define QC_QX_GROUP 64
+#define QC_QX_SUPER 8192
+#define QC_QX_HDR 16     /* variant u8, table u8[7], n_esc u64 */
+#define QC_QX_ESCAPE 7   /* the code whose exponent is in the escape array */
+/* Variants (header byte 0), chosen per chunk by the encoder from the values it is given: */
+enum {
+  QC_QX_BF16 = 1,     /* every value is a bf16: code + one raw byte (sign, 7 mantissa bits) */
+  QC_QX_F32 = 2,      /* code + three raw bytes (sign and 7, then 8 and 8 mantissa bits) */
+  QC_QX_F16_RAW = 3,  /* every value is an f16 (5-bit exponent: coding it does not pay here) */
+  QC_QX_F32_RAW = 4,  /* the f32 bits verbatim, when coding would be larger */
+  QC_QX_BF16_RAW = 5  /* the bf16 bits verbatim, when coding would be larger */
+};
 #define QC_QINS8_ZERO 0x7F  /* qins8 code of an exact zero (0xFF is never written) */
 #define QC_QINS16_ZERO 32767 /* qins16 magnitude of an exact zero */
 #define QC_QINS16_EZERO (-128) /* qins16 exponent of an all-zero block (absmax < 2^-100) */
@@ -129,7 +150,7 @@ typedef struct qc_stats {
 /* 10*log10(sum_sq/err_sq); +INFINITY when err_sq == 0. */
 double qc_stats_snr_db(const qc_stats *s);
 
-/* Name <-> codec ("f32", "f16", "bf16", "qins8", "qins16", "seed-log", "seed-rational").
+/* Name <-> codec ("f32", "f16", "bf16", "qins8", "qins16", "seed-log", "seed-rational", "qinsx").
  * qc_codec_from_name returns -1 for an unknown name. */
 const char *qc_codec_name(qc_codec c);
 int qc_codec_from_name(const char *name);
@@ -140,8 +161,18 @@ int qc_codec_is_lossy(qc_codec c); /* qins8, qins16, seed-* (NaN/Inf refused) */
 uint32_t qc_codec_block(qc_codec c); /* B, or 0 for element-wise codecs */
 
 /* Bytes of a chunk of n_rows rows of row_len elements. Checked: returns 0 and sets *overflow
- * (may be NULL) if the size does not fit in 64 bits. */
+ * (may be NULL) if the size does not fit in 64 bits. For qinsx, whose chunks are as large as
+ * their data needs, this is the largest chunk the encoder writes (16 + 4n bytes; 0 for n = 0):
+ * the buffer size to give qc_encode; qc_chunk_size then tells the bytes it used. */
 uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *overflow);
+/* 1 for codecs whose chunk size depends on the data (qinsx). */
+int qc_codec_varsize(qc_codec c);
+/* The size of the chunk at `chunk` (avail bytes readable there): qc_chunk_bytes for fixed-size
+ * codecs (avail must be at least that); for qinsx read from the chunk's header. QINS_ECORRUPT
+ * when the header is malformed or the chunk would not fit in avail; QINS_EINVALID for a bad
+ * codec or shape. qc_chunk_validate and decode read at most *size bytes. */
+int qc_chunk_size(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
+                  uint64_t avail, uint64_t *size /* out */);
 /* Where element `elem` of a chunk lives: *scale_off is the byte offset of its block's scale
  * (qins8/qins16; seed-log: of its sign byte; else 0) and *code_off the byte offset of its code.
  * Lets a reader fetch only the bytes a range needs. QINS_EINVALID if elem >= n. */

@@ -205,7 +205,77 @@ float qc__avx2_q8_err32(const float *t0, const float *t1, float d, const float *
   return s;
 }
 
+/* qinsx, 32 elements a step (half a group): each 32-bit slice of the three plane words becomes 32
+ * bytes (broadcast, byte shuffle, and + compare against the bit of each lane), the codes index the
+ * table with one vpshufb, escapes are patched in order from the lanes where all three bits are set
+ * (rare: a scalar loop over those bits), and the exponent and raw bytes are merged and widened
+ * as in the VBMI2 kernel. Head (to a 32-element boundary) and tail go through the reference. */
+uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
+                        int bf16, int nt) {
+  uint8_t *o = out;
+  unsigned es = bf16 ? 2 : 4;
+  uint64_t j = (32 - (e0 & 31)) & 31;
+  if (j > n) j = n;
+  if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
+  if (nt && ((uintptr_t)(o + es * j) & 31)) nt = 0;
+  const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+  const __m256i k80 = _mm256_set1_epi8((char)0x80), one = _mm256_set1_epi8(1);
+  const __m256i two = _mm256_set1_epi8(2), four = _mm256_set1_epi8(4);
+  while (j + 32 <= n) {
+    uint64_t i = e0 + j, g = i / QC_QX_GROUP;
+    unsigned sh = (unsigned)(i % QC_QX_GROUP); /* 0 or 32 */
+    uint32_t m0 = (uint32_t)(qc__qx_word(x, g, 0) >> sh), m1 = (uint32_t)(qc__qx_word(x, g, 1) >> sh);
+    uint32_t m2 = (uint32_t)(qc__qx_word(x, g, 2) >> sh), em = m0 & m1 & m2;
+    __m256i v0 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m0), spread);
+    __m256i v1 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m1), spread);
+    __m256i v2 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m2), spread);
+    v0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v0, bitsel), bitsel), one);
+    v1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v1, bitsel), bitsel), two);
+    v2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v2, bitsel), bitsel), four);
+    __m256i E = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_or_si256(v0, v1), v2));
+    if (em) {
+      uint8_t eb[32];
+      _mm256_storeu_si256((__m256i *)(void *)eb, E);
+      for (; em; em &= em - 1) eb[__builtin_ctz(em)] = x->esc[ei++];
+      E = _mm256_loadu_si256((const __m256i *)(const void *)eb);
+    }
+    __m256i r0 = _mm256_loadu_si256((const __m256i *)(const void *)(x->raw0 + i));
+    __m256i b3 = _mm256_or_si256(_mm256_and_si256(r0, k80), _mm256_andnot_si256(k80, _mm256_srli_epi16(E, 1)));
+    __m256i b2 = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(E, 7), k80), _mm256_andnot_si256(k80, r0));
+    b2 = _mm256_permute4x64_epi64(b2, 0xD8), b3 = _mm256_permute4x64_epi64(b3, 0xD8);
+    __m256i w0 = _mm256_unpacklo_epi8(b2, b3), w1 = _mm256_unpackhi_epi8(b2, b3); /* 0-15, 16-31 */
+    uint8_t *op = o + es * j;
+    if (bf16) {
+      st8(op, _mm256_castsi256_ps(w0), nt), st8(op + 32, _mm256_castsi256_ps(w1), nt);
+    } else {
+      __m256i f[4];
+      f[0] = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w0)), 16);
+      f[1] = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w0, 1)), 16);
+      f[2] = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(w1)), 16);
+      f[3] = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(w1, 1)), 16);
+      if (x->raw1) {
+        __m256i r1 = _mm256_loadu_si256((const __m256i *)(const void *)(x->raw1 + i));
+        __m256i r2 = _mm256_loadu_si256((const __m256i *)(const void *)(x->raw2 + i));
+        r1 = _mm256_permute4x64_epi64(r1, 0xD8), r2 = _mm256_permute4x64_epi64(r2, 0xD8);
+        __m256i l0 = _mm256_unpacklo_epi8(r2, r1), l1 = _mm256_unpackhi_epi8(r2, r1);
+        f[0] = _mm256_or_si256(f[0], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(l0)));
+        f[1] = _mm256_or_si256(f[1], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(l0, 1)));
+        f[2] = _mm256_or_si256(f[2], _mm256_cvtepu16_epi32(_mm256_castsi256_si128(l1)));
+        f[3] = _mm256_or_si256(f[3], _mm256_cvtepu16_epi32(_mm256_extracti128_si256(l1, 1)));
+      }
+      for (int q = 0; q < 4; q++) st8(op + 32 * q, _mm256_castsi256_ps(f[q]), nt);
+    }
+    j += 32;
+  }
+  if (j < n) ei = qc__ref_qinsx(x, e0 + j, n - j, ei, o + es * j, bf16, 0);
+  if (nt) _mm_sfence();
+  return ei;
+}
+
 const qc__kernel qc__kernel_avx2 = {
     "avx2",          k_qins8,           qc__avx2_qins16,     qc__avx2_seedlog,     qc__avx2_lut8,
-    qc__avx2_f16_to_f32, qc__avx2_bf16_to_f32, qc__avx2_f32_to_f16, qc__avx2_f32_to_bf16,
+    qc__avx2_qinsx, qc__avx2_f16_to_f32, qc__avx2_bf16_to_f32, qc__avx2_f32_to_f16, qc__avx2_f32_to_bf16,
 };

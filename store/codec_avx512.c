@@ -12,7 +12,8 @@
  * block among the up to three scales a 64-code group spans). Tails use masked loads and stores.
  * The result is bit-identical to the table entry +-T[m] times d, as in the reference.
  * qins16 is the AVX2 kernel widened to 16 lanes (masked tails); seed-log, seed-rational and the
- * conversions gain little over AVX2 and reuse its kernels.
+ * conversions gain little over AVX2 and reuse its kernels. qinsx's kernel needs VBMI2 and lives in
+ * codec_qinsx_vbmi2.c (codec.c falls back to the AVX2 one on a CPU without VBMI2).
  *
  * Invariants: as codec_avx2.c; masked loads never fault past the segment's last code or scale.
  */
@@ -188,5 +189,5 @@ static void k_qins16(const int8_t *exps, const uint8_t *codes, uint64_t off, uin
 
 const qc__kernel qc__kernel_avx512 = {
     "avx512",        k_qins8,           k_qins16,     qc__avx2_seedlog,     qc__avx2_lut8,
-    qc__avx2_f16_to_f32, qc__avx2_bf16_to_f32, qc__avx2_f32_to_f16, qc__avx2_f32_to_bf16,
+    qc__vbmi2_qinsx, qc__avx2_f16_to_f32, qc__avx2_bf16_to_f32, qc__avx2_f32_to_f16, qc__avx2_f32_to_bf16,
 };

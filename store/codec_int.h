@@ -24,6 +24,18 @@
 
 #include "codec.h"
 
+/* A coded qinsx chunk as the kernels see it (docs/FORMAT.md §1.5). Element i's exponent code is
+ * bit (i % 64) of the three u64 plane words of group i / 64 (bit 0 from planes[24g], bit 1 from
+ * planes[24g + 8], bit 2 from planes[24g + 16]); its exponent is table[code], or for code 7 the
+ * next byte of esc; its f32 bits are (raw0 & 0x80) << 24 | exponent << 23 | (raw0 & 0x7F) << 16
+ * | raw1 << 8 | raw2, with raw1 = raw2 = 0 when raw1 is NULL (the bf16 variant). */
+typedef struct qc__qx {
+  const uint8_t *planes;             /* group records, 24 bytes per 64 elements */
+  const uint8_t *raw0, *raw1, *raw2; /* raw byte planes, element-indexed (raw1, raw2 may be NULL) */
+  const uint8_t *esc;                /* escape exponents, element order */
+  uint8_t table[8];                  /* exponents of codes 0..6; [7] is 0 */
+} qc__qx;
+
 typedef struct qc__kernel {
   const char *name; /* "ref", "avx2", "avx512" */
   /* qins8: out[j] = f16(scales[(off+j)/32]) * lut[codes[j]]; scales are LE fp16, lut the 256
@@ -38,6 +50,11 @@ typedef struct qc__kernel {
                   void *out, int nt);
   /* out[j] = lut[codes[j]] (seed-rational). */
   void (*lut8)(const float *lut, const uint8_t *codes, uint64_t n, void *out, int nt);
+  /* qinsx: elements [e0, e0 + n) of chunk x, whose first escape (if any) is esc[ei], as f32, or
+   * as bf16 when `bf16` is set (bf16 variant only: the stored bits). Returns the index of the
+   * next escape after the segment. */
+  uint64_t (*qinsx)(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
+                    int nt);
   /* Conversions between LE 16-bit floats and f32 (any alignment). */
   void (*f16_to_f32)(const void *src, uint64_t n, void *dst);
   void (*bf16_to_f32)(const void *src, uint64_t n, void *dst);
@@ -55,6 +72,12 @@ void qc__avx2_qins16(const int8_t *exps, const uint8_t *codes, uint64_t off, uin
 void qc__avx2_seedlog(const float *lut, const int8_t *sign, const uint8_t *stored, uint64_t n,
                       void *out, int nt);
 void qc__avx2_lut8(const float *lut, const uint8_t *codes, uint64_t n, void *out, int nt);
+uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
+                        int bf16, int nt);
+/* The AVX-512 VBMI2 qinsx kernel (codec_qinsx_vbmi2.c): qc__kernel_avx512 uses it when the CPU
+ * has VBMI2 (vpexpandb), else the AVX2 one. */
+uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
+                         int bf16, int nt);
 void qc__avx2_f16_to_f32(const void *src, uint64_t n, void *dst);
 void qc__avx2_bf16_to_f32(const void *src, uint64_t n, void *dst);
 void qc__avx2_f32_to_f16(const void *src, uint64_t n, void *dst);
@@ -101,5 +124,27 @@ void qc__ref_qins16(const int8_t *exps, const uint8_t *codes, uint64_t off, uint
 void qc__ref_seedlog(const float *lut, const int8_t *sign, const uint8_t *stored, uint64_t n,
                      void *out, int nt);
 void qc__ref_lut8(const float *lut, const uint8_t *codes, uint64_t n, void *out, int nt);
+uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
+                       int nt);
+
+/* qinsx chunk helpers (codec_qinsx.c). */
+/* Fills *x from a coded chunk of n elements (variant QC_QX_BF16 or QC_QX_F32). */
+void qc__qx_view(const uint8_t *chunk, uint64_t n, qc__qx *x /* out */);
+/* Bytes from the chunk start to the group records / raw planes of a coded chunk of n elements. */
+uint64_t qc__qx_planes_off(uint64_t n);
+/* Index in the escape array of the first escape at or after element e of a coded chunk (x its
+ * view): the super-block index entry plus the popcounts of the groups between. */
+uint64_t qc__qx_esc_before(const uint8_t *chunk, const qc__qx *x, uint64_t e);
+/* The three plane words of group g (element bits) and its escape mask. */
+static inline uint64_t qc__qx_word(const qc__qx *x, uint64_t g, int k) {
+  uint64_t v;
+  memcpy(&v, x->planes + 24 * g + 8 * k, 8);
+  return v;
+}
+/* qinsx encode, size and validation (codec_qinsx.c), called by codec.c. */
+int qc__qx_encode(uint64_t n, const float *src, uint8_t *dst, qc_stats *st);
+int qc__qx_size(uint64_t n, const uint8_t *chunk, uint64_t avail, uint64_t *size);
+int qc__qx_validate(uint64_t n, const uint8_t *chunk);
+uint64_t qc__qx_bound(uint64_t n, int *overflow);
 
 #endif /* QINS_CODEC_INT_H */

@@ -132,6 +132,28 @@ void qc__ref_lut8(const float *lut, const uint8_t *codes, uint64_t n, void *out,
   for (uint64_t j = 0; j < n; j++) qc__stf(o + 4 * j, lut[codes[j]]);
 }
 
+/* docs/FORMAT.md §1.5: code = plane bits; exponent = table[code], or the next escape for code 7;
+ * f32 bits = (raw0 & 0x80) << 24 | exponent << 23 | (raw0 & 0x7F) << 16 | raw1 << 8 | raw2. */
+uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
+                       int nt) {
+  (void)nt;
+  uint8_t *o = out;
+  for (uint64_t j = 0; j < n; j++) {
+    uint64_t i = e0 + j, g = i / QC_QX_GROUP;
+    unsigned b = (unsigned)(i % QC_QX_GROUP);
+    unsigned c = (unsigned)((qc__qx_word(x, g, 0) >> b) & 1) |
+                 (unsigned)((qc__qx_word(x, g, 1) >> b) & 1) << 1 |
+                 (unsigned)((qc__qx_word(x, g, 2) >> b) & 1) << 2;
+    uint32_t e = c == QC_QX_ESCAPE ? x->esc[ei++] : x->table[c];
+    uint32_t r0 = x->raw0[i];
+    uint32_t u = (r0 & 0x80u) << 24 | e << 23 | (r0 & 0x7Fu) << 16;
+    if (x->raw1) u |= (uint32_t)x->raw1[i] << 8 | x->raw2[i];
+    if (bf16) qc__st16(o + 2 * j, (uint16_t)(u >> 16));
+    else qc__st32(o + 4 * j, u);
+  }
+  return ei;
+}
+
 static void ref_f16_to_f32(const void *src, uint64_t n, void *dst) {
   const uint8_t *s = src;
   uint8_t *d = dst;
@@ -155,7 +177,7 @@ static void ref_f32_to_bf16(const void *src, uint64_t n, void *dst) {
 
 const qc__kernel qc__kernel_ref = {
     "ref",           qc__ref_qins8,  qc__ref_qins16,  qc__ref_seedlog, qc__ref_lut8,
-    ref_f16_to_f32,  ref_bf16_to_f32, ref_f32_to_f16, ref_f32_to_bf16,
+    qc__ref_qinsx,   ref_f16_to_f32,  ref_bf16_to_f32, ref_f32_to_f16, ref_f32_to_bf16,
 };
 
 /* ---- qc_decode_ref: the executable spec, one element at a time --------------------------- */
@@ -167,12 +189,51 @@ static void put(qc_dtype dt, void *out, uint64_t i, float v) {
   else qc__st16(o + 2 * i, dt == QC_DT_F16 ? qc_f32_to_f16(v) : qc_f32_to_bf16(v));
 }
 
+/* qinsx, one element at a time: raw variants are the passthrough codecs after the header; an
+ * output in the chunk's own 16-bit dtype is the stored bits (bf16 variant: the top half of the
+ * f32 bits), any other output the f32 value converted. */
+static void decode_ref_qinsx(const uint8_t *c, uint64_t n, uint64_t begin, uint64_t end,
+                             qc_dtype dt, void *out) {
+  int v = c[0];
+  const uint8_t *vals = c + QC_QX_HDR;
+  qc__qx x;
+  uint64_t ei = 0;
+  if (v == QC_QX_BF16 || v == QC_QX_F32) {
+    qc__qx_view(c, n, &x);
+    ei = qc__qx_esc_before(c, &x, begin);
+  }
+  for (uint64_t i = begin; i < end; i++) {
+    uint64_t k = i - begin;
+    uint32_t u;
+    switch (v) {
+    case QC_QX_F16_RAW:
+      if (dt == QC_DT_F16) {
+        qc__st16((uint8_t *)out + 2 * k, qc__ld16(vals + 2 * i));
+        continue;
+      }
+      u = qc__fbits(qc_f16_to_f32(qc__ld16(vals + 2 * i)));
+      break;
+    case QC_QX_BF16_RAW: u = (uint32_t)qc__ld16(vals + 2 * i) << 16; break;
+    case QC_QX_F32_RAW: u = qc__ld32(vals + 4 * i); break;
+    default: ei = qc__ref_qinsx(&x, i, 1, ei, &u, 0, 0); break;
+    }
+    int bf16_bits = v == QC_QX_BF16 || v == QC_QX_BF16_RAW;
+    if (dt == QC_DT_F32) qc__st32((uint8_t *)out + 4 * k, u);
+    else if (dt == QC_DT_BF16 && bf16_bits) qc__st16((uint8_t *)out + 2 * k, (uint16_t)(u >> 16));
+    else put(dt, out, k, qc__bitsf(u));
+  }
+}
+
 int qc_decode_ref(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
                   uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
   int rc = qc__check_decode(p, row_len, n_rows, begin, end, dt);
   if (rc) return rc;
   const uint8_t *c = chunk;
   uint64_t n = row_len * n_rows;
+  if (p->codec == QC_QINSX) {
+    if (begin < end) decode_ref_qinsx(c, n, begin, end, dt, out);
+    return 0;
+  }
   uint32_t B = qc_codec_block(p->codec);
   uint64_t bpr = B ? (row_len + B - 1) / B : 0; /* blocks per row */
   uint64_t nb = bpr * n_rows;

@@ -100,6 +100,8 @@ static void *qs__worker(void *arg) {
     memset(&j->st, 0, sizeof j->st);
     j->bad = 0;
     j->rc = qc_encode(&t->params, t->row_len, j->nr, (const float *)j->in, j->out, &j->st, &j->bad);
+    if (!j->rc && qc_codec_varsize((qc_codec)t->codec)) /* qinsx: the size its data needed */
+      j->rc = qc_chunk_size(&t->params, t->row_len, j->nr, j->out, j->pay, &j->pay);
     if (!j->rc) j->crc = qs__crc32c(0, j->out, j->pay);
     pthread_mutex_lock(&im->jmu);
     j->state = 3;
@@ -284,40 +286,57 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   return 0;
 }
 
+/* Encodes nr rows at src into out, adding the chunk's error figures to the tensor's. */
+static int qs__im_encode(qs_import *im, const uint8_t *src, uint64_t nr, uint8_t *out,
+                         uint64_t *bad_index) {
+  qs_tensor *t = &im->cur;
+  uint64_t bad = 0;
+  qc_stats cs; /* per chunk, merged as the threaded path merges: same figures either way */
+  memset(&cs, 0, sizeof cs);
+  int rc = qc_encode(&t->params, t->row_len, nr, (const float *)src, out, &cs, &bad);
+  im->stats.sum_sq += cs.sum_sq;
+  im->stats.err_sq += cs.err_sq;
+  if (cs.max_err > im->stats.max_err) im->stats.max_err = cs.max_err;
+  im->stats.n += cs.n;
+  if (rc == QINS_ENONFINITE || rc == QINS_EUNSUPPORTED) {
+    uint64_t at = im->rows_done * t->row_len + bad;
+    if (bad_index) *bad_index = at;
+    return qs__fail(rc, "tensor %s: element %llu %s; codec %s refuses it", t->name,
+                    (unsigned long long)at,
+                    rc == QINS_ENONFINITE ? "is NaN or infinite" : "is out of range",
+                    qc_codec_name((qc_codec)t->codec));
+  }
+  if (rc) return qs__fail(rc, "tensor %s: encode failed (%s)", t->name, qins_strerror(rc));
+  return 0;
+}
+
 /* Encodes nr rows at src as chunk im->chunk_idx. */
 static int qs__im_chunk_sync(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t *bad_index) {
   qs_tensor *t = &im->cur;
   uint64_t pay = qs__chunk_payload(t, nr);
-  int rc = qs__im_txn(im, pay + QS_CHUNK_HDR);
-  if (rc) return rc;
+  uint8_t *vbuf = NULL; /* a chunk whose size depends on its data (qinsx): encoded here first */
+  int rc;
+  if (t->codec != QS_RAW && qc_codec_varsize((qc_codec)t->codec)) {
+    if (!(vbuf = malloc(pay ? pay : 1))) return qs__fail(QINS_ENOMEM, "tensor %s: out of memory", t->name);
+    rc = qs__im_encode(im, src, nr, vbuf, bad_index);
+    if (!rc && (rc = qc_chunk_size(&t->params, t->row_len, nr, vbuf, pay, &pay)))
+      rc = qs__fail(rc, "tensor %s: encode failed (%s)", t->name, qins_strerror(rc));
+    if (rc) return free(vbuf), rc;
+  }
+  if ((rc = qs__im_txn(im, pay + QS_CHUNK_HDR))) return free(vbuf), rc;
   uint8_t key[16];
   qs__put_be64(key, im->id);
   qs__put_be32(key + 8, t->index);
   qs__put_be32(key + 12, (uint32_t)im->chunk_idx);
   MDB_val k = {16, key}, v = {QS_CHUNK_HDR + pay, NULL};
   rc = mdb_put(im->txn, im->s->db_chunks, &k, &v, MDB_RESERVE);
-  if (rc) return qs__mdb_fail(im->s, rc, "writing a chunk");
+  if (rc) return free(vbuf), qs__mdb_fail(im->s, rc, "writing a chunk");
   uint8_t *dst = v.mv_data;
-  if (t->codec == QS_RAW) {
-    memcpy(dst + QS_CHUNK_HDR, src, pay);
-  } else {
-    uint64_t bad = 0;
-    qc_stats cs; /* per chunk, merged as the threaded path merges: same figures either way */
-    memset(&cs, 0, sizeof cs);
-    rc = qc_encode(&t->params, t->row_len, nr, (const float *)src, dst + QS_CHUNK_HDR, &cs, &bad);
-    im->stats.sum_sq += cs.sum_sq;
-    im->stats.err_sq += cs.err_sq;
-    if (cs.max_err > im->stats.max_err) im->stats.max_err = cs.max_err;
-    im->stats.n += cs.n;
-    if (rc == QINS_ENONFINITE || rc == QINS_EUNSUPPORTED) {
-      uint64_t at = im->rows_done * t->row_len + bad;
-      if (bad_index) *bad_index = at;
-      return qs__fail(rc, "tensor %s: element %llu %s; codec %s refuses it", t->name,
-                      (unsigned long long)at,
-                      rc == QINS_ENONFINITE ? "is NaN or infinite" : "is out of range",
-                      qc_codec_name((qc_codec)t->codec));
-    }
-    if (rc) return qs__fail(rc, "tensor %s: encode failed (%s)", t->name, qins_strerror(rc));
+  if (t->codec == QS_RAW || vbuf) {
+    memcpy(dst + QS_CHUNK_HDR, vbuf ? vbuf : src, pay);
+    free(vbuf);
+  } else if ((rc = qs__im_encode(im, src, nr, dst + QS_CHUNK_HDR, bad_index))) {
+    return rc;
   }
   memcpy(dst, QS_MAGIC_CHUNK, 4);
   uint32_t crc = qs__crc32c(0, dst + QS_CHUNK_HDR, pay);
@@ -402,7 +421,8 @@ static int qs__im_drain(qs_import *im, uint64_t *bad_index) {
  * else inline. */
 static int qs__im_chunk(qs_import *im, const uint8_t *src, uint64_t nr, uint64_t *bad_index) {
   qs_tensor *t = &im->cur;
-  if (!im->nw || t->codec == QS_RAW || !qc_codec_is_lossy((qc_codec)t->codec))
+  if (!im->nw || t->codec == QS_RAW ||
+      (!qc_codec_is_lossy((qc_codec)t->codec) && !qc_codec_varsize((qc_codec)t->codec)))
     return qs__im_chunk_sync(im, src, nr, bad_index);
   if (im->jfailed) return QINS_EINTERNAL;
   int rc;

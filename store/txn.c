@@ -226,7 +226,7 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   if (tc && !memcmp(tc->chunk[cslot].key, key, 16)) {
     /* Same snapshot, same mapping: the record is where it was (its bytes are checked below). */
     p = tc->chunk[cslot].data - QS_CHUNK_HDR;
-    size = QS_CHUNK_HDR + qs__chunk_payload(t, tc->chunk[cslot].n_rows);
+    size = QS_CHUNK_HDR + qs__get_u64(p + 8); /* the size checked when it was cached */
   } else {
     MDB_val k = {16, key}, v;
     rc = mdb_get(txn, s->db_chunks, &k, &v);
@@ -287,10 +287,11 @@ static int qs__chunk_ranges(const qs_tensor *t, uint64_t rows, uint64_t a, uint6
 int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, uint64_t a,
                     uint64_t e) {
   if (s->verify != QS_VERIFY_READ || a >= e) return 0;
-  uint64_t pay = qs__chunk_payload(t, ref->n_rows), seg = qs__seg_bytes(pay);
+  uint64_t pay = qs__get_u64(ref->data - QS_CHUNK_HDR + 8), seg = qs__seg_bytes(pay);
   if (!pay) return 0;
-  uint64_t lo[2], hi[2];
-  int nr = qs__chunk_ranges(t, ref->n_rows, a, e, lo, hi);
+  uint64_t lo[2] = {0, 0}, hi[2] = {pay, pay};
+  /* A qinsx range's bytes depend on its header, index and escapes: the whole payload is checked. */
+  int nr = qc_codec_varsize((qc_codec)t->codec) ? 1 : qs__chunk_ranges(t, ref->n_rows, a, e, lo, hi);
   uint32_t got[2][QS_SEGS];
   uint64_t s0[2], s1[2];
   for (int r = 0; r < nr; r++) {

@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * codec_qinsx_vbmi2.c — the AVX-512 qinsx decode kernel (codec_int.h contract), compiled with the
+ * AVX-512 flags plus -mavx512vbmi2 and used only when the CPU has VBMI2 (codec.c checks).
+ *
+ * 64 elements a step, no gathers: the three plane words of a group are the three mask registers
+ * of the codes; a masked add builds the 64 code bytes, one vpermb looks their exponents up in the
+ * chunk's 8-byte table, and one vpexpandb (expand-load) puts the escapes, in order, into the lanes
+ * whose code is 7 (the lanes where all three masks are set). Two vpternlogd merge exponent and
+ * raw byte into the two top bytes of each f32 (sign | exponent >> 1; exponent bit 0 | 7 mantissa
+ * bits), and vpermt2b interleaves them into four vectors of 16 floats (bf16 variant; the low
+ * bytes are zero), two of 32 bf16 words (bf16 output), or, with the two low raw planes, two
+ * vpermt2b + one vpermt2w per 16 floats (f32 variant). A segment's head, up to the next group
+ * boundary, goes through the reference kernel; the last partial group is masked.
+ *
+ * Invariants: equal to qc__ref_qinsx bit for bit (integer operations only); reads only the
+ * segment's group records, raw bytes and escapes (masked loads); writes only out[0..n).
+ */
+#include <immintrin.h>
+
+#include "codec_int.h"
+
+static const uint8_t qx_idx_f32[256] __attribute__((aligned(64))) = {
+    0, 0, 0, 64, 0, 0, 1, 65, 0, 0, 2, 66, 0, 0, 3, 67,
+    0, 0, 4, 68, 0, 0, 5, 69, 0, 0, 6, 70, 0, 0, 7, 71,
+    0, 0, 8, 72, 0, 0, 9, 73, 0, 0, 10, 74, 0, 0, 11, 75,
+    0, 0, 12, 76, 0, 0, 13, 77, 0, 0, 14, 78, 0, 0, 15, 79,
+    0, 0, 16, 80, 0, 0, 17, 81, 0, 0, 18, 82, 0, 0, 19, 83,
+    0, 0, 20, 84, 0, 0, 21, 85, 0, 0, 22, 86, 0, 0, 23, 87,
+    0, 0, 24, 88, 0, 0, 25, 89, 0, 0, 26, 90, 0, 0, 27, 91,
+    0, 0, 28, 92, 0, 0, 29, 93, 0, 0, 30, 94, 0, 0, 31, 95,
+    0, 0, 32, 96, 0, 0, 33, 97, 0, 0, 34, 98, 0, 0, 35, 99,
+    0, 0, 36, 100, 0, 0, 37, 101, 0, 0, 38, 102, 0, 0, 39, 103,
+    0, 0, 40, 104, 0, 0, 41, 105, 0, 0, 42, 106, 0, 0, 43, 107,
+    0, 0, 44, 108, 0, 0, 45, 109, 0, 0, 46, 110, 0, 0, 47, 111,
+    0, 0, 48, 112, 0, 0, 49, 113, 0, 0, 50, 114, 0, 0, 51, 115,
+    0, 0, 52, 116, 0, 0, 53, 117, 0, 0, 54, 118, 0, 0, 55, 119,
+    0, 0, 56, 120, 0, 0, 57, 121, 0, 0, 58, 122, 0, 0, 59, 123,
+    0, 0, 60, 124, 0, 0, 61, 125, 0, 0, 62, 126, 0, 0, 63, 127,
+};
+static const uint8_t qx_idx_w[128] __attribute__((aligned(64))) = {
+    0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71,
+    8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78, 15, 79,
+    16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85, 22, 86, 23, 87,
+    24, 88, 25, 89, 26, 90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95,
+    32, 96, 33, 97, 34, 98, 35, 99, 36, 100, 37, 101, 38, 102, 39, 103,
+    40, 104, 41, 105, 42, 106, 43, 107, 44, 108, 45, 109, 46, 110, 47, 111,
+    48, 112, 49, 113, 50, 114, 51, 115, 52, 116, 53, 117, 54, 118, 55, 119,
+    56, 120, 57, 121, 58, 122, 59, 123, 60, 124, 61, 125, 62, 126, 63, 127,
+};
+static const uint16_t qx_idx_d[64] __attribute__((aligned(64))) = {
+    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
+    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63,
+};
+
+uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
+                         int bf16, int nt) {
+  uint8_t *o = out;
+  unsigned es = bf16 ? 2 : 4;
+  uint64_t j = (QC_QX_GROUP - (e0 % QC_QX_GROUP)) % QC_QX_GROUP;
+  if (j > n) j = n;
+  if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
+  if (nt && ((uintptr_t)(o + es * j) & 63)) nt = 0;
+  const __m512i tbl = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
+  const __m512i k80 = _mm512_set1_epi8((char)0x80), one = _mm512_set1_epi8(1);
+  const __m512i two = _mm512_set1_epi8(2), four = _mm512_set1_epi8(4);
+  const __m512i iw0 = _mm512_load_si512(qx_idx_w), iw1 = _mm512_load_si512(qx_idx_w + 64);
+  const __m512i id = _mm512_load_si512(qx_idx_d), id1 = _mm512_load_si512(qx_idx_d + 32);
+  __m512i if32[4];
+  for (int g = 0; g < 4; g++) if32[g] = _mm512_load_si512(qx_idx_f32 + 64 * g);
+  const __mmask64 hi2 = 0xCCCCCCCCCCCCCCCCull; /* bytes 2 and 3 of each f32 */
+  while (j < n) {
+    uint64_t cnt = n - j < 64 ? n - j : 64, i = e0 + j, g = i / QC_QX_GROUP;
+    __mmask64 vm = cnt == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cnt) - 1);
+    __mmask64 m0 = qc__qx_word(x, g, 0) & vm, m1 = qc__qx_word(x, g, 1) & vm;
+    __mmask64 m2 = qc__qx_word(x, g, 2) & vm, em = m0 & m1 & m2;
+    __m512i c = _mm512_maskz_mov_epi8(m0, one);
+    c = _mm512_mask_add_epi8(c, m1, c, two);
+    c = _mm512_mask_add_epi8(c, m2, c, four);
+    __m512i E = _mm512_permutexvar_epi8(c, tbl);
+    E = _mm512_mask_expandloadu_epi8(E, em, x->esc + ei);
+    ei += (uint64_t)__builtin_popcountll(em);
+    __m512i r0 = _mm512_maskz_loadu_epi8(vm, x->raw0 + i);
+    /* 0xCA: k80 ? first : second, bit by bit */
+    __m512i b3 = _mm512_ternarylogic_epi32(k80, r0, _mm512_srli_epi16(E, 1), 0xCA);
+    __m512i b2 = _mm512_ternarylogic_epi32(k80, _mm512_slli_epi16(E, 7), r0, 0xCA);
+    uint8_t *op = o + es * j;
+    if (bf16) {
+      __m512i w0 = _mm512_permutex2var_epi8(b2, iw0, b3), w1 = _mm512_permutex2var_epi8(b2, iw1, b3);
+      if (cnt == 64) {
+        if (nt) _mm512_stream_si512((void *)op, w0), _mm512_stream_si512((void *)(op + 64), w1);
+        else _mm512_storeu_si512(op, w0), _mm512_storeu_si512(op + 64, w1);
+      } else {
+        _mm512_mask_storeu_epi16(op, (__mmask32)(cnt >= 32 ? ~0u : (1u << cnt) - 1), w0);
+        if (cnt > 32) _mm512_mask_storeu_epi16(op + 64, (__mmask32)((1ull << (cnt - 32)) - 1), w1);
+      }
+    } else {
+      __m512i f[4];
+      if (!x->raw1) {
+        for (int q = 0; q < 4; q++) f[q] = _mm512_maskz_permutex2var_epi8(hi2, b2, if32[q], b3);
+      } else {
+        __m512i r1 = _mm512_maskz_loadu_epi8(vm, x->raw1 + i), r2 = _mm512_maskz_loadu_epi8(vm, x->raw2 + i);
+        __m512i l0 = _mm512_permutex2var_epi8(r2, iw0, r1), l1 = _mm512_permutex2var_epi8(r2, iw1, r1);
+        __m512i h0 = _mm512_permutex2var_epi8(b2, iw0, b3), h1 = _mm512_permutex2var_epi8(b2, iw1, b3);
+        f[0] = _mm512_permutex2var_epi16(l0, id, h0), f[1] = _mm512_permutex2var_epi16(l0, id1, h0);
+        f[2] = _mm512_permutex2var_epi16(l1, id, h1), f[3] = _mm512_permutex2var_epi16(l1, id1, h1);
+      }
+      if (cnt == 64) {
+        for (int q = 0; q < 4; q++) {
+          if (nt) _mm512_stream_si512((void *)(op + 64 * q), f[q]);
+          else _mm512_storeu_si512(op + 64 * q, f[q]);
+        }
+      } else {
+        for (int q = 0; q < 4 && 16 * (uint64_t)q < cnt; q++) {
+          uint64_t k = cnt - 16 * (uint64_t)q;
+          _mm512_mask_storeu_epi32(op + 64 * q, (__mmask16)(k >= 16 ? 0xFFFF : (1u << k) - 1), f[q]);
+        }
+      }
+    }
+    j += cnt;
+  }
+  if (nt) _mm_sfence();
+  return ei;
+}
