@@ -133,9 +133,9 @@ int qc_chunk_locate(qc_codec c, uint64_t row_len, uint64_t n_rows, uint64_t elem
   } else if (c == QC_SEED_LOG) {
     *scale_off = elem;    /* sign byte */
     *code_off = n + elem; /* stored byte */
-  } else if (c == QC_QINSX) { /* a coded chunk: the group record and the first raw byte */
-    *scale_off = qc__qx_planes_off(n) + 24 * (elem / QC_QX_GROUP);
-    *code_off = qc__qx_planes_off(n) + 24 * ((n + QC_QX_GROUP - 1) / QC_QX_GROUP) + elem;
+  } else if (c == QC_QINSX) { /* the header: where the rest lies depends on the data */
+    *scale_off = 0;
+    *code_off = 0;
   } else {
     *scale_off = 0;
     *code_off = elem * code_bytes(c);

@@ -174,7 +174,8 @@ int qc_codec_varsize(qc_codec c);
 int qc_chunk_size(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
                   uint64_t avail, uint64_t *size /* out */);
 /* Where element `elem` of a chunk lives: *scale_off is the byte offset of its block's scale
- * (qins8/qins16; seed-log: of its sign byte; else 0) and *code_off the byte offset of its code.
+ * (qins8/qins16; seed-log: of its sign byte; else 0) and *code_off the byte offset of its code
+ * (qinsx: both 0, the header, which gives the layout of the rest).
  * Lets a reader fetch only the bytes a range needs. QINS_EINVALID if elem >= n. */
 int qc_chunk_locate(qc_codec c, uint64_t row_len, uint64_t n_rows, uint64_t elem,
                     uint64_t *scale_off /* out */, uint64_t *code_off /* out */);

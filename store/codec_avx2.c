@@ -205,30 +205,36 @@ float qc__avx2_q8_err32(const float *t0, const float *t1, float d, const float *
   return s;
 }
 
-/* qinsx, 32 elements a step (half a group): each 32-bit slice of the three plane words becomes 32
+/* qinsx, 32 elements a step (from any element): each 32-bit slice of the three plane words becomes 32
  * bytes (broadcast, byte shuffle, and + compare against the bit of each lane), the codes index the
- * table with one vpshufb, escapes are patched in order from the lanes where all three bits are set
- * (rare: a scalar loop over those bits), and the exponent and raw bytes are merged and widened
- * as in the VBMI2 kernel. Head (to a 32-element boundary) and tail go through the reference. */
+ * table with one vpshufb, escapes are blended in, in order, into the lanes where all three bits
+ * are set (rare: a loop over those bits), and the exponent and raw bytes are merged and widened
+ * as in the VBMI2 kernel. The tail (and, with non-temporal stores, the elements before out's next
+ * 32-byte boundary) goes through the reference. */
 uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
                         int bf16, int nt) {
   uint8_t *o = out;
   unsigned es = bf16 ? 2 : 4;
-  uint64_t j = (32 - (e0 & 31)) & 31;
-  if (j > n) j = n;
-  if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
-  if (nt && ((uintptr_t)(o + es * j) & 31)) nt = 0;
+  uint64_t j = 0;
+  if (nt) { /* non-temporal stores: first the elements before a 32-byte boundary of out */
+    uintptr_t a = (uintptr_t)o;
+    if (a % es) nt = 0;
+    else j = ((32 - a % 32) % 32) / es;
+    if (j > n) j = n;
+    if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
+  }
   const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
   const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ull);
   const __m256i k80 = _mm256_set1_epi8((char)0x80), one = _mm256_set1_epi8(1);
   const __m256i two = _mm256_set1_epi8(2), four = _mm256_set1_epi8(4);
+  const __m256i iota = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                        17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
   while (j + 32 <= n) {
-    uint64_t i = e0 + j, g = i / QC_QX_GROUP;
-    unsigned sh = (unsigned)(i % QC_QX_GROUP); /* 0 or 32 */
-    uint32_t m0 = (uint32_t)(qc__qx_word(x, g, 0) >> sh), m1 = (uint32_t)(qc__qx_word(x, g, 1) >> sh);
-    uint32_t m2 = (uint32_t)(qc__qx_word(x, g, 2) >> sh), em = m0 & m1 & m2;
+    uint64_t i = e0 + j;
+    uint32_t m0 = (uint32_t)qc__qx_bits(x, i, 32, 0), m1 = (uint32_t)qc__qx_bits(x, i, 32, 1);
+    uint32_t m2 = (uint32_t)qc__qx_bits(x, i, 32, 2), em = m0 & m1 & m2;
     __m256i v0 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m0), spread);
     __m256i v1 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m1), spread);
     __m256i v2 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m2), spread);
@@ -236,12 +242,9 @@ uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, v
     v1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v1, bitsel), bitsel), two);
     v2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v2, bitsel), bitsel), four);
     __m256i E = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_or_si256(v0, v1), v2));
-    if (em) {
-      uint8_t eb[32];
-      _mm256_storeu_si256((__m256i *)(void *)eb, E);
-      for (; em; em &= em - 1) eb[__builtin_ctz(em)] = x->esc[ei++];
-      E = _mm256_loadu_si256((const __m256i *)(const void *)eb);
-    }
+    for (; em; em &= em - 1) /* lane b takes the next escape (a blend: no store-to-load trip) */
+      E = _mm256_blendv_epi8(E, _mm256_set1_epi8((char)x->esc[ei++]),
+                             _mm256_cmpeq_epi8(iota, _mm256_set1_epi8((char)__builtin_ctz(em))));
     __m256i r0 = _mm256_loadu_si256((const __m256i *)(const void *)(x->raw0 + i));
     __m256i b3 = _mm256_or_si256(_mm256_and_si256(r0, k80), _mm256_andnot_si256(k80, _mm256_srli_epi16(E, 1)));
     __m256i b2 = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(E, 7), k80), _mm256_andnot_si256(k80, r0));

@@ -141,6 +141,15 @@ static inline uint64_t qc__qx_word(const qc__qx *x, uint64_t g, int k) {
   memcpy(&v, x->planes + 24 * g + 8 * k, 8);
   return v;
 }
+/* Plane k's bits of elements [i, i + cnt) (cnt <= 64) in bits 0..cnt-1 (higher bits: whatever
+ * follows); reads group i / 64 + 1 only when the range reaches it. */
+static inline uint64_t qc__qx_bits(const qc__qx *x, uint64_t i, uint64_t cnt, int k) {
+  uint64_t g = i / 64, s = i % 64, v = qc__qx_word(x, g, k);
+  if (!s) return v;
+  v >>= s;
+  if (s + cnt > 64) v |= qc__qx_word(x, g + 1, k) << (64 - s);
+  return v;
+}
 /* qinsx encode, size and validation (codec_qinsx.c), called by codec.c. */
 int qc__qx_encode(uint64_t n, const float *src, uint8_t *dst, qc_stats *st);
 int qc__qx_size(uint64_t n, const uint8_t *chunk, uint64_t avail, uint64_t *size);

@@ -10,8 +10,9 @@
  * raw byte into the two top bytes of each f32 (sign | exponent >> 1; exponent bit 0 | 7 mantissa
  * bits), and vpermt2b interleaves them into four vectors of 16 floats (bf16 variant; the low
  * bytes are zero), two of 32 bf16 words (bf16 output), or, with the two low raw planes, two
- * vpermt2b + one vpermt2w per 16 floats (f32 variant). A segment's head, up to the next group
- * boundary, goes through the reference kernel; the last partial group is masked.
+ * vpermt2b + one vpermt2w per 16 floats (f32 variant). A step may start anywhere in a group (its
+ * masks are then shifted together from two groups); with non-temporal stores the elements before
+ * out's next 64-byte boundary go through the reference kernel; the last step is masked.
  *
  * Invariants: equal to qc__ref_qinsx bit for bit (integer operations only); reads only the
  * segment's group records, raw bytes and escapes (masked loads); writes only out[0..n).
@@ -59,10 +60,14 @@ uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, 
                          int bf16, int nt) {
   uint8_t *o = out;
   unsigned es = bf16 ? 2 : 4;
-  uint64_t j = (QC_QX_GROUP - (e0 % QC_QX_GROUP)) % QC_QX_GROUP;
-  if (j > n) j = n;
-  if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
-  if (nt && ((uintptr_t)(o + es * j) & 63)) nt = 0;
+  uint64_t j = 0;
+  if (nt) { /* non-temporal stores: first the elements before a 64-byte boundary of out */
+    uintptr_t a = (uintptr_t)o;
+    if (a % es) nt = 0;
+    else j = ((64 - a % 64) % 64) / es;
+    if (j > n) j = n;
+    if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
+  }
   const __m512i tbl = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
   const __m512i k80 = _mm512_set1_epi8((char)0x80), one = _mm512_set1_epi8(1);
   const __m512i two = _mm512_set1_epi8(2), four = _mm512_set1_epi8(4);
@@ -72,10 +77,10 @@ uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, 
   for (int g = 0; g < 4; g++) if32[g] = _mm512_load_si512(qx_idx_f32 + 64 * g);
   const __mmask64 hi2 = 0xCCCCCCCCCCCCCCCCull; /* bytes 2 and 3 of each f32 */
   while (j < n) {
-    uint64_t cnt = n - j < 64 ? n - j : 64, i = e0 + j, g = i / QC_QX_GROUP;
+    uint64_t cnt = n - j < 64 ? n - j : 64, i = e0 + j;
     __mmask64 vm = cnt == 64 ? ~(__mmask64)0 : (((__mmask64)1 << cnt) - 1);
-    __mmask64 m0 = qc__qx_word(x, g, 0) & vm, m1 = qc__qx_word(x, g, 1) & vm;
-    __mmask64 m2 = qc__qx_word(x, g, 2) & vm, em = m0 & m1 & m2;
+    __mmask64 m0 = qc__qx_bits(x, i, cnt, 0) & vm, m1 = qc__qx_bits(x, i, cnt, 1) & vm;
+    __mmask64 m2 = qc__qx_bits(x, i, cnt, 2) & vm, em = m0 & m1 & m2;
     __m512i c = _mm512_maskz_mov_epi8(m0, one);
     c = _mm512_mask_add_epi8(c, m1, c, two);
     c = _mm512_mask_add_epi8(c, m2, c, four);

@@ -7,6 +7,12 @@
  * both alike); and encode MB/s of FP32 read per codec
  * (single thread; qins8 at the default effort = fit + encode). Each figure is the best of a few
  * repetitions (the machine may be shared). Bounded: well under two minutes.
+ *
+ * The exact codec qinsx (issue 19) on the same weights rounded to bf16, cut into chunks as the
+ * store cuts them (a table per chunk): encode MB/s, bits/weight (and what one table per tensor
+ * would take), decode to f32 and to bf16 with every kernel against memcpy of the same output
+ * bytes; and bits/weight on stories260K rounded to bf16 (read at run time from
+ * $QINS_SHARED/models/stories260K.safetensors; skipped with a message when absent).
  */
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +21,8 @@
 #include <time.h>
 
 #include "codec.h"
+#include "safetensors.h"
+#include "store.h"
 
 #define ROW 4096
 #define ROWS 16384 /* 64 Mi weights: 256 MiB of FP32 */
@@ -50,6 +58,179 @@ static uint64_t s_ = 88172645463325252ull;
 static double unif(void) {
   s_ ^= s_ << 13, s_ ^= s_ >> 7, s_ ^= s_ << 17;
   return ((s_ >> 11) + 0.5) * 0x1p-53;
+}
+
+/* ---- qinsx ------------------------------------------------------------------------------ */
+
+/* A tensor encoded in chunks of rpc rows (0: as the store cuts them, QS_CHUNK_TARGET over the
+ * largest encoded row), packed back to back in buf; off[c] locates chunk c. */
+typedef struct qx_tensor {
+  uint8_t *buf;
+  uint64_t bytes, nchunks, rpc, L, R;
+  uint64_t *off;
+} qx_tensor;
+
+static int qx_encode(const float *w, uint64_t L, uint64_t R, uint64_t rpc, qx_tensor *t) {
+  qc_params p = {.codec = QC_QINSX};
+  if (!rpc) rpc = QS_CHUNK_TARGET / qc_chunk_bytes(QC_QINSX, L, 1, NULL);
+  if (!rpc) rpc = 1;
+  t->L = L, t->R = R, t->rpc = rpc, t->nchunks = (R + rpc - 1) / rpc, t->bytes = 0;
+  t->off = malloc((t->nchunks + 1) * sizeof *t->off);
+  t->buf = malloc(qc_chunk_bytes(QC_QINSX, L, R, NULL) / 2 + 64 * t->nchunks); /* bf16 input */
+  uint8_t *scratch = malloc(qc_chunk_bytes(QC_QINSX, L, rpc, NULL));
+  if (!t->off || !t->buf || !scratch) return -1;
+  for (uint64_t c = 0; c < t->nchunks; c++) {
+    uint64_t r0 = c * rpc, nr = R - r0 < rpc ? R - r0 : rpc, sz;
+    if (qc_encode(&p, L, nr, w + r0 * L, scratch, NULL, NULL) ||
+        qc_chunk_size(&p, L, nr, scratch, qc_chunk_bytes(QC_QINSX, L, nr, NULL), &sz))
+      return -1;
+    t->off[c] = t->bytes;
+    memcpy(t->buf + t->bytes, scratch, sz);
+    t->bytes += sz;
+  }
+  t->off[t->nchunks] = t->bytes;
+  free(scratch);
+  return 0;
+}
+
+static void qx_free(qx_tensor *t) {
+  free(t->buf);
+  free(t->off);
+}
+
+static int qx_decode(const char *kernel, const qx_tensor *t, qc_dtype dt, uint8_t *out) {
+  qc_params p = {.codec = QC_QINSX};
+  size_t es = qc_dtype_size(dt);
+  for (uint64_t c = 0; c < t->nchunks; c++) {
+    uint64_t r0 = c * t->rpc, nr = t->R - r0 < t->rpc ? t->R - r0 : t->rpc;
+    if (qc_decode_with(kernel, &p, t->L, nr, t->buf + t->off[c], 0, nr * t->L, dt, out + r0 * t->L * es))
+      return -1;
+  }
+  return 0;
+}
+
+/* Bytes the same chunks would take with one exponent table for the whole tensor (7 most common
+ * exponents of the tensor instead of the chunk's; the layout is otherwise the same). */
+static uint64_t qx_bytes_one_table(const float *w, const qx_tensor *t) {
+  uint64_t hist[256] = {0}, n = t->L * t->R;
+  for (uint64_t i = 0; i < n; i++) {
+    uint32_t u;
+    memcpy(&u, w + i, 4);
+    hist[(u >> 23) & 0xFF]++;
+  }
+  uint64_t covered = 0;
+  for (int k = 0; k < 7; k++) {
+    int b = 0;
+    for (int e = 1; e < 256; e++)
+      if (hist[e] > hist[b]) b = e;
+    covered += hist[b], hist[b] = 0;
+  }
+  uint64_t fixed = 0;
+  for (uint64_t c = 0; c < t->nchunks; c++) {
+    uint64_t nr = t->R - c * t->rpc < t->rpc ? t->R - c * t->rpc : t->rpc, m = nr * t->L;
+    fixed += QC_QX_HDR + 8 * ((m + QC_QX_SUPER - 1) / QC_QX_SUPER) + 24 * ((m + 63) / 64) + m;
+  }
+  return fixed + (n - covered);
+}
+
+static void round_bf16(float *w, uint64_t n) {
+  for (uint64_t i = 0; i < n; i++) w[i] = qc_bf16_to_f32(qc_f32_to_bf16(w[i]));
+}
+
+/* bits/weight of stories260K rounded to bf16, every tensor encoded as the store would. */
+static void qx_stories(void) {
+  const char *sh = getenv("QINS_SHARED");
+  char path[1024], err[512];
+  snprintf(path, sizeof path, "%s/models/stories260K.safetensors", sh && *sh ? sh : QINS_SHARED_DIR);
+  qs_st_file *f;
+  if (qs_st_open(path, &f, err, sizeof err)) {
+    printf("size    qinsx stories260K: skipped, %s\n", err);
+    return;
+  }
+  uint64_t bytes = 0, n = 0, mbytes = 0, mn = 0, nt = 0, nm = 0;
+  for (size_t i = 0; i < qs_st_count(f); i++) {
+    const qs_st_tensor *st = qs_st_tensor_at(f, i);
+    if (st->dtype != QS_ST_F32 || !st->n_elem) continue;
+    uint8_t *raw = malloc(st->nbytes);
+    float *w = malloc(st->n_elem * sizeof *w);
+    if (!raw || !w || qs_st_read(f, st, 0, st->nbytes, raw, err, sizeof err)) {
+      printf("size    qinsx stories260K: skipped, cannot read %s\n", st->name);
+      free(raw), free(w);
+      qs_st_close(f);
+      return;
+    }
+    qc_to_f32(QC_DT_F32, raw, st->n_elem, w);
+    round_bf16(w, st->n_elem);
+    uint64_t L = st->ndim ? st->shape[st->ndim - 1] : 1;
+    qx_tensor t;
+    if (qx_encode(w, L, st->n_elem / L, 0, &t)) {
+      printf("size    qinsx stories260K: encode failed on %s\n", st->name);
+      qs_st_close(f);
+      return;
+    }
+    bytes += t.bytes, n += st->n_elem, nt++;
+    if (st->ndim >= 2) mbytes += t.bytes, mn += st->n_elem, nm++;
+    qx_free(&t);
+    free(raw), free(w);
+  }
+  qs_st_close(f);
+  printf("size    qinsx stories260K bf16: %.3f bits/weight over %llu tensors (%llu weights); "
+         "%.3f over its %llu matrices (target <= 11.5)\n",
+         bytes * 8.0 / n, (unsigned long long)nt, (unsigned long long)n, mbytes * 8.0 / mn,
+         (unsigned long long)nm);
+}
+
+/* w (n = ROW * ROWS weights) is rounded to bf16 in place. Decode is timed on the tensor as one
+ * chunk (one call, as the other codecs' figures: outputs this large use non-temporal stores, as
+ * memcpy does); sizes are given for the store's chunks too. */
+static int bench_qinsx(float *w, float *out, uint64_t n) {
+  const uint64_t out_bytes = n * 4;
+  round_bf16(w, n);
+  qx_tensor t, ts;
+  double c0 = cpu(), t0 = now();
+  if (qx_encode(w, ROW, ROWS, ROWS, &t)) return fprintf(stderr, "qinsx encode failed\n"), 1;
+  double c1 = cpu(), t1 = now();
+  printf("encode  %-14s %7.1f MB/s per core (wall %.1f MB/s; FP32 of bf16 values read)  lossless\n",
+         "qinsx", out_bytes / (c1 - c0) / 1e6, out_bytes / (t1 - t0) / 1e6);
+  if (qx_encode(w, ROW, ROWS, 0, &ts)) return fprintf(stderr, "qinsx encode failed\n"), 1;
+  printf("size    qinsx bench bf16 data: %.3f bits/weight in the store's %llu chunks (a table "
+         "each); %.3f with one table per tensor; %.3f as one chunk\n", ts.bytes * 8.0 / n,
+         (unsigned long long)ts.nchunks, qx_bytes_one_table(w, &ts) * 8.0 / n, t.bytes * 8.0 / n);
+  qx_free(&ts);
+  /* Every kernel gives the encoder's input back (checked once, outside the timing). */
+  static const char *const kernels[] = {"ref", "avx2", "avx512"};
+  for (int k = 0; k < 3; k++)
+    if (qc_kernel_available(kernels[k]) &&
+        (qx_decode(kernels[k], &t, QC_DT_F32, (uint8_t *)out) || memcmp(out, w, out_bytes)))
+      return fprintf(stderr, "qinsx %s decode is not exact\n", kernels[k]), 1;
+  for (int d = 0; d < 2; d++) {
+    qc_dtype dt = d ? QC_DT_BF16 : QC_DT_F32;
+    uint64_t ob = n * qc_dtype_size(dt);
+    for (int k = 0; k < 3; k++) {
+      char name[32];
+      snprintf(name, sizeof name, "qinsx>%s", qc_dtype_name(dt));
+      if (!qc_kernel_available(kernels[k])) {
+        printf("decode  %-14s %-7s   (not on this CPU)\n", name, kernels[k]);
+        continue;
+      }
+      double best = 1e9, bm = 1e9;
+      for (int r = 0; r < REPS; r++) {
+        double s = now();
+        memcpy((uint8_t *)out + (d ? ob : 0), w, ob); /* same output bytes (bf16: a half) */
+        s = now() - s;
+        if (s < bm) bm = s;
+        s = now();
+        qx_decode(kernels[k], &t, dt, (uint8_t *)out);
+        s = now() - s;
+        if (s < best) best = s;
+      }
+      printf("decode  %-14s %-7s %7.2f GB/s  %.2fx memcpy (memcpy %.2f GB/s alongside)\n", name,
+             kernels[k], ob / best / 1e9, bm / best, ob / bm / 1e9);
+    }
+  }
+  qx_free(&t);
+  qx_stories();
+  return 0;
 }
 
 int main(void) {
@@ -164,7 +345,8 @@ int main(void) {
              out_bytes / bm / 1e9);
     }
   for (int k = 0; k < QC_CODEC_COUNT; k++) free(chunks[k]);
+  int rc = bench_qinsx(w, out, n);
   free(w);
   free(out);
-  return 0;
+  return rc;
 }
