@@ -224,6 +224,8 @@ int qc_fit_tensor(qc_codec c, uint64_t row_len, uint64_t n_rows, const float *sr
  * (qc_chunk_bytes() bytes, any alignment). Accumulates error figures into *st (may be NULL).
  * Lossy codecs refuse NaN/Inf: QINS_ENONFINITE with *bad_index the element index within src;
  * qins8 refuses |w| >= 65520 and qins16 |w| > 2^127 (QINS_EUNSUPPORTED, same index).
+ * qinsx accepts every value and writes as many bytes as the data needs (at most qc_chunk_bytes;
+ * qc_chunk_size reads the count back); decoding gives the input back bit for bit.
  * Re-encoding decoded values with the same params gives the same chunk bytes (qins8, qins16,
  * seed-rational with alpha = 1 ... see docs/FORMAT.md §1.4). */
 int qc_encode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const float *src, void *dst,

@@ -64,7 +64,7 @@ void qctl_getopt_reset(void) {
 int qctl_codec_arg(const qctl_ctx *c, const char *arg) {
   int cd = qc_codec_from_name(arg);
   if (cd < 0)
-    fprintf(stderr, "qinsctl %s: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational)\n",
+    fprintf(stderr, "qinsctl %s: unknown codec \"%s\" (f32 f16 bf16 qins8 qins16 seed-log seed-rational qinsx)\n",
             c->cmd->name, arg);
   return cd;
 }

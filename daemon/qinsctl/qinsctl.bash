@@ -26,7 +26,7 @@ _qinsctl() {
   case $prev in
     --store) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     --socket | -o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-    --codec) COMPREPLY=($(compgen -W "f32 f16 bf16 qins8 qins16 seed-log seed-rational" -- "$cur")); return ;;
+    --codec) COMPREPLY=($(compgen -W "f32 f16 bf16 qins8 qins16 seed-log seed-rational qinsx" -- "$cur")); return ;;
     --dtype) COMPREPLY=($(compgen -W "f32 f16 bf16" -- "$cur")); return ;;
     --effort) COMPREPLY=($(compgen -W "max" -- "$cur")); return ;;
     --arch) COMPREPLY=($(compgen -W "$("$ctl" synth --list 2>/dev/null | awk '{print $1}')" -- "$cur")); return ;;
