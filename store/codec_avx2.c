@@ -215,14 +215,7 @@ uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, v
                         int bf16, int nt) {
   uint8_t *o = out;
   unsigned es = bf16 ? 2 : 4;
-  uint64_t j = 0;
-  if (nt) { /* non-temporal stores: first the elements before a 32-byte boundary of out */
-    uintptr_t a = (uintptr_t)o;
-    if (a % es) nt = 0;
-    else j = ((32 - a % 32) % 32) / es;
-    if (j > n) j = n;
-    if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
-  }
+  uint64_t j = qc__qx_nt_head(x, e0, n, &ei, o, bf16, &nt, 32);
   const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
                                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);

@@ -124,8 +124,6 @@ void qc__ref_qins16(const int8_t *exps, const uint8_t *codes, uint64_t off, uint
 void qc__ref_seedlog(const float *lut, const int8_t *sign, const uint8_t *stored, uint64_t n,
                      void *out, int nt);
 void qc__ref_lut8(const float *lut, const uint8_t *codes, uint64_t n, void *out, int nt);
-uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
-                       int nt);
 
 /* qinsx chunk helpers (codec_qinsx.c). */
 /* Fills *x from a coded chunk of n elements (variant QC_QX_BF16 or QC_QX_F32). */
@@ -149,6 +147,23 @@ static inline uint64_t qc__qx_bits(const qc__qx *x, uint64_t i, uint64_t cnt, in
   v >>= s;
   if (s + cnt > 64) v |= qc__qx_word(x, g + 1, k) << (64 - s);
   return v;
+}
+uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
+                       int nt);
+/* For a qinsx kernel with non-temporal stores (*nt set): decodes with the reference the elements
+ * before out's next `align`-byte boundary (clearing *nt if out is not even element-aligned) and
+ * returns how many; *ei advances past their escapes. 0 when *nt is clear. */
+static inline uint64_t qc__qx_nt_head(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t *ei,
+                                      void *out, int bf16, int *nt, unsigned align) {
+  unsigned es = bf16 ? 2 : 4;
+  uintptr_t a = (uintptr_t)out;
+  uint64_t j = 0;
+  if (!*nt) return 0;
+  if (a % es) return *nt = 0, 0;
+  j = ((align - a % align) % align) / es;
+  if (j > n) j = n;
+  if (j) *ei = qc__ref_qinsx(x, e0, j, *ei, out, bf16, 0);
+  return j;
 }
 /* qinsx encode, size and validation (codec_qinsx.c), called by codec.c. */
 int qc__qx_encode(uint64_t n, const float *src, uint8_t *dst, qc_stats *st);

@@ -60,14 +60,7 @@ uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, 
                          int bf16, int nt) {
   uint8_t *o = out;
   unsigned es = bf16 ? 2 : 4;
-  uint64_t j = 0;
-  if (nt) { /* non-temporal stores: first the elements before a 64-byte boundary of out */
-    uintptr_t a = (uintptr_t)o;
-    if (a % es) nt = 0;
-    else j = ((64 - a % 64) % 64) / es;
-    if (j > n) j = n;
-    if (j) ei = qc__ref_qinsx(x, e0, j, ei, o, bf16, 0);
-  }
+  uint64_t j = qc__qx_nt_head(x, e0, n, &ei, o, bf16, &nt, 64);
   const __m512i tbl = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)(const void *)x->table));
   const __m512i k80 = _mm512_set1_epi8((char)0x80), one = _mm512_set1_epi8(1);
   const __m512i two = _mm512_set1_epi8(2), four = _mm512_set1_epi8(4);

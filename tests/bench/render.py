@@ -27,12 +27,20 @@ BENCHES = [
      "to `memcpy` of the same output size timed alternately with it, plus a Q8_0 dequantize "
      "written the obvious way (ggml's block_q8_0, scalar) as an outside reference. Encode MB/s of "
      "FP32 read per codec on one thread (qins8 at the default effort = fit + encode; the last "
-     "qins8 line is QINS.md's exhaustive reference encoder). Best of 5 repetitions.",
+     "qins8 line is QINS.md's exhaustive reference encoder). Then the exact codec qinsx on the "
+     "same weights rounded to bf16: encode MB/s, bits/weight (cut into the store's chunks with a "
+     "table each, with one table per tensor, as one chunk), decode of the 256 MiB-of-FP32 tensor "
+     "to f32 and to bf16 with every kernel, each against memcpy of the same output bytes (after a "
+     "check that every kernel gives the input back bit for bit), and bits/weight on stories260K "
+     "rounded to bf16 (read from the shared models at run time). Best of 5 repetitions.",
      "The ratio column is the figure to trust: memcpy runs beside each kernel, so a busy machine "
      "slows both alike. A decode kernel above 1.0x memcpy writes FP32 faster than copying it "
      "(it reads a quarter of the bytes). Encode figures are CPU time of one thread (the `wall` "
      "figure includes time other processes held the core); the importer encodes on one worker "
-     "thread per CPU."),
+     "thread per CPU. qinsx reads about 1.4 bytes per weight (an f32 copy reads 4), so its "
+     "AVX-512 decode to f32 can outrun memcpy; to bf16 it writes 2 bytes per weight, as the "
+     "memcpy beside it does, and does more work per byte. Its bits/weight are exact sizes, not "
+     "estimates: qinsx loses nothing (bf16 would take 16)."),
     ("import", "bench_import", "Import throughput — `tests/bench/bench_import.c`",
      "`make bench`; alone: `QINS_BUILD=build build/bench/bench_import`.",
      "`qinsctl import` of synthetic safetensors files (512 MiB: 8 matrices of 4096x4096 f32 plus "
@@ -159,6 +167,14 @@ def headline(blocks):
         if m:
             rows.append(("qins8 decode (%s kernel), one thread" % k.group(1), "%s GB/s of FP32" % m.group(1),
                          "%sx memcpy (%s GB/s alongside)" % (m.group(2), m.group(3))))
+    for dt in ("f32", "bf16"):
+        m = re.search(r"decode\s+qinsx>%s\s+avx512\s+([\d.]+) GB/s\s+([\d.]+)x memcpy \(memcpy ([\d.]+) GB/s" % dt, b)
+        if m:
+            rows.append(("qinsx (exact) decode to %s, AVX-512 kernel, one thread" % dt, "%s GB/s of %s" % (m.group(1), dt),
+                         "%sx memcpy (%s GB/s alongside)" % (m.group(2), m.group(3))))
+    m = re.search(r"qinsx stories260K bf16: ([\d.]+) bits/weight", b)
+    if m:
+        rows.append(("qinsx size, stories260K rounded to bf16", "%s bits/weight, bit-exact" % m.group(1), "bf16: 16 bits/weight"))
     m = re.search(r"encode\s+qins8\s+([\d.]+) MB/s per core \(fit", b)
     if m:
         rows.append(("qins8 encode (fit + encode), one thread", "%s MB/s of FP32" % m.group(1), "one thread's CPU time"))
