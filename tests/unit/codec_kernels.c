@@ -11,42 +11,6 @@
 #include "codec_test.h"
 #include "qins.h"
 
-static const char *const simd[] = {"avx2", "avx512"};
-
-/* Decodes [b, e) with the reference and with each SIMD kernel, into outputs at byte offsets 0..3,
- * and compares the bytes. Returns the number of comparisons made. */
-static int same_as_ref(const qc_params *p, uint64_t L, uint64_t R, const void *chunk, uint64_t b,
-                       uint64_t e) {
-  int cmp = 0;
-  size_t cap = (size_t)(e - b) * 4 + 8;
-  uint8_t *ref = malloc(cap), *got = malloc(cap);
-  for (int dt = 0; dt < QC_DT_COUNT; dt++) {
-    size_t bytes = (size_t)(e - b) * qc_dtype_size((qc_dtype)dt);
-    cr_assert_eq(qc_decode_ref(p, L, R, chunk, b, e, (qc_dtype)dt, ref), 0);
-    for (int k = 0; k < 2; k++) {
-      if (!qc_kernel_available(simd[k])) continue;
-      for (int off = 0; off < 4; off += (dt == 0 ? 1 : 3)) {
-        memset(got, 0xA5, cap);
-        cr_assert_eq(qc_decode_with(simd[k], p, L, R, chunk, b, e, (qc_dtype)dt, got + off), 0);
-        if (memcmp(ref, got + off, bytes)) {
-          size_t i = 0;
-          while (ref[i] == got[off + i]) i++;
-          cr_assert_fail("%s %s: %s L=%llu R=%llu [%llu,%llu) out+%d: first difference at byte %zu",
-                   simd[k], qc_dtype_name((qc_dtype)dt), qc_codec_name(p->codec),
-                   (unsigned long long)L, (unsigned long long)R, (unsigned long long)b,
-                   (unsigned long long)e, off, i);
-        }
-        cr_assert_eq(got[off + bytes], 0xA5, "%s wrote past the end", simd[k]);
-        if (off) cr_assert_eq(got[off - 1], 0xA5, "%s wrote before the start", simd[k]);
-        cmp++;
-      }
-    }
-  }
-  free(ref);
-  free(got);
-  return cmp;
-}
-
 /* A valid chunk of codec c with pseudo-random scales and codes cycling through every value
  * (starting at `phase`), placed at byte offset `mis` of the returned allocation (*base to free). */
 static uint8_t *make_chunk(const qc_params *p, uint64_t L, uint64_t R, uint64_t phase, int mis,
@@ -130,12 +94,12 @@ static void every_geometry(qc_codec c) {
     for (int mis = 0; mis < 2; mis++) {
       void *base;
       uint8_t *chunk = make_chunk(&p, L, R, li * 31, mis, &base);
-      cmp += same_as_ref(&p, L, R, chunk, 0, n);
-      cmp += same_as_ref(&p, L, R, chunk, 0, 0);
+      cmp += ct_same_as_ref(&p, L, R, chunk, 0, n);
+      cmp += ct_same_as_ref(&p, L, R, chunk, 0, 0);
       /* every start offset within two blocks, with every tail length up to 80 */
       for (uint64_t b = 0; b < 130 && b < n; b += 1 + (mis ? 4 : 0))
         for (uint64_t len = 1; len <= 80 && b + len <= n; len += (b % 3 == 0 ? 1 : 13))
-          cmp += same_as_ref(&p, L, R, chunk, b, b + len);
+          cmp += ct_same_as_ref(&p, L, R, chunk, b, b + len);
       free(base);
     }
   }
@@ -164,7 +128,7 @@ Test(codec_kernels, qins16_all_codes_all_exponents) {
     c[4096 + 2 * i] = (uint8_t)code, c[4096 + 2 * i + 1] = (uint8_t)(code >> 8);
   }
   cr_assert_eq(qc_chunk_validate(&p, L, R, c), 0);
-  cr_assert_gt(same_as_ref(&p, L, R, c, 0, L * R), 0);
+  cr_assert_gt(ct_same_as_ref(&p, L, R, c, 0, L * R), 0);
   free(base);
 }
 
@@ -176,8 +140,8 @@ Test(codec_kernels, large_outputs_nontemporal, .timeout = 60) {
     uint64_t L = 4096 + 40, R = 300; /* 1.2 M elements, 4.9 MB of f32 */
     void *base;
     uint8_t *c = make_chunk(&p, L, R, 5, 1, &base);
-    cr_assert_gt(same_as_ref(&p, L, R, c, 0, L * R), 0);
-    cr_assert_gt(same_as_ref(&p, L, R, c, 17, L * R - 3), 0);
+    cr_assert_gt(ct_same_as_ref(&p, L, R, c, 0, L * R), 0);
+    cr_assert_gt(ct_same_as_ref(&p, L, R, c, 17, L * R - 3), 0);
     free(base);
   }
 }

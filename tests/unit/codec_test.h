@@ -2,12 +2,13 @@
 /*
  * codec_test.h — helpers shared by the codec unit tests (tests/unit/codec_*.c): a deterministic
  * PRNG and the synthetic tensors of issue 2 (Gaussian, Laplace with outliers, all-zero, constant,
- * tiny, huge), and where the shared fixtures live. Header-only (static functions) so that each
+ * tiny, huge), where the shared fixtures live, and the kernel-vs-reference comparison. Header-only (static functions) so that each
  * test file stays self-contained; nothing here allocates except gen_tensor's result.
  */
 #ifndef QINS_CODEC_TEST_H
 #define QINS_CODEC_TEST_H
 
+#include <criterion/criterion.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -83,5 +84,41 @@ static inline char *ct_slurp(const char *path, size_t *len) {
 
 static inline uint32_t ct_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float ct_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Decodes [b, e) with qc_decode_ref and with each kernel this CPU has ("ref": the portable
+ * segment kernels, "avx2", "avx512"), into outputs at byte offsets 0..3, and compares the bytes
+ * (and that nothing is written around the output). Returns the number of comparisons made. */
+static inline int ct_same_as_ref(const qc_params *p, uint64_t L, uint64_t R, const void *chunk,
+                                 uint64_t b, uint64_t e) {
+  static const char *const ct_kernels[] = {"ref", "avx2", "avx512"};
+  int cmp = 0;
+  size_t cap = (size_t)(e - b) * 4 + 8;
+  uint8_t *ref = malloc(cap), *got = malloc(cap);
+  for (int dt = 0; dt < QC_DT_COUNT; dt++) {
+    size_t bytes = (size_t)(e - b) * qc_dtype_size((qc_dtype)dt);
+    cr_assert_eq(qc_decode_ref(p, L, R, chunk, b, e, (qc_dtype)dt, ref), 0);
+    for (int k = 0; k < 3; k++) {
+      if (!qc_kernel_available(ct_kernels[k])) continue;
+      for (int off = 0; off < 4; off += (dt == 0 ? 1 : 3)) {
+        memset(got, 0xA5, cap);
+        cr_assert_eq(qc_decode_with(ct_kernels[k], p, L, R, chunk, b, e, (qc_dtype)dt, got + off), 0);
+        if (memcmp(ref, got + off, bytes)) {
+          size_t i = 0;
+          while (ref[i] == got[off + i]) i++;
+          cr_assert_fail("%s %s: %s L=%llu R=%llu [%llu,%llu) out+%d: first difference at byte %zu",
+                   ct_kernels[k], qc_dtype_name((qc_dtype)dt), qc_codec_name(p->codec),
+                   (unsigned long long)L, (unsigned long long)R, (unsigned long long)b,
+                   (unsigned long long)e, off, i);
+        }
+        cr_assert_eq(got[off + bytes], 0xA5, "%s wrote past the end", ct_kernels[k]);
+        if (off) cr_assert_eq(got[off - 1], 0xA5, "%s wrote before the start", ct_kernels[k]);
+        cmp++;
+      }
+    }
+  }
+  free(ref);
+  free(got);
+  return cmp;
+}
 
 #endif /* QINS_CODEC_TEST_H */
