@@ -6,7 +6,8 @@
  * widened bits, f16 the reference's rounding; whole tensors, row slices, column slices starting
  * mid-group, a multi-chunk tensor large enough to be streamed; f32 sources (the f32 variant).
  * `qinsctl import --codec-for GLOB=qinsx` + `export --dtype bf16` give back the source bytes, and
- * `audit` calls the tensor lossless.
+ * `audit` calls the tensor lossless. Both import paths are used: chunks encoded inline (the
+ * fixture's store) and by worker threads (qinsctl import).
  */
 #include "daemon_fixture.h"
 
@@ -45,8 +46,11 @@ static uint32_t *qx_values(int k, uint64_t *n_out) {
   return u;
 }
 
+/* Runs in ts_store_fill's child. One import thread: chunks are encoded inline (the importer's
+ * other path, with worker threads, is what qinsctl import uses in export_gives_back_the_source). */
 static int fill_qx(qs_store *s, void *ud) {
   (void)ud;
+  setenv("QINS_IMPORT_THREADS", "1", 1);
   qs_import *im;
   int rc = qs_import_begin(s, "x", NULL, &im);
   for (int k = 0; !rc && k < 3; k++) {
