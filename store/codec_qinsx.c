@@ -7,8 +7,9 @@
  * Design. Trained weights use few exponents: on stories260K rounded to bf16 the exponent byte
  * carries 2.77 bits of information (24 distinct values; the 7 most common cover 95%). Each
  * chunk gets a table of its 7 most common exponents; every element stores a 3-bit code (7 =
- * escape: the exponent byte follows in an escape array, in element order) and its sign and mantissa bits raw: one byte for values that are all bf16 (the
- * bf16 variant, ~11 bits/weight), three for other f32 values. Codes live in three bit planes per
+ * escape: the exponent byte follows in an escape array, in element order) and its sign and
+ * mantissa bits raw: one byte for values that are all bf16 (the bf16 variant, ~11 bits/weight),
+ * three for other f32 values. Codes live in three bit planes per
  * group of 64 elements, so a SIMD decoder gets them as three mask registers, looks the exponent up
  * with one byte permute and pulls escapes in with one expand-load. Tables are per chunk, not per
  * tensor: a chunk is a few MiB, so its 16-byte header costs nothing, its table fits its own rows,
