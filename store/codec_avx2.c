@@ -208,7 +208,9 @@ float qc__avx2_q8_err32(const float *t0, const float *t1, float d, const float *
 /* qinsx, 32 elements a step (from any element): each 32-bit slice of the three plane words becomes 32
  * bytes (broadcast, byte shuffle, and + compare against the bit of each lane), the codes index the
  * table with one vpshufb, escapes are blended in, in order, into the lanes where all three bits
- * are set (rare: a loop over those bits), and the exponent and raw bytes are merged and widened
+ * are set (a byte prefix count of those lanes indexes a window of the escape array with one more
+ * vpshufb; within 32 escapes of the array's end, a loop over the lanes instead), and the exponent
+ * and raw bytes are merged and widened
  * as in the VBMI2 kernel. The tail (and, with non-temporal stores, the elements before out's next
  * 32-byte boundary) goes through the reference. */
 uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
@@ -231,13 +233,30 @@ uint64_t qc__avx2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, v
     __m256i v0 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m0), spread);
     __m256i v1 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m1), spread);
     __m256i v2 = _mm256_shuffle_epi8(_mm256_set1_epi32((int)m2), spread);
-    v0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v0, bitsel), bitsel), one);
-    v1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v1, bitsel), bitsel), two);
-    v2 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v2, bitsel), bitsel), four);
-    __m256i E = _mm256_shuffle_epi8(tbl, _mm256_or_si256(_mm256_or_si256(v0, v1), v2));
-    for (; em; em &= em - 1) /* lane b takes the next escape (a blend: no store-to-load trip) */
-      E = _mm256_blendv_epi8(E, _mm256_set1_epi8((char)x->esc[ei++]),
-                             _mm256_cmpeq_epi8(iota, _mm256_set1_epi8((char)__builtin_ctz(em))));
+    v0 = _mm256_cmpeq_epi8(_mm256_and_si256(v0, bitsel), bitsel); /* 0xFF where the bit is set */
+    v1 = _mm256_cmpeq_epi8(_mm256_and_si256(v1, bitsel), bitsel);
+    v2 = _mm256_cmpeq_epi8(_mm256_and_si256(v2, bitsel), bitsel);
+    __m256i c = _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(v0, one), _mm256_and_si256(v1, two)),
+                                _mm256_and_si256(v2, four));
+    __m256i E = _mm256_shuffle_epi8(tbl, c);
+    if (ei + 32 <= x->n_esc) {
+      /* Without a branch on the escapes: lane b of each 16-lane half takes escape number (escapes
+       * before it in the half) from a 16-byte window starting at that half's first escape. */
+      __m256i fl = _mm256_and_si256(_mm256_and_si256(v0, v1), v2), g = _mm256_and_si256(fl, one);
+      __m256i p = _mm256_add_epi8(g, _mm256_slli_si256(g, 1));
+      p = _mm256_add_epi8(p, _mm256_slli_si256(p, 2));
+      p = _mm256_add_epi8(p, _mm256_slli_si256(p, 4));
+      p = _mm256_add_epi8(p, _mm256_slli_si256(p, 8));
+      const uint8_t *e = x->esc + ei;
+      __m256i win = _mm256_loadu2_m128i((const __m128i *)(const void *)(e + __builtin_popcount(em & 0xFFFFu)),
+                                        (const __m128i *)(const void *)e);
+      E = _mm256_blendv_epi8(E, _mm256_shuffle_epi8(win, _mm256_sub_epi8(p, g)), fl);
+      ei += (uint64_t)__builtin_popcount(em);
+    } else {
+      for (; em; em &= em - 1) /* near the end of the escapes: lane b takes the next one */
+        E = _mm256_blendv_epi8(E, _mm256_set1_epi8((char)x->esc[ei++]),
+                               _mm256_cmpeq_epi8(iota, _mm256_set1_epi8((char)__builtin_ctz(em))));
+    }
     __m256i r0 = _mm256_loadu_si256((const __m256i *)(const void *)(x->raw0 + i));
     __m256i b3 = _mm256_or_si256(_mm256_and_si256(r0, k80), _mm256_andnot_si256(k80, _mm256_srli_epi16(E, 1)));
     __m256i b2 = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(E, 7), k80), _mm256_andnot_si256(k80, r0));

@@ -33,6 +33,7 @@ typedef struct qc__qx {
   const uint8_t *planes;             /* group records, 24 bytes per 64 elements */
   const uint8_t *raw0, *raw1, *raw2; /* raw byte planes, element-indexed (raw1, raw2 may be NULL) */
   const uint8_t *esc;                /* escape exponents, element order */
+  uint64_t n_esc;                    /* escapes in the chunk (bytes at esc) */
   uint8_t table[8];                  /* exponents of codes 0..6; [7] is 0 */
 } qc__qx;
 

@@ -47,6 +47,12 @@ uint64_t qc__qx_bound(uint64_t n, int *overflow) {
   return r;
 }
 
+static uint64_t ld64(const uint8_t *p) {
+  uint64_t v;
+  memcpy(&v, p, 8);
+  return v;
+}
+
 void qc__qx_view(const uint8_t *chunk, uint64_t n, qc__qx *x) {
   uint64_t raw = qc__qx_planes_off(n) + 24 * qx_ng(n);
   int v = chunk[0];
@@ -55,15 +61,11 @@ void qc__qx_view(const uint8_t *chunk, uint64_t n, qc__qx *x) {
   x->raw1 = v == QC_QX_F32 ? chunk + raw + n : NULL;
   x->raw2 = v == QC_QX_F32 ? chunk + raw + 2 * n : NULL;
   x->esc = chunk + raw + (uint64_t)qx_raw_planes(v) * n;
+  x->n_esc = ld64(chunk + 8);
   memcpy(x->table, chunk + 1, 7);
   x->table[7] = 0;
 }
 
-static uint64_t ld64(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-  return v;
-}
 static void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
 /* Escapes before element e, from the index and the plane words (x from qc__qx_view). */
