@@ -298,11 +298,13 @@ const char *qc_kernel_name(void) { return kern()->name; }
 int qc_kernel_available(const char *kernel) { return kernel_by_name(kernel) != NULL; }
 
 void qc_to_f32(qc_dtype src_dt, const void *src, uint64_t n, float *dst) {
+  if (!n) return; /* an empty tensor's buffers may be NULL */
   if (src_dt == QC_DT_F32) memmove(dst, src, n * 4);
   else if (src_dt == QC_DT_F16) kern()->f16_to_f32(src, n, dst);
   else kern()->bf16_to_f32(src, n, dst);
 }
 void qc_from_f32(qc_dtype dt, const float *src, uint64_t n, void *dst) {
+  if (!n) return;
   if (dt == QC_DT_F32) memmove(dst, src, n * 4);
   else if (dt == QC_DT_F16) kern()->f32_to_f16(src, n, dst);
   else kern()->f32_to_bf16(src, n, dst);

@@ -134,3 +134,4 @@ Test(store_edges, qins8) { check_codec(QC_QINS8); }
 Test(store_edges, qins16) { check_codec(QC_QINS16); }
 Test(store_edges, seed_log) { check_codec(QC_SEED_LOG); }
 Test(store_edges, seed_rational) { check_codec(QC_SEED_RATIONAL); }
+Test(store_edges, qinsx) { check_codec(QC_QINSX); } /* exact: the zero bounds above */
