@@ -75,7 +75,8 @@ SUPPORT_A:= $(BUILD)/support.a
 BINS := $(if $(DAEMON_SRC),$(BUILD)/qinsd) $(if $(CTL_SRC),$(BUILD)/qinsctl) \
         $(if $(wildcard client/examples/qins-llama2.c),$(BUILD)/qins-llama2)
 LIBS := $(STORE_A) $(if $(PROTO_SRC),$(PROTO_A)) $(if $(CLIENT_SRC),$(CLIENT_A) $(CLIENT_SO))
-TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration)
+TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration) \
+             $(BUILD)/tests/fault.so
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 REPLAY_BINS := $(patsubst %,$(BUILD)/fuzz-replay/%,$(FUZZ_NAMES))
 
@@ -134,6 +135,11 @@ $(BUILD)/tests/unit: $(call obj,$(UNIT_SRC)) $(TEST_LINK)
 $(BUILD)/tests/integration: $(call obj,$(INTEG_SRC)) $(TEST_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lcriterion $(LDLIBS)
+# The LD_PRELOAD fault injector for commit and sync faults (tests/fault/shim.c): never built with
+# sanitizers, since it is preloaded into programs that may or may not be.
+$(BUILD)/tests/fault.so: tests/fault/shim.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -O2 -g -fPIC -shared $(PKG_CFLAGS) -o $@ $< -ldl
 $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(TEST_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
