@@ -85,7 +85,8 @@ def locate(rule, tree):
     rule.paths = []
     for search in rule.search:
         hits = []
-        for p in sorted(glob.glob(os.path.join(tree, rule.file))):
+        files = sorted(set(p for pat in rule.file.split() for p in glob.glob(os.path.join(tree, pat))))
+        for p in files:
             with open(p, errors="surrogateescape") as f:
                 n = f.read().count(search)
             if n:
