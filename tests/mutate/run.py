@@ -256,7 +256,7 @@ def main():
             t0 = time.time()
             ok, out = make(tree, targets_for(r.tests), log)
             if not ok:
-                tail = "\n".join(l for l in out.splitlines() if "error" in l)[:600]
+                tail = "\n".join(l for l in out.splitlines() if "error:" in l)[:600]
                 results.append((r, "BUILD-ERROR", tail))
                 print("BUILDERR %-28s %s: %s" % (r.id, ", ".join(origs), tail))
                 continue
