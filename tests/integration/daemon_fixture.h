@@ -137,6 +137,14 @@ __attribute__((unused)) static int ping_on(ts_rx *rx, uint32_t id) {
   return r && ts_resp_code(r) == 0 && qp_obj_str_eq(ts_resp_result(r), "pong");
 }
 
+/* The unsigned integer at key k of map m (asserted present and unsigned). */
+__attribute__((unused)) static uint64_t map_u64(const msgpack_object *m, const char *k) {
+  const msgpack_object *v = qp_map_get(m, k);
+  cr_assert(v, "key %s missing", k);
+  cr_assert_eq(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER, "key %s not uint", k);
+  return v->via.u64;
+}
+
 /* stats over rx (asserted to succeed): the result map, valid until rx's next call. */
 __attribute__((unused)) static const msgpack_object *stats_on(ts_rx *rx) {
   msgpack_sbuffer sb;

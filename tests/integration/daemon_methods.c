@@ -24,13 +24,6 @@ static const msgpack_object *call0(ts_rx *rx, const char *method, uint32_t id) {
   return r;
 }
 
-static uint64_t map_u64(const msgpack_object *m, const char *k) {
-  const msgpack_object *v = qp_map_get(m, k);
-  cr_assert(v, "key %s missing", k);
-  cr_assert_eq(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER, "key %s not uint", k);
-  return v->via.u64;
-}
-
 /* PROTOCOL.md §4.1 */
 Test(daemon_methods, hello_reports_version_and_limits) {
   ts_rx rx;

@@ -22,12 +22,6 @@
 
 TestSuite(daemon_promises, .init = setup, .fini = teardown, .timeout = 120);
 
-static uint64_t map_u64(const msgpack_object *m, const char *k) {
-  const msgpack_object *v = qp_map_get(m, k);
-  cr_assert(v && v->type == MSGPACK_OBJECT_POSITIVE_INTEGER, "stats key %s", k);
-  return v->via.u64;
-}
-
 /* A get of m/name with nr ranges [0, 1) each, on rx; returns the response. */
 static const msgpack_object *get_ranges(ts_rx *rx, uint32_t id, const char *name, int nr) {
   msgpack_sbuffer sb;

@@ -53,16 +53,7 @@ static int ctl_env(char **env, char **out, char **err, ...) {
 }
 
 static void write_model(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed) {
-  qt_tensor t[8];
-  char names[8][16];
-  for (int i = 0; i < nt; i++) {
-    float *w = malloc(rows * cols * sizeof *w);
-    qt_fill_gauss(w, rows * cols, seed + (uint64_t)i, 0.05f);
-    snprintf(names[i], sizeof names[i], "w%d", i);
-    t[i] = (qt_tensor){names[i], QS_ST_F32, 2, {rows, cols}, w, rows * cols * 4};
-  }
-  cr_assert_eq(qt_st_write(path, t, (size_t)nt, NULL), 0, "writing %s", path);
-  for (int i = 0; i < nt; i++) free((void *)t[i].data);
+  cr_assert_eq(qt_st_write_gauss(path, nt, rows, cols, seed), 0, "writing %s", path);
 }
 
 static void import_ok(const char *src, const char *model) {

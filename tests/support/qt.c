@@ -272,3 +272,18 @@ char **qt_env_preload(const char *const *extra) {
   for (size_t i = 0; i < n; i++) env[2 + i] = (char *)extra[i];
   return env;
 }
+
+int qt_st_write_gauss(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed) {
+  qt_tensor t[16];
+  char names[16][16];
+  if (nt < 1 || nt > 16) return -1;
+  for (int i = 0; i < nt; i++) {
+    float *w = malloc(rows * cols * sizeof *w);
+    qt_fill_gauss(w, rows * cols, seed + (uint64_t)i, 0.05f);
+    snprintf(names[i], sizeof names[i], "w%d", i);
+    t[i] = (qt_tensor){names[i], QS_ST_F32, 2, {rows, cols}, w, rows * cols * 4};
+  }
+  int rc = qt_st_write(path, t, (size_t)nt, NULL);
+  for (int i = 0; i < nt; i++) free((void *)t[i].data);
+  return rc;
+}

@@ -70,6 +70,10 @@ long long qt_db_entries(const char *store, const char *db);
  * be NULL). The array is malloc'd; its first two strings are static (one call at a time). */
 char **qt_env_preload(const char *const *extra);
 
+/* Writes a safetensors file of nt (1..16) f32 matrices "w0", "w1", ... of rows x cols, Gaussian
+ * (scale 0.05) seeded seed + i. 0 or -1. */
+int qt_st_write_gauss(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed);
+
 /* Deterministic pseudo-Gaussian values (seeded). */
 void qt_fill_gauss(float *x, uint64_t n, uint64_t seed, float scale);
 

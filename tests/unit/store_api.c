@@ -366,53 +366,6 @@ Test(store_api, corrupted_chunk_fails_its_checksum) {
   free(x);
 }
 
-/* FORMAT.md: a chunk's CRC is checked on its first read and remembered; QINS_VERIFY=always checks
- * it on every read, so bytes corrupted after a verified read are still refused. */
-Test(store_api, verify_always_checks_every_read_again) {
-  uint64_t sh[2] = {64, 64};
-  float *x = malloc(4096 * 4), *y = malloc(4096 * 4);
-  for (int i = 0; i < 4096; i++) x[i] = 2345.5f + (float)(i % 11);
-  qs_store *s;
-  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
-  qs_import *im;
-  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
-  put_tensor(im, "w", 2, sh, QC_F32, x);
-  cr_assert_eq(qs_import_commit(im), 0);
-  qs_close(s);
-  char p[256];
-  snprintf(p, sizeof p, "%s/data.mdb", sdir);
-  size_t len;
-  char *db = qt_read(p, &len);
-  char *hit = db ? memmem(db, len, x, 64) : NULL;
-  cr_assert_not_null(hit, "chunk bytes not found in data.mdb");
-  off_t at = hit + 100 - db;
-  char flip = (char)(hit[100] ^ 0x40);
-  free(db);
-
-  cr_assert_eq(setenv("QINS_VERIFY", "always", 1), 0);
-  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
-  qs_txn *t;
-  qs_tensor ten;
-  cr_assert_eq(qs_txn_begin(s, &t), 0);
-  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
-  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 4096, y), 0, "%s", qs_error());
-  cr_assert_eq(memcmp(x, y, 4096 * 4), 0);
-  qs_txn_end(t);
-  /* The file is mapped shared: the flipped byte is what the next read sees. */
-  int fd = open(p, O_WRONLY);
-  cr_assert_eq(pwrite(fd, &flip, 1, at), 1);
-  close(fd);
-  cr_assert_eq(qs_txn_begin(s, &t), 0);
-  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
-  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 4096, y), QINS_ECHECKSUM,
-               "a chunk corrupted after its first read was served under QINS_VERIFY=always");
-  qs_txn_end(t);
-  qs_close(s);
-  unsetenv("QINS_VERIFY");
-  free(x);
-  free(y);
-}
-
 /* Rewrites the first record of the store's "chunks" DB through fn, with raw LMDB in a forked child
  * (this process has no env open: it opens the store only afterwards). */
 static void rewrite_first_chunk(void (*fn)(uint8_t *rec, size_t *len)) {
@@ -472,6 +425,46 @@ static void import_w(int codec) {
   cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
   qs_close(s);
   free(x);
+}
+
+/* FORMAT.md: a chunk's CRC is checked on its first read and remembered; QINS_VERIFY=always checks
+ * it on every read, so bytes corrupted after a verified read are still refused. */
+Test(store_api, verify_always_checks_every_read_again) {
+  import_w(QC_F32);
+  float *x = gauss(4096, 77), *y = malloc(4096 * 4);
+  qs_store *s;
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  size_t len;
+  char *db = qt_read(p, &len);
+  char *hit = db ? memmem(db, len, x, 64) : NULL;
+  cr_assert_not_null(hit, "chunk bytes not found in data.mdb");
+  off_t at = hit + 100 - db;
+  char flip = (char)(hit[100] ^ 0x40);
+  free(db);
+
+  cr_assert_eq(setenv("QINS_VERIFY", "always", 1), 0);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 4096, y), 0, "%s", qs_error());
+  cr_assert_eq(memcmp(x, y, 4096 * 4), 0);
+  qs_txn_end(t);
+  /* The file is mapped shared: the flipped byte is what the next read sees. */
+  int fd = open(p, O_WRONLY);
+  cr_assert_eq(pwrite(fd, &flip, 1, at), 1);
+  close(fd);
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, 4096, y), QINS_ECHECKSUM,
+               "a chunk corrupted after its first read was served under QINS_VERIFY=always");
+  qs_txn_end(t);
+  qs_close(s);
+  unsetenv("QINS_VERIFY");
+  free(x);
+  free(y);
 }
 
 /* Keeps the header (its size field still says the full payload) but drops 4 payload bytes. */
