@@ -75,12 +75,13 @@ SUPPORT_A:= $(BUILD)/support.a
 BINS := $(if $(DAEMON_SRC),$(BUILD)/qinsd) $(if $(CTL_SRC),$(BUILD)/qinsctl) \
         $(if $(wildcard client/examples/qins-llama2.c),$(BUILD)/qins-llama2)
 LIBS := $(STORE_A) $(if $(PROTO_SRC),$(PROTO_A)) $(if $(CLIENT_SRC),$(CLIENT_A) $(CLIENT_SO))
-TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration)
+TEST_BINS := $(if $(UNIT_SRC),$(BUILD)/tests/unit) $(if $(INTEG_SRC),$(BUILD)/tests/integration) \
+             $(BUILD)/tests/fault.so
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 REPLAY_BINS := $(patsubst %,$(BUILD)/fuzz-replay/%,$(FUZZ_NAMES))
 
-.PHONY: all deps test unit integration pytest fuzz-replay fuzz-bins asan bench fuzz soak demo \
-        install uninstall clean
+.PHONY: all deps test unit integration pytest skips fuzz-replay fuzz-bins asan bench fuzz soak \
+        demo install uninstall clean mutate
 .DEFAULT_GOAL := all
 # Keep intermediate objects (fuzz-replay and bench objects are built through chained rules).
 .SECONDARY:
@@ -135,6 +136,11 @@ $(BUILD)/tests/unit: $(call obj,$(UNIT_SRC)) $(TEST_LINK)
 $(BUILD)/tests/integration: $(call obj,$(INTEG_SRC)) $(TEST_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lcriterion $(LDLIBS)
+# The LD_PRELOAD fault injector for commit and sync faults (tests/fault/shim.c): never built with
+# sanitizers, since it is preloaded into programs that may or may not be.
+$(BUILD)/tests/fault.so: tests/fault/shim.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -O2 -g -fPIC -shared $(PKG_CFLAGS) -o $@ $< -ldl
 $(BUILD)/bench/%: $(BUILD)/obj/tests/bench/%.o $(TEST_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -154,17 +160,29 @@ $(BUILD)/fuzzer/%: $(BUILD)/obj/tests/fuzz/%.o $(FUZZ_LINK)
 # Tests find binaries and the shared models through the environment.
 TEST_ENV = QINS_BUILD=$(abspath $(BUILD)) QINS_SHARED=$(SHARED) PYTHON=$(PYTHON)
 
+# Ends with every skipped test named with its reason (tests/support/skips.py); under CI=true a skip
+# of a test CI can run is a failure.
+REPORTS = $(BUILD)/reports
 test: deps
 	@$(MAKE) --no-print-directory all $(TEST_BINS) $(REPLAY_BINS)
+	@rm -rf $(REPORTS)
 	@$(MAKE) --no-print-directory unit integration pytest fuzz-replay
+	@$(MAKE) --no-print-directory skips
+skips:
+	@CRITERION_ARGS="$(CRITERION_ARGS)" $(PYTHON) tests/support/skips.py $(REPORTS) $(SHARED)
 
 unit: $(if $(UNIT_SRC),$(BUILD)/tests/unit)
-	$(if $(UNIT_SRC),$(TEST_ENV) $(BUILD)/tests/unit $(CRITERION_ARGS))
-integration: all $(if $(INTEG_SRC),$(BUILD)/tests/integration)
-	$(if $(INTEG_SRC),$(TEST_ENV) $(BUILD)/tests/integration $(CRITERION_ARGS))
+	@mkdir -p $(REPORTS)
+	$(if $(UNIT_SRC),$(TEST_ENV) $(BUILD)/tests/unit --json=$(REPORTS)/unit.json $(CRITERION_ARGS))
+integration: all $(if $(INTEG_SRC),$(BUILD)/tests/integration $(BUILD)/tests/fault.so)
+	@mkdir -p $(REPORTS)
+	$(if $(INTEG_SRC),$(TEST_ENV) $(BUILD)/tests/integration --json=$(REPORTS)/integration.json \
+	  $(CRITERION_ARGS))
 pytest: all
+	@mkdir -p $(REPORTS)
 	@set -e; for t in $(wildcard tests/python/test_*.py); do \
-	  echo "== $$t"; $(TEST_ENV) $(PYTHON) $$t; done
+	  echo "== $$t"; r=$(REPORTS)/py-$$(basename $$t .py).txt; \
+	  if $(TEST_ENV) $(PYTHON) $$t >$$r 2>&1; then cat $$r; else cat $$r; exit 1; fi; done
 # Every seed and every saved crasher of each fuzz target, without libFuzzer.
 fuzz-replay: $(REPLAY_BINS)
 	@set -e; for t in $(FUZZ_NAMES); do c=tests/fuzz/crashers/$$t; [ -d $$c ] || c=; \
@@ -194,6 +212,14 @@ $(BUILD)/soak: $(BUILD)/obj/tests/soak/soak.o $(TEST_LINK)
 soak: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/soak
 	$(TEST_ENV) $(BUILD)/soak --duration $(DURATION)
+
+# The mutation harness (tests/mutate/, docs/TESTING.md): each mutant of tests/mutate/mutants.txt in
+# a scratch copy (build/mutate), built and run against its own tests; MUTATE_S bounds the seconds,
+# MUTANTS=id,glob picks some. Not part of `make test`.
+MUTATE_S ?= 1200
+mutate: deps
+	@MUTATE_S=$(MUTATE_S) MUTANTS="$(MUTANTS)" QINS_SHARED=$(SHARED) PYTHON=$(PYTHON) \
+	  $(PYTHON) tests/mutate/run.py
 
 bench: deps all $(BENCH_BINS)
 	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)

@@ -23,6 +23,7 @@
 
 #include "codec.h"
 #include "daemon.h"
+#include "fini_check.h"
 #include "json.h"
 #include "qins.h"
 
@@ -83,7 +84,7 @@ static void teardown(void) {
   int st = D.pid > 0 ? ts_daemon_stop(&D) : 0;
   int clean = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
   ts_dir_remove(&D, !clean);
-  cr_expect(clean, "qinsd did not exit 0 (status 0x%x)", st);
+  if (!clean) fini_failed("qinsd did not exit 0 (status 0x%x)", st);
 }
 
 static qins_client *conn(void) {
@@ -298,24 +299,80 @@ Test(client_api, get_f16_and_bf16) {
   qins_close(c);
 }
 
-/* qins.h: QINS_EBUFFER leaves the connection usable. */
+/* The daemon's connections_total, asked over c. */
+static uint64_t connections_total(qins_client *c) {
+  char *js = NULL;
+  cr_assert_eq(qins_stats(c, &js), 0, "%s", qins_client_error(c));
+  qs_json *j = NULL;
+  cr_assert_eq(qs_json_parse(js, strlen(js), &j, NULL, 0), 0, "%s", js);
+  const qs_json *v = qs_json_get(j, "connections_total");
+  cr_assert(v && v->type == QS_JSON_NUMBER, "%s", js);
+  uint64_t n = (uint64_t)v->num;
+  qs_json_free(j);
+  free(js);
+  return n;
+}
+
+/* qins.h: QINS_EBUFFER leaves the connection usable: the same connection (the daemon saw no new
+ * one) answers the next calls, and the refused buffer is not written. */
 Test(client_api, buffer_too_small_keeps_the_connection) {
   qins_client *c = conn();
+  const uint64_t conns = connections_total(c);
   float small[10];
+  for (int i = 0; i < 10; i++) small[i] = -1.0f;
   size_t got = 0;
   int rc = qins_get_into(c, "m", "w", NULL, 0, QINS_F32, small, sizeof small, &got, NULL, NULL);
-  cr_expect_eq(rc, QINS_EBUFFER, "%s", qins_err_name(rc));
-  cr_expect(strstr(qins_client_error(c), "buffer") != NULL, "%s", qins_client_error(c));
-  cr_expect_eq(qins_ping(c), 0);
+  cr_assert_eq(rc, QINS_EBUFFER, "%s", qins_err_name(rc));
+  cr_assert(strstr(qins_client_error(c), "buffer") != NULL, "%s", qins_client_error(c));
+  for (int i = 0; i < 10; i++) cr_assert_eq(small[i], -1.0f, "element %d written", i);
+  cr_assert_eq(qins_ping(c), 0);
   qins_range r = {0, 1};
   rc = qins_get_into(c, "m", "w", &r, 1, QINS_F32, small, sizeof small, &got, NULL, NULL);
-  cr_expect_eq(rc, QINS_EBUFFER);
+  cr_assert_eq(rc, QINS_EBUFFER);
   float row[129];
   uint64_t shape[QINS_MAX_NDIM];
   int nd;
   rc = qins_get_into(c, "m", "w", &r, 1, QINS_F32, row, sizeof row, &got, shape, &nd);
   cr_assert_eq(rc, 0, "%s", qins_client_error(c));
   check_slab(&tensors[0], 1, &r, row, got, shape, nd);
+  cr_assert_eq(connections_total(c), conns, "the client reconnected instead of keeping its connection");
+  qins_close(c);
+}
+
+/* qins.h qins_get_into: a payload of exactly buf_bytes fits, one byte more does not; nothing is
+ * ever written past buf_bytes (a guard region after the buffer stays as it was). */
+Test(client_api, get_into_capacity_boundary_with_a_guard) {
+  qins_client *c = conn();
+  const ct *t = &tensors[0]; /* w [37, 129] */
+  const size_t exact = ct_n(t) * 4, guard = 4096;
+  uint8_t *mem = malloc(exact + 1 + guard);
+  const qins_range row = {5, 6};
+  const size_t row_bytes = t->shape[1] * 4;
+  for (int pass = 0; pass < 2; pass++) {
+    const size_t want = pass ? row_bytes : exact;
+    const qins_range *sl = pass ? &row : NULL;
+    for (long d = -1; d <= 1; d++) {
+      size_t cap = (size_t)((long)want + d);
+      memset(mem, 0xA5, exact + 1 + guard);
+      size_t got = 12345;
+      uint64_t shape[QINS_MAX_NDIM];
+      int nd = -1;
+      int rc = qins_get_into(c, "m", "w", sl, pass, QINS_F32, mem, cap, &got, shape, &nd);
+      size_t clean_from = 0;
+      if (d < 0) {
+        cr_assert_eq(rc, QINS_EBUFFER, "%zu bytes into %zu: %s", want, cap, qins_err_name(rc));
+        cr_assert(strstr(qins_client_error(c), "does not fit"), "%s", qins_client_error(c));
+      } else {
+        cr_assert_eq(rc, 0, "%zu bytes into %zu: %s", want, cap, qins_client_error(c));
+        cr_assert_eq(got, want);
+        check_slab(t, pass, sl, (const float *)mem, got, shape, nd);
+        clean_from = want;
+      }
+      for (size_t i = clean_from; i < exact + 1 + guard; i++)
+        cr_assert_eq(mem[i], 0xA5, "byte %zu written (payload %zu, buffer %zu)", i, want, cap);
+    }
+  }
+  free(mem);
   qins_close(c);
 }
 

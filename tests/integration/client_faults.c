@@ -301,3 +301,47 @@ Test(client_faults, deep_nesting_is_refused) {
   qins_close(c);
   fake_stop(&f);
 }
+
+/* qins.h get_many_into: the answer must hold exactly the tensors asked for. A server answering
+ * with fewer (here 1 of 2) is a protocol error naming both counts, never rc 0 with buffers left
+ * unwritten. */
+Test(client_faults, get_many_into_refuses_fewer_tensors_than_asked) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  msgpack_pack_array(&pk, 4);
+  msgpack_pack_uint8(&pk, 1);
+  msgpack_pack_uint8(&pk, 2);
+  msgpack_pack_nil(&pk);
+  msgpack_pack_map(&pk, 1);
+  msgpack_pack_str_with_body(&pk, "tensors", 7);
+  msgpack_pack_array(&pk, 1);
+  msgpack_pack_map(&pk, 4);
+  msgpack_pack_str_with_body(&pk, "name", 4);
+  msgpack_pack_str_with_body(&pk, "a", 1);
+  msgpack_pack_str_with_body(&pk, "shape", 5);
+  msgpack_pack_array(&pk, 1);
+  msgpack_pack_uint8(&pk, 2);
+  msgpack_pack_str_with_body(&pk, "dtype", 5);
+  msgpack_pack_str_with_body(&pk, "f32", 3);
+  msgpack_pack_str_with_body(&pk, "data", 4);
+  const float body[2] = {1.5f, -2.0f};
+  msgpack_pack_bin_with_body(&pk, body, sizeof body);
+  fake f = {.reply = (const uint8_t *)sb.data, .reply_len = sb.size};
+  fake_start(&f);
+  qins_client *c;
+  cr_assert_eq(qins_connect(&c, f.path, 2000), 0);
+  qins_set_timeout(c, 2000);
+  float a[2] = {0}, b[2] = {7.0f, 7.0f};
+  qins_get_req req[2] = {{.name = "a", .buf = a, .buf_bytes = sizeof a},
+                         {.name = "b", .buf = b, .buf_bytes = sizeof b}};
+  int rc = qins_get_many_into(c, "m", req, 2, QINS_F32);
+  cr_expect_eq(rc, QINS_EPROTO, "an answer with 1 of 2 tensors: %s", qins_err_name(rc));
+  cr_expect(strstr(qins_client_error(c), "1 tensors in the answer, 2 asked") != NULL, "%s",
+            qins_client_error(c));
+  cr_expect(b[0] == 7.0f && b[1] == 7.0f, "the unanswered buffer is untouched");
+  qins_close(c);
+  fake_stop(&f);
+  msgpack_sbuffer_destroy(&sb);
+}

@@ -15,6 +15,7 @@
 
 #include "codec.h"
 #include "daemon.h"
+#include "fini_check.h"
 
 static ts_daemon D;
 
@@ -44,7 +45,7 @@ static void teardown(void) {
   int st = D.pid > 0 ? ts_daemon_stop(&D) : 0;
   int clean = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
   ts_dir_remove(&D, !clean);
-  cr_expect(clean, "qinsd did not exit 0 (status 0x%x)", st);
+  if (!clean) fini_failed("qinsd did not exit 0 (status 0x%x)", st);
 }
 
 /* Runs `qinsctl ARGS` (stderr folded in); returns the exit status, *out the output (malloc'd). */

@@ -32,6 +32,7 @@
 
 #include "codec.h"
 #include "daemon.h"
+#include "fini_check.h"
 #include "qins.h"
 #include "qt.h"
 #include "safetensors.h"
@@ -161,7 +162,7 @@ static void teardown(void) {
   int st = D.pid > 0 ? ts_daemon_stop(&D) : 0;
   int clean = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
   ts_dir_remove(&D, !clean);
-  cr_expect(clean, "qinsd did not exit 0 (status 0x%x)", st);
+  if (!clean) fini_failed("qinsd did not exit 0 (status 0x%x)", st);
 }
 
 /* The served path against the FP32 reference, greedy, STEPS tokens. */
@@ -274,20 +275,23 @@ Test(client_worker, qins8_beats_q8_0) {
   cr_expect_geq(f.top1, q.top1, "qins8 top-1 %d vs Q8_0 %d", f.top1, q.top1);
 }
 
-/* Lossy codecs measured for the report; bounds only catch a broken path (garbage weights give a
- * KLD of several nats and chance-level top-1). */
-static void lossy(const char *codec) {
+/* Lossy codecs, each held to its measured figures (teacher-forced over STEPS steps on this
+ * deterministic path: the codecs decode bit-exactly on every kernel, and the worker's arithmetic
+ * has no FMA contraction) with about 1.5x headroom, so a codec or conversion that gets worse
+ * fails. Measured: f16 KLD 3.20e-05, top-1 496/500; bf16 2.40e-03, 485; seed-log 8.93e-02, 423;
+ * seed-rational 2.80e-01, 357. */
+static void lossy(const char *codec, double kld_max, int top1_min) {
   serve(codec);
   figures f = served(codec, NULL);
   report(codec, &f);
-  cr_expect(isfinite(f.kld) && f.kld < 0.5, "%s mean KLD %g", codec, f.kld);
-  cr_expect_geq(f.top1, STEPS / 2, "%s top-1 %d/%d", codec, f.top1, STEPS);
+  cr_expect(isfinite(f.kld) && f.kld < kld_max, "%s mean KLD %g, bound %g", codec, f.kld, kld_max);
+  cr_expect_geq(f.top1, top1_min, "%s top-1 %d/%d, bound %d", codec, f.top1, STEPS, top1_min);
 }
 
-Test(client_worker, seed_log_measured) { lossy("seed-log"); }
-Test(client_worker, seed_rational_measured) { lossy("seed-rational"); }
-Test(client_worker, f16_measured) { lossy("f16"); }
-Test(client_worker, bf16_measured) { lossy("bf16"); }
+Test(client_worker, seed_log_measured) { lossy("seed-log", 0.13, 410); }
+Test(client_worker, seed_rational_measured) { lossy("seed-rational", 0.40, 340); }
+Test(client_worker, f16_measured) { lossy("f16", 5e-5, 490); }
+Test(client_worker, bf16_measured) { lossy("bf16", 4e-3, 478); }
 
 /* The budget decides what is kept between uses, never what is computed. */
 Test(client_worker, budget_changes_fetches_not_tokens) {

@@ -138,8 +138,8 @@ Test(daemon_bad, ext_declaring_2gb) {
   const uint8_t m[] = {0x94, 0x00, 0x01, 0xc9, 0x80, 0x00, 0x00, 0x00, 0x01};
   expect_error(m, sizeof m, QINS_ETOO_LARGE, 0, 1);
 }
-Test(daemon_bad, nesting_deeper_than_8) {
-  uint8_t m[32];
+/* The envelope (depth 1) holding `params` nested `depth - 1` deep around a nil. */
+static size_t nested_ping(uint8_t *m, int depth) {
   size_t n = 0;
   m[n++] = 0x94;
   m[n++] = 0x00;
@@ -147,8 +147,17 @@ Test(daemon_bad, nesting_deeper_than_8) {
   m[n++] = 0xa4;
   memcpy(m + n, "ping", 4);
   n += 4;
-  for (int i = 0; i < 9; i++) m[n++] = 0x91;
+  for (int i = 1; i < depth; i++) m[n++] = 0x91;
   m[n++] = 0xc0;
+  return n;
+}
+/* PROTOCOL.md §2: nesting depth 8 is parsed (params [[...]] is then a bad-params PROTO answered to
+ * its msgid on an open connection); depth 9 is a framing error: msgid 0, then a close. */
+Test(daemon_bad, nesting_deeper_than_8) {
+  uint8_t m[32];
+  size_t n = nested_ping(m, 8);
+  expect_error(m, n, QINS_EPROTO, 1, 0);
+  n = nested_ping(m, 9);
   expect_error(m, n, QINS_EPROTO, 0, 1);
 }
 Test(daemon_bad, reserved_byte_c1) {
@@ -274,7 +283,26 @@ static void p_nine_ranges(msgpack_packer *pk) {
     msgpack_pack_uint64(pk, 1);
   }
 }
-Test(daemon_bad, slice_over_max_ranges) { expect_call_error("get", 3, p_nine_ranges, QINS_EBAD_SLICE); }
+static void p_5000_ranges(msgpack_packer *pk) {
+  mn(pk, "c3");
+  qp_pack_cstr(pk, "slice");
+  msgpack_pack_array(pk, 5000);
+  for (int i = 0; i < 5000; i++) {
+    msgpack_pack_array(pk, 2);
+    msgpack_pack_uint64(pk, 0);
+    msgpack_pack_uint64(pk, 1);
+  }
+}
+/* Over max_ranges (8): 9 ranges on a 3-D tensor, and 5,000 (refused before any is stored). The
+ * option's own boundary is daemon_promises/max_ranges_option_bounds_a_slice. */
+Test(daemon_bad, slice_over_max_ranges) {
+  expect_call_error("get", 3, p_nine_ranges, QINS_EBAD_SLICE);
+  expect_call_error("get", 3, p_5000_ranges, QINS_EBAD_SLICE);
+  /* Nothing was written past the slice: the daemon still stops cleanly (glibc aborts at exit on a
+   * corrupted heap). */
+  int st = ts_daemon_stop(&D);
+  cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "qinsd exit status 0x%x", st);
+}
 static void p_slice_str(msgpack_packer *pk) {
   mn(pk, "a.w");
   kv_str(pk, "slice", "0:4");

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "daemon.h"
+#include "fini_check.h"
 #include "proto.h"
 #include "qt.h"
 
@@ -101,7 +102,7 @@ static void teardown(void) {
   int st = D.pid > 0 ? ts_daemon_stop(&D) : 0;
   int clean = st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0;
   ts_dir_remove(&D, !clean);
-  cr_expect(clean, "qinsd did not exit 0 on SIGTERM (status 0x%x)", st);
+  if (!clean) fini_failed("qinsd did not exit 0 on SIGTERM (status 0x%x)", st);
 }
 
 /* Opens a connection to the fixture's daemon. */
@@ -134,6 +135,14 @@ __attribute__((unused)) static int ping_on(ts_rx *rx, uint32_t id) {
   const msgpack_object *r = ts_call(rx, &sb, id);
   msgpack_sbuffer_destroy(&sb);
   return r && ts_resp_code(r) == 0 && qp_obj_str_eq(ts_resp_result(r), "pong");
+}
+
+/* The unsigned integer at key k of map m (asserted present and unsigned). */
+__attribute__((unused)) static uint64_t map_u64(const msgpack_object *m, const char *k) {
+  const msgpack_object *v = qp_map_get(m, k);
+  cr_assert(v, "key %s missing", k);
+  cr_assert_eq(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER, "key %s not uint", k);
+  return v->via.u64;
 }
 
 /* stats over rx (asserted to succeed): the result map, valid until rx's next call. */

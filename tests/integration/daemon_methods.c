@@ -24,13 +24,6 @@ static const msgpack_object *call0(ts_rx *rx, const char *method, uint32_t id) {
   return r;
 }
 
-static uint64_t map_u64(const msgpack_object *m, const char *k) {
-  const msgpack_object *v = qp_map_get(m, k);
-  cr_assert(v, "key %s missing", k);
-  cr_assert_eq(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER, "key %s not uint", k);
-  return v->via.u64;
-}
-
 /* PROTOCOL.md §4.1 */
 Test(daemon_methods, hello_reports_version_and_limits) {
   ts_rx rx;
@@ -588,7 +581,10 @@ Test(daemon_methods, thirty_two_concurrent_clients) {
   ts_rx_destroy(&rx);
 }
 
-/* SIGTERM: stop accepting, finish in-flight, exit 0. */
+/* SIGTERM: stop accepting, finish in-flight, exit 0. Requests are dispatched in order, so those
+ * answered SHUTDOWN (buffered, not started) come after every one answered with data (started), and
+ * each data answer is the whole tensor. Which split a run sees depends on timing; the exact split
+ * is daemon_promises/sigterm_answers_buffered_requests_shutdown. */
 Test(daemon_methods, sigterm_finishes_in_flight_requests) {
   ts_rx rx;
   open_rx(&rx);
@@ -607,20 +603,38 @@ Test(daemon_methods, sigterm_finishes_in_flight_requests) {
   }
   cr_assert_eq(ts_send(rx.fd, sb.data, sb.size), 0);
   msgpack_sbuffer_destroy(&sb);
-  /* The first answer proves the requests were read; then stop the daemon. */
+  const std_tensor *big = std_find("big");
+  const uint64_t seed = (uint64_t)(big - std_tensors), n = std_n(big);
+  int code_of[4] = {1, 1, 1, 1}; /* 1: no answer yet */
   const msgpack_object *o;
-  cr_assert_eq(ts_rx_next(&rx, 30000, &o), 1);
-  cr_assert_eq(ts_resp_code(o), 0);
-  kill(D.pid, SIGTERM);
-  int answered = 1;
+  int answered = 0;
   for (;;) {
     int r = ts_rx_next(&rx, 30000, &o);
     if (r != 1) break;
+    uint64_t id = o->via.array.ptr[1].via.u64;
+    cr_assert(id >= 70 && id < 74 && code_of[id - 70] == 1, "msgid %llu", (unsigned long long)id);
     int code = ts_resp_code(o);
+    code_of[id - 70] = code;
     cr_assert(code == 0 || code == QINS_ESHUTDOWN, "code %d", code);
-    answered++;
+    if (code == 0) {
+      const msgpack_object *data = qp_map_get(ts_resp_result(o), "data");
+      cr_assert(data && data->via.bin.size == n * 4, "the whole tensor");
+      for (uint64_t e = 0; e < n; e += 997) {
+        float v;
+        memcpy(&v, data->via.bin.ptr + 4 * e, 4);
+        cr_assert_eq(v, ts_value(seed, e), "element %llu", (unsigned long long)e);
+      }
+    }
+    /* The first answer proves the requests were read; then stop the daemon. */
+    if (++answered == 1) {
+      cr_assert_eq(code, 0);
+      kill(D.pid, SIGTERM);
+    }
   }
   cr_assert_eq(answered, 4, "every request got an answer (data or SHUTDOWN)");
+  for (int i = 1; i < 4; i++)
+    cr_assert(!(code_of[i - 1] == QINS_ESHUTDOWN && code_of[i] == 0),
+              "request %d ran after request %d was refused as not started", 70 + i, 69 + i);
   int st = ts_daemon_wait(&D, 10000);
   cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status 0x%x", st);
   cr_assert_lt(ts_connect(D.sock), 0, "no longer accepting");

@@ -481,9 +481,11 @@ Test(qinsctl_store, store_full_aborts_and_leaves_the_store_as_it_was) {
   free(after);
 }
 
-Test(qinsctl_store, disk_full_at_commit_aborts_and_leaves_the_store_as_it_was) {
+Test(qinsctl_store, disk_full_at_a_staged_data_commit_aborts_and_leaves_the_store_as_it_was) {
   /* The data file may not grow past its size + 1 MiB (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail
-   * with EFBIG, as they would with ENOSPC): the import's commit fails, the store stays as it was. */
+   * with EFBIG, as they would with ENOSPC): the import's first staged-data commit fails, the store
+   * stays as it was. The disk filling at the publish commit itself is
+   * store_commit_fault/disk_full_at_the_publish_commit_keeps_the_old_model. */
   char good[256], big[256];
   snprintf(good, sizeof good, "%s/small.safetensors", dir);
   snprintf(big, sizeof big, "%s/big.safetensors", dir);

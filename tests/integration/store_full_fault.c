@@ -106,16 +106,7 @@ static uint8_t *served(size_t *len) {
 }
 
 static void write_model(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed) {
-  qt_tensor t[16];
-  char names[16][16];
-  for (int i = 0; i < nt; i++) {
-    float *w = malloc(rows * cols * sizeof *w);
-    qt_fill_gauss(w, rows * cols, seed + (uint64_t)i, 0.05f);
-    snprintf(names[i], sizeof names[i], "w%d", i);
-    t[i] = (qt_tensor){names[i], QS_ST_F32, 2, {rows, cols}, w, rows * cols * 4};
-  }
-  cr_assert_eq(qt_st_write(path, t, (size_t)nt, NULL), 0, "writing %s", path);
-  for (int i = 0; i < nt; i++) free((void *)t[i].data);
+  cr_assert_eq(qt_st_write_gauss(path, nt, rows, cols, seed), 0, "writing %s", path);
 }
 
 static void child(const char *a_src, const char *b_src, const char *c_src) {

@@ -238,7 +238,11 @@ class ClientTest(unittest.TestCase):
             ("w", "2:2", w[2:2]),
             ("c3", "1:4,2:5,3:9", c3[1:4, 2:5, 3:9]),
             ("c3", [(0, 5), (3, 3)], c3[:, 3:3]),
+            ("w", "1:-1", w[1:-1]),  # a negative stop counts from the end, as in numpy
+            ("w", ":,-5:-2", w[:, -5:-2]),
+            ("c3", (slice(None), slice(-3, -1)), c3[:, -3:-1]),
         ]
+        self.assertEqual(qins.parse_slice("2:-3,:-1", shape=(37, 129)), [[2, 34], [0, 128]])
         for name, spec, want in cases:
             g = self.c.get(MODEL, name, slice=spec)
             self.assertEqual(g.shape, want.shape, (name, spec))

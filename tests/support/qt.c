@@ -17,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <lmdb.h>
+
 extern char **environ;
 
 static void qt_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n) {
@@ -224,4 +226,64 @@ void qt_fill_gauss(float *x, uint64_t n, uint64_t seed, float scale) {
     }
     x[i] = acc * scale * 1.7320508f;
   }
+}
+
+long long qt_db_entries(const char *store, const char *db) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC)) return -1;
+  pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) { /* the env is opened (read-only) in this child only, which then exits */
+    long long n = -1;
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_stat st;
+    if (!mdb_env_create(&env) && !mdb_env_set_maxdbs(env, 8) &&
+        !mdb_env_open(env, store, MDB_RDONLY, 0) && !mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) {
+      if (!mdb_dbi_open(txn, db, 0, &dbi) && !mdb_stat(txn, dbi, &st)) n = (long long)st.ms_entries;
+      mdb_txn_abort(txn);
+    }
+    if (write(p[1], &n, sizeof n) != sizeof n) _exit(1);
+    _exit(0);
+  }
+  close(p[1]);
+  long long n = -1;
+  if (read(p[0], &n, sizeof n) != sizeof n) n = -1;
+  close(p[0]);
+  int st;
+  while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+  return n;
+}
+
+char **qt_env_preload(const char *const *extra) {
+  static char pre[4200], asan[512];
+  char so[4096];
+  snprintf(pre, sizeof pre, "LD_PRELOAD=%s", qt_bin("tests/fault.so", so, sizeof so));
+  /* An ASan build must accept a preloaded library that is not ASan's runtime. */
+  const char *a = getenv("ASAN_OPTIONS");
+  snprintf(asan, sizeof asan, "ASAN_OPTIONS=%s%sverify_asan_link_order=0", a ? a : "",
+           a && *a ? ":" : "");
+  size_t n = 0;
+  while (extra && extra[n]) n++;
+  char **env = calloc(n + 3, sizeof *env);
+  env[0] = pre;
+  env[1] = asan;
+  for (size_t i = 0; i < n; i++) env[2 + i] = (char *)extra[i];
+  return env;
+}
+
+int qt_st_write_gauss(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed) {
+  qt_tensor t[16];
+  char names[16][16];
+  if (nt < 1 || nt > 16) return -1;
+  for (int i = 0; i < nt; i++) {
+    float *w = malloc(rows * cols * sizeof *w);
+    qt_fill_gauss(w, rows * cols, seed + (uint64_t)i, 0.05f);
+    snprintf(names[i], sizeof names[i], "w%d", i);
+    t[i] = (qt_tensor){names[i], QS_ST_F32, 2, {rows, cols}, w, rows * cols * 4};
+  }
+  int rc = qt_st_write(path, t, (size_t)nt, NULL);
+  for (int i = 0; i < nt; i++) free((void *)t[i].data);
+  return rc;
 }

@@ -62,6 +62,18 @@ typedef struct qt_tensor {
 /* Writes a valid safetensors file (header by qs_st_header_build). 0 or -1. */
 int qt_st_write(const char *path, const qt_tensor *t, size_t n, const char *metadata_json);
 
+/* Entries in named DB db of the LMDB store at dir store, read in a forked child (the calling
+ * process never opens the env); -1 when it cannot be read. */
+long long qt_db_entries(const char *store, const char *db);
+/* An environment (NULL-terminated, for qt_run's env_extra) that preloads the fault shim
+ * $QINS_BUILD/tests/fault.so (tests/fault/shim.c) plus extra ("K=V" entries, NULL-terminated, may
+ * be NULL). The array is malloc'd; its first two strings are static (one call at a time). */
+char **qt_env_preload(const char *const *extra);
+
+/* Writes a safetensors file of nt (1..16) f32 matrices "w0", "w1", ... of rows x cols, Gaussian
+ * (scale 0.05) seeded seed + i. 0 or -1. */
+int qt_st_write_gauss(const char *path, int nt, uint64_t rows, uint64_t cols, uint64_t seed);
+
 /* Deterministic pseudo-Gaussian values (seeded). */
 void qt_fill_gauss(float *x, uint64_t n, uint64_t seed, float scale);
 

@@ -9,6 +9,7 @@
  */
 #include <criterion/criterion.h>
 #include <fcntl.h>
+#include <lmdb.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@
 #include "qins.h"
 #include "qt.h"
 #include "store.h"
+#include "store_int.h"
 
 static char dir[64], sdir[128];
 
@@ -362,6 +364,158 @@ Test(store_api, corrupted_chunk_fails_its_checksum) {
   cr_assert_eq(probs, 1);
   qs_close(s);
   free(x);
+}
+
+/* Rewrites the first record of the store's "chunks" DB through fn, with raw LMDB in a forked child
+ * (this process has no env open: it opens the store only afterwards). */
+static void rewrite_first_chunk(void (*fn)(uint8_t *rec, size_t *len)) {
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    MDB_env *env;
+    MDB_txn *txn;
+    MDB_dbi dbi;
+    MDB_cursor *c;
+    MDB_val k, v;
+    if (mdb_env_create(&env) || mdb_env_set_maxdbs(env, 8) || mdb_env_open(env, sdir, 0, 0664) ||
+        mdb_txn_begin(env, NULL, 0, &txn) || mdb_dbi_open(txn, "chunks", 0, &dbi) ||
+        mdb_cursor_open(txn, dbi, &c) || mdb_cursor_get(c, &k, &v, MDB_FIRST))
+      _exit(1);
+    size_t len = v.mv_size;
+    uint8_t *rec = malloc(len), key[64];
+    memcpy(rec, v.mv_data, len);
+    memcpy(key, k.mv_data, k.mv_size);
+    mdb_cursor_close(c);
+    fn(rec, &len);
+    MDB_val nk = {k.mv_size, key}, nv = {len, rec};
+    if (mdb_put(txn, dbi, &nk, &nv, 0) || mdb_txn_commit(txn)) _exit(1);
+    mdb_env_close(env);
+    _exit(0);
+  }
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "rewriting the chunk record failed");
+}
+
+/* Reads m/w whole (n floats) from the store; returns the code; *msg gets qs_error(). */
+static int read_whole_w(uint64_t n, char *msg, size_t cap) {
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0, "%s", qs_error());
+  qs_txn *t;
+  qs_tensor ten;
+  float *y = malloc(n * 4);
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  int rc = qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, n, y);
+  snprintf(msg, cap, "%s", qs_error());
+  qs_txn_end(t);
+  qs_close(s);
+  free(y);
+  return rc;
+}
+
+static void import_w(int codec) {
+  uint64_t sh[2] = {64, 64};
+  float *x = gauss(4096, 77);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, codec, x);
+  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
+  qs_close(s);
+  free(x);
+}
+
+/* QINS_VERIFY=always (docs/qinsctl.md): every read checks its chunks whole. By default a chunk is
+ * verified whole at its first read, then each read checks only the 16 KiB segments it serves; so
+ * after a first clean read, a byte damaged in the last row of chunk 0 is CHECKSUM for a read of
+ * row 0 only under "always". */
+Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
+  const uint64_t rows = 256, cols = 1024, n = rows * cols; /* 1 MiB of f32 */
+  uint64_t sh[2] = {rows, cols};
+  float *x = gauss(n, 78), *y = malloc(cols * 4);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
+  qs_close(s);
+
+  cr_assert_eq(setenv("QINS_VERIFY", "always", 1), 0);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
+  const qs_slice row0 = {.ndim = 1, .start = {0}, .stop = {1}};
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  const uint64_t rpc = ten.rows_per_chunk;
+  cr_assert_geq(rpc * cols * 4, 4 * 16384, "chunk 0 spans several 16 KiB segments");
+  cr_assert_eq(qs_tensor_read(t, &ten, &row0, QC_DT_F32, 0, cols, y), 0, "%s", qs_error());
+  cr_assert_eq(memcmp(x, y, cols * 4), 0);
+  qs_txn_end(t);
+
+  /* Flip a byte of the last row of chunk 0, far from row 0's segment. The file is mapped shared:
+   * the next read sees it. */
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  size_t len;
+  char *db = qt_read(p, &len);
+  char *hit = db ? memmem(db, len, x + (rpc - 1) * cols, 64) : NULL;
+  cr_assert_not_null(hit, "the last row of chunk 0 not found in data.mdb");
+  char flip = (char)(hit[40] ^ 0x40);
+  int fd = open(p, O_WRONLY);
+  cr_assert_eq(pwrite(fd, &flip, 1, hit + 40 - db), 1);
+  close(fd);
+  free(db);
+
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  int rc = qs_tensor_read(t, &ten, &row0, QC_DT_F32, 0, cols, y);
+  cr_assert_eq(rc, QINS_ECHECKSUM, "row 0 of a chunk damaged elsewhere under QINS_VERIFY=always: %s",
+               qins_err_name(rc));
+  cr_assert(strstr(qs_error(), "m/w: chunk 0 fails its checksum"), "%s", qs_error());
+  qs_txn_end(t);
+  qs_close(s);
+  unsetenv("QINS_VERIFY");
+  free(x);
+  free(y);
+}
+
+/* Keeps the header (its size field still says the full payload) but drops 4 payload bytes. */
+static void truncate_by_4(uint8_t *rec, size_t *len) {
+  (void)rec;
+  *len -= 4;
+}
+
+/* FORMAT.md §2.5: a chunk record whose length is not its header's plus the payload the tensor
+ * needs is CORRUPT, before any byte of it is read as payload. */
+Test(store_api, chunk_record_of_the_wrong_length_is_corrupt) {
+  import_w(QC_F32);
+  rewrite_first_chunk(truncate_by_4);
+  char msg[512];
+  int rc = read_whole_w(4096, msg, sizeof msg);
+  cr_assert_eq(rc, QINS_ECORRUPT, "a record 4 bytes short: %s (%s)", qins_err_name(rc), msg);
+  cr_assert(strstr(msg, "m/w: chunk 0 is malformed"), "%s", msg);
+}
+
+/* A NaN qins8 scale with a CRC that matches it (written so, not flipped): the CRC passes, the
+ * codec data check refuses the chunk. */
+static void nan_scale_valid_crc(uint8_t *rec, size_t *len) {
+  rec[QS_CHUNK_HDR] = 0x00;
+  rec[QS_CHUNK_HDR + 1] = 0x7E; /* scale[0] = f16 NaN */
+  uint32_t crc = qs__crc32c(0, rec + QS_CHUNK_HDR, *len - QS_CHUNK_HDR);
+  memcpy(rec + 4, &crc, 4); /* little-endian */
+}
+
+Test(store_api, chunk_with_invalid_codec_data_and_a_valid_crc_is_corrupt) {
+  import_w(QC_QINS8);
+  rewrite_first_chunk(nan_scale_valid_crc);
+  char msg[512];
+  int rc = read_whole_w(4096, msg, sizeof msg);
+  cr_assert_eq(rc, QINS_ECORRUPT, "NaN scale: %s (%s)", qins_err_name(rc), msg);
+  cr_assert(strstr(msg, "m/w: chunk 0 holds invalid codec data"), "%s", msg);
 }
 
 Test(store_api, one_writer_at_a_time) {

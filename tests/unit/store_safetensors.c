@@ -123,6 +123,10 @@ Test(store_safetensors, rejects_each_malformation_with_a_clear_message) {
              "unknown dtype \"F33\"");
   expect_bad("{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
              "need 12 bytes but data_offsets span 8");
+  /* A span larger than the shape needs is as wrong as a shorter one (the extra bytes would be
+   * another tensor's, or garbage). */
+  expect_bad("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,12]}}", 12,
+             "need 8 bytes but data_offsets span 12");
   expect_bad("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,16]}}", 8,
              "past the data buffer");
   expect_bad("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,0]}}", 8,
