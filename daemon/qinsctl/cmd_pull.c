@@ -245,6 +245,8 @@ static double qp_backoff(int attempt) {
 
 /* ---- small blocking fetch (header, index) ---- */
 typedef struct qp_mem {
+  CURL *e;
+  int is_http;
   uint8_t *dst;
   uint64_t want, got;
   uint64_t total;          /* from Content-Range, 0 if none */
@@ -253,6 +255,9 @@ typedef struct qp_mem {
 static size_t qp_mem_write(char *d, size_t sz, size_t n, void *ud) {
   qp_mem *m = ud;
   size_t k = sz * n;
+  long http = 0;
+  if (m->is_http && (curl_easy_getinfo(m->e, CURLINFO_RESPONSE_CODE, &http), http != 206))
+    return http == 200 ? 0 : k; /* 200: the range was ignored (stop); else an error page (drop) */
   if (m->got + k > m->want) return 0; /* more than asked: the server ignored the range */
   memcpy(m->dst + m->got, d, k);
   m->got += k;
@@ -275,7 +280,8 @@ static int qp_fetch(qp *p, uint64_t off, uint64_t len, uint8_t *dst, uint64_t *t
     CURL *e = curl_easy_init();
     if (!e) return qctl_fail(p->c, "out of memory");
     char errbuf[CURL_ERROR_SIZE] = "", range[64];
-    qp_mem m = {dst, len, 0, 0};
+    int is_http = !strncmp(o->url, "http", 4);
+    qp_mem m = {e, is_http, dst, len, 0, 0};
     qp_setup(e, o, errbuf);
     snprintf(range, sizeof range, "%llu-%llu", (unsigned long long)off,
              (unsigned long long)(off + len - 1));
@@ -296,21 +302,22 @@ static int qp_fetch(qp *p, uint64_t off, uint64_t len, uint8_t *dst, uint64_t *t
         m.total = (uint64_t)cl;
     }
     curl_easy_cleanup(e);
-    int is_http = !strncmp(o->url, "http", 4);
     if (cc == CURLE_OK && (!is_http || http == 206) && m.got == len) {
       if (total) *total = m.total;
       return 0;
     }
-    if (cc == CURLE_WRITE_ERROR || (cc == CURLE_OK && is_http && http == 200))
-      return qctl_fail(p->c, "%s: the server does not answer range requests (HTTP %ld)", o->url, http);
-    if (cc == CURLE_OK && http >= 400 && http < 500)
+    if (is_http && http >= 400 && http < 500)
       return qctl_fail(p->c, "%s: HTTP %ld%s", o->url, http,
                        http == 416 ? " (the file is shorter than a qins header: truncated?)" : "");
+    if (cc == CURLE_WRITE_ERROR || (cc == CURLE_OK && is_http && http == 200))
+      return qctl_fail(p->c, "%s: the server does not answer range requests (HTTP %ld)", o->url, http);
     if (cc == CURLE_OK && http < 400 && m.got < len)
       return qctl_fail(p->c, "%s: %llu bytes at offset %llu, %llu expected (truncated?)", o->url,
                        (unsigned long long)m.got, (unsigned long long)off, (unsigned long long)len);
     if (!qp_transient(cc, http) || attempt >= o->retries) {
-      if (cc != CURLE_OK) return qctl_fail(p->c, "%s: %s", o->url, errbuf[0] ? errbuf : curl_easy_strerror(cc));
+      if (cc != CURLE_OK)
+        return qctl_fail(p->c, "%s: %s%s", o->url, cc == CURLE_OPERATION_TIMEDOUT ? "timed out: " : "",
+                         errbuf[0] ? errbuf : curl_easy_strerror(cc));
       return qctl_fail(p->c, "%s: HTTP %ld", o->url, http);
     }
     p->retries++;
@@ -450,8 +457,8 @@ static void qp_finish(qp *p, qp_xfer *x, CURLcode cc) {
   rest.first = x->piece;
   if (x->sp.attempt >= p->o->retries) {
     if (cc != CURLE_OK)
-      qp_fatal(p, "%s: %s (piece %llu, after %d attempts)", p->o->url,
-               x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc), (unsigned long long)x->piece,
+      qp_fatal(p, "%s: %s%s (piece %llu, after %d attempts)", p->o->url,
+               cc == CURLE_OPERATION_TIMEDOUT ? "timed out: " : "", x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc), (unsigned long long)x->piece,
                x->sp.attempt + 1);
     else
       qp_fatal(p, "%s: HTTP %ld, piece %llu incomplete after %d attempts", p->o->url, http,
