@@ -156,7 +156,7 @@ typedef struct qp {
   uint8_t *map;            /* n_pieces bytes */
   qp_span *queue;          /* spans waiting */
   size_t nq, capq;
-  uint64_t have, fetched_pieces, reused_pieces, fetched_bytes, retries;
+  uint64_t have, have_bytes, fetched_pieces, reused_pieces, fetched_bytes, retries;
   int failed;              /* fatal: stop everything */
   char err[512];
   qctl_bar bar;
@@ -350,11 +350,12 @@ static void qp_piece_done(qp_xfer *x) {
   }
   p->map[i] = 1;
   p->have++;
+  p->have_bytes += n;
   p->fetched_pieces++;
   p->fetched_bytes += n;
   x->piece++;
   x->fill = 0;
-  qctl_bar_cb(&p->bar, p->have, p->h.n_pieces, "");
+  qctl_bar_cb(&p->bar, p->have_bytes, p->h.file_bytes - p->h.data_off, "");
 }
 
 static size_t qp_write(char *d, size_t sz, size_t n, void *ud) {
@@ -449,6 +450,11 @@ static void qp_finish(qp *p, qp_xfer *x, CURLcode cc) {
   }
   if (cc == CURLE_OK && !is_http) { /* file:// ended short */
     qp_fatal(p, "%s: the file ends inside piece %llu (truncated)", p->o->url,
+             (unsigned long long)x->piece);
+    return;
+  }
+  if (cc != CURLE_OK && cc != CURLE_WRITE_ERROR && !qp_transient(cc, http)) {
+    qp_fatal(p, "%s: %s (piece %llu)", p->o->url, x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc),
              (unsigned long long)x->piece);
     return;
   }
@@ -699,6 +705,7 @@ int qctl_cmd_pull(qctl_ctx *c, int argc, char **argv) {
       continue;
     }
     p.have++;
+    p.have_bytes += n;
     p.reused_pieces++;
   }
   free(buf);

@@ -80,7 +80,8 @@ static void ngx_start(void) {
            "  log_format q '$request_method $uri $http_range $status $body_bytes_sent';\n"
            "  client_body_temp_path %s/t; proxy_temp_path %s/t; fastcgi_temp_path %s/t;\n"
            "  uwsgi_temp_path %s/t; scgi_temp_path %s/t;\n"
-           "  server { listen 127.0.0.1:%d; root %s/www; access_log %s/access.log q; %s }\n"
+           "  server { listen 127.0.0.1:%d; root %s/www; access_log %s/access.log q; %s\n"
+           "    location = /busy.qins { return 503; } }\n"
            "  server { listen 127.0.0.1:%d; access_log %s/proxy.log q;\n"
            "    location / { proxy_pass http://$http_host$request_uri; } }\n"
            "}\n",
@@ -245,6 +246,18 @@ static uint64_t log_bytes(const char *rel, size_t from, size_t *lines) {
   if (lines) *lines = n;
   free(s);
   return sum;
+}
+
+/* Requests for uri in the server's access log. */
+static int log_count(const char *uri) {
+  char p[256], needle[128];
+  path(p, sizeof p, "ngx/access.log");
+  snprintf(needle, sizeof needle, "GET %s ", uri);
+  char *s = qt_read(p, NULL);
+  int n = 0;
+  for (char *q = s; q && (q = strstr(q, needle)); q++) n++;
+  free(s);
+  return n;
 }
 
 /* ---- the happy path ------------------------------------------------------------------------ */
@@ -480,8 +493,13 @@ Test(qinsctl_pull, truncated_404_stall_and_wrong_sha_fail_clearly) {
   keep_store(store, sizeof store, "fails");
   url(u, sizeof u, "short.qins");
   expect_fail(store, u, "truncated", NULL, NULL);
+  /* 4xx is not retried; 5xx is, --retries times. */
   url(u, sizeof u, "absent.qins");
   expect_fail(store, u, "HTTP 404", NULL, NULL);
+  cr_assert_eq(log_count("/absent.qins"), 1);
+  url(u, sizeof u, "busy.qins");
+  expect_fail(store, u, "HTTP 503", NULL, NULL);
+  cr_assert_eq(log_count("/busy.qins"), 2, "--retries 1: one try and one retry");
   url(u, sizeof u, "m.qins");
   expect_fail(store, u, "not the one expected", "--sha256",
               "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
@@ -532,4 +550,37 @@ Test(qinsctl_pull, http_proxy_is_used_and_no_proxy_bypasses_it) {
   size_t lines2;
   log_bytes("ngx/proxy.log", 0, &lines2);
   cr_assert_eq(lines2, lines, "NO_PROXY did not bypass the proxy");
+}
+
+/* ---- import FILE.qins of a damaged file ---------------------------------------------------- */
+Test(qinsctl_pull, local_import_of_a_damaged_file_names_what_is_wrong) {
+  char store[256], bad[256];
+  keep_store(store, sizeof store, "local");
+  size_t len;
+  char *b = qt_read(qfile, &len);
+  cr_assert(b);
+  uint64_t n_pieces;
+  memcpy(&n_pieces, b + 32, 8);
+  size_t data_off = 96 + 32 + 32 * (size_t)n_pieces;
+  struct { size_t cut; long flip; const char *needle; } cases[] = {
+      {0, (long)(data_off + 2 * 4096 + 7), "piece 2 "}, /* body byte */
+      {0, 200, "index fails its SHA-256"},               /* index byte */
+      {0, 20, "header fails its checksum"},              /* header byte */
+      {len - 100, -1, "truncated"},
+  };
+  path(bad, sizeof bad, "bad.qins");
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    if (cases[i].flip >= 0) b[cases[i].flip] ^= 0x01;
+    cr_assert_eq(qt_write(bad, b, cases[i].cut ? cases[i].cut : len), 0);
+    if (cases[i].flip >= 0) b[cases[i].flip] ^= 0x01;
+    char *before = models(store), *err = NULL;
+    cr_assert_eq(ctl(store, NULL, &err, "import", bad, "--model", "other", NULL), 1);
+    cr_assert(strstr(err, cases[i].needle), "expected \"%s\" in: %s", cases[i].needle, err);
+    char *after = models(store);
+    cr_assert_str_eq(before, after);
+    free(before);
+    free(after);
+    free(err);
+  }
+  free(b);
 }
