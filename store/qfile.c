@@ -137,31 +137,21 @@ static int qf_put_rec(qf_w *w, const uint8_t *hdr, size_t hn, const void *a, siz
   return 0;
 }
 
+/* The model's tensors placed by tensor index (the order the importing store must give them). */
 typedef struct qf_list {
   qs_tensor *t;
-  size_t n, cap;
-  int oom;
+  uint64_t n;
+  int bad; /* an index out of range or twice */
 } qf_list;
 
-static int qf_list_cb(void *ud, const qs_tensor *t) {
+static int qf_place_cb(void *ud, const qs_tensor *t) {
   qf_list *l = ud;
-  if (l->n == l->cap) {
-    size_t nc = l->cap ? 2 * l->cap : 64;
-    qs_tensor *nt = realloc(l->t, nc * sizeof *nt);
-    if (!nt) {
-      l->oom = 1;
-      return 1;
-    }
-    l->t = nt;
-    l->cap = nc;
+  if (t->index >= l->n || l->t[t->index].name[0]) {
+    l->bad = 1;
+    return 1;
   }
-  l->t[l->n++] = *t;
+  l->t[t->index] = *t;
   return 0;
-}
-
-static int qf_by_index(const void *a, const void *b) {
-  uint32_t x = ((const qs_tensor *)a)->index, y = ((const qs_tensor *)b)->index;
-  return x < y ? -1 : x > y;
 }
 
 static size_t qf_params_len(const qs_tensor *t) {
@@ -179,22 +169,28 @@ int qs_qfile_export(qs_store *s, const char *model, const char *path, uint64_t p
   int rc = qs_txn_begin(s, &tx);
   if (rc) return rc;
   qs_model m;
-  qf_list L = {0};
+  qf_list L = {0, 0, 0};
   qf_w w = {.fd = -1, .path = path, .piece_size = piece_size};
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp", path);
   uint8_t *hdr = NULL;
   if ((rc = qs_model_get(tx, model, &m))) goto out;
-  if ((rc = qs_tensors_each(tx, model, NULL, qf_list_cb, &L))) goto out;
-  if (L.oom) {
+  L.n = m.n_tensors;
+  if (!(L.t = calloc(L.n ? L.n : 1, sizeof *L.t))) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
   }
-  qsort(L.t, L.n, sizeof *L.t, qf_by_index);
+  if ((rc = qs_tensors_each(tx, model, NULL, qf_place_cb, &L))) goto out;
+  for (uint64_t i = 0; !L.bad && i < L.n; i++) L.bad = !L.t[i].name[0];
+  if (L.bad) {
+    rc = qs__fail(QINS_ECORRUPT, "model %s: tensor indices are not 0..%llu", model,
+                  (unsigned long long)L.n - 1);
+    goto out;
+  }
   /* Size the body from the records. */
   size_t nl = strlen(m.name), ml = strlen(m.metadata);
   uint64_t body = QF_MODEL_HDR + nl + ml + 4 + QF_END_HDR + 4, total = 0;
-  for (size_t i = 0; i < L.n; i++) {
+  for (uint64_t i = 0; i < L.n; i++) {
     qs_tensor_cost c;
     if ((rc = qs_tensor_cost_get(tx, &L.t[i], &c))) goto out;
     body += QF_TENSOR_HDR + strlen(L.t[i].name) + qf_params_len(&L.t[i]) + 4 +
@@ -228,7 +224,7 @@ int qs_qfile_export(qs_store *s, const char *model, const char *path, uint64_t p
   qs__put_u64(mh + 40, m.n_elem);
   if ((rc = qf_put_rec(&w, mh, sizeof mh, m.name, nl, m.metadata, ml))) goto out;
   uint64_t done = 0;
-  for (size_t i = 0; i < L.n; i++) {
+  for (uint64_t i = 0; i < L.n; i++) {
     const qs_tensor *t = &L.t[i];
     qs_tensor_cost c;
     if ((rc = qs_tensor_cost_get(tx, t, &c))) goto out;
@@ -361,7 +357,7 @@ static int qf_next_piece(qf_r *r) {
       return qs__fail(QINS_ECHECKSUM, "%s: piece %llu (bytes %llu..%llu) fails its SHA-256", r->what,
                       (unsigned long long)i, (unsigned long long)off, (unsigned long long)(off + n));
   }
-  EVP_DigestUpdate(r->body, r->buf, n);
+  if (!r->pieces_verified) EVP_DigestUpdate(r->body, r->buf, n);
   if (r->whole) EVP_DigestUpdate(r->whole, r->buf, n);
   r->piece = i;
   r->len = n;
@@ -563,7 +559,7 @@ int qs_qfile_import(qs_store *s, const char *path, const qs_qfile_import_opts *o
   uint8_t d[32];
   unsigned hl = 32;
   EVP_DigestFinal_ex(r.body, d, &hl);
-  if (memcmp(d, index, 32)) {
+  if (!r.pieces_verified && memcmp(d, index, 32)) { /* else the pieces' hashes covered it */
     rc = qs__fail(QINS_ECHECKSUM, "%s: the body fails its SHA-256", path);
     goto out;
   }

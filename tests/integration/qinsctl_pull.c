@@ -12,6 +12,7 @@
  * --sha256 each fail clearly with the store's models unchanged; HTTP_PROXY routes the pull through
  * the proxy and NO_PROXY bypasses it.
  *
+ * The source model mixes qins8, qins16, seed-log, f32 (1-D and a scalar) and raw i32 tensors.
  * The test process never opens an LMDB env (qinsctl runs as a child; PITFALLS.md).
  */
 #include <criterion/criterion.h>
@@ -153,7 +154,7 @@ static void setup(void) {
     path(d, sizeof d, sub[i]);
     cr_assert_eq(mkdir(d, 0755), 0);
   }
-  static float a[300 * 256], b[128 * 200], c[64 * 64], v[256];
+  static float a[300 * 256], b[128 * 200], c[64 * 64], v[256], one = 1.5f;
   static int32_t ids[50];
   qt_fill_gauss(a, 300 * 256, 1, 0.05f);
   qt_fill_gauss(b, 128 * 200, 2, 0.02f);
@@ -164,9 +165,10 @@ static void setup(void) {
                    {"w2", QS_ST_F32, 2, {128, 200}, b, sizeof b},
                    {"slog", QS_ST_F32, 2, {64, 64}, c, sizeof c},
                    {"norm", QS_ST_F32, 1, {256}, v, sizeof v},
-                   {"ids", QS_ST_I32, 1, {50}, ids, sizeof ids}};
+                   {"ids", QS_ST_I32, 1, {50}, ids, sizeof ids},
+                   {"scalar", QS_ST_F32, 0, {0}, &one, sizeof one}};
   path(st, sizeof st, "src.safetensors");
-  cr_assert_eq(qt_st_write(st, t, 5, "{\"arch\":\"test\"}"), 0);
+  cr_assert_eq(qt_st_write(st, t, 6, "{\"arch\":\"test\"}"), 0);
   path(store, sizeof store, "src");
   char *err = NULL;
   cr_assert_eq(ctl(store, NULL, &err, "import", st, "--model", "m", "--codec-for", "w2=qins16",
