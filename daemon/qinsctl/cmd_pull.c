@@ -566,6 +566,16 @@ static int qp_hex_arg(const char *s, uint8_t out[32]) {
   return 0;
 }
 
+/* --NAME N within [lo, hi]: 0, or QCTL_USAGE after saying what is allowed. */
+static int qp_num_arg(const char *name, const char *arg, long lo, long hi, long *out) {
+  char *end = NULL;
+  long v = strtol(arg, &end, 10);
+  *out = v;
+  if (*arg && end && !*end && v >= lo && v <= hi) return 0;
+  fprintf(stderr, "qinsctl pull: --%s is %ld..%ld, got \"%s\"\n", name, lo, hi, arg);
+  return QCTL_USAGE;
+}
+
 int qctl_cmd_pull(qctl_ctx *c, int argc, char **argv) {
   static const struct option opts[] = {{"model", required_argument, 0, 'm'},
                                        {"sha256", required_argument, 0, 's'},
@@ -577,10 +587,8 @@ int qctl_cmd_pull(qctl_ctx *c, int argc, char **argv) {
   qp_opts o = {.conns = 4, .retries = 5, .connect_timeout = 15, .low_speed_time = 30};
   int ch, rc = QCTL_OK;
   qctl_getopt_reset();
+  long v;
   while ((ch = getopt_long(argc, argv, "m:s:n:r:c:l:", opts, NULL)) != -1) {
-    char *end = NULL;
-    long v = optarg ? strtol(optarg, &end, 10) : 0;
-    int num_ok = optarg && end && !*end && *optarg;
     switch (ch) {
     case 'm': o.model = optarg; break;
     case 's':
@@ -590,29 +598,10 @@ int qctl_cmd_pull(qctl_ctx *c, int argc, char **argv) {
       }
       o.have_sha = 1;
       break;
-    case 'n':
-      if (!num_ok || v < 1 || v > 64) {
-        fprintf(stderr, "qinsctl pull: --connections is 1..64\n");
-        rc = QCTL_USAGE;
-      }
-      o.conns = (int)v;
-      break;
-    case 'r':
-      if (!num_ok || v < 0 || v > 100) {
-        fprintf(stderr, "qinsctl pull: --retries is 0..100\n");
-        rc = QCTL_USAGE;
-      }
-      o.retries = (int)v;
-      break;
-    case 'c':
-    case 'l':
-      if (!num_ok || v < 1 || v > 3600) {
-        fprintf(stderr, "qinsctl pull: --%s is 1..3600 seconds\n", ch == 'c' ? "connect-timeout" : "low-speed-time");
-        rc = QCTL_USAGE;
-      }
-      if (ch == 'c') o.connect_timeout = v;
-      else o.low_speed_time = v;
-      break;
+    case 'n': rc |= qp_num_arg("connections", optarg, 1, 64, &v), o.conns = (int)v; break;
+    case 'r': rc |= qp_num_arg("retries", optarg, 0, 100, &v), o.retries = (int)v; break;
+    case 'c': rc |= qp_num_arg("connect-timeout", optarg, 1, 3600, &o.connect_timeout); break;
+    case 'l': rc |= qp_num_arg("low-speed-time", optarg, 1, 3600, &o.low_speed_time); break;
     default: rc = QCTL_USAGE;
     }
   }

@@ -392,44 +392,47 @@ static void resume_check(const char *store, size_t log_from) {
   assert_same_export(store, "m");
 }
 
-Test(qinsctl_pull, sigkill_mid_transfer_resumes_without_refetching) {
+/* Starts a pull (one connection, no retries) from a rate-limited nginx into tmp/cut and waits
+ * until it has verified a few pieces. */
+static pid_t start_cut_pull(char *store, size_t cap) {
   rate_limited = 1;
   ngx_start();
-  char store[256], u[128];
-  path(store, sizeof store, "cut");
+  char u[128];
+  path(store, cap, "cut");
   url(u, sizeof u, "m.qins");
   pid_t pid = spawn_pull(store, u);
-  int got = wait_pieces(store, 4);
-  kill(pid, SIGKILL);
-  int st;
-  waitpid(pid, &st, 0);
-  cr_assert(WIFSIGNALED(st), "the pull ended before the kill (%d pieces)", got);
+  wait_pieces(store, 4);
+  return pid;
+}
+
+/* The cut pull's log lines are counted, then nginx serves at full speed for the resumed pull. */
+static void restart_and_resume(const char *store) {
   size_t lines;
   log_bytes("ngx/access.log", 0, &lines);
-  /* Serve at full speed now; the log so far is the cut pull's. */
   ngx_stop();
   rate_limited = 0;
   ngx_start();
   resume_check(store, lines);
 }
 
+Test(qinsctl_pull, sigkill_mid_transfer_resumes_without_refetching) {
+  char store[256];
+  pid_t pid = start_cut_pull(store, sizeof store);
+  kill(pid, SIGKILL);
+  int st;
+  waitpid(pid, &st, 0);
+  cr_assert(WIFSIGNALED(st), "the pull ended before the kill");
+  restart_and_resume(store);
+}
+
 Test(qinsctl_pull, server_stopped_mid_transfer_resumes_without_refetching) {
-  rate_limited = 1;
-  ngx_start();
-  char store[256], u[128];
-  path(store, sizeof store, "cut");
-  url(u, sizeof u, "m.qins");
-  pid_t pid = spawn_pull(store, u);
-  wait_pieces(store, 4);
+  char store[256];
+  pid_t pid = start_cut_pull(store, sizeof store);
   ngx_stop();
   int st;
   waitpid(pid, &st, 0);
   cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 1, "the pull did not fail when the server went");
-  size_t lines;
-  log_bytes("ngx/access.log", 0, &lines);
-  rate_limited = 0;
-  ngx_start();
-  resume_check(store, lines);
+  restart_and_resume(store);
 }
 
 /* ---- failures leave the store as it was ---------------------------------------------------- */
