@@ -12,7 +12,8 @@
  * --sha256 each fail clearly with the store's models unchanged; HTTP_PROXY routes the pull through
  * the proxy and NO_PROXY bypasses it.
  *
- * The source model mixes qins8, qins16, seed-log, f32 (1-D and a scalar) and raw i32 tensors.
+ * The source model mixes qins8 (one of them empty), qins16, seed-log, f32 (1-D and a scalar) and
+ * raw i32 tensors.
  * The test process never opens an LMDB env (qinsctl runs as a child; PITFALLS.md).
  */
 #include <criterion/criterion.h>
@@ -166,9 +167,10 @@ static void setup(void) {
                    {"slog", QS_ST_F32, 2, {64, 64}, c, sizeof c},
                    {"norm", QS_ST_F32, 1, {256}, v, sizeof v},
                    {"ids", QS_ST_I32, 1, {50}, ids, sizeof ids},
-                   {"scalar", QS_ST_F32, 0, {0}, &one, sizeof one}};
+                   {"scalar", QS_ST_F32, 0, {0}, &one, sizeof one},
+                   {"empty", QS_ST_F32, 2, {0, 8}, &one, 0}};
   path(st, sizeof st, "src.safetensors");
-  cr_assert_eq(qt_st_write(st, t, 6, "{\"arch\":\"test\"}"), 0);
+  cr_assert_eq(qt_st_write(st, t, 7, "{\"arch\":\"test\"}"), 0);
   path(store, sizeof store, "src");
   char *err = NULL;
   cr_assert_eq(ctl(store, NULL, &err, "import", st, "--model", "m", "--codec-for", "w2=qins16",
