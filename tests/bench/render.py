@@ -96,9 +96,12 @@ BENCHES = [
      "time until the model is in a second store via the FP32 route (`curl` of the safetensors, "
      "then `qinsctl import`) next to the pull.",
      "Loopback moves bytes at memory speed, so the fetch ratio measures pull's own per-byte work "
-     "(SHA-256, a copy into the staging file) against curl writing to /dev/null; over a real "
-     "network the link is the bound and both converge. The time-to-serve ratio is the point of "
-     "the format: the FP32 route moves 3.7x the bytes and encodes every weight again."),
+     "against curl writing to /dev/null: each byte is hashed (SHA-256), copied into the staging "
+     "file and, in the total, read back, CRC-checked and written into LMDB, on one thread. Issue "
+     "16's target (>= 0.8x curl, verification counted) is not met on loopback; over a real "
+     "network the link is the bound and the per-byte work hides behind it. The time-to-serve "
+     "ratio is the point of the format: the FP32 route moves 3.7x the bytes and encodes every "
+     "weight again."),
     ("scale", None, "Scale: Phi-3.5-mini, 4 workers — `tests/bench/bench_scale.sh`",
      "`make bench-scale` (about 5-20 minutes here; needs ~4.2 GB free in `$SCALE_DIR`, default "
      "`$TMPDIR` or /tmp). `ARCH=phi-mini-4l` or `ARCH=tiny` for a quick run; `WORKERS`, "
