@@ -43,7 +43,7 @@ INC_tests/            := -Iclient -Iproto -Istore -Idaemon -Itests/support
 INC_PREFIXES := daemon/qinsctl/ daemon/ client/examples/ client/ proto/ store/ tests/
 includes = $(INC_$(firstword $(foreach d,$(INC_PREFIXES),$(if $(filter $(d)%,$(1)),$(d)))))
 ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(OPT) $(SAN) -pthread -fPIC $(PKG_CFLAGS) $(CFLAGS)
-LDLIBS    += $(PKG_LIBS) -lm -lpthread
+LDLIBS    += $(PKG_LIBS) -lcurl -lcrypto -lm -lpthread
 ALL_LDFLAGS = $(SAN) -pthread $(LDFLAGS)
 
 # Codec files are compiled without FMA contraction (QINS.md: decode is bit-exact); SIMD kernels get

@@ -287,3 +287,13 @@ int qs_tensor_span(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype 
   *n = e - src;
   return 1;
 }
+
+int qs_tensor_chunk_record(qs_txn *tx, const qs_tensor *t, uint64_t ci, const void **rec,
+                           size_t *size) {
+  qs__chunk_ref ref = {.idx = UINT64_MAX};
+  int rc = qs__chunk_fetch(tx->s, tx->txn, NULL, t, ci, &ref, 1);
+  if (rc) return rc;
+  *rec = ref.data - QS_CHUNK_HDR;
+  *size = QS_CHUNK_HDR + qs__chunk_payload(t, ref.n_rows);
+  return 0;
+}

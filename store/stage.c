@@ -68,6 +68,8 @@ struct qs_import {
   uint64_t jhead, jnext, jtail; /* oldest unharvested, next for a worker, next free */
   int jstop;              /* workers exit */
   int jfailed;            /* a harvested job failed: later results are dropped */
+  int figs_set;           /* qs_import_tensor_figures gave the tensor's figures */
+  double figs_snr, figs_max;
 };
 
 typedef struct qs__job {
@@ -273,6 +275,7 @@ int qs_import_tensor_begin(qs_import *im, const qs_tensor_desc *d) {
   im->data_bytes = 0;
   im->tcrc = 0;
   memset(&im->stats, 0, sizeof im->stats);
+  im->figs_set = 0;
   free(im->blob);
   im->blob = NULL;
   im->blob_len = 0;
@@ -498,6 +501,34 @@ int qs_import_tensor_rows(qs_import *im, const void *rows, uint64_t n_rows, uint
   return 0;
 }
 
+int qs_import_tensor_chunk(qs_import *im, const void *rec, size_t size) {
+  if (!im->in_tensor || im->pend_rows || im->jhead != im->jtail)
+    return qs__fail(QINS_EINVALID, "encoded chunk outside a tensor or after buffered rows");
+  qs_tensor *t = &im->cur;
+  uint64_t rows;
+  int rc = qs__chunk_rec_check(t, im->chunk_idx, rec, size, 1, &rows);
+  if (rc) return rc;
+  if ((rc = qs__im_txn(im, size))) return rc;
+  uint8_t key[16];
+  qs__put_be64(key, im->id);
+  qs__put_be32(key + 8, t->index);
+  qs__put_be32(key + 12, (uint32_t)im->chunk_idx);
+  MDB_val k = {16, key}, v = {size, (void *)rec};
+  if ((rc = mdb_put(im->txn, im->s->db_chunks, &k, &v, 0))) return qs__mdb_fail(im->s, rc, "writing a chunk");
+  im->tcrc = qs__crc32c(im->tcrc, (const uint8_t *)rec + 4, 4);
+  im->chunk_idx++;
+  im->rows_done += rows;
+  im->data_bytes += size - QS_CHUNK_HDR;
+  im->txn_bytes += size;
+  return im->txn_bytes >= QS_TXN_BYTES ? qs__im_flush(im) : 0;
+}
+
+void qs_import_tensor_figures(qs_import *im, double snr_db, double max_err) {
+  im->figs_set = 1;
+  im->figs_snr = snr_db;
+  im->figs_max = max_err;
+}
+
 static int qs__im_params_ref(qs_import *im, uint64_t *pid_out, int *first) {
   uint8_t seedb = (uint8_t)im->cur.codec;
   uint64_t id = qs__hash64(im->blob, im->blob_len, 0x51494e53u + seedb);
@@ -573,6 +604,10 @@ int qs_import_tensor_end(qs_import *im, qs_tensor *st) {
   if (im->has_src_stats) { /* measured by the importer against the source's own values */
     t->snr_db = im->src_stats.n ? qc_stats_snr_db(&im->src_stats) : INFINITY;
     t->max_err = im->src_stats.max_err;
+  }
+  if (im->figs_set) { /* carried over from another store (qs_import_tensor_figures) */
+    t->snr_db = im->figs_snr;
+    t->max_err = im->figs_max;
   }
   size_t nl = strlen(t->name);
   uint8_t rec[QS_TENSOR_HDR + QS_MAX_NAME + 1] = {0};

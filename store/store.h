@@ -172,6 +172,12 @@ int qs_tensor_read(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype
 int qs_tensor_span(qs_txn *t, const qs_tensor *ten, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, const void **p, uint64_t *n);
 
+/* Chunk ci of ten as stored (FORMAT.md §2.5: the 16-byte header with its CRC-32C, then the
+ * payload), checked as qs_tensor_read checks it on every call: *rec points into the store's map,
+ * valid until qs_txn_end. For copying a model out encoded (qfile.c). */
+int qs_tensor_chunk_record(qs_txn *t, const qs_tensor *ten, uint64_t ci, const void **rec,
+                           size_t *size);
+
 /* Names and sizes of source dtypes: "f32", "f16", "bf16", "f64", "i8", "u8", "i16", "u16", "i32",
  * "u32", "i64", "u64", "bool", and the GGUF block types "q4_0" "q4_1" "q5_0" "q5_1" "q8_0" "q2_k"
  * "q3_k" "q4_k" "q5_k" "q6_k" "q8_k" (size 0). qs_dtype_from_name returns -1 for an unknown name. */
@@ -241,6 +247,16 @@ int qs_import_tensor_rows(qs_import *im, const void *rows, uint64_t n_rows,
 int qs_import_tensor_end(qs_import *im, qs_tensor *st /* out */);
 int qs_import_commit(qs_import *im);
 void qs_import_abort(qs_import *im);
+
+/* Already-encoded data (a portable .qins model, qfile.c): stages the next chunk record of the
+ * current tensor exactly as another store holds it (FORMAT.md §2.5: header with CRC-32C, then
+ * payload), after checking its size for the chunk's rows, its checksum and its codec data
+ * (QINS_ECORRUPT / QINS_ECHECKSUM naming the tensor and chunk). Nothing is re-encoded: the stored
+ * record is byte-identical. Not mixed with qs_import_tensor_rows within one tensor. */
+int qs_import_tensor_chunk(qs_import *im, const void *rec, size_t size);
+/* The current tensor's encode figures as another store measured them, kept in its record instead
+ * of figures measured here (call before qs_import_tensor_end). */
+void qs_import_tensor_figures(qs_import *im, double snr_db, double max_err);
 
 /* Removes a model atomically (QINS_ENO_MODEL if absent); its space is reclaimed right after in
  * bounded transactions (or by the next writer if this process dies). */
@@ -375,5 +391,61 @@ int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, 
  * more than 4 dims, a KV list cut at import). Deterministic. */
 int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
                    qs_progress_cb progress, void *progress_ud);
+
+/* ===== Portable model files (qfile.c; docs/FORMAT.md §3) ==================================
+ * A .qins file holds one model as stored: its metadata, codec parameter blobs, tensor descriptors
+ * and chunk records with their checksums, behind a header and an index up front (the body's
+ * SHA-256 and one SHA-256 per piece of piece_size bytes), so a reader fetching ranges verifies
+ * every piece as it arrives. Model ids, params ids and the import time are the store's own and
+ * are not in the file: two exports of one model, or of its copy in another store, are
+ * byte-identical. */
+#define QS_QFILE_MAGIC "QINSMODL"
+#define QS_QFILE_MAGIC_MODEL "QFMD"
+#define QS_QFILE_MAGIC_TENSOR "QFTN"
+#define QS_QFILE_MAGIC_END "QFEN"
+#define QS_QFILE_VERSION 1
+#define QS_QFILE_HDR 96          /* header bytes; the index follows */
+#define QS_QFILE_PIECE (1u << 20) /* default piece size */
+
+typedef struct qs_qfile_header {
+  uint64_t file_bytes, piece_size, n_pieces;
+  uint64_t index_bytes; /* 32 (body SHA-256) + 32 per piece */
+  uint64_t data_off;    /* QS_QFILE_HDR + index_bytes: where the body (piece 0) starts */
+  uint8_t index_sha[32];
+} qs_qfile_header;
+
+typedef struct qs_qfile_info {
+  uint64_t file_bytes, n_pieces, piece_size, n_tensors, stored_bytes, n_elem;
+  uint8_t sha256[32]; /* of the whole file (what sha256sum prints) */
+} qs_qfile_info;
+
+/* Writes model to path (through path.tmp + rename, fsync'ed). piece_size 0: QS_QFILE_PIECE
+ * (4 KiB .. 64 MiB). Every chunk is checked as it is copied. One read transaction. */
+int qs_qfile_export(qs_store *s, const char *model, const char *path, uint64_t piece_size,
+                    qs_progress_cb progress, void *progress_ud, qs_qfile_info *out /* may be NULL */);
+
+typedef struct qs_qfile_import_opts {
+  const char *model;        /* store it under this name; NULL: the name in the file */
+  const uint8_t *sha256;    /* 32 bytes: the whole file must have this SHA-256; NULL: no check */
+  int pieces_verified;      /* the caller already checked each piece's SHA-256 (qinsctl pull) */
+  qs_progress_cb progress;  /* file bytes done/total; may be NULL */
+  void *progress_ud;
+} qs_qfile_import_opts;
+void qs_qfile_import_opts_init(qs_qfile_import_opts *o);
+/* Imports the model in the .qins file at path without re-encoding: each chunk record is stored
+ * byte for byte as the source store held it. Everything is checked (header CRC, index SHA-256,
+ * each piece's SHA-256 naming the piece, each record's CRC-32C, each chunk's CRC-32C and codec
+ * data, the body's SHA-256, opts->sha256) before qs_import_commit publishes the model; any failure
+ * leaves the store as it was, with qs_error() naming the file and what is wrong. */
+int qs_qfile_import(qs_store *s, const char *path, const qs_qfile_import_opts *o,
+                    qs_import_result *res /* out; may be NULL */);
+/* Header bytes (QS_QFILE_HDR) -> *h, checked (magic, version, CRC-32C, sizes); what names the
+ * source in messages. */
+int qs_qfile_parse_header(const char *what, const uint8_t *p, size_t n, qs_qfile_header *h /* out */);
+/* The index (h->index_bytes) against the header's SHA-256 of it. */
+int qs_qfile_check_index(const char *what, const qs_qfile_header *h, const uint8_t *index);
+/* SHA-256 of n bytes (OpenSSL libcrypto); hex of n bytes into out (2n + 1 chars). */
+void qs_sha256(const void *p, size_t n, uint8_t out[32]);
+void qs_hex(const uint8_t *b, size_t n, char *out);
 
 #endif /* QINS_STORE_H */

@@ -175,6 +175,11 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
     return qctl_usage(c, rc);
   }
   const char *path = argv[optind];
+  size_t pl = strlen(path);
+  if (pl > 5 && !strcmp(path + pl - 5, ".qins")) { /* a portable model file: cmd_pull.c */
+    free(rules);
+    return qctl_import_qins(c, path, o.model);
+  }
   qs_store *s;
   if ((rc = qctl_open(c, &s, QS_OPEN_CREATE))) {
     free(rules);
@@ -552,20 +557,29 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
 int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
   static const struct option opts[] = {{"dtype", required_argument, 0, 'd'},
                                        {"format", required_argument, 0, 'f'},
+                                       {"piece-size", required_argument, 0, 'p'},
                                        {0, 0, 0, 0}};
-  int ch, dt = -1, gguf = -1;
+  int ch, dt = -1, gguf = -1, qins = 0;
+  unsigned long long piece = 0;
   qctl_getopt_reset();
-  while ((ch = getopt_long(argc, argv, "d:f:", opts, NULL)) != -1) {
+  while ((ch = getopt_long(argc, argv, "d:f:p:", opts, NULL)) != -1) {
     if (ch == 'd' && (dt = qc_dtype_from_name(optarg)) >= 0) continue;
+    if (ch == 'f' && !strcmp(optarg, "qins")) { /* a portable model file: cmd_pull.c */
+      qins = 1;
+      continue;
+    }
+    if (ch == 'p' && (piece = strtoull(optarg, NULL, 10)) > 0) continue;
     if (ch == 'f' && (!strcmp(optarg, "gguf") || !strcmp(optarg, "safetensors"))) {
       gguf = !strcmp(optarg, "gguf");
       continue;
     }
     if (ch == 'd') fprintf(stderr, "qinsctl export: --dtype is f32, f16 or bf16, got \"%s\"\n", optarg);
-    if (ch == 'f') fprintf(stderr, "qinsctl export: --format is safetensors or gguf, got \"%s\"\n", optarg);
+    if (ch == 'f') fprintf(stderr, "qinsctl export: --format is safetensors, gguf or qins, got \"%s\"\n", optarg);
+    if (ch == 'p') fprintf(stderr, "qinsctl export: --piece-size is a byte count, got \"%s\"\n", optarg);
     return qctl_usage(c, QCTL_USAGE);
   }
   if (optind != argc - 2) return qctl_usage(c, QCTL_USAGE);
+  if (qins) return qctl_export_qins(c, argv[optind], argv[optind + 1], piece);
   const char *out = argv[optind + 1];
   size_t ol = strlen(out);
   if (gguf < 0) gguf = ol >= 5 && !strcasecmp(out + ol - 5, ".gguf"); /* else safetensors */

@@ -23,12 +23,16 @@ static int qctl_cmd_help(qctl_ctx *c, int argc, char **argv);
 static const qctl_cmd qctl_cmds[] = {
     /* Store commands (cmd_store.c): work on the LMDB environment directly. */
     {"import", qctl_cmd_import, "import a safetensors/GGUF/.npy model into the store",
-     "import FILE|DIR [--model NAME] [--codec NAME] [--codec-for GLOB=NAME]... [--effort max] "
+     "import FILE|DIR|FILE.qins [--model NAME] [--codec NAME] [--codec-for GLOB=NAME]... [--effort max] "
      "[--allow-requant]"},
     {"ls", qctl_cmd_ls, "list models, or one model's tensors", "ls [MODEL]"},
     {"info", qctl_cmd_info, "show a model (metadata) or one tensor's record", "info MODEL[/TENSOR]"},
-    {"export", qctl_cmd_export, "write a model out as safetensors or GGUF (deterministic)",
-     "export MODEL OUT.safetensors|OUT.gguf [--format safetensors|gguf] [--dtype f32|f16|bf16]"},
+    {"export", qctl_cmd_export, "write a model out as safetensors, GGUF or .qins (deterministic)",
+     "export MODEL OUT.safetensors|OUT.gguf [--format safetensors|gguf] [--dtype f32|f16|bf16] | "
+     "export MODEL OUT.qins --format qins [--piece-size BYTES]"},
+    {"pull", qctl_cmd_pull, "fetch a .qins model over HTTP(S)/file://, verified, resumable",
+     "pull URL [--model NAME] [--sha256 HEX] [--connections N] [--retries N] "
+     "[--connect-timeout S] [--low-speed-time S]"},
     {"rm", qctl_cmd_rm, "remove a model (atomic)", "rm MODEL"},
     {"verify", qctl_cmd_verify, "check every checksum and decode every record", "verify [MODEL]"},
     {"audit", qctl_cmd_audit, "storage footprint per model and tensor, totals, LMDB file use",

@@ -82,6 +82,10 @@ int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv);
 int qctl_cmd_backup(qctl_ctx *c, int argc, char **argv);
+/* Portable model files and pull (cmd_pull.c): export --format qins, import FILE.qins, pull URL. */
+int qctl_export_qins(qctl_ctx *c, const char *model, const char *path, uint64_t piece_size);
+int qctl_import_qins(qctl_ctx *c, const char *path, const char *model);
+int qctl_cmd_pull(qctl_ctx *c, int argc, char **argv);
 /* Synthetic models written straight into the store (cmd_synth.c). */
 int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv);
 
