@@ -155,8 +155,9 @@ def parse_slice(spec, shape=None):
     return out
 
 
-# Methods sent again whole after a reconnect: every method but shutdown only reads.
-_NOT_RETRIED = frozenset(["shutdown"])
+# Methods sent again whole after a reconnect: every method but shutdown only reads. The arena's
+# are not: their leases and offsets belong to one connection and one daemon (qins_arena.py).
+_NOT_RETRIED = frozenset(["shutdown", "attach", "map", "map_many", "release"])
 # Answers to hello that a restarting daemon explains (try again): BUSY, SHUTDOWN.
 _TRANSIENT_CODES = frozenset([-1009, -1017])
 _BACKOFF_MIN = 0.005  # first pause between reconnect attempts (s)
@@ -431,8 +432,29 @@ class Client:
     def stats(self):
         return self.call("stats")
 
+    # --- the arena: zero-copy read-only arrays (PROTOCOL.md §4.10-4.13; qins_arena.py) ---------
+    def attach(self):
+        return _arena().attach(self)
+
+    def map(self, model, name, slice=None, dtype="f32"):
+        return _arena().map(self, model, name, slice, dtype)
+
+    def map_many(self, model, names=None, prefix=None, dtype="f32"):
+        return _arena().map_many(self, model, names, prefix, dtype)
+
+    def release(self, *arrays_or_leases):
+        return _arena().release(self, arrays_or_leases)
+
+    def mapped(self, model, name, slice=None, dtype="f32"):
+        return _arena().mapped(self, model, name, slice, dtype)
+
     def shutdown(self):
         return self.call("shutdown")
+
+
+def _arena():
+    import qins_arena  # beside this file
+    return qins_arena
 
 
 def connect(socket_path=None, timeout=5.0, retry=None):
