@@ -946,6 +946,23 @@ static void m_destroy(wprov *p) {
   free(m);
 }
 
+/* This process's memory (smaps_rollup: PSS splits shared pages between their mappers) and the
+ * decoded weights the served provider holds privately (none when they are mapped). */
+static void print_memory(const wprov *p) {
+  unsigned long long pss = 0, rss = 0, v;
+  char line[256];
+  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+  while (f && fgets(line, sizeof line, f)) {
+    if (sscanf(line, "Pss: %llu kB", &v) == 1) pss = v;
+    if (sscanf(line, "Rss: %llu kB", &v) == 1) rss = v;
+  }
+  if (f) fclose(f);
+  int mapped = !strcmp(p->kind, "qinsd-map");
+  printf("memory: pss %llu KiB, rss %llu KiB; decoded weights held privately %" PRIu64
+         " bytes%s\n", pss, rss, mapped ? 0 : p->peak_bytes,
+         mapped ? " (read in place from qinsd's shared arena)" : "");
+}
+
 static mprov *m_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
                     uint64_t budget) {
   /* Hugging Face's q/k rows must be un-permuted for llama2.c's rotary: not in a read-only map. */
@@ -1501,6 +1518,7 @@ int main(int argc, char **argv) {
            cand->fetches, cand->fetched_bytes, cand->peak_bytes, cand->budget);
   if (cand && !strcmp(cand->kind, "qinsd")) /* libqins rode out daemon restarts this often */
     printf("reconnects: %" PRIu64 "\n", cand->reconnects);
+  print_memory(cand ? cand : gen);
   if (tokens_out) {
     FILE *f = fopen(tokens_out, "w");
     if (!f) die("%s: %s", tokens_out, strerror(errno));

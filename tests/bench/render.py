@@ -98,6 +98,15 @@ BENCHES = [
      "includes creating the arena's pages (about 2.3 us per 4 KiB page, docs/qinsd.md \"The "
      "arena\"), which a long-running daemon pays once. PSS splits each shared page between its "
      "mappers, so the mapped sum shows one copy while RSS would show it in every worker."),
+    ("arena_worker", "bench_arena_worker.sh", "Mapped workers vs local FP32 — `tests/bench/bench_arena_worker.sh`",
+     "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_arena_worker.sh` "
+     "(`STEPS`, `HEADS`, `MODEL` override).",
+     "4 `qins-llama2 --map` workers at once on stories260K (qins8), every weight read in place from "
+     "qinsd's arena, next to 4 of the same worker on FP32 weights read from the file into each "
+     "worker: tokens/s per worker (better of 2 alternated rounds; target >= 0.9x) and summed PSS.",
+     "The mapped workers' time includes mapping every unit once (a round trip each and one decode "
+     "per host); after that no request is made per token. PSS: the mapped workers share one "
+     "decoded copy with the daemon, the FP32 workers each hold theirs."),
     ("worker", "bench_worker.sh", "Worker sampling sanity — `tests/bench/bench_worker.sh`",
      "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_worker.sh` "
      "(`SEEDS`, `STEPS`, `MODEL` override).",
