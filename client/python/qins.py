@@ -413,16 +413,7 @@ class Client:
     def get_many(self, model, names=None, prefix=None, dtype=None, raw=False, copy=False):
         """{name: array} for the listed names (in that order) or every tensor under prefix;
         dtype and copy as for get."""
-        p = {"model": model}
-        if (names is None) == (prefix is None):
-            raise ValueError("give exactly one of names and prefix")
-        if names is not None:
-            p["names"] = list(names)
-        else:
-            p["prefix"] = prefix
-        if dtype is not None:
-            p["dtype"] = dtype
-        res = self.call("get_many", **p)
+        res = self.call("get_many", **_many_params(model, names, prefix, dtype))
         out = {}
         for i, t in enumerate(res["tensors"]):
             name = t.get("name") or (names[i] if names is not None else str(i))
@@ -450,6 +441,20 @@ class Client:
 
     def shutdown(self):
         return self.call("shutdown")
+
+
+def _many_params(model, names, prefix, dtype):
+    """get_many's and map_many's params: exactly one of names and prefix."""
+    if (names is None) == (prefix is None):
+        raise ValueError("give exactly one of names and prefix")
+    p = {"model": model}
+    if names is not None:
+        p["names"] = list(names)
+    else:
+        p["prefix"] = prefix
+    if dtype is not None:
+        p["dtype"] = dtype
+    return p
 
 
 def _arena():

@@ -192,17 +192,9 @@ def map(client, model, name, slice=None, dtype="f32"):
 
 def map_many(client, model, names=None, prefix=None, dtype="f32"):
     """{name: MappedArray} for the listed names (in order) or every tensor under prefix."""
+    import qins
     st = _ready(client, "map_many")
-    if (names is None) == (prefix is None):
-        raise ValueError("give exactly one of names and prefix")
-    p = {"model": model}
-    if names is not None:
-        p["names"] = list(names)
-    else:
-        p["prefix"] = prefix
-    if dtype is not None:
-        p["dtype"] = dtype
-    res = client.call("map_many", **p)
+    res = client.call("map_many", **qins._many_params(model, names, prefix, dtype))
     return {m["name"]: _array(client, st, m) for m in res["maps"]}
 
 

@@ -14,25 +14,9 @@ BUILD="${QINS_BUILD:-build}"; SHARED="${QINS_SHARED:-../shared}"
 MODEL="${MODEL:-$SHARED/models/stories260K.safetensors}"
 STEPS="${STEPS:-256}"; HEADS="${HEADS:-8}"
 if [ ! -f "$MODEL" ]; then echo "bench_arena_worker: skipped: no $MODEL"; exit 0; fi
-D=$(mktemp -d /tmp/qins-baw-XXXXXX)
-PID=""
-cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID"; i=0
-    while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$D"
-}
-trap cleanup EXIT INT TERM
-mkdir -p "$D/store"
+. "$(dirname "$0")/qinsd.sh"
 "$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model m >/dev/null
-"$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/log" & PID=$!
-i=0
-until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 1000 ] && kill -0 "$PID" 2>/dev/null || { cat "$D/log" >&2; exit 1; }
-  sleep 0.01
-done
+qinsd_start
 if ! "$BUILD/qinsctl" stats --socket "$D/s" | grep -q '^arena_bytes'; then
   echo "bench_arena_worker: skipped: this qinsd has no arena"; exit 0
 fi
