@@ -868,6 +868,20 @@ static int m_evict(mprov *m) {
   return 0;
 }
 
+/* The connection was lost (a daemon restart): reconnect (qins_ping rides libqins' retry budget),
+ * attach the new daemon's arena and forget every lease (they ended with the old connection). The
+ * units' old pointers stay readable (libqins keeps the old mapping, and a dead daemon's pages never
+ * change); each unit is mapped again from the new arena when next used. */
+static int m_reattach(mprov *m) {
+  int rc = qins_ping(m->cl);
+  if (!rc) rc = qins_attach(m->cl, NULL);
+  if (rc) return rc;
+  for (int i = 0; i < unit_count(&m->c); i++) m->u[i].mapped = 0;
+  m->held = 0;
+  m->base.reconnects++;
+  return 0;
+}
+
 static int m_map_unit(mprov *m, int u) {
   const char *names[W_MAX];
   char nb[W_MAX][QINS_MAX_NAME + 1];
@@ -879,6 +893,8 @@ static int m_map_unit(mprov *m, int u) {
     if (m_evict(m)) break;
   while ((rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp)) == QINS_EARENA_FULL)
     if (m_evict(m)) break; /* the arena is full of our own leases: stream */
+  if (rc == QINS_ECLOSED && m_reattach(m) == 0) /* the daemon restarted: its new arena */
+    rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp);
   if (rc) {
     fprintf(stderr, "qins-llama2: mapping unit %d of %s: %s\n", u, m->model,
             qins_client_error(m->cl));
@@ -1516,7 +1532,7 @@ int main(int argc, char **argv) {
     printf("weights: %" PRIu64 " fetches, %" PRIu64 " decoded bytes received, peak held %" PRIu64
            " of budget %" PRIu64 " bytes\n",
            cand->fetches, cand->fetched_bytes, cand->peak_bytes, cand->budget);
-  if (cand && !strcmp(cand->kind, "qinsd")) /* libqins rode out daemon restarts this often */
+  if (cand && !strncmp(cand->kind, "qinsd", 5)) /* libqins rode out daemon restarts this often */
     printf("reconnects: %" PRIu64 "\n", cand->reconnects);
   print_memory(cand ? cand : gen);
   if (tokens_out) {
