@@ -8,7 +8,7 @@
 # shapes (`qinsctl synth --arch llama2-110m`: a token reads ~440 MB of weights): --map vs local FP32
 # (the model exported to an FP32 safetensors file, read into each worker) vs socket streaming (the
 # qinsd provider, default budget). Needs $QINS_BUILD and $QINS_SHARED (set by run.sh). STEPS
-# (default 256), STEPS_110M (8) and HEADS (stories260K's 8) override; SKIP_110M=1 skips part 2.
+# (default 256), STEPS_110M (24) and HEADS (stories260K's 8) override; SKIP_110M=1 skips part 2.
 set -eu
 BUILD="${QINS_BUILD:-build}"; SHARED="${QINS_SHARED:-../shared}"
 MODEL="${MODEL:-$SHARED/models/stories260K.safetensors}"
@@ -50,7 +50,7 @@ echo "arena_worker_stories260K_4x: --map $best_m tokens/s per worker | local FP3
 # Part 2: stories110M's shapes, synthetic weights (tokens/s is what matters, not the text).
 "$BUILD/qinsctl" synth --store "$D/store" --arch llama2-110m --model s110 >/dev/null
 "$BUILD/qinsctl" export --store "$D/store" s110 "$D/s110.safetensors" >/dev/null
-STEPS="${STEPS_110M:-8}"
+STEPS="${STEPS_110M:-24}"
 set -- $(four --reference "$D/s110.safetensors"); f_t=$1; f_p=$2
 set -- $(four --socket "$D/s" --model s110 --n-heads 12 --map); m_t=$1; m_p=$2
 set -- $(four --socket "$D/s" --model s110 --n-heads 12); s_t=$1; s_p=$2
