@@ -24,6 +24,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "client", "python"))
+sys.path.insert(0, HERE)
 import qins  # noqa: E402
 
 SIZE = 1 << 20
@@ -224,6 +225,51 @@ class ArenaClient(unittest.TestCase):
             with self.assertRaises(qins.QinsError) as e:
                 c.release(lm)
             self.assertEqual(e.exception.name, "BAD_PARAMS")
+
+
+class ArenaRealDaemon(unittest.TestCase):
+    """The same calls against a real qinsd (test_client.py's Daemon): its sendmsg, our recvmsg."""
+
+    @classmethod
+    def setUpClass(cls):
+        import test_client as tc
+        cls.tc = tc
+        cls.d = tc.Daemon()
+        try:
+            path = os.path.join(cls.d.dir, "t.safetensors")
+            tc.write_safetensors(path, tc.TENSORS)
+            os.makedirs(cls.d.store, exist_ok=True)
+            cls.d.import_file(path, "t")
+            cls.d.start()
+        except BaseException:
+            cls.d.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        status = cls.d.stop()
+        assert status in (0, None), "qinsd exited %r on SIGTERM" % status
+
+    def test_map_equals_get_and_leases_end(self):
+        with qins.Client(self.d.sock) as c:
+            before = open_fds()
+            c.attach()
+            self.assertEqual(open_fds(), before)
+            for dt in ("f32", "f16", "bf16"):
+                for sl in (None, "1:4", "2:5,3:9"):
+                    a = c.map("t", "w", slice=sl, dtype=dt)
+                    g = c.get("t", "w", slice=sl, dtype=dt, raw=True)
+                    self.assertEqual(a.tobytes(), g.tobytes(), "%s %s" % (dt, sl))
+                    self.assertFalse(a.flags.writeable)
+            many = c.map_many("t", prefix="layers.0.")
+            self.assertEqual(sorted(many), ["layers.0.x", "layers.0.y"])
+            np.testing.assert_array_equal(many["layers.0.x"], self.tc.TENSORS["layers.0.x"])
+            held = c.stats()["arena_leases"]
+            self.assertGreater(held, 0)
+            del a, many
+            gc.collect()
+            c.release()
+            self.assertEqual(c.stats()["arena_leases"], 0)
 
 
 if __name__ == "__main__":
