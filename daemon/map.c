@@ -270,6 +270,13 @@ static void wait_done(void *ud, int rc) {
   if (--j->pending == 0) job_finish(j);
 }
 
+/* [1, msgid, nil, then the result is packed into pk. */
+static void answer_begin(msgpack_sbuffer *sb, msgpack_packer *pk, uint32_t msgid) {
+  msgpack_sbuffer_init(sb);
+  msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+  qp_pack_response_ok(pk, msgid);
+}
+
 /* Packs one map answer. */
 static void pack_item(msgpack_packer *pk, const mitem *it, int with_name) {
   msgpack_pack_map(pk, 5 + (with_name != 0));
@@ -302,9 +309,7 @@ static void job_finish(mjob *j) {
   } else {
     msgpack_sbuffer sb;
     msgpack_packer pk;
-    msgpack_sbuffer_init(&sb);
-    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-    qp_pack_response_ok(&pk, r->msgid);
+    answer_begin(&sb, &pk, r->msgid);
     if (!j->ask.many) {
       pack_item(&pk, &j->items[0], 0);
     } else {
@@ -486,9 +491,7 @@ int qd_map_attach(qd_req *r) {
   if (!arena_get()) return no_arena(r);
   msgpack_sbuffer sb;
   msgpack_packer pk;
-  msgpack_sbuffer_init(&sb);
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_response_ok(&pk, r->msgid);
+  answer_begin(&sb, &pk, r->msgid);
   msgpack_pack_map(&pk, 4);
   qp_pack_cstr(&pk, "arena_bytes");
   msgpack_pack_uint64(&pk, qd_arena_size(arena));
@@ -517,9 +520,7 @@ int qd_map_release(qd_req *r, const uint64_t *leases, uint32_t n) {
   if (rc) return rc;
   msgpack_sbuffer sb;
   msgpack_packer pk;
-  msgpack_sbuffer_init(&sb);
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_response_ok(&pk, r->msgid);
+  answer_begin(&sb, &pk, r->msgid);
   msgpack_pack_map(&pk, 1);
   qp_pack_cstr(&pk, "released");
   msgpack_pack_uint64(&pk, done);

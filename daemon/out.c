@@ -146,15 +146,20 @@ static ssize_t out_sendmsg_fd(qd_conn *c, wreq *w) {
   }
 }
 
-/* Submits the parked writes again, in order (the first may park again, and the rest behind it). */
-static void out_release_parked(qd_conn *c) {
-  wreq *w = c->fd_wait;
-  c->fd_wait = c->fd_wait_tail = NULL;
+/* Submits a detached list of writes, in order. */
+static void submit_all(qd_conn *c, wreq *w) {
   while (w) {
     wreq *next = w->next;
     wreq_submit(c, w);
     w = next;
   }
+}
+
+/* Submits the parked writes again, in order (the first may park again, and the rest behind it). */
+static void out_release_parked(qd_conn *c) {
+  wreq *w = c->fd_wait;
+  c->fd_wait = c->fd_wait_tail = NULL;
+  submit_all(c, w);
 }
 
 static void on_write(uv_write_t *req, int status) {
@@ -324,11 +329,7 @@ static void out_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
 static void out_release_held(qd_conn *c) {
   wreq *w = c->held_head;
   c->held_head = c->held_tail = NULL;
-  while (w) {
-    wreq *next = w->next;
-    wreq_submit(c, w);
-    w = next;
-  }
+  submit_all(c, w);
 }
 
 /* ---- replies (reply.h) ------------------------------------------------------------------------ */
