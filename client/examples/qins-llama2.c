@@ -878,6 +878,7 @@ static int m_reattach(mprov *m) {
   if (rc) return rc;
   for (int i = 0; i < unit_count(&m->c); i++) m->u[i].mapped = 0;
   m->held = 0;
+  m->emb = NULL;
   m->base.reconnects++;
   return 0;
 }

@@ -105,7 +105,7 @@ BENCHES = [
      "qinsd's arena, next to 4 of the same worker on FP32 weights read from the file into each "
      "worker: tokens/s per worker (better of 2 alternated rounds; target >= 0.9x) and summed PSS. "
      "Then the same on a synthetic model of stories110M's shapes (`qinsctl synth --arch "
-     "stories110M`: a token reads ~440 MB of weights), with socket streaming (the default qinsd "
+     "llama2-110m`: a token reads ~440 MB of weights), with socket streaming (the default qinsd "
      "provider) as a third column.",
      "The mapped workers' time includes mapping every unit once (a round trip each and one decode "
      "per host); after that no request is made per token. PSS: the mapped workers share one "
