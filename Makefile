@@ -130,7 +130,10 @@ $(BUILD)/qins-llama2: $(call obj,client/examples/qins-llama2.c) $(CLIENT_A) $(ST
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ $(LDLIBS)
 
 TEST_LINK = $(SUPPORT_A) $(STORE_A) $(if $(CLIENT_SRC),$(CLIENT_A)) $(if $(PROTO_SRC),$(PROTO_A))
-$(BUILD)/tests/unit: $(call obj,$(UNIT_SRC)) $(TEST_LINK)
+# Unit tests reach daemon internals (daemon/arena.c) through the daemon archive: only the objects
+# a test uses are linked.
+UNIT_LINK = $(if $(DAEMON_SRC),$(BUILD)/qinsd-core.a) $(TEST_LINK)
+$(BUILD)/tests/unit: $(call obj,$(UNIT_SRC)) $(UNIT_LINK)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_LDFLAGS) -o $@ $^ -lcriterion $(LDLIBS)
 $(BUILD)/tests/integration: $(call obj,$(INTEG_SRC)) $(TEST_LINK)

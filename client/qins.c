@@ -41,6 +41,7 @@
 
 #include "proto.h"
 #include "qins.h"
+#include "qins_int.h"
 
 #define QCL_SLACK (1u << 20)          /* bytes allowed beyond max_response_bytes: headers, names */
 #define QCL_HELLO_MAX (1u << 20)      /* response size limit before hello told us the real one */
@@ -78,6 +79,7 @@ struct qins_client {
   msgpack_packer pk;       /* packs into sb */
   qins_server_info server; /* from hello */
   char err[512];           /* last failure's message */
+  qcl_arena *arena;        /* the arena mapping and fd passing state (client/arena.c), or NULL */
 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ static int qcl_fill(qins_client *c) {
     }
   }
   for (;;) {
-    ssize_t n = recv(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen, 0);
+    ssize_t n = qcl__recv(c, c->fd, c->rbuf + c->rlen, c->rcap - c->rlen); /* takes passed fds */
     if (n > 0) {
       c->rlen += (size_t)n;
       return 0;
@@ -549,6 +551,7 @@ int qins_connect(qins_client **out, const char *socket_path, int timeout_ms) {
 void qins_close(qins_client *c) {
   if (!c) return;
   if (c->fd >= 0) close(c->fd);
+  qcl__arena_free(c);
   msgpack_sbuffer_destroy(&c->sb);
   free(c->rbuf);
   free(c);
@@ -1333,4 +1336,25 @@ int qins_stats(qins_client *c, char **json) {
   int rc;
   QCL_RETRYING(c, "stats", rc, qcl_stats_once(c, json));
   return rc;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * For client/arena.c (qins_int.h): the call machinery, for methods kept in their own file. */
+
+msgpack_packer *qcl__begin(qins_client *c, const char *method) {
+  qcl_begin(c, method);
+  return &c->pk;
+}
+int qcl__call(qins_client *c, const char *what) { return qcl_call(c, what); }
+int qcl__finish(qins_client *c, const char *what, int rc) { return qcl_finish(c, what, rc); }
+qp_rd *qcl__rd(qins_client *c) { return &c->rd; }
+int qcl__skip(qins_client *c) { return qcl_skip(c); }
+int qcl__sock(const qins_client *c) { return c->fd; }
+qcl_arena **qcl__arena(qins_client *c) { return &c->arena; }
+int qcl__fail(qins_client *c, int code, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->err, sizeof c->err, fmt, ap);
+  va_end(ap);
+  return code;
 }

@@ -206,6 +206,44 @@ QINS_EXTERN int qins_stats(qins_client *c, char **json /* out */);
 /* Asks the daemon to stop (admin: the daemon's own uid or root; else QINS_EDENIED). */
 QINS_EXTERN int qins_shutdown(qins_client *c);
 
+/* ---- The arena: decoded weights mapped read-only, shared by every worker of the host ----------
+ * (docs/PROTOCOL.md §4.10-4.13, docs/client.md "The arena"). qins_attach receives the daemon's
+ * arena (a sealed memfd, passed with the answer) and maps it PROT_READ, MAP_SHARED once for this
+ * connection (the fd is closed right after). qins_map then asks the daemon to decode a tensor or
+ * hyperslab into the arena (or finds it there, decoded by any worker) and returns a pointer into
+ * the mapping: no copy, no private FP32. The bytes are pinned by a lease until qins_release (or
+ * the connection closes): they never move or change meanwhile, even if the model is replaced.
+ * The mapping stays readable after the daemon dies; qins_close unmaps it (every pointer from
+ * qins_map dies then). Errors: QINS_EARENA_FULL when the arena cannot hold the tensor now (all
+ * space leased, larger than the arena, or this connection's lease limit): fall back to qins_get;
+ * QINS_EUNSUPPORTED when the daemon runs without an arena. After a reconnection, maps fail with
+ * QINS_ECLOSED until qins_attach is called again (the leases ended with the old connection). */
+QINS_EXTERN int qins_attach(qins_client *c, uint64_t *arena_bytes /* out; may be NULL */);
+
+/* One mapped tensor. data is read-only (writing it faults) and valid until its lease is released
+ * or the client closed. */
+typedef struct qins_mapped {
+  const void *data;              /* the decoded bytes, in the arena mapping (64-byte aligned) */
+  size_t bytes;                  /* their length */
+  uint64_t lease;                /* pass to qins_release */
+  uint64_t offset;               /* data's offset in the arena */
+  char dtype[8];                 /* "f32", "f16", "bf16" (or a raw tensor's own dtype) */
+  int ndim;                      /* dimensions */
+  uint64_t shape[QINS_MAX_NDIM]; /* shape */
+} qins_mapped;
+
+/* Maps tensor `name` of `model` (or the hyperslab `slice`, as qins_get_into) as dtype dt. */
+QINS_EXTERN int qins_map(qins_client *c, const char *model, const char *name,
+                         const qins_range *slice, int nslice, qins_dtype dt,
+                         qins_mapped *out /* out */);
+/* Maps n whole tensors of `model` in one round trip (method map_many); out[i] for names[i]. All or
+ * nothing: on an error no lease is held. */
+QINS_EXTERN int qins_map_many(qins_client *c, const char *model, const char *const *names, int n,
+                              qins_dtype dt, qins_mapped *out /* out: n entries */);
+/* Releases n leases (one round trip). QINS_EBAD_PARAMS naming a lease this connection does not
+ * hold (the others are still released). */
+QINS_EXTERN int qins_release(qins_client *c, const uint64_t *leases, int n);
+
 #ifdef __cplusplus
 }
 #endif

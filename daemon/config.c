@@ -79,6 +79,11 @@ static const opt opts[] = {
    "decoded (0: never)"},
   {"stream-piece-bytes", T_SIZE, "256K", 4 * KiB, 1 * GiB, F(stream_piece_bytes),
    "streamed gets are decoded and sent in pieces of about this size (cache-sized)"},
+  {"arena-bytes", T_SIZE, "auto", 0, 16384 * GiB, F(arena_bytes),
+   "size of the shared decoded-weights arena workers map (attach/map); auto: a quarter of "
+   "physical memory; 0: no arena. Pages are created on first use and kept"},
+  {"arena-max-leases", T_U64, "4096", 1, 1u << 24, F(arena_max_leases),
+   "arena leases one connection may hold at once (more get ARENA_FULL)"},
 };
 #define N_OPTS (sizeof opts / sizeof opts[0])
 
@@ -212,6 +217,12 @@ static void opt_set(const opt *o, const char *val, const char *where) {
     return;
   }
   uint64_t v;
+  if (o->type == T_SIZE && !strcmp(val, "auto") && o->off == F(arena_bytes)) {
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE); /* a quarter of RAM */
+    v = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz / 4 / MiB * MiB : 1 * GiB;
+    *(uint64_t *)(base + o->off) = v;
+    return;
+  }
   if (parse_u64(val, o->type, &v) || v < o->min || v > o->max) {
     if (o->type == T_MODE)
       die_usage("bad value for %s: \"%s\"%s (an octal mode, at most 0777)", o->name, val, where);

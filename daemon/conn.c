@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "map.h"
 #include "methods.h"
 
 uint64_t qd_conn_id(const qd_conn *c) { return c->id; }
@@ -68,6 +69,7 @@ void qd_conn_free(qd_conn *c) {
   if (c->prev) c->prev->next = c->next;
   else qd_srv.cn.all = c->next;
   if (c->next) c->next->prev = c->prev;
+  qd_map_conn_freed(c->id); /* its arena leases (map.c) */
   free(c->buf);
   if (!c->refused && qd_srv.st.connections) qd_srv.st.connections--;
   free(c);

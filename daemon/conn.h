@@ -72,6 +72,7 @@ struct qd_conn {
   struct qd_stream *turns; /* streams waiting for their turn, in order */
   struct qd_stream *drain_wait; /* the stream waiting for libuv's queue to empty (stream_lend) */
   wreq *held_head, *held_tail; /* writes held while a stream has the turn, in order */
+  wreq *fd_wait, *fd_wait_tail; /* writes parked behind an fd reply (out.c, qd_reply_fd) */
   qd_sink_fn sink;       /* embedded connection (qd_serve_bytes): response bytes go here, no socket */
   void *sink_ud;       /* its argument */
 };

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "job.h"
+#include "map.h"
 #include "methods.h"
 #include "qinsd.h"
 
@@ -207,7 +208,8 @@ static int store_err(qd_req *r, int rc, const char *model, const char *name) {
 static int m_hello(qd_req *r) {
   ok_reply o;
   msgpack_packer *pk = ok_begin(&o, r);
-  msgpack_pack_map(pk, 7);
+  msgpack_pack_map(pk, 8);
+  kv_u64(pk, "arena_bytes", qd_map_arena_bytes());
   qp_pack_cstr(pk, "protocol");
   msgpack_pack_uint32(pk, QP_PROTOCOL_VERSION);
   qp_pack_cstr(pk, "server");
@@ -234,7 +236,8 @@ static int m_stats(qd_req *r) {
   msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 18);
+  msgpack_pack_map(pk, 18 + QD_MAP_STATS_KEYS);
+  qd_map_stats_pack(pk);
   kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
   kv_u64(pk, "connections", qd_srv.st.connections);
   kv_u64(pk, "connections_total", qd_srv.st.connections_total);
@@ -386,31 +389,105 @@ static int m_info(qd_req *r) {
   return ok_send(r, &o);
 }
 
-static int m_get(qd_req *r) {
+/* get and map: {model, name, slice?, dtype?} into a new ask; NULL with *rc set on an error. */
+static qd_ask *ask_one(qd_req *r, int *rc) {
   qd_ask *a = qd_job_new();
-  if (!a) return QINS_ENOMEM;
-  int rc;
-  if ((rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
-      (rc = param_str(r, "name", 1, a->name, sizeof a->name)) ||
-      (rc = param_slice(r, &a->slice, &a->has_slice)) ||
-      (rc = param_dtype(r, &a->dt, &a->dt_given))) {
-    qd_job_discard(a);
-    return rc;
+  if (!a) {
+    *rc = QINS_ENOMEM;
+    return NULL;
   }
-  return qd_job_start(r, a);
+  if ((*rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
+      (*rc = param_str(r, "name", 1, a->name, sizeof a->name)) ||
+      (*rc = param_slice(r, &a->slice, &a->has_slice)) ||
+      (*rc = param_dtype(r, &a->dt, &a->dt_given))) {
+    qd_job_discard(a);
+    return NULL;
+  }
+  return a;
 }
 
+static int m_get(qd_req *r) {
+  int rc;
+  qd_ask *a = ask_one(r, &rc);
+  return a ? qd_job_start(r, a) : rc;
+}
+
+static int m_map(qd_req *r) {
+  int rc;
+  qd_ask *a = ask_one(r, &rc);
+  return a ? qd_map_start(r, a) : rc;
+}
+
+static qd_ask *ask_many(qd_req *r, int *rc_out);
+
 static int m_get_many(qd_req *r) {
+  int rc;
+  qd_ask *a = ask_many(r, &rc);
+  return a ? qd_job_start(r, a) : rc;
+}
+
+static int m_map_many(qd_req *r) {
+  int rc;
+  qd_ask *a = ask_many(r, &rc);
+  return a ? qd_map_start(r, a) : rc;
+}
+
+static int m_attach(qd_req *r) { return qd_map_attach(r); }
+
+/* release: {lease: u} or {leases: [u]} (at most RELEASE_MAX). */
+#define RELEASE_MAX 65536
+static int m_release(qd_req *r) {
+  qp_rd one, list;
+  int has_one = param_find(r, "lease", &one), has_list = param_find(r, "leases", &list);
+  if (has_one == has_list) {
+    snprintf(r->msg, sizeof r->msg, "release needs exactly one of \"lease\" and \"leases\"");
+    return QINS_EBAD_PARAMS;
+  }
+  uint64_t id;
+  if (has_one) {
+    if (qp_rd_uint(&one, &id)) {
+      snprintf(r->msg, sizeof r->msg, "parameter \"lease\" must be an unsigned integer");
+      return QINS_EBAD_PARAMS;
+    }
+    return qd_map_release(r, &id, 1);
+  }
+  uint32_t n;
+  if (qp_rd_array(&list, &n) || n > RELEASE_MAX) {
+    snprintf(r->msg, sizeof r->msg, "parameter \"leases\" must be an array of at most %d "
+             "unsigned integers", RELEASE_MAX);
+    return QINS_EBAD_PARAMS;
+  }
+  uint64_t *ids = malloc((n ? n : 1) * sizeof *ids);
+  if (!ids) return QINS_ENOMEM;
+  for (uint32_t i = 0; i < n; i++)
+    if (qp_rd_uint(&list, &ids[i])) {
+      free(ids);
+      snprintf(r->msg, sizeof r->msg, "leases[%u] must be an unsigned integer", i);
+      return QINS_EBAD_PARAMS;
+    }
+  int rc = qd_map_release(r, ids, n);
+  free(ids);
+  return rc;
+}
+
+/* get_many and map_many: {model, names | prefix, dtype?} into a new ask (many); NULL with *rc_out
+ * set on an error. */
+static qd_ask *ask_many(qd_req *r, int *rc_out) {
   qd_ask *a = qd_job_new();
-  if (!a) return QINS_ENOMEM;
+  if (!a) {
+    *rc_out = QINS_ENOMEM;
+    return NULL;
+  }
   a->many = 1;
   int rc;
+  const char *meth = qd_methods[r->method].name;
   if ((rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
       (rc = param_dtype(r, &a->dt, &a->dt_given)))
     goto fail;
   qp_rd names;
   if (param_find(r, "slice", &names)) {
-    snprintf(r->msg, sizeof r->msg, "get_many takes no slice: use get for slices");
+    snprintf(r->msg, sizeof r->msg, "%s takes no slice: use %s for slices", meth,
+             meth[0] == 'm' ? "map" : "get");
     rc = QINS_EBAD_PARAMS;
     goto fail;
   }
@@ -419,7 +496,7 @@ static int m_get_many(qd_req *r) {
   if (rc < 0) goto fail;
   a->by_prefix = rc == 0;
   if (has_names == a->by_prefix) {
-    snprintf(r->msg, sizeof r->msg, "get_many needs exactly one of \"names\" and \"prefix\"");
+    snprintf(r->msg, sizeof r->msg, "%s needs exactly one of \"names\" and \"prefix\"", meth);
     rc = QINS_EBAD_PARAMS;
     goto fail;
   }
@@ -444,10 +521,11 @@ static int m_get_many(qd_req *r) {
         goto fail;
       }
   }
-  return qd_job_start(r, a);
+  return a;
 fail:
   qd_job_discard(a);
-  return rc;
+  *rc_out = rc;
+  return NULL;
 }
 
 /* ---- the table -------------------------------------------------------------------------------- */
@@ -462,6 +540,13 @@ const qd_method qd_methods[] = {
    "several whole tensors in one round trip"},
   {"stats", QD_READONLY, m_stats, "", "connections, requests, errors, bytes, latency"},
   {"shutdown", QD_ADMIN, m_shutdown, "", "stop accepting, finish in-flight requests, exit 0"},
+  {"attach", QD_READONLY, m_attach, "",
+   "the shared decoded-weights arena: its fd (SCM_RIGHTS) and size"},
+  {"map", QD_READONLY, m_map, "model, name, slice?, dtype?",
+   "a tensor or hyperslab decoded into the arena: lease, offset, length"},
+  {"map_many", QD_READONLY, m_map_many, "model, names | prefix, dtype?",
+   "several whole tensors into the arena in one round trip"},
+  {"release", QD_READONLY, m_release, "lease | leases", "ends arena leases"},
 };
 const int qd_n_methods = (int)(sizeof qd_methods / sizeof qd_methods[0]);
 

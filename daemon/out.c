@@ -40,7 +40,8 @@ struct wreq {
   char *head;      /* packed prefix (sbuffer data, malloc'd), or NULL (none, or copied inline) */
   void *owned;     /* payload buffer released after the write, or NULL */
   size_t owned_cap;
-  struct wreq *next; /* held writes (while a stream has the turn) */
+  struct wreq *next; /* held writes (while a stream has the turn), or parked ones (fd_wait) */
+  int pass_fd;     /* an fd to pass (SCM_RIGHTS) with the first byte, or -1 (qd_reply_fd) */
   unsigned nbufs;
   uv_buf_t bufs[]; /* head, then payload pieces */
 };
@@ -61,6 +62,105 @@ static void wreq_uncount(qd_conn *c, wreq *w) {
 static int conn_gone(const qd_conn *c) { return c->state == CONN_CLOSING || c->state == CONN_CLOSED; }
 
 static void stream_lend(qd_stream *s);
+static void out_release_parked(qd_conn *c);
+static void wreq_submit(qd_conn *c, wreq *w);
+
+/* ---- fd replies (qd_reply_fd) -----------------------------------------------------------------
+ * The fd travels as SCM_RIGHTS with the reply's first byte, so that byte must be written by a
+ * sendmsg of ours, never by libuv's queue: such a write waits (parked in c->fd_wait, and every
+ * later write of c behind it, in order) until libuv's queue is empty, then goes out through
+ * sendmsg; the rest of it, if the socket took only part, is queued as usual. A socket full with
+ * an empty libuv queue (the client reads nothing) is retried by one timer every FD_RETRY_MS while
+ * any write is parked that way. */
+#define FD_RETRY_MS 2
+static uv_timer_t fd_timer;
+static int fd_timer_on;
+
+static void park(qd_conn *c, wreq *w) {
+  w->next = NULL;
+  if (c->fd_wait_tail) c->fd_wait_tail->next = w;
+  else c->fd_wait = w;
+  c->fd_wait_tail = w;
+}
+
+/* libuv's queue of c may have emptied: parked writes go, then a stream waiting for the socket. */
+static void out_drained(qd_conn *c) {
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > 0) return;
+  if (c->fd_wait) out_release_parked(c);
+  if (c->drain_wait && !c->fd_wait && uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) == 0) {
+    qd_stream *s = c->drain_wait;
+    c->drain_wait = NULL;
+    stream_lend(s);
+  }
+}
+
+static void fd_timer_cb(uv_timer_t *t) {
+  int any = 0;
+  for (qd_conn *c = qd_srv.cn.all; c; c = c->next)
+    if (c->fd_wait) {
+      out_drained(c);
+      any |= c->fd_wait != NULL;
+    }
+  if (!any) {
+    uv_timer_stop(t);
+    fd_timer_on = 0;
+  }
+}
+
+static void fd_timer_arm(void) {
+  if (fd_timer_on) return;
+  if (!fd_timer.loop) uv_timer_init(qd_srv.loop, &fd_timer), uv_unref((uv_handle_t *)&fd_timer);
+  uv_timer_start(&fd_timer, fd_timer_cb, FD_RETRY_MS, FD_RETRY_MS);
+  fd_timer_on = 1;
+  qd_loop_touch();
+}
+
+/* sendmsg of w's first buffer with w->pass_fd: bytes sent (the fd went with them), 0 when the
+ * socket is full, -1 on failure (logged). */
+static ssize_t out_sendmsg_fd(qd_conn *c, wreq *w) {
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)&c->pipe, &fd)) return -1;
+  union {
+    struct cmsghdr h;
+    char b[CMSG_SPACE(sizeof(int))];
+  } ctl;
+  memset(&ctl, 0, sizeof ctl);
+  struct iovec iov = {w->bufs[0].base, w->bufs[0].len};
+  struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+                     .msg_controllen = sizeof ctl.b};
+  struct cmsghdr *h = CMSG_FIRSTHDR(&m);
+  h->cmsg_level = SOL_SOCKET;
+  h->cmsg_type = SCM_RIGHTS;
+  h->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(h), &w->pass_fd, sizeof(int));
+  for (;;) {
+    ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n >= 0) {
+      qd_srv.st.bytes_served += (size_t)n;
+      return n;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+    qd_log(QD_LOG_VERBOSE, "%s: passing a file descriptor failed: %s", c->desc, strerror(errno));
+    return -1;
+  }
+}
+
+/* Submits a detached list of writes, in order. */
+static void submit_all(qd_conn *c, wreq *w) {
+  while (w) {
+    wreq *next = w->next;
+    wreq_submit(c, w);
+    w = next;
+  }
+}
+
+/* Submits the parked writes again, in order (the first may park again, and the rest behind it). */
+static void out_release_parked(qd_conn *c) {
+  wreq *w = c->fd_wait;
+  c->fd_wait = c->fd_wait_tail = NULL;
+  submit_all(c, w);
+}
 
 static void on_write(uv_write_t *req, int status) {
   wreq *w = (wreq *)req;
@@ -74,11 +174,7 @@ static void on_write(uv_write_t *req, int status) {
     qd_conn_close(c);
   }
   wreq_free(w);
-  if (c->drain_wait && uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) == 0) {
-    qd_stream *s = c->drain_wait;
-    c->drain_wait = NULL;
-    stream_lend(s);
-  }
+  out_drained(c);
   qd_conn_resume(c); /* room in the queue: c may read again, or close once drained */
 }
 
@@ -110,9 +206,28 @@ static void wreq_submit(qd_conn *c, wreq *w) {
     wreq_free(w);
     return;
   }
-  /* With nothing queued, write now (uv_try_write fails with EAGAIN while libuv has writes
-   * queued, so order holds). */
-  ssize_t n = out_try_write(c, w->bufs, w->nbufs);
+  if (c->fd_wait) { /* behind a parked fd reply */
+    park(c, w);
+    return;
+  }
+  ssize_t n;
+  if (w->pass_fd >= 0) {
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > 0) {
+      park(c, w); /* released by on_write once the queue is empty */
+      return;
+    }
+    n = out_sendmsg_fd(c, w);
+    if (n == 0) {
+      park(c, w);
+      fd_timer_arm();
+      return;
+    }
+    if (n > 0) w->pass_fd = -1;
+  } else {
+    /* With nothing queued, write now (uv_try_write fails with EAGAIN while libuv has writes
+     * queued, so order holds). */
+    n = out_try_write(c, w->bufs, w->nbufs);
+  }
   if (n < 0) {
     wreq_uncount(c, w);
     wreq_free(w);
@@ -149,6 +264,7 @@ static void wreq_submit(qd_conn *c, wreq *w) {
  * interleave. A small head with no pieces (pieces may point into a head) is copied into the
  * request itself; a larger one is shrunk to its length. */
 #define WREQ_INLINE_HEAD 256
+static int out_next_fd = -1; /* the fd the next out_send passes (qd_reply_fd), or -1 */
 static void out_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
                      const struct iovec *pieces, unsigned np, void *owned, size_t owned_cap,
                      int stream) {
@@ -180,6 +296,7 @@ static void out_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
   w->owned = owned;
   w->owned_cap = owned_cap;
   w->next = NULL;
+  w->pass_fd = -1;
   w->nbufs = 0;
   w->bytes = 0;
   if (head) {
@@ -197,6 +314,8 @@ static void out_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
   }
   c->queued += w->cost;
   qd_queued_add(w->cost);
+  w->pass_fd = out_next_fd;
+  out_next_fd = -1;
   if (c->out != OUT_QUEUE && !stream && !conn_gone(c)) {
     if (c->held_tail) c->held_tail->next = w;
     else c->held_head = w;
@@ -210,11 +329,7 @@ static void out_send(qd_conn *c, char *head, size_t head_len, size_t head_cap,
 static void out_release_held(qd_conn *c) {
   wreq *w = c->held_head;
   c->held_head = c->held_tail = NULL;
-  while (w) {
-    wreq *next = w->next;
-    wreq_submit(c, w);
-    w = next;
-  }
+  submit_all(c, w);
 }
 
 /* ---- replies (reply.h) ------------------------------------------------------------------------ */
@@ -224,6 +339,15 @@ void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl) {
   char *head = msgpack_sbuffer_release(sb);
   out_send(r->conn, head, len, cap, pl ? pl->bufs : NULL, pl ? pl->nbufs : 0,
            pl ? pl->owned : NULL, pl ? pl->owned_cap : 0, 0);
+}
+
+void qd_reply_fd(qd_req *r, msgpack_sbuffer *sb, int fd) {
+  qd_latency_record(r->t0);
+  size_t len = sb->size, cap = sb->alloc;
+  char *head = msgpack_sbuffer_release(sb);
+  out_next_fd = r->conn->sink ? -1 : fd; /* embedded: the bytes alone */
+  out_send(r->conn, head, len, cap, NULL, 0, NULL, 0, 0);
+  out_next_fd = -1;
 }
 
 void qd_reply_copy(qd_req *r, const char *p, size_t n) {
@@ -346,8 +470,8 @@ static void stream_lend(qd_stream *s) {
   qd_conn *c = s->c;
   int fd = -1;
   if (!conn_gone(c) && !c->sink && c->out == OUT_STREAM) {
-    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > 0) {
-      c->drain_wait = s;
+    if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) > 0 || c->fd_wait) {
+      c->drain_wait = s; /* parked fd replies go first too */
       return;
     }
     uv_os_fd_t f;
@@ -494,6 +618,7 @@ void qd_stream_close(qd_stream *s, int broken) {
 int qd_out_close(qd_conn *c) {
   if (c->out == OUT_STREAM) c->out = OUT_QUEUE;
   out_release_held(c); /* closing: they are dropped */
+  out_release_parked(c); /* dropped too */
   int now = 1;
   if (c->out == OUT_LENT) {
     /* A pool thread is writing to this fd: closing it now could hand its number to a new

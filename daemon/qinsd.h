@@ -84,6 +84,8 @@ typedef struct qd_config {
   uint64_t buffer_cache_bytes; /* decoded-payload buffers kept for reuse */
   uint64_t stream_min_bytes;   /* gets at least this large are sent while being decoded (0: never) */
   uint64_t stream_piece_bytes; /* decode (and send) streamed gets in pieces of about this size */
+  uint64_t arena_bytes;        /* the decoded-weights arena's size (map.c); 0: none */
+  uint64_t arena_max_leases;   /* arena leases per connection */
 } qd_config;
 
 /* Parses defaults, the config file (--config) and flags into qd_srv.cfg. Exits 0 after

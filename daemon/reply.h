@@ -66,6 +66,11 @@ typedef struct qd_payload {
 /* Sends a packed response (sb's buffer is taken over; sb is left empty) and records latency.
  * pl (may be NULL) describes pieces after the head; its owned buffer is the server's from then on. */
 void qd_reply(qd_req *r, msgpack_sbuffer *sb, const qd_payload *pl /* may be NULL */);
+/* Sends a packed response (sb taken over, as qd_reply) with fd passed as SCM_RIGHTS on its first
+ * byte (the fd is not taken over: it must stay open until the daemon exits). Ordered like any
+ * reply; it waits until nothing is queued before it, and later replies wait behind it. An
+ * embedded connection gets the bytes alone. */
+void qd_reply_fd(qd_req *r, msgpack_sbuffer *sb, int fd);
 /* Sends the n packed response bytes at p (not taken over: written now if the socket takes them
  * all, else the rest is copied and queued) and records latency. */
 void qd_reply_copy(qd_req *r, const char *p, size_t n);

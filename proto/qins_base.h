@@ -53,7 +53,8 @@ extern "C" {
   X(INVALID,        -1024, "invalid argument")                                                \
   X(BUFFER,         -1025, "buffer too small")                                                \
   X(VERSION,        -1026, "unsupported format or protocol version")                          \
-  X(LOCKED,         -1027, "the store is locked by another writer")
+  X(LOCKED,         -1027, "the store is locked by another writer")                          \
+  X(ARENA_FULL,     -1028, "the arena cannot hold this now: use get")
 
 typedef enum qins_err {
   QINS_OK = 0,

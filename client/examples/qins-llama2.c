@@ -30,6 +30,9 @@
  *    connection per thread) fetches unit u+1 (wrapping to layer 0 after the head) if it fits in
  *    the budget beside what is pinned; least recently used units are evicted to make room. The
  *    default budget is the smallest that streams: the two largest units.
+ *  - qinsd-map (--map): units mapped from qinsd's shared arena (map_many), read in place: no
+ *    private copy; all units stay mapped unless the arena or --budget is smaller than the model,
+ *    then least recently used units are released, as the qinsd provider streams.
  *
  * Comparison (both paths). The FP32 path generates a sequence S (greedy or run.c's sampler). The
  * served path runs teacher-forced on S (same tokens, for the KL divergence and top-1 agreement of
@@ -820,6 +823,193 @@ static qprov *q_new(const char *sock, const char *model, const cfg *c, const tna
   return q;
 }
 
+/* --- mapped provider (--map) ------------------------------------------------------------------
+ * Every weight read straight from qinsd's arena (docs/PROTOCOL.md §4.10): a unit is mapped with
+ * one map_many round trip and its tensors are used where they lie in the read-only shared mapping:
+ * no private copy and, once every unit is mapped, no request per token. When the arena (or
+ * --budget) cannot hold the whole model, least recently used unpinned units are released to make
+ * room, unit by unit, as the qinsd provider's streaming does; re-mapping a released unit the
+ * daemon still caches costs a round trip and no decode. */
+
+typedef struct munit {
+  int mapped;                    /* leases held */
+  int pins;                      /* users now */
+  uint64_t used;                 /* tick of last use (LRU) */
+  uint64_t lease[W_MAX];         /* one per tensor */
+  const float *w[W_MAX];         /* in the mapping */
+} munit;
+
+typedef struct mprov {
+  wprov base;
+  cfg c;
+  tnames nm;                     /* the model's tensor names */
+  const float *emb;              /* its own embedding table, mapped whole (own classifier only) */
+  char *model;
+  qins_client *cl;
+  munit *u;                      /* [unit_count] */
+  uint64_t held, tick;           /* bytes mapped; LRU clock */
+} mprov;
+
+static void m_unmap(mprov *m, int u) {
+  if (qins_release(m->cl, m->u[u].lease, unit_ntensors(&m->c, u)))
+    fprintf(stderr, "qins-llama2: releasing unit %d: %s\n", u, qins_client_error(m->cl));
+  m->u[u].mapped = 0;
+  m->held -= unit_bytes(&m->c, u);
+}
+
+/* Releases the least recently used unpinned unit; 0, or -1 when none is left. */
+static int m_evict(mprov *m) {
+  int victim = -1;
+  for (int i = 0; i < unit_count(&m->c); i++)
+    if (m->u[i].mapped && !m->u[i].pins && (victim < 0 || m->u[i].used < m->u[victim].used))
+      victim = i;
+  if (victim < 0) return -1;
+  m_unmap(m, victim);
+  return 0;
+}
+
+/* The connection was lost (a daemon restart): reconnect (qins_ping rides libqins' retry budget),
+ * attach the new daemon's arena and forget every lease (they ended with the old connection). The
+ * units' old pointers stay readable (libqins keeps the old mapping, and a dead daemon's pages never
+ * change); each unit is mapped again from the new arena when next used. */
+static int m_reattach(mprov *m) {
+  int rc = qins_ping(m->cl);
+  if (!rc) rc = qins_attach(m->cl, NULL);
+  if (rc) return rc;
+  for (int i = 0; i < unit_count(&m->c); i++) m->u[i].mapped = 0;
+  m->held = 0;
+  m->emb = NULL;
+  m->base.reconnects++;
+  return 0;
+}
+
+static int m_map_unit(mprov *m, int u) {
+  const char *names[W_MAX];
+  char nb[W_MAX][QINS_MAX_NAME + 1];
+  qins_mapped mp[W_MAX];
+  int n = unit_ntensors(&m->c, u), rc;
+  uint64_t bytes = unit_bytes(&m->c, u);
+  for (int i = 0; i < n; i++) ns_tensor_name(&m->nm, &m->c, u, i, nb[i], sizeof nb[i]), names[i] = nb[i];
+  while (m->held + bytes > m->base.budget)
+    if (m_evict(m)) break;
+  while ((rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp)) == QINS_EARENA_FULL)
+    if (m_evict(m)) break; /* the arena is full of our own leases: stream */
+  if (rc == QINS_ECLOSED && m_reattach(m) == 0) /* the daemon restarted: its new arena */
+    rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp);
+  if (rc) {
+    fprintf(stderr, "qins-llama2: mapping unit %d of %s: %s\n", u, m->model,
+            qins_client_error(m->cl));
+    return rc;
+  }
+  m->u[u].mapped = 1;
+  m->held += bytes;
+  for (int i = 0; i < n; i++) {
+    m->u[u].lease[i] = mp[i].lease;
+    m->u[u].w[i] = mp[i].data;
+    if (mp[i].bytes != tensor_elems(&m->c, u, i) * sizeof(float) || strcmp(mp[i].dtype, "f32")) {
+      fprintf(stderr, "qins-llama2: %s/%s has an unexpected shape\n", m->model, names[i]);
+      return QINS_EFORMAT;
+    }
+  }
+  if (m->held > m->base.peak_bytes) m->base.peak_bytes = m->held;
+  m->base.fetches++;
+  m->base.fetched_bytes += bytes;
+  return 0;
+}
+
+static int m_acquire(wprov *p, int u, const float **w) {
+  mprov *m = (mprov *)p;
+  int rc = m->u[u].mapped ? 0 : m_map_unit(m, u);
+  if (rc) return rc;
+  m->u[u].pins++;
+  m->u[u].used = ++m->tick;
+  for (int i = 0; i < unit_ntensors(&m->c, u); i++) w[i] = m->u[u].w[i];
+  return 0;
+}
+
+static void m_release(wprov *p, int u) { ((mprov *)p)->u[u].pins--; }
+
+/* A token's embedding row, read from the mapped classifier (tied to the embedding), or from the
+ * model's own embedding table, mapped whole once and kept. */
+static int m_embed(wprov *p, int token, float *out) {
+  mprov *m = (mprov *)p;
+  if (m->nm.own_cls) {
+    qins_mapped e;
+    if (!m->emb) {
+      int rc = qins_map(m->cl, m->model, ns_embed[m->nm.ns], NULL, 0, QINS_F32, &e);
+      if (rc) {
+        fprintf(stderr, "qins-llama2: mapping the embedding: %s\n", qins_client_error(m->cl));
+        return rc;
+      }
+      if (e.bytes != (size_t)m->c.vocab_size * (size_t)m->c.dim * sizeof(float)) return QINS_EFORMAT;
+      m->emb = e.data;
+    }
+    memcpy(out, m->emb + (size_t)token * (size_t)m->c.dim, (size_t)m->c.dim * sizeof(float));
+    return 0;
+  }
+  const float *w[W_MAX];
+  int head = m->c.n_layers, rc = m_acquire(p, head, w);
+  if (rc) return rc;
+  memcpy(out, w[W_CLS] + (size_t)token * (size_t)m->c.dim, (size_t)m->c.dim * sizeof(float));
+  m_release(p, head);
+  return 0;
+}
+
+static void m_destroy(wprov *p) {
+  mprov *m = (mprov *)p;
+  qins_close(m->cl); /* ends the leases and unmaps the arena */
+  free(m->u);
+  free(m->model);
+  free(m);
+}
+
+/* This process's memory (smaps_rollup: PSS splits shared pages between their mappers) and the
+ * decoded weights the served provider holds privately (none when they are mapped). */
+static void print_memory(const wprov *p) {
+  unsigned long long pss = 0, rss = 0, v;
+  char line[256];
+  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+  while (f && fgets(line, sizeof line, f)) {
+    if (sscanf(line, "Pss: %llu kB", &v) == 1) pss = v;
+    if (sscanf(line, "Rss: %llu kB", &v) == 1) rss = v;
+  }
+  if (f) fclose(f);
+  int mapped = !strcmp(p->kind, "qinsd-map");
+  printf("memory: pss %llu KiB, rss %llu KiB; decoded weights held privately %" PRIu64
+         " bytes%s\n", pss, rss, mapped ? 0 : p->peak_bytes,
+         mapped ? " (read in place from qinsd's shared arena)" : "");
+}
+
+static mprov *m_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
+                    uint64_t budget) {
+  /* Hugging Face's q/k rows must be un-permuted for llama2.c's rotary: not in a read-only map. */
+  if (nm->ns == NS_HF)
+    die("--map: %s has Hugging Face tensor names, whose q/k rows need un-permuting, which a "
+        "read-only mapping cannot do: run without --map", model);
+  mprov *m = xcalloc(1, sizeof *m);
+  m->c = *c;
+  m->nm = *nm;
+  m->model = strdup(model);
+  m->base.kind = "qinsd-map";
+  m->base.embed = m_embed;
+  m->base.acquire = m_acquire;
+  m->base.release = m_release;
+  m->base.destroy = m_destroy;
+  m->u = xcalloc((size_t)unit_count(c), sizeof *m->u);
+  uint64_t total = 0, big = 0;
+  for (int u = 0; u < unit_count(c); u++) {
+    total += unit_bytes(c, u);
+    if (unit_bytes(c, u) > big) big = unit_bytes(c, u);
+  }
+  m->base.budget = budget ? budget : total;
+  if (m->base.budget < big)
+    die("--budget %" PRIu64 " is below the largest unit (%" PRIu64 " bytes)", budget, big);
+  int rc = qins_connect(&m->cl, sock, 5000);
+  if (rc) die("connect %s: %s", sock, qins_strerror(rc));
+  if (qins_attach(m->cl, NULL)) die("--map: attach: %s", qins_client_error(m->cl));
+  return m;
+}
+
 /* ------------------------------------------------------------------------------------------------
  * The forward pass (run.c's, strict float32 left to right) */
 
@@ -1135,6 +1325,8 @@ static void usage(int code) {
           "  -b, --budget BYTES      decoded weights the worker may hold (K/M/G suffixes; default:\n"
           "                          the two largest units, the least that streams with prefetch)\n"
           "      --no-prefetch       fetch each unit only when needed\n"
+          "      --map               read every weight from qinsd's shared arena (no private\n"
+          "                          copy; --budget then bounds the bytes kept mapped)\n"
           "      --simulate q8_0     with --reference alone: compare FP32 with llama.cpp's Q8_0\n"
           "                          applied to the same weights\n"
           "      --n-heads N         query heads, when neither the server's metadata nor a\n"
@@ -1170,7 +1362,7 @@ int main(int argc, char **argv) {
   float temperature = 0.0f, topp = 0.9f;
   unsigned long long seed = 42;
   uint64_t budget = 0;
-  int sock_given = 0;
+  int sock_given = 0, use_map = 0;
   static const struct option opts[] = {
       {"socket", required_argument, 0, 's'},      {"model", required_argument, 0, 'm'},
       {"reference", required_argument, 0, 'r'},   {"steps", required_argument, 0, 'n'},
@@ -1179,6 +1371,7 @@ int main(int argc, char **argv) {
       {"budget", required_argument, 0, 'b'},      {"no-prefetch", no_argument, 0, 'P'},
       {"simulate", required_argument, 0, 'M'},    {"quiet", no_argument, 0, 'q'},
       {"n-heads", required_argument, 0, 'H'},     {"seq-len", required_argument, 0, 'L'},
+      {"map", no_argument, 0, 'A'},
       {"help", no_argument, 0, 'h'},              {"version", no_argument, 0, 'V'},
       {0, 0, 0, 0}};
   int ch;
@@ -1195,6 +1388,7 @@ int main(int argc, char **argv) {
     case 'o': tokens_out = optarg; break;
     case 'b': budget = parse_bytes(optarg); break;
     case 'P': prefetch = 0; break;
+    case 'A': use_map = 1; break;
     case 'M': simulate = optarg; break;
     case 'q': quiet = 1; break;
     case 'H': n_heads = (int)strtol(optarg, &end, 10); if (*end || n_heads <= 0) usage(2); break;
@@ -1210,6 +1404,7 @@ int main(int argc, char **argv) {
   if (served && !sock) die("--model needs --socket (or QINS_SOCKET)");
   if (!served && sock_given) die("--socket needs --model");
   if (!served && !ref_path) usage(2);
+  if (use_map && !served) die("--map needs --model");
   if (simulate && (strcmp(simulate, "q8_0") || !ref_path || served))
     die("--simulate q8_0 needs --reference and no --model");
 
@@ -1228,7 +1423,8 @@ int main(int argc, char **argv) {
     /* With a reference, its config is the model's (shapes are checked per fetch). */
     if (!ref) q_config(probe, model, &nm, n_heads, seq_len, &c);
     qins_close(probe);
-    cand = &q_new(sock, model, &c, &nm, budget, prefetch)->base;
+    cand = use_map ? &m_new(sock, model, &c, &nm, budget)->base
+                   : &q_new(sock, model, &c, &nm, budget, prefetch)->base;
   } else if (simulate) {
     cand = &simulate_q8_0(ref)->base;
   }
@@ -1333,12 +1529,13 @@ int main(int argc, char **argv) {
     }
     printf("speed: %s %.1f tokens/s\n", gen_kind, steps / t_ref);
   }
-  if (cand && !strcmp(cand->kind, "qinsd"))
+  if (cand && !strncmp(cand->kind, "qinsd", 5))
     printf("weights: %" PRIu64 " fetches, %" PRIu64 " decoded bytes received, peak held %" PRIu64
            " of budget %" PRIu64 " bytes\n",
            cand->fetches, cand->fetched_bytes, cand->peak_bytes, cand->budget);
-  if (cand && !strcmp(cand->kind, "qinsd")) /* libqins rode out daemon restarts this often */
+  if (cand && !strncmp(cand->kind, "qinsd", 5)) /* libqins rode out daemon restarts this often */
     printf("reconnects: %" PRIu64 "\n", cand->reconnects);
+  print_memory(cand ? cand : gen);
   if (tokens_out) {
     FILE *f = fopen(tokens_out, "w");
     if (!f) die("%s: %s", tokens_out, strerror(errno));

@@ -47,6 +47,7 @@ ERRORS = {
     -1013: "FORMAT", -1014: "UNSUPPORTED", -1015: "STORE_FULL", -1016: "NAME", -1017: "SHUTDOWN",
     -1018: "INTERNAL", -1019: "NOMEM", -1020: "IO", -1021: "TIMEOUT", -1022: "CLOSED",
     -1023: "DTYPE", -1024: "INVALID", -1025: "BUFFER", -1026: "VERSION", -1027: "LOCKED",
+    -1028: "ARENA_FULL",
 }
 CODES = {v: k for k, v in ERRORS.items()}
 
@@ -154,8 +155,9 @@ def parse_slice(spec, shape=None):
     return out
 
 
-# Methods sent again whole after a reconnect: every method but shutdown only reads.
-_NOT_RETRIED = frozenset(["shutdown"])
+# Methods sent again whole after a reconnect: every method but shutdown only reads. The arena's
+# are not: their leases and offsets belong to one connection and one daemon (qins_arena.py).
+_NOT_RETRIED = frozenset(["shutdown", "attach", "map", "map_many", "release"])
 # Answers to hello that a restarting daemon explains (try again): BUSY, SHUTDOWN.
 _TRANSIENT_CODES = frozenset([-1009, -1017])
 _BACKOFF_MIN = 0.005  # first pause between reconnect attempts (s)
@@ -411,16 +413,7 @@ class Client:
     def get_many(self, model, names=None, prefix=None, dtype=None, raw=False, copy=False):
         """{name: array} for the listed names (in that order) or every tensor under prefix;
         dtype and copy as for get."""
-        p = {"model": model}
-        if (names is None) == (prefix is None):
-            raise ValueError("give exactly one of names and prefix")
-        if names is not None:
-            p["names"] = list(names)
-        else:
-            p["prefix"] = prefix
-        if dtype is not None:
-            p["dtype"] = dtype
-        res = self.call("get_many", **p)
+        res = self.call("get_many", **_many_params(model, names, prefix, dtype))
         out = {}
         for i, t in enumerate(res["tensors"]):
             name = t.get("name") or (names[i] if names is not None else str(i))
@@ -430,8 +423,43 @@ class Client:
     def stats(self):
         return self.call("stats")
 
+    # --- the arena: zero-copy read-only arrays (PROTOCOL.md §4.10-4.13; qins_arena.py) ---------
+    def attach(self):
+        return _arena().attach(self)
+
+    def map(self, model, name, slice=None, dtype="f32"):
+        return _arena().map(self, model, name, slice, dtype)
+
+    def map_many(self, model, names=None, prefix=None, dtype="f32"):
+        return _arena().map_many(self, model, names, prefix, dtype)
+
+    def release(self, *arrays_or_leases):
+        return _arena().release(self, arrays_or_leases)
+
+    def mapped(self, model, name, slice=None, dtype="f32"):
+        return _arena().mapped(self, model, name, slice, dtype)
+
     def shutdown(self):
         return self.call("shutdown")
+
+
+def _many_params(model, names, prefix, dtype):
+    """get_many's and map_many's params: exactly one of names and prefix."""
+    if (names is None) == (prefix is None):
+        raise ValueError("give exactly one of names and prefix")
+    p = {"model": model}
+    if names is not None:
+        p["names"] = list(names)
+    else:
+        p["prefix"] = prefix
+    if dtype is not None:
+        p["dtype"] = dtype
+    return p
+
+
+def _arena():
+    import qins_arena  # beside this file
+    return qins_arena
 
 
 def connect(socket_path=None, timeout=5.0, retry=None):

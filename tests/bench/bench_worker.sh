@@ -10,26 +10,10 @@ BUILD="${QINS_BUILD:-build}"; SHARED="${QINS_SHARED:-../shared}"
 MODEL="${MODEL:-$SHARED/models/stories260K.safetensors}"
 SEEDS="${SEEDS:-1 2 3 4 5}"; STEPS="${STEPS:-200}"
 if [ ! -f "$MODEL" ]; then echo "bench_worker: skipped: no $MODEL"; exit 0; fi
-D=$(mktemp -d /tmp/qins-bw-XXXXXX)
-PID=""
-cleanup() {
-  if [ -n "$PID" ] && kill -0 "$PID" 2>/dev/null; then
-    kill -TERM "$PID"; i=0
-    while kill -0 "$PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-    kill -KILL "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$D"
-}
-trap cleanup EXIT INT TERM
-mkdir -p "$D/store"
+. "$(dirname "$0")/qinsd.sh"
 "$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model qins8 >/dev/null
 "$BUILD/qinsctl" import --store "$D/store" "$MODEL" --model qins16 --codec qins16 --codec-for '*norm.weight=f32' >/dev/null
-"$BUILD/qinsd" --store "$D/store" --socket "$D/s" --log "$D/log" & PID=$!
-i=0
-until "$BUILD/qinsctl" ping --socket "$D/s" >/dev/null 2>&1; do
-  i=$((i+1)); [ $i -lt 1000 ] && kill -0 "$PID" 2>/dev/null || { cat "$D/log" >&2; exit 1; }
-  sleep 0.01
-done
+qinsd_start
 echo "sampling sanity: T=0.9 top-p 0.9, $STEPS steps, seeds: $SEEDS"
 for codec in qins8 qins16; do
   sum_kld=0; sum_top1=0; sum_same=0; n=0

@@ -83,6 +83,33 @@ BENCHES = [
      "The ratio is unchecked/checked time (1.0 = free). The f32 span line is the worst case: "
      "there is no decode to hide the CRC behind, only a memcpy; through qinsd the socket copy "
      "dominates instead. Small reads pay for one or two 16 KiB segments, not the 4 MiB chunk."),
+    ("arena", "bench_arena", "Shared arena vs socket delivery — `tests/bench/bench_arena.c`",
+     "`make bench`; alone: `QINS_BUILD=build build/bench/bench_arena` (imports 1.25 GiB of f32 as "
+     "qins8 first; needs about 5 GiB of free memory for part 3).",
+     "(1) First delivery of a 64 MiB and a 256 MiB (decoded f32) qins8 tensor through `map` "
+     "(request, decode into arena pages that do not exist yet, the client reading one byte of "
+     "every page of its mapping) next to `get` of the same tensor into a fresh buffer read the "
+     "same way (target >= 2.5x). (2) A repeat `map` of the cached entry next to a repeat `get` "
+     "(target >= 50x), best of 5. (3) The summed PSS of qinsd and 4 worker processes each mapping "
+     "the same 1 GiB of decoded weights and reading every page, next to 4 workers holding `get` "
+     "copies and to one decoded copy plus the store pages read (target <= 1.1x).",
+     "A repeat map costs a round trip and the worker's read faults on pages it has not touched "
+     "yet, whatever the tensor's size; a repeat get moves every byte again. First delivery "
+     "includes creating the arena's pages (about 2.3 us per 4 KiB page, docs/qinsd.md \"The "
+     "arena\"), which a long-running daemon pays once. PSS splits each shared page between its "
+     "mappers, so the mapped sum shows one copy while RSS would show it in every worker."),
+    ("arena_worker", "bench_arena_worker.sh", "Mapped workers vs local FP32 — `tests/bench/bench_arena_worker.sh`",
+     "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_arena_worker.sh` "
+     "(`STEPS`, `HEADS`, `MODEL` override).",
+     "4 `qins-llama2 --map` workers at once on stories260K (qins8), every weight read in place from "
+     "qinsd's arena, next to 4 of the same worker on FP32 weights read from the file into each "
+     "worker: tokens/s per worker (better of 2 alternated rounds; target >= 0.9x) and summed PSS. "
+     "Then the same on a synthetic model of stories110M's shapes (`qinsctl synth --arch "
+     "llama2-110m`: a token reads ~440 MB of weights), with socket streaming (the default qinsd "
+     "provider) as a third column.",
+     "The mapped workers' time includes mapping every unit once (a round trip each and one decode "
+     "per host); after that no request is made per token. PSS: the mapped workers share one "
+     "decoded copy with the daemon, the FP32 workers each hold theirs."),
     ("worker", "bench_worker.sh", "Worker sampling sanity — `tests/bench/bench_worker.sh`",
      "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_worker.sh` "
      "(`SEEDS`, `STEPS`, `MODEL` override).",

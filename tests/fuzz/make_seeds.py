@@ -69,6 +69,23 @@ sessions = {
                         req(5, "get_many", {"model": M, "names": [1]}),
                         req(6, "get_many", {"model": M, "names": ["a.b"], "slice": [[0, 1]]}),
                         req(7, "get_many", {"model": M, "names": ["a.b"], "dtype": "bf16"})),
+    "map": session(req(1, "attach"), req(2, "map", {"model": M, "name": "a.w"}),
+                   req(3, "map", {"model": M, "name": "a.w", "slice": [[1, 3], [2, 5]], "dtype": "f16"}),
+                   req(4, "map", {"model": M, "name": "g.i32"}), req(5, "map", {"model": M, "name": "a.w"}),
+                   req(6, "map_many", {"model": M, "names": ["a.b", "c.f16", "a.b"], "dtype": "bf16"}),
+                   req(7, "map_many", {"model": M, "prefix": "d."}), req(8, "release", {"lease": 1}),
+                   req(9, "release", {"leases": [2, 3, 999]}), req(10, "stats")),
+    "map_bad": session(req(1, "map", {"model": M, "name": "big"}),
+                       req(2, "map", {"model": M, "name": "g.i32", "dtype": "f32"}),
+                       req(3, "map", {"model": M, "name": "a.w", "slice": [[3, 1]]}),
+                       req(4, "map_many", {"model": M, "names": ["a.b"], "slice": [[0, 1]]}),
+                       req(5, "map_many", {"model": M, "names": ["a.b", "nope"]}),
+                       req(6, "release", {"lease": "x"}), req(7, "release", {"lease": 1, "leases": [1]}),
+                       req(8, "release", {}), req(9, "map", {"model": "n", "name": "x"}),
+                       req(10, "map", {"model": M, "name": "h.5d", "slice": [[0, 1]] * 5})),
+    "map_limit": session(*[req(i + 1, "map", {"model": M, "name": n, "dtype": d})
+                           for i, (n, d) in enumerate([(n, d) for n in ("a.w", "b.q16", "d.bf16", "e.log", "f.rat")
+                                                       for d in ("f32", "f16")])]),
     "admin": session(req(1, "shutdown"), req(2, "nosuch"), req(3, "ping")),
     "notify": msgpack.packb([2, "ping", []]) + req(1, "ping"),
     "method_not_str": msgpack.packb([0, 1, 5, []]) + req(2, "ping"),
@@ -88,7 +105,7 @@ for name, body in sessions.items():
     put("request", name, bytes([0]) + body)
 for opt, suffix in variants.items():
     if opt:
-        for name in ("get", "get_big", "get_many", "hello"):
+        for name in ("get", "get_big", "get_many", "hello", "map"):
             put("request", name + suffix, bytes([opt]) + sessions[name])
 put("request", "stream_rows", bytes([12]) + session(
     req(1, "get", {"model": M, "name": "big", "slice": [[65300, 65700]]}),

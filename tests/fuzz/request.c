@@ -18,15 +18,18 @@
  * carries a code the protocol lists for bad requests (a valid store must never give CHECKSUM,
  * CORRUPT, INTERNAL, NOMEM, BUSY or SHUTDOWN); every `data` bin is the last key of its map and holds
  * exactly prod(shape) values of its dtype; after the input the connection is closed and freed and
- * nothing is left queued or reserved.
+ * nothing is left queued or reserved; map answers are aligned extents inside the arena (1 MiB, 8
+ * leases a connection: ARENA_FULL is an expected answer) and no lease outlives the connection.
  */
 #include <dirent.h>
 #include <math.h>
 
 #include <msgpack.h>
 
+#include "arena.h"
 #include "daemon.h"
 #include "fuzz.h"
+#include "map.h"
 #include "qinsd.h"
 
 static char dir[64];  /* temp dir holding the store */
@@ -116,8 +119,8 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   char sock[96];
   snprintf(sock, sizeof sock, "%s/s", dir);
   char *args[] = {"qinsd", "--store", store_path, "--socket", sock, "--max-response-bytes", "64K",
-                  NULL};
-  qd_config_load(7, args);
+                  "--arena-bytes", "1M", "--arena-max-leases", "8", NULL};
+  qd_config_load(11, args);
   setenv("QINS_IMPORT_THREADS", "1", 1);
   qs_store *s;
   int rc = qs_open(&s, store_path, QS_OPEN_CREATE);
@@ -183,6 +186,28 @@ static void check_payload(const msgpack_object *m) {
            data->via.bin.size, (unsigned long long)n, es);
 }
 
+/* A map answer (map, map_many's items): an aligned extent inside the arena holding prod(shape)
+ * values of its dtype. */
+static void check_mapped(const msgpack_object *m) {
+  const msgpack_object *lease = map_get(m, "lease", NULL);
+  if (!lease) return;
+  const msgpack_object *off = map_get(m, "offset", NULL), *len = map_get(m, "length", NULL);
+  const msgpack_object *shape = map_get(m, "shape", NULL);
+  size_t es = dtype_size(map_get(m, "dtype", NULL));
+  fz_check(lease->type == MSGPACK_OBJECT_POSITIVE_INTEGER && off && len && shape && es &&
+           off->type == MSGPACK_OBJECT_POSITIVE_INTEGER &&
+           len->type == MSGPACK_OBJECT_POSITIVE_INTEGER && shape->type == MSGPACK_OBJECT_ARRAY,
+           "a map answer without lease, offset, length, shape or dtype");
+  uint64_t n = 1;
+  for (uint32_t i = 0; i < shape->via.array.size; i++) n *= shape->via.array.ptr[i].via.u64;
+  fz_check(n * es == len->via.u64, "map length %llu for %llu elements",
+           (unsigned long long)len->via.u64, (unsigned long long)n);
+  fz_check(off->via.u64 % QD_ARENA_ALIGN == 0, "map offset %llu unaligned",
+           (unsigned long long)off->via.u64);
+  qd_arena *a = qd_map_arena();
+  fz_check(a && off->via.u64 + len->via.u64 <= qd_arena_size(a), "map extent outside the arena");
+}
+
 static void check_response(const msgpack_object *o) {
   fz_check(o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size == 4, "not [1, msgid, err, res]");
   const msgpack_object *a = o->via.array.ptr;
@@ -198,13 +223,17 @@ static void check_response(const msgpack_object *o) {
     int expected = code == QINS_EPROTO || code == QINS_ETOO_LARGE || code == QINS_EUNKNOWN_METHOD ||
                    code == QINS_EBAD_PARAMS || code == QINS_ENO_MODEL || code == QINS_ENO_TENSOR ||
                    code == QINS_EBAD_SLICE || code == QINS_ERESPONSE_TOO_LARGE ||
-                   code == QINS_EDENIED || code == QINS_EDTYPE;
+                   code == QINS_EDENIED || code == QINS_EDTYPE || code == QINS_EARENA_FULL;
     fz_check(expected, "unexpected error %lld (%s): %.*s", (long long)code,
              qins_err_name((int)code), (int)e[1].via.str.size, e[1].via.str.ptr);
     return;
   }
   const msgpack_object *r = &a[3];
   check_payload(r);
+  check_mapped(r);
+  const msgpack_object *maps = map_get(r, "maps", NULL);
+  if (maps && maps->type == MSGPACK_OBJECT_ARRAY)
+    for (uint32_t i = 0; i < maps->via.array.size; i++) check_mapped(&maps->via.array.ptr[i]);
   const msgpack_object *items = map_get(r, "tensors", NULL);
   if (items && items->type == MSGPACK_OBJECT_ARRAY)
     for (uint32_t i = 0; i < items->via.array.size; i++) check_payload(&items->via.array.ptr[i]);
@@ -255,5 +284,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
            (unsigned long long)qd_srv.st.connections);
   fz_check(qd_srv.st.queued_bytes == 0, "%llu bytes left queued or reserved",
            (unsigned long long)qd_srv.st.queued_bytes);
+  if (qd_map_arena()) { /* the closed connection's leases are gone, and no decode is left */
+    qd_arena_stats as;
+    qd_arena_stats_get(qd_map_arena(), &as);
+    fz_check(as.leases == 0 && as.leased == 0, "%llu leases (%llu bytes) left after the connection "
+             "closed", (unsigned long long)as.leases, (unsigned long long)as.leased);
+  }
   return 0;
 }

@@ -104,6 +104,26 @@ for what in "qins8  greedy" "qins16 greedy" "qins8  T=0.9 top-p 0.9 seed 1" "qin
   n=$((n+1))
 done
 
+echo "== 4 workers holding the whole model: private FP32 copies (get) vs the shared arena (--map)"
+for mode in copy map; do
+  if [ $mode = map ]; then flag=--map; else flag="--budget 1G"; fi
+  for n in 1 2 3 4; do
+    # No --reference here (it would load FP32 into each worker): heads from $HEADS (stories260K: 8).
+    "$BUILD/qins-llama2" --socket "$D/s" --model "$NAME" --n-heads "${HEADS:-8}" --steps 200 -q \
+      $flag > "$D/$mode$n" 2>&1 &
+    eval "Q$n=\$!"
+  done
+  for n in 1 2 3 4; do eval "wait \$Q$n" || fail=1; done
+  priv=0; pss=0
+  for n in 1 2 3 4; do
+    l=$(grep '^memory:' "$D/$mode$n") || { cat "$D/$mode$n"; fail=1; continue; }
+    priv=$((priv + $(echo "$l" | sed 's/.*held privately \([0-9]*\) bytes.*/\1/')))
+    pss=$((pss + $(echo "$l" | sed 's/^memory: pss \([0-9]*\) KiB.*/\1/')))
+  done
+  echo "   $mode: decoded weights held privately by the 4 workers: $priv bytes; their PSS summed: $pss KiB"
+done
+"$BUILD/qinsctl" stats --socket "$D/s" | grep -E '^arena_(resident|entries|hits|misses|decode_bytes) ' | sed 's/^/   daemon /' || true
+
 echo "== qinsd counters"
 "$BUILD/qinsctl" stats --socket "$D/s" | grep -E '^(connections_total|bytes_served|requests\.(get|get_many)|latency_p50_us|latency_p99_us) ' | sed 's/^/   /' || true
 echo "== stopping qinsd"
