@@ -31,14 +31,15 @@ CFLAGS    ?=
 CPPFLAGS  += -DQINS_SHARED_DIR='"$(SHARED)"'
 # Include paths per module: a file sees its own directory and the modules it depends on, nothing
 # else, so a wrong include (store/ including a daemon header, proto/ including store.h or qins.h)
-# fails to compile. proto/qins_base.h (version, limits, the error map) is what every module shares;
-# store.h still reaches it through client/qins.h. The first prefix that matches a source path wins.
+# fails to compile. proto/qins_base.h (version, limits, the error map) and proto/qins_text.h (the
+# growable buffer and JSON string escaper) are what every module shares; store/ includes them, never
+# client/qins.h. The first prefix that matches a source path wins.
 INC_daemon/qinsctl/   := -Idaemon/qinsctl -Istore -Iclient -Iproto
 INC_daemon/           := -Idaemon -Istore -Iproto -Iclient
 INC_client/examples/  := -Iclient -Istore -Iproto
 INC_client/           := -Iclient -Iproto
 INC_proto/            := -Iproto
-INC_store/            := -Istore -Iclient -Iproto
+INC_store/            := -Istore -Iproto
 INC_tests/            := -Iclient -Iproto -Istore -Idaemon -Itests/support
 INC_PREFIXES := daemon/qinsctl/ daemon/ client/examples/ client/ proto/ store/ tests/
 includes = $(INC_$(firstword $(foreach d,$(INC_PREFIXES),$(if $(filter $(d)%,$(1)),$(d)))))

@@ -42,6 +42,7 @@
 #include "proto.h"
 #include "qins.h"
 #include "qins_int.h"
+#include "qins_text.h"
 
 #define QCL_SLACK (1u << 20)          /* bytes allowed beyond max_response_bytes: headers, names */
 #define QCL_HELLO_MAX (1u << 20)      /* response size limit before hello told us the real one */
@@ -1220,49 +1221,7 @@ int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t of
 
 /* --- stats: any msgpack value rendered as JSON ---------------------------------------------- */
 
-typedef struct qcl_str {
-  char *p;
-  size_t len, cap;
-  int oom;
-} qcl_str;
-
-static void qcl_puts(qcl_str *s, const char *t, size_t n) {
-  if (s->oom) return;
-  if (s->len + n + 1 > s->cap) {
-    size_t nc = s->cap ? s->cap : 256;
-    while (nc < s->len + n + 1) nc *= 2;
-    char *np = realloc(s->p, nc);
-    if (!np) {
-      s->oom = 1;
-      return;
-    }
-    s->p = np;
-    s->cap = nc;
-  }
-  memcpy(s->p + s->len, t, n);
-  s->len += n;
-  s->p[s->len] = 0;
-}
-
-static void qcl_put_jstr(qcl_str *s, const char *t, uint32_t n) {
-  qcl_puts(s, "\"", 1);
-  for (uint32_t i = 0; i < n; i++) {
-    unsigned char ch = (unsigned char)t[i];
-    char esc[8];
-    if (ch == '"' || ch == '\\') {
-      esc[0] = '\\', esc[1] = (char)ch;
-      qcl_puts(s, esc, 2);
-    } else if (ch < 0x20) {
-      snprintf(esc, sizeof esc, "\\u%04x", ch);
-      qcl_puts(s, esc, 6);
-    } else {
-      qcl_puts(s, (const char *)&t[i], 1);
-    }
-  }
-  qcl_puts(s, "\"", 1);
-}
-
-static int qcl_to_json(qins_client *c, qcl_str *s, int depth) {
+static int qcl_to_json(qins_client *c, qb_buf *s, int depth) {
   if (depth > QP_MAX_DEPTH * 4) return QINS_EPROTO;
   qp_rd *r = &c->rd;
   char num[64];
@@ -1274,42 +1233,42 @@ static int qcl_to_json(qins_client *c, qcl_str *s, int depth) {
   const char *str;
   if (qp_rd_is_nil(r)) {
     qp_rd_nil(r);
-    qcl_puts(s, "null", 4);
+    qb_put(s, "null", 4);
   } else if (qp_rd_bool(r, &b) == 0) {
-    qcl_puts(s, b ? "true" : "false", b ? 4 : 5);
+    qb_put(s, b ? "true" : "false", b ? 4 : 5);
   } else if (qp_rd_uint(r, &u) == 0) {
-    qcl_puts(s, num, (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)u));
+    qb_put(s, num, (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)u));
   } else if (qp_rd_int(r, &i) == 0) {
-    qcl_puts(s, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)i));
+    qb_put(s, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)i));
   } else if (qp_rd_double(r, &d) == 0) {
-    if (d != d || d - d != 0) qcl_puts(s, "null", 4); /* JSON has no NaN/Inf */
-    else qcl_puts(s, num, (size_t)snprintf(num, sizeof num, "%.17g", d));
+    if (d != d || d - d != 0) qb_put(s, "null", 4); /* JSON has no NaN/Inf */
+    else qb_put(s, num, (size_t)snprintf(num, sizeof num, "%.17g", d));
   } else if (qp_rd_str(r, &str, &n) == 0) {
-    qcl_put_jstr(s, str, n);
+    qb_json_str(s, str, n, QB_JSON_U);
   } else if (qp_rd_array(r, &n) == 0) {
-    qcl_puts(s, "[", 1);
+    qb_put(s, "[", 1);
     for (uint32_t k = 0; k < n; k++) {
-      if (k) qcl_puts(s, ",", 1);
+      if (k) qb_put(s, ",", 1);
       int rc = qcl_to_json(c, s, depth + 1);
       if (rc) return rc;
     }
-    qcl_puts(s, "]", 1);
+    qb_put(s, "]", 1);
   } else if (qp_rd_map(r, &n) == 0) {
-    qcl_puts(s, "{", 1);
+    qb_put(s, "{", 1);
     for (uint32_t k = 0; k < n; k++) {
       uint32_t kl;
-      if (k) qcl_puts(s, ",", 1);
-      if (qp_rd_str(r, &str, &kl) == 0) qcl_put_jstr(s, str, kl);
+      if (k) qb_put(s, ",", 1);
+      if (qp_rd_str(r, &str, &kl) == 0) qb_json_str(s, str, kl, QB_JSON_U);
       else return QINS_EPROTO;
-      qcl_puts(s, ":", 1);
+      qb_put(s, ":", 1);
       int rc = qcl_to_json(c, s, depth + 1);
       if (rc) return rc;
     }
-    qcl_puts(s, "}", 1);
+    qb_put(s, "}", 1);
   } else {
     int rc = qcl_skip(c); /* bin, ext: not representable, shown as null */
     if (rc) return rc;
-    qcl_puts(s, "null", 4);
+    qb_put(s, "null", 4);
   }
   return 0;
 }
@@ -1320,7 +1279,7 @@ static int qcl_stats_once(qins_client *c, char **json) {
   msgpack_pack_array(&c->pk, 0);
   int rc = qcl_call(c, "stats");
   if (rc) return rc;
-  qcl_str s = {0};
+  qb_buf s = {0};
   rc = qcl_to_json(c, &s, 0);
   if (!rc && s.oom) rc = qcl_fail(c, QINS_ENOMEM, "stats: out of memory");
   rc = qcl_finish(c, "stats", rc);

@@ -34,8 +34,6 @@ extern "C" {
 /* Output dtypes of decoded data. Values match the wire names "f32", "f16", "bf16". */
 typedef enum qins_dtype { QINS_F32 = 0, QINS_F16 = 1, QINS_BF16 = 2 } qins_dtype;
 
-#define QINS_MAX_NAME 256  /* model and tensor names: bytes, NUL excluded (LMDB keys <= 511) */
-
 /* One [start, stop) range on one dimension. */
 typedef struct qins_range {
   uint64_t start; /* first index, inclusive */

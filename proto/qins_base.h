@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qins_base.h — what every module and the public API share: the version, the shape limit and
- * the error map. QINS_ERR_MAP(X) (NAME, value, message) generates the qins_err enum here and
- * qins_err_name() / qins_strerror() in proto/errors.c. 0 means OK; project codes are <= -1000,
+ * qins_base.h — what every module and the public API share: the version, the shape and name
+ * limits and the error map. QINS_ERR_MAP(X) (NAME, value, message) generates the qins_err enum
+ * here and qins_err_name() / qins_strerror() in proto/errors.c. 0 means OK; project codes are <= -1000,
  * stable and append-only (they cross the wire, docs/PROTOCOL.md §3); a local negative errno may
  * pass through, and both functions handle it. Installed beside client/qins.h, which includes it;
  * includes nothing of the project's, so proto/ depends on nothing.
@@ -70,6 +70,7 @@ QINS_EXTERN const char *qins_strerror(int code);
 QINS_EXTERN unsigned qins_version(void); /* QINS_VERSION_HEX of the library */
 
 #define QINS_MAX_NDIM 8 /* tensors have at most this many dimensions (and slices ranges) */
+#define QINS_MAX_NAME 256 /* model and tensor names: bytes, NUL excluded (LMDB keys <= 511) */
 
 #ifdef __cplusplus
 }

@@ -30,7 +30,7 @@
 #include <stdlib.h>
 
 #include "codec_int.h"
-#include "qins.h"
+#include "qins_base.h"
 
 /* ---- names, sizes ----------------------------------------------------------------------- */
 

@@ -29,7 +29,7 @@
 #include <math.h>
 
 #include "codec_int.h"
-#include "qins.h"
+#include "qins_base.h"
 
 static uint64_t qx_ng(uint64_t n) { return (n + QC_QX_GROUP - 1) / QC_QX_GROUP; }
 static uint64_t qx_ns(uint64_t n) { return (n + QC_QX_SUPER - 1) / QC_QX_SUPER; }

@@ -17,7 +17,7 @@
 #include <pthread.h>
 
 #include "codec_int.h"
-#include "qins.h"
+#include "qins_base.h"
 
 /* ---- f16 / bf16 conversions ------------------------------------------------------------- */
 

@@ -67,21 +67,21 @@ static qs_st_dtype qs__st_of(const qs_tensor *t, qc_dtype dt) {
  * files) stay out of it. *out is malloc'd. */
 static int qs__st_metadata_of(const char *m, char **out) {
   qs_json *root = NULL;
-  qs__sbuf b = {0};
-  qs__sbuf_puts(&b, "{");
+  qb_buf b = {0};
+  qb_puts(&b, "{");
   if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT) {
     int n = 0;
     for (size_t i = 0; i < root->len; i++) {
       const qs_json *v = &root->items[i];
       if (v->type != QS_JSON_STRING) continue;
-      if (n++) qs__sbuf_puts(&b, ",");
-      qs__sbuf_json_str(&b, v->key, v->key_len);
-      qs__sbuf_puts(&b, ":");
-      qs__sbuf_json_str(&b, v->str, v->len);
+      if (n++) qb_puts(&b, ",");
+      qb_json_str(&b, v->key, v->key_len, QB_JSON_U);
+      qb_puts(&b, ":");
+      qb_json_str(&b, v->str, v->len, QB_JSON_U);
     }
   }
   qs_json_free(root);
-  qs__sbuf_puts(&b, "}");
+  qb_puts(&b, "}");
   if (b.oom) {
     free(b.p);
     return qs__fail(QINS_ENOMEM, "out of memory");
@@ -216,23 +216,23 @@ static int qs__gg_type(const char *name, int *is_array) {
   return -1;
 }
 
-static void qs__gg_u32(qs__sbuf *b, uint32_t v) {
+static void qs__gg_u32(qb_buf *b, uint32_t v) {
   uint8_t x[4];
   qs__put_u32(x, v);
-  qs__sbuf_put(b, (const char *)x, 4);
+  qb_put(b, (const char *)x, 4);
 }
-static void qs__gg_u64(qs__sbuf *b, uint64_t v) {
+static void qs__gg_u64(qb_buf *b, uint64_t v) {
   uint8_t x[8];
   qs__put_u64(x, v);
-  qs__sbuf_put(b, (const char *)x, 8);
+  qb_put(b, (const char *)x, 8);
 }
-static void qs__gg_str(qs__sbuf *b, const char *s, size_t n) {
+static void qs__gg_str(qb_buf *b, const char *s, size_t n) {
   qs__gg_u64(b, n);
-  qs__sbuf_put(b, s, n);
+  qb_put(b, s, n);
 }
 
 /* One scalar of GGUF type ty from JSON value v into b; 0, or -1 if v does not fit the type. */
-static int qs__gg_scalar(qs__sbuf *b, int ty, const qs_json *v) {
+static int qs__gg_scalar(qb_buf *b, int ty, const qs_json *v) {
   uint8_t x[8] = {0};
   if (ty == 8) {
     if (v->type != QS_JSON_STRING) return -1;
@@ -266,13 +266,13 @@ static int qs__gg_scalar(qs__sbuf *b, int ty, const qs_json *v) {
     if (!sgn && bits < 64 && v->u64 >> bits) return -1;
     qs__put_u64(x, sgn ? (uint64_t)v->i64 : v->u64);
   }
-  qs__sbuf_put(b, (const char *)x, qs__gg_sz[ty]);
+  qb_put(b, (const char *)x, qs__gg_sz[ty]);
   return 0;
 }
 
 /* The KV section from the model's metadata into b; *n_kv counts them, *align gets
  * general.alignment. Without a "gguf" list, the string members become string KVs. */
-static int qs__gg_kvs(const char *model, const char *md, int64_t file_type, qs__sbuf *b,
+static int qs__gg_kvs(const char *model, const char *md, int64_t file_type, qb_buf *b,
                       uint64_t *n_kv, uint64_t *align) {
   qs_json *root = NULL;
   int rc = 0;
@@ -366,7 +366,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
   if (rc) return rc;
   qs_model m;
   qs__elist l = {0};
-  qs__sbuf h = {0};
+  qb_buf h = {0};
   int *types = NULL;
   qc_dtype *dts = NULL;
   char tmp[4096];
@@ -380,7 +380,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     goto out;
   }
   uint64_t n_kv, align;
-  qs__sbuf kvs = {0};
+  qb_buf kvs = {0};
   /* A model from block-quantized tensors is written as floats: general.file_type (llama.cpp's
    * LLAMA_FTYPE) then says so, ALL_F32 0, MOSTLY_F16 1 or MOSTLY_BF16 32. */
   int64_t ftype = -1;
@@ -389,11 +389,11 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     if (qs__gguf_block(l.t[i].src_dtype, &bw, &bb)) ftype = dt == QC_DT_F16 ? 1 : dt == QC_DT_BF16 ? 32 : 0;
   }
   rc = qs__gg_kvs(model, m.metadata, ftype, &kvs, &n_kv, &align);
-  qs__sbuf_put(&h, "GGUF", 4);
+  qb_put(&h, "GGUF", 4);
   qs__gg_u32(&h, 3);
   qs__gg_u64(&h, l.n);
   qs__gg_u64(&h, n_kv);
-  qs__sbuf_put(&h, kvs.p ? kvs.p : "", kvs.n);
+  qb_put(&h, kvs.p ? kvs.p : "", kvs.n);
   free(kvs.p);
   if (rc) goto out;
   uint64_t off = 0, total = 0;
@@ -419,7 +419,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     total += nb;
   }
   if (rc) goto out;
-  while (h.n % align) qs__sbuf_put(&h, "", 1);
+  while (h.n % align) qb_put(&h, "", 1);
   if (h.oom) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;

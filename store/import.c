@@ -40,82 +40,6 @@
 
 /* --------------------------------------------------------------------------------------------
  * Small helpers */
-void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n) {
-  if (b->oom) return;
-  if (b->n + n + 1 > b->cap) {
-    size_t nc = b->cap ? b->cap : 256;
-    while (nc < b->n + n + 1) nc *= 2;
-    char *np = realloc(b->p, nc);
-    if (!np) {
-      b->oom = 1;
-      return;
-    }
-    b->p = np;
-    b->cap = nc;
-  }
-  memcpy(b->p + b->n, s, n);
-  b->n += n;
-  b->p[b->n] = 0;
-}
-void qs__sbuf_puts(qs__sbuf *b, const char *s) { qs__sbuf_put(b, s, strlen(s)); }
-/* Length of the well-formed UTF-8 sequence at s (n bytes left), or 0 (RFC 3629: no overlong
- * forms, no surrogates, nothing above U+10FFFF). */
-static size_t qs__utf8_len(const unsigned char *s, size_t n) {
-  unsigned char c = s[0];
-  size_t len;
-  unsigned char lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
-  if (c >= 0xC2 && c <= 0xDF) len = 2;
-  else if (c >= 0xE0 && c <= 0xEF) {
-    len = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    len = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else return 0;
-  if (n < len || s[1] < lo || s[1] > hi) return 0;
-  for (size_t k = 2; k < len; k++)
-    if ((s[k] & 0xC0) != 0x80) return 0;
-  return len;
-}
-
-int qs__utf8_valid(const char *s, size_t n) {
-  for (size_t i = 0; i < n;) {
-    size_t l = (unsigned char)s[i] < 0x80 ? 1 : qs__utf8_len((const unsigned char *)s + i, n - i);
-    if (!l) return 0;
-    i += l;
-  }
-  return 1;
-}
-
-void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n) {
-  qs__sbuf_put(b, "\"", 1);
-  for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
-    char esc[8];
-    if (c >= 0x80) { /* well-formed UTF-8 as is; any other byte becomes U+FFFD */
-      size_t l = qs__utf8_len((const unsigned char *)s + i, n - i);
-      if (l) {
-        qs__sbuf_put(b, s + i, l);
-        i += l - 1;
-      } else {
-        qs__sbuf_put(b, "\\ufffd", 6);
-      }
-    } else if (c == '"' || c == '\\') {
-      esc[0] = '\\';
-      esc[1] = (char)c;
-      qs__sbuf_put(b, esc, 2);
-    } else if (c < 0x20 || c == 0x7F) {
-      snprintf(esc, sizeof esc, "\\u%04x", c);
-      qs__sbuf_put(b, esc, 6);
-    } else {
-      qs__sbuf_put(b, (const char *)&c, 1);
-    }
-  }
-  qs__sbuf_put(b, "\"", 1);
-}
-
 uint64_t qs__meta_max(void) {
   const char *e = getenv("QINS_IMPORT_META_MAX");
   char *end;
@@ -706,7 +630,7 @@ static int qs__hf_meta(const char *dir, char **meta) {
   static const char *const files[3][2] = {{"config.json", "config"},
                                           {"generation_config.json", "generation_config"},
                                           {"tokenizer.json", "tokenizer"}};
-  qs__sbuf hb = {0}, om = {0};
+  qb_buf hb = {0}, om = {0};
   int rc = 0, n = 0, n_om = 0;
   for (int i = 0; i < 3 && !rc; i++) {
     char p[8192];
@@ -714,8 +638,8 @@ static int qs__hf_meta(const char *dir, char **meta) {
     snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
     if (stat(p, &st) || !S_ISREG(st.st_mode)) continue;
     if ((uint64_t)st.st_size > qs__meta_max()) {
-      qs__sbuf_puts(&om, n_om++ ? "," : "[");
-      qs__sbuf_json_str(&om, files[i][0], strlen(files[i][0]));
+      qb_puts(&om, n_om++ ? "," : "[");
+      qb_json_str(&om, files[i][0], strlen(files[i][0]), QB_JSON_U);
       continue;
     }
     char *buf;
@@ -729,10 +653,10 @@ static int qs__hf_meta(const char *dir, char **meta) {
       break;
     }
     qs_json_free(j);
-    qs__sbuf_puts(&hb, n++ ? ",\"" : "{\"");
-    qs__sbuf_puts(&hb, files[i][1]);
-    qs__sbuf_puts(&hb, "\":");
-    qs__sbuf_put(&hb, buf, len);
+    qb_puts(&hb, n++ ? ",\"" : "{\"");
+    qb_puts(&hb, files[i][1]);
+    qb_puts(&hb, "\":");
+    qb_put(&hb, buf, len);
     free(buf);
   }
   if (!rc && (n || n_om)) {
@@ -740,23 +664,23 @@ static int qs__hf_meta(const char *dir, char **meta) {
     qs_json *root = NULL;
     if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT &&
         !qs_json_get(root, "hf") && !qs_json_get(root, "hf_omitted")) {
-      qs__sbuf nb = {0};
+      qb_buf nb = {0};
       size_t ml = strlen(m);
       while (ml && m[ml - 1] != '}') ml--; /* the object's closing brace */
-      qs__sbuf_put(&nb, m, ml ? ml - 1 : 0);
+      qb_put(&nb, m, ml ? ml - 1 : 0);
       int empty = root->len == 0;
       if (n) {
-        qs__sbuf_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
-        qs__sbuf_put(&nb, hb.p, hb.n);
-        qs__sbuf_puts(&nb, "}");
+        qb_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
+        qb_put(&nb, hb.p, hb.n);
+        qb_puts(&nb, "}");
         empty = 0;
       }
       if (n_om) {
-        qs__sbuf_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
-        qs__sbuf_put(&nb, om.p, om.n);
-        qs__sbuf_puts(&nb, "]");
+        qb_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
+        qb_put(&nb, om.p, om.n);
+        qb_puts(&nb, "]");
       }
-      qs__sbuf_puts(&nb, "}");
+      qb_puts(&nb, "}");
       if (nb.oom) rc = qs__fail(QINS_ENOMEM, "out of memory");
       else {
         free(*meta);

@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "qins_text.h"
 #include "store.h"
 
 /* How a source tensor's bytes become elements. */
@@ -69,19 +70,5 @@ int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
  * small model records, and for tests). */
 uint64_t qs__meta_max(void);
 
-/* Growing string buffer for JSON text. */
-typedef struct qs__sbuf {
-  char *p;
-  size_t n, cap;
-  int oom;
-} qs__sbuf;
-void qs__sbuf_put(qs__sbuf *b, const char *s, size_t n);
-void qs__sbuf_puts(qs__sbuf *b, const char *s);
-/* s (n bytes, from an untrusted file) as a JSON string literal: quotes, backslashes and control
- * characters escaped, bytes that are not well-formed UTF-8 replaced by U+FFFD, so the result is
- * always valid JSON (the model metadata is exported verbatim as safetensors __metadata__). */
-void qs__sbuf_json_str(qs__sbuf *b, const char *s, size_t n);
-/* 1 if the n bytes at s are well-formed UTF-8 (RFC 3629). */
-int qs__utf8_valid(const char *s, size_t n);
 
 #endif /* QINS_STORE_IMPORT_INT_H */

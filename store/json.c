@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "qins.h"
+#include "qins_base.h"
 
 typedef struct qs__jp {
   const unsigned char *s; /* input */
@@ -447,22 +447,4 @@ const qs_json *qs_json_at(const qs_json *v, size_t i) {
 const char *qs_json_type_name(qs_json_type t) {
   static const char *const names[] = {"null", "bool", "number", "string", "array", "object"};
   return (unsigned)t < 6 ? names[t] : "?";
-}
-
-void qs_json_fput_str(FILE *f, const char *s, size_t len) {
-  fputc('"', f);
-  for (size_t i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    switch (c) {
-    case '"': fputs("\\\"", f); break;
-    case '\\': fputs("\\\\", f); break;
-    case '\n': fputs("\\n", f); break;
-    case '\r': fputs("\\r", f); break;
-    case '\t': fputs("\\t", f); break;
-    default:
-      if (c < 0x20 || c == 0x7F) fprintf(f, "\\u%04x", c);
-      else fputc(c, f);
-    }
-  }
-  fputc('"', f);
 }

@@ -71,8 +71,5 @@ const qs_json *qs_json_at(const qs_json *v, size_t i);
 /* "null", "bool", "number", "string", "array", "object". */
 const char *qs_json_type_name(qs_json_type t);
 
-/* Writes s (len bytes of UTF-8) as a JSON string literal with quotes, escaping '"', '\\' and
- * control characters. */
-void qs_json_fput_str(FILE *f, const char *s, size_t len);
 
 #endif /* QINS_STORE_JSON_H */

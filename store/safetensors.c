@@ -20,7 +20,8 @@
 #include <unistd.h>
 
 #include "json.h"
-#include "qins.h"
+#include "qins_base.h"
+#include "qins_text.h"
 
 struct qs_st_file {
   char *path;            /* as given to open */
@@ -112,30 +113,11 @@ static int qs__name_cmp(const void *a, const void *b, void *base) {
   return strcmp(t[*(const size_t *)a].name, t[*(const size_t *)b].name);
 }
 
-/* Appends s as a JSON string literal to buf (capacity checked by the caller's sizing). */
-static size_t qs__json_put_str(char *o, const char *s, size_t len) {
-  size_t k = 0;
-  o[k++] = '"';
-  for (size_t i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (c == '"' || c == '\\') { o[k++] = '\\'; o[k++] = (char)c; }
-    else if (c == '\n') { o[k++] = '\\'; o[k++] = 'n'; }
-    else if (c == '\r') { o[k++] = '\\'; o[k++] = 'r'; }
-    else if (c == '\t') { o[k++] = '\\'; o[k++] = 't'; }
-    else if (c < 0x20 || c == 0x7F) k += (size_t)sprintf(o + k, "\\u%04x", c);
-    else o[k++] = (char)c;
-  }
-  o[k++] = '"';
-  return k;
-}
-/* Worst-case size of qs__json_put_str's output. */
-static size_t qs__json_str_max(size_t len) { return 6 * len + 2; }
-
 static int qs__st_metadata(qs_st_file *f, const qs_json *m, char *err, size_t errlen) {
   if (m->type != QS_JSON_OBJECT)
     return qs__st_err(QINS_EFORMAT, err, errlen, "%s: __metadata__ is a JSON %s, not an object",
                       f->path, qs_json_type_name(m->type));
-  size_t store = 0, js = 3;
+  size_t store = 0;
   for (size_t i = 0; i < m->len; i++) {
     const qs_json *v = &m->items[i];
     if (v->type != QS_JSON_STRING)
@@ -143,16 +125,15 @@ static int qs__st_metadata(qs_st_file *f, const qs_json *m, char *err, size_t er
                         "%s: __metadata__ value of \"%.64s\" is a JSON %s, not a string", f->path,
                         v->key, qs_json_type_name(v->type));
     store += v->key_len + v->len + 2;
-    js += qs__json_str_max(v->key_len) + qs__json_str_max(v->len) + 2;
   }
   f->n_meta = m->len;
   f->meta = calloc(2 * m->len + 1, sizeof *f->meta);
   f->meta_store = malloc(store + 1);
-  f->meta_json = malloc(js);
-  if (!f->meta || !f->meta_store || !f->meta_json)
+  if (!f->meta || !f->meta_store)
     return qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", f->path);
-  size_t o = 0, jo = 0;
-  f->meta_json[jo++] = '{';
+  size_t o = 0;
+  qb_buf js = {0};
+  qb_put(&js, "{", 1);
   for (size_t i = 0; i < m->len; i++) {
     const qs_json *v = &m->items[i];
     f->meta[2 * i] = f->meta_store + o;
@@ -161,13 +142,14 @@ static int qs__st_metadata(qs_st_file *f, const qs_json *m, char *err, size_t er
     f->meta[2 * i + 1] = f->meta_store + o;
     memcpy(f->meta_store + o, v->str, v->len + 1);
     o += v->len + 1;
-    if (i) f->meta_json[jo++] = ',';
-    jo += qs__json_put_str(f->meta_json + jo, v->key, v->key_len);
-    f->meta_json[jo++] = ':';
-    jo += qs__json_put_str(f->meta_json + jo, v->str, v->len);
+    if (i) qb_put(&js, ",", 1);
+    qb_json_str(&js, v->key, v->key_len, QB_JSON_SHORT);
+    qb_put(&js, ":", 1);
+    qb_json_str(&js, v->str, v->len, QB_JSON_SHORT);
   }
-  f->meta_json[jo++] = '}';
-  f->meta_json[jo] = 0;
+  qb_put(&js, "}", 1);
+  f->meta_json = js.p;
+  if (js.oom) return qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", f->path);
   return 0;
 }
 
@@ -459,34 +441,41 @@ int qs_st_header_build(const qs_st_entry *entries, size_t n, const char *metadat
   *out = NULL;
   *out_len = 0;
   int has_meta = metadata_json && strcmp(metadata_json, "{}") && metadata_json[0];
-  size_t cap = 16 + (has_meta ? strlen(metadata_json) + 20 : 0);
-  for (size_t i = 0; i < n; i++)
-    cap += qs__json_str_max(strlen(entries[i].name)) + 96 + 22 * (size_t)entries[i].ndim + 44;
-  cap += 8 + 8;
-  uint8_t *b = malloc(cap);
-  if (!b) return QINS_ENOMEM;
-  char *o = (char *)b + 8;
-  size_t k = 0;
-  o[k++] = '{';
-  if (has_meta) k += (size_t)sprintf(o + k, "\"__metadata__\":%s", metadata_json);
+  qb_buf b = {0};
+  char num[96];
+  qb_put(&b, "\0\0\0\0\0\0\0\0{", 9); /* the length prefix, filled in below */
+  if (has_meta) {
+    qb_puts(&b, "\"__metadata__\":");
+    qb_puts(&b, metadata_json);
+  }
   uint64_t pos = 0;
   for (size_t i = 0; i < n; i++) {
     const qs_st_entry *e = &entries[i];
-    if ((unsigned)e->dtype >= QS_ST_DTYPE_COUNT) { free(b); return QINS_EINVALID; }
-    if (k > 1) o[k++] = ',';
-    k += qs__json_put_str(o + k, e->name, strlen(e->name));
-    k += (size_t)sprintf(o + k, ":{\"dtype\":\"%s\",\"shape\":[", qs__st_names[e->dtype]);
+    if ((unsigned)e->dtype >= QS_ST_DTYPE_COUNT) {
+      free(b.p);
+      return QINS_EINVALID;
+    }
+    if (b.n > 9) qb_put(&b, ",", 1);
+    qb_json_str(&b, e->name, strlen(e->name), QB_JSON_SHORT);
+    qb_put(&b, num, (size_t)snprintf(num, sizeof num, ":{\"dtype\":\"%s\",\"shape\":[",
+                                      qs__st_names[e->dtype]));
     for (int d = 0; d < e->ndim; d++)
-      k += (size_t)sprintf(o + k, "%s%llu", d ? "," : "", (unsigned long long)e->shape[d]);
-    k += (size_t)sprintf(o + k, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)pos,
-                         (unsigned long long)(pos + e->nbytes));
+      qb_put(&b, num, (size_t)snprintf(num, sizeof num, "%s%llu", d ? "," : "",
+                                        (unsigned long long)e->shape[d]));
+    qb_put(&b, num, (size_t)snprintf(num, sizeof num, "],\"data_offsets\":[%llu,%llu]}",
+                                      (unsigned long long)pos,
+                                      (unsigned long long)(pos + e->nbytes)));
     pos += e->nbytes;
   }
-  o[k++] = '}';
-  while (k % 8) o[k++] = ' ';
-  uint64_t hl = k;
-  for (int i = 0; i < 8; i++) b[i] = (uint8_t)(hl >> (8 * i));
-  *out = b;
-  *out_len = 8 + k;
+  qb_put(&b, "}", 1);
+  while ((b.n - 8) % 8) qb_put(&b, " ", 1);
+  if (b.oom) {
+    free(b.p);
+    return QINS_ENOMEM;
+  }
+  uint64_t hl = b.n - 8;
+  for (int i = 0; i < 8; i++) b.p[i] = (char)(uint8_t)(hl >> (8 * i));
+  *out = (uint8_t *)b.p;
+  *out_len = b.n;
   return 0;
 }

@@ -22,7 +22,7 @@
  * out of map or disk (MDB_MAP_FULL, ENOSPC) aborts the write with QINS_ESTORE_FULL and leaves the
  * store as it was.
  *
- * Errors: functions return 0 or a negative code (qins.h); qs_error() then holds a message naming
+ * Errors: functions return 0 or a negative code (qins_base.h); qs_error() then holds a message naming
  * the store, model, tensor or chunk concerned.
  */
 #ifndef QINS_STORE_H
@@ -32,7 +32,7 @@
 #include <stdint.h>
 
 #include "codec.h"
-#include "qins.h"
+#include "qins_base.h"
 
 #define QS_MAX_NDIM QINS_MAX_NDIM
 #define QS_MAX_NAME QINS_MAX_NAME

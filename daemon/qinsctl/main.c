@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "qins.h"
+#include "qins_text.h"
 #include "qinsctl.h"
 
 static int qctl_cmd_help(qctl_ctx *c, int argc, char **argv);
@@ -96,17 +97,7 @@ const char *qctl_human(uint64_t bytes, char *buf, size_t cap) {
   return buf;
 }
 
-void qctl_jstr(FILE *f, const char *s) {
-  fputc('"', f);
-  for (; *s; s++) {
-    unsigned char ch = (unsigned char)*s;
-    if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
-    else if (ch == '\n') fputs("\\n", f);
-    else if (ch < 0x20 || ch == 0x7F) fprintf(f, "\\u%04x", ch);
-    else fputc(ch, f);
-  }
-  fputc('"', f);
-}
+void qctl_jstr(FILE *f, const char *s) { qb_json_fput(f, s, strlen(s), QB_JSON_SHORT); }
 
 void qctl_jnum(FILE *f, double v) {
   if (v != v || v == 1.0 / 0.0 || v == -1.0 / 0.0) {
