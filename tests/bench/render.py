@@ -69,8 +69,10 @@ BENCHES = [
      "ceiling it is below 1. With 16 clients on 2 cores both servers are saturated (about zero "
      "sleeps per request) and preempted by client threads about every other request, so the "
      "order in which requests are taken shapes the tail: qinsd takes them in arrival order "
-     "(docs/qinsd.md, Serving order); with libuv's batch order its p99 was 1.02-1.15x Redis's "
-     "for a similar median. p99 moves by about 10% from run to run."),
+     "(docs/qinsd.md, Serving order). Measured over several runs when that order replaced "
+     "libuv's level-triggered batch reads (commit ec196b8 is the batch-order one): p99 "
+     "1.02-1.15x Redis's with batch order, 0.73-0.95x with arrival order; p50 0.89-0.95x and "
+     "0.89-1.00x (the median stays, the tail shrinks). p99 moves by about 10% from run to run."),
     ("store", "bench_store", "Checking every read — `tests/bench/bench_store.c`",
      "`make bench`; alone: `build/bench/bench_store` (a few seconds).",
      "The same reads through the store API in one process, with the default checks (every read "
