@@ -143,24 +143,35 @@ out:
   return rc;
 }
 
+/* Opens a read transaction for exporting model: its record in *m, its tensors in *l. On success
+ * the caller ends the transaction (qs_txn_end) and frees l->t; on failure nothing is left open. */
+static int qs__export_begin(qs_store *s, const char *model, qs_txn **tx, qs_model *m,
+                            qs__elist *l) {
+  int rc = qs_txn_begin(s, tx);
+  if (rc) return rc;
+  if (!(rc = qs_model_get(*tx, model, m)) &&
+      !(rc = qs_tensors_each(*tx, model, NULL, qs__elist_cb, l)) && l->oom)
+    rc = qs__fail(QINS_ENOMEM, "out of memory");
+  if (rc) {
+    qs_txn_end(*tx);
+    free(l->t);
+    l->t = NULL;
+  }
+  return rc;
+}
+
 int qs_export_safetensors(qs_store *s, const char *model, const char *out_path, qc_dtype dt,
                           qs_progress_cb progress, void *progress_ud) {
   if ((unsigned)dt >= QC_DT_COUNT) return qs__fail(QINS_EDTYPE, "bad export dtype");
   qs_txn *tx;
-  int rc = qs_txn_begin(s, &tx);
-  if (rc) return rc;
   qs_model m;
   qs__elist l = {0};
+  int rc = qs__export_begin(s, model, &tx, &m, &l);
+  if (rc) return rc;
   qs_st_entry *e = NULL;
   uint8_t *hdr = NULL;
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
-  if ((rc = qs_model_get(tx, model, &m))) goto out;
-  if ((rc = qs_tensors_each(tx, model, NULL, qs__elist_cb, &l))) goto out;
-  if (l.oom) {
-    rc = qs__fail(QINS_ENOMEM, "out of memory");
-    goto out;
-  }
   e = calloc(l.n + 1, sizeof *e);
   if (!e) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
@@ -362,20 +373,18 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
                    qs_progress_cb progress, void *progress_ud) {
   if (dt >= (int)QC_DT_COUNT) return qs__fail(QINS_EDTYPE, "bad export dtype");
   qs_txn *tx;
-  int rc = qs_txn_begin(s, &tx);
-  if (rc) return rc;
   qs_model m;
   qs__elist l = {0};
+  int rc = qs__export_begin(s, model, &tx, &m, &l);
+  if (rc) return rc;
   qb_buf h = {0};
   int *types = NULL;
   qc_dtype *dts = NULL;
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp", out_path);
-  if ((rc = qs_model_get(tx, model, &m))) goto out;
-  if ((rc = qs_tensors_each(tx, model, NULL, qs__elist_cb, &l))) goto out;
   types = calloc(l.n + 1, sizeof *types);
   dts = calloc(l.n + 1, sizeof *dts);
-  if (l.oom || !types || !dts) {
+  if (!types || !dts) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
   }

@@ -232,13 +232,12 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   qs__gr *r = calloc(1, sizeof *r);
   if (!r) return qs__fail(QINS_ENOMEM, "out of memory");
   r->path = path;
-  r->fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
-  if (r->fd < 0 || fstat(r->fd, &st)) {
-    int e = errno;
-    if (r->fd >= 0) close(r->fd);
+  r->fd = qs__open_read(path, &st);
+  if (r->fd < 0) {
+    int rc = r->fd;
     free(r);
-    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
+    return rc;
   }
   r->size = (uint64_t)st.st_size;
   int fi = qs__srclist_file(L, path, r->fd); /* the list owns the fd from here */

@@ -40,6 +40,16 @@
 
 /* --------------------------------------------------------------------------------------------
  * Small helpers */
+int qs__open_read(const char *path, struct stat *st) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || fstat(fd, st)) {
+    int e = errno;
+    if (fd >= 0) close(fd);
+    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
+  }
+  return fd;
+}
+
 uint64_t qs__meta_max(void) {
   const char *e = getenv("QINS_IMPORT_META_MAX");
   char *end;
@@ -262,13 +272,9 @@ static int qs__st_sources(const char *path, qs__srclist *L, char **meta) {
 /* Reads a whole small file (at most max bytes, else QINS_EFORMAT naming `what`) into a malloc'd
  * NUL-terminated buffer. */
 static int qs__read_file(const char *path, uint64_t max, const char *what, char **out, size_t *len) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
-  if (fd < 0 || fstat(fd, &st)) {
-    int e = errno;
-    if (fd >= 0) close(fd);
-    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
-  }
+  int fd = qs__open_read(path, &st);
+  if (fd < 0) return fd;
   if ((uint64_t)st.st_size > max) {
     close(fd);
     return qs__fail(QINS_EFORMAT, "%s: %s is %lld bytes (limit %llu)", path, what,

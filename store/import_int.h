@@ -70,5 +70,10 @@ int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L);
  * small model records, and for tests). */
 uint64_t qs__meta_max(void);
 
+struct stat;
+/* Opens path read-only (O_CLOEXEC) and fstat()s it into *st: the fd, or a negative errno with
+ * qs_error() "PATH: cannot open: REASON". */
+int qs__open_read(const char *path, struct stat *st);
+
 
 #endif /* QINS_STORE_IMPORT_INT_H */

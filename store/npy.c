@@ -49,13 +49,9 @@ static int qs__np_str(qs__np *p, char *out, size_t cap) {
 }
 
 int qs__npy_sources(const char *path, const char *tensor_name, qs__srclist *L) {
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
   struct stat st;
-  if (fd < 0 || fstat(fd, &st)) {
-    int e = errno;
-    if (fd >= 0) close(fd);
-    return qs__fail(-e, "%s: cannot open: %s", path, strerror(e));
-  }
+  int fd = qs__open_read(path, &st);
+  if (fd < 0) return fd;
   int fi = qs__srclist_file(L, path, fd);
   if (fi < 0) return fi;
   uint64_t size = (uint64_t)st.st_size;
