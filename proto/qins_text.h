@@ -25,6 +25,11 @@ typedef struct qb_buf {
 void qb_put(qb_buf *b, const char *s, size_t n);
 void qb_puts(qb_buf *b, const char *s);
 
+/* Room for element n of a growable array p of *cap elements of elem bytes: p itself when n <
+ * *cap, else p reallocated to twice *cap elements (first ones when *cap is 0) with *cap updated,
+ * or NULL when out of memory (then p and *cap are unchanged and still the caller's). */
+void *qb_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first);
+
 /* Styles of qb_json_str. */
 enum {
   QB_JSON_U = 0,     /* every control character as \u00XX */

@@ -2,6 +2,7 @@
 /*
  * text.c — the growable buffer and the JSON string escaper of qins_text.h.
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,6 +27,15 @@ void qb_put(qb_buf *b, const char *s, size_t n) {
 }
 
 void qb_puts(qb_buf *b, const char *s) { qb_put(b, s, strlen(s)); }
+
+void *qb_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first) {
+  if (n < *cap) return p;
+  size_t nc = *cap ? 2 * *cap : first;
+  if (nc > SIZE_MAX / elem) return NULL;
+  void *np = realloc(p, nc * elem);
+  if (np) *cap = nc;
+  return np;
+}
 
 size_t qb_utf8_len(const unsigned char *s, size_t n) {
   unsigned char c = s[0];

@@ -32,16 +32,12 @@ typedef struct qs__elist {
 
 static int qs__elist_cb(void *ud, const qs_tensor *t) {
   qs__elist *l = ud;
-  if (l->n == l->cap) {
-    size_t nc = l->cap ? 2 * l->cap : 64;
-    qs_tensor *nt = realloc(l->t, nc * sizeof *nt);
-    if (!nt) {
-      l->oom = 1;
-      return 1;
-    }
-    l->t = nt;
-    l->cap = nc;
+  qs_tensor *nt = qb_grow(l->t, &l->cap, l->n, sizeof *nt, 64);
+  if (!nt) {
+    l->oom = 1;
+    return 1;
   }
+  l->t = nt;
   l->t[l->n++] = *t;
   return 0;
 }

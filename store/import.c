@@ -74,13 +74,9 @@ int qs__srclist_file(qs__srclist *L, const char *path, int fd) {
 }
 
 qs__src *qs__srclist_add(qs__srclist *L, const char *name, size_t name_len, int file) {
-  if (L->n == L->cap) {
-    size_t nc = L->cap ? 2 * L->cap : 64;
-    qs__src *nv = realloc(L->v, nc * sizeof *nv);
-    if (!nv) return NULL;
-    L->v = nv;
-    L->cap = nc;
-  }
+  qs__src *nv = qb_grow(L->v, &L->cap, L->n, sizeof *nv, 64);
+  if (!nv) return NULL;
+  L->v = nv;
   qs__src *s = &L->v[L->n];
   memset(s, 0, sizeof *s);
   s->name = malloc(name_len + 1);

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "qins_base.h"
+#include "qins_text.h"
 
 typedef struct qs__jp {
   const unsigned char *s; /* input */
@@ -312,13 +313,9 @@ static int qs__key_cmp(const void *a, const void *b, void *base) {
 static int qs__jvalue(qs__jp *p, qs_json *v, int depth);
 
 static int qs__jpush(qs__jp *p, qs_json *c, size_t *cap) {
-  if (c->len == *cap) {
-    size_t nc = *cap ? *cap * 2 : 4;
-    qs_json *ni = realloc(c->items, nc * sizeof *ni);
-    if (!ni) return qs__jnomem(p);
-    c->items = ni;
-    *cap = nc;
-  }
+  qs_json *ni = qb_grow(c->items, cap, c->len, sizeof *ni, 4);
+  if (!ni) return qs__jnomem(p);
+  c->items = ni;
   memset(&c->items[c->len], 0, sizeof c->items[0]);
   c->len++;
   return 0;

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "qins_text.h"
 #include "store_int.h"
 
 /* ---------------------------------------------------------------------------------------------
@@ -571,13 +572,9 @@ static int qs__im_params_ref(qs_import *im, uint64_t *pid_out, int *first) {
   for (size_t i = 0; i < im->n_pids; i++)
     if (im->pids[i] == id) *first = 0;
   if (*first) {
-    if (im->n_pids == im->cap_pids) {
-      size_t nc = im->cap_pids ? 2 * im->cap_pids : 16;
-      uint64_t *np = realloc(im->pids, nc * sizeof *np);
-      if (!np) return ENOMEM;
-      im->pids = np;
-      im->cap_pids = nc;
-    }
+    uint64_t *np = qb_grow(im->pids, &im->cap_pids, im->n_pids, sizeof *np, 16);
+    if (!np) return ENOMEM;
+    im->pids = np;
     im->pids[im->n_pids++] = id;
   }
   return 0;

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "json.h"
+#include "qins_text.h"
 #include "qinsctl.h"
 #include "store.h"
 
@@ -747,16 +748,12 @@ typedef struct qctl_alist {
 
 static int qctl_audit_tensor_cb(void *ud, const qs_tensor *t) {
   qctl_alist *l = ud;
-  if (l->n == l->cap) {
-    size_t nc = l->cap ? 2 * l->cap : 64;
-    qctl_at *nv = realloc(l->v, nc * sizeof *nv);
-    if (!nv) {
-      l->rc = QINS_ENOMEM;
-      return 1;
-    }
-    l->v = nv;
-    l->cap = nc;
+  qctl_at *nv = qb_grow(l->v, &l->cap, l->n, sizeof *nv, 64);
+  if (!nv) {
+    l->rc = QINS_ENOMEM;
+    return 1;
   }
+  l->v = nv;
   qctl_at *a = &l->v[l->n];
   a->t = *t;
   if ((l->rc = qs_tensor_cost_get(l->txn, t, &a->cost))) return 1;
