@@ -1221,7 +1221,7 @@ int qins_list(qins_client *c, const char *model, const char *prefix, uint64_t of
 
 /* --- stats: any msgpack value rendered as JSON ---------------------------------------------- */
 
-static int qcl_to_json(qins_client *c, qb_buf *s, int depth) {
+static int qcl_to_json(qins_client *c, qp_buf *s, int depth) {
   if (depth > QP_MAX_DEPTH * 4) return QINS_EPROTO;
   qp_rd *r = &c->rd;
   char num[64];
@@ -1233,42 +1233,42 @@ static int qcl_to_json(qins_client *c, qb_buf *s, int depth) {
   const char *str;
   if (qp_rd_is_nil(r)) {
     qp_rd_nil(r);
-    qb_put(s, "null", 4);
+    qp_put(s, "null", 4);
   } else if (qp_rd_bool(r, &b) == 0) {
-    qb_put(s, b ? "true" : "false", b ? 4 : 5);
+    qp_put(s, b ? "true" : "false", b ? 4 : 5);
   } else if (qp_rd_uint(r, &u) == 0) {
-    qb_put(s, num, (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)u));
+    qp_put(s, num, (size_t)snprintf(num, sizeof num, "%llu", (unsigned long long)u));
   } else if (qp_rd_int(r, &i) == 0) {
-    qb_put(s, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)i));
+    qp_put(s, num, (size_t)snprintf(num, sizeof num, "%lld", (long long)i));
   } else if (qp_rd_double(r, &d) == 0) {
-    if (d != d || d - d != 0) qb_put(s, "null", 4); /* JSON has no NaN/Inf */
-    else qb_put(s, num, (size_t)snprintf(num, sizeof num, "%.17g", d));
+    if (d != d || d - d != 0) qp_put(s, "null", 4); /* JSON has no NaN/Inf */
+    else qp_put(s, num, (size_t)snprintf(num, sizeof num, "%.17g", d));
   } else if (qp_rd_str(r, &str, &n) == 0) {
-    qb_json_str(s, str, n, QB_JSON_U);
+    qp_json_str(s, str, n, QP_JSON_U);
   } else if (qp_rd_array(r, &n) == 0) {
-    qb_put(s, "[", 1);
+    qp_put(s, "[", 1);
     for (uint32_t k = 0; k < n; k++) {
-      if (k) qb_put(s, ",", 1);
+      if (k) qp_put(s, ",", 1);
       int rc = qcl_to_json(c, s, depth + 1);
       if (rc) return rc;
     }
-    qb_put(s, "]", 1);
+    qp_put(s, "]", 1);
   } else if (qp_rd_map(r, &n) == 0) {
-    qb_put(s, "{", 1);
+    qp_put(s, "{", 1);
     for (uint32_t k = 0; k < n; k++) {
       uint32_t kl;
-      if (k) qb_put(s, ",", 1);
-      if (qp_rd_str(r, &str, &kl) == 0) qb_json_str(s, str, kl, QB_JSON_U);
+      if (k) qp_put(s, ",", 1);
+      if (qp_rd_str(r, &str, &kl) == 0) qp_json_str(s, str, kl, QP_JSON_U);
       else return QINS_EPROTO;
-      qb_put(s, ":", 1);
+      qp_put(s, ":", 1);
       int rc = qcl_to_json(c, s, depth + 1);
       if (rc) return rc;
     }
-    qb_put(s, "}", 1);
+    qp_put(s, "}", 1);
   } else {
     int rc = qcl_skip(c); /* bin, ext: not representable, shown as null */
     if (rc) return rc;
-    qb_put(s, "null", 4);
+    qp_put(s, "null", 4);
   }
   return 0;
 }
@@ -1279,7 +1279,7 @@ static int qcl_stats_once(qins_client *c, char **json) {
   msgpack_pack_array(&c->pk, 0);
   int rc = qcl_call(c, "stats");
   if (rc) return rc;
-  qb_buf s = {0};
+  qp_buf s = {0};
   rc = qcl_to_json(c, &s, 0);
   if (!rc && s.oom) rc = qcl_fail(c, QINS_ENOMEM, "stats: out of memory");
   rc = qcl_finish(c, "stats", rc);

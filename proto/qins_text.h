@@ -5,7 +5,7 @@
  * implements them; like qins_base.h it includes nothing of the project's, so any module can
  * include it without a cycle.
  *
- * A qb_buf starts zeroed ({0}); appends grow it by doubling and keep it NUL-terminated. An
+ * A qp_buf starts zeroed ({0}); appends grow it by doubling and keep it NUL-terminated. An
  * allocation failure sets oom and turns later appends into no-ops, so a caller checks oom once at
  * the end; p is the caller's to free().
  */
@@ -15,38 +15,38 @@
 #include <stddef.h>
 #include <stdio.h>
 
-typedef struct qb_buf {
+typedef struct qp_buf {
   char *p;     /* NUL-terminated text, or NULL before the first append */
   size_t n;    /* bytes of text, the NUL excluded */
   size_t cap;  /* bytes allocated at p */
   int oom;     /* 1 once an append failed for lack of memory */
-} qb_buf;
+} qp_buf;
 
-void qb_put(qb_buf *b, const char *s, size_t n);
-void qb_puts(qb_buf *b, const char *s);
+void qp_put(qp_buf *b, const char *s, size_t n);
+void qp_puts(qp_buf *b, const char *s);
 
 /* Room for element n of a growable array p of *cap elements of elem bytes: p itself when n <
  * *cap, else p reallocated to twice *cap elements (first ones when *cap is 0) with *cap updated,
  * or NULL when out of memory (then p and *cap are unchanged and still the caller's). */
-void *qb_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first);
+void *qp_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first);
 
-/* Styles of qb_json_str. */
+/* Styles of qp_json_str. */
 enum {
-  QB_JSON_U = 0,     /* every control character as \u00XX */
-  QB_JSON_SHORT = 1, /* \n \r \t as two-character escapes, the other controls as \u00XX */
+  QP_JSON_U = 0,     /* every control character as \u00XX */
+  QP_JSON_SHORT = 1, /* \n \r \t as two-character escapes, the other controls as \u00XX */
 };
 
 /* Appends s (n bytes, possibly untrusted) as a JSON string literal: quote and backslash escaped,
  * control characters and DEL escaped per style, well-formed UTF-8 kept as is and any other byte
  * replaced by \ufffd, so the result is always valid JSON. */
-void qb_json_str(qb_buf *b, const char *s, size_t n, int style);
+void qp_json_str(qp_buf *b, const char *s, size_t n, int style);
 /* The same literal written to f. */
-void qb_json_fput(FILE *f, const char *s, size_t n, int style);
+void qp_json_fput(FILE *f, const char *s, size_t n, int style);
 
 /* Length of the well-formed UTF-8 sequence at s (n > 0 bytes left; s[0] >= 0x80), or 0
  * (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF). */
-size_t qb_utf8_len(const unsigned char *s, size_t n);
+size_t qp_utf8_len(const unsigned char *s, size_t n);
 /* 1 if the n bytes at s are well-formed UTF-8. */
-int qb_utf8_valid(const char *s, size_t n);
+int qp_utf8_valid(const char *s, size_t n);
 
 #endif /* QINS_TEXT_H */

@@ -8,7 +8,7 @@
 
 #include "qins_text.h"
 
-void qb_put(qb_buf *b, const char *s, size_t n) {
+void qp_put(qp_buf *b, const char *s, size_t n) {
   if (b->oom) return;
   if (b->n + n + 1 > b->cap) {
     size_t nc = b->cap ? b->cap : 256;
@@ -26,9 +26,9 @@ void qb_put(qb_buf *b, const char *s, size_t n) {
   b->p[b->n] = 0;
 }
 
-void qb_puts(qb_buf *b, const char *s) { qb_put(b, s, strlen(s)); }
+void qp_puts(qp_buf *b, const char *s) { qp_put(b, s, strlen(s)); }
 
-void *qb_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first) {
+void *qp_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first) {
   if (n < *cap) return p;
   size_t nc = *cap ? 2 * *cap : first;
   if (nc > SIZE_MAX / elem) return NULL;
@@ -37,7 +37,7 @@ void *qb_grow(void *p, size_t *cap, size_t n, size_t elem, size_t first) {
   return np;
 }
 
-size_t qb_utf8_len(const unsigned char *s, size_t n) {
+size_t qp_utf8_len(const unsigned char *s, size_t n) {
   unsigned char c = s[0];
   size_t len;
   unsigned char lo = 0x80, hi = 0xBF; /* allowed range of the second byte */
@@ -57,47 +57,47 @@ size_t qb_utf8_len(const unsigned char *s, size_t n) {
   return len;
 }
 
-int qb_utf8_valid(const char *s, size_t n) {
+int qp_utf8_valid(const char *s, size_t n) {
   for (size_t i = 0; i < n;) {
-    size_t l = (unsigned char)s[i] < 0x80 ? 1 : qb_utf8_len((const unsigned char *)s + i, n - i);
+    size_t l = (unsigned char)s[i] < 0x80 ? 1 : qp_utf8_len((const unsigned char *)s + i, n - i);
     if (!l) return 0;
     i += l;
   }
   return 1;
 }
 
-void qb_json_str(qb_buf *b, const char *s, size_t n, int style) {
+void qp_json_str(qp_buf *b, const char *s, size_t n, int style) {
   static const char hex[] = "0123456789abcdef";
-  qb_put(b, "\"", 1);
+  qp_put(b, "\"", 1);
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
     char esc[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
     if (c >= 0x80) {
-      size_t l = qb_utf8_len((const unsigned char *)s + i, n - i);
+      size_t l = qp_utf8_len((const unsigned char *)s + i, n - i);
       if (l) {
-        qb_put(b, s + i, l);
+        qp_put(b, s + i, l);
         i += l - 1;
       } else {
-        qb_put(b, "\\ufffd", 6);
+        qp_put(b, "\\ufffd", 6);
       }
     } else if (c == '"' || c == '\\') {
       esc[1] = (char)c;
-      qb_put(b, esc, 2);
-    } else if (style == QB_JSON_SHORT && (c == '\n' || c == '\r' || c == '\t')) {
+      qp_put(b, esc, 2);
+    } else if (style == QP_JSON_SHORT && (c == '\n' || c == '\r' || c == '\t')) {
       esc[1] = c == '\n' ? 'n' : c == '\r' ? 'r' : 't';
-      qb_put(b, esc, 2);
+      qp_put(b, esc, 2);
     } else if (c < 0x20 || c == 0x7F) {
-      qb_put(b, esc, 6);
+      qp_put(b, esc, 6);
     } else {
-      qb_put(b, s + i, 1);
+      qp_put(b, s + i, 1);
     }
   }
-  qb_put(b, "\"", 1);
+  qp_put(b, "\"", 1);
 }
 
-void qb_json_fput(FILE *f, const char *s, size_t n, int style) {
-  qb_buf b = {0};
-  qb_json_str(&b, s, n, style);
+void qp_json_fput(FILE *f, const char *s, size_t n, int style) {
+  qp_buf b = {0};
+  qp_json_str(&b, s, n, style);
   if (b.oom) fputs("null", f); /* out of memory: still valid JSON */
   else fwrite(b.p, 1, b.n, f);
   free(b.p);

@@ -32,7 +32,7 @@ typedef struct qs__elist {
 
 static int qs__elist_cb(void *ud, const qs_tensor *t) {
   qs__elist *l = ud;
-  qs_tensor *nt = qb_grow(l->t, &l->cap, l->n, sizeof *nt, 64);
+  qs_tensor *nt = qp_grow(l->t, &l->cap, l->n, sizeof *nt, 64);
   if (!nt) {
     l->oom = 1;
     return 1;
@@ -63,21 +63,21 @@ static qs_st_dtype qs__st_of(const qs_tensor *t, qc_dtype dt) {
  * files) stay out of it. *out is malloc'd. */
 static int qs__st_metadata_of(const char *m, char **out) {
   qs_json *root = NULL;
-  qb_buf b = {0};
-  qb_puts(&b, "{");
+  qp_buf b = {0};
+  qp_puts(&b, "{");
   if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT) {
     int n = 0;
     for (size_t i = 0; i < root->len; i++) {
       const qs_json *v = &root->items[i];
       if (v->type != QS_JSON_STRING) continue;
-      if (n++) qb_puts(&b, ",");
-      qb_json_str(&b, v->key, v->key_len, QB_JSON_U);
-      qb_puts(&b, ":");
-      qb_json_str(&b, v->str, v->len, QB_JSON_U);
+      if (n++) qp_puts(&b, ",");
+      qp_json_str(&b, v->key, v->key_len, QP_JSON_U);
+      qp_puts(&b, ":");
+      qp_json_str(&b, v->str, v->len, QP_JSON_U);
     }
   }
   qs_json_free(root);
-  qb_puts(&b, "}");
+  qp_puts(&b, "}");
   if (b.oom) {
     free(b.p);
     return qs__fail(QINS_ENOMEM, "out of memory");
@@ -223,23 +223,23 @@ static int qs__gg_type(const char *name, int *is_array) {
   return -1;
 }
 
-static void qs__gg_u32(qb_buf *b, uint32_t v) {
+static void qs__gg_u32(qp_buf *b, uint32_t v) {
   uint8_t x[4];
   qs__put_u32(x, v);
-  qb_put(b, (const char *)x, 4);
+  qp_put(b, (const char *)x, 4);
 }
-static void qs__gg_u64(qb_buf *b, uint64_t v) {
+static void qs__gg_u64(qp_buf *b, uint64_t v) {
   uint8_t x[8];
   qs__put_u64(x, v);
-  qb_put(b, (const char *)x, 8);
+  qp_put(b, (const char *)x, 8);
 }
-static void qs__gg_str(qb_buf *b, const char *s, size_t n) {
+static void qs__gg_str(qp_buf *b, const char *s, size_t n) {
   qs__gg_u64(b, n);
-  qb_put(b, s, n);
+  qp_put(b, s, n);
 }
 
 /* One scalar of GGUF type ty from JSON value v into b; 0, or -1 if v does not fit the type. */
-static int qs__gg_scalar(qb_buf *b, int ty, const qs_json *v) {
+static int qs__gg_scalar(qp_buf *b, int ty, const qs_json *v) {
   uint8_t x[8] = {0};
   if (ty == 8) {
     if (v->type != QS_JSON_STRING) return -1;
@@ -273,13 +273,13 @@ static int qs__gg_scalar(qb_buf *b, int ty, const qs_json *v) {
     if (!sgn && bits < 64 && v->u64 >> bits) return -1;
     qs__put_u64(x, sgn ? (uint64_t)v->i64 : v->u64);
   }
-  qb_put(b, (const char *)x, qs__gg_sz[ty]);
+  qp_put(b, (const char *)x, qs__gg_sz[ty]);
   return 0;
 }
 
 /* The KV section from the model's metadata into b; *n_kv counts them, *align gets
  * general.alignment. Without a "gguf" list, the string members become string KVs. */
-static int qs__gg_kvs(const char *model, const char *md, int64_t file_type, qb_buf *b,
+static int qs__gg_kvs(const char *model, const char *md, int64_t file_type, qp_buf *b,
                       uint64_t *n_kv, uint64_t *align) {
   qs_json *root = NULL;
   int rc = 0;
@@ -373,7 +373,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
   qs__elist l = {0};
   int rc = qs__export_begin(s, model, &tx, &m, &l);
   if (rc) return rc;
-  qb_buf h = {0};
+  qp_buf h = {0};
   int *types = NULL;
   qc_dtype *dts = NULL;
   char tmp[4096];
@@ -385,7 +385,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     goto out;
   }
   uint64_t n_kv, align;
-  qb_buf kvs = {0};
+  qp_buf kvs = {0};
   /* A model from block-quantized tensors is written as floats: general.file_type (llama.cpp's
    * LLAMA_FTYPE) then says so, ALL_F32 0, MOSTLY_F16 1 or MOSTLY_BF16 32. */
   int64_t ftype = -1;
@@ -394,11 +394,11 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     if (qs__gguf_block(l.t[i].src_dtype, &bw, &bb)) ftype = dt == QC_DT_F16 ? 1 : dt == QC_DT_BF16 ? 32 : 0;
   }
   rc = qs__gg_kvs(model, m.metadata, ftype, &kvs, &n_kv, &align);
-  qb_put(&h, "GGUF", 4);
+  qp_put(&h, "GGUF", 4);
   qs__gg_u32(&h, 3);
   qs__gg_u64(&h, l.n);
   qs__gg_u64(&h, n_kv);
-  qb_put(&h, kvs.p ? kvs.p : "", kvs.n);
+  qp_put(&h, kvs.p ? kvs.p : "", kvs.n);
   free(kvs.p);
   if (rc) goto out;
   uint64_t off = 0, total = 0;
@@ -424,7 +424,7 @@ int qs_export_gguf(qs_store *s, const char *model, const char *out_path, int dt,
     total += nb;
   }
   if (rc) goto out;
-  while (h.n % align) qb_put(&h, "", 1);
+  while (h.n % align) qp_put(&h, "", 1);
   if (h.oom) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;

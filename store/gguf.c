@@ -142,7 +142,7 @@ static const char *const qs__gtname[13] = {"u8",     "i8",    "u16", "i16", "u32
 /* A scalar KV value of type ty (bytes at v) as JSON: integers exactly, f32 with 9 and f64 with 17
  * significant digits (both read back to the same bits), non-finite floats as the strings "nan",
  * "inf", "-inf" (JSON has no such numbers). */
-static void qs__gguf_json_scalar(qb_buf *b, uint32_t ty, const uint8_t *v) {
+static void qs__gguf_json_scalar(qp_buf *b, uint32_t ty, const uint8_t *v) {
   char num[64];
   double f = 0;
   int is_f = 0;
@@ -173,7 +173,7 @@ static void qs__gguf_json_scalar(qb_buf *b, uint32_t ty, const uint8_t *v) {
   default: snprintf(num, sizeof num, "null");
   }
   if (is_f && !isfinite(f)) snprintf(num, sizeof num, "\"%s\"", isnan(f) ? "nan" : f > 0 ? "inf" : "-inf");
-  qb_puts(b, num);
+  qp_puts(b, num);
 }
 
 typedef struct qs__gtype {
@@ -224,7 +224,7 @@ static int qs__key_cmp(const void *a, const void *b) {
  * "source_format" and "gguf" are left out of the flat string map, as arrays are (the typed list
  * keeps every KV). */
 static int qs__gguf_meta_key(const char *key, uint64_t kl) {
-  return qb_utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13)) &&
+  return qp_utf8_valid(key, (size_t)kl) && !(kl == 13 && !memcmp(key, "source_format", 13)) &&
          !(kl == 4 && !memcmp(key, "gguf", 4));
 }
 
@@ -247,9 +247,9 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   }
   char **keys = NULL;
   uint64_t n_keys = 0;
-  qb_buf mb = {0};
+  qp_buf mb = {0};
   size_t first = L->n;
-  qb_puts(&mb, "{\"source_format\":\"gguf\"");
+  qp_puts(&mb, "{\"source_format\":\"gguf\"");
   uint8_t magic[4];
   if (qs__gr_read(r, magic, 4, "the magic")) goto out;
   if (memcmp(magic, "GGUF", 4)) {
@@ -281,9 +281,9 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
     goto out;
   }
   uint64_t align = 32;
-  qb_buf kv = {0}; /* the typed KV list: [[key, type, value], ...] */
+  qp_buf kv = {0}; /* the typed KV list: [[key, type, value], ...] */
   uint64_t meta_max = qs__meta_max();
-  qb_puts(&kv, "[");
+  qp_puts(&kv, "[");
   for (uint64_t i = 0; i < n_kv && !r->rc; i++) {
     char *key;
     uint64_t kl;
@@ -300,9 +300,9 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
       break;
     }
     size_t entry = kv.n; /* to roll back an array that does not fit */
-    if (i) qb_puts(&kv, ",");
-    qb_puts(&kv, "[");
-    qb_json_str(&kv, key, kl, QB_JSON_U);
+    if (i) qp_puts(&kv, ",");
+    qp_puts(&kv, "[");
+    qp_json_str(&kv, key, kl, QP_JSON_U);
     if (ty == G_ARRAY) {
       uint32_t et = qs__gr_u32(r, "an array type");
       uint64_t cnt = qs__gr_u64(r, "an array count");
@@ -322,24 +322,24 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
                     key, (unsigned long long)cnt);
         break;
       }
-      qb_puts(&kv, ",\"[");
-      qb_puts(&kv, qs__gtname[et]);
-      qb_puts(&kv, "]\",[");
+      qp_puts(&kv, ",\"[");
+      qp_puts(&kv, qs__gtname[et]);
+      qp_puts(&kv, "]\",[");
       int elided = 0;
       for (uint64_t j = 0; j < cnt && !r->rc; j++) {
         if (!elided && kv.n > meta_max) { /* too big to keep: the count stands for it */
           elided = 1;
           kv.n = entry;
           kv.p[kv.n] = 0;
-          if (i) qb_puts(&kv, ",");
-          qb_puts(&kv, "[");
-          qb_json_str(&kv, key, kl, QB_JSON_U);
-          qb_puts(&kv, ",\"[");
-          qb_puts(&kv, qs__gtname[et]);
-          qb_puts(&kv, "]\",null,");
+          if (i) qp_puts(&kv, ",");
+          qp_puts(&kv, "[");
+          qp_json_str(&kv, key, kl, QP_JSON_U);
+          qp_puts(&kv, ",\"[");
+          qp_puts(&kv, qs__gtname[et]);
+          qp_puts(&kv, "]\",null,");
           char num[32];
           snprintf(num, sizeof num, "%llu", (unsigned long long)cnt);
-          qb_puts(&kv, num);
+          qp_puts(&kv, num);
         }
         if (et == G_STRING) {
           char *sv;
@@ -349,8 +349,8 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
             continue;
           }
           if (qs__gr_str(r, &sv, &svl, QS__GGUF_MAX_STR, "an array string")) break;
-          if (j) qb_puts(&kv, ",");
-          qb_json_str(&kv, sv, (size_t)svl, QB_JSON_U);
+          if (j) qp_puts(&kv, ",");
+          qp_json_str(&kv, sv, (size_t)svl, QP_JSON_U);
           free(sv);
         } else {
           uint8_t v[8] = {0};
@@ -360,29 +360,29 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
             break;
           }
           if (elided) continue;
-          if (j) qb_puts(&kv, ",");
+          if (j) qp_puts(&kv, ",");
           qs__gguf_json_scalar(&kv, et, v);
         }
       }
       if (r->rc) break;
-      qb_puts(&kv, elided ? "]" : "]]");
+      qp_puts(&kv, elided ? "]" : "]]");
       continue;
     }
-    qb_puts(&kv, ",\"");
-    qb_puts(&kv, qs__gtname[ty]);
-    qb_puts(&kv, "\",");
+    qp_puts(&kv, ",\"");
+    qp_puts(&kv, qs__gtname[ty]);
+    qp_puts(&kv, "\",");
     if (ty == G_STRING) {
       char *val;
       uint64_t vl;
       if (qs__gr_str(r, &val, &vl, QS__GGUF_MAX_STR, "a string value")) break;
       if (vl <= QS__GGUF_META_STR && strlen(val) == vl && qs__gguf_meta_key(key, kl)) {
-        qb_puts(&mb, ",");
-        qb_json_str(&mb, key, kl, QB_JSON_U);
-        qb_puts(&mb, ":");
-        qb_json_str(&mb, val, vl, QB_JSON_U);
+        qp_puts(&mb, ",");
+        qp_json_str(&mb, key, kl, QP_JSON_U);
+        qp_puts(&mb, ":");
+        qp_json_str(&mb, val, vl, QP_JSON_U);
       }
-      qb_json_str(&kv, val, (size_t)vl, QB_JSON_U);
-      qb_puts(&kv, "]");
+      qp_json_str(&kv, val, (size_t)vl, QP_JSON_U);
+      qp_puts(&kv, "]");
       free(val);
       continue;
     }
@@ -392,10 +392,10 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
       qs__gr_fail(r, QINS_EFORMAT, "KV \"%.100s\": bool value is %u (must be 0 or 1)", key, v[0]);
       break;
     }
-    qb_buf num = {0};
+    qp_buf num = {0};
     qs__gguf_json_scalar(&num, ty, v);
-    qb_put(&kv, num.p ? num.p : "null", num.p ? num.n : 4);
-    qb_puts(&kv, "]");
+    qp_put(&kv, num.p ? num.p : "null", num.p ? num.n : 4);
+    qp_puts(&kv, "]");
     if (!strcmp(key, "general.alignment")) {
       if (ty != G_U32) {
         free(num.p);
@@ -414,20 +414,20 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
       const char *t = num.p;
       size_t tl = num.n;
       if (t[0] == '"') t++, tl -= 2; /* non-finite floats are already strings */
-      qb_puts(&mb, ",");
-      qb_json_str(&mb, key, kl, QB_JSON_U);
-      qb_puts(&mb, ":");
-      qb_json_str(&mb, t, tl, QB_JSON_U);
+      qp_puts(&mb, ",");
+      qp_json_str(&mb, key, kl, QP_JSON_U);
+      qp_puts(&mb, ":");
+      qp_json_str(&mb, t, tl, QP_JSON_U);
     }
     free(num.p);
   }
-  qb_puts(&kv, "]");
+  qp_puts(&kv, "]");
   if (!r->rc) {
     char hdr[64];
     snprintf(hdr, sizeof hdr, ",\"gguf\":{\"version\":%u,\"kv\":", ver);
-    qb_puts(&mb, hdr);
-    qb_put(&mb, kv.p ? kv.p : "[]", kv.p ? kv.n : 2);
-    qb_puts(&mb, "}");
+    qp_puts(&mb, hdr);
+    qp_put(&mb, kv.p ? kv.p : "[]", kv.p ? kv.n : 2);
+    qp_puts(&mb, "}");
     if (kv.oom) mb.oom = 1;
   }
   free(kv.p);
@@ -552,7 +552,7 @@ int qs__gguf_sources(const char *path, qs__srclist *L, char **meta_json) {
   free(offs);
   free(sizes);
 out:
-  qb_puts(&mb, "}");
+  qp_puts(&mb, "}");
   for (uint64_t i = 0; i < n_keys; i++) free(keys[i]);
   free(keys);
   int rc = r->rc;

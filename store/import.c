@@ -74,7 +74,7 @@ int qs__srclist_file(qs__srclist *L, const char *path, int fd) {
 }
 
 qs__src *qs__srclist_add(qs__srclist *L, const char *name, size_t name_len, int file) {
-  qs__src *nv = qb_grow(L->v, &L->cap, L->n, sizeof *nv, 64);
+  qs__src *nv = qp_grow(L->v, &L->cap, L->n, sizeof *nv, 64);
   if (!nv) return NULL;
   L->v = nv;
   qs__src *s = &L->v[L->n];
@@ -632,7 +632,7 @@ static int qs__hf_meta(const char *dir, char **meta) {
   static const char *const files[3][2] = {{"config.json", "config"},
                                           {"generation_config.json", "generation_config"},
                                           {"tokenizer.json", "tokenizer"}};
-  qb_buf hb = {0}, om = {0};
+  qp_buf hb = {0}, om = {0};
   int rc = 0, n = 0, n_om = 0;
   for (int i = 0; i < 3 && !rc; i++) {
     char p[8192];
@@ -640,8 +640,8 @@ static int qs__hf_meta(const char *dir, char **meta) {
     snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
     if (stat(p, &st) || !S_ISREG(st.st_mode)) continue;
     if ((uint64_t)st.st_size > qs__meta_max()) {
-      qb_puts(&om, n_om++ ? "," : "[");
-      qb_json_str(&om, files[i][0], strlen(files[i][0]), QB_JSON_U);
+      qp_puts(&om, n_om++ ? "," : "[");
+      qp_json_str(&om, files[i][0], strlen(files[i][0]), QP_JSON_U);
       continue;
     }
     char *buf;
@@ -655,10 +655,10 @@ static int qs__hf_meta(const char *dir, char **meta) {
       break;
     }
     qs_json_free(j);
-    qb_puts(&hb, n++ ? ",\"" : "{\"");
-    qb_puts(&hb, files[i][1]);
-    qb_puts(&hb, "\":");
-    qb_put(&hb, buf, len);
+    qp_puts(&hb, n++ ? ",\"" : "{\"");
+    qp_puts(&hb, files[i][1]);
+    qp_puts(&hb, "\":");
+    qp_put(&hb, buf, len);
     free(buf);
   }
   if (!rc && (n || n_om)) {
@@ -666,23 +666,23 @@ static int qs__hf_meta(const char *dir, char **meta) {
     qs_json *root = NULL;
     if (qs_json_parse(m, strlen(m), &root, NULL, 0) == 0 && root->type == QS_JSON_OBJECT &&
         !qs_json_get(root, "hf") && !qs_json_get(root, "hf_omitted")) {
-      qb_buf nb = {0};
+      qp_buf nb = {0};
       size_t ml = strlen(m);
       while (ml && m[ml - 1] != '}') ml--; /* the object's closing brace */
-      qb_put(&nb, m, ml ? ml - 1 : 0);
+      qp_put(&nb, m, ml ? ml - 1 : 0);
       int empty = root->len == 0;
       if (n) {
-        qb_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
-        qb_put(&nb, hb.p, hb.n);
-        qb_puts(&nb, "}");
+        qp_puts(&nb, empty ? "\"hf\":" : ",\"hf\":");
+        qp_put(&nb, hb.p, hb.n);
+        qp_puts(&nb, "}");
         empty = 0;
       }
       if (n_om) {
-        qb_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
-        qb_put(&nb, om.p, om.n);
-        qb_puts(&nb, "]");
+        qp_puts(&nb, empty ? "\"hf_omitted\":" : ",\"hf_omitted\":");
+        qp_put(&nb, om.p, om.n);
+        qp_puts(&nb, "]");
       }
-      qb_puts(&nb, "}");
+      qp_puts(&nb, "}");
       if (nb.oom) rc = qs__fail(QINS_ENOMEM, "out of memory");
       else {
         free(*meta);

@@ -313,7 +313,7 @@ static int qs__key_cmp(const void *a, const void *b, void *base) {
 static int qs__jvalue(qs__jp *p, qs_json *v, int depth);
 
 static int qs__jpush(qs__jp *p, qs_json *c, size_t *cap) {
-  qs_json *ni = qb_grow(c->items, cap, c->len, sizeof *ni, 4);
+  qs_json *ni = qp_grow(c->items, cap, c->len, sizeof *ni, 4);
   if (!ni) return qs__jnomem(p);
   c->items = ni;
   memset(&c->items[c->len], 0, sizeof c->items[0]);

@@ -132,8 +132,8 @@ static int qs__st_metadata(qs_st_file *f, const qs_json *m, char *err, size_t er
   if (!f->meta || !f->meta_store)
     return qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", f->path);
   size_t o = 0;
-  qb_buf js = {0};
-  qb_put(&js, "{", 1);
+  qp_buf js = {0};
+  qp_put(&js, "{", 1);
   for (size_t i = 0; i < m->len; i++) {
     const qs_json *v = &m->items[i];
     f->meta[2 * i] = f->meta_store + o;
@@ -142,12 +142,12 @@ static int qs__st_metadata(qs_st_file *f, const qs_json *m, char *err, size_t er
     f->meta[2 * i + 1] = f->meta_store + o;
     memcpy(f->meta_store + o, v->str, v->len + 1);
     o += v->len + 1;
-    if (i) qb_put(&js, ",", 1);
-    qb_json_str(&js, v->key, v->key_len, QB_JSON_SHORT);
-    qb_put(&js, ":", 1);
-    qb_json_str(&js, v->str, v->len, QB_JSON_SHORT);
+    if (i) qp_put(&js, ",", 1);
+    qp_json_str(&js, v->key, v->key_len, QP_JSON_SHORT);
+    qp_put(&js, ":", 1);
+    qp_json_str(&js, v->str, v->len, QP_JSON_SHORT);
   }
-  qb_put(&js, "}", 1);
+  qp_put(&js, "}", 1);
   f->meta_json = js.p;
   if (js.oom) return qs__st_err(QINS_ENOMEM, err, errlen, "%s: out of memory", f->path);
   return 0;
@@ -441,12 +441,12 @@ int qs_st_header_build(const qs_st_entry *entries, size_t n, const char *metadat
   *out = NULL;
   *out_len = 0;
   int has_meta = metadata_json && strcmp(metadata_json, "{}") && metadata_json[0];
-  qb_buf b = {0};
+  qp_buf b = {0};
   char num[96];
-  qb_put(&b, "\0\0\0\0\0\0\0\0{", 9); /* the length prefix, filled in below */
+  qp_put(&b, "\0\0\0\0\0\0\0\0{", 9); /* the length prefix, filled in below */
   if (has_meta) {
-    qb_puts(&b, "\"__metadata__\":");
-    qb_puts(&b, metadata_json);
+    qp_puts(&b, "\"__metadata__\":");
+    qp_puts(&b, metadata_json);
   }
   uint64_t pos = 0;
   for (size_t i = 0; i < n; i++) {
@@ -455,20 +455,20 @@ int qs_st_header_build(const qs_st_entry *entries, size_t n, const char *metadat
       free(b.p);
       return QINS_EINVALID;
     }
-    if (b.n > 9) qb_put(&b, ",", 1);
-    qb_json_str(&b, e->name, strlen(e->name), QB_JSON_SHORT);
-    qb_put(&b, num, (size_t)snprintf(num, sizeof num, ":{\"dtype\":\"%s\",\"shape\":[",
+    if (b.n > 9) qp_put(&b, ",", 1);
+    qp_json_str(&b, e->name, strlen(e->name), QP_JSON_SHORT);
+    qp_put(&b, num, (size_t)snprintf(num, sizeof num, ":{\"dtype\":\"%s\",\"shape\":[",
                                       qs__st_names[e->dtype]));
     for (int d = 0; d < e->ndim; d++)
-      qb_put(&b, num, (size_t)snprintf(num, sizeof num, "%s%llu", d ? "," : "",
+      qp_put(&b, num, (size_t)snprintf(num, sizeof num, "%s%llu", d ? "," : "",
                                         (unsigned long long)e->shape[d]));
-    qb_put(&b, num, (size_t)snprintf(num, sizeof num, "],\"data_offsets\":[%llu,%llu]}",
+    qp_put(&b, num, (size_t)snprintf(num, sizeof num, "],\"data_offsets\":[%llu,%llu]}",
                                       (unsigned long long)pos,
                                       (unsigned long long)(pos + e->nbytes)));
     pos += e->nbytes;
   }
-  qb_put(&b, "}", 1);
-  while ((b.n - 8) % 8) qb_put(&b, " ", 1);
+  qp_put(&b, "}", 1);
+  while ((b.n - 8) % 8) qp_put(&b, " ", 1);
   if (b.oom) {
     free(b.p);
     return QINS_ENOMEM;

@@ -572,7 +572,7 @@ static int qs__im_params_ref(qs_import *im, uint64_t *pid_out, int *first) {
   for (size_t i = 0; i < im->n_pids; i++)
     if (im->pids[i] == id) *first = 0;
   if (*first) {
-    uint64_t *np = qb_grow(im->pids, &im->cap_pids, im->n_pids, sizeof *np, 16);
+    uint64_t *np = qp_grow(im->pids, &im->cap_pids, im->n_pids, sizeof *np, 16);
     if (!np) return ENOMEM;
     im->pids = np;
     im->pids[im->n_pids++] = id;

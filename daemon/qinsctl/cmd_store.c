@@ -748,7 +748,7 @@ typedef struct qctl_alist {
 
 static int qctl_audit_tensor_cb(void *ud, const qs_tensor *t) {
   qctl_alist *l = ud;
-  qctl_at *nv = qb_grow(l->v, &l->cap, l->n, sizeof *nv, 64);
+  qctl_at *nv = qp_grow(l->v, &l->cap, l->n, sizeof *nv, 64);
   if (!nv) {
     l->rc = QINS_ENOMEM;
     return 1;

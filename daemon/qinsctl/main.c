@@ -97,7 +97,7 @@ const char *qctl_human(uint64_t bytes, char *buf, size_t cap) {
   return buf;
 }
 
-void qctl_jstr(FILE *f, const char *s) { qb_json_fput(f, s, strlen(s), QB_JSON_SHORT); }
+void qctl_jstr(FILE *f, const char *s) { qp_json_fput(f, s, strlen(s), QP_JSON_SHORT); }
 
 void qctl_jnum(FILE *f, double v) {
   if (v != v || v == 1.0 / 0.0 || v == -1.0 / 0.0) {
