@@ -204,7 +204,7 @@ QINS_EXTERN int qins_list(qins_client *c, const char *model, const char *prefix,
  * caller (qins_free). */
 QINS_EXTERN int qins_stats(qins_client *c, char **json /* out */);
 
-/* One page of a model's metadata (method model_info, docs/PROTOCOL.md §4.10) as the JSON text of
+/* One page of a model's metadata (method model_info, docs/PROTOCOL.md §4.14) as the JSON text of
  * the server's answer: with key NULL, {"model", "metadata": {members}, "gguf_version"?, "total",
  * "offset", "entries": [[key, type, value], ...]} for entries [offset, offset + limit); with key,
  * {"model", "key", "type", "total", "offset", "values": [...]}: elements of that array entry.

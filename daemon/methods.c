@@ -530,7 +530,7 @@ fail:
 }
 
 /* ---- model_info: a model's metadata, paged -------------------------------------------------- */
-/* The stored metadata (docs/FORMAT.md §2.3.1) as the method sends it (docs/PROTOCOL.md §4.10):
+/* The stored metadata (docs/FORMAT.md §2.3.1) as the method sends it (docs/PROTOCOL.md §4.14):
  * the top-level members but "gguf" and "hf" in `metadata`, and one entry list, paged: the GGUF
  * key/values ([key, type, value], file order), then each HF file as ["hf.NAME", "json", value]. */
 static void pack_json(msgpack_packer *pk, const qs_json *v) {

@@ -392,7 +392,7 @@ class Client:
         return self.call("info", model=model, name=name)
 
     def model_info(self, model, key=None, offset=0, limit=None):
-        """One page of a model's metadata (PROTOCOL.md §4.10): without key {"metadata": {...},
+        """One page of a model's metadata (PROTOCOL.md §4.14): without key {"metadata": {...},
         "total": n, "offset": o, "entries": [[key, type, value], ...]}; with key, the elements
         of that array entry: {"type": t, "total": n, "offset": o, "values": [...]}."""
         p = {"model": model, "offset": offset}

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * daemon_model_info.c — method model_info (docs/PROTOCOL.md §4.10) on models whose metadata the
+ * daemon_model_info.c — method model_info (docs/PROTOCOL.md §4.14) on models whose metadata the
  * test writes (docs/FORMAT.md §2.3.1) under a 4 KiB max-response-bytes: members and entries of a
  * small page, a GGUF token list too large for one answer sent as [key, type, nil, count] and paged
  * by key with every answer within the limit, limit/offset bounds, a model without metadata, bad

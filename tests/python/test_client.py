@@ -284,7 +284,7 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(e.exception.name, "UNKNOWN_METHOD")
         self.assertEqual(self.c.ping(), "pong")  # the connection survives
 
-    def test_model_info(self):  # §4.10: the model's __metadata__ as members, no entries
+    def test_model_info(self):  # §4.14: the model's __metadata__ as members, no entries
         page = self.c.model_info(MODEL)
         self.assertEqual(page["metadata"], {"purpose": "test"})
         self.assertEqual((page["total"], page["offset"], page["entries"]), (0, 0, []))
@@ -326,7 +326,7 @@ def write_gguf(path, kvs, name="w", values=(1.0, 2.0, 3.0, 4.0)):
 
 
 class ModelInfoPagedTest(unittest.TestCase):
-    """§4.10 under a 4 KiB response limit: metadata() reassembles the pages, the token list is
+    """§4.14 under a 4 KiB response limit: metadata() reassembles the pages, the token list is
     too large for one answer and comes back whole through model_info(key=...) pages."""
 
     def test_gguf_metadata_paged(self):
