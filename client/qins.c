@@ -1317,3 +1317,152 @@ int qcl__fail(qins_client *c, int code, const char *fmt, ...) {
   va_end(ap);
   return code;
 }
+
+/* --- model_info: one page as JSON, or the whole metadata assembled -------------------------- */
+
+/* The assembled metadata (qins_model_metadata): the members, the GGUF entries and the HF files,
+ * each rendered as JSON while the pages are read. */
+typedef struct qcl_meta {
+  qcl_str flat, kv, hf;
+  uint64_t version, total, n; /* gguf_version, entries in all, entries in this page */
+  int gguf;
+} qcl_meta;
+
+/* One entry [key, type, value] or [key, type, nil, count] of a page into m. */
+static int qcl_meta_entry(qins_client *c, qcl_meta *m) {
+  uint32_t n, kl, tl;
+  const char *k, *t;
+  if (qp_rd_array(&c->rd, &n) || (n != 3 && n != 4) || qp_rd_str(&c->rd, &k, &kl) ||
+      qp_rd_str(&c->rd, &t, &tl))
+    return QINS_EPROTO;
+  if (kl > 3 && !memcmp(k, "hf.", 3) && tl == 4 && !memcmp(t, "json", 4) && n == 3) {
+    if (m->hf.len) qcl_puts(&m->hf, ",", 1);
+    qcl_put_jstr(&m->hf, k + 3, kl - 3);
+    qcl_puts(&m->hf, ":", 1);
+    return qcl_to_json(c, &m->hf, 1);
+  }
+  qcl_puts(&m->kv, m->kv.len ? ",[" : "[", m->kv.len ? 2 : 1);
+  qcl_put_jstr(&m->kv, k, kl);
+  qcl_puts(&m->kv, ",", 1);
+  qcl_put_jstr(&m->kv, t, tl);
+  for (uint32_t i = 2; i < n; i++) {
+    qcl_puts(&m->kv, ",", 1);
+    int rc = qcl_to_json(c, &m->kv, 1);
+    if (rc) return rc;
+  }
+  qcl_puts(&m->kv, "]", 1);
+  return 0;
+}
+
+/* One model_info call. m NULL: the result rendered as JSON into *json; else accumulated into m. */
+static int qcl_model_info_once(qins_client *c, const char *model, const char *key,
+                               uint64_t offset, uint64_t limit, char **json, qcl_meta *m) {
+  if (json) *json = NULL;
+  if (!model) return qcl_fail(c, QINS_EINVALID, "model_info: NULL model");
+  qcl_begin(c, "model_info");
+  msgpack_pack_array(&c->pk, 1);
+  msgpack_pack_map(&c->pk, (size_t)(2 + (key != NULL) + (limit > 0)));
+  qcl_pack_kv_str(c, "model", model);
+  if (key) qcl_pack_kv_str(c, "key", key);
+  qp_pack_cstr(&c->pk, "offset");
+  msgpack_pack_uint64(&c->pk, offset);
+  if (limit > 0) {
+    qp_pack_cstr(&c->pk, "limit");
+    msgpack_pack_uint64(&c->pk, limit);
+  }
+  int rc = qcl_call(c, "model_info");
+  if (rc) return rc;
+  qcl_str s = {0};
+  if (!m) {
+    rc = qcl_to_json(c, &s, 0);
+  } else {
+    uint32_t n;
+    m->n = 0;
+    if (qp_rd_map(&c->rd, &n)) rc = QINS_EPROTO;
+    for (uint32_t i = 0; i < n && !rc; i++) {
+      const char *k;
+      uint32_t kl, ne, nm;
+      if (qp_rd_str(&c->rd, &k, &kl)) {
+        rc = QINS_EPROTO;
+      } else if (qcl_str_eq(k, kl, "metadata") && offset == 0) {
+        if (qp_rd_map(&c->rd, &nm)) rc = QINS_EPROTO;
+        for (uint32_t j = 0; j < nm && !rc; j++) { /* the members, without the braces */
+          const char *mk;
+          uint32_t mkl;
+          if (qp_rd_str(&c->rd, &mk, &mkl)) rc = QINS_EPROTO;
+          if (rc) break;
+          if (m->flat.len) qcl_puts(&m->flat, ",", 1);
+          qcl_put_jstr(&m->flat, mk, mkl);
+          qcl_puts(&m->flat, ":", 1);
+          rc = qcl_to_json(c, &m->flat, 1);
+        }
+      } else if (qcl_str_eq(k, kl, "gguf_version")) {
+        m->gguf = 1;
+        rc = qp_rd_uint(&c->rd, &m->version);
+      } else if (qcl_str_eq(k, kl, "total")) {
+        rc = qp_rd_uint(&c->rd, &m->total);
+      } else if (qcl_str_eq(k, kl, "entries")) {
+        if (qp_rd_array(&c->rd, &ne)) rc = QINS_EPROTO;
+        for (uint32_t j = 0; j < ne && !rc; j++, m->n++) rc = qcl_meta_entry(c, m);
+      } else {
+        rc = qcl_skip(c);
+      }
+    }
+  }
+  if (!rc && (s.oom || (m && (m->flat.oom || m->kv.oom || m->hf.oom))))
+    rc = qcl_fail(c, QINS_ENOMEM, "model_info: out of memory");
+  rc = qcl_finish(c, "model_info", rc);
+  if (rc || m) {
+    free(s.p);
+    return rc;
+  }
+  *json = s.p;
+  return 0;
+}
+
+int qins_model_info_page(qins_client *c, const char *model, const char *key, uint64_t offset,
+                         uint64_t limit, char **json) {
+  int rc;
+  QCL_RETRYING(c, "model_info", rc, qcl_model_info_once(c, model, key, offset, limit, json, NULL));
+  return rc;
+}
+
+int qins_model_metadata(qins_client *c, const char *model, char **json) {
+  *json = NULL;
+  qcl_meta m = {0};
+  int rc = 0;
+  uint64_t off = 0;
+  do {
+    QCL_RETRYING(c, "model_info", rc, qcl_model_info_once(c, model, NULL, off, 0, NULL, &m));
+    if (!rc && m.n == 0 && off < m.total)
+      rc = qcl_fail(c, QINS_EPROTO, "model_info: an empty page at entry %llu of %llu",
+                    (unsigned long long)off, (unsigned long long)m.total);
+    off += m.n;
+  } while (!rc && off < m.total);
+  qcl_str s = {0};
+  char num[64];
+  qcl_puts(&s, "{", 1);
+  qcl_puts(&s, m.flat.p ? m.flat.p : "", m.flat.len);
+  if (m.gguf) {
+    qcl_puts(&s, num, (size_t)snprintf(num, sizeof num, "%s\"gguf\":{\"version\":%llu,\"kv\":[",
+                                       m.flat.len ? "," : "", (unsigned long long)m.version));
+    qcl_puts(&s, m.kv.p ? m.kv.p : "", m.kv.len);
+    qcl_puts(&s, "]}", 2);
+  }
+  if (m.hf.len) {
+    qcl_puts(&s, ",\"hf\":{" + !(m.flat.len || m.gguf), 7 - !(m.flat.len || m.gguf));
+    qcl_puts(&s, m.hf.p, m.hf.len);
+    qcl_puts(&s, "}", 1);
+  }
+  qcl_puts(&s, "}", 1);
+  free(m.flat.p);
+  free(m.kv.p);
+  free(m.hf.p);
+  if (!rc && s.oom) rc = qcl_fail(c, QINS_ENOMEM, "model_info: out of memory");
+  if (rc) {
+    free(s.p);
+    return rc;
+  }
+  *json = s.p;
+  return 0;
+}

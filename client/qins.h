@@ -182,8 +182,9 @@ typedef struct qins_model_info {
   uint64_t src_bytes;           /* bytes of the imported source tensors */
   uint64_t stored_bytes;        /* bytes in the store */
   int64_t created;              /* unix seconds of import */
-  char *metadata;               /* the model's metadata as JSON text (safetensors __metadata__), or
-                                   NULL when the server sends none; lives in the same allocation */
+  char *metadata;               /* the model's metadata as JSON text, or NULL when the server sends
+                                   none (qinsd does not: see qins_model_metadata); lives in the
+                                   same allocation */
 } qins_model_info;
 
 /* Every model, in name order. *out is one allocation owned by the caller (qins_free). */
@@ -201,6 +202,19 @@ QINS_EXTERN int qins_list(qins_client *c, const char *model, const char *prefix,
  * caller (qins_free). */
 QINS_EXTERN int qins_stats(qins_client *c, char **json /* out */);
 
+/* One page of a model's metadata (method model_info, docs/PROTOCOL.md §4.14) as the JSON text of
+ * the server's answer: with key NULL, {"model", "metadata": {members}, "gguf_version"?, "total",
+ * "offset", "entries": [[key, type, value], ...]} for entries [offset, offset + limit); with key,
+ * {"model", "key", "type", "total", "offset", "values": [...]}: elements of that array entry.
+ * limit 0: the server's default. Each answer is bounded by max_response_bytes: fewer entries than
+ * asked may come. *json is NUL-terminated and owned by the caller (qins_free). */
+QINS_EXTERN int qins_model_info_page(qins_client *c, const char *model, const char *key,
+                                     uint64_t offset, uint64_t limit, char **json /* out */);
+/* The whole metadata of `model` as the store keeps it (docs/FORMAT.md §2.3.1), read page by page:
+ * one JSON object text with the members, "gguf": {"version", "kv": [...]} and "hf": {...}. An
+ * array too large for one answer stays [key, type, null, count] (its elements: qins_model_info
+ * with key). A model without metadata gives "{}". *json is owned by the caller (qins_free). */
+QINS_EXTERN int qins_model_metadata(qins_client *c, const char *model, char **json /* out */);
 /* Asks the daemon to stop (admin: the daemon's own uid or root; else QINS_EDENIED). */
 QINS_EXTERN int qins_shutdown(qins_client *c);
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "job.h"
+#include "json.h"
 #include "map.h"
 #include "methods.h"
 #include "qinsd.h"
@@ -528,6 +529,232 @@ fail:
   return NULL;
 }
 
+/* ---- model_info: a model's metadata, paged -------------------------------------------------- */
+/* The stored metadata (docs/FORMAT.md §2.3.1) as the method sends it (docs/PROTOCOL.md §4.14):
+ * the top-level members but "gguf" and "hf" in `metadata`, and one entry list, paged: the GGUF
+ * key/values ([key, type, value], file order), then each HF file as ["hf.NAME", "json", value]. */
+static void pack_json(msgpack_packer *pk, const qs_json *v) {
+  switch (v->type) {
+  case QS_JSON_NULL: msgpack_pack_nil(pk); break;
+  case QS_JSON_BOOL: v->boolean ? msgpack_pack_true(pk) : msgpack_pack_false(pk); break;
+  case QS_JSON_NUMBER:
+    if (v->num_flags & QS_JSON_IS_U64) msgpack_pack_uint64(pk, v->u64);
+    else if (v->num_flags & QS_JSON_IS_I64) msgpack_pack_int64(pk, v->i64);
+    else msgpack_pack_double(pk, v->num);
+    break;
+  case QS_JSON_STRING: msgpack_pack_str_with_body(pk, v->str, v->len); break;
+  case QS_JSON_ARRAY:
+    msgpack_pack_array(pk, v->len);
+    for (size_t i = 0; i < v->len; i++) pack_json(pk, &v->items[i]);
+    break;
+  case QS_JSON_OBJECT:
+    msgpack_pack_map(pk, v->len);
+    for (size_t i = 0; i < v->len; i++) {
+      msgpack_pack_str_with_body(pk, v->items[i].key, v->items[i].key_len);
+      pack_json(pk, &v->items[i]);
+    }
+    break;
+  }
+}
+
+/* Entry i of the list: key, type and value (value NULL with *count for an array the import left
+ * out, FORMAT.md §2.3.1). */
+typedef struct meta_entry {
+  const char *key, *type;
+  size_t key_len, type_len;
+  const qs_json *value;
+  uint64_t count;
+} meta_entry;
+
+static int meta_entry_at(const qs_json *kv, const qs_json *hf, size_t i, meta_entry *e,
+                         char *hfkey, size_t cap) {
+  memset(e, 0, sizeof *e);
+  size_t nkv = kv ? kv->len : 0;
+  if (i < nkv) {
+    const qs_json *x = &kv->items[i], *k = qs_json_at(x, 0), *t = qs_json_at(x, 1);
+    const qs_json *v = qs_json_at(x, 2), *n = qs_json_at(x, 3);
+    if (x->type != QS_JSON_ARRAY || !k || k->type != QS_JSON_STRING || !t || !v ||
+        (t->type != QS_JSON_STRING) || (n && !(n->num_flags & QS_JSON_IS_U64)))
+      return -1;
+    *e = (meta_entry){k->str, t->str, k->len, t->len, n ? NULL : v, n ? n->u64 : 0};
+    return 0;
+  }
+  const qs_json *h = &hf->items[i - nkv];
+  snprintf(hfkey, cap, "hf.%s", h->key);
+  *e = (meta_entry){hfkey, "json", strlen(hfkey), 4, h, 0};
+  return 0;
+}
+
+/* Packs an entry into sb: [key, type, value], or [key, type, nil, count] when `elide` (an array
+ * too large for one reply: its elements are paged with `key`) or when the import left it out. */
+static void pack_entry(msgpack_sbuffer *sb, const meta_entry *e, int elide) {
+  msgpack_packer pk;
+  msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+  int short_form = elide || !e->value;
+  msgpack_pack_array(&pk, short_form ? 4 : 3);
+  msgpack_pack_str_with_body(&pk, e->key, e->key_len);
+  msgpack_pack_str_with_body(&pk, e->type, e->type_len);
+  if (!short_form) {
+    pack_json(&pk, e->value);
+    return;
+  }
+  msgpack_pack_nil(&pk);
+  msgpack_pack_uint64(&pk, e->value ? e->value->len : e->count);
+}
+
+#define META_REPLY_SLACK 256 /* envelope and the reply's fixed members */
+
+static int m_model_info(qd_req *r) {
+  char model[QS_MAX_NAME + 1], key[QS_MAX_NAME + 1];
+  uint64_t offset, limit;
+  int rc = param_str(r, "model", 1, model, sizeof model);
+  if (rc) return rc;
+  int by_key = (rc = param_str(r, "key", 0, key, sizeof key)) == 0;
+  if (rc < 0) return rc;
+  if ((rc = param_uint(r, "offset", 0, &offset)) || (rc = param_uint(r, "limit", 1000, &limit)))
+    return rc;
+  if (limit > 100000) limit = 100000; /* keeps one reply bounded, like list */
+  qs_txn *t;
+  if ((rc = qs_txn_begin(qd_srv.store, &t))) return store_err(r, rc, model, NULL);
+  qs_model mi;
+  qs_json *j = NULL;
+  char err[160];
+  rc = qs_model_get(t, model, &mi);
+  if (rc == 0 && qs_json_parse(mi.metadata, strlen(mi.metadata), &j, err, sizeof err))
+    rc = QINS_ECORRUPT;
+  qs_txn_end(t);
+  if (rc == QINS_ECORRUPT && !j) {
+    snprintf(r->msg, sizeof r->msg, "model %s: stored metadata is not JSON (%s)", model, err);
+    return rc;
+  }
+  if (rc) return store_err(r, rc, model, NULL);
+  if (j->type != QS_JSON_OBJECT) {
+    qs_json_free(j);
+    snprintf(r->msg, sizeof r->msg, "model %s: stored metadata is not a JSON object", model);
+    return QINS_ECORRUPT;
+  }
+  const qs_json *gg = qs_json_get(j, "gguf"), *kv = qs_json_get(gg, "kv"), *hf = qs_json_get(j, "hf");
+  if (kv && kv->type != QS_JSON_ARRAY) kv = NULL;
+  if (hf && hf->type != QS_JSON_OBJECT) hf = NULL;
+  uint64_t total = (kv ? kv->len : 0) + (hf ? hf->len : 0);
+  msgpack_sbuffer body, one, flat;
+  msgpack_packer bpk, fpk;
+  init_packer(&body, &bpk);
+  init_packer(&flat, &fpk);
+  msgpack_sbuffer_init(&one);
+  if (!by_key) { /* the members: sent whole on every page, so they come off the budget */
+    size_t nm = 0;
+    for (size_t i = 0; i < j->len; i++)
+      nm += strcmp(j->items[i].key, "gguf") && strcmp(j->items[i].key, "hf");
+    msgpack_pack_map(&fpk, nm);
+    for (size_t i = 0; i < j->len; i++)
+      if (strcmp(j->items[i].key, "gguf") && strcmp(j->items[i].key, "hf")) {
+        msgpack_pack_str_with_body(&fpk, j->items[i].key, j->items[i].key_len);
+        pack_json(&fpk, &j->items[i]);
+      }
+  }
+  uint64_t budget = qd_srv.cfg.max_response_bytes - META_REPLY_SLACK;
+  budget = flat.size < budget ? budget - flat.size : 0;
+  uint64_t n = 0, elem_total = 0;
+  meta_entry e;
+  char hfkey[64];
+  const char *what = NULL;
+  if (by_key) { /* one array entry's elements */
+    uint64_t i;
+    for (i = 0; i < total; i++)
+      if (!meta_entry_at(kv, hf, i, &e, hfkey, sizeof hfkey) && e.key_len == strlen(key) &&
+          !memcmp(e.key, key, e.key_len))
+        break;
+    if (i == total) {
+      snprintf(r->msg, sizeof r->msg, "model %s has no metadata entry \"%s\"", model, key);
+      rc = QINS_EBAD_PARAMS;
+    } else if (!e.value) {
+      snprintf(r->msg, sizeof r->msg, "model %s: \"%s\" (%llu elements) was too large to keep at "
+               "import", model, key, (unsigned long long)e.count);
+      rc = QINS_EUNSUPPORTED;
+    } else if (e.value->type != QS_JSON_ARRAY) {
+      snprintf(r->msg, sizeof r->msg, "model %s: \"%s\" is not an array: ask without \"key\"",
+               model, key);
+      rc = QINS_EBAD_PARAMS;
+    }
+    elem_total = rc ? 0 : e.value->len;
+    for (uint64_t k = offset; !rc && k < elem_total && n < limit; k++) {
+      msgpack_packer opk;
+      msgpack_packer_init(&opk, &one, msgpack_sbuffer_write);
+      pack_json(&opk, &e.value->items[k]);
+      if (body.size + one.size > budget) {
+        if (n == 0) what = "an element";
+        break;
+      }
+      msgpack_sbuffer_write(&body, one.data, one.size);
+      msgpack_sbuffer_clear(&one);
+      n++;
+    }
+  } else {
+    for (uint64_t i = offset; i < total && n < limit; i++) {
+      if (meta_entry_at(kv, hf, i, &e, hfkey, sizeof hfkey)) {
+        snprintf(r->msg, sizeof r->msg, "model %s: stored GGUF entry %llu is malformed", model,
+                 (unsigned long long)i);
+        rc = QINS_ECORRUPT;
+        break;
+      }
+      pack_entry(&one, &e, 0);
+      if (one.size > budget && e.value && e.value->type == QS_JSON_ARRAY) {
+        msgpack_sbuffer_clear(&one);
+        pack_entry(&one, &e, 1); /* too large for any reply: its elements are paged by key */
+      }
+      if (body.size + one.size > budget) {
+        if (n == 0) what = "entry";
+        break;
+      }
+      msgpack_sbuffer_write(&body, one.data, one.size);
+      msgpack_sbuffer_clear(&one);
+      n++;
+    }
+  }
+  msgpack_sbuffer_destroy(&one);
+  if (!rc && !budget) {
+    snprintf(r->msg, sizeof r->msg, "model %s: metadata members alone exceed max-response-bytes "
+             "(%llu)", model, (unsigned long long)qd_srv.cfg.max_response_bytes);
+    rc = QINS_ERESPONSE_TOO_LARGE;
+  } else if (!rc && what) {
+    snprintf(r->msg, sizeof r->msg, "model %s: metadata %s %llu%s%s alone exceeds "
+             "max-response-bytes (%llu)", model, what, (unsigned long long)offset,
+             by_key ? " of " : "", by_key ? key : "", (unsigned long long)qd_srv.cfg.max_response_bytes);
+    rc = QINS_ERESPONSE_TOO_LARGE;
+  }
+  ok_reply o;
+  if (!rc) {
+    msgpack_packer *pk = ok_begin(&o, r);
+    int head = by_key ? 0 : 1 + (gg != NULL);
+    msgpack_pack_map(pk, (size_t)(4 + head + by_key * 2));
+    qp_pack_cstr(pk, "model");
+    qp_pack_cstr(pk, model);
+    if (by_key) {
+      qp_pack_cstr(pk, "key");
+      qp_pack_cstr(pk, key);
+      qp_pack_cstr(pk, "type");
+      msgpack_pack_str_with_body(pk, e.type, e.type_len);
+    } else {
+      qp_pack_cstr(pk, "metadata");
+      msgpack_sbuffer_write(&o.sb, flat.data, flat.size);
+      if (gg) {
+        const qs_json *ver = qs_json_get(gg, "version");
+        kv_u64(pk, "gguf_version", ver && (ver->num_flags & QS_JSON_IS_U64) ? ver->u64 : 0);
+      }
+    }
+    kv_u64(pk, "total", by_key ? elem_total : total);
+    kv_u64(pk, "offset", offset);
+    qp_pack_cstr(pk, by_key ? "values" : "entries");
+    msgpack_pack_array(pk, (size_t)n);
+    msgpack_sbuffer_write(&o.sb, body.data, body.size);
+  }
+  msgpack_sbuffer_destroy(&body);
+  msgpack_sbuffer_destroy(&flat);
+  qs_json_free(j);
+  return rc ? rc : ok_send(r, &o);
+}
+
 /* ---- the table -------------------------------------------------------------------------------- */
 const qd_method qd_methods[] = {
   {"hello", QD_READONLY, m_hello, "", "protocol version, server version and limits"},
@@ -538,6 +765,8 @@ const qd_method qd_methods[] = {
   {"get", QD_READONLY, m_get, "model, name, slice?, dtype?", "a tensor or hyperslab, decoded"},
   {"get_many", QD_READONLY, m_get_many, "model, names | prefix, dtype?",
    "several whole tensors in one round trip"},
+  {"model_info", QD_READONLY, m_model_info, "model, key?, offset?, limit?",
+   "a model's metadata: members, and GGUF key/values and HF files paged"},
   {"stats", QD_READONLY, m_stats, "", "connections, requests, errors, bytes, latency"},
   {"shutdown", QD_ADMIN, m_shutdown, "", "stop accepting, finish in-flight requests, exit 0"},
   {"attach", QD_READONLY, m_attach, "",

@@ -403,8 +403,10 @@ static int cfg_from_meta(const char *text, size_t len, cfg *c, char *err, size_t
       c->vocab_size = 0;
       for (size_t i = 0; kv && i < kv->len; i++) {
         const qs_json *e = &kv->items[i], *k0 = qs_json_at(e, 0), *v = qs_json_at(e, 2);
+        const qs_json *cnt = qs_json_at(e, 3); /* [key, type, null, count]: a list sent apart */
         if (k0 && k0->type == QS_JSON_STRING && !strcmp(k0->str, "tokenizer.ggml.tokens") && v)
-          c->vocab_size = (int)v->len;
+          c->vocab_size = cnt && (cnt->num_flags & QS_JSON_IS_I64) && cnt->i64 <= INT32_MAX
+                              ? (int)cnt->i64 : (int)v->len;
       }
       if (!c->vocab_size) {
         snprintf(err, errlen, "metadata lacks %s and the tokenizer's token list", k);
@@ -739,25 +741,25 @@ static tnames ns_detect(qins_client *cl, const char *model) {
   return nm;
 }
 
-/* Config of a served model: from its metadata (llama2.c keys, an HF config.json or GGUF llama
- * keys: cfg_from_meta) when the server sends it in `models`; else from the tensors' shapes
- * (`info`) with n_heads from the command line (shapes cannot tell heads apart) and seq_len given
- * or 512. */
+/* Config of a served model: from its metadata (method model_info: llama2.c keys, an HF
+ * config.json or GGUF llama keys: cfg_from_meta); else (no hyper-parameters there, or a server
+ * without model_info) from the tensors' shapes (`info`) with n_heads from the command line (shapes
+ * cannot tell heads apart) and seq_len given or 512. --seq-len given wins over the metadata. */
 static void q_config(qins_client *cl, const char *model, const tnames *nm, int n_heads, int seq_len,
                      cfg *c) {
-  qins_model_info *ms = NULL;
-  size_t n = 0;
-  char err[256];
-  if (qins_models(cl, &ms, &n)) die("models: %s", qins_client_error(cl));
-  const qins_model_info *mi = NULL;
-  for (size_t i = 0; i < n; i++)
-    if (!strcmp(ms[i].name, model)) mi = &ms[i];
-  if (!mi) die("no model %s on the server", model);
-  int from_meta = mi->metadata && !cfg_from_meta(mi->metadata, strlen(mi->metadata), c, err, sizeof err);
-  qins_free(ms);
-  if (from_meta) return;
+  char err[256] = "", *meta = NULL;
+  int rc = qins_model_metadata(cl, model, &meta);
+  if (rc == QINS_ENO_MODEL) die("no model %s on the server", model);
+  if (rc && rc != QINS_EUNKNOWN_METHOD) die("model_info: %s", qins_client_error(cl));
+  int from_meta = !rc && !cfg_from_meta(meta, strlen(meta), c, err, sizeof err);
+  qins_free(meta);
+  if (from_meta) {
+    if (seq_len > 0) c->seq_len = seq_len;
+    return;
+  }
   if (n_heads <= 0)
-    die("model %s: the server sent no hyper-parameters: give --n-heads (or --reference)", model);
+    die("model %s: no hyper-parameters from the server (%s): give --n-heads (or --reference)",
+        model, rc ? "it has no model_info method" : err);
   qins_tensor_info emb, w1, wk;
   uint64_t total = 0;
   qins_tensor_info *ts = NULL;

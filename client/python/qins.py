@@ -391,6 +391,42 @@ class Client:
     def info(self, model, name):
         return self.call("info", model=model, name=name)
 
+    def model_info(self, model, key=None, offset=0, limit=None):
+        """One page of a model's metadata (PROTOCOL.md §4.14): without key {"metadata": {...},
+        "total": n, "offset": o, "entries": [[key, type, value], ...]}; with key, the elements
+        of that array entry: {"type": t, "total": n, "offset": o, "values": [...]}."""
+        p = {"model": model, "offset": offset}
+        if key is not None:
+            p["key"] = key
+        if limit is not None:
+            p["limit"] = limit
+        return self.call("model_info", **p)
+
+    def metadata(self, model):
+        """The whole metadata as the store keeps it (FORMAT.md §2.3.1), read page by page: the
+        members, "gguf": {"version", "kv": [...]}, "hf": {...}. An array too large for one answer
+        stays [key, type, None, count]: read its elements with model_info(model, key=...)."""
+        out, kv, hf, off = None, [], {}, 0
+        while True:
+            page = self.model_info(model, offset=off)
+            if out is None:
+                out = dict(page["metadata"])
+                if "gguf_version" in page:
+                    out["gguf"] = {"version": page["gguf_version"], "kv": kv}
+            for e in page["entries"]:
+                if len(e) == 3 and e[1] == "json" and e[0].startswith("hf."):
+                    hf[e[0][3:]] = e[2]
+                else:
+                    kv.append(list(e))
+            off += len(page["entries"])
+            if off >= page["total"]:
+                break
+            if not page["entries"]:
+                raise QinsError(CODES["PROTO"], "model_info: an empty page at entry %d" % off)
+        if hf:
+            out["hf"] = hf
+        return out
+
     def get(self, model, name, slice=None, dtype=None, raw=False, copy=False):
         """The tensor (or slice) as a numpy array; see parse_slice for slice specs.
 

@@ -86,6 +86,15 @@ sessions = {
     "map_limit": session(*[req(i + 1, "map", {"model": M, "name": n, "dtype": d})
                            for i, (n, d) in enumerate([(n, d) for n in ("a.w", "b.q16", "d.bf16", "e.log", "f.rat")
                                                        for d in ("f32", "f16")])]),
+    "model_info": session(req(1, "model_info", {"model": M}),
+                          req(2, "model_info", {"model": M, "offset": 1, "limit": 2}),
+                          req(3, "model_info", {"model": M, "key": "tokenizer.ggml.tokens", "offset": 1}),
+                          req(4, "model_info", {"model": M, "key": "tokenizer.ggml.merges"}),
+                          req(5, "model_info", {"model": M, "key": "llama.block_count"}),
+                          req(6, "model_info", {"model": M, "key": "hf.config"}),
+                          req(7, "model_info", {"model": "n", "offset": 99}),
+                          req(8, "model_info", {"model": "nope"}),
+                          req(9, "model_info", {"model": M, "limit": "x"})),
     "admin": session(req(1, "shutdown"), req(2, "nosuch"), req(3, "ping")),
     "notify": msgpack.packb([2, "ping", []]) + req(1, "ping"),
     "method_not_str": msgpack.packb([0, 1, 5, []]) + req(2, "ping"),

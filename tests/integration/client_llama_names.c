@@ -123,7 +123,7 @@ static void write_gguf(const char *path) {
   qt_put(&b, "GGUF", 4);
   qt_put_u32(&b, 3);
   qt_put_u64(&b, n);
-  qt_put_u64(&b, 7);
+  qt_put_u64(&b, 8);
   qt_put_gstr(&b, "general.architecture");
   qt_put_u32(&b, 8);
   qt_put_gstr(&b, "llama");
@@ -133,6 +133,16 @@ static void write_gguf(const char *path) {
   gkv_u32(&b, "llama.attention.head_count", HEADS);
   gkv_u32(&b, "llama.attention.head_count_kv", KV);
   gkv_u32(&b, "llama.context_length", SEQ);
+  /* The vocabulary's size comes from the token list, as in llama.cpp's files (no vocab_size key). */
+  qt_put_gstr(&b, "tokenizer.ggml.tokens");
+  qt_put_u32(&b, 9);
+  qt_put_u32(&b, 8);
+  qt_put_u64(&b, VOCAB);
+  for (int i = 0; i < VOCAB; i++) {
+    char tk[16];
+    snprintf(tk, sizeof tk, "<t%d>", i);
+    qt_put_gstr(&b, tk);
+  }
   uint64_t off = 0;
   for (size_t i = 0; i < n; i++) {
     qt_put_gstr(&b, t[i].name);
@@ -191,6 +201,12 @@ static void setup(void) {
   snprintf(p, sizeof p, "%s/hf", D.dir);
   cr_assert_eq(qt_ctl(D.store, NULL, &err, "import", p, "--model", "hf", "--codec", "f32", NULL), 0, "%s", err);
   free(err);
+  /* GGUF names in a safetensors file without hyper-parameters: the shapes plus --n-heads. */
+  n = tensors(t, names, 0, 1);
+  snprintf(p, sizeof p, "%s/bare.safetensors", D.dir);
+  cr_assert_eq(qt_st_write(p, t, n, NULL), 0);
+  cr_assert_eq(qt_ctl(D.store, NULL, &err, "import", p, "--model", "bare", "--codec", "f32", NULL), 0, "%s", err);
+  free(err);
   cr_assert_eq(ts_daemon_start(&D, NULL), 0);
 }
 
@@ -224,9 +240,9 @@ Test(client_llama_names, hf_import_runs_like_the_reference) {
   run_against_reference("hf", "Hugging Face");
 }
 
-/* Without a reference the worker finds its config in the tensors' shapes (plus --n-heads; the
- * server sends no metadata in `models` yet) under GGUF and HF names alike, and generates the
- * reference's tokens. */
+/* Without a reference and without --n-heads the worker configures itself from the server's
+ * metadata (model_info: the GGUF llama keys and token list, the HF config.json) under GGUF and HF
+ * names alike, and generates the reference's tokens. */
 static void run_ok(char **argv) {
   char *out = NULL, *err = NULL;
   int rc = qt_run(argv, NULL, &out, &err);
@@ -235,7 +251,7 @@ static void run_ok(char **argv) {
   free(err);
 }
 
-Test(client_llama_names, served_names_configure_from_shapes) {
+Test(client_llama_names, served_models_configure_from_the_server_metadata) {
   char bin[256], ref[256], a[256], b[256];
   ts_build_path("qins-llama2", bin, sizeof bin);
   snprintf(ref, sizeof ref, "%s/ref.safetensors", D.dir);
@@ -248,8 +264,8 @@ Test(client_llama_names, served_names_configure_from_shapes) {
   const char *models[] = {"gg", "hf"};
   for (int i = 0; i < 2; i++) {
     snprintf(b, sizeof b, "%s/%s.tokens", D.dir, models[i]);
-    char *rb[] = {bin, "--socket", D.sock, "--model", (char *)models[i], "--n-heads", "4",
-                  "--seq-len", "32", "--steps", "20", "--quiet", "--tokens-out", b, NULL};
+    char *rb[] = {bin, "--socket", D.sock, "--model", (char *)models[i], "--steps", "20",
+                  "--quiet", "--tokens-out", b, NULL};
     run_ok(rb);
     size_t nb;
     char *got = qt_read(b, &nb);
@@ -258,4 +274,30 @@ Test(client_llama_names, served_names_configure_from_shapes) {
     free(got);
   }
   free(want);
+}
+
+/* A served model whose metadata has no hyper-parameters: the worker asks for --n-heads, naming
+ * what it lacked, and with it configures itself from the shapes. */
+Test(client_llama_names, served_model_without_hyper_parameters_needs_n_heads) {
+  char bin[256], ref[256], a[256], b[256];
+  ts_build_path("qins-llama2", bin, sizeof bin);
+  char *no[] = {bin, "--socket", D.sock, "--model", "bare", "--steps", "4", "--quiet", NULL};
+  char *out = NULL, *err = NULL;
+  cr_assert_neq(qt_run(no, NULL, &out, &err), 0, "%s", out);
+  cr_assert(strstr(err, "give --n-heads"), "%s", err);
+  free(out);
+  free(err);
+  snprintf(ref, sizeof ref, "%s/ref.safetensors", D.dir);
+  snprintf(a, sizeof a, "%s/ref.tokens", D.dir);
+  char *ra[] = {bin, "--reference", ref, "--steps", "20", "--quiet", "--tokens-out", a, NULL};
+  run_ok(ra);
+  snprintf(b, sizeof b, "%s/bare.tokens", D.dir);
+  char *rb[] = {bin, "--socket", D.sock, "--model", "bare", "--n-heads", "4", "--seq-len", "32",
+                "--steps", "20", "--quiet", "--tokens-out", b, NULL};
+  run_ok(rb);
+  size_t na, nb;
+  char *want = qt_read(a, &na), *got = qt_read(b, &nb);
+  cr_assert(want && got && na == nb && !memcmp(want, got, na), "tokens differ:\n%s\nvs\n%s", got, want);
+  free(want);
+  free(got);
 }

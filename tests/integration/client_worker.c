@@ -229,12 +229,12 @@ Test(client_worker, reference_reproduces_greedy500) {
   expect_greedy500("reference", args);
 }
 
-/* The served path alone (no reference: the config comes from the server's metadata or, as
- * `models` carries none today, from the shapes plus --n-heads) is run.c's too. */
+/* The served path alone (no reference, no --n-heads: the config comes from the server's
+ * metadata, model_info) is run.c's too. */
 Test(client_worker, served_alone_reproduces_greedy500) {
   serve("f32");
   char args[600];
-  snprintf(args, sizeof args, "--socket %s --model f32 --n-heads 8", D.sock);
+  snprintf(args, sizeof args, "--socket %s --model f32", D.sock);
   expect_greedy500("served f32", args);
 }
 
@@ -329,7 +329,7 @@ static unsigned long long served_get_many(void) {
 Test(client_worker, greedy500_across_three_restarts) {
   serve("f32");
   char args[600];
-  snprintf(args, sizeof args, "--socket %s --model f32 --n-heads 8", D.sock);
+  snprintf(args, sizeof args, "--socket %s --model f32", D.sock);
   expect_greedy500("uninterrupted", args);
 
   char b[256], cmd[2048], tokens[] = "/tmp/qins-tokens-XXXXXX", out[] = "/tmp/qins-out-XXXXXX";

@@ -12,8 +12,7 @@
  *   - qins-llama2 runs the served model without a reference or a tokenizer and prints the token
  *     ids; with the model served as f32 it generates exactly the ids of the FP32 reference that
  *     `qinsctl export` wrote from the same generation (whose __metadata__ configures it).
- *     The served run gives --n-heads: qinsd's `models` does not send the model's metadata yet
- *     (issue 15), so shapes plus --n-heads configure it;
+ *     The served run has no --n-heads: the model's metadata (method model_info) configures it;
  *   - client/examples/llama2c_to_safetensors.py turns a llama2.c legacy .bin (written here from the
  *     synthetic model in run.c's order) into a safetensors file with the same tensors, bit for
  *     bit, and the hyper-parameters; a truncated file and an untied classifier are refused.
@@ -257,8 +256,8 @@ Test(demo_default, worker_runs_the_served_model_without_a_tokenizer) {
   synth_f32_and_export(ref, sizeof ref);
   cr_assert_eq(ts_daemon_start(&D, NULL), 0, "starting qinsd");
   ts_build_path("qins-llama2", bin, sizeof bin);
-  /* Served, no reference: the config from the tensors' shapes and --n-heads. */
-  char *served[] = {bin, "--socket", D.sock, "--model", "f", "--steps", "64", "--n-heads", "8", NULL};
+  /* Served, no reference: the config from the server's metadata. */
+  char *served[] = {bin, "--socket", D.sock, "--model", "f", "--steps", "64", NULL};
   int rc = qt_run(served, NULL, &out, &err);
   cr_assert_eq(rc, 0, "qins-llama2 exited %d: %s", rc, err);
   cr_assert(strstr(out, "generated 64 tokens (qinsd)"), "%s", out);

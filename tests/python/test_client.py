@@ -85,9 +85,9 @@ class Daemon:
         subprocess.run([os.path.join(BUILD, "qinsctl"), "import", "--store", self.store, path,
                         "--model", model, "--codec", "f32"], check=True, stdout=subprocess.DEVNULL)
 
-    def start(self):
+    def start(self, args=()):
         self.proc = subprocess.Popen([os.path.join(BUILD, "qinsd"), "--store", self.store,
-                                      "--socket", self.sock, "--log", self.log])
+                                      "--socket", self.sock, "--log", self.log, *args])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -284,11 +284,80 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(e.exception.name, "UNKNOWN_METHOD")
         self.assertEqual(self.c.ping(), "pong")  # the connection survives
 
+    def test_model_info(self):  # §4.14: the model's __metadata__ as members, no entries
+        page = self.c.model_info(MODEL)
+        self.assertEqual(page["metadata"], {"purpose": "test"})
+        self.assertEqual((page["total"], page["offset"], page["entries"]), (0, 0, []))
+        self.assertNotIn("gguf_version", page)
+        self.assertEqual(self.c.metadata(MODEL), {"purpose": "test"})
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.metadata("no-such-model")
+        self.assertEqual(e.exception.name, "NO_MODEL")
+        with self.assertRaises(qins.QinsError) as e:
+            self.c.model_info(MODEL, key="tokenizer.ggml.tokens")
+        self.assertEqual(e.exception.name, "BAD_PARAMS")
+        self.assertIn("tokenizer.ggml.tokens", str(e.exception))
+
     def test_stats(self):  # §4.8
         self.c.get(MODEL, "layers.0.y")
         s = self.c.stats()
         self.assertGreaterEqual(s["requests"]["get"], 1)
         self.assertGreater(s["bytes_served"], 0)
+
+
+def write_gguf(path, kvs, name="w", values=(1.0, 2.0, 3.0, 4.0)):
+    """A GGUF v3 file: kvs [(key, "string" | "u32" | "[string]", value)], one f32 tensor."""
+    def gstr(t):
+        b = t.encode()
+        return struct.pack("<Q", len(b)) + b
+    out = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs))
+    for k, t, v in kvs:
+        out += gstr(k)
+        if t == "string":
+            out += struct.pack("<I", 8) + gstr(v)
+        elif t == "u32":
+            out += struct.pack("<II", 4, v)
+        else:
+            out += struct.pack("<IIQ", 9, 8, len(v)) + b"".join(gstr(x) for x in v)
+    out += gstr(name) + struct.pack("<IQIQ", 1, len(values), 0, 0)
+    out += b"\0" * (-len(out) % 32) + struct.pack("<%df" % len(values), *values)
+    with open(path, "wb") as f:
+        f.write(out)
+
+
+class ModelInfoPagedTest(unittest.TestCase):
+    """§4.14 under a 4 KiB response limit: metadata() reassembles the pages, the token list is
+    too large for one answer and comes back whole through model_info(key=...) pages."""
+
+    def test_gguf_metadata_paged(self):
+        tokens = ["tok%d" % i for i in range(2000)]
+        d = Daemon()
+        try:
+            path = os.path.join(d.dir, "m.gguf")
+            write_gguf(path, [("general.architecture", "string", "llama"),
+                              ("llama.block_count", "u32", 2),
+                              ("tokenizer.ggml.tokens", "[string]", tokens)])
+            os.makedirs(d.store, exist_ok=True)
+            d.import_file(path, "g")
+            d.start(("--max-response-bytes", "4K"))
+            with qins.Client(d.sock) as c:
+                m = c.metadata("g")
+                self.assertEqual(m["general.architecture"], "llama")
+                self.assertEqual(m["gguf"]["version"], 3)
+                self.assertEqual(m["gguf"]["kv"][:2], [["general.architecture", "string", "llama"],
+                                                       ["llama.block_count", "u32", 2]])
+                self.assertEqual(m["gguf"]["kv"][2], ["tokenizer.ggml.tokens", "[string]", None, 2000])
+                got, pages = [], 0
+                while len(got) < 2000:
+                    p = c.model_info("g", key="tokenizer.ggml.tokens", offset=len(got))
+                    self.assertEqual(p["total"], 2000)
+                    self.assertTrue(p["values"])
+                    got += p["values"]
+                    pages += 1
+                self.assertEqual(got, tokens)
+                self.assertGreater(pages, 3)
+        finally:
+            d.stop()
 
 
 if __name__ == "__main__":
