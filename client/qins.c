@@ -1323,7 +1323,7 @@ int qcl__fail(qins_client *c, int code, const char *fmt, ...) {
 /* The assembled metadata (qins_model_metadata): the members, the GGUF entries and the HF files,
  * each rendered as JSON while the pages are read. */
 typedef struct qcl_meta {
-  qcl_str flat, kv, hf;
+  qp_buf flat, kv, hf;
   uint64_t version, total, n; /* gguf_version, entries in all, entries in this page */
   int gguf;
 } qcl_meta;
@@ -1336,21 +1336,21 @@ static int qcl_meta_entry(qins_client *c, qcl_meta *m) {
       qp_rd_str(&c->rd, &t, &tl))
     return QINS_EPROTO;
   if (kl > 3 && !memcmp(k, "hf.", 3) && tl == 4 && !memcmp(t, "json", 4) && n == 3) {
-    if (m->hf.len) qcl_puts(&m->hf, ",", 1);
-    qcl_put_jstr(&m->hf, k + 3, kl - 3);
-    qcl_puts(&m->hf, ":", 1);
+    if (m->hf.n) qp_put(&m->hf, ",", 1);
+    qp_json_str(&m->hf, k + 3, kl - 3, QP_JSON_U);
+    qp_put(&m->hf, ":", 1);
     return qcl_to_json(c, &m->hf, 1);
   }
-  qcl_puts(&m->kv, m->kv.len ? ",[" : "[", m->kv.len ? 2 : 1);
-  qcl_put_jstr(&m->kv, k, kl);
-  qcl_puts(&m->kv, ",", 1);
-  qcl_put_jstr(&m->kv, t, tl);
+  qp_put(&m->kv, m->kv.n ? ",[" : "[", m->kv.n ? 2 : 1);
+  qp_json_str(&m->kv, k, kl, QP_JSON_U);
+  qp_put(&m->kv, ",", 1);
+  qp_json_str(&m->kv, t, tl, QP_JSON_U);
   for (uint32_t i = 2; i < n; i++) {
-    qcl_puts(&m->kv, ",", 1);
+    qp_put(&m->kv, ",", 1);
     int rc = qcl_to_json(c, &m->kv, 1);
     if (rc) return rc;
   }
-  qcl_puts(&m->kv, "]", 1);
+  qp_put(&m->kv, "]", 1);
   return 0;
 }
 
@@ -1372,7 +1372,7 @@ static int qcl_model_info_once(qins_client *c, const char *model, const char *ke
   }
   int rc = qcl_call(c, "model_info");
   if (rc) return rc;
-  qcl_str s = {0};
+  qp_buf s = {0};
   if (!m) {
     rc = qcl_to_json(c, &s, 0);
   } else {
@@ -1391,9 +1391,9 @@ static int qcl_model_info_once(qins_client *c, const char *model, const char *ke
           uint32_t mkl;
           if (qp_rd_str(&c->rd, &mk, &mkl)) rc = QINS_EPROTO;
           if (rc) break;
-          if (m->flat.len) qcl_puts(&m->flat, ",", 1);
-          qcl_put_jstr(&m->flat, mk, mkl);
-          qcl_puts(&m->flat, ":", 1);
+          if (m->flat.n) qp_put(&m->flat, ",", 1);
+          qp_json_str(&m->flat, mk, mkl, QP_JSON_U);
+          qp_put(&m->flat, ":", 1);
           rc = qcl_to_json(c, &m->flat, 1);
         }
       } else if (qcl_str_eq(k, kl, "gguf_version")) {
@@ -1439,22 +1439,22 @@ int qins_model_metadata(qins_client *c, const char *model, char **json) {
                     (unsigned long long)off, (unsigned long long)m.total);
     off += m.n;
   } while (!rc && off < m.total);
-  qcl_str s = {0};
+  qp_buf s = {0};
   char num[64];
-  qcl_puts(&s, "{", 1);
-  qcl_puts(&s, m.flat.p ? m.flat.p : "", m.flat.len);
+  qp_put(&s, "{", 1);
+  qp_put(&s, m.flat.p ? m.flat.p : "", m.flat.n);
   if (m.gguf) {
-    qcl_puts(&s, num, (size_t)snprintf(num, sizeof num, "%s\"gguf\":{\"version\":%llu,\"kv\":[",
-                                       m.flat.len ? "," : "", (unsigned long long)m.version));
-    qcl_puts(&s, m.kv.p ? m.kv.p : "", m.kv.len);
-    qcl_puts(&s, "]}", 2);
+    qp_put(&s, num, (size_t)snprintf(num, sizeof num, "%s\"gguf\":{\"version\":%llu,\"kv\":[",
+                                       m.flat.n ? "," : "", (unsigned long long)m.version));
+    qp_put(&s, m.kv.p ? m.kv.p : "", m.kv.n);
+    qp_put(&s, "]}", 2);
   }
-  if (m.hf.len) {
-    qcl_puts(&s, ",\"hf\":{" + !(m.flat.len || m.gguf), 7 - !(m.flat.len || m.gguf));
-    qcl_puts(&s, m.hf.p, m.hf.len);
-    qcl_puts(&s, "}", 1);
+  if (m.hf.n) {
+    qp_put(&s, ",\"hf\":{" + !(m.flat.n || m.gguf), 7 - !(m.flat.n || m.gguf));
+    qp_put(&s, m.hf.p, m.hf.n);
+    qp_put(&s, "}", 1);
   }
-  qcl_puts(&s, "}", 1);
+  qp_put(&s, "}", 1);
   free(m.flat.p);
   free(m.kv.p);
   free(m.hf.p);
