@@ -106,7 +106,8 @@ void qd_conn_drain(qd_conn *c) {
 int qd_conn_can_dispatch(const qd_conn *c) {
   return (c->state == CONN_READING || c->state == CONN_PAUSED) &&
          c->queued + c->reserved <= qd_srv.cfg.write_queue_bytes &&
-         c->pending < qd_srv.cfg.max_pending;
+         c->pending < qd_srv.cfg.max_pending &&
+         !(qd_mem_over() && c->queued + c->reserved > 0);
 }
 
 /* ---- dispatch ----------------------------------------------------------------------------------- */
@@ -251,6 +252,7 @@ static void conn_update_reading(qd_conn *c) {
     conn_set_state(c, CONN_PAUSED); /* it stays in the read set, just not read */
     if (!qd_srv.stopping) {
       qd_srv.st.paused_reads++;
+      if (qd_mem_over() && c->queued + c->reserved > 0) qd_srv.st.memory_waits++;
       qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes held by queued answers, %u pending)",
              c->desc, c->queued, c->pending);
     }

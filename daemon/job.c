@@ -600,6 +600,14 @@ int qd_job_start(qd_req *r, qd_ask *a) {
     job_reply(j);
     return 0;
   }
+  if (qd_mem_over()) { /* the global bound (stats.c): a large answer waits for no one */
+    qd_srv.st.memory_refused++;
+    snprintf(r->msg, sizeof r->msg,
+             "the server holds max-response-memory (%llu bytes) for other answers: try again later",
+             (unsigned long long)qd_srv.cfg.max_response_memory);
+    job_free(j);
+    return QINS_EBUSY;
+  }
   qd_srv.st.pool_decodes++;
   /* Stream whole tensors or row ranges that are large: sending starts with the first piece. */
   int stream = !a->many && j->plan.n_items == 1 && qd_srv.cfg.stream_min_bytes &&
