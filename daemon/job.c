@@ -288,8 +288,11 @@ static void pack_item_head(msgpack_packer *pk, const item *it) {
 
 /* Streams the single planned item. Output elements are sent as zero-copy spans of the map when
  * the stored bytes are the answer (qs_tensor_span), else decoded in pieces of stream-piece-bytes
- * into a buffer that stays in cache until the socket copy reads it. The first piece is checked
- * before anything is sent: an error in it is still an ordinary reply. */
+ * into a buffer that stays in cache until the socket copy reads it. Either way each piece's stored
+ * bytes are checked (store.h: segment CRCs) right before that piece is sent, while they are in
+ * cache, not in one pass over a whole chunk first; a piece that fails after the head went out
+ * cuts the stream (PROTOCOL.md §4.6). The first piece is checked before anything is sent: an
+ * error in it is still an ordinary reply. */
 static int job_decode_stream(job *j, qs_txn *t) {
   uint64_t dec = 0, d0; /* dec: time in the store's reads (decode_ns) */
   item *it = &j->plan.items[0];
@@ -307,7 +310,7 @@ static int job_decode_stream(job *j, qs_txn *t) {
   int rc = 0, zero_copy = 0;
   if (it->n_elem) {
     d0 = qd_now_ns();
-    rc = qs_tensor_span(t, &it->t, sl, dt, 0, it->n_elem, &span, &n);
+    rc = qs_tensor_span(t, &it->t, sl, dt, 0, piece < it->n_elem ? piece : it->n_elem, &span, &n);
     dec += qd_now_ns() - d0;
     if (rc < 0) return job_fail(j, rc, it->t.name);
     zero_copy = rc == 1;
@@ -339,7 +342,8 @@ static int job_decode_stream(job *j, qs_txn *t) {
       if (p == it->n_elem) break;
       d0 = qd_now_ns();
       if (zero_copy) {
-        rc = qs_tensor_span(t, &it->t, sl, dt, p, it->n_elem, &span, &n);
+        rc = qs_tensor_span(t, &it->t, sl, dt, p, it->n_elem - p < piece ? it->n_elem : p + piece,
+                            &span, &n);
         if (rc == 0) rc = QINS_EINTERNAL; /* a span that stops being one: cannot happen */
         if (rc == 1) rc = 0;
       } else {
