@@ -593,6 +593,20 @@ static void after_work_cb(uv_work_t *w, int status) {
   qd_req_done_deferred(c);
 }
 
+/* Work a plan costs the thread that runs it, in bytes-equivalent: a record looked up per item,
+ * and, decoded, the output plus a cache line per output row (a one-column slice touches a line
+ * per row for 4 bytes of output). conn.c ends a client's turn by it (fair turns). */
+#define ITEM_WORK 1024
+static uint64_t job_work(const job *j, int decoded) {
+  uint64_t w = ITEM_WORK * (uint64_t)(j->plan.n_items ? j->plan.n_items : 1);
+  for (size_t i = 0; decoded && i < j->plan.n_items; i++) {
+    const item *it = &j->plan.items[i];
+    uint64_t last = it->ndim ? it->shape[it->ndim - 1] : 1;
+    w += it->bytes + (last ? it->n_elem / last : 0) * 64;
+  }
+  return w;
+}
+
 int qd_job_start(qd_req *r, qd_ask *a) {
   job *j = job_of(a);
   memcpy(&j->req, r, offsetof(qd_req, msg)); /* msg: 1.2 KB, empty here (no error yet) */
@@ -601,9 +615,11 @@ int qd_job_start(qd_req *r, qd_ask *a) {
   j->req.n_keys = 0;
   if (job_run(j, 1) == RUN_DONE) {
     qd_srv.st.inline_decodes++;
+    qd_srv.jb.work += job_work(j, !j->plan.err);
     job_reply(j);
     return 0;
   }
+  qd_srv.jb.work += job_work(j, 0); /* planned here; decoded on the pool */
   if (qd_mem_over()) { /* the global bound (stats.c): a large answer waits for no one */
     qd_srv.st.memory_refused++;
     snprintf(r->msg, sizeof r->msg,

@@ -190,6 +190,8 @@ typedef struct qd_server {
   } cn;
   struct {                     /* job.c */
     struct job *spare;         /* one freed job kept for the next request */
+    uint64_t work;             /* work done on the loop thread, in bytes-equivalent (planning,
+                                  inline decodes): conn.c counts a client's turn by it */
   } jb;
   struct {                     /* stats.c: the payload buffer cache */
     struct { void *p; size_t cap; } slot[QD_BUF_SLOTS];
