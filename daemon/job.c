@@ -77,6 +77,7 @@ typedef struct job {
   } plan;
   struct {                       /* loop thread only */
     uint64_t reserved;           /* bytes counted against the client's queue while deferred */
+    int plan_on_pool;            /* a large get_many: planned on the pool first (qd_job_start) */
     qd_stream *stream;           /* this job streams (a large single get) */
   } lp;
   qd_req req;                    /* copy of the request (params cleared): last, as job reuse and
@@ -607,12 +608,79 @@ static uint64_t job_work(const job *j, int decoded) {
   return w;
 }
 
+/* ---- large get_many: planned on the pool ----------------------------------------------------
+ * A get_many of more than PLAN_ON_LOOP_NAMES names, or by prefix, is planned on a pool thread
+ * (a record lookup each: 60,000 names would hold the loop ~70 ms), then comes back to the loop,
+ * which reserves its planned bytes and checks the memory bound as for any pool decode, and
+ * queues the decode (which plans again in its own txn, like every pool job). */
+#define PLAN_ON_LOOP_NAMES 64
+
+static void plan_work_cb(uv_work_t *w) {
+  job *j = (job *)w;
+  qs_txn *t;
+  int rc = qs_txn_begin(qd_srv.store, &t);
+  if (rc) {
+    job_fail(j, rc, NULL);
+    return;
+  }
+  job_plan(j, t);
+  qs_txn_end(t);
+}
+
+static void after_work_cb(uv_work_t *w, int status);
+static int job_queue_decode(job *j, qd_req *r);
+
+static void after_plan_cb(uv_work_t *w, int status) {
+  job *j = (job *)w;
+  qd_conn *c = j->req.conn;
+  if (status == UV_ECANCELED && !j->plan.err) {
+    j->plan.err = QINS_ESHUTDOWN;
+    snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
+  }
+  if (!j->plan.err && qd_mem_over()) {
+    qd_srv.st.memory_refused++;
+    j->plan.err = QINS_EBUSY;
+    snprintf(j->req.msg, sizeof j->req.msg,
+             "the server holds max-response-memory (%llu bytes) for other answers: try again later",
+             (unsigned long long)qd_srv.cfg.max_response_memory);
+  }
+  if (!j->plan.err) {
+    j->lp.reserved = j->plan.total;
+    qd_req_reserve(c, j->lp.reserved);
+    if (job_queue_decode(j, &j->req) == 0) return; /* after_work_cb answers */
+    qd_req_unreserve(c, j->lp.reserved);
+    j->plan.err = QINS_EINTERNAL;
+  }
+  job_reply(j);
+  qd_req_done_deferred(c);
+}
+
+static int job_queue_decode(job *j, qd_req *r) {
+  int rc = uv_queue_work(qd_srv.loop, &j->work, work_cb, after_work_cb);
+  if (rc) snprintf(r->msg, sizeof r->msg, "cannot queue the decode of %s: %s", j->ask.model, uv_strerror(rc));
+  return rc;
+}
+
 int qd_job_start(qd_req *r, qd_ask *a) {
   job *j = job_of(a);
   memcpy(&j->req, r, offsetof(qd_req, msg)); /* msg: 1.2 KB, empty here (no error yet) */
   j->req.msg[0] = '\0';
   j->req.params.p = j->req.params.end = NULL; /* the request bytes go when this returns */
   j->req.n_keys = 0;
+  if (a->many && (a->by_prefix || a->n_names > PLAN_ON_LOOP_NAMES)) {
+    qd_srv.st.pool_decodes++;
+    qd_srv.st.pool_plans++;
+    qd_srv.jb.work += ITEM_WORK;
+    qd_req_defer(r, 0);
+    int rc = uv_queue_work(qd_srv.loop, &j->work, plan_work_cb, after_plan_cb);
+    if (rc) {
+      qd_req_done_deferred(r->conn);
+      snprintf(r->msg, sizeof r->msg, "cannot queue the plan of %s: %s", a->model, uv_strerror(rc));
+      job_free(j);
+      return QINS_EINTERNAL;
+    }
+    return 0;
+  }
   if (job_run(j, 1) == RUN_DONE) {
     qd_srv.st.inline_decodes++;
     qd_srv.jb.work += job_work(j, !j->plan.err);

@@ -236,7 +236,7 @@ static int m_stats(qd_req *r) {
   msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 22 + QD_MAP_STATS_KEYS);
+  msgpack_pack_map(pk, 23 + QD_MAP_STATS_KEYS);
   qd_map_stats_pack(pk);
   kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
   kv_u64(pk, "connections", qd_srv.st.connections);
@@ -263,6 +263,7 @@ static int m_stats(qd_req *r) {
   kv_u64(pk, "decode_ns", atomic_load(&qd_srv.st.decode_ns));
   kv_u64(pk, "inline_decodes", qd_srv.st.inline_decodes);
   kv_u64(pk, "pool_decodes", qd_srv.st.pool_decodes);
+  kv_u64(pk, "pool_plans", qd_srv.st.pool_plans);
   kv_u64(pk, "paused_reads", qd_srv.st.paused_reads);
   kv_u64(pk, "reads_yielded", qd_srv.st.reads_yielded);
   kv_u64(pk, "queued_bytes", qd_srv.st.queued_bytes);

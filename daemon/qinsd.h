@@ -129,6 +129,7 @@ typedef struct qd_stats {
   uint64_t bytes_served;       /* response bytes written */
   atomic_uint_fast64_t decode_ns; /* time in qs_tensor_read, any thread */
   uint64_t inline_decodes, pool_decodes; /* where gets were decoded */
+  uint64_t pool_plans;         /* get_many planned on the pool (many names, or a prefix) */
   uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */
   uint64_t lat_n;              /* samples written (ring index = lat_n % QD_LAT_SAMPLES) */
   uint64_t paused_reads;       /* times a client's reading was paused by backpressure */

@@ -72,3 +72,39 @@ Test(daemon_fair, a_burst_of_column_slices_does_not_run_before_another_clients_p
   ts_rx_destroy(&a);
   ts_rx_destroy(&b);
 }
+
+/* A get_many of many names is planned on a pool thread (a record lookup a name), not on the loop
+ * thread that answers everyone; its answer is the same as for a few names planned on the loop. */
+#define N_NAMES 20000
+Test(daemon_fair, a_get_many_of_many_names_is_planned_off_the_loop_and_answered_whole) {
+  ts_rx a;
+  open_rx(&a);
+  uint64_t plans0 = qp_map_get(stats_on(&a), "pool_plans")->via.u64;
+  got one = do_get(&a, "m", "a.b", -1, NULL, NULL);
+  cr_assert_eq(one.code, 0);
+  for (int k = 0; k < 2; k++) {
+    uint32_t n = k == 0 ? 3 : N_NAMES;
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    ts_req_begin(&sb, &pk, 50 + (uint32_t)k, "get_many", 2);
+    qp_pack_cstr(&pk, "model");
+    qp_pack_cstr(&pk, "m");
+    qp_pack_cstr(&pk, "names");
+    msgpack_pack_array(&pk, n);
+    for (uint32_t i = 0; i < n; i++) qp_pack_cstr(&pk, "a.b");
+    const msgpack_object *r = ts_call(&a, &sb, 50 + (uint32_t)k);
+    msgpack_sbuffer_destroy(&sb);
+    cr_assert(r && ts_resp_code(r) == 0, "get_many of %u names: %s", n, r ? ts_resp_msg(r) : "no answer");
+    const msgpack_object *ts = qp_map_get(ts_resp_result(r), "tensors");
+    cr_assert(ts && ts->type == MSGPACK_OBJECT_ARRAY && ts->via.array.size == n);
+    for (uint32_t i = 0; i < n; i += n / 3) {
+      const msgpack_object *d = qp_map_get(&ts->via.array.ptr[i], "data");
+      cr_assert(d && d->via.bin.size == one.bytes && !memcmp(d->via.bin.ptr, one.data, one.bytes),
+                "tensor %u of %u is a.b's bytes", i, n);
+    }
+    uint64_t plans = qp_map_get(stats_on(&a), "pool_plans")->via.u64;
+    cr_assert_eq(plans, plans0 + (uint64_t)k, "%u names: planned on the %s", n, k ? "pool" : "loop");
+  }
+  free(one.data);
+  ts_rx_destroy(&a);
+}
