@@ -572,15 +572,28 @@ static void stream_complete(void *ud) {
   qd_req_done_deferred(c); /* last: may free the connection */
 }
 
+/* A pool job that never ran (shutdown cancelled it) answers SHUTDOWN. */
+static void job_canceled(job *j, int status) {
+  if (status != UV_ECANCELED || j->plan.err) return;
+  j->plan.err = QINS_ESHUTDOWN;
+  snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
+}
+
+/* A large answer while the server holds max-response-memory (stats.c): BUSY, counted. */
+static int mem_busy(char *msg, size_t cap) {
+  qd_srv.st.memory_refused++;
+  snprintf(msg, cap,
+           "the server holds max-response-memory (%llu bytes) for other answers: try again later",
+           (unsigned long long)qd_srv.cfg.max_response_memory);
+  return QINS_EBUSY;
+}
+
 static void work_cb(uv_work_t *w) { job_run((job *)w, 0); }
 
 static void after_work_cb(uv_work_t *w, int status) {
   job *j = (job *)w;
   qd_conn *c = j->req.conn;
-  if (status == UV_ECANCELED && !j->plan.err) {
-    j->plan.err = QINS_ESHUTDOWN;
-    snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
-  }
+  job_canceled(j, status);
   if (j->lp.stream) {
     /* With bytes left to send, the rest waits for the stream's turn; an error before anything
      * went out, or a client gone, needs none. */
@@ -633,17 +646,8 @@ static int job_queue_decode(job *j, qd_req *r);
 static void after_plan_cb(uv_work_t *w, int status) {
   job *j = (job *)w;
   qd_conn *c = j->req.conn;
-  if (status == UV_ECANCELED && !j->plan.err) {
-    j->plan.err = QINS_ESHUTDOWN;
-    snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
-  }
-  if (!j->plan.err && qd_mem_over()) {
-    qd_srv.st.memory_refused++;
-    j->plan.err = QINS_EBUSY;
-    snprintf(j->req.msg, sizeof j->req.msg,
-             "the server holds max-response-memory (%llu bytes) for other answers: try again later",
-             (unsigned long long)qd_srv.cfg.max_response_memory);
-  }
+  job_canceled(j, status);
+  if (!j->plan.err && qd_mem_over()) j->plan.err = mem_busy(j->req.msg, sizeof j->req.msg);
   if (!j->plan.err) {
     j->lp.reserved = j->plan.total;
     qd_req_reserve(c, j->lp.reserved);
@@ -689,12 +693,8 @@ int qd_job_start(qd_req *r, qd_ask *a) {
   }
   qd_srv.jb.work += job_work(j, 0); /* planned here; decoded on the pool */
   if (qd_mem_over()) { /* the global bound (stats.c): a large answer waits for no one */
-    qd_srv.st.memory_refused++;
-    snprintf(r->msg, sizeof r->msg,
-             "the server holds max-response-memory (%llu bytes) for other answers: try again later",
-             (unsigned long long)qd_srv.cfg.max_response_memory);
     job_free(j);
-    return QINS_EBUSY;
+    return mem_busy(r->msg, sizeof r->msg);
   }
   qd_srv.st.pool_decodes++;
   /* Stream whole tensors or row ranges that are large: sending starts with the first piece. */

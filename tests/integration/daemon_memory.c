@@ -22,18 +22,6 @@ static void setup_bound(void) {
   setup();
 }
 
-static long daemon_kib(const char *field) { /* a "Vm...: N kB" line of qinsd's /proc status */
-  char path[64], line[256];
-  snprintf(path, sizeof path, "/proc/%d/status", (int)D.pid);
-  FILE *f = fopen(path, "r");
-  long v = -1;
-  size_t fl = strlen(field);
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, field, fl) && line[fl] == ':') v = strtol(line + fl + 1, NULL, 10);
-  if (f) fclose(f);
-  return v;
-}
-
 #if defined(__SANITIZE_ADDRESS__) /* make asan: its quarantine keeps up to 256 MiB of freed memory */
 #define SLACK_KIB (320 * 1024L)
 #else
