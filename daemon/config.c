@@ -67,6 +67,9 @@ static const opt opts[] = {
    "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},
   {"write-queue-bytes", T_SIZE, "8M", 64 * KiB, 16 * GiB, F(write_queue_bytes),
    "memory held by a client's unsent responses above this pauses reading its requests"},
+  {"max-response-memory", T_SIZE, "512M", 1 * MiB, 1024 * GiB, F(max_response_memory),
+   "memory held for responses and pending decodes, all clients: at this, reading every client's "
+   "requests pauses until it falls"},
   {"max-pending", T_U64, "64", 1, 4096, F(max_pending),
    "requests of one client being answered at once; more wait unread"},
   {"shutdown-timeout-ms", T_U64, "10000", 0, 3600000, F(shutdown_timeout_ms),

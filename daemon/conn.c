@@ -106,7 +106,8 @@ void qd_conn_drain(qd_conn *c) {
 int qd_conn_can_dispatch(const qd_conn *c) {
   return (c->state == CONN_READING || c->state == CONN_PAUSED) &&
          c->queued + c->reserved <= qd_srv.cfg.write_queue_bytes &&
-         c->pending < qd_srv.cfg.max_pending;
+         c->pending < qd_srv.cfg.max_pending &&
+         !(qd_mem_over() && c->queued + c->reserved > 0);
 }
 
 /* ---- dispatch ----------------------------------------------------------------------------------- */
@@ -251,15 +252,29 @@ static void conn_update_reading(qd_conn *c) {
     conn_set_state(c, CONN_PAUSED); /* it stays in the read set, just not read */
     if (!qd_srv.stopping) {
       qd_srv.st.paused_reads++;
+      if (qd_mem_over() && c->queued + c->reserved > 0) qd_srv.st.memory_waits++;
       qd_log(QD_LOG_DEBUG, "%s: reading paused (%zu bytes held by queued answers, %u pending)",
              c->desc, c->queued, c->pending);
     }
   }
 }
 
-/* Frames and dispatches what is buffered, as far as backpressure allows. */
+/* Fair turns: a client's turn ends after TURN_WORK bytes-equivalent of work (REQ_WORK a request
+ * plus what job.c counts in qd_srv.jb.work: records planned, bytes decoded on the loop thread),
+ * not after bytes read: a burst of tiny requests that each cost a decode (one-column slices)
+ * then waits on the loop's again list behind the other clients (c->yield) instead of running
+ * all at once. Embedded connections (qd_serve_bytes) have no other client and no again list. */
+#define TURN_WORK (256u << 10)
+#define REQ_WORK 512u
+
+/* Frames and dispatches what is buffered, as far as backpressure and its turn allow. */
 static void conn_process(qd_conn *c) {
   while (qd_conn_can_dispatch(c) && c->rpos < c->wpos) {
+    if (c->turn_work >= TURN_WORK && !c->sink) {
+      c->yield = 1; /* the rest of the buffer waits for its next turn (qd_conn_read) */
+      qd_loop_again(c, 0);
+      break;
+    }
     size_t n = 0;
     const char *p = c->buf + c->rpos;
     int r = qp_scan_next(&c->scan, p, c->wpos - c->rpos, &n);
@@ -280,14 +295,16 @@ static void conn_process(qd_conn *c) {
         id = (uint32_t)v;
       qd_out_error(c, id, QINS_ESHUTDOWN, "the daemon is shutting down");
     } else {
+      uint64_t w0 = qd_srv.jb.work;
       conn_dispatch(c, p, n);
+      c->turn_work += REQ_WORK + (qd_srv.jb.work - w0);
     }
     c->rpos += n;
     qp_scan_reset(&c->scan);
   }
   if (c->rpos == c->wpos) c->rpos = c->wpos = 0;
   if (qd_srv.stopping && c->rpos == c->wpos) qd_conn_drain(c);
-  if (c->eof && qd_conn_can_dispatch(c)) {
+  if (c->eof && !c->yield && qd_conn_can_dispatch(c)) {
     /* Nothing complete is left to run. */
     if (c->wpos > c->rpos)
       qd_log(QD_LOG_VERBOSE, "%s: disconnected with %zu bytes of an unfinished request", c->desc,
@@ -353,8 +370,13 @@ void qd_conn_read(qd_conn *c, int all) {
   if (c->in_read) return; /* resumed from inside its own read: the loop below goes on */
   c->in_read = 1;
   size_t budget = RSET_READ_BUDGET;
+  c->turn_work = 0; /* a new turn */
+  if (c->yield) {  /* requests left from its last turn go first */
+    c->yield = 0;
+    qd_conn_resume(c);
+  }
   while (c->state == CONN_READING) {
-    if (budget == 0) {
+    if (budget == 0 || c->yield) {
       qd_srv.st.reads_yielded++;
       qd_loop_again(c, all);
       break;

@@ -62,6 +62,8 @@ struct qd_conn {
   uint64_t reserved;   /* planned response bytes of those pending requests */
   int fd;              /* the socket, while in the read set; else -1 */
   int in_read;         /* inside qd_conn_read (no nested reads) */
+  uint64_t turn_work;  /* work its requests cost in this turn (conn.c, fair turns) */
+  int yield;           /* its turn's work ran out with requests buffered: on the again list */
   /* read scheduling (loop.c) */
   int again;           /* on the again list: its read budget ran out with bytes left */
   int again_all;       /* its read `all`, for the next turn */

@@ -77,6 +77,7 @@ typedef struct job {
   } plan;
   struct {                       /* loop thread only */
     uint64_t reserved;           /* bytes counted against the client's queue while deferred */
+    int plan_on_pool;            /* a large get_many: planned on the pool first (qd_job_start) */
     qd_stream *stream;           /* this job streams (a large single get) */
   } lp;
   qd_req req;                    /* copy of the request (params cleared): last, as job reuse and
@@ -288,8 +289,11 @@ static void pack_item_head(msgpack_packer *pk, const item *it) {
 
 /* Streams the single planned item. Output elements are sent as zero-copy spans of the map when
  * the stored bytes are the answer (qs_tensor_span), else decoded in pieces of stream-piece-bytes
- * into a buffer that stays in cache until the socket copy reads it. The first piece is checked
- * before anything is sent: an error in it is still an ordinary reply. */
+ * into a buffer that stays in cache until the socket copy reads it. Either way each piece's stored
+ * bytes are checked (store.h: segment CRCs) right before that piece is sent, while they are in
+ * cache, not in one pass over a whole chunk first; a piece that fails after the head went out
+ * cuts the stream (PROTOCOL.md §4.6). The first piece is checked before anything is sent: an
+ * error in it is still an ordinary reply. */
 static int job_decode_stream(job *j, qs_txn *t) {
   uint64_t dec = 0, d0; /* dec: time in the store's reads (decode_ns) */
   item *it = &j->plan.items[0];
@@ -307,7 +311,7 @@ static int job_decode_stream(job *j, qs_txn *t) {
   int rc = 0, zero_copy = 0;
   if (it->n_elem) {
     d0 = qd_now_ns();
-    rc = qs_tensor_span(t, &it->t, sl, dt, 0, it->n_elem, &span, &n);
+    rc = qs_tensor_span(t, &it->t, sl, dt, 0, piece < it->n_elem ? piece : it->n_elem, &span, &n);
     dec += qd_now_ns() - d0;
     if (rc < 0) return job_fail(j, rc, it->t.name);
     zero_copy = rc == 1;
@@ -339,7 +343,8 @@ static int job_decode_stream(job *j, qs_txn *t) {
       if (p == it->n_elem) break;
       d0 = qd_now_ns();
       if (zero_copy) {
-        rc = qs_tensor_span(t, &it->t, sl, dt, p, it->n_elem, &span, &n);
+        rc = qs_tensor_span(t, &it->t, sl, dt, p, it->n_elem - p < piece ? it->n_elem : p + piece,
+                            &span, &n);
         if (rc == 0) rc = QINS_EINTERNAL; /* a span that stops being one: cannot happen */
         if (rc == 1) rc = 0;
       } else {
@@ -567,15 +572,28 @@ static void stream_complete(void *ud) {
   qd_req_done_deferred(c); /* last: may free the connection */
 }
 
+/* A pool job that never ran (shutdown cancelled it) answers SHUTDOWN. */
+static void job_canceled(job *j, int status) {
+  if (status != UV_ECANCELED || j->plan.err) return;
+  j->plan.err = QINS_ESHUTDOWN;
+  snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
+}
+
+/* A large answer while the server holds max-response-memory (stats.c): BUSY, counted. */
+static int mem_busy(char *msg, size_t cap) {
+  qd_srv.st.memory_refused++;
+  snprintf(msg, cap,
+           "the server holds max-response-memory (%llu bytes) for other answers: try again later",
+           (unsigned long long)qd_srv.cfg.max_response_memory);
+  return QINS_EBUSY;
+}
+
 static void work_cb(uv_work_t *w) { job_run((job *)w, 0); }
 
 static void after_work_cb(uv_work_t *w, int status) {
   job *j = (job *)w;
   qd_conn *c = j->req.conn;
-  if (status == UV_ECANCELED && !j->plan.err) {
-    j->plan.err = QINS_ESHUTDOWN;
-    snprintf(j->req.msg, sizeof j->req.msg, "the daemon is shutting down");
-  }
+  job_canceled(j, status);
   if (j->lp.stream) {
     /* With bytes left to send, the rest waits for the stream's turn; an error before anything
      * went out, or a client gone, needs none. */
@@ -589,16 +607,94 @@ static void after_work_cb(uv_work_t *w, int status) {
   qd_req_done_deferred(c);
 }
 
+/* Work a plan costs the thread that runs it, in bytes-equivalent: a record looked up per item,
+ * and, decoded, the output plus a cache line per output row (a one-column slice touches a line
+ * per row for 4 bytes of output). conn.c ends a client's turn by it (fair turns). */
+#define ITEM_WORK 1024
+static uint64_t job_work(const job *j, int decoded) {
+  uint64_t w = ITEM_WORK * (uint64_t)(j->plan.n_items ? j->plan.n_items : 1);
+  for (size_t i = 0; decoded && i < j->plan.n_items; i++) {
+    const item *it = &j->plan.items[i];
+    uint64_t last = it->ndim ? it->shape[it->ndim - 1] : 1;
+    w += it->bytes + (last ? it->n_elem / last : 0) * 64;
+  }
+  return w;
+}
+
+/* ---- large get_many: planned on the pool ----------------------------------------------------
+ * A get_many of more than PLAN_ON_LOOP_NAMES names, or by prefix, is planned on a pool thread
+ * (a record lookup each: 60,000 names would hold the loop ~70 ms), then comes back to the loop,
+ * which reserves its planned bytes and checks the memory bound as for any pool decode, and
+ * queues the decode (which plans again in its own txn, like every pool job). */
+#define PLAN_ON_LOOP_NAMES 64
+
+static void plan_work_cb(uv_work_t *w) {
+  job *j = (job *)w;
+  qs_txn *t;
+  int rc = qs_txn_begin(qd_srv.store, &t);
+  if (rc) {
+    job_fail(j, rc, NULL);
+    return;
+  }
+  job_plan(j, t);
+  qs_txn_end(t);
+}
+
+static void after_work_cb(uv_work_t *w, int status);
+static int job_queue_decode(job *j, qd_req *r);
+
+static void after_plan_cb(uv_work_t *w, int status) {
+  job *j = (job *)w;
+  qd_conn *c = j->req.conn;
+  job_canceled(j, status);
+  if (!j->plan.err && qd_mem_over()) j->plan.err = mem_busy(j->req.msg, sizeof j->req.msg);
+  if (!j->plan.err) {
+    j->lp.reserved = j->plan.total;
+    qd_req_reserve(c, j->lp.reserved);
+    if (job_queue_decode(j, &j->req) == 0) return; /* after_work_cb answers */
+    qd_req_unreserve(c, j->lp.reserved);
+    j->plan.err = QINS_EINTERNAL;
+  }
+  job_reply(j);
+  qd_req_done_deferred(c);
+}
+
+static int job_queue_decode(job *j, qd_req *r) {
+  int rc = uv_queue_work(qd_srv.loop, &j->work, work_cb, after_work_cb);
+  if (rc) snprintf(r->msg, sizeof r->msg, "cannot queue the decode of %s: %s", j->ask.model, uv_strerror(rc));
+  return rc;
+}
+
 int qd_job_start(qd_req *r, qd_ask *a) {
   job *j = job_of(a);
   memcpy(&j->req, r, offsetof(qd_req, msg)); /* msg: 1.2 KB, empty here (no error yet) */
   j->req.msg[0] = '\0';
   j->req.params.p = j->req.params.end = NULL; /* the request bytes go when this returns */
   j->req.n_keys = 0;
+  if (a->many && (a->by_prefix || a->n_names > PLAN_ON_LOOP_NAMES)) {
+    qd_srv.st.pool_decodes++;
+    qd_srv.st.pool_plans++;
+    qd_srv.jb.work += ITEM_WORK;
+    qd_req_defer(r, 0);
+    int rc = uv_queue_work(qd_srv.loop, &j->work, plan_work_cb, after_plan_cb);
+    if (rc) {
+      qd_req_done_deferred(r->conn);
+      snprintf(r->msg, sizeof r->msg, "cannot queue the plan of %s: %s", a->model, uv_strerror(rc));
+      job_free(j);
+      return QINS_EINTERNAL;
+    }
+    return 0;
+  }
   if (job_run(j, 1) == RUN_DONE) {
     qd_srv.st.inline_decodes++;
+    qd_srv.jb.work += job_work(j, !j->plan.err);
     job_reply(j);
     return 0;
+  }
+  qd_srv.jb.work += job_work(j, 0); /* planned here; decoded on the pool */
+  if (qd_mem_over()) { /* the global bound (stats.c): a large answer waits for no one */
+    job_free(j);
+    return mem_busy(r->msg, sizeof r->msg);
   }
   qd_srv.st.pool_decodes++;
   /* Stream whole tensors or row ranges that are large: sending starts with the first piece. */

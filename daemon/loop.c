@@ -126,6 +126,7 @@ static void serve_loop(void) {
       uv_run(loop, UV_RUN_NOWAIT);
     }
     if (!uv_loop_alive(loop)) break;
+    if (qd_srv.mem.wake) qd_mem_wake(); /* connections the global memory bound paused */
     int n = epoll_wait(qd_srv.lp.rset_fd, ev, 64,
                        qd_srv.lp.dirty || qd_srv.lp.again_head ? 0 : uv_backend_timeout(loop));
     if (n < 0 && errno != EINTR) { /* cannot happen with a valid set: stop, and never spin */

@@ -237,7 +237,7 @@ static int m_stats(qd_req *r) {
   msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 18 + QD_MAP_STATS_KEYS);
+  msgpack_pack_map(pk, 23 + QD_MAP_STATS_KEYS);
   qd_map_stats_pack(pk);
   kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
   kv_u64(pk, "connections", qd_srv.st.connections);
@@ -264,10 +264,15 @@ static int m_stats(qd_req *r) {
   kv_u64(pk, "decode_ns", atomic_load(&qd_srv.st.decode_ns));
   kv_u64(pk, "inline_decodes", qd_srv.st.inline_decodes);
   kv_u64(pk, "pool_decodes", qd_srv.st.pool_decodes);
+  kv_u64(pk, "pool_plans", qd_srv.st.pool_plans);
   kv_u64(pk, "paused_reads", qd_srv.st.paused_reads);
   kv_u64(pk, "reads_yielded", qd_srv.st.reads_yielded);
   kv_u64(pk, "queued_bytes", qd_srv.st.queued_bytes);
   kv_u64(pk, "queued_peak", qd_srv.st.queued_peak);
+  kv_u64(pk, "max_response_memory", qd_srv.cfg.max_response_memory);
+  kv_u64(pk, "memory_waits", qd_srv.st.memory_waits);
+  kv_u64(pk, "memory_refused", qd_srv.st.memory_refused);
+  kv_u64(pk, "memory_trims", qd_srv.st.memory_trims);
   qp_pack_cstr(pk, "latency_p50_us");
   msgpack_pack_double(pk, p50);
   qp_pack_cstr(pk, "latency_p99_us");

@@ -408,6 +408,11 @@ void qd_req_defer(qd_req *r, uint64_t bytes) {
   qd_queued_add(bytes);
 }
 
+void qd_req_reserve(qd_conn *c, uint64_t bytes) {
+  c->reserved += bytes;
+  qd_queued_add(bytes);
+}
+
 void qd_req_unreserve(qd_conn *c, uint64_t bytes) {
   c->reserved -= bytes;
   qd_queued_sub(bytes);

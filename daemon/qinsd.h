@@ -78,6 +78,9 @@ typedef struct qd_config {
   uint64_t inline_decode_bytes; /* decodes with output up to this run on the loop thread */
   uint64_t write_queue_bytes;  /* memory held by a client's unsent responses above this pauses
                                   reading its requests */
+  uint64_t max_response_memory; /* memory held for responses and pending decodes, all clients:
+                                  at or above it, clients holding some are not read and pool
+                                  decodes get BUSY (stats.c) */
   uint64_t max_pending;        /* requests of one client being answered at a time */
   uint64_t shutdown_timeout_ms; /* after SIGTERM, connections still busy after this are cut */
   uint64_t threads;            /* decode threads (libuv pool size) */
@@ -126,6 +129,7 @@ typedef struct qd_stats {
   uint64_t bytes_served;       /* response bytes written */
   atomic_uint_fast64_t decode_ns; /* time in qs_tensor_read, any thread */
   uint64_t inline_decodes, pool_decodes; /* where gets were decoded */
+  uint64_t pool_plans;         /* get_many planned on the pool (many names, or a prefix) */
   uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */
   uint64_t lat_n;              /* samples written (ring index = lat_n % QD_LAT_SAMPLES) */
   uint64_t paused_reads;       /* times a client's reading was paused by backpressure */
@@ -133,6 +137,9 @@ typedef struct qd_stats {
   uint64_t queued_bytes;       /* memory held by queued responses, plus bytes reserved by pending
                                   decodes, all clients */
   uint64_t queued_peak;        /* the most queued_bytes has been */
+  uint64_t memory_waits;       /* times a client's reading was paused by max-response-memory */
+  uint64_t memory_refused;     /* large gets answered BUSY while at max-response-memory */
+  uint64_t memory_trims;       /* times memory was given back to the system (all clients gone) */
 } qd_stats;
 
 uint64_t qd_now_ns(void);
@@ -141,6 +148,12 @@ void qd_latency_quantiles(double *p50_us /* out */, double *p99_us /* out */);
 void qd_count_error(int code);
 void qd_queued_add(uint64_t n);
 void qd_queued_sub(uint64_t n);
+/* 1 while queued_bytes is at or above max-response-memory (stats.c). */
+int qd_mem_over(void);
+/* Loop thread, before waiting (loop.c): when the global bound was left, resumes the connections
+ * it paused; when nothing is held and no client is connected, empties the payload buffer cache
+ * and gives freed memory back to the system (malloc_trim). */
+void qd_mem_wake(void);
 int qd_stats_init(void); /* 0 or QINS_ENOMEM */
 void qd_stats_fini(void);
 
@@ -178,12 +191,18 @@ typedef struct qd_server {
   } cn;
   struct {                     /* job.c */
     struct job *spare;         /* one freed job kept for the next request */
+    uint64_t work;             /* work done on the loop thread, in bytes-equivalent (planning,
+                                  inline decodes): conn.c counts a client's turn by it */
   } jb;
   struct {                     /* stats.c: the payload buffer cache */
     struct { void *p; size_t cap; } slot[QD_BUF_SLOTS];
     size_t cached;             /* bytes held */
     uv_mutex_t mu;             /* qd_buf_get runs on pool threads too */
   } bufs;
+  struct {                     /* stats.c: the global response memory bound */
+    int wake;                  /* qd_mem_wake has work: the bound was left, or a trim is due */
+    uint64_t high;             /* the most queued_bytes has been since the last trim */
+  } mem;
 } qd_server;
 extern qd_server qd_srv;
 

@@ -80,6 +80,8 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) __attribute__((form
 /* A request answered later (thread pool): the connection keeps a slot for it and counts `bytes`
  * (its planned response) against its write queue until qd_req_done_deferred. */
 void qd_req_defer(qd_req *r, uint64_t bytes);
+/* Adds bytes to a deferred request's reservation (its plan, made on the pool, is known). */
+void qd_req_reserve(qd_conn *c, uint64_t bytes);
 /* Releases the reservation (call before queueing the reply, so it is not counted twice). */
 void qd_req_unreserve(qd_conn *c, uint64_t bytes);
 /* The deferred request is answered: the connection may read again, or is freed if it closed. */

@@ -4,10 +4,12 @@
  * and the payload buffer cache: decoded answers of 256 KiB and more reuse a few large buffers, so
  * a 64 MiB get does not page-fault a fresh mapping each time.
  */
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "conn.h"
 #include "methods.h"
 #include "qinsd.h"
 
@@ -63,12 +65,60 @@ void qd_count_error(int code) {
   if (code <= -1000 && code > -1000 - QD_ERR_SLOTS) qd_srv.st.errors[-1000 - code]++;
 }
 
+/* ---- the global response memory bound (max-response-memory) ---------------------------------
+ * queued_bytes counts, for all clients, the memory their queued responses hold (out.c's wreq
+ * cost) and the planned bytes of their pending decodes. At or above max-response-memory a
+ * client that holds some of it is not read (conn.c, qd_conn_can_dispatch) and a decode for the
+ * pool (a large get or get_many) is answered BUSY (job.c), while a client holding nothing still
+ * gets its small answers (ping, stats, inline gets): so what is held stays below the bound plus
+ * the last large answer admitted (at most max-response-bytes) plus, per client, one small answer
+ * the socket did not take. When it falls below again, qd_mem_wake (run by the loop before it
+ * waits) resumes the paused connections.
+ * Once nothing is held and no client is connected, the payload buffer cache is emptied and the
+ * freed heap given back (malloc_trim), so RSS returns near its start after a burst. */
+#define TRIM_AFTER (16u << 20) /* a peak since the last trim worth giving back */
+
 void qd_queued_add(uint64_t n) {
   qd_srv.st.queued_bytes += n;
   if (qd_srv.st.queued_bytes > qd_srv.st.queued_peak) qd_srv.st.queued_peak = qd_srv.st.queued_bytes;
+  if (qd_srv.st.queued_bytes > qd_srv.mem.high) qd_srv.mem.high = qd_srv.st.queued_bytes;
 }
 
-void qd_queued_sub(uint64_t n) { qd_srv.st.queued_bytes -= n; }
+enum { WAKE_RESUME = 1, WAKE_TRIM = 2 }; /* qd_srv.mem.wake bits */
+
+void qd_queued_sub(uint64_t n) {
+  const uint64_t before = qd_srv.st.queued_bytes, lim = qd_srv.cfg.max_response_memory;
+  qd_srv.st.queued_bytes -= n;
+  if (before >= lim && qd_srv.st.queued_bytes < lim) qd_srv.mem.wake |= WAKE_RESUME;
+  if (qd_srv.st.queued_bytes == 0 && qd_srv.mem.high >= TRIM_AFTER) qd_srv.mem.wake |= WAKE_TRIM;
+}
+
+int qd_mem_over(void) { return qd_srv.st.queued_bytes >= qd_srv.cfg.max_response_memory; }
+
+void qd_mem_wake(void) {
+  /* Every open connection gets its chance, each checking the bound again as it dispatches. */
+  if ((qd_srv.mem.wake & WAKE_RESUME) && !qd_mem_over()) {
+    qd_srv.mem.wake &= ~WAKE_RESUME;
+    for (qd_conn *c = qd_srv.cn.all, *next; c && !qd_mem_over(); c = next) {
+      next = c->next; /* resuming never frees c (frees run in libuv callbacks) */
+      if (c->state == CONN_PAUSED || c->state == CONN_READING) qd_conn_resume(c);
+    }
+  }
+  /* The trim waits (checked once a round) until the last client has left. */
+  if (!(qd_srv.mem.wake & WAKE_TRIM) || qd_srv.st.connections > 0) return;
+  qd_srv.mem.wake &= ~WAKE_TRIM;
+  if (qd_srv.st.queued_bytes) return; /* something came back meanwhile: trimmed next time */
+  uv_mutex_lock(&qd_srv.bufs.mu);
+  for (int i = 0; i < QD_BUF_SLOTS; i++) {
+    free(qd_srv.bufs.slot[i].p);
+    qd_srv.bufs.slot[i].p = NULL;
+  }
+  qd_srv.bufs.cached = 0;
+  uv_mutex_unlock(&qd_srv.bufs.mu);
+  malloc_trim(0);
+  qd_srv.mem.high = 0;
+  qd_srv.st.memory_trims++;
+}
 
 /* ---- payload buffer cache ------------------------------------------------------------------- */
 #define BUF_MIN (256 * 1024) /* smaller ones are plain malloc: no page-fault cost worth saving */

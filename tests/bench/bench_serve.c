@@ -3,7 +3,8 @@
  * bench_serve.c — qinsd serving figures, each next to a same-run reference (the machine is shared
  * and noisy: only the ratios mean much):
  *   1. a 64 MiB FP32 `get` through qinsd vs the same bytes through a bare Unix socket (a forked
- *      writer sending from a warm buffer): throughput and ratio (target >= 0.8);
+ *      writer sending from a warm buffer): throughput and ratio (target >= 0.8); and the same get
+ *      from a daemon run with QINS_VERIFY=risk-wrong-numbers: the cost of checking every read;
  *   2. 4 KiB-slice `get` latency p50/p99 with 1 and 16 concurrent clients, next to Redis GET of a
  *      4 KiB value (Debian's redis-server on a temporary Unix socket, stopped after; skipped with
  *      a note when absent). Target: no worse than Redis.
@@ -511,6 +512,23 @@ int main(void) {
     return 1;
   }
   int reps = 8 * sc;
+  /* The cost of checking every read: a second daemon on a copy of the store, started with
+   * QINS_VERIFY=risk-wrong-numbers (each chunk checked once per process), serves the same gets
+   * in the same run. */
+  ts_daemon u;
+  int have_u = !getenv("BENCH_SKIP_THROUGHPUT") && ts_dir_make(&u) == 0;
+  if (have_u && ts_store_fill(u.store, fill, NULL)) {
+    ts_dir_remove(&u, 0);
+    have_u = 0;
+  }
+  if (have_u) {
+    setenv("QINS_VERIFY", "risk-wrong-numbers", 1);
+    if (ts_daemon_start(&u, args)) {
+      ts_dir_remove(&u, 1);
+      have_u = 0;
+    }
+    unsetenv("QINS_VERIFY");
+  }
   /* f32 stored, f32 asked: the stored bytes are the answer (sent from the map, no copy of ours);
    * qins8 stored (the store's default codec): decoded to f32 in cache-sized pieces. */
   const char *tnames[2] = {"w", "q"}, *labels[2] = {"f32", "qins8_as_f32"};
@@ -523,6 +541,18 @@ int main(void) {
            "bare socket from a cache-resident 256 KiB buffer %.2f GB/s, ratio to it %.2f)\n",
            labels[k], q, bare, bare > 0 ? q / bare : 0, reps, per_get_decode_ms,
            q > 0 ? (double)BIG_BYTES / q / 1e6 : 0, hot, hot > 0 ? q / hot : 0);
+    if (!have_u) continue;
+    double ubare = 0, uhot = 0, uq = 0, dec = per_get_decode_ms;
+    throughput(u.sock, tnames[k], reps, &ubare, &uhot, &uq);
+    printf("serve_get_64MiB_%s_verify_cost: every read checked (default) %.2f GB/s, ratio to "
+           "bare %.2f | QINS_VERIFY=risk-wrong-numbers %.2f GB/s, ratio to bare %.2f | checked / "
+           "unchecked %.2f (best of %d each, same run; decode %.1f vs %.1f ms per get)\n",
+           labels[k], q, bare > 0 ? q / bare : 0, uq, ubare > 0 ? uq / ubare : 0,
+           uq > 0 ? q / uq : 0, reps, dec, per_get_decode_ms);
+  }
+  if (have_u) {
+    int ust = ts_daemon_stop(&u);
+    ts_dir_remove(&u, !(ust >= 0 && WIFEXITED(ust) && WEXITSTATUS(ust) == 0));
   }
 
   char rsock[128];

@@ -563,18 +563,6 @@ Test(daemon_bad, client_never_reading, .init = setup_small_queue) {
   ts_rx_destroy(&w);
 }
 
-static long daemon_kib(const char *field) { /* a "Vm...: N kB" line of qinsd's /proc status */
-  char path[64], line[256];
-  snprintf(path, sizeof path, "/proc/%d/status", (int)D.pid);
-  FILE *f = fopen(path, "r");
-  long v = -1;
-  size_t fl = strlen(field);
-  while (f && fgets(line, sizeof line, f))
-    if (!strncmp(line, field, fl) && line[fl] == ':') v = strtol(line + fl + 1, NULL, 10);
-  if (f) fclose(f);
-  return v;
-}
-
 /* A client that pipelines tiny requests and never reads: the replies are 13 bytes on the wire but
  * each queued one holds memory (its write request, its buffer), and that is what the queue limit
  * counts. Counted by wire bytes, 4 MiB of queue was about 320,000 pongs holding an 8 KiB sbuffer

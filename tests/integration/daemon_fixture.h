@@ -127,6 +127,19 @@ __attribute__((unused)) static int run_built(const char *name, const char *const
   return st;
 }
 
+/* A "Vm...: N kB" line of the fixture daemon's /proc status (VmHWM, VmRSS), or -1. */
+__attribute__((unused)) static long daemon_kib(const char *field) {
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", (int)D.pid);
+  FILE *f = fopen(path, "r");
+  long v = -1;
+  size_t fl = strlen(field);
+  while (f && fgets(line, sizeof line, f))
+    if (!strncmp(line, field, fl) && line[fl] == ':') v = strtol(line + fl + 1, NULL, 10);
+  if (f) fclose(f);
+  return v;
+}
+
 /* ping over rx: 1 when "pong" came back. */
 __attribute__((unused)) static int ping_on(ts_rx *rx, uint32_t id) {
   msgpack_sbuffer sb;

@@ -299,6 +299,52 @@ Test(daemon_stream, checksum_failure_after_the_head_closes_the_connection) {
  * goes (it may fail while waiting for the socket, and then answers CHECKSUM; or after its head
  * went out, and then the connection closes), every complete response is correct and the daemon
  * keeps serving. */
+/* Each piece of a zero-copy stream is checked right before it is sent (stream-piece-bytes, 256K),
+ * not the whole 4 MiB chunk up front: once the chunk has been read (and verified whole) a bit
+ * flipped near its end is found when the stream reaches that piece, after the pieces before it
+ * went out, and the stream is cut there. A check of the whole chunk before sending answers an
+ * ordinary CHECKSUM instead, with nothing of the tensor sent. Counted in bytes received, not
+ * time; attempts where the worker missed the socket (its wait budget, see above) and failed
+ * before sending are retried. */
+Test(daemon_stream, zero_copy_pieces_are_checked_right_before_they_are_sent) {
+  ts_rx rx;
+  open_rx(&rx);
+  got g = do_get(&rx, "h", "huge", -1, NULL, NULL); /* the first read verifies both chunks whole */
+  cr_assert_eq(g.code, 0);
+  free(g.data);
+  ts_rx_destroy(&rx);
+  const uint64_t bad = (uint64_t)1000 * HUGE_C + 100; /* late in the first chunk (rows 0..1023) */
+  corrupt_huge(bad);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  pack_get(&pk, 42, "h", "huge", -1, -1);
+  size_t got_bytes = 0;
+  int cut = 0, ordinary = 0;
+  static char buf[1 << 16];
+  while (!cut && ordinary < 50) {
+    int fd = ts_connect(D.sock);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(ts_send(fd, sb.data, sb.size), 0);
+    shutdown(fd, SHUT_WR); /* the daemon answers, then closes: either way the reads end */
+    got_bytes = 0;
+    ssize_t n;
+    while ((n = recv(fd, buf, sizeof buf, 0)) > 0) got_bytes += (size_t)n;
+    close(fd);
+    if (got_bytes < 4096) ordinary++; /* a CHECKSUM answer: nothing of the tensor */
+    else cut = 1;
+  }
+  msgpack_sbuffer_destroy(&sb);
+  cr_log_info("piece checks: %zu bytes before the cut, %d ordinary answers first", got_bytes,
+              ordinary);
+  cr_assert(cut, "50 streamed gets were refused whole before sending: the chunk was checked up front");
+  /* Everything before the bad piece went out (pieces of 64 Ki elements), nothing from it on. */
+  const uint64_t piece = 65536, bad_piece = bad / piece * piece;
+  cr_assert_geq(got_bytes, bad_piece * 4, "%zu bytes arrived before the cut", got_bytes);
+  cr_assert_lt(got_bytes, bad * 4, "%zu bytes arrived: the bad bytes were sent", got_bytes);
+}
+
 Test(daemon_stream, stream_failing_behind_another_stream) {
   corrupt_huge((uint64_t)1500 * HUGE_C + 100);
   for (int round = 0; round < 4; round++) {
