@@ -150,9 +150,15 @@ static int parse_id(const char *s, int group, uint32_t *out) {
   return 0;
 }
 
-/* Appends the comma-separated ids of val to list l (empty items are skipped). */
+/* Appends the comma-separated ids of val to list l (empty items between commas are skipped). A
+ * value naming no id at all (`allow-uid ""`, `--allow-uid=`) exits 2: read as "no list" it would
+ * let anyone who connects read, the opposite of what the operator wrote. */
 static void idlist_add(const opt *o, qd_idlist *l, const char *val, const char *where) {
   const char *p = val;
+  if (!val[strspn(val, ", \t")])
+    die_usage("bad value for %s: \"%s\"%s (an empty list; name at least one %s, or remove the "
+              "option to let anyone who can connect read)", o->name, val, where,
+              o->type == T_GIDS ? "group" : "user");
   while (*p) {
     size_t n = strcspn(p, ",");
     char item[256];

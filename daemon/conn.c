@@ -259,11 +259,15 @@ static void conn_update_reading(qd_conn *c) {
 
 /* Frames and dispatches what is buffered, as far as backpressure allows. */
 static void conn_process(qd_conn *c) {
+  int partial = 0; /* what is left buffered is the start of a request, not a whole one */
   while (qd_conn_can_dispatch(c) && c->rpos < c->wpos) {
     size_t n = 0;
     const char *p = c->buf + c->rpos;
     int r = qp_scan_next(&c->scan, p, c->wpos - c->rpos, &n);
-    if (r == QP_MORE) break;
+    if (r == QP_MORE) {
+      partial = 1;
+      break;
+    }
     if (r < 0) {
       conn_protocol_error(c, 0, r, c->scan.what, p, c->wpos - c->rpos);
       c->rpos = c->wpos;
@@ -286,7 +290,9 @@ static void conn_process(qd_conn *c) {
     qp_scan_reset(&c->scan);
   }
   if (c->rpos == c->wpos) c->rpos = c->wpos = 0;
-  if (qd_srv.stopping && c->rpos == c->wpos) qd_conn_drain(c);
+  /* Stopping, nothing whole is left to answer: a half-sent request is never read to its end, so
+   * it must not hold the connection (and the shutdown) open. */
+  if (qd_srv.stopping && (c->rpos == c->wpos || partial)) qd_conn_drain(c);
   if (c->eof && qd_conn_can_dispatch(c)) {
     /* Nothing complete is left to run. */
     if (c->wpos > c->rpos)

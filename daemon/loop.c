@@ -160,12 +160,26 @@ static void serve_loop(void) {
 }
 
 /* ---- shutdown ------------------------------------------------------------------------------- */
-void qd_loop_conn_freed(void) {
-  if (qd_srv.stopping && qd_srv.cn.n_open == 0) {
-    uv_timer_t *t = &qd_srv.lp.shutdown_timer;
-    uv_timer_stop(t);
-    if (!uv_is_closing((uv_handle_t *)t)) uv_close((uv_handle_t *)t, NULL);
+static void close_handle(uv_handle_t *h) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* The last connection is gone after shutdown began: the loop's own handles close, so it returns.
+ * Signals stay handled until here: a SIGHUP (log rotation) or a second SIGTERM during the
+ * graceful part must never kill the daemon by its default action. */
+static void shutdown_finish(void) {
+  uv_timer_stop(&qd_srv.lp.shutdown_timer);
+  close_handle((uv_handle_t *)&qd_srv.lp.shutdown_timer);
+  if (qd_srv.lp.signals) {
+    qd_srv.lp.signals = 0;
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_term);
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_int);
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_hup);
   }
+}
+
+void qd_loop_conn_freed(void) {
+  if (qd_srv.stopping && qd_srv.cn.n_open == 0) shutdown_finish();
 }
 
 static void on_shutdown_timeout(uv_timer_t *t) {
@@ -189,16 +203,10 @@ static void on_shutdown_kick(uv_timer_t *t) {
     qd_conn_resume(c); /* answers buffered requests with SHUTDOWN, stops reading */
   }
   if (qd_srv.cn.n_open == 0) {
-    if (!uv_is_closing((uv_handle_t *)t)) uv_close((uv_handle_t *)t, NULL);
+    shutdown_finish();
     return;
   }
   uv_timer_start(t, on_shutdown_timeout, qd_srv.cfg.shutdown_timeout_ms, 0);
-}
-
-static void close_signals(void) {
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_term, NULL);
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_int, NULL);
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_hup, NULL);
 }
 
 void qd_shutdown_begin(const char *why) {
@@ -211,7 +219,6 @@ void qd_shutdown_begin(const char *why) {
     qd_srv.lp.listening = 0;
     if (!qd_srv.lp.activated) remove_socket_file();
   }
-  close_signals();
   /* The per-connection work runs from the loop, not here: this may be called from inside a
    * handler (method `shutdown`) while its connection is mid-dispatch. */
   uv_timer_start(&qd_srv.lp.shutdown_timer, on_shutdown_kick, 0, 0);
@@ -226,7 +233,18 @@ static void on_signal(uv_signal_t *h, int signum) {
     else qd_log(QD_LOG_NOTICE, "log reopened (SIGHUP)");
     return;
   }
-  qd_shutdown_begin(signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  const char *name = signum == SIGTERM ? "SIGTERM" : "SIGINT";
+  if (!qd_srv.stopping) {
+    qd_shutdown_begin(name);
+    return;
+  }
+  /* A second SIGTERM/SIGINT: the operator wants it gone now. What is in flight is cut, as at
+   * shutdown-timeout-ms, and the daemon exits 0 once the handles have closed (docs/qinsd.md). */
+  if (qd_srv.cn.n_open == 0) return; /* already finishing */
+  qd_log(QD_LOG_WARNING, "%s during shutdown: closing %llu connection(s) now", name,
+         (unsigned long long)qd_srv.cn.n_open);
+  uv_timer_stop(&qd_srv.lp.shutdown_timer);
+  for (qd_conn *c = qd_srv.cn.all; c; c = c->next) qd_conn_close(c);
 }
 
 /* ---- listening socket ------------------------------------------------------------------------ */
@@ -425,14 +443,14 @@ int qd_server_run(void) {
   uv_signal_start(&qd_srv.lp.sig_term, on_signal, SIGTERM);
   uv_signal_start(&qd_srv.lp.sig_int, on_signal, SIGINT);
   uv_signal_start(&qd_srv.lp.sig_hup, on_signal, SIGHUP);
+  qd_srv.lp.signals = 1;
   int rc = rset_open();
   if (rc) qd_log(QD_LOG_WARNING, "cannot create the read set (epoll): %s", strerror(-rc));
   if (rc || listen_socket()) {
     if (qd_srv.lp.rset_fd >= 0) close(qd_srv.lp.rset_fd);
     qd_srv.lp.rset_fd = -1;
     qd_srv.stopping = 1;
-    close_signals();
-    uv_close((uv_handle_t *)&qd_srv.lp.shutdown_timer, NULL);
+    shutdown_finish();
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
     qs_close(qd_srv.store);

@@ -164,6 +164,7 @@ typedef struct qd_server {
     int activated;             /* the listener came from systemd (LISTEN_FDS): not ours to unlink */
     struct stat sock_st;       /* our socket file, to remove it only if still ours */
     uv_signal_t sig_term, sig_int, sig_hup;
+    int signals;               /* the signal handles are open (until shutdown finishes) */
     uv_timer_t shutdown_timer;
     int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
     int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */

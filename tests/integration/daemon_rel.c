@@ -1,0 +1,205 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * daemon_rel.c — qinsd under abuse and operations (issue 13, daemon side; docs/qinsd.md
+ * "Signals", "Limits", docs/OPERATIONS.md): an empty allow list is a configuration error;
+ * signals during a graceful shutdown (SIGHUP reopens the log and cuts nothing, a second SIGTERM
+ * cuts what is in flight and exits 0, never death by signal); a half-sent request does not hold a
+ * shutdown; client-chosen names are escaped in log lines and validated in requests; the store's
+ * lock file replaced while serving is detected; connection limits and idle timeouts.
+ * Model "m": the standard tensors plus, in model "h", "big64" [4096, 4096] f32 (64 MiB, streamed).
+ */
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <sys/stat.h>
+
+#include "daemon_fixture.h"
+
+TestSuite(daemon_rel, .fini = teardown, .timeout = 120);
+
+/* ---- helpers --------------------------------------------------------------------------------- */
+/* 1 once the daemon's log holds needle (polled every 10 ms, up to 10 s), else 0. */
+static int log_wait(const char *needle) {
+  for (int i = 0; i < 1000; i++) {
+    size_t n = 0;
+    char *s = qt_read(D.log, &n);
+    int hit = s && strstr(s, needle);
+    free(s);
+    if (hit) return 1;
+    usleep(10000);
+  }
+  return 0;
+}
+
+__attribute__((unused)) static size_t log_size(void) {
+  struct stat st;
+  return stat(D.log, &st) == 0 ? (size_t)st.st_size : 0;
+}
+
+static char *log_text(void) {
+  size_t n = 0;
+  char *s = qt_read(D.log, &n);
+  return s ? s : strdup("");
+}
+
+/* qinsd --check with args (NULL-terminated): the status; its stderr into *err (malloc'd). */
+static int qinsd_check(const char *const *args, char **err) {
+  char bin[512];
+  char *argv[16] = {(char *)ts_build_path("qinsd", bin, sizeof bin), "--check"};
+  int n = 2;
+  for (int i = 0; args[i] && n < 15; i++) argv[n++] = (char *)args[i];
+  argv[n] = NULL;
+  *err = NULL;
+  return qt_run(argv, NULL, NULL, err);
+}
+
+/* ---- 12: an empty allow list is a configuration error ----------------------------------------- */
+Test(daemon_rel, empty_allow_list_is_an_error) {
+  const char *const flag_uid[] = {"--allow-uid=", NULL};
+  const char *const flag_gid[] = {"--allow-gid", "", NULL};
+  const char *const flag_commas[] = {"--allow-uid", " , ", NULL};
+  const char *const *cases[] = {flag_uid, flag_gid, flag_commas};
+  const char *keys[] = {"allow-uid", "allow-gid", "allow-uid"};
+  for (int i = 0; i < 3; i++) {
+    char *err;
+    int st = qinsd_check(cases[i], &err);
+    cr_expect_eq(st, 2, "case %d: exit %d, want 2 (stderr: %s)", i, st, err ? err : "");
+    cr_expect(err && strstr(err, keys[i]) && strstr(err, "empty"), "case %d names the key: %s", i,
+              err ? err : "");
+    free(err);
+  }
+  /* The same in a config file. */
+  char dir[] = "/tmp/qins-XXXXXX";
+  cr_assert(mkdtemp(dir));
+  char conf[64];
+  snprintf(conf, sizeof conf, "%s/c", dir);
+  FILE *f = fopen(conf, "w");
+  cr_assert(f);
+  fprintf(f, "allow-gid \"\"\n");
+  fclose(f);
+  const char *const file_args[] = {"--config", conf, NULL};
+  char *err;
+  int st = qinsd_check(file_args, &err);
+  cr_expect_eq(st, 2, "config file: exit %d, want 2 (stderr: %s)", st, err ? err : "");
+  cr_expect(err && strstr(err, "allow-gid") && strstr(err, "line 1"), "names key and line: %s",
+            err ? err : "");
+  free(err);
+  unlink(conf);
+  rmdir(dir);
+  /* A real list still passes. */
+  const char *const ok[] = {"--allow-uid", "0,1", NULL};
+  st = qinsd_check(ok, &err);
+  cr_expect_eq(st, 0, "a real list: exit %d (stderr: %s)", st, err ? err : "");
+  free(err);
+}
+
+/* ---- 6, 14: signals during shutdown, half-sent requests --------------------------------------- */
+#define BIG_R 4096
+#define BIG_C 4096
+static int fill_big64(qs_store *s, void *ud) {
+  (void)ud;
+  int rc = fill_model(s, "m", 0);
+  if (rc) return rc;
+  qs_import *im;
+  if ((rc = qs_import_begin(s, "h", NULL, &im))) return rc;
+  float *v = malloc((size_t)BIG_R * BIG_C * sizeof *v);
+  if (!v) return -1;
+  for (uint64_t i = 0; i < (uint64_t)BIG_R * BIG_C; i++) v[i] = ts_value(77, i);
+  uint64_t shape[2] = {BIG_R, BIG_C};
+  rc = ts_import_f32(im, "big64", 2, shape, QC_F32, v);
+  free(v);
+  if (rc) {
+    qs_import_abort(im);
+    return rc;
+  }
+  return qs_import_commit(im);
+}
+
+static void start_big(const char *const *args) {
+  cr_assert_eq(ts_dir_make(&D), 0, "mkdtemp");
+  cr_assert_eq(ts_store_fill(D.store, fill_big64, NULL), 0, "filling the store");
+  cr_assert_eq(ts_daemon_start(&D, args), 0, "starting qinsd");
+}
+
+/* Sends a get of all of h/big64 on a new connection and waits until its first bytes are
+ * readable (the stream is in flight, the client not reading). */
+static void big_get_in_flight(ts_rx *rx) {
+  open_rx(rx);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 7, "get", 2);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, "h");
+  qp_pack_cstr(&pk, "name");
+  qp_pack_cstr(&pk, "big64");
+  cr_assert_eq(ts_send(rx->fd, sb.data, sb.size), 0);
+  msgpack_sbuffer_destroy(&sb);
+  struct pollfd p = {.fd = rx->fd, .events = POLLIN};
+  cr_assert_eq(poll(&p, 1, 10000), 1, "the answer started");
+}
+
+static const char *const slow_stop[] = {"--shutdown-timeout-ms", "3600000", NULL};
+
+Test(daemon_rel, sighup_during_shutdown_cuts_no_stream) {
+  start_big(slow_stop);
+  ts_rx rx;
+  big_get_in_flight(&rx);
+  cr_assert_eq(kill(D.pid, SIGTERM), 0);
+  cr_assert(log_wait("shutting down (SIGTERM)"), "shutdown began");
+  unlink(D.log); /* rotated away: SIGHUP creates it anew */
+  cr_assert_eq(kill(D.pid, SIGHUP), 0);
+  cr_assert(log_wait("log reopened (SIGHUP)"), "the log was reopened during shutdown");
+  const msgpack_object *r = NULL;
+  cr_assert_eq(ts_rx_next(&rx, 60000, &r), 1, "the whole 64 MiB answer came");
+  cr_assert_eq(ts_resp_code(r), 0);
+  const msgpack_object *data = qp_map_get(ts_resp_result(r), "data");
+  cr_assert(data && data->type == MSGPACK_OBJECT_BIN);
+  cr_assert_eq(data->via.bin.size, (size_t)BIG_R * BIG_C * 4);
+  const char *b = data->via.bin.ptr;
+  for (uint64_t i = 0; i < (uint64_t)BIG_R * BIG_C; i += 4093) {
+    float f;
+    memcpy(&f, b + 4 * i, 4);
+    cr_assert_eq(f, ts_value(77, i), "element %llu", (unsigned long long)i);
+  }
+  ts_rx_destroy(&rx);
+  int st = ts_daemon_wait(&D, 20000);
+  cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit 0 after the stream (0x%x)", st);
+  D.pid = 0;
+}
+
+Test(daemon_rel, second_sigterm_cuts_and_exits_0) {
+  start_big(slow_stop);
+  ts_rx rx;
+  big_get_in_flight(&rx);
+  cr_assert_eq(kill(D.pid, SIGTERM), 0);
+  cr_assert(log_wait("shutting down (SIGTERM)"), "shutdown began");
+  cr_assert_eq(kill(D.pid, SIGINT), 0);
+  int st = ts_daemon_wait(&D, 20000);
+  cr_assert(st >= 0, "qinsd exited on the second signal");
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit status 0, not death by signal (0x%x)", st);
+  D.pid = 0;
+  char *s = log_text();
+  cr_expect(strstr(s, "SIGINT during shutdown: closing 1 connection(s) now"), "logged: %s", s);
+  free(s);
+  ts_rx_destroy(&rx);
+}
+
+Test(daemon_rel, half_sent_request_does_not_hold_shutdown) {
+  fixture_args = slow_stop;
+  setup();
+  fixture_args = NULL;
+  int fd = ts_connect(D.sock);
+  cr_assert_geq(fd, 0);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, 1, "ping", -1);
+  cr_assert_eq(ts_send(fd, sb.data, sb.size - 2), 0); /* all but the end */
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert_eq(ts_ping(D.sock), 0); /* a round trip: the half request was read meanwhile */
+  cr_assert_eq(kill(D.pid, SIGTERM), 0);
+  int st = ts_daemon_wait(&D, 20000);
+  cr_assert(st >= 0, "shutdown did not wait for the half-sent request");
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "exit 0 (0x%x)", st);
+  D.pid = 0;
+  close(fd);
+}
