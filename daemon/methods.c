@@ -99,6 +99,18 @@ static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
   return 0;
 }
 
+/* Names (model, name, prefix, names[i]) pass the store's qs_name_check (UTF-8, no control
+ * characters), so no message or log line echoes bytes a strict decoder rejects. 0 or QINS_ENAME
+ * naming the field. An empty name is left to the lookup (NO_MODEL / NO_TENSOR). */
+static int param_name_check(qd_req *r, const char *field, const char *v) {
+  int is_model = !strcmp(field, "model");
+  if (!*v || (!is_model && strcmp(field, "name") && strcmp(field, "prefix") && strncmp(field, "names[", 6)))
+    return 0;
+  if (qs_name_check(is_model ? "model" : "tensor", v, is_model) == 0) return 0;
+  snprintf(r->msg, sizeof r->msg, "parameter \"%s\": %s", field, qs_error());
+  return QINS_ENAME;
+}
+
 /* A required or optional str parameter into dst. */
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
   qp_rd v;
@@ -117,7 +129,7 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
              key, cap - 1);
     return QINS_EBAD_PARAMS;
   }
-  return 0;
+  return param_name_check(r, key, dst);
 }
 
 static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
@@ -519,6 +531,10 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
                  QS_MAX_NAME);
         rc = QINS_EBAD_PARAMS;
         goto fail;
+      } else {
+        char field[24];
+        snprintf(field, sizeof field, "names[%u]", i);
+        if ((rc = param_name_check(r, field, a->names[i]))) goto fail;
       }
   }
   return a;

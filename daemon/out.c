@@ -380,7 +380,9 @@ void qd_out_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
   msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
   msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_response_err(&pk, msgid, code, "%s", msg);
+  char esc[1024]; /* what a message echoes of a request stays a valid msgpack str */
+  qd_escape(esc, sizeof esc, msg, strlen(msg));
+  qp_pack_response_err(&pk, msgid, code, "%s", esc);
   size_t len = sb.size, cap = sb.alloc;
   out_send(c, msgpack_sbuffer_release(&sb), len, cap, NULL, 0, NULL, 0, 0);
   qd_count_error(code);

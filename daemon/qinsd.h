@@ -108,6 +108,10 @@ extern int qd_log_level;
   } while (0)
 void qd__log_write(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int qd_log_open(const char *path); /* NULL/"" = stderr; 0 or -errno */
+/* Copies n bytes of src into dst (cap bytes, NUL-terminated) with control characters, DEL
+ * and bytes that are not UTF-8 written as \xNN (cut at a whole character when full):
+ * text a client chose, made safe for a log line or a msgpack str. Returns the length written. */
+size_t qd_escape(char *dst, size_t cap, const char *src, size_t n);
 int qd_log_level_from_name(const char *s);
 const char *qd_log_level_name(int level);
 

@@ -203,3 +203,69 @@ Test(daemon_rel, half_sent_request_does_not_hold_shutdown) {
   D.pid = 0;
   close(fd);
 }
+
+/* ---- 9, 14: names validated in requests; echoes escaped in messages and log lines ------------ */
+/* A get of model/name with dtype (NULL: none) over rx: the response (valid until rx's next call). */
+static const msgpack_object *raw_get(ts_rx *rx, uint32_t id, const char *model, const char *name,
+                                     const char *dtype) {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  ts_req_begin(&sb, &pk, id, "get", dtype ? 3 : 2);
+  qp_pack_cstr(&pk, "model");
+  qp_pack_cstr(&pk, model);
+  qp_pack_cstr(&pk, "name");
+  qp_pack_cstr(&pk, name);
+  if (dtype) {
+    qp_pack_cstr(&pk, "dtype");
+    qp_pack_cstr(&pk, dtype);
+  }
+  const msgpack_object *r = ts_call(rx, &sb, id);
+  msgpack_sbuffer_destroy(&sb);
+  cr_assert(r, "no response to get");
+  return r;
+}
+
+/* 1 if s is valid UTF-8 without control characters. */
+static int clean_text(const char *s) {
+  const unsigned char *p = (const unsigned char *)s;
+  while (*p) {
+    if (*p < 0x20 || *p == 0x7f) return 0;
+    int n = *p < 0x80 ? 1 : (*p & 0xE0) == 0xC0 ? 2 : (*p & 0xF0) == 0xE0 ? 3 : (*p & 0xF8) == 0xF0 ? 4 : 0;
+    if (!n) return 0;
+    for (int i = 1; i < n; i++)
+      if ((p[i] & 0xC0) != 0x80) return 0;
+    p += n;
+  }
+  return 1;
+}
+
+static const char *const verbose_args[] = {"--log-level", "verbose", NULL};
+
+Test(daemon_rel, request_names_are_validated_and_echoes_escaped) {
+  fixture_args = verbose_args;
+  setup();
+  fixture_args = NULL;
+  ts_rx rx;
+  open_rx(&rx);
+  const msgpack_object *r = raw_get(&rx, 1, "bad\xff", "a.w", NULL);
+  cr_expect_eq(ts_resp_code(r), QINS_ENAME);
+  const char *m = ts_resp_msg(r);
+  cr_expect(strstr(m, "parameter \"model\"") && strstr(m, "UTF-8") && clean_text(m), "msg: %s", m);
+  r = raw_get(&rx, 2, "m", "a.w\nwarning forged", NULL);
+  cr_expect_eq(ts_resp_code(r), QINS_ENAME);
+  m = ts_resp_msg(r);
+  cr_expect(strstr(m, "parameter \"name\"") && strstr(m, "control character") && clean_text(m),
+            "msg: %s", m);
+  /* Not a name, echoed in the message: escaped on the wire and in the log. */
+  r = raw_get(&rx, 3, "m", "a.w", "\xfe\n77 FORGED");
+  cr_expect_eq(ts_resp_code(r), QINS_EDTYPE);
+  m = ts_resp_msg(r);
+  cr_expect(clean_text(m) && strstr(m, "\\x0a77 FORGED"), "msg escaped: %s", m);
+  cr_assert(ping_on(&rx, 4), "still serving");
+  ts_rx_destroy(&rx);
+  cr_assert(log_wait("EDTYPE") || log_wait("DTYPE"), "the dtype error was logged");
+  char *s = log_text();
+  cr_expect(!strstr(s, "\n77 FORGED") && !strstr(s, "\nwarning forged"), "no forged line: %s", s);
+  cr_expect(strstr(s, "\\x0a77 FORGED"), "the newline is logged escaped: %s", s);
+  free(s);
+}
