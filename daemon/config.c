@@ -50,6 +50,9 @@ static const opt opts[] = {
    "socket file mode, octal (connecting needs write permission)"},
   {"socket-group", T_GROUP, NULL, 0, 0, F(socket_group),
    "group (name or gid) given to the socket file before listening; unset: the daemon's group"},
+  {"store-group", T_GROUP, NULL, 0, 0, F(store_group),
+   "group (name or gid) of store files qinsd creates (an empty store's data.mdb, lock.mdb), then "
+   "mode 0640; unset: mode 0600, the daemon's group"},
   {"allow-uid", T_UIDS, NULL, 0, 0, F(allow_uid),
    "users (names or uids, comma list, repeatable) allowed to call read methods; with no allow "
    "list anyone who can connect may; the daemon's uid and root always may"},
@@ -205,9 +208,10 @@ static void opt_set(const opt *o, const char *val, const char *where) {
     if (*val && parse_id(val, 1, &g))
       die_usage("bad value for %s: \"%s\"%s (not a group name or a numeric gid)", o->name, val,
                 where);
-    free(qd_srv.cfg.socket_group);
-    qd_srv.cfg.socket_group = strdup(val);
-    qd_srv.cfg.socket_gid = (gid_t)g;
+    char **name = (char **)(base + o->off);
+    free(*name);
+    *name = strdup(val);
+    *(o->off == F(store_group) ? &qd_srv.cfg.store_gid : &qd_srv.cfg.socket_gid) = (gid_t)g;
     return;
   }
   if (o->type == T_STR) {

@@ -228,6 +228,11 @@ static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
     qd_reply_err(&r, QINS_ESHUTDOWN, "the daemon is shutting down");
     return;
   }
+  if (qd_srv.store_err && strcmp(qd_methods[m].name, "hello") && strcmp(qd_methods[m].name, "ping") &&
+      strcmp(qd_methods[m].name, "stats") && strcmp(qd_methods[m].name, "shutdown")) {
+    qd_reply_err(&r, qd_srv.store_err, "%s", qd_srv.store_msg); /* never served from a broken store */
+    return;
+  }
   int rc = qd_methods[m].handler(&r);
   if (rc) qd_reply_err(&r, rc, "%s", r.msg[0] ? r.msg : qins_strerror(rc));
 }

@@ -214,6 +214,7 @@ void qd_shutdown_begin(const char *why) {
   qd_srv.stopping = 1;
   qd_log(QD_LOG_NOTICE, "shutting down (%s): %llu connection(s) to finish", why,
          (unsigned long long)qd_srv.cn.n_open);
+  close_handle((uv_handle_t *)&qd_srv.lp.tick);
   if (qd_srv.lp.listening) {
     uv_close((uv_handle_t *)&qd_srv.lp.listener, NULL);
     qd_srv.lp.listening = 0;
@@ -406,20 +407,46 @@ static int open_store(void) {
   char mdb[4200];
   snprintf(mdb, sizeof mdb, "%s/data.mdb", dir);
   int rc = 0;
+  /* Files qinsd creates (an empty store; lock.mdb when missing): 0600, or 0640 in store-group. */
+  qs_open_opts oo = {.group_read = 1, .gid = (long)qd_srv.cfg.store_gid};
+  const qs_open_opts *o = qd_srv.cfg.store_group && *qd_srv.cfg.store_group ? &oo : NULL;
   if (access(mdb, F_OK) != 0) {
     qs_store *init;
-    rc = qs_open(&init, dir, QS_OPEN_CREATE);
+    rc = qs_open_ex(&init, dir, QS_OPEN_CREATE, o);
     if (rc == 0) {
       qs_close(init);
       qd_log(QD_LOG_NOTICE, "store %s: initialised an empty store", dir);
     }
   }
-  if (rc == 0) rc = qs_open(&qd_srv.store, dir, QS_OPEN_RDONLY);
+  if (rc == 0) rc = qs_open_ex(&qd_srv.store, dir, QS_OPEN_RDONLY, o);
   if (rc) {
     qd_log(QD_LOG_WARNING, "store %s: cannot open: %s: %s", dir, qins_strerror(rc), qs_error());
     return -1;
   }
+  char msg[1024];
+  if (qs_store_warnings(qd_srv.store, msg, sizeof msg)) {
+    size_t n = strlen(msg);
+    while (n && msg[n - 1] == ' ') msg[--n] = '\0';
+    qd_log(QD_LOG_WARNING, "%s", msg);
+  }
   return 0;
+}
+
+/* Every second while serving: the store is still what was opened (qs_store_check: lock.mdb not
+ * removed or replaced, data.mdb not cut short). On a failure store methods get its code and
+ * message (conn.c) instead of reading through a broken reader table; a lost lock file stays lost
+ * until qinsd restarts. Logged when it starts and when it ends. */
+static void on_tick(uv_timer_t *t) {
+  (void)t;
+  int rc = qs_store_check(qd_srv.store);
+  if (rc && !qd_srv.store_err) {
+    snprintf(qd_srv.store_msg, sizeof qd_srv.store_msg, "%s", qs_error());
+    qd_log(QD_LOG_WARNING, "store check failed: %s: %s; store methods get %s until this is "
+           "fixed (restart qinsd)", qins_err_name(rc), qd_srv.store_msg, qins_err_name(rc));
+  } else if (!rc && qd_srv.store_err) {
+    qd_log(QD_LOG_NOTICE, "store check passes again: serving the store");
+  }
+  qd_srv.store_err = rc;
 }
 
 int qd_server_run(void) {
@@ -437,6 +464,8 @@ int qd_server_run(void) {
          (int)getpid(), (unsigned)getuid());
   uv_loop_t *loop = qd_srv.loop;
   uv_timer_init(loop, &qd_srv.lp.shutdown_timer);
+  uv_timer_init(loop, &qd_srv.lp.tick);
+  uv_timer_start(&qd_srv.lp.tick, on_tick, 1000, 1000);
   uv_signal_init(loop, &qd_srv.lp.sig_term);
   uv_signal_init(loop, &qd_srv.lp.sig_int);
   uv_signal_init(loop, &qd_srv.lp.sig_hup);
@@ -450,6 +479,7 @@ int qd_server_run(void) {
     if (qd_srv.lp.rset_fd >= 0) close(qd_srv.lp.rset_fd);
     qd_srv.lp.rset_fd = -1;
     qd_srv.stopping = 1;
+    close_handle((uv_handle_t *)&qd_srv.lp.tick);
     shutdown_finish();
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);

@@ -69,6 +69,8 @@ typedef struct qd_config {
   unsigned socket_mode;        /* mode bits of the socket file */
   char *socket_group;          /* socket-group as given (name or gid); NULL or "": left as created */
   gid_t socket_gid;            /* socket_group resolved at load */
+  char *store_group;           /* store-group: files qinsd creates in the store get it, mode 0640 */
+  gid_t store_gid;             /* store_group resolved at load */
   qd_idlist allow_uid;         /* peers allowed to read, by uid; both lists empty: anyone who connects */
   qd_idlist allow_gid;         /* ... by primary or supplementary gid */
   uint64_t max_request_bytes;  /* largest request accepted */
@@ -162,6 +164,9 @@ typedef struct qd_server {
   qs_store *store;             /* opened by loop.c, read by job.c and methods.c */
   uv_loop_t *loop;             /* loop.c: libuv's loop (timers, signals, pool, queued writes) */
   int stopping;                /* loop.c: shutdown began (read by conn.c and methods.c) */
+  int store_err;               /* loop.c: qs_store_check failed (QINS_EIO/ECORRUPT): store methods
+                                  get it (conn.c) with store_msg */
+  char store_msg[512];
   struct {                     /* loop.c */
     uv_pipe_t listener;        /* the listening socket */
     int listening;             /* listener open */
@@ -170,6 +175,7 @@ typedef struct qd_server {
     uv_signal_t sig_term, sig_int, sig_hup;
     int signals;               /* the signal handles are open (until shutdown finishes) */
     uv_timer_t shutdown_timer;
+    uv_timer_t tick;           /* every second while serving: store check (qs_store_check) */
     int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
     int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */
     int failed;                /* epoll_wait failed: shutting down, exit status 1 */

@@ -269,3 +269,64 @@ Test(daemon_rel, request_names_are_validated_and_echoes_escaped) {
   cr_expect(strstr(s, "\\x0a77 FORGED"), "the newline is logged escaped: %s", s);
   free(s);
 }
+
+/* ---- 7, 13: the store checked at start and while serving; store-group ------------------------ */
+Test(daemon_rel, store_readable_by_others_is_warned_at_start) {
+  cr_assert_eq(ts_dir_make(&D), 0, "mkdtemp");
+  cr_assert_eq(ts_store_fill(D.store, fill_std, NULL), 0);
+  char p[160];
+  snprintf(p, sizeof p, "%s/data.mdb", D.store);
+  cr_assert_eq(chmod(D.store, 0755), 0);
+  cr_assert_eq(chmod(p, 0644), 0);
+  cr_assert_eq(ts_daemon_start(&D, NULL), 0);
+  char *s = log_text();
+  cr_expect(strstr(s, "warning store") && strstr(s, "can read data.mdb") && strstr(s, "chmod o-rwx"),
+            "a warning naming the fix: %s", s);
+  free(s);
+}
+
+Test(daemon_rel, replaced_lock_file_stops_store_methods) {
+  setup();
+  ts_rx rx;
+  open_rx(&rx);
+  const msgpack_object *r = raw_get(&rx, 1, "m", "a.w", NULL);
+  cr_assert_eq(ts_resp_code(r), 0);
+  char p[160];
+  snprintf(p, sizeof p, "%s/lock.mdb", D.store);
+  cr_assert_eq(unlink(p), 0);
+  int fd = open(p, O_CREAT | O_WRONLY, 0600); /* another lock table in its place */
+  cr_assert_geq(fd, 0);
+  close(fd);
+  int code = 0;
+  for (uint32_t i = 0; i < 500 && code == 0; i++) { /* the check runs every second */
+    code = ts_resp_code(raw_get(&rx, 10 + i, "m", "a.w", NULL));
+    if (!code) usleep(20000);
+  }
+  cr_assert_eq(code, QINS_EIO, "get answered IO once lock.mdb was replaced (got %d)", code);
+  r = raw_get(&rx, 9999, "m", "a.w", NULL);
+  cr_expect_eq(ts_resp_code(r), QINS_EIO, "and stays so");
+  cr_expect(strstr(ts_resp_msg(r), "lock.mdb"), "names the lock file: %s", ts_resp_msg(r));
+  cr_assert(ping_on(&rx, 5), "ping still answers");
+  ts_rx_destroy(&rx);
+  cr_assert(log_wait("store check failed: IO"), "logged");
+}
+
+static const char *const store_group_args[] = {"--store-group", "4242", NULL};
+
+Test(daemon_rel, store_group_applies_to_files_qinsd_creates) {
+  if (geteuid() != 0) cr_skip_test("needs root to give files another group (CI runs as root)");
+  fixture_no_fill = 1;
+  fixture_args = store_group_args;
+  setup();
+  fixture_args = NULL;
+  fixture_no_fill = 0;
+  const char *files[] = {"data.mdb", "lock.mdb"};
+  for (int i = 0; i < 2; i++) {
+    char p[160];
+    snprintf(p, sizeof p, "%s/%s", D.store, files[i]);
+    struct stat st;
+    cr_assert_eq(stat(p, &st), 0, "%s exists", files[i]);
+    cr_expect_eq(st.st_mode & 0777, 0640, "%s mode %o", files[i], st.st_mode & 0777);
+    cr_expect_eq(st.st_gid, 4242, "%s gid %u", files[i], (unsigned)st.st_gid);
+  }
+}
