@@ -351,7 +351,35 @@ void qd_conn_on_bytes(qd_conn *c, ssize_t nread) {
     return;
   }
   c->wpos += (size_t)nread;
+  c->active_ns = qd_now_ns();
   qd_conn_resume(c);
+}
+
+void qd_conn_sweep_idle(uint64_t now) {
+  uint64_t lim = qd_srv.cfg.idle_timeout_ms * 1000000ull;
+  if (!lim) return;
+  qd_conn *next;
+  for (qd_conn *c = qd_srv.cn.all; c; c = next) {
+    next = c->next;
+    if (c->state != CONN_READING && c->state != CONN_PAUSED) continue;
+    if (c->pending || c->queued || c->reserved || c->out != OUT_QUEUE || c->turns) {
+      c->active_ns = now; /* busy: idle time starts once it is done */
+      continue;
+    }
+    if (now - c->active_ns < lim) continue;
+    qd_log(QD_LOG_VERBOSE, "%s: idle for %llu ms (idle-timeout-ms): closing", c->desc,
+           (unsigned long long)((now - c->active_ns) / 1000000));
+    qd_srv.st.connections_idle_closed++;
+    qd_conn_close(c);
+  }
+}
+
+/* Open connections of peer uid (refused ones not counted). */
+static uint64_t uid_connections(uid_t uid) {
+  uint64_t n = 0;
+  for (qd_conn *c = qd_srv.cn.all; c; c = c->next)
+    n += c->uid == uid && !c->refused && c->state != CONN_CLOSING && c->state != CONN_CLOSED;
+  return n;
 }
 
 /* Edge-triggered: a socket is reported again only when more bytes arrive, so it is read until a
@@ -451,7 +479,20 @@ void qd_conn_accept(uv_stream_t *listener) {
     conn_refuse(c, QINS_EBUSY, "too many connections: try again later");
     return;
   }
+  uint64_t per_uid;
+  if (c->uid != 0 && c->uid != getuid() &&
+      (per_uid = uid_connections(c->uid) - 1) >= qd_srv.cfg.max_connections_per_uid) {
+    qd_srv.st.connections_refused++;
+    qd_log(QD_LOG_WARNING, "%s refused: uid %u has %llu connections open (max-connections-per-uid)",
+           c->desc, (unsigned)c->uid, (unsigned long long)per_uid);
+    char msg[160];
+    snprintf(msg, sizeof msg, "too many connections from uid %u (max-connections-per-uid %llu): "
+             "try again later", (unsigned)c->uid, (unsigned long long)qd_srv.cfg.max_connections_per_uid);
+    conn_refuse(c, QINS_EBUSY, msg);
+    return;
+  }
   qd_srv.st.connections++;
+  c->active_ns = qd_now_ns();
   qd_log(QD_LOG_VERBOSE, "%s connected (gid %u)", c->desc, (unsigned)c->gid);
   conn_update_reading(c);
 }

@@ -53,6 +53,7 @@ struct qd_conn {
   conn_state state;    /* see above; conn_set_state */
   int refused;         /* turned away (BUSY/DENIED): never counted as an open connection */
   int eof;             /* the client shut down its side: answer what is buffered, then drain */
+  uint64_t active_ns;  /* when bytes last came or it was last seen busy (idle-timeout-ms) */
   struct qd_conn *prev, *next; /* all connections (qd_srv.cn.all) */
   /* read side (conn.c) */
   char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
@@ -105,6 +106,8 @@ void qd_conn_on_bytes(qd_conn *c, ssize_t nread);
 void qd_conn_alloc(qd_conn *c, uv_buf_t *out);
 /* A new connection in the list, numbered, with its framing set up (state PAUSED). */
 qd_conn *qd_conn_new(void);
+/* Closes connections idle (nothing pending, queued or streaming) for idle-timeout-ms (the tick). */
+void qd_conn_sweep_idle(uint64_t now_ns);
 
 /* ---- out.c ----------------------------------------------------------------------------------- */
 /* Sends a protocol-level error (framing, refusal) with msgid, and counts it. */

@@ -447,6 +447,7 @@ static void on_tick(uv_timer_t *t) {
     qd_log(QD_LOG_NOTICE, "store check passes again: serving the store");
   }
   qd_srv.store_err = rc;
+  qd_conn_sweep_idle(qd_now_ns());
 }
 
 int qd_server_run(void) {

@@ -248,13 +248,15 @@ static int m_stats(qd_req *r) {
   msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 18 + QD_MAP_STATS_KEYS);
+  msgpack_pack_map(pk, 20 + QD_MAP_STATS_KEYS);
   qd_map_stats_pack(pk);
   kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
   kv_u64(pk, "connections", qd_srv.st.connections);
   kv_u64(pk, "connections_total", qd_srv.st.connections_total);
   kv_u64(pk, "connections_refused", qd_srv.st.connections_refused);
   kv_u64(pk, "connections_denied", qd_srv.st.connections_denied);
+  kv_u64(pk, "connections_idle_closed", qd_srv.st.connections_idle_closed);
+  kv_u64(pk, "accept_failed", qd_srv.st.accept_failed);
   kv_u64(pk, "requests_total", qd_srv.st.requests);
   qp_pack_cstr(pk, "requests");
   msgpack_pack_map(pk, (size_t)qd_n_methods);

@@ -76,6 +76,8 @@ typedef struct qd_config {
   uint64_t max_request_bytes;  /* largest request accepted */
   uint64_t max_response_bytes; /* largest response sent (<= 2^32 - 1) */
   uint64_t max_connections;    /* concurrent connections */
+  uint64_t max_connections_per_uid; /* concurrent connections of one peer uid (not root, not ours) */
+  uint64_t idle_timeout_ms;    /* a connection with nothing in flight this long is closed; 0: never */
   uint64_t max_ranges;         /* slice ranges per request */
   uint64_t inline_decode_bytes; /* decodes with output up to this run on the loop thread */
   uint64_t write_queue_bytes;  /* memory held by a client's unsent responses above this pauses
@@ -126,6 +128,8 @@ typedef struct qd_stats {
   uint64_t connections_total;  /* accepted since start */
   uint64_t connections_refused; /* turned away: BUSY */
   uint64_t connections_denied; /* turned away: DENIED (not in allow-uid/allow-gid) */
+  uint64_t connections_idle_closed; /* closed after idle-timeout-ms */
+  uint64_t accept_failed;      /* accepts that failed (EMFILE/ENFILE: the fd limit) */
   uint64_t requests;           /* all requests */
   uint64_t *per_method;        /* indexed like qd_methods */
   uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */
@@ -175,7 +179,7 @@ typedef struct qd_server {
     uv_signal_t sig_term, sig_int, sig_hup;
     int signals;               /* the signal handles are open (until shutdown finishes) */
     uv_timer_t shutdown_timer;
-    uv_timer_t tick;           /* every second while serving: store check (qs_store_check) */
+    uv_timer_t tick;           /* every second while serving: store check, idle connections */
     int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
     int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */
     int failed;                /* epoll_wait failed: shutting down, exit status 1 */

@@ -9,6 +9,7 @@
  * Model "m": the standard tensors plus, in model "h", "big64" [4096, 4096] f32 (64 MiB, streamed).
  */
 #include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -329,4 +330,65 @@ Test(daemon_rel, store_group_applies_to_files_qinsd_creates) {
     cr_expect_eq(st.st_mode & 0777, 0640, "%s mode %o", files[i], st.st_mode & 0777);
     cr_expect_eq(st.st_gid, 4242, "%s gid %u", files[i], (unsigned)st.st_gid);
   }
+}
+
+/* ---- 10: idle timeout, per-uid connection limit ---------------------------------------------- */
+static const char *const idle_args[] = {"--idle-timeout-ms", "100", NULL};
+
+Test(daemon_rel, idle_connection_is_closed) {
+  fixture_args = idle_args;
+  setup();
+  fixture_args = NULL;
+  ts_rx rx;
+  open_rx(&rx);
+  cr_assert(ping_on(&rx, 1));
+  const msgpack_object *r;
+  cr_assert_eq(ts_rx_next(&rx, 10000, &r), 0, "the idle connection was closed (clean EOF)");
+  ts_rx_destroy(&rx);
+  open_rx(&rx);
+  const msgpack_object *st = stats_on(&rx);
+  const msgpack_object *n = qp_map_get(st, "connections_idle_closed");
+  cr_assert(n && n->via.u64 >= 1, "counted");
+  ts_rx_destroy(&rx);
+}
+
+static const char *const per_uid_args[] = {"--max-connections-per-uid", "2", NULL};
+
+/* As uid 4000: two connections answer ping, the third gets BUSY naming the option. */
+static int per_uid_fn(void) {
+  ts_rx rx[3];
+  for (int i = 0; i < 3; i++) {
+    int fd = ts_connect(D.sock);
+    if (fd < 0) return 1;
+    ts_rx_init(&rx[i], fd);
+  }
+  if (!ping_on(&rx[0], 1) || !ping_on(&rx[1], 2)) return 2;
+  const msgpack_object *r;
+  if (ts_rx_next(&rx[2], 10000, &r) != 1) return 3;
+  if (ts_resp_code(r) != QINS_EBUSY || !strstr(ts_resp_msg(r), "max-connections-per-uid")) return 4;
+  return 0;
+}
+
+Test(daemon_rel, per_uid_connection_limit) {
+  if (geteuid() != 0) cr_skip_test("needs root to connect as another uid (CI runs as root)");
+  fixture_args = per_uid_args;
+  setup();
+  fixture_args = NULL;
+  cr_assert_eq(chmod(D.dir, 0711), 0);
+  cr_assert_eq(chmod(D.sock, 0666), 0);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    if (setgroups(0, NULL) || setgid(4000) || setuid(4000)) _exit(90);
+    _exit(per_uid_fn());
+  }
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "uid 4000's third connection got BUSY (step %d)",
+            WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+  /* Root is not limited. */
+  ts_rx rx[3];
+  for (int i = 0; i < 3; i++) open_rx(&rx[i]);
+  for (int i = 0; i < 3; i++) cr_expect(ping_on(&rx[i], 10 + (uint32_t)i), "root connection %d", i);
+  for (int i = 0; i < 3; i++) ts_rx_destroy(&rx[i]);
 }
