@@ -446,6 +446,15 @@ static int peer_allowed(qd_conn *c, uv_os_fd_t fd) {
   return 0;
 }
 
+/* Fds kept, below the fd limit's room for connections, for connects to be answered BUSY. */
+#define BUSY_FDS 8
+uint64_t qd_conn_limit(void) {
+  uint64_t f = qd_srv.lp.fd_conns;
+  if (f && f - (f > BUSY_FDS ? BUSY_FDS : f - 1) < qd_srv.cfg.max_connections)
+    return f - (f > BUSY_FDS ? BUSY_FDS : f - 1);
+  return qd_srv.cfg.max_connections;
+}
+
 void qd_conn_accept(uv_stream_t *listener) {
   qd_conn *c = qd_conn_new();
   if (!c) {
@@ -472,10 +481,12 @@ void qd_conn_accept(uv_stream_t *listener) {
            (int)c->pid, (unsigned)c->uid);
   qd_srv.st.connections_total++;
   if (!peer_allowed(c, fd)) return;
-  if (qd_srv.st.connections >= qd_srv.cfg.max_connections) {
+  if (qd_srv.st.connections >= qd_conn_limit()) {
     qd_srv.st.connections_refused++;
-    qd_log(QD_LOG_WARNING, "%s refused: %llu connections open (max-connections)", c->desc,
-           (unsigned long long)qd_srv.st.connections);
+    qd_log(QD_LOG_WARNING, "%s refused: %llu connections open (%s)", c->desc,
+           (unsigned long long)qd_srv.st.connections,
+           qd_conn_limit() < qd_srv.cfg.max_connections ? "the fd limit, RLIMIT_NOFILE"
+                                                         : "max-connections");
     conn_refuse(c, QINS_EBUSY, "too many connections: try again later");
     return;
   }

@@ -82,6 +82,9 @@ struct qd_conn {
 /* A client connected on the listener: accepts it, checks its credentials and limits, and starts
  * reading it (or refuses it). */
 void qd_conn_accept(uv_stream_t *listener);
+/* The connection limit in force: max-connections, or fewer when the fd limit allows fewer
+ * (loop.c's fd_conns, less the few kept to answer BUSY). */
+uint64_t qd_conn_limit(void);
 /* Reads what c's socket holds, while c wants requests (edge-triggered: until drained, EAGAIN, or
  * RSET_READ_BUDGET bytes, after which it goes on the loop's again list); `all`: until EAGAIN or
  * end of stream (hang-up seen, or an edge may have been missed). */

@@ -24,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -179,6 +181,11 @@ static void shutdown_finish(void) {
 }
 
 void qd_loop_conn_freed(void) {
+  if (qd_srv.lp.accept_held && qd_srv.lp.listening && qd_srv.cn.n_open < qd_srv.lp.fd_conns) {
+    qd_srv.lp.accept_held = 0; /* the connect waiting in libuv is taken now (and reading resumes) */
+    qd_conn_accept((uv_stream_t *)&qd_srv.lp.listener);
+    qd_loop_touch();
+  }
   if (qd_srv.stopping && qd_srv.cn.n_open == 0) shutdown_finish();
 }
 
@@ -249,12 +256,52 @@ static void on_signal(uv_signal_t *h, int signum) {
 }
 
 /* ---- listening socket ------------------------------------------------------------------------ */
+/* A connect is taken only while the fd limit leaves room for it (connections answered BUSY
+ * included); otherwise it waits in libuv (which stops watching the listener, so the next ones
+ * wait in the backlog) until a connection is freed: every client gets an answer or BUSY, never a
+ * silent close. An accept that fails anyway (ENFILE: the system's limit) is counted and logged;
+ * libuv then closes the connects it cannot take. */
 static void on_connection(uv_stream_t *srv, int status) {
   if (status < 0) {
-    qd_log(QD_LOG_WARNING, "accept failed: %s", uv_strerror(status));
+    qd_srv.st.accept_failed++;
+    qd_log(QD_LOG_WARNING, "accept failed: %s (%llu so far; stats accept_failed)", uv_strerror(status),
+           (unsigned long long)qd_srv.st.accept_failed);
+    return;
+  }
+  if (qd_srv.lp.fd_conns && qd_srv.cn.n_open >= qd_srv.lp.fd_conns) {
+    qd_srv.lp.accept_held = 1;
     return;
   }
   qd_conn_accept(srv);
+}
+
+/* The fd limit: the soft RLIMIT_NOFILE is raised to the hard one, and when what remains after the
+ * fds open now (store, log, loop) and a margin is below max-connections, a warning names both
+ * figures and fd_conns caps the connections (BUSY past it, qd_conn_limit). */
+#define FD_MARGIN 16
+static void fd_budget(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    struct rlimit up = {rl.rlim_max, rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &up) == 0) rl.rlim_cur = rl.rlim_max;
+  }
+  if (rl.rlim_cur == RLIM_INFINITY) return;
+  uint64_t used = 0;
+  DIR *d = opendir("/proc/self/fd");
+  if (d) {
+    for (struct dirent *e; (e = readdir(d));) used += e->d_name[0] != '.';
+    closedir(d);
+  }
+  uint64_t lim = (uint64_t)rl.rlim_cur, fixed = used + FD_MARGIN;
+  qd_srv.lp.fd_conns = lim > fixed + 2 ? lim - fixed : 2;
+  if (qd_conn_limit() < qd_srv.cfg.max_connections)
+    qd_log(QD_LOG_WARNING, "RLIMIT_NOFILE %llu (hard %llu) is below max-connections %llu plus the "
+           "%llu fds qinsd needs itself: at most %llu connections are served, more get BUSY "
+           "(raise LimitNOFILE= or ulimit -n, or lower max-connections)",
+           (unsigned long long)lim, (unsigned long long)rl.rlim_max,
+           (unsigned long long)qd_srv.cfg.max_connections, (unsigned long long)fixed,
+           (unsigned long long)qd_conn_limit());
 }
 
 /* 0 if path is free (absent, or a stale socket now removed); else an error was logged. */
@@ -488,6 +535,7 @@ int qd_server_run(void) {
     qd_stats_fini();
     return 1;
   }
+  fd_budget();
   serve_loop();
   close(qd_srv.lp.rset_fd);
   qd_srv.lp.rset_fd = -1;

@@ -183,6 +183,8 @@ typedef struct qd_server {
     int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
     int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */
     int failed;                /* epoll_wait failed: shutting down, exit status 1 */
+    uint64_t fd_conns;         /* connections (refused ones included) the fd limit leaves room for */
+    int accept_held;           /* a connect waits in the backlog until a connection is freed */
     qd_conn *again_head, *again_tail; /* connections to read again next round, in order */
     size_t again_n;            /* how many */
   } lp;

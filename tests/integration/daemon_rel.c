@@ -12,6 +12,8 @@
 #include <grp.h>
 #include <poll.h>
 #include <stdio.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "daemon_fixture.h"
@@ -391,4 +393,55 @@ Test(daemon_rel, per_uid_connection_limit) {
   for (int i = 0; i < 3; i++) open_rx(&rx[i]);
   for (int i = 0; i < 3; i++) cr_expect(ping_on(&rx[i], 10 + (uint32_t)i), "root connection %d", i);
   for (int i = 0; i < 3; i++) ts_rx_destroy(&rx[i]);
+}
+
+/* ---- 11: an fd limit below max-connections ----------------------------------------------------- */
+#define FD_CLIENTS 100
+Test(daemon_rel, fd_limit_below_max_connections_gets_busy_not_silence) {
+  /* qinsd alone runs with 64 fds (soft and hard): started here, not by ts_daemon_start. */
+  cr_assert_eq(ts_dir_make(&D), 0, "mkdtemp");
+  cr_assert_eq(ts_store_fill(D.store, fill_std, NULL), 0);
+  char bin[512];
+  ts_build_path("qinsd", bin, sizeof bin);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    struct rlimit low = {64, 64};
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (setrlimit(RLIMIT_NOFILE, &low)) _exit(90);
+    execl(bin, bin, "--socket", D.sock, "--store", D.store, "--log", D.log, (char *)NULL);
+    _exit(91);
+  }
+  D.pid = pid;
+  int up = 0;
+  for (int i = 0; i < 1000 && !up; i++) {
+    up = ts_ping(D.sock) == 0;
+    if (!up) usleep(10000);
+  }
+  cr_assert(up, "qinsd answers");
+  cr_expect(log_wait("RLIMIT_NOFILE 64 (hard 64) is below max-connections 256"), "warned at start");
+  static ts_rx rx[FD_CLIENTS];
+  for (uint32_t i = 0; i < FD_CLIENTS; i++) {
+    open_rx(&rx[i]);
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    ts_req_begin(&sb, &pk, i + 1, "ping", -1);
+    cr_assert_eq(ts_send(rx[i].fd, sb.data, sb.size), 0);
+    msgpack_sbuffer_destroy(&sb);
+  }
+  int pong = 0, busy = 0;
+  for (uint32_t i = 0; i < FD_CLIENTS; i++) {
+    const msgpack_object *r;
+    int ok = ts_rx_next(&rx[i], 10000, &r);
+    cr_assert_eq(ok, 1, "client %u got an answer, not a silent close", i);
+    if (ts_resp_code(r) == 0) pong++;
+    else if (ts_resp_code(r) == QINS_EBUSY) busy++;
+    else cr_assert_fail("client %u: code %d", i, ts_resp_code(r));
+  }
+  cr_expect(pong >= 1 && busy >= 1, "%d pong, %d BUSY", pong, busy);
+  for (uint32_t i = 0; i < FD_CLIENTS; i++) ts_rx_destroy(&rx[i]);
+  ts_rx s;
+  open_rx(&s);
+  cr_expect(ping_on(&s, 1), "serves once they left");
+  ts_rx_destroy(&s);
 }
