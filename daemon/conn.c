@@ -80,7 +80,7 @@ void qd_conn_free(qd_conn *c) {
 void qd_conn_on_closed(uv_handle_t *h) {
   qd_conn *c = h->data;
   conn_set_state(c, CONN_CLOSED);
-  qd_log(QD_LOG_VERBOSE, "%s disconnected", c->desc);
+  if (!c->refused) qd_log(QD_LOG_VERBOSE, "%s disconnected", c->desc); /* refusals said so (rate-limited) */
   if (c->pending == 0) qd_conn_free(c);
 }
 
@@ -124,7 +124,7 @@ static void conn_protocol_error(qd_conn *c, uint32_t msgid, int code, const char
                                 const char *bytes, size_t n) {
   char smp[64];
   sample(bytes, n, smp, sizeof smp);
-  qd_log(QD_LOG_NOTICE, "%s: protocol error %s: %s (bytes %s); closing", c->desc,
+  qd_log_rl(QD_LOG_NOTICE, "protocol error", (uint32_t)c->uid, "%s: protocol error %s: %s (bytes %s); closing", c->desc,
          qins_err_name(code), what, smp);
   qd_out_error(c, msgid, code, what);
   qd_conn_drain(c);
@@ -437,7 +437,8 @@ static int peer_allowed(qd_conn *c, uv_os_fd_t fd) {
   }
   if (qd_peer_may_read(c->uid, c->gid, groups, ng)) return 1;
   qd_srv.st.connections_denied++;
-  qd_log(QD_LOG_WARNING, "%s refused: pid %d uid %u gid %u is not in allow-uid/allow-gid; closing",
+  qd_log_rl(QD_LOG_WARNING, "refused: not in allow-uid/allow-gid", (uint32_t)c->uid,
+            "%s refused: pid %d uid %u gid %u is not in allow-uid/allow-gid; closing",
          c->desc, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
   char msg[160];
   snprintf(msg, sizeof msg, "uid %u (gid %u) may not use this daemon (not in allow-uid/allow-gid)",
@@ -483,7 +484,7 @@ void qd_conn_accept(uv_stream_t *listener) {
   if (!peer_allowed(c, fd)) return;
   if (qd_srv.st.connections >= qd_conn_limit()) {
     qd_srv.st.connections_refused++;
-    qd_log(QD_LOG_WARNING, "%s refused: %llu connections open (%s)", c->desc,
+    qd_log_rl(QD_LOG_WARNING, "refused: BUSY", (uint32_t)c->uid, "%s refused: %llu connections open (%s)", c->desc,
            (unsigned long long)qd_srv.st.connections,
            qd_conn_limit() < qd_srv.cfg.max_connections ? "the fd limit, RLIMIT_NOFILE"
                                                          : "max-connections");
@@ -494,7 +495,8 @@ void qd_conn_accept(uv_stream_t *listener) {
   if (c->uid != 0 && c->uid != getuid() &&
       (per_uid = uid_connections(c->uid) - 1) >= qd_srv.cfg.max_connections_per_uid) {
     qd_srv.st.connections_refused++;
-    qd_log(QD_LOG_WARNING, "%s refused: uid %u has %llu connections open (max-connections-per-uid)",
+    qd_log_rl(QD_LOG_WARNING, "refused: BUSY", (uint32_t)c->uid,
+              "%s refused: uid %u has %llu connections open (max-connections-per-uid)",
            c->desc, (unsigned)c->uid, (unsigned long long)per_uid);
     char msg[160];
     snprintf(msg, sizeof msg, "too many connections from uid %u (max-connections-per-uid %llu): "

@@ -62,6 +62,58 @@ static size_t utf8_len(const unsigned char *p, size_t n) {
   return len;
 }
 
+/* ---- rate limiting (qd_log_rl) ---------------------------------------------------------------- */
+#define RL_SLOTS 64
+static struct rl {
+  const char *kind; /* NULL: free */
+  uint32_t peer;
+  int64_t start;    /* window start, monotonic seconds */
+  uint64_t lines, suppressed;
+} rl[RL_SLOTS];
+
+static int64_t mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec;
+}
+
+static void rl_end(struct rl *r, int64_t now) {
+  if (r->suppressed)
+    qd__log_write(QD_LOG_WARNING, "%llu more line(s) like \"%s\" for uid %u suppressed in the "
+                  "last %lld s", (unsigned long long)r->suppressed, r->kind, (unsigned)r->peer,
+                  (long long)(now - r->start));
+  r->kind = NULL;
+}
+
+int qd_log_admit(const char *kind, uint32_t peer) {
+  int64_t now = mono_s();
+  struct rl *r = NULL, *oldest = &rl[0];
+  for (int i = 0; i < RL_SLOTS && !r; i++) {
+    if (rl[i].kind && rl[i].peer == peer && strcmp(rl[i].kind, kind) == 0) r = &rl[i];
+    else if (!rl[i].kind || (oldest->kind && rl[i].start < oldest->start)) oldest = &rl[i];
+  }
+  if (r && now - r->start >= QD_LOG_WINDOW_S) rl_end(r, now);
+  if (!r || !r->kind) {
+    if (!r) {
+      r = oldest;
+      if (r->kind) rl_end(r, now); /* the table is full: the oldest window ends early */
+    }
+    *r = (struct rl){.kind = kind, .peer = peer, .start = now};
+  }
+  if (r->lines < QD_LOG_BURST) {
+    r->lines++;
+    return 1;
+  }
+  r->suppressed++;
+  return 0;
+}
+
+void qd_log_flush(int all) {
+  int64_t now = mono_s();
+  for (int i = 0; i < RL_SLOTS; i++)
+    if (rl[i].kind && (all || now - rl[i].start >= QD_LOG_WINDOW_S)) rl_end(&rl[i], now);
+}
+
 size_t qd_escape(char *dst, size_t cap, const char *src, size_t n) {
   size_t o = 0;
   const unsigned char *p = (const unsigned char *)src;

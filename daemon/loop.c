@@ -264,7 +264,7 @@ static void on_signal(uv_signal_t *h, int signum) {
 static void on_connection(uv_stream_t *srv, int status) {
   if (status < 0) {
     qd_srv.st.accept_failed++;
-    qd_log(QD_LOG_WARNING, "accept failed: %s (%llu so far; stats accept_failed)", uv_strerror(status),
+    qd_log_rl(QD_LOG_WARNING, "accept failed", 0, "accept failed: %s (%llu so far; stats accept_failed)", uv_strerror(status),
            (unsigned long long)qd_srv.st.accept_failed);
     return;
   }
@@ -495,6 +495,7 @@ static void on_tick(uv_timer_t *t) {
   }
   qd_srv.store_err = rc;
   qd_conn_sweep_idle(qd_now_ns());
+  qd_log_flush(0);
 }
 
 int qd_server_run(void) {
@@ -542,6 +543,7 @@ int qd_server_run(void) {
   int lc = uv_loop_close(loop);
   if (lc) qd_log(QD_LOG_WARNING, "loop closed with handles open: %s", uv_strerror(lc));
   qs_close(qd_srv.store);
+  qd_log_flush(1);
   qd_log(QD_LOG_NOTICE, "exited %s: %llu requests, %llu bytes served",
          qd_srv.lp.failed ? "after a loop failure" : "cleanly",
          (unsigned long long)qd_srv.st.requests, (unsigned long long)qd_srv.st.bytes_served);

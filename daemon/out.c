@@ -399,7 +399,11 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
                       code == QINS_EDENIED
                   ? QD_LOG_WARNING
                   : QD_LOG_VERBOSE;
-  qd_log(level, "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
+  if (code == QINS_ECHECKSUM || code == QINS_ECORRUPT) /* alerts: never rate-limited */
+    qd_log(level, "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
+  else
+    qd_log_rl(level, qins_err_name(code), (uint32_t)r->conn->uid, "%s: %s (msgid %u): %s: %s",
+              r->conn->desc, m, r->msgid, qins_err_name(code), msg);
   qd_latency_record(r->t0);
   qd_out_error(r->conn, r->msgid, code, msg);
 }

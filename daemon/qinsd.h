@@ -111,6 +111,18 @@ extern int qd_log_level;
     if ((level) >= qd_log_level) qd__log_write((level), __VA_ARGS__); \
   } while (0)
 void qd__log_write(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Rate-limited lines, for what a client can repeat at will (refusals, denied or failed requests,
+ * protocol errors): per kind (a string constant) and peer uid, QD_LOG_BURST lines per
+ * QD_LOG_WINDOW_S seconds; the rest are counted and, when the window ends, one line says how
+ * many were suppressed. CHECKSUM and CORRUPT lines never go through here: they always appear. */
+#define QD_LOG_BURST 10
+#define QD_LOG_WINDOW_S 10
+#define qd_log_rl(level, kind, peer, ...)                                                  \
+  do {                                                                                    \
+    if ((level) >= qd_log_level && qd_log_admit((kind), (peer))) qd__log_write((level), __VA_ARGS__); \
+  } while (0)
+int qd_log_admit(const char *kind, uint32_t peer); /* 1: write the line; 0: counted, suppressed */
+void qd_log_flush(int all); /* suppression counts of ended windows (all: every window) */
 int qd_log_open(const char *path); /* NULL/"" = stderr; 0 or -errno */
 /* Copies n bytes of src into dst (cap bytes, NUL-terminated) with control characters, DEL
  * and bytes that are not UTF-8 written as \xNN (cut at a whole character when full):

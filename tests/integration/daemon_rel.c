@@ -426,7 +426,7 @@ Test(daemon_rel, fd_limit_below_max_connections_gets_busy_not_silence) {
     msgpack_sbuffer sb;
     msgpack_packer pk;
     ts_req_begin(&sb, &pk, i + 1, "ping", -1);
-    cr_assert_eq(ts_send(rx[i].fd, sb.data, sb.size), 0);
+    ts_send(rx[i].fd, sb.data, sb.size); /* EPIPE once BUSY came and the daemon closed: read below */
     msgpack_sbuffer_destroy(&sb);
   }
   int pong = 0, busy = 0;
@@ -444,4 +444,127 @@ Test(daemon_rel, fd_limit_below_max_connections_gets_busy_not_silence) {
   open_rx(&s);
   cr_expect(ping_on(&s, 1), "serves once they left");
   ts_rx_destroy(&s);
+}
+
+/* ---- 3: repeated warnings are rate-limited; CHECKSUM lines always appear ---------------------- */
+/* Flips a bit of element elem of std tensor "big" (seed 3) in the store file. */
+static void corrupt_big(uint64_t elem) {
+  char path[160];
+  snprintf(path, sizeof path, "%s/data.mdb", D.store);
+  int fd = open(path, O_RDWR);
+  cr_assert_geq(fd, 0);
+  struct stat st;
+  fstat(fd, &st);
+  uint8_t *all = malloc((size_t)st.st_size);
+  cr_assert_eq(pread(fd, all, (size_t)st.st_size, 0), st.st_size);
+  float pat[8];
+  for (int i = 0; i < 8; i++) pat[i] = ts_value(3, elem + (uint64_t)i);
+  uint8_t *hit = memmem(all, (size_t)st.st_size, pat, sizeof pat);
+  cr_assert(hit, "element not found in the store file");
+  uint8_t b = hit[1] ^ 0x10;
+  cr_assert_eq(pwrite(fd, &b, 1, hit + 1 - all), 1);
+  free(all);
+  close(fd);
+}
+
+#define FLOOD_BATCH 500
+#define FLOOD_BATCHES 40
+/* As uid 4000 (not admin): 20000 pipelined `shutdown` calls, each answered DENIED. */
+static int shutdown_flood_fn(void) {
+  int fd = ts_connect(D.sock);
+  if (fd < 0) return 1;
+  ts_rx rx;
+  ts_rx_init(&rx, fd);
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+  msgpack_sbuffer_init(&sb);
+  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+  for (int i = 0; i < FLOOD_BATCH; i++) {
+    qp_pack_request(&pk, (uint32_t)i + 1, "shutdown");
+    msgpack_pack_array(&pk, 0);
+  }
+  for (int b = 0; b < FLOOD_BATCHES; b++) {
+    if (ts_send(fd, sb.data, sb.size)) return 2;
+    for (int i = 0; i < FLOOD_BATCH; i++) {
+      const msgpack_object *r;
+      if (ts_rx_next(&rx, 10000, &r) != 1 || ts_resp_code(r) != QINS_EDENIED) return 3;
+    }
+  }
+  msgpack_sbuffer_destroy(&sb);
+  ts_rx_destroy(&rx);
+  return 0;
+}
+
+/* As uid 4000, not in allow-uid: 1000 connects, each refused with DENIED. */
+static int denied_loop_fn(void) {
+  for (int i = 0; i < 1000; i++) {
+    int fd = ts_connect(D.sock);
+    if (fd < 0) return 1;
+    ts_rx rx;
+    ts_rx_init(&rx, fd);
+    const msgpack_object *r;
+    if (ts_rx_next(&rx, 10000, &r) != 1 || ts_resp_code(r) != QINS_EDENIED) return 2;
+    ts_rx_destroy(&rx);
+  }
+  return 0;
+}
+
+static int as_uid_4000(int (*fn)(void)) {
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) {
+    if (setgroups(0, NULL) || setgid(4000) || setuid(4000)) _exit(90);
+    _exit(fn());
+  }
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 99;
+}
+
+#define LOG_BOUND (32 * 1024) /* the flood would write megabytes */
+
+Test(daemon_rel, shutdown_flood_log_is_bounded_and_checksum_survives) {
+  if (geteuid() != 0) cr_skip_test("needs root to connect as another uid (CI runs as root)");
+  setup();
+  cr_assert_eq(chmod(D.dir, 0711), 0);
+  cr_assert_eq(chmod(D.sock, 0666), 0);
+  corrupt_big(700 * 600 + 5);
+  size_t before = log_size();
+  cr_assert_eq(as_uid_4000(shutdown_flood_fn), 0, "every shutdown answered DENIED");
+  size_t grown = log_size() - before;
+  cr_expect_lt(grown, LOG_BOUND, "20000 denied calls wrote %zu log bytes", grown);
+  ts_rx rx;
+  open_rx(&rx);
+  got g = do_get(&rx, "m", "big", -1, NULL, NULL);
+  cr_assert_eq(g.code, QINS_ECHECKSUM);
+  ts_rx_destroy(&rx);
+  int st = ts_daemon_stop(&D);
+  D.pid = 0;
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  char *s = log_text();
+  cr_expect(strstr(s, "CHECKSUM"), "the CHECKSUM line is there");
+  cr_expect(strstr(s, "more line(s) like \"DENIED\" for uid 4000 suppressed"), "suppressed counted");
+  free(s);
+}
+
+static const char *const allow_other[] = {"--allow-uid", "4001", NULL};
+
+Test(daemon_rel, denied_reconnect_loop_log_is_bounded) {
+  if (geteuid() != 0) cr_skip_test("needs root to connect as another uid (CI runs as root)");
+  fixture_args = allow_other;
+  setup();
+  fixture_args = NULL;
+  cr_assert_eq(chmod(D.dir, 0711), 0);
+  cr_assert_eq(chmod(D.sock, 0666), 0);
+  size_t before = log_size();
+  cr_assert_eq(as_uid_4000(denied_loop_fn), 0, "every connect refused with DENIED");
+  size_t grown = log_size() - before;
+  if (grown >= LOG_BOUND) ts_log_dump(&D);
+  cr_expect_lt(grown, LOG_BOUND, "1000 refused connects wrote %zu log bytes", grown);
+  int st = ts_daemon_stop(&D);
+  D.pid = 0;
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  char *s = log_text();
+  cr_expect(strstr(s, "suppressed"), "suppressed counted: %s", s);
+  free(s);
 }
