@@ -56,6 +56,20 @@ static int qinsd_check(const char *const *args, char **err) {
   return qt_run(argv, NULL, NULL, err);
 }
 
+/* A get request of model/name with dtype (NULL: none), packed into sb (ts_req_begin's). */
+static void pack_get_req(msgpack_sbuffer *sb, msgpack_packer *pk, uint32_t id, const char *model,
+                         const char *name, const char *dtype) {
+  ts_req_begin(sb, pk, id, "get", dtype ? 3 : 2);
+  qp_pack_cstr(pk, "model");
+  qp_pack_cstr(pk, model);
+  qp_pack_cstr(pk, "name");
+  qp_pack_cstr(pk, name);
+  if (dtype) {
+    qp_pack_cstr(pk, "dtype");
+    qp_pack_cstr(pk, dtype);
+  }
+}
+
 /* ---- 12: an empty allow list is a configuration error ----------------------------------------- */
 Test(daemon_rel, empty_allow_list_is_an_error) {
   const char *const flag_uid[] = {"--allow-uid=", NULL};
@@ -130,11 +144,7 @@ static void big_get_in_flight(ts_rx *rx) {
   open_rx(rx);
   msgpack_sbuffer sb;
   msgpack_packer pk;
-  ts_req_begin(&sb, &pk, 7, "get", 2);
-  qp_pack_cstr(&pk, "model");
-  qp_pack_cstr(&pk, "h");
-  qp_pack_cstr(&pk, "name");
-  qp_pack_cstr(&pk, "big64");
+  pack_get_req(&sb, &pk, 7, "h", "big64", NULL);
   cr_assert_eq(ts_send(rx->fd, sb.data, sb.size), 0);
   msgpack_sbuffer_destroy(&sb);
   struct pollfd p = {.fd = rx->fd, .events = POLLIN};
@@ -213,15 +223,7 @@ static const msgpack_object *raw_get(ts_rx *rx, uint32_t id, const char *model, 
                                      const char *dtype) {
   msgpack_sbuffer sb;
   msgpack_packer pk;
-  ts_req_begin(&sb, &pk, id, "get", dtype ? 3 : 2);
-  qp_pack_cstr(&pk, "model");
-  qp_pack_cstr(&pk, model);
-  qp_pack_cstr(&pk, "name");
-  qp_pack_cstr(&pk, name);
-  if (dtype) {
-    qp_pack_cstr(&pk, "dtype");
-    qp_pack_cstr(&pk, dtype);
-  }
+  pack_get_req(&sb, &pk, id, model, name, dtype);
   const msgpack_object *r = ts_call(rx, &sb, id);
   msgpack_sbuffer_destroy(&sb);
   cr_assert(r, "no response to get");
