@@ -229,7 +229,8 @@ static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
     return;
   }
   if (qd_srv.store_err && strcmp(qd_methods[m].name, "hello") && strcmp(qd_methods[m].name, "ping") &&
-      strcmp(qd_methods[m].name, "stats") && strcmp(qd_methods[m].name, "shutdown")) {
+      strcmp(qd_methods[m].name, "stats") && strcmp(qd_methods[m].name, "shutdown") &&
+      strcmp(qd_methods[m].name, "release")) { /* releasing an arena lease reads nothing */
     qd_reply_err(&r, qd_srv.store_err, "%s", qd_srv.store_msg); /* never served from a broken store */
     return;
   }
