@@ -50,6 +50,9 @@ static const opt opts[] = {
    "socket file mode, octal (connecting needs write permission)"},
   {"socket-group", T_GROUP, NULL, 0, 0, F(socket_group),
    "group (name or gid) given to the socket file before listening; unset: the daemon's group"},
+  {"store-group", T_GROUP, NULL, 0, 0, F(store_group),
+   "group (name or gid) of store files qinsd creates (an empty store's data.mdb, lock.mdb), then "
+   "mode 0640; unset: mode 0600, the daemon's group"},
   {"allow-uid", T_UIDS, NULL, 0, 0, F(allow_uid),
    "users (names or uids, comma list, repeatable) allowed to call read methods; with no allow "
    "list anyone who can connect may; the daemon's uid and root always may"},
@@ -62,6 +65,12 @@ static const opt opts[] = {
    "largest response; larger answers get RESPONSE_TOO_LARGE (slice instead)"},
   {"max-connections", T_U64, "256", 1, 100000, F(max_connections),
    "concurrent client connections; more get BUSY"},
+  {"max-connections-per-uid", T_U64, "128", 1, 100000, F(max_connections_per_uid),
+   "concurrent connections of one peer uid (root and the daemon's uid are not limited); more "
+   "get BUSY"},
+  {"idle-timeout-ms", T_U64, "0", 0, 86400000, F(idle_timeout_ms),
+   "a connection with no request in flight and nothing to send for this long is closed, checked "
+   "every second (0: never)"},
   {"max-ranges", T_U64, "8", 1, QINS_MAX_NDIM, F(max_ranges), "slice ranges per request"},
   {"inline-decode-bytes", T_SIZE, "256K", 0, 4 * GiB, F(inline_decode_bytes),
    "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},
@@ -153,9 +162,15 @@ static int parse_id(const char *s, int group, uint32_t *out) {
   return 0;
 }
 
-/* Appends the comma-separated ids of val to list l (empty items are skipped). */
+/* Appends the comma-separated ids of val to list l (empty items between commas are skipped). A
+ * value naming no id at all (`allow-uid ""`, `--allow-uid=`) exits 2: read as "no list" it would
+ * let anyone who connects read, the opposite of what the operator wrote. */
 static void idlist_add(const opt *o, qd_idlist *l, const char *val, const char *where) {
   const char *p = val;
+  if (!val[strspn(val, ", \t")])
+    die_usage("bad value for %s: \"%s\"%s (an empty list; name at least one %s, or remove the "
+              "option to let anyone who can connect read)", o->name, val, where,
+              o->type == T_GIDS ? "group" : "user");
   while (*p) {
     size_t n = strcspn(p, ",");
     char item[256];
@@ -202,9 +217,10 @@ static void opt_set(const opt *o, const char *val, const char *where) {
     if (*val && parse_id(val, 1, &g))
       die_usage("bad value for %s: \"%s\"%s (not a group name or a numeric gid)", o->name, val,
                 where);
-    free(qd_srv.cfg.socket_group);
-    qd_srv.cfg.socket_group = strdup(val);
-    qd_srv.cfg.socket_gid = (gid_t)g;
+    char **name = (char **)(base + o->off);
+    free(*name);
+    *name = strdup(val);
+    *(o->off == F(store_group) ? &qd_srv.cfg.store_gid : &qd_srv.cfg.socket_gid) = (gid_t)g;
     return;
   }
   if (o->type == T_STR) {

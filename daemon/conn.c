@@ -80,7 +80,7 @@ void qd_conn_free(qd_conn *c) {
 void qd_conn_on_closed(uv_handle_t *h) {
   qd_conn *c = h->data;
   conn_set_state(c, CONN_CLOSED);
-  qd_log(QD_LOG_VERBOSE, "%s disconnected", c->desc);
+  if (!c->refused) qd_log(QD_LOG_VERBOSE, "%s disconnected", c->desc); /* refusals said so (rate-limited) */
   if (c->pending == 0) qd_conn_free(c);
 }
 
@@ -125,7 +125,7 @@ static void conn_protocol_error(qd_conn *c, uint32_t msgid, int code, const char
                                 const char *bytes, size_t n) {
   char smp[64];
   sample(bytes, n, smp, sizeof smp);
-  qd_log(QD_LOG_NOTICE, "%s: protocol error %s: %s (bytes %s); closing", c->desc,
+  qd_log_rl(QD_LOG_NOTICE, "protocol error", (uint32_t)c->uid, "%s: protocol error %s: %s (bytes %s); closing", c->desc,
          qins_err_name(code), what, smp);
   qd_out_error(c, msgid, code, what);
   qd_conn_drain(c);
@@ -229,6 +229,12 @@ static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
     qd_reply_err(&r, QINS_ESHUTDOWN, "the daemon is shutting down");
     return;
   }
+  if (qd_srv.store_err && strcmp(qd_methods[m].name, "hello") && strcmp(qd_methods[m].name, "ping") &&
+      strcmp(qd_methods[m].name, "stats") && strcmp(qd_methods[m].name, "shutdown") &&
+      strcmp(qd_methods[m].name, "release")) { /* releasing an arena lease reads nothing */
+    qd_reply_err(&r, qd_srv.store_err, "%s", qd_srv.store_msg); /* never served from a broken store */
+    return;
+  }
   int rc = qd_methods[m].handler(&r);
   if (rc) qd_reply_err(&r, rc, "%s", r.msg[0] ? r.msg : qins_strerror(rc));
 }
@@ -269,6 +275,7 @@ static void conn_update_reading(qd_conn *c) {
 
 /* Frames and dispatches what is buffered, as far as backpressure and its turn allow. */
 static void conn_process(qd_conn *c) {
+  int partial = 0; /* what is left buffered is the start of a request, not a whole one */
   while (qd_conn_can_dispatch(c) && c->rpos < c->wpos) {
     if (c->turn_work >= TURN_WORK && !c->sink) {
       c->yield = 1; /* the rest of the buffer waits for its next turn (qd_conn_read) */
@@ -278,7 +285,10 @@ static void conn_process(qd_conn *c) {
     size_t n = 0;
     const char *p = c->buf + c->rpos;
     int r = qp_scan_next(&c->scan, p, c->wpos - c->rpos, &n);
-    if (r == QP_MORE) break;
+    if (r == QP_MORE) {
+      partial = 1;
+      break;
+    }
     if (r < 0) {
       conn_protocol_error(c, 0, r, c->scan.what, p, c->wpos - c->rpos);
       c->rpos = c->wpos;
@@ -303,7 +313,9 @@ static void conn_process(qd_conn *c) {
     qp_scan_reset(&c->scan);
   }
   if (c->rpos == c->wpos) c->rpos = c->wpos = 0;
-  if (qd_srv.stopping && c->rpos == c->wpos) qd_conn_drain(c);
+  /* Stopping, nothing whole is left to answer: a half-sent request is never read to its end, so
+   * it must not hold the connection (and the shutdown) open. */
+  if (qd_srv.stopping && (c->rpos == c->wpos || partial)) qd_conn_drain(c);
   if (c->eof && !c->yield && qd_conn_can_dispatch(c)) {
     /* Nothing complete is left to run. */
     if (c->wpos > c->rpos)
@@ -357,7 +369,35 @@ void qd_conn_on_bytes(qd_conn *c, ssize_t nread) {
     return;
   }
   c->wpos += (size_t)nread;
+  c->active_ns = qd_now_ns();
   qd_conn_resume(c);
+}
+
+void qd_conn_sweep_idle(uint64_t now) {
+  uint64_t lim = qd_srv.cfg.idle_timeout_ms * 1000000ull;
+  if (!lim) return;
+  qd_conn *next;
+  for (qd_conn *c = qd_srv.cn.all; c; c = next) {
+    next = c->next;
+    if (c->state != CONN_READING && c->state != CONN_PAUSED) continue;
+    if (c->pending || c->queued || c->reserved || c->out != OUT_QUEUE || c->turns) {
+      c->active_ns = now; /* busy: idle time starts once it is done */
+      continue;
+    }
+    if (now - c->active_ns < lim) continue;
+    qd_log(QD_LOG_VERBOSE, "%s: idle for %llu ms (idle-timeout-ms): closing", c->desc,
+           (unsigned long long)((now - c->active_ns) / 1000000));
+    qd_srv.st.connections_idle_closed++;
+    qd_conn_close(c);
+  }
+}
+
+/* Open connections of peer uid (refused ones not counted). */
+static uint64_t uid_connections(uid_t uid) {
+  uint64_t n = 0;
+  for (qd_conn *c = qd_srv.cn.all; c; c = c->next)
+    n += c->uid == uid && !c->refused && c->state != CONN_CLOSING && c->state != CONN_CLOSED;
+  return n;
 }
 
 /* Edge-triggered: a socket is reported again only when more bytes arrive, so it is read until a
@@ -420,13 +460,23 @@ static int peer_allowed(qd_conn *c, uv_os_fd_t fd) {
   }
   if (qd_peer_may_read(c->uid, c->gid, groups, ng)) return 1;
   qd_srv.st.connections_denied++;
-  qd_log(QD_LOG_WARNING, "%s refused: pid %d uid %u gid %u is not in allow-uid/allow-gid; closing",
+  qd_log_rl(QD_LOG_WARNING, "refused: not in allow-uid/allow-gid", (uint32_t)c->uid,
+            "%s refused: pid %d uid %u gid %u is not in allow-uid/allow-gid; closing",
          c->desc, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
   char msg[160];
   snprintf(msg, sizeof msg, "uid %u (gid %u) may not use this daemon (not in allow-uid/allow-gid)",
            (unsigned)c->uid, (unsigned)c->gid);
   conn_refuse(c, QINS_EDENIED, msg);
   return 0;
+}
+
+/* Fds kept, below the fd limit's room for connections, for connects to be answered BUSY. */
+#define BUSY_FDS 8
+uint64_t qd_conn_limit(void) {
+  uint64_t f = qd_srv.lp.fd_conns;
+  if (f && f - (f > BUSY_FDS ? BUSY_FDS : f - 1) < qd_srv.cfg.max_connections)
+    return f - (f > BUSY_FDS ? BUSY_FDS : f - 1);
+  return qd_srv.cfg.max_connections;
 }
 
 void qd_conn_accept(uv_stream_t *listener) {
@@ -455,14 +505,30 @@ void qd_conn_accept(uv_stream_t *listener) {
            (int)c->pid, (unsigned)c->uid);
   qd_srv.st.connections_total++;
   if (!peer_allowed(c, fd)) return;
-  if (qd_srv.st.connections >= qd_srv.cfg.max_connections) {
+  if (qd_srv.st.connections >= qd_conn_limit()) {
     qd_srv.st.connections_refused++;
-    qd_log(QD_LOG_WARNING, "%s refused: %llu connections open (max-connections)", c->desc,
-           (unsigned long long)qd_srv.st.connections);
+    qd_log_rl(QD_LOG_WARNING, "refused: BUSY", (uint32_t)c->uid, "%s refused: %llu connections open (%s)", c->desc,
+           (unsigned long long)qd_srv.st.connections,
+           qd_conn_limit() < qd_srv.cfg.max_connections ? "the fd limit, RLIMIT_NOFILE"
+                                                         : "max-connections");
     conn_refuse(c, QINS_EBUSY, "too many connections: try again later");
     return;
   }
+  uint64_t per_uid;
+  if (c->uid != 0 && c->uid != getuid() &&
+      (per_uid = uid_connections(c->uid) - 1) >= qd_srv.cfg.max_connections_per_uid) {
+    qd_srv.st.connections_refused++;
+    qd_log_rl(QD_LOG_WARNING, "refused: BUSY", (uint32_t)c->uid,
+              "%s refused: uid %u has %llu connections open (max-connections-per-uid)",
+           c->desc, (unsigned)c->uid, (unsigned long long)per_uid);
+    char msg[160];
+    snprintf(msg, sizeof msg, "too many connections from uid %u (max-connections-per-uid %llu): "
+             "try again later", (unsigned)c->uid, (unsigned long long)qd_srv.cfg.max_connections_per_uid);
+    conn_refuse(c, QINS_EBUSY, msg);
+    return;
+  }
   qd_srv.st.connections++;
+  c->active_ns = qd_now_ns();
   qd_log(QD_LOG_VERBOSE, "%s connected (gid %u)", c->desc, (unsigned)c->gid);
   conn_update_reading(c);
 }

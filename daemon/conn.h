@@ -53,6 +53,7 @@ struct qd_conn {
   conn_state state;    /* see above; conn_set_state */
   int refused;         /* turned away (BUSY/DENIED): never counted as an open connection */
   int eof;             /* the client shut down its side: answer what is buffered, then drain */
+  uint64_t active_ns;  /* when bytes last came or it was last seen busy (idle-timeout-ms) */
   struct qd_conn *prev, *next; /* all connections (qd_srv.cn.all) */
   /* read side (conn.c) */
   char *buf;           /* read buffer; unparsed bytes are [rpos, wpos) */
@@ -83,6 +84,9 @@ struct qd_conn {
 /* A client connected on the listener: accepts it, checks its credentials and limits, and starts
  * reading it (or refuses it). */
 void qd_conn_accept(uv_stream_t *listener);
+/* The connection limit in force: max-connections, or fewer when the fd limit allows fewer
+ * (loop.c's fd_conns, less the few kept to answer BUSY). */
+uint64_t qd_conn_limit(void);
 /* Reads what c's socket holds, while c wants requests (edge-triggered: until drained, EAGAIN, or
  * RSET_READ_BUDGET bytes, after which it goes on the loop's again list); `all`: until EAGAIN or
  * end of stream (hang-up seen, or an edge may have been missed). */
@@ -107,6 +111,8 @@ void qd_conn_on_bytes(qd_conn *c, ssize_t nread);
 void qd_conn_alloc(qd_conn *c, uv_buf_t *out);
 /* A new connection in the list, numbered, with its framing set up (state PAUSED). */
 qd_conn *qd_conn_new(void);
+/* Closes connections idle (nothing pending, queued or streaming) for idle-timeout-ms (the tick). */
+void qd_conn_sweep_idle(uint64_t now_ns);
 
 /* ---- out.c ----------------------------------------------------------------------------------- */
 /* Sends a protocol-level error (framing, refusal) with msgid, and counts it. */

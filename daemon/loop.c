@@ -24,7 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -161,12 +163,31 @@ static void serve_loop(void) {
 }
 
 /* ---- shutdown ------------------------------------------------------------------------------- */
-void qd_loop_conn_freed(void) {
-  if (qd_srv.stopping && qd_srv.cn.n_open == 0) {
-    uv_timer_t *t = &qd_srv.lp.shutdown_timer;
-    uv_timer_stop(t);
-    if (!uv_is_closing((uv_handle_t *)t)) uv_close((uv_handle_t *)t, NULL);
+static void close_handle(uv_handle_t *h) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+/* The last connection is gone after shutdown began: the loop's own handles close, so it returns.
+ * Signals stay handled until here: a SIGHUP (log rotation) or a second SIGTERM during the
+ * graceful part must never kill the daemon by its default action. */
+static void shutdown_finish(void) {
+  uv_timer_stop(&qd_srv.lp.shutdown_timer);
+  close_handle((uv_handle_t *)&qd_srv.lp.shutdown_timer);
+  if (qd_srv.lp.signals) {
+    qd_srv.lp.signals = 0;
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_term);
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_int);
+    close_handle((uv_handle_t *)&qd_srv.lp.sig_hup);
   }
+}
+
+void qd_loop_conn_freed(void) {
+  if (qd_srv.lp.accept_held && qd_srv.lp.listening && qd_srv.cn.n_open < qd_srv.lp.fd_conns) {
+    qd_srv.lp.accept_held = 0; /* the connect waiting in libuv is taken now (and reading resumes) */
+    qd_conn_accept((uv_stream_t *)&qd_srv.lp.listener);
+    qd_loop_touch();
+  }
+  if (qd_srv.stopping && qd_srv.cn.n_open == 0) shutdown_finish();
 }
 
 static void on_shutdown_timeout(uv_timer_t *t) {
@@ -190,16 +211,10 @@ static void on_shutdown_kick(uv_timer_t *t) {
     qd_conn_resume(c); /* answers buffered requests with SHUTDOWN, stops reading */
   }
   if (qd_srv.cn.n_open == 0) {
-    if (!uv_is_closing((uv_handle_t *)t)) uv_close((uv_handle_t *)t, NULL);
+    shutdown_finish();
     return;
   }
   uv_timer_start(t, on_shutdown_timeout, qd_srv.cfg.shutdown_timeout_ms, 0);
-}
-
-static void close_signals(void) {
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_term, NULL);
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_int, NULL);
-  uv_close((uv_handle_t *)&qd_srv.lp.sig_hup, NULL);
 }
 
 void qd_shutdown_begin(const char *why) {
@@ -207,12 +222,12 @@ void qd_shutdown_begin(const char *why) {
   qd_srv.stopping = 1;
   qd_log(QD_LOG_NOTICE, "shutting down (%s): %llu connection(s) to finish", why,
          (unsigned long long)qd_srv.cn.n_open);
+  close_handle((uv_handle_t *)&qd_srv.lp.tick);
   if (qd_srv.lp.listening) {
     uv_close((uv_handle_t *)&qd_srv.lp.listener, NULL);
     qd_srv.lp.listening = 0;
     if (!qd_srv.lp.activated) remove_socket_file();
   }
-  close_signals();
   /* The per-connection work runs from the loop, not here: this may be called from inside a
    * handler (method `shutdown`) while its connection is mid-dispatch. */
   uv_timer_start(&qd_srv.lp.shutdown_timer, on_shutdown_kick, 0, 0);
@@ -227,16 +242,67 @@ static void on_signal(uv_signal_t *h, int signum) {
     else qd_log(QD_LOG_NOTICE, "log reopened (SIGHUP)");
     return;
   }
-  qd_shutdown_begin(signum == SIGTERM ? "SIGTERM" : "SIGINT");
+  const char *name = signum == SIGTERM ? "SIGTERM" : "SIGINT";
+  if (!qd_srv.stopping) {
+    qd_shutdown_begin(name);
+    return;
+  }
+  /* A second SIGTERM/SIGINT: the operator wants it gone now. What is in flight is cut, as at
+   * shutdown-timeout-ms, and the daemon exits 0 once the handles have closed (docs/qinsd.md). */
+  if (qd_srv.cn.n_open == 0) return; /* already finishing */
+  qd_log(QD_LOG_WARNING, "%s during shutdown: closing %llu connection(s) now", name,
+         (unsigned long long)qd_srv.cn.n_open);
+  uv_timer_stop(&qd_srv.lp.shutdown_timer);
+  for (qd_conn *c = qd_srv.cn.all; c; c = c->next) qd_conn_close(c);
 }
 
 /* ---- listening socket ------------------------------------------------------------------------ */
+/* A connect is taken only while the fd limit leaves room for it (connections answered BUSY
+ * included); otherwise it waits in libuv (which stops watching the listener, so the next ones
+ * wait in the backlog) until a connection is freed: every client gets an answer or BUSY, never a
+ * silent close. An accept that fails anyway (ENFILE: the system's limit) is counted and logged;
+ * libuv then closes the connects it cannot take. */
 static void on_connection(uv_stream_t *srv, int status) {
   if (status < 0) {
-    qd_log(QD_LOG_WARNING, "accept failed: %s", uv_strerror(status));
+    qd_srv.st.accept_failed++;
+    qd_log_rl(QD_LOG_WARNING, "accept failed", 0, "accept failed: %s (%llu so far; stats accept_failed)", uv_strerror(status),
+           (unsigned long long)qd_srv.st.accept_failed);
+    return;
+  }
+  if (qd_srv.lp.fd_conns && qd_srv.cn.n_open >= qd_srv.lp.fd_conns) {
+    qd_srv.lp.accept_held = 1;
     return;
   }
   qd_conn_accept(srv);
+}
+
+/* The fd limit: the soft RLIMIT_NOFILE is raised to the hard one, and when what remains after the
+ * fds open now (store, log, loop) and a margin is below max-connections, a warning names both
+ * figures and fd_conns caps the connections (BUSY past it, qd_conn_limit). */
+#define FD_MARGIN 16
+static void fd_budget(void) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  if (rl.rlim_cur < rl.rlim_max) {
+    struct rlimit up = {rl.rlim_max, rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &up) == 0) rl.rlim_cur = rl.rlim_max;
+  }
+  if (rl.rlim_cur == RLIM_INFINITY) return;
+  uint64_t used = 0;
+  DIR *d = opendir("/proc/self/fd");
+  if (d) {
+    for (struct dirent *e; (e = readdir(d));) used += e->d_name[0] != '.';
+    closedir(d);
+  }
+  uint64_t lim = (uint64_t)rl.rlim_cur, fixed = used + FD_MARGIN;
+  qd_srv.lp.fd_conns = lim > fixed + 2 ? lim - fixed : 2;
+  if (qd_conn_limit() < qd_srv.cfg.max_connections)
+    qd_log(QD_LOG_WARNING, "RLIMIT_NOFILE %llu (hard %llu) is below max-connections %llu plus the "
+           "%llu fds qinsd needs itself: at most %llu connections are served, more get BUSY "
+           "(raise LimitNOFILE= or ulimit -n, or lower max-connections)",
+           (unsigned long long)lim, (unsigned long long)rl.rlim_max,
+           (unsigned long long)qd_srv.cfg.max_connections, (unsigned long long)fixed,
+           (unsigned long long)qd_conn_limit());
 }
 
 /* 0 if path is free (absent, or a stale socket now removed); else an error was logged. */
@@ -389,20 +455,48 @@ static int open_store(void) {
   char mdb[4200];
   snprintf(mdb, sizeof mdb, "%s/data.mdb", dir);
   int rc = 0;
+  /* Files qinsd creates (an empty store; lock.mdb when missing): 0600, or 0640 in store-group. */
+  qs_open_opts oo = {.group_read = 1, .gid = (long)qd_srv.cfg.store_gid};
+  const qs_open_opts *o = qd_srv.cfg.store_group && *qd_srv.cfg.store_group ? &oo : NULL;
   if (access(mdb, F_OK) != 0) {
     qs_store *init;
-    rc = qs_open(&init, dir, QS_OPEN_CREATE);
+    rc = qs_open_ex(&init, dir, QS_OPEN_CREATE, o);
     if (rc == 0) {
       qs_close(init);
       qd_log(QD_LOG_NOTICE, "store %s: initialised an empty store", dir);
     }
   }
-  if (rc == 0) rc = qs_open(&qd_srv.store, dir, QS_OPEN_RDONLY);
+  if (rc == 0) rc = qs_open_ex(&qd_srv.store, dir, QS_OPEN_RDONLY, o);
   if (rc) {
     qd_log(QD_LOG_WARNING, "store %s: cannot open: %s: %s", dir, qins_strerror(rc), qs_error());
     return -1;
   }
+  char msg[1024];
+  if (qs_store_warnings(qd_srv.store, msg, sizeof msg)) {
+    size_t n = strlen(msg);
+    while (n && msg[n - 1] == ' ') msg[--n] = '\0';
+    qd_log(QD_LOG_WARNING, "%s", msg);
+  }
   return 0;
+}
+
+/* Every second while serving: the store is still what was opened (qs_store_check: lock.mdb not
+ * removed or replaced, data.mdb not cut short). On a failure store methods get its code and
+ * message (conn.c) instead of reading through a broken reader table; a lost lock file stays lost
+ * until qinsd restarts. Logged when it starts and when it ends. */
+static void on_tick(uv_timer_t *t) {
+  (void)t;
+  int rc = qs_store_check(qd_srv.store);
+  if (rc && !qd_srv.store_err) {
+    snprintf(qd_srv.store_msg, sizeof qd_srv.store_msg, "%s", qs_error());
+    qd_log(QD_LOG_WARNING, "store check failed: %s: %s; store methods get %s until this is "
+           "fixed (restart qinsd)", qins_err_name(rc), qd_srv.store_msg, qins_err_name(rc));
+  } else if (!rc && qd_srv.store_err) {
+    qd_log(QD_LOG_NOTICE, "store check passes again: serving the store");
+  }
+  qd_srv.store_err = rc;
+  qd_conn_sweep_idle(qd_now_ns());
+  qd_log_flush(0);
 }
 
 int qd_server_run(void) {
@@ -420,32 +514,37 @@ int qd_server_run(void) {
          (int)getpid(), (unsigned)getuid());
   uv_loop_t *loop = qd_srv.loop;
   uv_timer_init(loop, &qd_srv.lp.shutdown_timer);
+  uv_timer_init(loop, &qd_srv.lp.tick);
+  uv_timer_start(&qd_srv.lp.tick, on_tick, 1000, 1000);
   uv_signal_init(loop, &qd_srv.lp.sig_term);
   uv_signal_init(loop, &qd_srv.lp.sig_int);
   uv_signal_init(loop, &qd_srv.lp.sig_hup);
   uv_signal_start(&qd_srv.lp.sig_term, on_signal, SIGTERM);
   uv_signal_start(&qd_srv.lp.sig_int, on_signal, SIGINT);
   uv_signal_start(&qd_srv.lp.sig_hup, on_signal, SIGHUP);
+  qd_srv.lp.signals = 1;
   int rc = rset_open();
   if (rc) qd_log(QD_LOG_WARNING, "cannot create the read set (epoll): %s", strerror(-rc));
   if (rc || listen_socket()) {
     if (qd_srv.lp.rset_fd >= 0) close(qd_srv.lp.rset_fd);
     qd_srv.lp.rset_fd = -1;
     qd_srv.stopping = 1;
-    close_signals();
-    uv_close((uv_handle_t *)&qd_srv.lp.shutdown_timer, NULL);
+    close_handle((uv_handle_t *)&qd_srv.lp.tick);
+    shutdown_finish();
     uv_run(loop, UV_RUN_DEFAULT);
     uv_loop_close(loop);
     qs_close(qd_srv.store);
     qd_stats_fini();
     return 1;
   }
+  fd_budget();
   serve_loop();
   close(qd_srv.lp.rset_fd);
   qd_srv.lp.rset_fd = -1;
   int lc = uv_loop_close(loop);
   if (lc) qd_log(QD_LOG_WARNING, "loop closed with handles open: %s", uv_strerror(lc));
   qs_close(qd_srv.store);
+  qd_log_flush(1);
   qd_log(QD_LOG_NOTICE, "exited %s: %llu requests, %llu bytes served",
          qd_srv.lp.failed ? "after a loop failure" : "cleanly",
          (unsigned long long)qd_srv.st.requests, (unsigned long long)qd_srv.st.bytes_served);

@@ -100,6 +100,18 @@ static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
   return 0;
 }
 
+/* Names (model, name, prefix, names[i]) pass the store's qs_name_check (UTF-8, no control
+ * characters), so no message or log line echoes bytes a strict decoder rejects. 0 or QINS_ENAME
+ * naming the field. An empty name is left to the lookup (NO_MODEL / NO_TENSOR). */
+static int param_name_check(qd_req *r, const char *field, const char *v) {
+  int is_model = !strcmp(field, "model");
+  if (!*v || (!is_model && strcmp(field, "name") && strcmp(field, "prefix") && strncmp(field, "names[", 6)))
+    return 0;
+  if (qs_name_check(is_model ? "model" : "tensor", v, is_model) == 0) return 0;
+  snprintf(r->msg, sizeof r->msg, "parameter \"%s\": %s", field, qs_error());
+  return QINS_ENAME;
+}
+
 /* A required or optional str parameter into dst. */
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
   qp_rd v;
@@ -118,7 +130,7 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
              key, cap - 1);
     return QINS_EBAD_PARAMS;
   }
-  return 0;
+  return param_name_check(r, key, dst);
 }
 
 static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
@@ -237,13 +249,15 @@ static int m_stats(qd_req *r) {
   msgpack_packer *pk = ok_begin(&o, r);
   double p50, p99;
   qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 23 + QD_MAP_STATS_KEYS);
+  msgpack_pack_map(pk, 25 + QD_MAP_STATS_KEYS);
   qd_map_stats_pack(pk);
   kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
   kv_u64(pk, "connections", qd_srv.st.connections);
   kv_u64(pk, "connections_total", qd_srv.st.connections_total);
   kv_u64(pk, "connections_refused", qd_srv.st.connections_refused);
   kv_u64(pk, "connections_denied", qd_srv.st.connections_denied);
+  kv_u64(pk, "connections_idle_closed", qd_srv.st.connections_idle_closed);
+  kv_u64(pk, "accept_failed", qd_srv.st.accept_failed);
   kv_u64(pk, "requests_total", qd_srv.st.requests);
   qp_pack_cstr(pk, "requests");
   msgpack_pack_map(pk, (size_t)qd_n_methods);
@@ -525,6 +539,10 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
                  QS_MAX_NAME);
         rc = QINS_EBAD_PARAMS;
         goto fail;
+      } else {
+        char field[24];
+        snprintf(field, sizeof field, "names[%u]", i);
+        if ((rc = param_name_check(r, field, a->names[i]))) goto fail;
       }
   }
   return a;

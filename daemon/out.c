@@ -380,7 +380,9 @@ void qd_out_error(qd_conn *c, uint32_t msgid, int code, const char *msg) {
   msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
   msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  qp_pack_response_err(&pk, msgid, code, "%s", msg);
+  char esc[1024]; /* what a message echoes of a request stays a valid msgpack str */
+  qd_escape(esc, sizeof esc, msg, strlen(msg));
+  qp_pack_response_err(&pk, msgid, code, "%s", esc);
   size_t len = sb.size, cap = sb.alloc;
   out_send(c, msgpack_sbuffer_release(&sb), len, cap, NULL, 0, NULL, 0, 0);
   qd_count_error(code);
@@ -397,7 +399,11 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
                       code == QINS_EDENIED
                   ? QD_LOG_WARNING
                   : QD_LOG_VERBOSE;
-  qd_log(level, "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
+  if (code == QINS_ECHECKSUM || code == QINS_ECORRUPT) /* alerts: never rate-limited */
+    qd_log(level, "%s: %s (msgid %u): %s: %s", r->conn->desc, m, r->msgid, qins_err_name(code), msg);
+  else
+    qd_log_rl(level, qins_err_name(code), (uint32_t)r->conn->uid, "%s: %s (msgid %u): %s: %s",
+              r->conn->desc, m, r->msgid, qins_err_name(code), msg);
   qd_latency_record(r->t0);
   qd_out_error(r->conn, r->msgid, code, msg);
 }

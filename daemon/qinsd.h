@@ -69,11 +69,15 @@ typedef struct qd_config {
   unsigned socket_mode;        /* mode bits of the socket file */
   char *socket_group;          /* socket-group as given (name or gid); NULL or "": left as created */
   gid_t socket_gid;            /* socket_group resolved at load */
+  char *store_group;           /* store-group: files qinsd creates in the store get it, mode 0640 */
+  gid_t store_gid;             /* store_group resolved at load */
   qd_idlist allow_uid;         /* peers allowed to read, by uid; both lists empty: anyone who connects */
   qd_idlist allow_gid;         /* ... by primary or supplementary gid */
   uint64_t max_request_bytes;  /* largest request accepted */
   uint64_t max_response_bytes; /* largest response sent (<= 2^32 - 1) */
   uint64_t max_connections;    /* concurrent connections */
+  uint64_t max_connections_per_uid; /* concurrent connections of one peer uid (not root, not ours) */
+  uint64_t idle_timeout_ms;    /* a connection with nothing in flight this long is closed; 0: never */
   uint64_t max_ranges;         /* slice ranges per request */
   uint64_t inline_decode_bytes; /* decodes with output up to this run on the loop thread */
   uint64_t write_queue_bytes;  /* memory held by a client's unsent responses above this pauses
@@ -110,7 +114,23 @@ extern int qd_log_level;
     if ((level) >= qd_log_level) qd__log_write((level), __VA_ARGS__); \
   } while (0)
 void qd__log_write(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Rate-limited lines, for what a client can repeat at will (refusals, denied or failed requests,
+ * protocol errors): per kind (a string constant) and peer uid, QD_LOG_BURST lines per
+ * QD_LOG_WINDOW_S seconds; the rest are counted and, when the window ends, one line says how
+ * many were suppressed. CHECKSUM and CORRUPT lines never go through here: they always appear. */
+#define QD_LOG_BURST 10
+#define QD_LOG_WINDOW_S 10
+#define qd_log_rl(level, kind, peer, ...)                                                  \
+  do {                                                                                    \
+    if ((level) >= qd_log_level && qd_log_admit((kind), (peer))) qd__log_write((level), __VA_ARGS__); \
+  } while (0)
+int qd_log_admit(const char *kind, uint32_t peer); /* 1: write the line; 0: counted, suppressed */
+void qd_log_flush(int all); /* suppression counts of ended windows (all: every window) */
 int qd_log_open(const char *path); /* NULL/"" = stderr; 0 or -errno */
+/* Copies n bytes of src into dst (cap bytes, NUL-terminated) with control characters, DEL
+ * and bytes that are not UTF-8 written as \xNN (cut at a whole character when full):
+ * text a client chose, made safe for a log line or a msgpack str. Returns the length written. */
+size_t qd_escape(char *dst, size_t cap, const char *src, size_t n);
 int qd_log_level_from_name(const char *s);
 const char *qd_log_level_name(int level);
 
@@ -123,6 +143,8 @@ typedef struct qd_stats {
   uint64_t connections_total;  /* accepted since start */
   uint64_t connections_refused; /* turned away: BUSY */
   uint64_t connections_denied; /* turned away: DENIED (not in allow-uid/allow-gid) */
+  uint64_t connections_idle_closed; /* closed after idle-timeout-ms */
+  uint64_t accept_failed;      /* accepts that failed (EMFILE/ENFILE: the fd limit) */
   uint64_t requests;           /* all requests */
   uint64_t *per_method;        /* indexed like qd_methods */
   uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */
@@ -171,16 +193,23 @@ typedef struct qd_server {
   qs_store *store;             /* opened by loop.c, read by job.c and methods.c */
   uv_loop_t *loop;             /* loop.c: libuv's loop (timers, signals, pool, queued writes) */
   int stopping;                /* loop.c: shutdown began (read by conn.c and methods.c) */
+  int store_err;               /* loop.c: qs_store_check failed (QINS_EIO/ECORRUPT): store methods
+                                  get it (conn.c) with store_msg */
+  char store_msg[512];
   struct {                     /* loop.c */
     uv_pipe_t listener;        /* the listening socket */
     int listening;             /* listener open */
     int activated;             /* the listener came from systemd (LISTEN_FDS): not ours to unlink */
     struct stat sock_st;       /* our socket file, to remove it only if still ours */
     uv_signal_t sig_term, sig_int, sig_hup;
+    int signals;               /* the signal handles are open (until shutdown finishes) */
     uv_timer_t shutdown_timer;
+    uv_timer_t tick;           /* every second while serving: store check, idle connections */
     int rset_fd;               /* the read set (epoll), while the loop runs; else -1 */
     int dirty;                 /* libuv has fd watchers to (re)register: run it before waiting */
     int failed;                /* epoll_wait failed: shutting down, exit status 1 */
+    uint64_t fd_conns;         /* connections (refused ones included) the fd limit leaves room for */
+    int accept_held;           /* a connect waits in the backlog until a connection is freed */
     qd_conn *again_head, *again_tail; /* connections to read again next round, in order */
     size_t again_n;            /* how many */
   } lp;
