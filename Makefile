@@ -225,7 +225,10 @@ mutate: deps
 	@MUTATE_S=$(MUTATE_S) MUTANTS="$(MUTANTS)" QINS_SHARED=$(SHARED) PYTHON=$(PYTHON) \
 	  $(PYTHON) tests/mutate/run.py
 
+# The benchmarks' same-run references that are programs of their own (Redis for the latency lines,
+# nginx-light and curl for the pull lines) are installed like the build's packages.
 bench: deps all $(BENCH_BINS)
+	@QINS_EXTRA_PKGS="redis-server nginx-light curl" sh .ci/deps
 	@sh tests/bench/run.sh $(abspath $(BUILD)) $(SHARED)
 
 # Issue 6 at full scale (tests/bench/bench_scale.sh): synth Phi-3.5-mini (3.82 B weights) into a

@@ -538,6 +538,7 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
              (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
              cost.params_bytes ? (cost.params_first ? ", paid here" : ", shared") : "");
       if (cost.params_id) printf("params id:      %016llx\n", (unsigned long long)cost.params_id);
+      if (ten.n_elem) printf("bits/weight:    %.3f\n", 8.0 * (double)ten.stored_bytes / (double)ten.n_elem);
       if (isinf(ten.snr_db) && ten.snr_db > 0) printf("SNR:            lossless\n");
       else printf("SNR:            %.3f dB%s\nmax error:      %g\n", ten.snr_db,
                   qs_dtype_size(ten.src_dtype) > qc_dtype_size((qc_dtype)ten.codec) &&

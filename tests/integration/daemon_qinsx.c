@@ -158,6 +158,13 @@ Test(daemon_qinsx, export_gives_back_the_source) {
   cr_assert_eq(qt_ctl(store, &o, &e, "audit", "e", NULL), 0, "%s", e);
   cr_assert(strstr(o, "qinsx") && strstr(o, "lossless"), "%s", o);
   free(o), free(e);
+  /* info: lossless, with the stored bits per weight (between the 3-bit code + raw byte and 16) */
+  cr_assert_eq(qt_ctl(store, &o, &e, "info", "e/w", NULL), 0, "%s", e);
+  const char *bw = strstr(o, "bits/weight:");
+  cr_assert(bw && strstr(o, "SNR:            lossless"), "%s", o);
+  double bits = strtod(bw + strlen("bits/weight:"), NULL);
+  cr_assert(bits > 11.0 && bits < 16.0, "bits/weight %f\n%s", bits, o);
+  free(o), free(e);
   cr_assert_eq(qt_ctl(store, NULL, &e, "export", "e", out, "--dtype", "bf16", NULL), 0, "%s", e);
   free(e);
   size_t len;
