@@ -207,6 +207,15 @@ int qins_attach(qins_client *c, uint64_t *arena_bytes) {
   return 0;
 }
 
+/* A connection lost under an arena call is QINS_ECLOSED, whatever the socket said (reset, EPIPE,
+ * EOF): the caller's remedy is the same, a new qins_attach (its leases ended with the connection). */
+static int lost_closed(qins_client *c, const char *what, int rc) {
+  if (rc && rc != QINS_ECLOSED && qcl__lost(rc))
+    return qcl__fail(c, QINS_ECLOSED, "%s: the connection was lost (%s): call qins_attach again", what,
+                     qins_strerror(rc));
+  return rc;
+}
+
 /* The arena of this connection, or an error naming why there is none. */
 static int arena_ready(qins_client *c, const char *what, qcl_arena **out) {
   qcl_arena *a = *qcl__arena(c);
@@ -263,10 +272,10 @@ int qins_map(qins_client *c, const char *model, const char *name, const qins_ran
       msgpack_pack_uint64(pk, slice[i].stop);
     }
   }
-  if ((rc = qcl__call(c, "map"))) return rc;
+  if ((rc = qcl__call(c, "map"))) return lost_closed(c, "map", rc);
   rc = parse_mapped(c, out, NULL, 0);
   if (!rc) rc = place(c, a, out, "map");
-  return qcl__finish(c, "map", rc);
+  return lost_closed(c, "map", qcl__finish(c, "map", rc));
 }
 
 int qins_map_many(qins_client *c, const char *model, const char *const *names, int n,
@@ -288,7 +297,7 @@ int qins_map_many(qins_client *c, const char *model, const char *const *names, i
     if (!names[i]) return qcl__fail(c, QINS_EINVALID, "map_many: NULL name");
     qp_pack_cstr(pk, names[i]);
   }
-  if ((rc = qcl__call(c, "map_many"))) return rc;
+  if ((rc = qcl__call(c, "map_many"))) return lost_closed(c, "map_many", rc);
   qp_rd *rd = qcl__rd(c);
   uint32_t m, count = 0;
   int found = 0;
@@ -316,7 +325,7 @@ int qins_map_many(qins_client *c, const char *model, const char *const *names, i
     }
   }
   if (!rc && !found) rc = QINS_EPROTO;
-  rc = qcl__finish(c, "map_many", rc);
+  rc = lost_closed(c, "map_many", qcl__finish(c, "map_many", rc));
   if (rc) memset(out, 0, (size_t)n * sizeof *out);
   return rc;
 }

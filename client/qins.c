@@ -567,14 +567,14 @@ void qins_close(qins_client *c) {
 
 /* The connection was lost under the call (rather than the server refusing it or answering
  * something malformed): reconnecting and sending the call again is the remedy. */
-static int qcl_lost(int rc) {
+int qcl__lost(int rc) {
   return rc == QINS_ECLOSED || rc == QINS_ESHUTDOWN || rc == -EPIPE || rc == -ECONNRESET ||
          rc == -ENOTCONN || rc == -ECONNABORTED;
 }
 
 /* A reconnect attempt's failure that a restarting daemon explains: try again after a pause. */
 static int qcl_transient(int rc) {
-  return qcl_lost(rc) || rc == -ENOENT || rc == -ECONNREFUSED || rc == -EAGAIN ||
+  return qcl__lost(rc) || rc == -ENOENT || rc == -ECONNREFUSED || rc == -EAGAIN ||
          rc == QINS_ETIMEOUT || rc == QINS_EBUSY;
 }
 
@@ -594,7 +594,7 @@ typedef struct qcl_retry {
 static int qcl_again(qins_client *c, const char *what, qcl_retry *rt, int *rc) {
   int cut = c->cut;
   c->cut = 0;
-  if (!qcl_lost(*rc) || c->retry_ms <= 0 || c->in_callback) return 0;
+  if (!qcl__lost(*rc) || c->retry_ms <= 0 || c->in_callback) return 0;
   if (cut && ++rt->cuts > 1) {
     /* A streamed get whose later chunk fails its checksum is cut off too (PROTOCOL.md §4.6):
      * the same answer cut twice is reported, not fetched until the budget is spent. */

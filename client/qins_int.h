@@ -27,6 +27,8 @@ int qcl__call(qins_client *c, const char *what);
 int qcl__finish(qins_client *c, const char *what, int rc);
 qp_rd *qcl__rd(qins_client *c);
 int qcl__skip(qins_client *c);
+/* 1 if rc says the connection was lost under a call (EOF, reset, EPIPE, SHUTDOWN, ...). */
+int qcl__lost(int rc);
 int qcl__fail(qins_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int qcl__sock(const qins_client *c); /* the socket, or -1 when closed */
 qcl_arena **qcl__arena(qins_client *c);
