@@ -23,6 +23,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -167,12 +168,24 @@ def run_test(tree, spec, env, timeout):
     else:
         raise SystemExit("unknown test kind in %r" % spec)
     t0 = time.time()
+    # Its own process group, killed whole afterwards: a mutant that breaks shutdown leaves the
+    # qinsd its test started running, and the next mutant's tests must not meet it.
+    p = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace")
+        raw, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raw = None
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if raw is None:  # timed out: what it printed before the kill
+        raw, _ = p.communicate()
+        out = raw.decode(errors="replace")
         return False, None, time.time() - t0, "timeout after %ds\n" % timeout + out[-2000:]
+    r = subprocess.CompletedProcess(cmd, p.returncode, raw)
     out = r.stdout.decode(errors="replace")
     tested = None
     m = re.search(r"Synthesis: Tested: (\d+)", out)
