@@ -346,8 +346,12 @@ int qs_open_ex(qs_store **out, const char *dir, unsigned flags, const qs_open_op
   mdb_env_set_maxreaders(s->env, QS_MAX_READERS);
   rc = mdb_env_open(s->env, dir, MDB_NOTLS | (s->rdonly ? MDB_RDONLY : 0), s->fmode);
   if (rc) {
-    int e = rc == EACCES || rc == ENOENT ? -rc : 0;
-    qs__mdb_fail(s, rc, "mdb_env_open");
+    int e = rc == EACCES || rc == ENOENT || rc == EROFS ? -rc : 0;
+    if (rc == EROFS) /* a writer on a read-only mount (readers open without a lock table) */
+      qs__fail(-EROFS, "store %s is on a read-only filesystem: it can be read and served, not "
+                       "written (import, rm, gc and pull need a writable mount)", dir);
+    else
+      qs__mdb_fail(s, rc, "mdb_env_open");
     qs_close(s);
     return e ? e : (rc == MDB_INVALID || rc == MDB_VERSION_MISMATCH ? QINS_EVERSION : QINS_EIO);
   }

@@ -15,6 +15,11 @@
  * with the reason (never passed silently). The child runs qinsctl and qinsd as its own children
  * (they inherit the namespace), checks each step and reports the first failure through a file;
  * the test process never opens the LMDB env.
+ *
+ * store_ro_mount, in the same kind of child: the store's filesystem remounted read-only under a
+ * served store (an operator's read-only image). qinsd logs that it runs without a lock table and
+ * serves the same bytes as before; writers (import, rm) fail with an error naming the store and the
+ * read-only filesystem, and the listing stays as it was (docs/OPERATIONS.md).
  */
 #include <criterion/criterion.h>
 #include <errno.h>
@@ -200,6 +205,98 @@ Test(store_full_fault, disk_full_mid_import_leaves_the_previous_state) {
   char *msg = qt_read(why, &n);
   if (WIFEXITED(st) && WEXITSTATUS(st) == SKIP_STATUS)
     cr_skip_test("cannot mount a tmpfs here, so the disk-full fault is NOT tested: %s",
+                 msg ? msg : "?");
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (child status 0x%x)",
+            msg ? msg : "no message", st);
+  free(msg);
+}
+
+/* ---- store_ro_mount */
+static void ro_child(const char *a_src) {
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (unshare(CLONE_NEWNS) != 0) child_skip("unshare(CLONE_NEWNS)", errno);
+  if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) child_skip("making / private", errno);
+  if (mkdir(mnt, 0700) != 0) child_fail("mkdir %s: %s", mnt, strerror(errno));
+  if (mount("qins-test", mnt, "tmpfs", MS_NOSUID | MS_NODEV, "size=32m,mode=0700") != 0)
+    child_skip("mount -t tmpfs", errno);
+  memset(&cd, 0, sizeof cd);
+  snprintf(cd.dir, sizeof cd.dir, "%s", dir);
+  snprintf(cd.sock, sizeof cd.sock, "%s/s", dir);
+  snprintf(cd.store, sizeof cd.store, "%s/t/store", dir);
+  snprintf(cd.log, sizeof cd.log, "%s/log", dir);
+  char *err = NULL;
+  int rc = qt_ctl(cd.store, NULL, &err, "import", a_src, "--model", "a", "--codec", "qins8", NULL);
+  CHECK(rc == 0, "importing a: %s", err);
+  free(err);
+  CHECK(ts_daemon_start(&cd, NULL) == 0, "starting qinsd on the writable store");
+  char *before = snapshot(cd.store);
+  size_t n0;
+  uint8_t *v0 = served(&n0);
+  int st = ts_daemon_stop(&cd);
+  cd.pid = 0;
+  CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "first qinsd exit status 0x%x", st);
+  size_t ln = 0;
+  char *log = qt_read(cd.log, &ln);
+  CHECK(log && !strstr(log, "no lock table"), "a writable store warned of no lock table: %s", log);
+  free(log);
+  unlink(cd.log);
+
+  CHECK(mount(NULL, mnt, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) == 0,
+        "remount read-only: %s", strerror(errno));
+  CHECK(ts_daemon_start(&cd, NULL) == 0, "starting qinsd on the read-only store");
+  log = qt_read(cd.log, &ln);
+  CHECK(log && strstr(log, "warning") && strstr(log, "no lock table") && strstr(log, cd.store),
+        "qinsd did not warn that the read-only store runs without a lock table: %s", log);
+  free(log);
+  size_t n1;
+  uint8_t *v1 = served(&n1);
+  CHECK(n1 == n0 && !memcmp(v0, v1, n0), "qinsd serves other bytes from the read-only store");
+  free(v1);
+  const char *writes[][6] = {{"import", a_src, "--model", "b", "--codec", "qins8"},
+                             {"rm", "a", NULL, NULL, NULL, NULL}};
+  for (int i = 0; i < 2; i++) {
+    const char *const *w = writes[i];
+    rc = qt_ctl(cd.store, NULL, &err, w[0], w[1], w[2], w[3], w[4], w[5], NULL);
+    CHECK(rc == 1, "%s on a read-only store: exit %d, expected 1: %s", w[0], rc, err);
+    CHECK(err && strstr(err, cd.store) && strstr(err, "read-only filesystem"),
+          "%s: the error names the store and the read-only filesystem: %s", w[0], err);
+    free(err);
+  }
+  char *after = snapshot(cd.store);
+  CHECK(!strcmp(before, after), "listing changed:\nbefore %s\nafter  %s", before, after);
+  char *out = NULL;
+  rc = qt_ctl(cd.store, &out, &err, "--json", "verify", NULL);
+  CHECK(rc == 0 && strstr(out, "\"ok\":true"), "verify on the read-only store: %s %s", out, err);
+  free(out);
+  free(err);
+  v1 = served(&n1);
+  CHECK(n1 == n0 && !memcmp(v0, v1, n0), "a/w0 changed after the refused writes");
+  free(v1);
+  free(v0);
+  free(before);
+  free(after);
+  st = ts_daemon_stop(&cd);
+  cd.pid = 0;
+  CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "qinsd exit status 0x%x", st);
+  umount2(mnt, MNT_DETACH);
+  _exit(0);
+}
+
+TestSuite(store_ro_mount, .init = setup, .fini = teardown, .timeout = 120);
+
+Test(store_ro_mount, served_with_a_warning_and_writes_refused) {
+  char a_src[128];
+  snprintf(a_src, sizeof a_src, "%s/a.safetensors", dir);
+  write_model(a_src, 2, 256, 512, 7);
+  pid_t pid = fork();
+  cr_assert_geq(pid, 0);
+  if (pid == 0) ro_child(a_src);
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  size_t n = 0;
+  char *msg = qt_read(why, &n);
+  if (WIFEXITED(st) && WEXITSTATUS(st) == SKIP_STATUS)
+    cr_skip_test("cannot mount a tmpfs here, so a read-only store mount is NOT tested: %s",
                  msg ? msg : "?");
   cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (child status 0x%x)",
             msg ? msg : "no message", st);
