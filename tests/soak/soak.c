@@ -11,7 +11,9 @@
  *
  * Each client (a thread with its own connection, raw msgpack-RPC) loops over a weighted mix: get,
  * get with slices and output dtypes, get_many (names and prefix), list, info, models, hello/ping/
- * stats, pipelined bursts, requests that must fail with a given code (NO_TENSOR, NO_MODEL,
+ * stats, pipelined bursts, map (libqins: attach, map a tensor or hyperslab, compare with get, keep
+ * a few leases, now and then close holding them; the arena is 64M, so ARENA_FULL is expected at
+ * times and eviction runs), requests that must fail with a given code (NO_TENSOR, NO_MODEL,
  * BAD_SLICE, DTYPE, BAD_PARAMS, UNKNOWN_METHOD, RESPONSE_TOO_LARGE, PROTO for a non-str method:
  * the connection stays open), malformed streams on a fresh connection (0xc1, a 4 GiB bin header,
  * a wrong type tag, nesting too deep, a non-array: error with msgid 0, then the server closes),
@@ -21,7 +23,8 @@
  * Verdict: every response must match its request (msgid, shape, data size, values of the exact
  * tensors, finite floats) and every error must be the one expected for that request; anything
  * else is an unexpected error. The daemon's RSS (VmRSS and RssAnon from /proc/PID/status) is
- * taken after warm-up and at the end (growth allowed: 5% + 8 MiB), its open descriptors
+ * taken after warm-up and at the end without its arena's shared pages (growth allowed: 5% + 8 MiB;
+ * the arena's pages, RssShmem, must stay within arena-bytes), its open descriptors
  * (/proc/PID/fd) before the clients start and after they all left (must be equal), and it must
  * exit 0 on SIGTERM. Exit status 0 when all holds, 1 otherwise, 2 on bad usage. The daemon is
  * always stopped (SIGTERM, then SIGKILL; PR_SET_PDEATHSIG covers a crash of this program).
@@ -55,6 +58,7 @@
 #define RESP_TIMEOUT_MS 30000  /* a response slower than this under load is a failure */
 #define RSS_SLACK_KIB (8 * 1024) /* allowed RSS growth after warm-up: 8 MiB + 5% */
 #define MAX_RESPONSE "2M"      /* qinsd --max-response-bytes */
+#define ARENA "64M"            /* qinsd --arena-bytes: 64 clients' leases fill it at times */
 
 /* ---- what the store holds ------------------------------------------------------------------- */
 typedef struct tinfo {
@@ -76,12 +80,12 @@ static float exact_value(uint64_t i) { return (float)((int)((i * 37) % 1000) - 5
 /* ---- counters (all threads) ------------------------------------------------------------------- */
 enum {
   OP_GET, OP_SLICE, OP_GET_MANY, OP_LIST, OP_INFO, OP_MODELS, OP_SMALL, OP_PIPELINE, OP_BAD,
-  OP_MALFORMED, OP_ABRUPT, OP_HALFCLOSE, OP_COUNT
+  OP_MALFORMED, OP_ABRUPT, OP_HALFCLOSE, OP_MAP, OP_COUNT
 };
 static const char *const op_names[OP_COUNT] = {
   "get", "slice", "get_many", "list", "info", "models", "hello/ping/stats", "pipelined",
-  "bad-request", "malformed", "abrupt-disconnect", "half-close"};
-static const int op_weight[OP_COUNT] = {18, 24, 8, 6, 6, 2, 4, 6, 12, 4, 4, 2};
+  "bad-request", "malformed", "abrupt-disconnect", "half-close", "map"};
+static const int op_weight[OP_COUNT] = {18, 24, 8, 6, 6, 2, 4, 6, 12, 4, 4, 2, 8};
 
 #define N_CODES 64
 static atomic_ullong n_ops[OP_COUNT];
@@ -558,6 +562,78 @@ static void do_malformed(rng *g) {
   conn_close(&c);
 }
 
+/* ---- the arena: map through libqins, checked against get ------------------------------------- */
+#define MAP_HELD 4 /* leases a client keeps at once (the oldest is released past it) */
+typedef struct mapper {
+  qins_client *c;         /* its own libqins connection, attached; NULL: none yet */
+  uint64_t held[MAP_HELD]; /* leases held, oldest first */
+  int n_held;
+  uint8_t *buf;           /* get's copy, to compare */
+} mapper;
+
+static void mapper_close(mapper *m) {
+  if (m->c) qins_close(m->c); /* the leases end with the connection */
+  m->c = NULL;
+  m->n_held = 0;
+}
+
+/* A random tensor or hyperslab (as make_get picks them) mapped, compared byte for byte with get
+ * of the same, and kept under lease for a while; now and then the connection is closed with its
+ * leases held. ARENA_FULL (every byte leased by the 64 clients) is an expected answer. */
+static void do_map(rng *g, mapper *m) {
+  msgpack_sbuffer sb;
+  msgpack_sbuffer_init(&sb);
+  expect e;
+  do {
+    msgpack_sbuffer_clear(&sb);
+    make_get(g, &sb, &e, 1, (int)rnd_below(g, 2));
+  } while (e.t->raw || get_bytes(e.t, &e) == 0);
+  msgpack_sbuffer_destroy(&sb);
+  if (!m->c) {
+    int rc = qins_connect(&m->c, sock_path, RESP_TIMEOUT_MS);
+    if (rc == 0) rc = qins_attach(m->c, NULL);
+    if (rc) {
+      unexpected("map: connect and attach: %s", qins_strerror(rc));
+      mapper_close(m);
+      return;
+    }
+  }
+  qins_range sl[QINS_MAX_NDIM];
+  for (int d = 0; d < e.nr; d++) sl[d] = (qins_range){e.start[d], e.stop[d]};
+  qins_dtype dt = (qins_dtype)e.dt;
+  qins_mapped mp;
+  atomic_fetch_add(&n_requests, 2);
+  int mapped = 0;
+  int rc = qins_map(m->c, e.t->model, e.t->name, sl, e.nr, dt, &mp);
+  if (rc == QINS_EARENA_FULL) {
+    atomic_fetch_add(&n_errors[-1000 - rc], 1);
+    atomic_fetch_add(&n_responses, 1);
+  } else if (rc) {
+    unexpected("map %s/%s: %s (%s)", e.t->model, e.t->name, qins_strerror(rc),
+               qins_client_error(m->c));
+    mapper_close(m);
+    return;
+  } else {
+    atomic_fetch_add(&n_responses, 1);
+    if (m->n_held == MAP_HELD) {
+      if ((rc = qins_release(m->c, m->held, 1)))
+        unexpected("release: %s (%s)", qins_strerror(rc), qins_client_error(m->c));
+      memmove(m->held, m->held + 1, (MAP_HELD - 1) * sizeof *m->held);
+      m->n_held--;
+    }
+    m->held[m->n_held++] = mp.lease;
+    mapped = 1;
+  }
+  size_t n = 0;
+  rc = qins_get_into(m->c, e.t->model, e.t->name, sl, e.nr, dt, m->buf, 2u << 20, &n, NULL, NULL);
+  atomic_fetch_add(&n_responses, 1);
+  if (rc) unexpected("get %s/%s after map: %s", e.t->model, e.t->name, qins_strerror(rc));
+  else if (mapped && (mp.bytes != n || memcmp(mp.data, m->buf, n)))
+    unexpected("map %s/%s: %zu mapped bytes differ from get's %zu", e.t->model, e.t->name,
+               mp.bytes, n);
+  if (rnd_below(g, 16) == 0) mapper_close(m);
+}
+
 /* ---- a client ---------------------------------------------------------------------------------- */
 typedef struct client {
   int id;
@@ -583,6 +659,7 @@ static void *client_main(void *arg) {
   msgpack_sbuffer sb;
   msgpack_sbuffer_init(&sb);
   expect ex[16];
+  mapper mp = {.buf = malloc(2u << 20)};
   while (!atomic_load(&stop_all) && now_ms() < cl->deadline) {
     if (c.fd < 0 && conn_open(&c, sock_path)) {
       unexpected("client %d: cannot connect: %s", cl->id, strerror(errno));
@@ -605,6 +682,7 @@ static void *client_main(void *arg) {
       }
       break;
     case OP_MALFORMED: do_malformed(&g); continue;
+    case OP_MAP: do_map(&g, &mp); continue;
     case OP_ABRUPT: {
       /* Large requests (or half of one), then gone without reading. */
       if (rnd_below(&g, 2)) {
@@ -640,11 +718,19 @@ static void *client_main(void *arg) {
     }
   }
   conn_close(&c);
+  mapper_close(&mp);
+  free(mp.buf);
   msgpack_sbuffer_destroy(&sb);
   return NULL;
 }
 
 /* ---- the daemon's figures ------------------------------------------------------------------------ */
+static long status_kib(pid_t pid, const char *field);
+/* The daemon's RSS without its arena's shared pages (bounded by arena-bytes, kept once created). */
+static long rss_kib(pid_t pid) {
+  long rss = status_kib(pid, "VmRSS"), shm = status_kib(pid, "RssShmem");
+  return rss < 0 || shm < 0 ? -1 : rss - shm;
+}
 static long status_kib(pid_t pid, const char *field) {
   char path[64], line[256];
   snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
@@ -774,7 +860,7 @@ int main(int argc, char **argv) {
     has_stories = 1;
   }
   const char *extra[] = {"--log-level", "notice", "--max-response-bytes", MAX_RESPONSE,
-                         "--stream-min-bytes", "256K", "--buffer-cache-bytes", "32M", NULL};
+                         "--stream-min-bytes", "256K", "--buffer-cache-bytes", "32M", "--arena-bytes", ARENA, NULL};
   if (ts_daemon_start(&dmn, extra)) {
     fprintf(stderr, "soak: qinsd did not start\n");
     finish(1);
@@ -819,7 +905,7 @@ int main(int argc, char **argv) {
   long rss_warm = -1, anon_warm = -1;
   while (!atomic_load(&stop_all) && now_ms() < end) {
     if (rss_warm < 0 && now_ms() >= t0 + (uint64_t)(warm_s * 1000)) {
-      rss_warm = status_kib(dmn.pid, "VmRSS");
+      rss_warm = rss_kib(dmn.pid);
       anon_warm = status_kib(dmn.pid, "RssAnon");
       printf("soak: warm-up done after %.0f s: %llu requests so far\n", warm_s,
              (unsigned long long)atomic_load(&n_requests));
@@ -843,7 +929,8 @@ int main(int argc, char **argv) {
     if (fds_end == fds_start) break;
     usleep(50000);
   } while (now_ms() < settle);
-  long rss_end = status_kib(dmn.pid, "VmRSS"), anon_end = status_kib(dmn.pid, "RssAnon");
+  long shm_end = status_kib(dmn.pid, "RssShmem");
+  long rss_end = rss_kib(dmn.pid), anon_end = status_kib(dmn.pid, "RssAnon");
 
   int fail = 0;
   unsigned long long req = atomic_load(&n_requests);
@@ -865,9 +952,13 @@ int main(int argc, char **argv) {
   printf("%s\nsoak: errors (unexpected): %llu\n", any ? "" : " none", unexp);
   if (unexp) fail = 1;
   long grow = rss_end - rss_warm, agrow = anon_end - anon_warm;
-  printf("soak: daemon RSS after warm-up %ld KiB (anon %ld KiB), at end %ld KiB (anon %ld KiB): "
-         "%+ld KiB (anon %+ld KiB)\n",
-         rss_warm, anon_warm, rss_end, anon_end, grow, agrow);
+  printf("soak: daemon RSS without the arena after warm-up %ld KiB (anon %ld KiB), at end %ld KiB "
+         "(anon %ld KiB): %+ld KiB (anon %+ld KiB); arena pages %ld KiB (arena-bytes %s)\n",
+         rss_warm, anon_warm, rss_end, anon_end, grow, agrow, shm_end, ARENA);
+  if (shm_end < 0 || shm_end > 64 * 1024) {
+    printf("soak: FAIL: the daemon's shared pages exceed arena-bytes\n");
+    fail = 1;
+  }
   if (rss_warm < 0 || rss_end < 0 || grow > RSS_SLACK_KIB + rss_warm / 20 ||
       agrow > RSS_SLACK_KIB + anon_warm / 20) {
     printf("soak: FAIL: daemon RSS grew beyond 8 MiB + 5%% after warm-up\n");
