@@ -14,7 +14,7 @@
  *      bytes 7-14: a decode range [begin, end) (two u32, reduced modulo n + 1); the rest: the chunk
  *      (qc_chunk_bytes bytes, zero-padded), in a buffer of exactly that size.
  *   2: stored records, as the store reads them for a get or verify. byte 1: bit 0 set = fix up the
- *      checksums (params blob CRC, chunk CRC) so the fuzzer reaches what follows them; u16 LT, LT
+ *      checksums (tensor record CRC, params blob CRC, chunk CRC) so the fuzzer reaches what follows them; u16 LT, LT
  *      bytes of tensor record; u16 LP, LP bytes of params record (read when the tensor names
  *      one); one byte: chunk index (mod n_chunks); the rest: the chunk record.
  * Every piece is copied into a buffer of exactly its size, so an overread is caught.
@@ -53,11 +53,16 @@ static void fuzz_store_records(const uint8_t *data, size_t size) {
   uint8_t *crec = take_copy(&data, &size, size, &lc);
   qs_tensor t;
   qs__trec r;
+  /* fix: valid checksums (the record's own, the params blob's), so mutations reach the checks
+   * behind them; otherwise the checksum is fuzzed as it comes. */
+  if (fix && lt > QS_TENSOR_CRC + 4 && qs__get_u32(trec + QS_TENSOR_CRC))
+    qs__put_u32(trec + QS_TENSOR_CRC, qs__rec_crc(trec, lt, QS_TENSOR_CRC));
   int rc = qs__tensor_rec_decode("fuzz", "m", trec, lt, &t, &r);
   if (getenv("QINS_FUZZ_VERBOSE")) /* which stage an input reaches, for looking into one */
     fprintf(stderr, "tensor record: %s\n", rc ? qs_error() : "ok");
   if (rc) {
-    fz_check(rc == QINS_ECORRUPT || rc == QINS_EVERSION, "tensor record: %d", rc);
+    fz_check(rc == QINS_ECORRUPT || rc == QINS_EVERSION || rc == QINS_ECHECKSUM,
+             "tensor record: %d", rc);
     goto out;
   }
   /* What the readers rely on from here on (record.c). */

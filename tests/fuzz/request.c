@@ -233,6 +233,7 @@ static void check_response(const msgpack_object *o) {
                    code == QINS_EBAD_PARAMS || code == QINS_ENO_MODEL || code == QINS_ENO_TENSOR ||
                    code == QINS_EBAD_SLICE || code == QINS_ERESPONSE_TOO_LARGE ||
                    code == QINS_EDENIED || code == QINS_EDTYPE || code == QINS_EARENA_FULL ||
+                   code == QINS_ENAME || /* a name that is not clean UTF-8 */
                    code == QINS_EUNSUPPORTED; /* model_info: an array left out at import */
     fz_check(expected, "unexpected error %lld (%s): %.*s", (long long)code,
              qins_err_name((int)code), (int)e[1].via.str.size, e[1].via.str.ptr);
