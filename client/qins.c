@@ -659,6 +659,13 @@ static int qcl_again(qins_client *c, const char *what, qcl_retry *rt, int *rc) {
     while (qcl_again((c), (what), &rt_, &(rc)));                                              \
   } while (0)
 
+int qcl__retrying(qins_client *c, const char *what, int (*attempt)(qins_client *, void *),
+                  void *ud) {
+  int rc;
+  QCL_RETRYING(c, what, rc, attempt(c, ud));
+  return rc;
+}
+
 void qins_set_retry(qins_client *c, int budget_ms) {
   c->retry_ms = budget_ms < 0 ? QCL_DEFAULT_RETRY_MS : budget_ms;
 }
@@ -1310,6 +1317,7 @@ qp_rd *qcl__rd(qins_client *c) { return &c->rd; }
 int qcl__skip(qins_client *c) { return qcl_skip(c); }
 int qcl__sock(const qins_client *c) { return c->fd; }
 qcl_arena **qcl__arena(qins_client *c) { return &c->arena; }
+qins_conn_stats *qcl__stats(qins_client *c) { return &c->stats; }
 int qcl__fail(qins_client *c, int code, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);

@@ -100,6 +100,8 @@ typedef struct qins_conn_stats {
   uint64_t reconnects;    /* successful reconnects */
   uint64_t retried_calls; /* calls sent again after a reconnect */
   uint64_t budgets_spent; /* calls that failed because no reconnect succeeded within the budget */
+  uint64_t reattaches;    /* arena attaches redone by a map after a reconnect */
+  uint64_t old_mappings;  /* arena mappings of earlier connections still mapped (leases held) */
 } qins_conn_stats;
 QINS_EXTERN void qins_client_stats(const qins_client *c, qins_conn_stats *out /* out */);
 

@@ -32,6 +32,13 @@ int qcl__lost(int rc);
 int qcl__fail(qins_client *c, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int qcl__sock(const qins_client *c); /* the socket, or -1 when closed */
 qcl_arena **qcl__arena(qins_client *c);
+/* The connection's counters; .generation says which connection is live (+1 per reconnect). */
+qins_conn_stats *qcl__stats(qins_client *c);
+/* Runs attempt(c, ud) as every public call runs its attempt: when it returns a lost connection,
+ * reconnects (within the retry budget, the reconnect callback included) and runs it again whole.
+ * Returns the last attempt's result or the budget's QINS_ECLOSED. */
+int qcl__retrying(qins_client *c, const char *what, int (*attempt)(qins_client *, void *),
+                  void *ud);
 
 /* arena.c: recv() that also takes a file descriptor passed with the bytes (SCM_RIGHTS: the fd
  * travels with `attach`'s answer and a plain recv would silently close it); kept for qins_attach.

@@ -870,19 +870,13 @@ static int m_evict(mprov *m) {
   return 0;
 }
 
-/* The connection was lost (a daemon restart): reconnect (qins_ping rides libqins' retry budget),
- * attach the new daemon's arena and forget every lease (they ended with the old connection). The
- * units' old pointers stay readable (libqins keeps the old mapping, and a dead daemon's pages never
- * change); each unit is mapped again from the new arena when next used. */
-static int m_reattach(mprov *m) {
-  int rc = qins_ping(m->cl);
-  if (!rc) rc = qins_attach(m->cl, NULL);
-  if (rc) return rc;
-  for (int i = 0; i < unit_count(&m->c); i++) m->u[i].mapped = 0;
-  m->held = 0;
-  m->emb = NULL;
-  m->base.reconnects++;
-  return 0;
+/* libqins rides out a daemon restart inside the map calls (docs/client.md §1.1): it reconnects,
+ * re-attaches the new daemon's arena and maps again; units mapped before stay readable where they
+ * are (the old mapping lives while their leases are held; releasing those is local). */
+static void m_count_reconnects(mprov *m) {
+  qins_conn_stats st;
+  qins_client_stats(m->cl, &st);
+  m->base.reconnects = st.reconnects;
 }
 
 static int m_map_unit(mprov *m, int u) {
@@ -896,8 +890,7 @@ static int m_map_unit(mprov *m, int u) {
     if (m_evict(m)) break;
   while ((rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp)) == QINS_EARENA_FULL)
     if (m_evict(m)) break; /* the arena is full of our own leases: stream */
-  if (rc == QINS_ECLOSED && m_reattach(m) == 0) /* the daemon restarted: its new arena */
-    rc = qins_map_many(m->cl, m->model, names, n, QINS_F32, mp);
+  m_count_reconnects(m);
   if (rc) {
     fprintf(stderr, "qins-llama2: mapping unit %d of %s: %s\n", u, m->model,
             qins_client_error(m->cl));
@@ -939,6 +932,7 @@ static int m_embed(wprov *p, int token, float *out) {
     qins_mapped e;
     if (!m->emb) {
       int rc = qins_map(m->cl, m->model, ns_embed[m->nm.ns], NULL, 0, QINS_F32, &e);
+      m_count_reconnects(m);
       if (rc) {
         fprintf(stderr, "qins-llama2: mapping the embedding: %s\n", qins_client_error(m->cl));
         return rc;
