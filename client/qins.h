@@ -70,7 +70,8 @@ QINS_EXTERN void qins_set_timeout(qins_client *c, int timeout_ms);
  * (EOF), reset it, EPIPE, a SHUTDOWN answer, or the connection was already closed by an earlier
  * failure — the library reconnects to the same path (connect + hello, the limits of qins_server
  * re-read) and sends the call again whole: every method but qins_shutdown is a read, so an
- * interrupted call is simply repeated. Attempts are spaced 5 ms, 10 ms, ... up to 200 ms apart
+ * interrupted call is simply repeated (maps re-attach first: "The arena" below; qins_release is
+ * not retried: a lost connection ends its leases). Attempts are spaced 5 ms, 10 ms, ... up to 200 ms apart
  * (a daemon that comes back is found within 200 ms) while connect fails with ENOENT, ECONNREFUSED,
  * EAGAIN or BUSY, for at most the retry budget, counted from the call's first loss; the budget
  * also bounds each attempt's connect and hello. When it is spent the call returns QINS_ECLOSED and
@@ -88,7 +89,8 @@ QINS_EXTERN void qins_set_timeout(qins_client *c, int timeout_ms);
 QINS_EXTERN void qins_set_retry(qins_client *c, int budget_ms);
 
 /* Called on c after each reconnect, before the interrupted call is sent again: the place to
- * restore per-connection state on the new daemon (a future arena lease re-attaches here). Calls on
+ * restore per-connection state on the new daemon (the arena needs nothing here: the next map
+ * re-attaches by itself). Calls on
  * c inside it work but do not themselves reconnect. A nonzero return fails the interrupted call
  * with that code. fn NULL removes it. */
 typedef int (*qins_reconnect_fn)(qins_client *c, void *ud);
@@ -230,8 +232,20 @@ QINS_EXTERN int qins_shutdown(qins_client *c);
  * The mapping stays readable after the daemon dies; qins_close unmaps it (every pointer from
  * qins_map dies then). Errors: QINS_EARENA_FULL when the arena cannot hold the tensor now (all
  * space leased, larger than the arena, or this connection's lease limit): fall back to qins_get;
- * QINS_EUNSUPPORTED when the daemon runs without an arena. After a reconnection, maps fail with
- * QINS_ECLOSED until qins_attach is called again (the leases ended with the old connection). */
+ * QINS_EUNSUPPORTED when the daemon runs without an arena.
+ *
+ * Across a daemon restart (docs/client.md §1.1): attach, map and map_many are retried whole
+ * within the retry budget, like get. The first map after a reconnect re-attaches first (the new
+ * daemon's arena, a new mapping; qins_conn_stats.reattaches counts it): attaching is lazy, so a
+ * client that only gets after a restart never maps the new arena, and a successor without an arena
+ * fails maps (QINS_EUNSUPPORTED), never gets. A pointer obtained before the restart stays
+ * readable with the same bytes for as long as its lease is held: its mapping of the old arena is
+ * kept (qins_conn_stats.old_mappings) until the last of its leases is released, then unmapped (or
+ * at qins_close). Its lease ended with the old connection, so releasing it is local: nothing is
+ * sent, and no lease of the new daemon (which numbers its leases anew) can be hit. A connection
+ * lost to the same daemon (a call timeout, idle-timeout-ms) ends its leases too: the old pointers
+ * then stay readable but their bytes are no longer pinned (the daemon may reuse the space): map
+ * again rather than keep reading them. */
 QINS_EXTERN int qins_attach(qins_client *c, uint64_t *arena_bytes /* out; may be NULL */);
 
 /* One mapped tensor. data is read-only (writing it faults) and valid until its lease is released
@@ -239,7 +253,8 @@ QINS_EXTERN int qins_attach(qins_client *c, uint64_t *arena_bytes /* out; may be
 typedef struct qins_mapped {
   const void *data;              /* the decoded bytes, in the arena mapping (64-byte aligned) */
   size_t bytes;                  /* their length */
-  uint64_t lease;                /* pass to qins_release */
+  uint64_t lease;                /* pass to qins_release: the library's handle, unique for the
+                                    client's life (not the daemon's id, which a restart reuses) */
   uint64_t offset;               /* data's offset in the arena */
   char dtype[8];                 /* "f32", "f16", "bf16" (or a raw tensor's own dtype) */
   int ndim;                      /* dimensions */
@@ -254,8 +269,12 @@ QINS_EXTERN int qins_map(qins_client *c, const char *model, const char *name,
  * nothing: on an error no lease is held. */
 QINS_EXTERN int qins_map_many(qins_client *c, const char *model, const char *const *names, int n,
                               qins_dtype dt, qins_mapped *out /* out: n entries */);
-/* Releases n leases (one round trip). QINS_EBAD_PARAMS naming a lease this connection does not
- * hold (the others are still released). */
+/* Releases n leases: those of the live connection in one round trip, those of an earlier
+ * connection (before a reconnect) locally, any mix in one call. When the connection is lost under
+ * the release, its leases ended with it: 0. QINS_EBAD_PARAMS naming a lease this client does not
+ * hold (unknown, already released, another client's, or listed twice); the others are still
+ * released. Do not read a released lease's bytes again; an earlier connection's mapping is
+ * unmapped with its last lease. */
 QINS_EXTERN int qins_release(qins_client *c, const uint64_t *leases, int n);
 
 #ifdef __cplusplus
