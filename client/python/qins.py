@@ -156,7 +156,8 @@ def parse_slice(spec, shape=None):
 
 
 # Methods sent again whole after a reconnect: every method but shutdown only reads. The arena's
-# are not: their leases and offsets belong to one connection and one daemon (qins_arena.py).
+# attach, map and map_many are retried by qins_arena.py (re-attaching first); release is not: a
+# lost connection ends its leases.
 _NOT_RETRIED = frozenset(["shutdown", "attach", "map", "map_many", "release"])
 # Answers to hello that a restarting daemon explains (try again): BUSY, SHUTDOWN.
 _TRANSIENT_CODES = frozenset([-1009, -1017])
@@ -190,8 +191,10 @@ class Client:
     .server re-read), spacing attempts 5 ms, 10 ms, ... 200 ms apart, and is sent again whole (every
     method but shutdown only reads); only when the budget is spent does it raise QinsError CLOSED
     naming the socket and the budget. Counters: .generation (1, +1 per reconnect), .reconnects,
-    .retried_calls, .budgets_spent. .on_reconnect, if set, is called with the client after each
-    reconnect, before the call is sent again (calls it makes do not themselves reconnect).
+    .retried_calls, .budgets_spent, .reattaches (arena attaches redone by a map after a
+    reconnect), .old_mappings (arena mappings of earlier connections still alive). .on_reconnect,
+    if set, is called with the client after each reconnect, before the call is sent again (calls
+    it makes do not themselves reconnect).
     """
 
     def __init__(self, socket_path=None, timeout=5.0, retry=None):
@@ -206,6 +209,7 @@ class Client:
         self.reconnects = 0
         self.retried_calls = 0
         self.budgets_spent = 0
+        self.reattaches = 0
         self.on_reconnect = None
         self._in_callback = False
         self._shut = False
@@ -272,18 +276,23 @@ class Client:
 
     def call(self, method, **params):
         """One request; returns the result or raises QinsError. params -> [ {params} ] (or [])."""
+        return self._retrying(method, lambda: self._call_once(method, params),
+                              method not in _NOT_RETRIED)
+
+    def _retrying(self, method, attempt, retried=True):
+        """Runs attempt() (one try of a call, raising _Lost for a lost connection); after a loss,
+        reconnects within the budget and runs it again whole (unless retried is False)."""
         if self._shut:
             raise QinsError(CODES["CLOSED"], "%s: the client is closed" % method)
         deadline = None
         cuts = 0
         while True:
             try:
-                return self._call_once(method, params)
+                return attempt()
             except _Lost as lost:
                 if lost.cut:
                     cuts += 1
-                if (self.retry <= 0 or self._in_callback or method in _NOT_RETRIED
-                        or cuts > 1):
+                if (self.retry <= 0 or self._in_callback or not retried or cuts > 1):
                     if cuts > 1:
                         raise QinsError(CODES["CLOSED"], "%s: the connection to %s closed inside "
                                         "the answer twice: the server may have found a damaged "
@@ -474,6 +483,12 @@ class Client:
 
     def mapped(self, model, name, slice=None, dtype="f32"):
         return _arena().mapped(self, model, name, slice, dtype)
+
+    @property
+    def old_mappings(self):
+        """Arena mappings of earlier connections still mapped (arrays over them alive)."""
+        st = getattr(self, "_arena_state", None)
+        return 0 if st is None else len(st.old)
 
     def shutdown(self):
         return self.call("shutdown")

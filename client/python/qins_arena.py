@@ -16,6 +16,15 @@ arrays are released with the client's next arena call (never from inside the gar
 which may run in the middle of another call), and all of them when the connection closes. Do not
 read an array after releasing it explicitly: its bytes may be reused. bf16 is returned as its raw
 uint16 bits (widening to float32 would be a private copy; use qins.bf16_to_f32 if you want one).
+
+Across a daemon restart (docs/client.md §1.1): attach, map and map_many are retried whole within
+the client's retry budget, like get; the first map after a reconnect re-attaches first (the new
+daemon's arena; .reattaches counts it). Arrays mapped before stay valid with their bytes: each
+mapping lives as long as an array over it (.old_mappings counts the earlier ones still alive) and
+a dead daemon's arena is never written again. Their leases ended with the old connection, so
+releasing them (explicitly or by collection) is local and never reaches the new daemon. `.lease`
+is this client's handle, never reused, not the daemon's id (which a restarted daemon reuses).
+After the budget, QinsError CLOSED as for every call; never a bare OSError.
 """
 import array
 import contextlib
@@ -69,15 +78,18 @@ class _Mapping:
 
 
 class _State:
-    """Per-client arena state: the mapping and the leases waiting to be released."""
+    """Per-client arena state: the current mapping and the leases held, by handle."""
 
     def __init__(self):
-        self.mm = None          # the read-only _Mapping of the arena
+        self.mm = None          # the read-only _Mapping of the latest attach
         self.size = 0
-        self.gen = None         # the client's connection generation it belongs to (leases end
+        self.gen = None         # the client's connection generation it was attached on (leases end
                                 # with the connection; a reconnect starts a new generation)
-        self.pending = []       # leases of collected arrays, released by the next arena call
-        self.finalizers = {}    # lease -> weakref.finalize
+        self.old = weakref.WeakSet()  # mappings of earlier attaches, alive while arrays use them
+        self.leases = {}        # handle -> (the daemon's lease id, generation it was taken on)
+        self.next_handle = 0    # the last handle given out
+        self.pending = []       # handles of collected arrays, released by the next arena call
+        self.finalizers = {}    # handle -> weakref.finalize
 
 
 def _state(client):
@@ -92,17 +104,23 @@ def _err(code_name, message):
     return qins.QinsError(qins.CODES[code_name], message)
 
 
-def attach(client):
-    """Sends `attach`, receives the arena fd passed with the answer (recvmsg, SCM_RIGHTS), maps it
-    read-only and closes the fd. Returns the answer ({arena_bytes, max_leases, ...})."""
+def _lost(message, e=None):
+    import qins
+    return qins._Lost(qins._closed(message, e))
+
+
+def _attach_once(client):
+    """One attach on the current connection: sends `attach`, receives the arena fd passed with the
+    answer (recvmsg, SCM_RIGHTS), maps it read-only, closes the fd and makes that mapping the
+    current one. Raises qins._Lost for a lost connection (the caller's retry loop reconnects)."""
     import qins
     sock = client._sock
     if sock is None:
-        raise _err("CLOSED", "attach: the connection is closed")
+        raise _lost("attach: the connection is closed")
     client._msgid = client._msgid % 0xFFFFFFFF + 1
-    sock.sendall(msgpack.packb([0, client._msgid, "attach", []], use_bin_type=True))
     fds, truncated, result = [], False, None
     try:
+        sock.sendall(msgpack.packb([0, client._msgid, "attach", []], use_bin_type=True))
         while result is None:
             for msg in client._unpacker:
                 result = client._answer(msg, "attach")  # raises on an error answer
@@ -118,7 +136,7 @@ def attach(client):
             truncated |= bool(flags & socket.MSG_CTRUNC)
             if not data:
                 client._drop()
-                raise _err("CLOSED", "attach: the server closed the connection")
+                raise _lost("attach: the server closed the connection")
             client._unpacker.feed(data)
         if not fds:
             why = ("the arena fd was dropped on receipt (MSG_CTRUNC: this process is at its "
@@ -131,25 +149,39 @@ def attach(client):
     except socket.timeout:
         client._drop()
         raise qins.QinsError(qins.CODES["TIMEOUT"], "attach: timed out") from None
-    except OSError as e:  # the daemon went away
+    except (msgpack.UnpackException, ValueError) as e:
         client._drop()
-        raise _err("CLOSED", "attach: %s" % e) from None
+        raise _err("PROTO", "attach: malformed response: %s" % e) from None
+    except OSError as e:  # the daemon went away (EPIPE, ECONNRESET), or mmap failed
+        if isinstance(e, (BrokenPipeError, ConnectionError)):
+            client._drop()
+            raise _lost("attach: %s" % qins._why(e), e) from None
+        raise _err("IO", "attach: %s" % qins._why(e)) from None
     finally:
         for fd in fds:
             os.close(fd)  # the mapping keeps the file
     st = _state(client)
-    st.mm, st.size, st.gen = mm, size, getattr(client, "generation", None)
-    st.pending.clear()
+    if st.mm is not None:
+        st.old.add(st.mm)  # alive while arrays over it are
+    st.mm, st.size, st.gen = mm, size, client.generation
     return result
 
 
+def attach(client):
+    """Maps the daemon's arena (see _attach_once); retried within the budget like any call.
+    Returns the answer ({arena_bytes, max_leases, ...})."""
+    return client._retrying("attach", lambda: _attach_once(client))
+
+
 def _ready(client, what):
+    """The state, attached on the live connection: after a reconnect, re-attaches first (the
+    answers' offsets are in the new daemon's arena). Releases collected arrays' leases."""
     st = _state(client)
     if st.mm is None:
         raise _err("INVALID", "%s: not attached: call attach() first" % what)
-    if client._sock is None or getattr(client, "generation", None) != st.gen:
-        raise _err("CLOSED", "%s: the connection was lost or re-established since attach() (its "
-                   "leases ended with it): call attach() again" % what)
+    if st.gen != client.generation:
+        _attach_once(client)
+        client.reattaches += 1
     flush(client)
     return st
 
@@ -170,15 +202,16 @@ def _array(client, st, m):
     a = np.frombuffer(st.mm.buf, dtype=_NP[dt], count=n, offset=off).reshape(shape)
     a.flags.writeable = False  # and the pages are PROT_READ: a write through ctypes faults
     a = a.view(MappedArray)
-    a.lease = lease
-    st.finalizers[lease] = weakref.finalize(a, st.pending.append, lease)
+    st.next_handle += 1
+    a.lease = st.next_handle
+    st.leases[a.lease] = (lease, st.gen)
+    st.finalizers[a.lease] = weakref.finalize(a, st.pending.append, a.lease)
     return a
 
 
 def map(client, model, name, slice=None, dtype="f32"):
     """The tensor (or slice, as Client.get) as a read-only MappedArray over the arena."""
     import qins
-    st = _ready(client, "map")
     p = {"model": model, "name": name}
     if dtype is not None:
         p["dtype"] = dtype
@@ -187,46 +220,77 @@ def map(client, model, name, slice=None, dtype="f32"):
         rng = qins.parse_slice(slice, client.info(model, name)["shape"])
     if rng:
         p["slice"] = rng
-    return _array(client, st, client.call("map", **p))
+
+    def attempt():
+        st = _ready(client, "map")
+        return _array(client, st, client._call_once("map", p))
+    return client._retrying("map", attempt)
 
 
 def map_many(client, model, names=None, prefix=None, dtype="f32"):
     """{name: MappedArray} for the listed names (in order) or every tensor under prefix."""
     import qins
-    st = _ready(client, "map_many")
-    res = client.call("map_many", **qins._many_params(model, names, prefix, dtype))
-    return {m["name"]: _array(client, st, m) for m in res["maps"]}
+    p = qins._many_params(model, names, prefix, dtype)
+
+    def attempt():
+        st = _ready(client, "map_many")
+        res = client._call_once("map_many", p)
+        return {m["name"]: _array(client, st, m) for m in res["maps"]}
+    return client._retrying("map_many", attempt)
+
+
+def _end(client, st, handles):
+    """Ends the leases of handles (all held): those of the live connection in one release, the
+    others locally (they ended with their connection). Returns how many ended."""
+    import qins
+    live = []
+    for h in handles:
+        srv, gen = st.leases.pop(h)
+        if gen == client.generation and client._sock is not None:
+            live.append(srv)
+    if live:
+        try:
+            client._call_once("release", {"leases": live})
+        except qins._Lost:
+            pass  # the connection, and with it these leases, is gone
+    return len(handles)
 
 
 def flush(client):
     """Releases the leases of arrays that were garbage-collected."""
     st = _state(client)
-    if st.pending and client._sock is not None and getattr(client, "generation", None) == st.gen:
-        leases, st.pending[:] = list(st.pending), []
-        for lease in leases:
-            st.finalizers.pop(lease, None)
-        client.call("release", leases=leases)
+    if st.pending:
+        handles, st.pending[:] = [h for h in st.pending if h in st.leases], []
+        for h in handles:
+            st.finalizers.pop(h, None)
+        _end(client, st, handles)
 
 
 def release(client, items):
-    """Releases MappedArrays (or lease ids) now. Their bytes must not be read afterwards."""
+    """Releases MappedArrays (or lease handles) now, with the leases of collected arrays. Their
+    bytes must not be read afterwards. Returns how many leases ended."""
     st = _state(client)
-    leases = []
+    handles, seen, bad = [], set(), None
     for it in items:
-        lease = getattr(it, "lease", it)
-        if lease is None:
+        h = getattr(it, "lease", it)
+        if h is None:
             continue
-        fin = st.finalizers.pop(int(lease), None)
+        h = int(h)
+        fin = st.finalizers.pop(h, None)
         if fin is not None:
             fin.detach()  # released here, not again when collected
-        leases.append(int(lease))
-    leases.extend(st.pending)
+        if h in st.leases and h not in seen:
+            handles.append(h)
+            seen.add(h)
+        elif bad is None:
+            bad = h
+    handles.extend(h for h in st.pending if h in st.leases and h not in seen)
     st.pending.clear()
-    if client._sock is None or getattr(client, "generation", None) != st.gen:
-        return 0  # they ended with the connection they belonged to
-    if not leases:
-        return 0
-    return client.call("release", leases=leases)["released"]
+    n = _end(client, st, handles)
+    if bad is not None:
+        raise _err("BAD_PARAMS", "release: lease %d is not held by this client (unknown or "
+                   "already released); the others were released" % bad)
+    return n
 
 
 @contextlib.contextmanager
@@ -236,5 +300,4 @@ def mapped(client, model, name, slice=None, dtype="f32"):
     try:
         yield a
     finally:
-        if client._sock is not None:
-            release(client, [a])
+        release(client, [a])
