@@ -12,9 +12,9 @@
  * to lie inside the mapping.
  *
  * Lease handles. The lease a caller gets (qins_mapped.lease) is the library's handle, not the
- * daemon's id: handles count up from 1 per client and are never reused, so a handle from an earlier
- * daemon cannot name a lease of the current one (a restarted daemon numbers its leases from 1
- * again). A table (open addressing on the handle) maps each held handle to the daemon's lease and
+ * daemon's id: handles count up from 1 in the process (one counter for every client) and are never
+ * reused, so a handle from an earlier daemon, or from another client, cannot name a lease of this
+ * one (a restarted daemon numbers its leases from 1 again). A table (open addressing on the handle) maps each held handle to the daemon's lease and
  * to the mapping it points into. Invariant: a mapping's `held` is the number of table entries on
  * it; a mapping other than the current one is unmapped when its `held` reaches 0.
  *
@@ -32,6 +32,7 @@
  * trip, and a connection lost under that release ends them all the same.
  */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,7 +69,6 @@ struct qcl_arena {
   qcl_map *old;        /* earlier mappings with leases still held */
   qcl_lease *tab;      /* held leases by handle; cap slots, a power of two, at most half used */
   size_t cap, n;
-  uint64_t next_handle; /* the last handle given out */
 };
 
 static qcl_arena *arena_state(qins_client *c) {
@@ -172,9 +172,13 @@ static void lt_del(qcl_arena *a, size_t i) {
   }
 }
 
+/* Lease handles of the process: one counter for every client, so that a handle given to the wrong
+ * client never names one of its leases. */
+static _Atomic uint64_t qcl_handles;
+
 /* A new handle for daemon lease srv in mapping m (room reserved by lt_reserve). */
 static uint64_t lease_add(qcl_arena *a, uint64_t srv, qcl_map *m) {
-  qcl_lease e = {++a->next_handle, srv, m, 0};
+  qcl_lease e = {atomic_fetch_add(&qcl_handles, 1) + 1, srv, m, 0};
   lt_put(a, e);
   m->held++;
   return e.handle;

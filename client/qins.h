@@ -253,8 +253,8 @@ QINS_EXTERN int qins_attach(qins_client *c, uint64_t *arena_bytes /* out; may be
 typedef struct qins_mapped {
   const void *data;              /* the decoded bytes, in the arena mapping (64-byte aligned) */
   size_t bytes;                  /* their length */
-  uint64_t lease;                /* pass to qins_release: the library's handle, unique for the
-                                    client's life (not the daemon's id, which a restart reuses) */
+  uint64_t lease;                /* pass to qins_release: the library's handle, unique in the
+                                    process (not the daemon's id, which a restart reuses) */
   uint64_t offset;               /* data's offset in the arena */
   char dtype[8];                 /* "f32", "f16", "bf16" (or a raw tensor's own dtype) */
   int ndim;                      /* dimensions */

@@ -23,13 +23,15 @@ daemon's arena; .reattaches counts it). Arrays mapped before stay valid with the
 mapping lives as long as an array over it (.old_mappings counts the earlier ones still alive) and
 a dead daemon's arena is never written again. Their leases ended with the old connection, so
 releasing them (explicitly or by collection) is local and never reaches the new daemon. `.lease`
-is this client's handle, never reused, not the daemon's id (which a restarted daemon reuses).
+is the client's handle, unique in the process, not the daemon's id (which a restarted daemon
+reuses).
 After the budget, QinsError CLOSED as for every call; never a bare OSError.
 """
 import array
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import mmap
 import os
 import socket
@@ -41,6 +43,11 @@ import numpy as np
 _NP = {"f32": "<f4", "f16": "<f2", "bf16": "<u2", "f64": "<f8", "i8": "i1", "u8": "u1",
        "i16": "<i2", "u16": "<u2", "i32": "<i4", "u32": "<u4", "i64": "<i8", "u64": "<u8",
        "bool": "?"}
+
+
+# Lease handles of the process: one counter for every client, so that a handle given to the wrong
+# client never names one of its leases.
+_handles = itertools.count(1)
 
 
 class MappedArray(np.ndarray):
@@ -87,7 +94,6 @@ class _State:
                                 # with the connection; a reconnect starts a new generation)
         self.old = weakref.WeakSet()  # mappings of earlier attaches, alive while arrays use them
         self.leases = {}        # handle -> (the daemon's lease id, generation it was taken on)
-        self.next_handle = 0    # the last handle given out
         self.pending = []       # handles of collected arrays, released by the next arena call
         self.finalizers = {}    # handle -> weakref.finalize
 
@@ -202,8 +208,7 @@ def _array(client, st, m):
     a = np.frombuffer(st.mm.buf, dtype=_NP[dt], count=n, offset=off).reshape(shape)
     a.flags.writeable = False  # and the pages are PROT_READ: a write through ctypes faults
     a = a.view(MappedArray)
-    st.next_handle += 1
-    a.lease = st.next_handle
+    a.lease = next(_handles)
     st.leases[a.lease] = (lease, st.gen)
     st.finalizers[a.lease] = weakref.finalize(a, st.pending.append, a.lease)
     return a
