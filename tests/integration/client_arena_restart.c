@@ -18,34 +18,9 @@
  * the new daemon would end the same client's new lease or be refused. Progress is polled, never
  * timed.
  */
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdio.h>
-#include <time.h>
-
-#include "daemon_fixture.h"
-#include "qins.h"
+#include "client_restart.h"
 
 TestSuite(client_arena_restart, .init = setup, .fini = teardown, .timeout = 180);
-
-static void pause_ms(long ms) {
-  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-  nanosleep(&ts, NULL);
-}
-
-/* SIGTERM (qinsd exits 0) or SIGKILL, then a new qinsd on the same store and socket. */
-static void restart(int sigkill) {
-  if (sigkill) {
-    cr_assert_eq(kill(D.pid, SIGKILL), 0);
-    int st;
-    cr_assert_eq(waitpid(D.pid, &st, 0), D.pid);
-    D.pid = 0;
-  } else {
-    int st = ts_daemon_stop(&D);
-    cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "qinsd exit status 0x%x", st);
-  }
-  cr_assert_eq(ts_daemon_start(&D, NULL), 0, "qinsd restarts on the same store and socket");
-}
 
 /* 1 when address p lies in a mapping of this process (/proc/self/maps). */
 static int is_mapped(const void *p) {
@@ -82,22 +57,11 @@ static const char *const want_names[N_WANT] = {"a.w", "big", "c3", "q8", "l.0.y"
 #define RING 3 /* mappings the worker keeps held across iterations */
 
 typedef struct worker {
-  pthread_t thr;
-  atomic_int stop;
-  atomic_ullong ok;        /* iterations whose every byte was right */
-  atomic_ullong failed;    /* calls that returned an error: must stay 0 */
-  atomic_ullong wrong;     /* bytes that differed: must stay 0 */
-  char first_error[512];
-  qins_conn_stats stats;   /* the client's counters before the final releases */
+  restart_worker base;     /* first: the driver's view */
   int old_release_rc;      /* releasing the first mappings (old leases) at the end */
   uint64_t old_after;      /* old_mappings after that */
   int first_still_mapped;  /* the first mappings' address is mapped after that */
 } worker;
-
-static void note_failure(worker *w, qins_client *c, const char *what) {
-  if (atomic_fetch_add(&w->failed, 1) == 0)
-    snprintf(w->first_error, sizeof w->first_error, "%s: %s", what, qins_client_error(c));
-}
 
 /* m (one mapped request) equals a get of the same request on c; -1 if the get failed. */
 static int equals_get(qins_client *c, const qins_mapped *m, const char *name, const qins_range *r,
@@ -108,15 +72,15 @@ static int equals_get(qins_client *c, const qins_mapped *m, const char *name, co
 }
 
 static void *worker_main(void *arg) {
-  worker *w = arg;
-  qins_client *c = NULL;
-  if (qins_connect(&c, D.sock, 10000)) {
-    atomic_fetch_add(&w->failed, 1);
+  worker *ww = arg;
+  restart_worker *w = &ww->base;
+  size_t cap = 1024 * 600 * 4; /* the largest tensor, "big" */
+  uint8_t *want[N_WANT], *buf = malloc(cap);
+  qins_client *c = worker_connect(w);
+  if (!c) {
+    free(buf);
     return NULL;
   }
-  qins_set_retry(c, 60000);
-  size_t cap = 1024 * 600 * 4;
-  uint8_t *buf = malloc(cap), *want[N_WANT];
   qins_mapped first[N_WANT], ring[RING];
   uint8_t *ring_want[RING] = {0}; /* what each ring entry read when mapped */
   int in_ring = 0;
@@ -176,15 +140,15 @@ static void *worker_main(void *arg) {
   {
     uint64_t l[N_WANT];
     for (int i = 0; i < N_WANT; i++) l[i] = first[i].lease;
-    w->old_release_rc = qins_release(c, l, N_WANT);
+    ww->old_release_rc = qins_release(c, l, N_WANT);
     if (in_ring) {
       for (int j = 0; j < in_ring; j++) l[j] = ring[j].lease;
       if (qins_release(c, l, in_ring)) note_failure(w, c, "release of the ring");
     }
     qins_conn_stats st;
     qins_client_stats(c, &st);
-    w->old_after = st.old_mappings;
-    w->first_still_mapped = is_mapped(first[0].data);
+    ww->old_after = st.old_mappings;
+    ww->first_still_mapped = is_mapped(first[0].data);
   }
   for (int i = 0; i < N_WANT; i++) free(want[i]);
   for (int j = 0; j < RING; j++) free(ring_want[j]);
@@ -194,32 +158,16 @@ out:
   return NULL;
 }
 
-static void wait_ok(worker *w, unsigned long long from, unsigned long long more) {
-  while (atomic_load(&w->ok) + atomic_load(&w->wrong) < from + more && !atomic_load(&w->failed))
-    pause_ms(2);
-}
-
 Test(client_arena_restart, maps_ride_through_five_restarts) {
   worker w;
   memset(&w, 0, sizeof w);
-  cr_assert_eq(pthread_create(&w.thr, NULL, worker_main, &w), 0);
-  wait_ok(&w, 0, 5);
-  for (int r = 0; r < 5; r++) {
-    restart(r == 2);
-    /* Iterations counted from here ran on the new daemon: each needed a reconnect. */
-    wait_ok(&w, atomic_load(&w.ok) + atomic_load(&w.wrong), 2 * RING + 2);
-  }
-  atomic_store(&w.stop, 1);
-  pthread_join(w.thr, NULL);
+  ride_five_restarts(&w.base, worker_main, 2 * RING + 2);
   cr_log_info("client_arena_restart: %llu good iterations, %llu reconnects, %llu re-attaches",
-              (unsigned long long)atomic_load(&w.ok), (unsigned long long)w.stats.reconnects,
-              (unsigned long long)w.stats.reattaches);
-  cr_expect_eq(atomic_load(&w.failed), 0, "an error reached the caller: %s", w.first_error);
-  cr_expect_eq(atomic_load(&w.wrong), 0, "mapped bytes differing from get's or from before");
-  cr_expect_eq(w.stats.reconnects, 5, "one reconnect per restart");
-  cr_expect_eq(w.stats.reattaches, 5, "one re-attach per restart");
-  cr_expect_eq(w.stats.budgets_spent, 0);
-  cr_expect_geq(w.stats.old_mappings, 1, "the first daemon's mapping is kept while leased");
+              (unsigned long long)atomic_load(&w.base.ok),
+              (unsigned long long)w.base.stats.reconnects,
+              (unsigned long long)w.base.stats.reattaches);
+  cr_expect_eq(w.base.stats.reattaches, 5, "one re-attach per restart");
+  cr_expect_geq(w.base.stats.old_mappings, 1, "the first daemon's mapping is kept while leased");
   cr_expect_eq(w.old_release_rc, 0, "releasing the first daemon's leases");
   cr_expect_eq(w.old_after, 0, "every old mapping went with its last lease");
   cr_expect_not(w.first_still_mapped, "the first daemon's mapping is unmapped");

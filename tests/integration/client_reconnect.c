@@ -17,13 +17,8 @@
  * Progress is polled, never timed.
  */
 #include <errno.h>
-#include <pthread.h>
-#include <stdatomic.h>
-#include <stdio.h>
-#include <time.h>
 
-#include "daemon_fixture.h"
-#include "qins.h"
+#include "client_restart.h"
 
 TestSuite(client_reconnect, .init = setup, .fini = teardown, .timeout = 120);
 
@@ -33,31 +28,11 @@ static int64_t now_ms(void) {
   return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void pause_ms(long ms) {
-  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-  nanosleep(&ts, NULL);
-}
-
 static qins_client *conn(void) {
   qins_client *c = NULL;
   int rc = qins_connect(&c, D.sock, 10000);
   cr_assert_eq(rc, 0, "qins_connect %s: %s", D.sock, qins_strerror(rc));
   return c;
-}
-
-/* SIGTERM (qinsd exits 0) or SIGKILL, then a new qinsd on the same store and socket. */
-static void restart(int sigkill) {
-  if (sigkill) {
-    cr_assert_eq(kill(D.pid, SIGKILL), 0);
-    int st;
-    cr_assert_eq(waitpid(D.pid, &st, 0), D.pid);
-    cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
-    D.pid = 0;
-  } else {
-    int st = ts_daemon_stop(&D);
-    cr_assert(st >= 0 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "qinsd exit status 0x%x", st);
-  }
-  cr_assert_eq(ts_daemon_start(&D, NULL), 0, "qinsd restarts on the same store and socket");
 }
 
 /* The tensors the worker fetches: their expected bytes, taken before any restart. */
@@ -95,50 +70,36 @@ static void expect_free(expect *e) {
 }
 
 typedef struct worker {
-  pthread_t thr;
+  restart_worker base; /* first: the driver's view */
   const expect *e;
-  atomic_int stop;
-  atomic_ullong ok;      /* answers equal to the expected bytes */
-  atomic_ullong failed;  /* calls that returned an error: must stay 0 */
-  atomic_ullong wrong;   /* answers that differ: must stay 0 */
-  char first_error[512]; /* the first failure's message */
-  qins_conn_stats stats; /* the client's counters at the end */
 } worker;
 
-static void note_failure(worker *w, qins_client *c) {
-  if (atomic_fetch_add(&w->failed, 1) == 0)
-    snprintf(w->first_error, sizeof w->first_error, "%s", qins_client_error(c));
-}
-
 static void *worker_main(void *arg) {
-  worker *w = arg;
-  qins_client *c = NULL;
-  if (qins_connect(&c, D.sock, 10000)) {
-    atomic_fetch_add(&w->failed, 1);
-    return NULL;
-  }
-  qins_set_retry(c, 60000); /* restarts on a loaded machine: no error may reach this caller */
+  worker *ww = arg;
+  restart_worker *w = &ww->base;
+  qins_client *c = worker_connect(w);
+  if (!c) return NULL;
   size_t cap = 1024 * 600 * 4;
   uint8_t *buf = malloc(cap);
   for (unsigned long k = 0; !atomic_load(&w->stop); k++) {
     int i = (int)(k % N_WANT), rc = 0, good = 0;
-    const uint8_t *want = w->e->data[i];
+    const uint8_t *want = ww->e->data[i];
     size_t n = 0;
     switch (k % 4) {
     case 0: /* whole, into the caller's buffer */
       rc = qins_get_into(c, "m", want_names[i], NULL, 0, QINS_F32, buf, cap, &n, NULL, NULL);
-      good = !rc && n == w->e->bytes[i] && !memcmp(buf, want, n);
+      good = !rc && n == ww->e->bytes[i] && !memcmp(buf, want, n);
       break;
     case 1: { /* whole, allocated by the library */
       void *p = NULL;
       rc = qins_get(c, "m", want_names[i], NULL, 0, QINS_F32, &p, &n, NULL, NULL);
-      good = !rc && n == w->e->bytes[i] && !memcmp(p, want, n);
+      good = !rc && n == ww->e->bytes[i] && !memcmp(p, want, n);
       qins_free(p);
       break;
     }
     case 2: { /* the first row */
       const std_tensor *t = std_find(want_names[i]);
-      size_t row = t->ndim >= 2 ? w->e->bytes[i] / t->shape[0] : w->e->bytes[i];
+      size_t row = t->ndim >= 2 ? ww->e->bytes[i] / t->shape[0] : ww->e->bytes[i];
       qins_range r = {0, t->ndim >= 1 ? (t->ndim >= 2 ? 1 : t->shape[0]) : 0};
       rc = qins_get_into(c, "m", want_names[i], &r, t->ndim >= 1, QINS_F32, buf, cap, &n, NULL,
                          NULL);
@@ -149,12 +110,12 @@ static void *worker_main(void *arg) {
       qins_get_req rq[2] = {{.name = "a.w", .buf = buf, .buf_bytes = cap / 2},
                             {.name = "q8", .buf = buf + cap / 2, .buf_bytes = cap / 2}};
       rc = qins_get_many_into(c, "m", rq, 2, QINS_F32);
-      good = !rc && rq[0].out_bytes == w->e->bytes[0] && rq[1].out_bytes == w->e->bytes[3] &&
-             !memcmp(buf, w->e->data[0], rq[0].out_bytes) &&
-             !memcmp(buf + cap / 2, w->e->data[3], rq[1].out_bytes);
+      good = !rc && rq[0].out_bytes == ww->e->bytes[0] && rq[1].out_bytes == ww->e->bytes[3] &&
+             !memcmp(buf, ww->e->data[0], rq[0].out_bytes) &&
+             !memcmp(buf + cap / 2, ww->e->data[3], rq[1].out_bytes);
     }
     }
-    if (rc) note_failure(w, c);
+    if (rc) note_failure(w, c, "get");
     else if (good) atomic_fetch_add(&w->ok, 1);
     else atomic_fetch_add(&w->wrong, 1);
   }
@@ -164,11 +125,6 @@ static void *worker_main(void *arg) {
   return NULL;
 }
 
-/* Waits until the worker has `more` good answers past `from` (bounded by the suite's timeout). */
-static void wait_ok(worker *w, unsigned long long from, unsigned long long more) {
-  while (atomic_load(&w->ok) < from + more && !atomic_load(&w->failed)) pause_ms(2);
-}
-
 /* Issue 18's acceptance: 5 restarts, one of them a SIGKILL, under a worker's gets. */
 Test(client_reconnect, gets_ride_through_five_restarts) {
   expect e;
@@ -176,23 +132,11 @@ Test(client_reconnect, gets_ride_through_five_restarts) {
   worker w;
   memset(&w, 0, sizeof w);
   w.e = &e;
-  cr_assert_eq(pthread_create(&w.thr, NULL, worker_main, &w), 0);
-  wait_ok(&w, 0, 5);
-  for (int r = 0; r < 5; r++) {
-    restart(r == 2);
-    /* Answers counted from here come from the new daemon: each needed a reconnect. */
-    wait_ok(&w, atomic_load(&w.ok), 5);
-  }
-  atomic_store(&w.stop, 1);
-  pthread_join(w.thr, NULL);
+  ride_five_restarts(&w.base, worker_main, 5);
   cr_log_info("client_reconnect: %llu good answers, %llu reconnects, %llu calls sent again",
-              (unsigned long long)atomic_load(&w.ok), (unsigned long long)w.stats.reconnects,
-              (unsigned long long)w.stats.retried_calls);
-  cr_expect_eq(atomic_load(&w.failed), 0, "an error reached the caller: %s", w.first_error);
-  cr_expect_eq(atomic_load(&w.wrong), 0, "answers differing from the expected bytes");
-  cr_expect_eq(w.stats.reconnects, 5, "one reconnect per restart");
-  cr_expect_eq(w.stats.generation, 6);
-  cr_expect_eq(w.stats.budgets_spent, 0);
+              (unsigned long long)atomic_load(&w.base.ok),
+              (unsigned long long)w.base.stats.reconnects,
+              (unsigned long long)w.base.stats.retried_calls);
   expect_free(&e);
 }
 

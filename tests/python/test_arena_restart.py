@@ -17,7 +17,6 @@ import gc
 import os
 import signal
 import sys
-import threading
 import time
 import unittest
 
@@ -25,41 +24,20 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_client import qins, serve  # noqa: E402
-from test_reconnect import wait_until  # noqa: E402
+import test_reconnect as base  # noqa: E402  its daemon, model and restart
+from test_reconnect import MODEL, TENSORS, qins, restart, wait_until  # noqa: E402
 
-MODEL = "r"
-rng = np.random.default_rng(1814)
-TENSORS = {
-    "w": rng.standard_normal((64, 96)).astype("<f4"),
-    "big": rng.standard_normal((512, 600)).astype("<f4"),  # 1.2 MB
-    "v": rng.standard_normal((40,)).astype("<f4"),
-    "u": rng.standard_normal((8, 5)).astype("<f4"),
-}
-NAMES = sorted(TENSORS)
+NAMES = sorted(n for n, a in TENSORS.items() if a.dtype == np.float32)  # map() asks for f32
 RING = 3  # arrays the worker holds across iterations
-
-D = None
 
 
 def setUpModule():
-    global D
-    D = serve(TENSORS, MODEL)
+    base.setUpModule()
 
 
 def tearDownModule():
-    status = D.stop()
+    status = base.D.stop()
     assert status in (0, None), "qinsd exited %r on SIGTERM" % status
-
-
-def restart(sig=signal.SIGTERM):
-    """Stops qinsd (SIGTERM: it exits 0; SIGKILL) and starts a new one on the same store and
-    socket."""
-    D.proc.send_signal(sig)
-    status = D.proc.wait(30)
-    if sig == signal.SIGTERM:
-        assert status == 0, "qinsd exited %r on SIGTERM" % status
-    D.start()
 
 
 def address(a):
@@ -78,24 +56,21 @@ def is_mapped(addr):
 
 def daemon_leases():
     """The daemon's arena_leases (every connection's), through a client of its own."""
-    with qins.Client(D.sock) as c:
+    with qins.Client(base.D.sock) as c:
         return c.stats()["arena_leases"]
 
 
-class Worker(threading.Thread):
+class Worker(base.Worker):
+    """test_reconnect's worker (its counters: ok, errors, wrong), mapping instead of getting."""
+
     def __init__(self):
-        super().__init__(daemon=True)
-        self.stop = False
-        self.ok = 0
-        self.errors = []
-        self.wrong = []
-        self.client = None
+        super().__init__()
         self.first_addr = None
         self.after = None  # (old_mappings, the first mapping still mapped) after the releases
 
     def run(self):
         try:
-            c = self.client = qins.Client(D.sock, retry=60)  # no error may reach this caller
+            c = self.client = qins.Client(base.D.sock, retry=60)  # no error may reach this caller
             self.work(c)
             # Every array of the run went with work()'s frame; the interpreter may drop the last
             # reference a moment later (polled, bounded: a mapping kept alive fails the test).
@@ -170,7 +145,7 @@ class ArenaRestartTest(unittest.TestCase):
         c.close()
 
     def old_release_is_local(self, sig):
-        a = qins.Client(D.sock, retry=60)
+        a = qins.Client(base.D.sock, retry=60)
         a.attach()
         old = a.map_many(MODEL, names=NAMES)
         self.assertEqual(daemon_leases(), len(NAMES))
@@ -179,8 +154,8 @@ class ArenaRestartTest(unittest.TestCase):
         restart(sig)
         self.assertEqual(daemon_leases(), 0, "a new daemon, no leases")
         # a first on the new daemon: its leases there have the numbers its first old ones had.
-        fresh = [a.map(MODEL, "w"), a.map(MODEL, "u")]
-        b = qins.Client(D.sock, retry=60)
+        fresh = [a.map(MODEL, "w"), a.map(MODEL, "big")]
+        b = qins.Client(base.D.sock, retry=60)
         b.attach()
         bm = b.map_many(MODEL, names=["big", "v"])
         self.assertEqual(daemon_leases(), 4)
@@ -220,18 +195,18 @@ class ArenaRestartTest(unittest.TestCase):
         self.old_release_is_local(signal.SIGKILL)
 
     def test_the_budget_spent_is_a_qins_error(self):
-        c = qins.Client(D.sock, retry=0.5)
+        c = qins.Client(base.D.sock, retry=0.5)
         c.attach()
         held = c.map(MODEL, "v")
-        D.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(D.proc.wait(30), 0)
+        base.D.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(base.D.proc.wait(30), 0)
         try:
             with self.assertRaises(qins.QinsError) as e:  # never a bare OSError
                 c.map(MODEL, "w")
         finally:
-            D.start()
+            base.D.start()
         self.assertEqual(e.exception.name, "CLOSED")
-        self.assertIn(D.sock, e.exception.message)
+        self.assertIn(base.D.sock, e.exception.message)
         self.assertEqual(held.tobytes(), TENSORS["v"].tobytes(), "still readable")
         w = c.map(MODEL, "w")
         self.assertEqual(w.tobytes(), TENSORS["w"].tobytes(), "back up")

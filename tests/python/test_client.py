@@ -102,6 +102,15 @@ class Daemon:
                 s.close()
         raise RuntimeError("qinsd did not come up:\n" + self.log_text())
 
+    def restart(self, sig=signal.SIGTERM):
+        """Stops qinsd (SIGTERM: it exits 0; SIGKILL) and starts a new one on the same store and
+        socket."""
+        self.proc.send_signal(sig)
+        status = self.proc.wait(30)
+        if sig == signal.SIGTERM:
+            assert status == 0, "qinsd exited %r on SIGTERM" % status
+        self.start()
+
     def log_text(self):
         try:
             with open(self.log) as f:

@@ -44,13 +44,7 @@ def tearDownModule():
 
 
 def restart(sig=signal.SIGTERM):
-    """Stops qinsd (SIGTERM: it exits 0; SIGKILL) and starts a new one on the same store and
-    socket."""
-    D.proc.send_signal(sig)
-    status = D.proc.wait(30)
-    if sig == signal.SIGTERM:
-        assert status == 0, "qinsd exited %r on SIGTERM" % status
-    D.start()
+    D.restart(sig)
 
 
 def wait_until(pred, what):
