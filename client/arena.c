@@ -14,8 +14,8 @@
  * Lease handles. The lease a caller gets (qins_mapped.lease) is the library's handle, not the
  * daemon's id: handles count up from 1 in the process (one counter for every client) and are never
  * reused, so a handle from an earlier daemon, or from another client, cannot name a lease of this
- * one (a restarted daemon numbers its leases from 1 again). A table (open addressing on the handle) maps each held handle to the daemon's lease and
- * to the mapping it points into. Invariant: a mapping's `held` is the number of table entries on
+ * one (a restarted daemon numbers its leases from 1 again). A table (open addressing on the
+ * handle) maps each held handle to the daemon's lease and to the mapping it points into. Invariant: a mapping's `held` is the number of table entries on
  * it; a mapping other than the current one is unmapped when its `held` reaches 0.
  *
  * Reconnection (docs/client.md §1.1). Leases belong to one connection: when it is lost, the daemon
