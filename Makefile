@@ -260,7 +260,7 @@ BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 # Where $(PYTHON) looks under PREFIX: lib/python3.X/dist-packages on Debian, site-packages elsewhere.
 PYTHONDIR   ?= $(PREFIX)/$(shell $(PYTHON) -c 'import sys; print("lib/python%d.%d/%s" % (sys.version_info[0], \
   sys.version_info[1], "dist-packages" if any(p.endswith("dist-packages") for p in sys.path) else "site-packages"))')
-PY_MODULE   := $(wildcard client/python/qins.py)
+PY_MODULE   := $(wildcard client/python/qins.py client/python/qins_arena.py)
 PY_PACKAGE  := $(patsubst %/__init__.py,%,$(wildcard client/python/qins/__init__.py))
 D := $(DESTDIR)
 INSTALLED = $(addprefix $(D)$(BINDIR)/,$(notdir $(BINS))) $(D)$(INCLUDEDIR)/qins.h $(D)$(INCLUDEDIR)/qins_base.h \
@@ -268,7 +268,7 @@ INSTALLED = $(addprefix $(D)$(BINDIR)/,$(notdir $(BINS))) $(D)$(INCLUDEDIR)/qins
   $(D)$(LIBDIR)/pkgconfig/qins.pc $(D)$(MANDIR)/man8/qinsd.8 $(D)$(MANDIR)/man1/qinsctl.1 \
   $(D)$(UNITDIR)/qinsd.service $(D)$(UNITDIR)/qinsd.socket $(D)$(TMPFILESDIR)/qinsd.conf \
   $(D)$(DOCDIR)/qinsd.conf.example $(D)$(BASHCOMPDIR)/qinsctl \
-  $(if $(PY_MODULE),$(D)$(PYTHONDIR)/qins.py $(D)$(PYTHONDIR)/__pycache__/qins.*.pyc)
+  $(foreach m,$(basename $(notdir $(PY_MODULE))),$(D)$(PYTHONDIR)/$(m).py $(D)$(PYTHONDIR)/__pycache__/$(m).*.pyc)
 
 install: all
 	install -d $(D)$(BINDIR) $(D)$(LIBDIR)/pkgconfig $(D)$(INCLUDEDIR) $(D)$(MANDIR)/man1 \

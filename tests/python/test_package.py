@@ -68,6 +68,10 @@ class PackageTest(unittest.TestCase):
             got = run([py, "-c", "import qins; c = qins.Client(%r); print(c.get('p', 't').tolist())"
                        % d.sock], cwd=self.elsewhere, env=env)
             self.assertEqual(got.strip(), str(a.tolist()))
+            # ... and maps from its arena (the arena module is installed with it).
+            got = run([py, "-c", "import qins; c = qins.Client(%r); c.attach(); "
+                       "print(c.map('p', 't').tolist())" % d.sock], cwd=self.elsewhere, env=env)
+            self.assertEqual(got.strip(), str(a.tolist()))
         finally:
             d.stop()
 
