@@ -304,14 +304,16 @@ class Client:
                 self._reconnect(method, deadline, lost)
 
     def _reconnect(self, method, deadline, lost):
-        attempts, pause, last = 0, _BACKOFF_MIN, lost
+        # Only the messages are kept: an exception held in a local would tie its traceback's
+        # frames (and the caller's arrays) into a cycle only the garbage collector frees.
+        attempts, pause, last = 0, _BACKOFF_MIN, lost.error.message
         while True:
             attempts += 1
             try:
                 self._open(deadline)
                 break
             except _Lost as e:
-                last = e
+                last = e.error.message
             except QinsError as e:
                 raise QinsError(e.code, "%s: reconnecting to %s: %s"
                                 % (method, self.path, e.message)) from None
@@ -321,7 +323,7 @@ class Client:
                 raise QinsError(CODES["CLOSED"], "%s: lost the connection to %s (%s) and could not "
                                 "reconnect within the %d ms retry budget (%d attempts, last: %s)"
                                 % (method, self.path, lost.error.message, round(self.retry * 1000),
-                                   attempts, last.error.message)) from None
+                                   attempts, last)) from None
             time.sleep(min(pause, left))
             pause = min(pause * 2, _BACKOFF_MAX)
         self.reconnects += 1
@@ -488,7 +490,7 @@ class Client:
     def old_mappings(self):
         """Arena mappings of earlier connections still mapped (arrays over them alive)."""
         st = getattr(self, "_arena_state", None)
-        return 0 if st is None else len(st.old)
+        return 0 if st is None else sum(r() is not None for r in st.old)
 
     def shutdown(self):
         return self.call("shutdown")

@@ -68,8 +68,9 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 
 class _Mapping:
     """A read-only MAP_SHARED mapping made with libc's mmap (Python's mmap module keeps a duplicate
-    of the fd open as long as the mapping lives; this keeps none). Unmapped when the last array
-    over it is gone: arrays reference .buf, which references this."""
+    of the fd open as long as the mapping lives; this keeps none). .buf is what arrays reference;
+    it is unmapped as soon as .buf is gone (the last array over it, and this object): a finalizer
+    on .buf, not a reference cycle, so that no garbage collection is needed."""
 
     def __init__(self, fd, size):
         addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -78,10 +79,7 @@ class _Mapping:
             raise OSError(e, "mmap of the %d-byte arena: %s" % (size, os.strerror(e)))
         self.addr, self.size = addr, size
         self.buf = (ctypes.c_char * size).from_address(addr)
-        self.buf.owner = self  # numpy keeps buf, buf keeps this
-
-    def __del__(self):
-        _libc.munmap(self.addr, self.size)
+        weakref.finalize(self.buf, _libc.munmap, addr, size)
 
 
 class _State:
@@ -92,7 +90,8 @@ class _State:
         self.size = 0
         self.gen = None         # the client's connection generation it was attached on (leases end
                                 # with the connection; a reconnect starts a new generation)
-        self.old = weakref.WeakSet()  # mappings of earlier attaches, alive while arrays use them
+        self.old = []           # weakrefs to .buf of earlier attaches' mappings (alive while
+                                # arrays over them are)
         self.leases = {}        # handle -> (the daemon's lease id, generation it was taken on)
         self.pending = []       # handles of collected arrays, released by the next arena call
         self.finalizers = {}    # handle -> weakref.finalize
@@ -168,7 +167,7 @@ def _attach_once(client):
             os.close(fd)  # the mapping keeps the file
     st = _state(client)
     if st.mm is not None:
-        st.old.add(st.mm)  # alive while arrays over it are
+        st.old = [r for r in st.old if r() is not None] + [weakref.ref(st.mm.buf)]
     st.mm, st.size, st.gen = mm, size, client.generation
     return result
 
