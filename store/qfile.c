@@ -11,7 +11,8 @@
  * Export walks the model twice under one read transaction: once to size the body (from the
  * records), once to write it at its final offset while hashing pieces; the header and index go in
  * last, then the file is renamed into place. Import reads the file sequentially one piece at a time
- * (bounded memory: one piece and one chunk), verifies each piece and every record's checksum and
+ * (bounded memory: one piece and one chunk; the caller's own already-verified file, pull's staging
+ * file, is mapped and read in place instead), verifies each piece and every record's checksum and
  * stages the chunk records as they are (qs_import_tensor_chunk); the model is published by
  * qs_import_commit only after the last byte verified, so a bad file leaves the store unchanged.
  */
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -330,7 +332,9 @@ typedef struct qf_r {
   qs_qfile_header h;
   const uint8_t *index;     /* 32 + 32 * n_pieces */
   int pieces_verified;      /* skip the per-piece SHA-256 (the caller checked them) */
-  uint8_t *buf;             /* current piece */
+  const uint8_t *map;       /* the whole file mapped (pieces_verified: the caller's own file) */
+  uint8_t *buf;             /* current piece, read (no map) */
+  const uint8_t *cur;       /* current piece: buf or in map */
   uint64_t piece, len, pos; /* its index, bytes, read position */
   EVP_MD_CTX *body, *whole;
   qs_progress_cb progress;
@@ -342,7 +346,8 @@ static int qf_next_piece(qf_r *r) {
   if (i >= r->h.n_pieces) return qs__fail(QINS_ECORRUPT, "%s: body ends inside a record", r->what);
   uint64_t off = r->h.data_off + i * r->h.piece_size, n = r->h.file_bytes - off;
   if (n > r->h.piece_size) n = r->h.piece_size;
-  for (uint64_t got = 0; got < n;) {
+  r->cur = r->map ? r->map + off : r->buf;
+  for (uint64_t got = 0; !r->map && got < n;) {
     ssize_t k = pread(r->fd, r->buf + got, (size_t)(n - got), (off_t)(off + got));
     if (k < 0 && errno == EINTR) continue;
     if (k <= 0)
@@ -352,13 +357,13 @@ static int qf_next_piece(qf_r *r) {
   }
   if (!r->pieces_verified) {
     uint8_t d[32];
-    qs_sha256(r->buf, n, d);
+    qs_sha256(r->cur, n, d);
     if (memcmp(d, r->index + 32 + 32 * i, 32))
       return qs__fail(QINS_ECHECKSUM, "%s: piece %llu (bytes %llu..%llu) fails its SHA-256", r->what,
                       (unsigned long long)i, (unsigned long long)off, (unsigned long long)(off + n));
   }
-  if (!r->pieces_verified) EVP_DigestUpdate(r->body, r->buf, n);
-  if (r->whole) EVP_DigestUpdate(r->whole, r->buf, n);
+  if (!r->pieces_verified) EVP_DigestUpdate(r->body, r->cur, n);
+  if (r->whole) EVP_DigestUpdate(r->whole, r->cur, n);
   r->piece = i;
   r->len = n;
   r->pos = 0;
@@ -366,6 +371,7 @@ static int qf_next_piece(qf_r *r) {
   return 0;
 }
 
+/* The next n bytes of the body into dst, or only stepped over when dst is NULL. */
 static int qf_get(qf_r *r, void *dst, uint64_t n) {
   uint8_t *d = dst;
   while (n) {
@@ -375,12 +381,44 @@ static int qf_get(qf_r *r, void *dst, uint64_t n) {
     }
     uint64_t take = r->len - r->pos;
     if (take > n) take = n;
-    memcpy(d, r->buf + r->pos, take);
+    if (d) {
+      memcpy(d, r->cur + r->pos, take);
+      d += take;
+    }
     r->pos += take;
-    d += take;
     n -= take;
   }
   return 0;
+}
+
+/* The next chunk record (header, then its payload), contiguous in *rec: in place in the mapped
+ * file (no copy), else read into *buf (grown to *cap as needed). */
+static int qf_get_chunk(qf_r *r, const char *tn, uint64_t ci, uint8_t **buf, size_t *cap,
+                        const uint8_t **rec, uint64_t *pay) {
+  uint8_t ch[QS_CHUNK_HDR];
+  const uint8_t *at = r->map ? r->map + (r->piece == UINT64_MAX ? r->h.data_off :
+                                          r->h.data_off + r->piece * r->h.piece_size + r->pos) : NULL;
+  int rc = qf_get(r, ch, sizeof ch);
+  if (rc) return rc;
+  *pay = qs__get_u64(ch + 8);
+  if (*pay > QF_CHUNK_MAX || memcmp(ch, QS_MAGIC_CHUNK, 4))
+    return qs__fail(QINS_ECORRUPT, "%s: tensor %s: chunk %llu is malformed", r->what, tn,
+                    (unsigned long long)ci);
+  if (at) {
+    *rec = at;
+    return qf_get(r, NULL, *pay);
+  }
+  if (*cap < QS_CHUNK_HDR + *pay) {
+    free(*buf);
+    *cap = QS_CHUNK_HDR + *pay;
+    if (!(*buf = malloc(*cap))) {
+      *cap = 0;
+      return qs__fail(QINS_ENOMEM, "out of memory");
+    }
+  }
+  memcpy(*buf, ch, sizeof ch);
+  *rec = *buf;
+  return qf_get(r, *buf + QS_CHUNK_HDR, *pay);
 }
 
 /* Reads a record's variable parts and trailing CRC-32C, checked against hdr + parts. */
@@ -425,7 +463,17 @@ int qs_qfile_import(qs_store *s, const char *path, const qs_qfile_import_opts *o
                   (uint64_t)st.st_size < r.h.file_bytes ? "truncated" : "trailing bytes");
     goto out;
   }
-  if (!(index = malloc(r.h.index_bytes)) || !(r.buf = malloc(r.h.piece_size)) ||
+  if (o->pieces_verified) {
+    /* The caller's own file (pull's staging file, locked): read in place, no copy. */
+    void *m = mmap(NULL, r.h.file_bytes, PROT_READ, MAP_SHARED, r.fd, 0);
+    if (m == MAP_FAILED) {
+      rc = qs__fail(QINS_EIO, "%s: mmap: %s", path, strerror(errno));
+      goto out;
+    }
+    r.map = m;
+    madvise(m, r.h.file_bytes, MADV_SEQUENTIAL);
+  }
+  if (!(index = malloc(r.h.index_bytes)) || (!r.map && !(r.buf = malloc(r.h.piece_size))) ||
       !(r.body = EVP_MD_CTX_new()) || !EVP_DigestInit_ex(r.body, EVP_sha256(), NULL)) {
     rc = qs__fail(QINS_ENOMEM, "out of memory");
     goto out;
@@ -512,29 +560,14 @@ int qs_qfile_import(qs_store *s, const char *path, const qs_qfile_import_opts *o
     }
     uint32_t tcrc = 0;
     for (uint64_t ci = 0; ci < nch; ci++) {
-      uint8_t ch[QS_CHUNK_HDR];
-      if ((rc = qf_get(&r, ch, sizeof ch))) goto out;
-      uint64_t pay = qs__get_u64(ch + 8);
-      if (pay > QF_CHUNK_MAX || memcmp(ch, QS_MAGIC_CHUNK, 4)) {
-        rc = qs__fail(QINS_ECORRUPT, "%s: tensor %s: chunk %llu is malformed", path, tn,
-                      (unsigned long long)ci);
-        goto out;
-      }
-      if (chunk_cap < QS_CHUNK_HDR + pay) {
-        free(chunk);
-        chunk_cap = QS_CHUNK_HDR + pay;
-        if (!(chunk = malloc(chunk_cap))) {
-          rc = qs__fail(QINS_ENOMEM, "out of memory");
-          goto out;
-        }
-      }
-      memcpy(chunk, ch, sizeof ch);
-      if ((rc = qf_get(&r, chunk + QS_CHUNK_HDR, pay))) goto out;
-      if ((rc = qs_import_tensor_chunk(im, chunk, QS_CHUNK_HDR + pay))) {
+      const uint8_t *rec = NULL;
+      uint64_t pay = 0;
+      if ((rc = qf_get_chunk(&r, tn, ci, &chunk, &chunk_cap, &rec, &pay))) goto out;
+      if ((rc = qs_import_tensor_chunk(im, rec, QS_CHUNK_HDR + pay))) {
         rc = qs__fail(rc, "%s: %s", path, qs_error());
         goto out;
       }
-      tcrc = qs__crc32c(tcrc, ch + 4, 4);
+      tcrc = qs__crc32c(tcrc, rec + 4, 4);
     }
     if (tcrc != qs__get_u32(th + 128)) {
       rc = qs__fail(QINS_ECHECKSUM, "%s: tensor %s fails its checksum", path, tn);
@@ -584,6 +617,7 @@ int qs_qfile_import(qs_store *s, const char *path, const qs_qfile_import_opts *o
   im = NULL;
 out:
   if (im) qs_import_abort(im);
+  if (r.map) munmap((void *)r.map, r.h.file_bytes);
   if (r.fd >= 0) close(r.fd);
   EVP_MD_CTX_free(r.body);
   EVP_MD_CTX_free(r.whole);
