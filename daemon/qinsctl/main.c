@@ -33,7 +33,7 @@ static const qctl_cmd qctl_cmds[] = {
      "export MODEL OUT.qins --format qins [--piece-size BYTES]"},
     {"pull", qctl_cmd_pull, "fetch a .qins model over HTTP(S)/file://, verified, resumable",
      "pull URL [--model NAME] [--sha256 HEX] [--connections N] [--retries N] "
-     "[--connect-timeout S] [--low-speed-time S]"},
+     "[--connect-timeout S] [--low-speed-time S] [--cacert FILE]"},
     {"rm", qctl_cmd_rm, "remove a model (atomic)", "rm MODEL"},
     {"verify", qctl_cmd_verify, "check every checksum and decode every record", "verify [MODEL]"},
     {"audit", qctl_cmd_audit, "storage footprint per model and tensor, totals, LMDB file use",

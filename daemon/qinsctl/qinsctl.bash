@@ -25,7 +25,7 @@ _qinsctl() {
 
   case $prev in
     --store) COMPREPLY=($(compgen -d -- "$cur")); return ;;
-    --socket | -o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    --socket | -o | --cacert) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     --codec) COMPREPLY=($(compgen -W "f32 f16 bf16 qins8 qins16 seed-log seed-rational qinsx" -- "$cur")); return ;;
     --dtype) COMPREPLY=($(compgen -W "f32 f16 bf16" -- "$cur")); return ;;
     --effort) COMPREPLY=($(compgen -W "max" -- "$cur")); return ;;
