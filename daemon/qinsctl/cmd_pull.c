@@ -687,6 +687,7 @@ static int qp_stage_open(qp *p, qp_stage *st) {
   snprintf(st->part, sizeof st->part, "%s/%s.part", st->dir, id);
   snprintf(st->mapf, sizeof st->mapf, "%s/%s.map", st->dir, id);
   if (!mkdir(c->store, 0700)) st->made_store = 1;
+  else if (errno != EEXIST) return qctl_fail(c, "store %s: cannot create: %s", c->store, strerror(errno));
   if (!mkdir(st->dir, 0700)) st->made_dir = 1;
   else if (errno != EEXIST) return qctl_fail(c, "%s: %s", st->dir, strerror(errno));
   struct stat sb;

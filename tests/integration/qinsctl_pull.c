@@ -642,9 +642,20 @@ Test(qinsctl_pull, failed_pull_into_a_new_store_leaves_no_directory) {
   free(err);
   snprintf(mdb, sizeof mdb, "%s/data.mdb", store);
   cr_assert(!exists(mdb), "a failed pull created an LMDB environment in %s", store);
-  char *out = NULL;
-  cr_assert_eq(ctl(store, &out, &err, "--json", "pull", u, NULL), 0, "%s", err);
+  /* The next pull, with the right --sha256, hashes the kept pieces in place and fetches none. */
+  char *out = NULL, src[256];
+  path(src, sizeof src, "src");
+  cr_assert_eq(ctl(src, &out, NULL, "--json", "export", "m", qfile, "--format", "qins",
+                   "--piece-size", PIECE, NULL), 0);
+  char *sha = strstr(out, "\"sha256\":\"");
+  cr_assert(sha);
+  sha[10 + 64] = 0;
+  char hex[65];
+  snprintf(hex, sizeof hex, "%s", sha + 10);
+  free(out);
+  cr_assert_eq(ctl(store, &out, &err, "--json", "pull", u, "--sha256", hex, NULL), 0, "%s", err);
   cr_assert_eq(json_u64(out, "pieces_fetched"), 0, "%s", out);
+  cr_assert_eq(json_u64(out, "pieces_reused"), n_pieces, "%s", out);
   free(out);
   free(err);
   assert_same_export(store, "m");
