@@ -473,6 +473,18 @@ static void serve_variant(const char *file, size_t cut, long flip) {
   free(b);
 }
 
+/* The source file's whole SHA-256 in hex, as export --json prints it (export again: same bytes). */
+static void source_sha256(char hex[65]) {
+  char *out = NULL, src[256];
+  path(src, sizeof src, "src");
+  cr_assert_eq(ctl(src, &out, NULL, "--json", "export", "m", qfile, "--format", "qins",
+                   "--piece-size", PIECE, NULL), 0);
+  char *sha = strstr(out, "\"sha256\":\"");
+  cr_assert(sha && strlen(sha) >= 10 + 64, "%s", out);
+  snprintf(hex, 65, "%.64s", sha + 10);
+  free(out);
+}
+
 static void expect_fail(const char *store, const char *u, const char *needle, const char *extra1,
                         const char *extra2) {
   char *before = models(store), *err = NULL;
@@ -534,16 +546,10 @@ Test(qinsctl_pull, truncated_404_stall_and_wrong_sha_fail_clearly) {
   expect_fail(store, u, "timed out", NULL, NULL);
   close(fd);
   /* The right --sha256 (the whole file's) is accepted. */
-  char *out = NULL, *err = NULL, src[256];
-  path(src, sizeof src, "src");
-  cr_assert_eq(ctl(src, &out, NULL, "--json", "export", "m", qfile, "--format", "qins",
-                   "--piece-size", PIECE, NULL), 0);
-  char *sha = strstr(out, "\"sha256\":\"");
-  cr_assert(sha);
-  sha[10 + 64] = 0;
+  char hex[65], *err = NULL;
+  source_sha256(hex);
   url(u, sizeof u, "m.qins");
-  cr_assert_eq(ctl(store, NULL, &err, "pull", u, "--sha256", sha + 10, NULL), 0, "%s", err);
-  free(out);
+  cr_assert_eq(ctl(store, NULL, &err, "pull", u, "--sha256", hex, NULL), 0, "%s", err);
   free(err);
 }
 
@@ -643,16 +649,8 @@ Test(qinsctl_pull, failed_pull_into_a_new_store_leaves_no_directory) {
   snprintf(mdb, sizeof mdb, "%s/data.mdb", store);
   cr_assert(!exists(mdb), "a failed pull created an LMDB environment in %s", store);
   /* The next pull, with the right --sha256, hashes the kept pieces in place and fetches none. */
-  char *out = NULL, src[256];
-  path(src, sizeof src, "src");
-  cr_assert_eq(ctl(src, &out, NULL, "--json", "export", "m", qfile, "--format", "qins",
-                   "--piece-size", PIECE, NULL), 0);
-  char *sha = strstr(out, "\"sha256\":\"");
-  cr_assert(sha);
-  sha[10 + 64] = 0;
-  char hex[65];
-  snprintf(hex, sizeof hex, "%s", sha + 10);
-  free(out);
+  char *out = NULL, hex[65];
+  source_sha256(hex);
   cr_assert_eq(ctl(store, &out, &err, "--json", "pull", u, "--sha256", hex, NULL), 0, "%s", err);
   cr_assert_eq(json_u64(out, "pieces_fetched"), 0, "%s", out);
   cr_assert_eq(json_u64(out, "pieces_reused"), n_pieces, "%s", out);
