@@ -427,7 +427,9 @@ int qs_qfile_export(qs_store *s, const char *model, const char *path, uint64_t p
 typedef struct qs_qfile_import_opts {
   const char *model;        /* store it under this name; NULL: the name in the file */
   const uint8_t *sha256;    /* 32 bytes: the whole file must have this SHA-256; NULL: no check */
-  int pieces_verified;      /* the caller already checked each piece's SHA-256 (qinsctl pull) */
+  int pieces_verified;      /* the caller already checked each piece's SHA-256 and owns the file
+                               (qinsctl pull's staging file): it is mapped and read in place, not
+                               hashed again; it must not shrink during the import */
   qs_progress_cb progress;  /* file bytes done/total; may be NULL */
   void *progress_ud;
 } qs_qfile_import_opts;
