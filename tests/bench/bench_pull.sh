@@ -4,10 +4,10 @@
 # 1 GiB FP32 (16 matrices 4096x4096 + norms, safetensors) is imported (qins8) and exported as a
 # .qins file; Debian's nginx-light serves both files on 127.0.0.1 (a free port, its own config in a
 # temp dir, stopped on exit). Then, alternated, best of REPS: `curl -o /dev/null` of the .qins file
-# (the reference), `curl | sha256sum` of it (a fetch that verifies, on one core), `qinsctl pull` of
-# it into a fresh store (fetch rate, SHA-256 of every piece included, and the whole pull with its
-# import), and the time until the model serves on a second store via pull vs via fetching the FP32
-# safetensors with curl and importing them there.
+# (the reference), `curl | openssl dgst -sha256` of it (a fetch that verifies, one core, SHA-NI),
+# `qinsctl pull` of it into a fresh store (fetch rate, SHA-256 of every piece included, and the
+# whole pull with its import), and the time until the model serves on a second store via pull vs
+# via fetching the FP32 safetensors with curl and importing them there.
 # Needs $QINS_BUILD (set by run.sh). GIB=N for another FP32 size, REPS (2), CONNS (4).
 set -eu
 BUILD="${QINS_BUILD:-build}"
@@ -75,7 +75,7 @@ cat "$D/www/m.qins" "$D/www/m.safetensors" >/dev/null   # page cache warm for ev
 best_curl=""; best_sum=""; best_fetch=""; best_pull=""; best_fp32=""
 for r in $(seq "$REPS"); do
   t0=$(now); curl -s -o /dev/null "$URL"; t1=$(now); c=$(secs "$t0" "$t1")
-  t0=$(now); curl -s "$URL" | sha256sum >/dev/null; t1=$(now); cs=$(secs "$t0" "$t1")
+  t0=$(now); curl -s "$URL" | openssl dgst -sha256 >/dev/null; t1=$(now); cs=$(secs "$t0" "$t1")
   rm -rf "$D/p"; t0=$(now)
   js=$("$BUILD/qinsctl" --store "$D/p" --json pull "$URL" --connections "$CONNS"); t1=$(now)
   p=$(secs "$t0" "$t1")
@@ -84,7 +84,7 @@ for r in $(seq "$REPS"); do
   curl -s -o "$D/f.safetensors" "http://127.0.0.1:$PORT/m.safetensors"
   "$BUILD/qinsctl" --store "$D/f" import "$D/f.safetensors" --model m >/dev/null; t1=$(now)
   rm -f "$D/f.safetensors"; i32=$(secs "$t0" "$t1")
-  echo "run $r: curl $c s, curl|sha256sum $cs s, pull fetch $f s, pull total $p s, FP32 fetch+import $i32 s"
+  echo "run $r: curl $c s, curl|openssl-sha256 $cs s, pull fetch $f s, pull total $p s, FP32 fetch+import $i32 s"
   if [ -z "$best_curl" ] || lt "$c" "$best_curl"; then best_curl=$c; fi
   if [ -z "$best_sum" ] || lt "$cs" "$best_sum"; then best_sum=$cs; fi
   if [ -z "$best_fetch" ] || lt "$f" "$best_fetch"; then best_fetch=$f; fi
@@ -96,7 +96,7 @@ cmp -s "$D/re.qins" "$D/www/m.qins" || { echo "bench_pull: the pulled model's ex
 mb() { calc %.0f "$1 / 1000000 / $2"; }
 echo "model: $(calc %.2f "$FP32 / 1073741824") GiB FP32, .qins $(calc %.1f "$QB / 1048576") MiB (qins8), nginx on 127.0.0.1, best of $REPS, $CONNS connections"
 echo "curl -o /dev/null of the .qins:   $best_curl s  $(mb "$QB" "$best_curl") MB/s  (reference)"
-echo "curl | sha256sum (one core):      $best_sum s  $(mb "$QB" "$best_sum") MB/s  $(calc %.2f "$best_curl / $best_sum")x curl"
-echo "pull, fetch + verify pieces:      $best_fetch s  $(mb "$QB" "$best_fetch") MB/s  $(calc %.2f "$best_curl / $best_fetch")x curl, $(calc %.2f "$best_sum / $best_fetch")x curl|sha256sum"
+echo "curl | openssl dgst -sha256:      $best_sum s  $(mb "$QB" "$best_sum") MB/s  $(calc %.2f "$best_curl / $best_sum")x curl"
+echo "pull, fetch + verify pieces:      $best_fetch s  $(mb "$QB" "$best_fetch") MB/s  $(calc %.2f "$best_curl / $best_fetch")x curl, $(calc %.2f "$best_sum / $best_fetch")x curl|openssl-sha256"
 echo "pull, total (+ import, publish):  $best_pull s  $(mb "$QB" "$best_pull") MB/s  $(calc %.2f "$best_curl / $best_pull")x curl"
 echo "time to serve on a second store: pull $best_pull s vs FP32 safetensors fetch + import $best_fp32 s ($(calc %.1f "$best_fp32 / $best_pull")x faster)"
