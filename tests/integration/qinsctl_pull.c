@@ -421,11 +421,13 @@ static pid_t start_cut_pull(char *store, size_t cap) {
   return pid;
 }
 
-/* The cut pull's log lines are counted, then nginx serves at full speed for the resumed pull. */
+/* The cut pull's log lines are counted once nginx has stopped (it logs a request whose client
+ * was killed when it notices, which can be after the kill returns), then nginx serves at full
+ * speed for the resumed pull. */
 static void restart_and_resume(const char *store) {
   size_t lines;
-  log_bytes("ngx/access.log", 0, &lines);
   ngx_stop();
+  log_bytes("ngx/access.log", 0, &lines);
   rate_limited = 0;
   ngx_start();
   resume_check(store, lines);
