@@ -574,3 +574,87 @@ Test(daemon_arena, map_worker_rides_out_a_daemon_restart) {
   free(a);
   free(b);
 }
+
+/* ---- the warm reserve (arena-warm-bytes; docs/qinsd.md "The arena") ----------------------------- */
+#define WARM (16u << 20)
+#define WARM_CHUNK_SLACK (8u << 20) /* map.c creates at most one chunk past the reserve */
+static const char *const warm_args[] = {"--arena-bytes", "64M", "--arena-warm-bytes", "16M", NULL};
+static void setup_warm(void) {
+  fixture_args = warm_args;
+  setup();
+  fixture_args = NULL;
+}
+
+/* Nothing before the first attach; the reserve after it; made up after maps take it, with
+ * resident bytes bounded by what entries use plus the reserve (and one chunk). */
+Test(daemon_arena, warm_reserve_follows_attach_and_maps, .init = setup_warm) {
+  cr_assert_eq(stat_u64("arena_warm_bytes"), WARM);
+  cr_assert_eq(stat_u64("arena_warm_pending"), 0, "nothing is due before an attach");
+  cr_assert_eq(stat_u64("arena_resident"), 0, "an arena nobody attached to has no pages");
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "the reserve is created after attach");
+  uint64_t res = stat_u64("arena_resident");
+  cr_assert_geq(stat_u64("arena_warm"), WARM);
+  cr_assert_geq(res, WARM);
+  cr_assert_leq(res, WARM + WARM_CHUNK_SLACK, "resident %llu", (unsigned long long)res);
+  cr_assert_geq(stat_u64("arena_warm_created"), WARM);
+  /* Maps take pages from the reserve (kept leased), which is then made up. */
+  const qins_dtype dts[] = {QINS_F32, QINS_F16, QINS_BF16};
+  qins_mapped m[3];
+  for (int d = 0; d < 3; d++) {
+    cr_assert_eq(qins_map(c, "m", "big", NULL, 0, dts[d], &m[d]), 0, "%s", qins_client_error(c));
+    same_as_get(c, "q8", NULL, 0, dts[d]); /* small, released: stays cached */
+  }
+  uint64_t used = stat_u64("arena_used");
+  cr_assert_geq(used, 1024 * 600 * (4 + 2 + 2));
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "the reserve is made up");
+  uint64_t warm = stat_u64("arena_warm");
+  res = stat_u64("arena_resident");
+  cr_assert_geq(warm, WARM, "warm %llu after maps", (unsigned long long)warm);
+  cr_assert_geq(res, used + WARM - 64 * 1024, "resident %llu, used %llu", (unsigned long long)res,
+                (unsigned long long)used);
+  cr_assert_leq(res, used + WARM + WARM_CHUNK_SLACK + 16 * 4096, "resident %llu, used %llu",
+                (unsigned long long)res, (unsigned long long)used);
+  cr_assert_leq(res, 64u << 20);
+  for (int d = 0; d < 3; d++) cr_assert_eq(qins_release(c, &m[d].lease, 1), 0);
+  qins_close(c);
+}
+
+/* A reserve larger than the arena creates the arena's pages and no more. */
+static const char *const warm_big_args[] = {"--arena-bytes", "8M", "--arena-warm-bytes", "1G", NULL};
+static void setup_warm_big(void) {
+  fixture_args = warm_big_args;
+  setup();
+  fixture_args = NULL;
+}
+
+Test(daemon_arena, warm_reserve_is_capped_at_the_arena, .init = setup_warm_big) {
+  cr_assert_eq(stat_u64("arena_warm_bytes"), 8u << 20, "the reserve is capped at arena-bytes");
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  same_as_get(c, "big", NULL, 0, QINS_F32); /* decodes into pages the reserve created */
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  qins_close(c);
+}
+
+/* arena-warm-bytes 0: pages appear only as maps decode into them. */
+static const char *const warm_off_args[] = {"--arena-warm-bytes", "0", NULL};
+static void setup_warm_off(void) {
+  fixture_args = warm_off_args;
+  setup();
+  fixture_args = NULL;
+}
+
+Test(daemon_arena, no_warm_reserve_creates_nothing_before_a_map, .init = setup_warm_off) {
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 0, "attach created pages");
+  same_as_get(c, "big", NULL, 0, QINS_F32);
+  uint64_t res = stat_u64("arena_resident");
+  cr_assert_geq(res, 1024 * 600 * 4);
+  cr_assert_leq(res, 1024 * 600 * 4 + 4 * 4096, "resident %llu", (unsigned long long)res);
+  cr_assert_eq(stat_u64("arena_warm_created"), 0);
+  qins_close(c);
+}
