@@ -150,6 +150,37 @@ static double warm_wait(qins_client *c) {
   return now_s() - t0;
 }
 
+/* Starts qinsd with args, or removes its dir and exits. */
+static void start_or_exit(ts_daemon *d, const char *const *args) {
+  if (ts_daemon_start(d, args)) {
+    ts_dir_remove(d, 1);
+    exit(1);
+  }
+}
+
+/* A new connection to sock, attached, or exits. */
+static qins_client *attached(const char *sock) {
+  qins_client *c = conn(sock);
+  if (qins_attach(c, NULL)) {
+    fprintf(stderr, "bench_arena: attach: %s\n", qins_client_error(c));
+    exit(1);
+  }
+  return c;
+}
+
+/* Prints one first-delivery line: get of `name` (after an untimed get that warms the store's
+ * pages) next to the first map of it; `warm`: the daemon's reserve is made up (untimed) first. */
+static void first_delivery(qins_client *c, const char *name, double mb, const char *suffix,
+                           const char *note, int warm) {
+  time_get(c, name);
+  double g1 = time_get(c, name);
+  if (warm) warm_wait(c);
+  double m1 = time_map(c, name);
+  printf("arena_first_delivery_%.0fMiB_qins8%s: map %.1f ms (%.2f GB/s) | get %.1f ms (%.2f GB/s) "
+         "| ratio %.2f (%s, and the client reading every page)\n", mb, suffix, m1 * 1e3,
+         mb * MiB / m1 / 1e9, g1 * 1e3, mb * MiB / g1 / 1e9, g1 / m1, note);
+}
+
 static uint64_t pss_kib(pid_t pid) {
   char path[64], line[256];
   snprintf(path, sizeof path, "/proc/%d/smaps_rollup", (int)pid);
@@ -216,6 +247,10 @@ int main(void) {
     return 1;
   }
   const char *args[] = {"--log-level", "notice", NULL};
+  const char *warm_note = "target >= 2.5; map: decode into arena pages the warm reserve created "
+                          "after attach";
+  const char *evicted_note = "arena-warm-bytes 0; map: decode into arena pages an evicted entry "
+                             "left";
   const char *cold[] = {"--log-level", "notice", "--arena-warm-bytes", "0", NULL};
   /* Does this qinsd serve the arena? Asked on the empty store, before the large one is built. */
   if (ts_daemon_start(&d, cold)) {
@@ -243,60 +278,32 @@ int main(void) {
   /* 1 on pages the warm reserve created: a fresh daemon (default arena-warm-bytes), the reserve
    * made up untimed after attach and again before each map. The store's pages are warmed by an
    * untimed get first, so both paths read the same cached compressed bytes. */
-  if (ts_daemon_start(&d, args)) {
-    ts_dir_remove(&d, 1);
-    return 1;
-  }
-  c = conn(d.sock);
+  start_or_exit(&d, args);
   uint64_t pss0 = pss_kib(d.pid);
-  if (qins_attach(c, NULL)) {
-    fprintf(stderr, "bench_arena: attach: %s\n", qins_client_error(c));
-    return 1;
-  }
+  c = attached(d.sock);
   double warm_s = warm_wait(c);
   printf("arena_warm_reserve: %.0f MiB of arena pages created in the background %.2f s after "
          "attach (default arena-warm-bytes; polled, untimed for the figures below) | qinsd PSS "
          "%.0f MiB before attach, %.0f MiB with the reserve\n",
          (double)stat_u64(c, "arena_warm") / MiB, warm_s, pss0 / 1024.0, pss_kib(d.pid) / 1024.0);
   const char *first[2] = {"q64", "q256"};
-  for (int k = 0; k < 2; k++) {
-    double mb = (k ? 256 : 64);
-    time_get(c, first[k]);
-    double g1 = time_get(c, first[k]);
-    warm_wait(c);
-    double m1 = time_map(c, first[k]);
-    printf("arena_first_delivery_%.0fMiB_qins8: map %.1f ms (%.2f GB/s) | get %.1f ms (%.2f GB/s) "
-           "| ratio %.2f (target >= 2.5; map: decode into arena pages the warm reserve created "
-           "after attach, and the client reading every page)\n",
-           mb, m1 * 1e3, mb * MiB / m1 / 1e9, g1 * 1e3, mb * MiB / g1 / 1e9, g1 / m1);
-  }
+  first_delivery(c, first[0], 64, "", warm_note, 1);
+  first_delivery(c, first[1], 256, "", warm_note, 1);
   qins_close(c);
   ts_daemon_stop(&d);
   /* 1 and 2: first and repeat delivery on new arena pages (no reserve). */
-  if (ts_daemon_start(&d, cold)) {
-    ts_dir_remove(&d, 1);
-    return 1;
-  }
-  c = conn(d.sock);
-  if (qins_attach(c, NULL)) {
-    fprintf(stderr, "bench_arena: attach: %s\n", qins_client_error(c));
-    return 1;
-  }
+  start_or_exit(&d, cold);
+  c = attached(d.sock);
   for (int k = 0; k < 2; k++) {
     double mb = (k ? 256 : 64);
-    time_get(c, first[k]);
-    double g1 = time_get(c, first[k]);
-    double m1 = time_map(c, first[k]);
+    first_delivery(c, first[k], mb, "_new_pages", "arena-warm-bytes 0; map: decode into arena "
+                   "pages created now", 0);
     double g2 = 1e9, m2 = 1e9;
     for (int r = 0; r < 5; r++) {
       double g = time_get(c, first[k]), m = time_map(c, first[k]);
       if (g < g2) g2 = g;
       if (m < m2) m2 = m;
     }
-    printf("arena_first_delivery_%.0fMiB_qins8_new_pages: map %.1f ms (%.2f GB/s) | get %.1f ms "
-           "(%.2f GB/s) | ratio %.2f (arena-warm-bytes 0; map: decode into arena pages created "
-           "now, and the client reading every page)\n",
-           mb, m1 * 1e3, mb * MiB / m1 / 1e9, g1 * 1e3, mb * MiB / g1 / 1e9, g1 / m1);
     printf("arena_repeat_%.0fMiB_qins8: map %.3f ms | get %.1f ms | ratio %.1f (target >= 50; "
            "best of 5; both read every page)\n",
            mb, m2 * 1e3, g2 * 1e3, g2 / m2);
@@ -308,32 +315,16 @@ int main(void) {
    * start of them. */
   const char *small[] = {"--log-level", "notice", "--arena-bytes", "288M", "--arena-warm-bytes",
                          "0", NULL};
-  if (ts_daemon_start(&d, small)) {
-    ts_dir_remove(&d, 1);
-    return 1;
-  }
-  c = conn(d.sock);
-  if (qins_attach(c, NULL)) return 1;
+  start_or_exit(&d, small);
+  c = attached(d.sock);
   time_map(c, "g1");
-  const char *reuse[2] = {"q256", "q64"};
-  for (int k = 0; k < 2; k++) {
-    double mb = (k ? 64 : 256);
-    time_get(c, reuse[k]);
-    double g1 = time_get(c, reuse[k]);
-    double m1 = time_map(c, reuse[k]);
-    printf("arena_first_delivery_%.0fMiB_qins8_evicted_pages: map %.1f ms (%.2f GB/s) | get %.1f "
-           "ms (%.2f GB/s) | ratio %.2f (arena-warm-bytes 0; map: decode into arena pages an "
-           "evicted entry left, and the client reading every page)\n",
-           mb, m1 * 1e3, mb * MiB / m1 / 1e9, g1 * 1e3, mb * MiB / g1 / 1e9, g1 / m1);
-  }
+  first_delivery(c, "q256", 256, "_evicted_pages", evicted_note, 0);
+  first_delivery(c, "q64", 64, "_evicted_pages", evicted_note, 0);
   qins_close(c);
   ts_daemon_stop(&d);
   /* 3: PSS of one decoded copy shared by 4 workers vs 4 copies, on a fresh daemon without a
    * reserve (which would add its arena-warm-bytes to the daemon's share: printed above). */
-  if (ts_daemon_start(&d, cold)) {
-    ts_dir_remove(&d, 1);
-    return 1;
-  }
+  start_or_exit(&d, cold);
   uint64_t shared = pss_run(d.sock, d.pid, 1);
   uint64_t copies = pss_run(d.sock, d.pid, 0);
   double one = 1024.0 * 1024.0; /* KiB in 1 GiB: one decoded copy */

@@ -289,19 +289,19 @@ Test(daemon_arena, killed_client_leases_are_released) {
 }
 
 /* ---- small arenas ------------------------------------------------------------------------------ */
+/* A test's own .init: the fixture's daemon started with extra flags `args`. */
+#define SETUP_WITH(fn, args) \
+  static void fn(void) {     \
+    fixture_args = args;     \
+    setup();                 \
+    fixture_args = NULL;     \
+  }
+
 static const char *const small_args[] = {"--arena-bytes", "3M", NULL};
-static void setup_small(void) {
-  fixture_args = small_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_small, small_args)
 
 static const char *const mid_args[] = {"--arena-bytes", "4M", NULL};
-static void setup_mid(void) {
-  fixture_args = mid_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_mid, mid_args)
 
 static int fill_replaced(qs_store *s, void *ud) {
   (void)ud;
@@ -367,11 +367,7 @@ Test(daemon_arena, full_arena_says_so_and_get_still_works, .init = setup_small) 
 }
 
 static const char *const tiny_args[] = {"--arena-bytes", "1M", "--arena-max-leases", "2", NULL};
-static void setup_tiny(void) {
-  fixture_args = tiny_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_tiny, tiny_args)
 
 Test(daemon_arena, larger_than_arena_and_lease_limit, .init = setup_tiny) {
   qins_client *c = attached();
@@ -392,11 +388,7 @@ Test(daemon_arena, larger_than_arena_and_lease_limit, .init = setup_tiny) {
 }
 
 static const char *const off_args[] = {"--arena-bytes", "0", NULL};
-static void setup_off(void) {
-  fixture_args = off_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_off, off_args)
 
 Test(daemon_arena, no_arena_is_unsupported, .init = setup_off) {
   qins_client *c = cl();
@@ -579,11 +571,7 @@ Test(daemon_arena, map_worker_rides_out_a_daemon_restart) {
 #define WARM (16u << 20)
 #define WARM_CHUNK_SLACK (8u << 20) /* map.c creates at most one chunk past the reserve */
 static const char *const warm_args[] = {"--arena-bytes", "64M", "--arena-warm-bytes", "16M", NULL};
-static void setup_warm(void) {
-  fixture_args = warm_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_warm, warm_args)
 
 /* Nothing before the first attach; the reserve after it; made up after maps take it, with
  * resident bytes bounded by what entries use plus the reserve (and one chunk). */
@@ -622,11 +610,7 @@ Test(daemon_arena, warm_reserve_follows_attach_and_maps, .init = setup_warm) {
 
 /* A reserve larger than the arena creates the arena's pages and no more. */
 static const char *const warm_big_args[] = {"--arena-bytes", "8M", "--arena-warm-bytes", "1G", NULL};
-static void setup_warm_big(void) {
-  fixture_args = warm_big_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_warm_big, warm_big_args)
 
 Test(daemon_arena, warm_reserve_is_capped_at_the_arena, .init = setup_warm_big) {
   cr_assert_eq(stat_u64("arena_warm_bytes"), 8u << 20, "the reserve is capped at arena-bytes");
@@ -641,11 +625,7 @@ Test(daemon_arena, warm_reserve_is_capped_at_the_arena, .init = setup_warm_big) 
 
 /* arena-warm-bytes 0: pages appear only as maps decode into them. */
 static const char *const warm_off_args[] = {"--arena-warm-bytes", "0", NULL};
-static void setup_warm_off(void) {
-  fixture_args = warm_off_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_warm_off, warm_off_args)
 
 Test(daemon_arena, no_warm_reserve_creates_nothing_before_a_map, .init = setup_warm_off) {
   qins_client *c = attached();
