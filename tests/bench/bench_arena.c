@@ -192,8 +192,42 @@ static uint64_t pss_kib(pid_t pid) {
   return v;
 }
 
+/* One worker of pss_run: maps (or gets, holding the copies) the 1 GiB set and reads every page.
+ * A get answered BUSY (4 workers at once exceed max-response-memory) is asked again, as a worker
+ * would. 0, or a message on stderr and 1. */
+static int pss_worker(const char *sock, int mapped) {
+  qins_client *c = conn(sock);
+  if (mapped && qins_attach(c, NULL)) {
+    fprintf(stderr, "bench_arena: worker attach: %s\n", qins_client_error(c));
+    return 1;
+  }
+  for (int i = 0; i < 4; i++) {
+    int rc;
+    if (mapped) {
+      qins_mapped m;
+      if (!(rc = qins_map(c, "arena", gib_set[i], NULL, 0, QINS_F32, &m)))
+        sink += touch(m.data, m.bytes);
+    } else {
+      void *buf;
+      size_t n;
+      for (int t = 0; (rc = qins_get(c, "arena", gib_set[i], NULL, 0, QINS_F32, &buf, &n, NULL,
+                                      NULL)) == QINS_EBUSY && t < 3000; t++) {
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+      }
+      if (!rc) sink += touch(buf, n); /* held until exit */
+    }
+    if (rc) {
+      fprintf(stderr, "bench_arena: worker %s %s: %s\n", mapped ? "map" : "get", gib_set[i],
+              qins_client_error(c));
+      return 1;
+    }
+  }
+  return 0;
+}
+
 /* Starts 4 workers that each map (or get) the 1 GiB set and read every page, then wait; returns
- * the summed PSS (KiB) of the daemon and the workers once all are ready. */
+ * the summed PSS (KiB) of the daemon and the workers once all are ready (0 if one failed). */
 static uint64_t pss_run(const char *sock, pid_t daemon, int mapped) {
   int ready[2], go[2];
   if (pipe(ready) || pipe(go)) exit(1);
@@ -202,31 +236,17 @@ static uint64_t pss_run(const char *sock, pid_t daemon, int mapped) {
     if ((w[k] = fork()) == 0) {
       close(ready[0]);
       close(go[1]);
-      qins_client *c = conn(sock);
-      if (mapped && qins_attach(c, NULL)) _exit(2);
-      for (int i = 0; i < 4; i++) {
-        if (mapped) {
-          qins_mapped m;
-          if (qins_map(c, "arena", gib_set[i], NULL, 0, QINS_F32, &m)) _exit(3);
-          sink += touch(m.data, m.bytes);
-        } else {
-          void *buf;
-          size_t n;
-          if (qins_get(c, "arena", gib_set[i], NULL, 0, QINS_F32, &buf, &n, NULL, NULL)) _exit(3);
-          sink += touch(buf, n); /* held until exit */
-        }
-      }
-      char b = 1;
+      char b = pss_worker(sock, mapped) == 0; /* a status byte either way: the parent counts 4 */
       if (write(ready[1], &b, 1) != 1) _exit(4);
-      if (read(go[0], &b, 1) < 0) _exit(5); /* EOF when the parent is done measuring */
-      _exit(0);
+      if (b && read(go[0], &b, 1) < 0) _exit(5); /* EOF when the parent is done measuring */
+      _exit(b ? 0 : 3);
     }
   }
   close(ready[1]);
   close(go[0]);
   int ok = 0;
   char b;
-  for (int k = 0; k < 4; k++) ok += read(ready[0], &b, 1) == 1;
+  for (int k = 0; k < 4; k++) ok += read(ready[0], &b, 1) == 1 && b == 1;
   uint64_t sum = ok == 4 ? pss_kib(daemon) : 0;
   for (int k = 0; k < 4 && ok == 4; k++) sum += pss_kib(w[k]);
   close(go[1]);
@@ -241,6 +261,7 @@ static uint64_t pss_run(const char *sock, pid_t daemon, int mapped) {
 
 int main(void) {
   signal(SIGPIPE, SIG_IGN);
+  setvbuf(stdout, NULL, _IOLBF, 0); /* each line out as printed (and none duplicated by fork) */
   ts_daemon d;
   if (ts_dir_make(&d)) {
     perror("mkdtemp");
