@@ -533,6 +533,10 @@ int qd_arena_prefault(qd_arena *a, uint64_t off, uint64_t len) {
   if (off > a->size || len > a->size - off) return -EINVAL;
   uint64_t s = off / a->page * a->page, e = round_up(off + len, a->page);
   if (e == s) return 0;
+  pthread_mutex_lock(&a->mu); /* pages that exist stay: nothing to do when all of them do */
+  int all = made_count(a, s / a->page, e / a->page) == (e - s) / a->page;
+  pthread_mutex_unlock(&a->mu);
+  if (all) return 0;
   if (madvise(a->base + s, e - s, MADV_POPULATE_WRITE) != 0) return -errno;
   pthread_mutex_lock(&a->mu);
   for (uint64_t pg = s / a->page; pg < e / a->page; pg++) a->made[pg / 64] |= 1ull << (pg % 64);

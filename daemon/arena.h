@@ -87,7 +87,8 @@ void *qd_arena_ptr(qd_arena *a, uint64_t off);
 /* Creates the pages of [off, off + len) now (MADV_POPULATE_WRITE) so a later decode into them
  * runs at decode speed instead of page-creation speed. 0 or -errno (-EINVAL on kernels without
  * MADV_POPULATE_WRITE: nothing is done, pages are then created by the decode itself). Safe on
- * pages in use: contents are not changed. */
+ * pages in use: contents are not changed. Records the pages as created; returns at once when all
+ * of them are already recorded (pages once created stay). */
 int qd_arena_prefault(qd_arena *a, uint64_t off, uint64_t len);
 
 /* The warm reserve: the next pages to create so that created pages lying wholly in free space
