@@ -638,3 +638,42 @@ Test(daemon_arena, no_warm_reserve_creates_nothing_before_a_map, .init = setup_w
   cr_assert_eq(stat_u64("arena_warm_created"), 0);
   qins_close(c);
 }
+
+/* The host out of memory while the reserve is being created (the fault shim fails
+ * MADV_POPULATE_WRITE past 12 MiB): creating stops after the first 8 MiB chunk, logged once; the
+ * daemon keeps serving, and maps into the pages that exist work. */
+static void setup_warm_oom(void) {
+  static const char *const extra[] = {"QINS_FAULT_POPULATE_AFTER=12582912", NULL};
+  char **env = qt_env_preload(extra); /* LD_PRELOAD, ASAN_OPTIONS, the fault */
+  for (int i = 0; env[i]; i++) putenv(env[i]);
+  fixture_args = warm_args; /* 64M arena, 16M reserve */
+  setup();
+  fixture_args = NULL;
+  unsetenv("LD_PRELOAD");
+  unsetenv("QINS_FAULT_POPULATE_AFTER");
+  free(env);
+}
+
+/* Lines of the daemon's log containing s. */
+static int log_count(const char *s) {
+  char *log = qt_read(D.log, NULL);
+  cr_assert(log, "reading %s", D.log);
+  int n = 0;
+  for (const char *p = log; (p = strstr(p, s)); p += strlen(s)) n++;
+  free(log);
+  return n;
+}
+
+Test(daemon_arena, warm_reserve_stops_when_out_of_memory, .init = setup_warm_oom) {
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "creating stopped");
+  cr_assert_eq(stat_u64("arena_warm_created"), 8u << 20);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  same_as_get(c, "big", NULL, 0, QINS_F32); /* into the 8 MiB that exist */
+  qins_client *c2 = attached();             /* no new attempt */
+  cr_assert_eq(qins_ping(c2), 0);
+  cr_assert_eq(stat_u64("arena_warm_created"), 8u << 20);
+  cr_assert_eq(log_count("stopped creating pages ahead of use"), 1);
+  qins_close(c2);
+  qins_close(c);
+}
