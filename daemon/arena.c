@@ -98,6 +98,8 @@ struct qd_arena {
   qd_arena_entry *all;     /* every entry */
   uint64_t next_lease;     /* ids are never reused */
   uint64_t hits, misses, evictions, decode_bytes, refusals;
+  uint64_t *made;          /* a bit per page: created by qd_arena_prefault (they stay) */
+  uint64_t npages;         /* size / page */
 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -450,8 +452,10 @@ int qd_arena_open(qd_arena **out, uint64_t bytes, uint32_t max_leases) {
   }
   close(fd);
   fd = -1;
+  a->npages = bytes / page;
+  a->made = calloc((size_t)((a->npages + 63) / 64), sizeof *a->made);
   fx *f = malloc(sizeof *f);
-  if (!f || ht_grow(&a->entries) || ht_grow(&a->leases) || ht_grow(&a->conns)) {
+  if (!f || !a->made || ht_grow(&a->entries) || ht_grow(&a->leases) || ht_grow(&a->conns)) {
     free(f);
     rc = QINS_ENOMEM;
     goto fail;
@@ -480,6 +484,7 @@ void qd_arena_close(qd_arena *a) {
   free(a->entries.b);
   free(a->leases.b);
   free(a->conns.b);
+  free(a->made);
   if (a->base != MAP_FAILED) munmap(a->base, a->size);
   if (a->fd >= 0) close(a->fd);
   pthread_cond_destroy(&a->cv);
@@ -491,11 +496,85 @@ int qd_arena_fd(const qd_arena *a) { return a->fd; }
 uint64_t qd_arena_size(const qd_arena *a) { return a->size; }
 void *qd_arena_ptr(qd_arena *a, uint64_t off) { return a->base + off; }
 
+/* ------------------------------------------------------------------------------------------------
+ * Pages: which exist, and the warm reserve (created pages no entry holds yet) */
+
+static int made_get(const qd_arena *a, uint64_t pg) { return (a->made[pg / 64] >> (pg % 64)) & 1; }
+
+/* Pages set in [p, q). */
+static uint64_t made_count(const qd_arena *a, uint64_t p, uint64_t q) {
+  uint64_t n = 0;
+  while (p < q && p % 64) n += (uint64_t)made_get(a, p++);
+  for (; p + 64 <= q; p += 64) n += (uint64_t)__builtin_popcountll(a->made[p / 64]);
+  while (p < q) n += (uint64_t)made_get(a, p++);
+  return n;
+}
+
+/* The first page in [p, q) not yet created, or q. */
+static uint64_t made_first_clear(const qd_arena *a, uint64_t p, uint64_t q) {
+  while (p < q && p % 64) {
+    if (!made_get(a, p)) return p;
+    p++;
+  }
+  for (; p + 64 <= q; p += 64)
+    if (~a->made[p / 64]) return p + (uint64_t)__builtin_ctzll(~a->made[p / 64]);
+  while (p < q && made_get(a, p)) p++;
+  return p;
+}
+
+/* The pages wholly inside free extent f: [*p, *q). */
+static void free_pages(const qd_arena *a, const fx *f, uint64_t *p, uint64_t *q) {
+  *p = round_up(f->off, a->page) / a->page;
+  *q = (f->off + f->len) / a->page;
+  if (*q < *p) *q = *p;
+}
+
 int qd_arena_prefault(qd_arena *a, uint64_t off, uint64_t len) {
   if (off > a->size || len > a->size - off) return -EINVAL;
   uint64_t s = off / a->page * a->page, e = round_up(off + len, a->page);
   if (e == s) return 0;
-  return madvise(a->base + s, e - s, MADV_POPULATE_WRITE) == 0 ? 0 : -errno;
+  pthread_mutex_lock(&a->mu); /* pages that exist stay: nothing to do when all of them do */
+  int all = made_count(a, s / a->page, e / a->page) == (e - s) / a->page;
+  pthread_mutex_unlock(&a->mu);
+  if (all) return 0;
+  if (madvise(a->base + s, e - s, MADV_POPULATE_WRITE) != 0) return -errno;
+  pthread_mutex_lock(&a->mu);
+  for (uint64_t pg = s / a->page; pg < e / a->page; pg++) a->made[pg / 64] |= 1ull << (pg % 64);
+  pthread_mutex_unlock(&a->mu);
+  return 0;
+}
+
+int qd_arena_warm_next(qd_arena *a, uint64_t reserve, uint64_t max, uint64_t *off, uint64_t *len,
+                       uint64_t *pending) {
+  *off = *len = 0;
+  pthread_mutex_lock(&a->mu);
+  uint64_t warm = 0, cold = 0, first = UINT64_MAX, first_end = 0;
+  for (const fx *f = a->free; f; f = f->next) {
+    uint64_t p, q;
+    free_pages(a, f, &p, &q);
+    uint64_t made = made_count(a, p, q);
+    warm += made;
+    cold += q - p - made;
+    if (first == UINT64_MAX && made < q - p) {
+      first = made_first_clear(a, p, q);
+      first_end = q;
+    }
+  }
+  warm *= a->page;
+  cold *= a->page;
+  uint64_t want = warm >= reserve ? 0 : round_up(reserve - warm, a->page);
+  if (want > cold) want = cold;
+  if (pending) *pending = want;
+  if (want) { /* the lowest pages not yet created: where the next page-aligned entry goes */
+    uint64_t n = max < want ? max : want;
+    n = n / a->page ? n / a->page : 1;
+    uint64_t e = first;
+    while (e < first_end && e - first < n && !made_get(a, e)) e++;
+    *off = first * a->page;
+    *len = (e - first) * a->page;
+  }
+  pthread_mutex_unlock(&a->mu);
+  return want != 0;
 }
 
 int qd_arena_acquire(qd_arena *a, const qd_arena_key *k, const qd_arena_meta *meta, uint64_t len,
@@ -718,6 +797,11 @@ void qd_arena_stats_get(qd_arena *a, qd_arena_stats *o) {
   o->evictions = a->evictions;
   o->decode_bytes = a->decode_bytes;
   o->refusals = a->refusals;
+  for (fx *f = a->free; f; f = f->next) {
+    uint64_t p, q;
+    free_pages(a, f, &p, &q);
+    o->warm += made_count(a, p, q) * a->page;
+  }
   struct stat st;
   if (fstat(a->fd, &st) == 0) o->resident = (uint64_t)st.st_blocks * 512;
   pthread_mutex_unlock(&a->mu);

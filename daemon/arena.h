@@ -13,7 +13,9 @@
  *    separate O_RDONLY open of it (qd_arena_fd), so even mmap(PROT_WRITE) fails before the seals
  *    are consulted. Pages are created on first write (lazily: an arena nobody maps into costs no
  *    memory) and never given back (FUTURE_WRITE forbids hole punching): resident bytes grow to a
- *    high-water mark bounded by the size. qd_arena_prefault creates them ahead of use.
+ *    high-water mark bounded by the size. qd_arena_prefault creates them (and records which
+ *    exist, a bit per page); qd_arena_warm_next says which to create ahead of use so that a warm
+ *    reserve of created pages no entry holds stays ready for the next entries (map.c runs it).
  *  - Entries: a decoded tensor or hyperslab in one output dtype, keyed by qd_arena_key (the model's
  *    store id, which changes on every import, so a replaced model's entries never answer for the
  *    new version), at an extent aligned to 64 bytes, or to a page when QD_ARENA_PAGE_ALIGN bytes
@@ -85,8 +87,18 @@ void *qd_arena_ptr(qd_arena *a, uint64_t off);
 /* Creates the pages of [off, off + len) now (MADV_POPULATE_WRITE) so a later decode into them
  * runs at decode speed instead of page-creation speed. 0 or -errno (-EINVAL on kernels without
  * MADV_POPULATE_WRITE: nothing is done, pages are then created by the decode itself). Safe on
- * pages in use: contents are not changed. */
+ * pages in use: contents are not changed. Records the pages as created; returns at once when all
+ * of them are already recorded (pages once created stay). */
 int qd_arena_prefault(qd_arena *a, uint64_t off, uint64_t len);
+
+/* The warm reserve: the next pages to create so that created pages lying wholly in free space
+ * reach `reserve` bytes. Picks the lowest free pages not yet created (where the allocator cuts
+ * the next page-aligned entry: the start of the free space above the entries), at most `max`
+ * bytes of them in one run. Returns 1 with [*off, *off + *len) to give qd_arena_prefault, or 0
+ * when the reserve is met or free space has no page left to create. *pending (NULL: not wanted)
+ * gets the bytes still to create to meet it, capped at what free space can hold. */
+int qd_arena_warm_next(qd_arena *a, uint64_t reserve, uint64_t max, uint64_t *off /* out */,
+                       uint64_t *len /* out */, uint64_t *pending /* out */);
 
 /* The outcome of qd_arena_acquire, which always takes a lease when it succeeds. */
 enum {
@@ -143,6 +155,7 @@ typedef struct qd_arena_stats {
   uint64_t used;         /* bytes held by entries (aligned extents) */
   uint64_t leased;       /* ... of them pinned by a lease or a decode */
   uint64_t resident;     /* pages the memfd holds (they stay once created) */
+  uint64_t warm;         /* ... of them created by qd_arena_prefault and wholly in free space */
   uint64_t entries;      /* entries, stale ones included */
   uint64_t leases;       /* leases held, all connections */
   uint64_t hits;         /* acquires answered by a READY or DECODING entry */

@@ -93,7 +93,12 @@ static const opt opts[] = {
    "streamed gets are decoded and sent in pieces of about this size (cache-sized)"},
   {"arena-bytes", T_SIZE, "auto", 0, 16384 * GiB, F(arena_bytes),
    "size of the shared decoded-weights arena workers map (attach/map); auto: a quarter of "
-   "physical memory; 0: no arena. Pages are created on first use and kept"},
+   "physical memory; 0: no arena. Pages are created on first use (or ahead: arena-warm-bytes) "
+   "and kept"},
+  {"arena-warm-bytes", T_SIZE, "512M", 0, 16384 * GiB, F(arena_warm_bytes),
+   "arena pages created ahead of use, in the background once a client attaches: a reserve of "
+   "this many bytes (at most arena-bytes) of created pages no entry holds yet; 0: pages are "
+   "created by the first decode into them"},
   {"arena-max-leases", T_U64, "4096", 1, 1u << 24, F(arena_max_leases),
    "arena leases one connection may hold at once (more get ARENA_FULL)"},
 };

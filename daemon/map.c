@@ -14,7 +14,15 @@
  *           pool thread (the env is MDB_NOTLS). Pages of the entry are created by the piece first
  *           (qd_arena_prefault), so a host out of memory gives an error, not a SIGBUS.
  * The answer goes once nothing is pending: all the leases, or (all or nothing) an error with every
- * lease of the job released. A small request never waits behind a decode: the loop only plans,
+ * lease of the job released.
+ *
+ * The warm reserve (arena-warm-bytes): from the first attach on, pages are created ahead of use
+ * on the pool, one WARM_CHUNK at a time (qd_arena_warm_next picks them, qd_arena_prefault makes
+ * them), until that many bytes of created pages lie in free space, so a first map decodes into
+ * pages that exist. One chunk is in flight at most; none starts while map decode pieces are in
+ * flight (their end, and every attach and map, resume it), so it takes one pool thread for a few
+ * milliseconds at a time and never holds up a decode for long. A failure (the host out of memory)
+ * stops it for good, logged once; maps still create their own pages as they decode. A small request never waits behind a decode: the loop only plans,
  * leases and answers. Leases end with the connection: qd_conn_free calls qd_map_conn_freed (the
  * arena keeps each connection's leases in a list of its own).
  */
@@ -31,8 +39,58 @@
 #define SPLIT_BYTES (4u << 20) /* entries from this size are decoded by several pool threads */
 #define MAX_PIECES 8           /* at most this many pieces per job */
 
+#define WARM_CHUNK (8u << 20) /* pages the warm reserve creates per pool item (~5 ms of a core) */
+
 static qd_arena *arena;  /* opened on first use; NULL: none (off, or it failed) */
 static int arena_tried;  /* the open was attempted (it is not retried) */
+static int pieces_out;   /* map decode pieces on the pool (the warm reserve waits for none) */
+
+static struct {
+  uv_work_t work;        /* the chunk in flight */
+  int attached;          /* a client attached: the reserve is kept from now on */
+  int queued;            /* a chunk is on the pool */
+  int stopped;           /* creating failed (logged): no more */
+  uint64_t off, len;     /* the chunk */
+  int rc;                /* its qd_arena_prefault result */
+  uint64_t created;      /* bytes created ahead of use so far */
+} warm;
+
+static uint64_t warm_reserve(void) {
+  uint64_t r = qd_srv.cfg.arena_warm_bytes;
+  return arena && r > qd_arena_size(arena) ? qd_arena_size(arena) : r;
+}
+
+static void warm_kick(void);
+
+static void warm_work_cb(uv_work_t *w) {
+  (void)w;
+  warm.rc = qd_arena_prefault(arena, warm.off, warm.len);
+}
+
+static void warm_after_cb(uv_work_t *w, int status) {
+  (void)w;
+  warm.queued = 0;
+  if (status == UV_ECANCELED) return;
+  if (warm.rc) {
+    warm.stopped = 1;
+    qd_log(QD_LOG_WARNING, "arena: stopped creating pages ahead of use after %llu bytes: %s "
+           "(host memory); maps create their own pages as they decode",
+           (unsigned long long)warm.created, strerror(-warm.rc));
+    return;
+  }
+  warm.created += warm.len;
+  warm_kick();
+}
+
+/* Queues the next chunk of the warm reserve if one is due and nothing holds it back (loop
+ * thread). */
+static void warm_kick(void) {
+  if (!arena || !warm.attached || warm.queued || warm.stopped || pieces_out || qd_srv.stopping)
+    return;
+  if (!qd_arena_warm_next(arena, warm_reserve(), WARM_CHUNK, &warm.off, &warm.len, NULL)) return;
+  warm.rc = 0;
+  if (uv_queue_work(qd_srv.loop, &warm.work, warm_work_cb, warm_after_cb) == 0) warm.queued = 1;
+}
 
 static qd_arena *arena_get(void) {
   if (!arena_tried && qd_srv.cfg.arena_bytes) {
@@ -42,8 +100,9 @@ static qd_arena *arena_get(void) {
       qd_log(QD_LOG_WARNING, "arena of %llu bytes: cannot create it: %s; attach and map answer "
              "UNSUPPORTED", (unsigned long long)qd_srv.cfg.arena_bytes, qins_strerror(rc));
     else
-      qd_log(QD_LOG_NOTICE, "arena: %llu bytes (pages created on first use)",
-             (unsigned long long)qd_arena_size(arena));
+      qd_log(QD_LOG_NOTICE, "arena: %llu bytes (pages created on first use; once a client "
+             "attaches, %llu bytes of them ahead of use)", (unsigned long long)qd_arena_size(arena),
+             (unsigned long long)warm_reserve());
   }
   return arena;
 }
@@ -95,6 +154,7 @@ struct mjob {
   int pending;            /* pool pieces and waits outstanding */
   int err;                /* first error (message in req.msg) */
   int deferred;           /* the request was deferred */
+  int created;            /* entries this job created (QD_ARENA_DECODE) */
   piece *pieces[MAX_PIECES];
   int n_pieces;
   qd_req req;             /* copy of the request */
@@ -249,7 +309,9 @@ static void after_work_cb(uv_work_t *w, int status) {
     if (--it->pieces_left == 0) qd_arena_decoded(arena, it->g.entry, it->rc); /* runs waiters */
   }
   free(p);
+  pieces_out--;
   if (--j->pending == 0) job_finish(j);
+  warm_kick(); /* the reserve this job used is made up once no decode is left */
 }
 
 /* Waiter callbacks get the job through this wrapper (the waiter's ud). */
@@ -339,6 +401,7 @@ static void job_run(mjob *j, qs_txn *t0) {
     }
     it->leased = 1;
     it->outcome = rc;
+    j->created += rc == QD_ARENA_DECODE;
   }
   const qs_slice *sl = j->ask.has_slice ? &j->ask.slice : NULL;
   uint64_t pool_bytes = 0;
@@ -418,6 +481,7 @@ static void job_run(mjob *j, qs_txn *t0) {
         continue;
       }
       j->pending++;
+      pieces_out++;
     }
     t0 = NULL; /* handed to piece 0 (or ended) */
   }
@@ -478,6 +542,7 @@ int qd_map_start(qd_req *r, qd_ask *a) {
   }
   j->pending = 1; /* held until job_run returns, so nothing finishes the job under it */
   job_run(j, t);
+  if (j->created) warm_kick(); /* new entries took warm pages */
   if (--j->pending == 0) {
     job_finish(j);
     return 0;
@@ -502,6 +567,8 @@ int qd_map_attach(qd_req *r) {
   qp_pack_cstr(&pk, "page_align_bytes");
   msgpack_pack_uint64(&pk, QD_ARENA_PAGE_ALIGN);
   qd_reply_fd(r, &sb, qd_arena_fd(arena));
+  warm.attached = 1; /* an arena nobody attaches to stays without pages */
+  warm_kick();
   return 0;
 }
 
@@ -532,12 +599,17 @@ void qd_map_stats_pack(msgpack_packer *pk) {
   qd_arena_stats s;
   memset(&s, 0, sizeof s);
   if (arena) qd_arena_stats_get(arena, &s);
+  uint64_t pending = 0, o, l;
+  if (arena && warm.attached && !warm.stopped)
+    qd_arena_warm_next(arena, warm_reserve(), WARM_CHUNK, &o, &l, &pending);
   const char *k[QD_MAP_STATS_KEYS] = {"arena_bytes", "arena_used", "arena_leased",
                                       "arena_resident", "arena_entries", "arena_leases",
                                       "arena_hits", "arena_misses", "arena_evictions",
-                                      "arena_refusals", "arena_decode_bytes"};
+                                      "arena_refusals", "arena_decode_bytes", "arena_warm_bytes",
+                                      "arena_warm", "arena_warm_pending", "arena_warm_created"};
   uint64_t v[QD_MAP_STATS_KEYS] = {s.bytes, s.used, s.leased, s.resident, s.entries, s.leases,
-                                   s.hits, s.misses, s.evictions, s.refusals, s.decode_bytes};
+                                   s.hits, s.misses, s.evictions, s.refusals, s.decode_bytes,
+                                   arena ? warm_reserve() : 0, s.warm, pending, warm.created};
   for (int i = 0; i < QD_MAP_STATS_KEYS; i++) {
     qp_pack_cstr(pk, k[i]);
     msgpack_pack_uint64(pk, v[i]);

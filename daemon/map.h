@@ -29,7 +29,7 @@ struct qd_arena *qd_map_arena(void);
 /* The arena's size for hello (0: none; opens the arena if it is not yet). */
 uint64_t qd_map_arena_bytes(void);
 /* Packs the stats keys arena_* (QD_MAP_STATS_KEYS pairs) into an open map. */
-#define QD_MAP_STATS_KEYS 11
+#define QD_MAP_STATS_KEYS 15
 void qd_map_stats_pack(msgpack_packer *pk);
 
 #endif /* QINS_MAP_H */

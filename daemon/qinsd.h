@@ -93,6 +93,7 @@ typedef struct qd_config {
   uint64_t stream_piece_bytes; /* decode (and send) streamed gets in pieces of about this size */
   uint64_t arena_bytes;        /* the decoded-weights arena's size (map.c); 0: none */
   uint64_t arena_max_leases;   /* arena leases per connection */
+  uint64_t arena_warm_bytes;   /* arena pages kept created ahead of use once attached (map.c) */
 } qd_config;
 
 /* Parses defaults, the config file (--config) and flags into qd_srv.cfg. Exits 0 after

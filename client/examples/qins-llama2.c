@@ -99,7 +99,9 @@ static int unit_ntensors(const cfg *c, int u) { return u < c->n_layers ? W_LAYER
  * is its own tensor when the model has one (lm_head.weight, output.weight), else the embedding.
  * Hugging Face's q_proj/k_proj rows are permuted for its half-split rotary (transformers'
  * convert_llama_weights_to_hf); llama.cpp's converter undoes that, so GGUF holds them in llama2.c's
- * (Meta's) adjacent-pair order, and only HF weights are un-permuted after a fetch (hf_unpermute). */
+ * (Meta's) adjacent-pair order, and only HF weights are un-permuted after a fetch (hf_unpermute),
+ * or, read in place (--map), the q and k vectors they produce (each element is the same row's dot
+ * product in either order, so both give llama2.c's values bit for bit). */
 enum { NS_LLAMA2C, NS_HF, NS_GGUF, NS_COUNT };
 static const char *const ns_name[NS_COUNT] = {"llama2.c", "Hugging Face", "GGUF"};
 static const char *const ns_prefix[NS_COUNT] = {"layers.", "model.layers.", "blk."};
@@ -236,6 +238,8 @@ struct wprov {
   uint64_t peak_bytes;    /* most decoded bytes held at once */
   uint64_t budget;        /* qinsd: bytes of decoded weights it may hold */
   uint64_t reconnects;    /* qinsd: connections libqins reopened (daemon restarts ridden out) */
+  int qk_hf;              /* q/k rows in Hugging Face's order (read in place): layer_forward
+                             un-permutes the q and k vectors instead of the weights */
 };
 
 /* --- memory provider --------------------------------------------------------------------------*/
@@ -978,11 +982,8 @@ static void print_memory(const wprov *p) {
 
 static mprov *m_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
                     uint64_t budget) {
-  /* Hugging Face's q/k rows must be un-permuted for llama2.c's rotary: not in a read-only map. */
-  if (nm->ns == NS_HF)
-    die("--map: %s has Hugging Face tensor names, whose q/k rows need un-permuting, which a "
-        "read-only mapping cannot do: run without --map", model);
   mprov *m = xcalloc(1, sizeof *m);
+  m->base.qk_hf = nm->ns == NS_HF; /* the mapped rows stay as stored: q and k are un-permuted */
   m->c = *c;
   m->nm = *nm;
   m->model = strdup(model);
@@ -1076,7 +1077,8 @@ static void matmul(float *xout, const float *x, const float *w, int n, int d) {
   }
 }
 
-static void layer_forward(const cfg *p, const float *const *w, rstate *s, int l, int pos) {
+static void layer_forward(const cfg *p, const float *const *w, rstate *s, int l, int pos,
+                          int qk_hf) {
   int dim = p->dim, hidden_dim = p->hidden_dim, head_size = dim / p->n_heads;
   int kv_dim = head_size * p->n_kv_heads, kv_mul = p->n_heads / p->n_kv_heads;
   float *x = s->x;
@@ -1088,6 +1090,10 @@ static void layer_forward(const cfg *p, const float *const *w, rstate *s, int l,
   matmul(s->q, s->xb, w[W_Q], dim, dim);
   matmul(k, s->xb, w[W_K], dim, kv_dim);
   matmul(v, s->xb, w[W_V], dim, kv_dim);
+  if (qk_hf) { /* one float per "row": the products back to adjacent-pair order */
+    hf_unpermute(s->q, p->n_heads, head_size, 1);
+    hf_unpermute(k, p->n_kv_heads, head_size, 1);
+  }
 
   for (int i = 0; i < dim; i += 2) {
     int head_dim = i % head_size;
@@ -1148,7 +1154,7 @@ static int forward(const cfg *c, wprov *p, rstate **st, const int *tok, int ns, 
     if ((rc = p->embed(p, tok[s], st[s]->x))) return rc;
   for (int l = 0; l < c->n_layers; l++) {
     if ((rc = p->acquire(p, l, w))) return rc;
-    for (int s = 0; s < ns; s++) layer_forward(c, w, st[s], l, pos);
+    for (int s = 0; s < ns; s++) layer_forward(c, w, st[s], l, pos, p->qk_hf);
     p->release(p, l);
   }
   if ((rc = p->acquire(p, c->n_layers, w))) return rc;

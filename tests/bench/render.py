@@ -89,17 +89,32 @@ BENCHES = [
      "`make bench`; alone: `QINS_BUILD=build build/bench/bench_arena` (imports 1.25 GiB of f32 as "
      "qins8 first; needs about 5 GiB of free memory for part 3).",
      "(1) First delivery of a 64 MiB and a 256 MiB (decoded f32) qins8 tensor through `map` "
-     "(request, decode into arena pages that do not exist yet, the client reading one byte of "
-     "every page of its mapping) next to `get` of the same tensor into a fresh buffer read the "
-     "same way (target >= 2.5x). (2) A repeat `map` of the cached entry next to a repeat `get` "
-     "(target >= 50x), best of 5. (3) The summed PSS of qinsd and 4 worker processes each mapping "
-     "the same 1 GiB of decoded weights and reading every page, next to 4 workers holding `get` "
-     "copies and to one decoded copy plus the store pages read (target <= 1.1x).",
+     "(request, decode into the arena, the client reading one byte of every page of its "
+     "mapping) next to `get` of the same tensor into a fresh buffer read the same way (target "
+     ">= 2.5x), on three kinds of arena pages: pages the warm reserve created in the "
+     "background after attach (a fresh daemon with the default `arena-warm-bytes`, its reserve "
+     "waited for untimed: the `arena_first_delivery_*_qins8` lines, what a worker meets), "
+     "pages that do not exist yet (`arena-warm-bytes 0`: the `_new_pages` lines) and pages an "
+     "evicted entry left (`arena-warm-bytes 0`, a 288 MiB arena that mapped and released "
+     "another 256 MiB tensor first: the `_evicted_pages` lines). `arena_warm_reserve` says how "
+     "long the reserve took after attach and what it added to qinsd's PSS. (2) A repeat `map` "
+     "of the cached entry next to a repeat `get` (target >= 50x), best of 5. (3) The summed "
+     "PSS of qinsd (without a reserve) and 4 worker processes each mapping the same 1 GiB of "
+     "decoded weights and reading every page, next to 4 workers holding `get` copies and to "
+     "one decoded copy plus the store pages read (target <= 1.1x).",
      "A repeat map costs a round trip and the worker's read faults on pages it has not touched "
-     "yet, whatever the tensor's size; a repeat get moves every byte again. First delivery "
-     "includes creating the arena's pages (about 2.3 us per 4 KiB page, docs/qinsd.md \"The "
-     "arena\"), which a long-running daemon pays once. PSS splits each shared page between its "
-     "mappers, so the mapped sum shows one copy while RSS would show it in every worker."),
+     "yet, whatever the tensor's size; a repeat get moves every byte again. Creating a 4 KiB "
+     "shmem page costs about 2.3 us (docs/qinsd.md \"The arena\"), so a decode into pages that "
+     "do not exist runs at page-creation speed and the `_new_pages` ratios sit near or below "
+     "1; into pages that exist (the reserve's, or an evicted entry's) it runs at decode speed. "
+     "The `_evicted_pages` lines are the fastest because the same client had read those pages "
+     "before (its mapping's page tables already hold them), where a worker's first map pays a "
+     "read fault per 16 pages. "
+     "A daemon pays page creation once per page, in the background after the first attach with "
+     "the reserve, so the first map of a worker finds pages ready; the reserve's price is the "
+     "memory it holds before any entry needs it (at most `arena-warm-bytes`, shown as qinsd's "
+     "PSS). PSS splits each shared page between its mappers, so the mapped sum shows one copy "
+     "while RSS would show it in every worker."),
     ("arena_worker", "bench_arena_worker.sh", "Mapped workers vs local FP32 — `tests/bench/bench_arena_worker.sh`",
      "`make bench`; alone: `QINS_BUILD=build QINS_SHARED=../shared sh tests/bench/bench_arena_worker.sh` "
      "(`STEPS`, `HEADS`, `MODEL` override).",

@@ -15,6 +15,9 @@
  *   QINS_FAULT_KILL_AFTER=chunks  SIGKILL the process right after the first successful commit
  *                              of a transaction that put into "chunks" (an import killed with
  *                              its first staged data durable)
+ *   QINS_FAULT_POPULATE_AFTER=N   madvise(MADV_POPULATE_WRITE) fails with ENOMEM once the calls
+ *                              that succeeded asked for N bytes in all (the host out of memory
+ *                              while qinsd creates arena pages; tests/integration/daemon_arena.c)
  * One LMDB write transaction exists at a time per environment (lmdb.h), so the puts are tracked
  * for the one transaction being written, by pointer. Built without sanitizers (make asan sets
  * ASAN_OPTIONS=verify_asan_link_order=0 for the children that preload it).
@@ -147,4 +150,23 @@ ssize_t writev(int fd, const struct iovec *iov, int cnt) {
     return -1;
   }
   return REAL(writev)(fd, iov, cnt);
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23 /* linux/mman.h, Linux 5.14 */
+#endif
+int madvise(void *addr, size_t len, int advice) {
+  static size_t populated; /* bytes of the calls that succeeded */
+  const char *after = getenv("QINS_FAULT_POPULATE_AFTER");
+  if (advice == MADV_POPULATE_WRITE && after) {
+    pthread_mutex_lock(&mu);
+    int fail = populated + len > (size_t)strtoull(after, NULL, 10);
+    if (!fail) populated += len;
+    pthread_mutex_unlock(&mu);
+    if (fail) {
+      errno = ENOMEM;
+      return -1;
+    }
+  }
+  return REAL(madvise)(addr, len, advice);
 }

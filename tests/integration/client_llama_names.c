@@ -217,12 +217,12 @@ static void teardown(void) {
 
 TestSuite(client_llama_names, .init = setup, .fini = teardown, .timeout = 120);
 
-static void run_against_reference(const char *model, const char *kind) {
+static void run_against_reference(const char *model, const char *kind, int map) {
   char bin[256], ref[256], *out = NULL, *err = NULL;
   snprintf(ref, sizeof ref, "%s/ref.safetensors", D.dir);
   char *argv[] = {(char *)ts_build_path("qins-llama2", bin, sizeof bin), "--socket", D.sock,
                   "--model", (char *)model, "--reference", ref, "--steps", "24", "--temperature",
-                  "0.8", "--quiet", NULL};
+                  "0.8", "--quiet", map ? "--map" : NULL, NULL};
   int rc = qt_run(argv, NULL, &out, &err);
   cr_assert_eq(rc, 0, "%s: %s%s", model, out, err);
   char want[96];
@@ -234,10 +234,15 @@ static void run_against_reference(const char *model, const char *kind) {
   free(err);
 }
 
-Test(client_llama_names, gguf_import_runs_like_the_reference) { run_against_reference("gg", "GGUF"); }
+Test(client_llama_names, gguf_import_runs_like_the_reference) {
+  run_against_reference("gg", "GGUF", 0);
+  run_against_reference("gg", "GGUF", 1);
+}
 
+/* Also read in place (--map): the q/k rows stay in HF's order, the vectors are un-permuted. */
 Test(client_llama_names, hf_import_runs_like_the_reference) {
-  run_against_reference("hf", "Hugging Face");
+  run_against_reference("hf", "Hugging Face", 0);
+  run_against_reference("hf", "Hugging Face", 1);
 }
 
 /* Without a reference and without --n-heads the worker configures itself from the server's

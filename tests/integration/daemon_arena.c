@@ -289,19 +289,19 @@ Test(daemon_arena, killed_client_leases_are_released) {
 }
 
 /* ---- small arenas ------------------------------------------------------------------------------ */
+/* A test's own .init: the fixture's daemon started with extra flags `args`. */
+#define SETUP_WITH(fn, args) \
+  static void fn(void) {     \
+    fixture_args = args;     \
+    setup();                 \
+    fixture_args = NULL;     \
+  }
+
 static const char *const small_args[] = {"--arena-bytes", "3M", NULL};
-static void setup_small(void) {
-  fixture_args = small_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_small, small_args)
 
 static const char *const mid_args[] = {"--arena-bytes", "4M", NULL};
-static void setup_mid(void) {
-  fixture_args = mid_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_mid, mid_args)
 
 static int fill_replaced(qs_store *s, void *ud) {
   (void)ud;
@@ -367,11 +367,7 @@ Test(daemon_arena, full_arena_says_so_and_get_still_works, .init = setup_small) 
 }
 
 static const char *const tiny_args[] = {"--arena-bytes", "1M", "--arena-max-leases", "2", NULL};
-static void setup_tiny(void) {
-  fixture_args = tiny_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_tiny, tiny_args)
 
 Test(daemon_arena, larger_than_arena_and_lease_limit, .init = setup_tiny) {
   qins_client *c = attached();
@@ -392,11 +388,7 @@ Test(daemon_arena, larger_than_arena_and_lease_limit, .init = setup_tiny) {
 }
 
 static const char *const off_args[] = {"--arena-bytes", "0", NULL};
-static void setup_off(void) {
-  fixture_args = off_args;
-  setup();
-  fixture_args = NULL;
-}
+SETUP_WITH(setup_off, off_args)
 
 Test(daemon_arena, no_arena_is_unsupported, .init = setup_off) {
   qins_client *c = cl();
@@ -573,4 +565,115 @@ Test(daemon_arena, map_worker_rides_out_a_daemon_restart) {
   cr_assert_neq(stat_u64("arena_misses"), 0, "the new daemon served maps");
   free(a);
   free(b);
+}
+
+/* ---- the warm reserve (arena-warm-bytes; docs/qinsd.md "The arena") ----------------------------- */
+#define WARM (16u << 20)
+#define WARM_CHUNK_SLACK (8u << 20) /* map.c creates at most one chunk past the reserve */
+static const char *const warm_args[] = {"--arena-bytes", "64M", "--arena-warm-bytes", "16M", NULL};
+SETUP_WITH(setup_warm, warm_args)
+
+/* Nothing before the first attach; the reserve after it; made up after maps take it, with
+ * resident bytes bounded by what entries use plus the reserve (and one chunk). */
+Test(daemon_arena, warm_reserve_follows_attach_and_maps, .init = setup_warm) {
+  cr_assert_eq(stat_u64("arena_warm_bytes"), WARM);
+  cr_assert_eq(stat_u64("arena_warm_pending"), 0, "nothing is due before an attach");
+  cr_assert_eq(stat_u64("arena_resident"), 0, "an arena nobody attached to has no pages");
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "the reserve is created after attach");
+  uint64_t res = stat_u64("arena_resident");
+  cr_assert_geq(stat_u64("arena_warm"), WARM);
+  cr_assert_geq(res, WARM);
+  cr_assert_leq(res, WARM + WARM_CHUNK_SLACK, "resident %llu", (unsigned long long)res);
+  cr_assert_geq(stat_u64("arena_warm_created"), WARM);
+  /* Maps take pages from the reserve (kept leased), which is then made up. */
+  const qins_dtype dts[] = {QINS_F32, QINS_F16, QINS_BF16};
+  qins_mapped m[3];
+  for (int d = 0; d < 3; d++) {
+    cr_assert_eq(qins_map(c, "m", "big", NULL, 0, dts[d], &m[d]), 0, "%s", qins_client_error(c));
+    same_as_get(c, "q8", NULL, 0, dts[d]); /* small, released: stays cached */
+  }
+  uint64_t used = stat_u64("arena_used");
+  cr_assert_geq(used, 1024 * 600 * (4 + 2 + 2));
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "the reserve is made up");
+  uint64_t warm = stat_u64("arena_warm");
+  res = stat_u64("arena_resident");
+  cr_assert_geq(warm, WARM, "warm %llu after maps", (unsigned long long)warm);
+  cr_assert_geq(res, used + WARM - 64 * 1024, "resident %llu, used %llu", (unsigned long long)res,
+                (unsigned long long)used);
+  cr_assert_leq(res, used + WARM + WARM_CHUNK_SLACK + 16 * 4096, "resident %llu, used %llu",
+                (unsigned long long)res, (unsigned long long)used);
+  cr_assert_leq(res, 64u << 20);
+  for (int d = 0; d < 3; d++) cr_assert_eq(qins_release(c, &m[d].lease, 1), 0);
+  qins_close(c);
+}
+
+/* A reserve larger than the arena creates the arena's pages and no more. */
+static const char *const warm_big_args[] = {"--arena-bytes", "8M", "--arena-warm-bytes", "1G", NULL};
+SETUP_WITH(setup_warm_big, warm_big_args)
+
+Test(daemon_arena, warm_reserve_is_capped_at_the_arena, .init = setup_warm_big) {
+  cr_assert_eq(stat_u64("arena_warm_bytes"), 8u << 20, "the reserve is capped at arena-bytes");
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  same_as_get(c, "big", NULL, 0, QINS_F32); /* decodes into pages the reserve created */
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  qins_close(c);
+}
+
+/* arena-warm-bytes 0: pages appear only as maps decode into them. */
+static const char *const warm_off_args[] = {"--arena-warm-bytes", "0", NULL};
+SETUP_WITH(setup_warm_off, warm_off_args)
+
+Test(daemon_arena, no_warm_reserve_creates_nothing_before_a_map, .init = setup_warm_off) {
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0);
+  cr_assert_eq(stat_u64("arena_resident"), 0, "attach created pages");
+  same_as_get(c, "big", NULL, 0, QINS_F32);
+  uint64_t res = stat_u64("arena_resident");
+  cr_assert_geq(res, 1024 * 600 * 4);
+  cr_assert_leq(res, 1024 * 600 * 4 + 4 * 4096, "resident %llu", (unsigned long long)res);
+  cr_assert_eq(stat_u64("arena_warm_created"), 0);
+  qins_close(c);
+}
+
+/* The host out of memory while the reserve is being created (the fault shim fails
+ * MADV_POPULATE_WRITE past 12 MiB): creating stops after the first 8 MiB chunk, logged once; the
+ * daemon keeps serving, and maps into the pages that exist work. */
+static void setup_warm_oom(void) {
+  static const char *const extra[] = {"QINS_FAULT_POPULATE_AFTER=12582912", NULL};
+  char **env = qt_env_preload(extra); /* LD_PRELOAD, ASAN_OPTIONS, the fault */
+  for (int i = 0; env[i]; i++) putenv(env[i]);
+  fixture_args = warm_args; /* 64M arena, 16M reserve */
+  setup();
+  fixture_args = NULL;
+  unsetenv("LD_PRELOAD");
+  unsetenv("QINS_FAULT_POPULATE_AFTER");
+  free(env);
+}
+
+/* Lines of the daemon's log containing s. */
+static int log_count(const char *s) {
+  char *log = qt_read(D.log, NULL);
+  cr_assert(log, "reading %s", D.log);
+  int n = 0;
+  for (const char *p = log; (p = strstr(p, s)); p += strlen(s)) n++;
+  free(log);
+  return n;
+}
+
+Test(daemon_arena, warm_reserve_stops_when_out_of_memory, .init = setup_warm_oom) {
+  qins_client *c = attached();
+  cr_assert_eq(stat_wait("arena_warm_pending", 0), 0, "creating stopped");
+  cr_assert_eq(stat_u64("arena_warm_created"), 8u << 20);
+  cr_assert_eq(stat_u64("arena_resident"), 8u << 20);
+  same_as_get(c, "big", NULL, 0, QINS_F32); /* into the 8 MiB that exist */
+  qins_client *c2 = attached();             /* no new attempt */
+  cr_assert_eq(qins_ping(c2), 0);
+  cr_assert_eq(stat_u64("arena_warm_created"), 8u << 20);
+  cr_assert_eq(log_count("stopped creating pages ahead of use"), 1);
+  qins_close(c2);
+  qins_close(c);
 }

@@ -499,3 +499,55 @@ Test(daemon_arena, pages_are_created_on_first_use_and_counted) {
   cr_assert_eq(qd_arena_prefault(a, 1023 * pg, 2 * pg), -EINVAL);
   qd_arena_close(a);
 }
+
+/* The warm reserve's picks (qd_arena_warm_next): the lowest free pages not yet created, in runs of
+ * at most `max`, until created pages wholly in free space reach the reserve; entries placed after
+ * that land on created pages, and pages an evicted entry left count as warm. */
+Test(daemon_arena, warm_next_picks_lowest_free_pages_up_to_the_reserve) {
+  qd_arena *a;
+  uint64_t pg = page(), off, len, pending;
+  cr_assert_eq(qd_arena_open(&a, 64 * pg, 0), 0);
+  cr_assert_eq(stats(a).resident, 0);
+  /* Reserve 10 pages, 4 at a time: 0-4, 4-8, 8-10, then nothing. */
+  const uint64_t want[][2] = {{0, 4}, {4, 4}, {8, 2}};
+  for (int i = 0; i < 3; i++) {
+    cr_assert_eq(qd_arena_warm_next(a, 10 * pg, 4 * pg, &off, &len, &pending), 1);
+    cr_assert_eq(pending, (10 - want[i][0]) * pg);
+    cr_assert_eq(off, want[i][0] * pg, "pick %d at page %llu", i, (unsigned long long)(off / pg));
+    cr_assert_eq(len, want[i][1] * pg);
+    cr_assert_eq(qd_arena_prefault(a, off, len), 0);
+  }
+  cr_assert_eq(qd_arena_warm_next(a, 10 * pg, 4 * pg, &off, &len, &pending), 0);
+  cr_assert_eq(pending, 0);
+  qd_arena_stats s = stats(a);
+  cr_assert_eq(s.warm, 10 * pg);
+  cr_assert_eq(s.resident, 10 * pg);
+  /* A 6-page entry takes the start of the reserve; the next pick follows the created pages. */
+  qd_arena_grant e = get(a, "e", 6 * pg, 1, QD_ARENA_DECODE);
+  cr_assert_eq(e.off, 0);
+  cr_assert_eq(stats(a).warm, 4 * pg);
+  cr_assert_eq(qd_arena_warm_next(a, 10 * pg, 64 * pg, &off, &len, &pending), 1);
+  cr_assert_eq(off, 10 * pg);
+  cr_assert_eq(len, 6 * pg);
+  cr_assert_eq(qd_arena_prefault(a, off, len), 0);
+  cr_assert_eq(stats(a).warm, 10 * pg);
+  /* Released and evicted, its pages are warm again: nothing more is due. */
+  decode(a, &e, 7);
+  rel(a, 1, e.lease);
+  qd_arena_grant all = get(a, "all", 64 * pg, 2, QD_ARENA_DECODE);
+  cr_assert_eq(stats(a).warm, 0, "nothing is free");
+  cr_assert_eq(qd_arena_warm_next(a, 10 * pg, 4 * pg, &off, &len, &pending), 0);
+  qd_arena_decoded(a, all.entry, 0);
+  rel(a, 2, all.lease);
+  cr_assert_eq(stats(a).warm, 0, "all still cached");
+  /* x (small: cut from the end) evicts "all". decode() writes without qd_arena_prefault, so the
+   * pages known to exist are the 16 created above. */
+  get(a, "x", pg, 3, QD_ARENA_DECODE);
+  cr_assert_eq(stats(a).warm, 16 * pg);
+  cr_assert_eq(qd_arena_warm_next(a, 10 * pg, 4 * pg, &off, &len, &pending), 0);
+  /* A reserve beyond the free pages asks only for what free space holds: pages 16..62. */
+  cr_assert_eq(qd_arena_warm_next(a, 1000 * pg, 64 * pg, &off, &len, &pending), 1);
+  cr_assert_eq(pending, (63 - 16) * pg);
+  cr_assert_eq(off, 16 * pg);
+  qd_arena_close(a);
+}
