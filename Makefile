@@ -238,6 +238,17 @@ bench: deps all $(BENCH_BINS)
 bench-scale: deps all $(BENCH_BINS)
 	@sh tests/bench/bench_scale.sh $(abspath $(BUILD))
 
+# Issue 12's before/after (tests/bench/bench_core_compare.sh): builds the qinsd of REV (default
+# c8b3cf1, the serving core before its redesign) in a temporary worktree and runs bench_serve
+# against it and this tree's qinsd in turn, ROUNDS rounds (default 3; about 3-6 minutes on 2
+# cores). Rewrites docs/BENCHMARKS.md's before/after figures. Not part of `make bench`.
+.PHONY: bench-compare
+ROUNDS ?= 3
+REV ?= c8b3cf1
+bench-compare: deps all $(BUILD)/bench/bench_serve
+	@QINS_EXTRA_PKGS="redis-server" sh .ci/deps
+	@sh tests/bench/bench_core_compare.sh $(abspath $(BUILD)) $(ROUNDS) $(REV)
+
 # The README's main-job command: builds, imports MODEL=path (.safetensors or a llama2.c .bin), else
 # ../shared/models/stories260K.safetensors, else a synthetic llama2-tiny (qinsctl synth) into a
 # temporary store, serves it with qinsd to 4 qins-llama2 workers at once.

@@ -5,7 +5,8 @@
     render.py [--bench BUILD/bench/bench.log] [--scale BUILD/bench/scale.log] [--doc PATH]
 
 `make bench` (tests/bench/run.sh) passes --bench, `make bench-scale` (tests/bench/bench_scale.sh)
-passes --scale. The figures are the logs' lines verbatim, each benchmark's block stamped with its
+passes --scale, `make bench-compare` (tests/bench/bench_core_compare.sh) passes --bench with its
+own log (BUILD/bench/compare.log), which holds only its section. The figures are the logs' lines verbatim, each benchmark's block stamped with its
 run's date, CPU, core count and load; the headline table is extracted from those lines by
 pattern. The prose (what each benchmark measures, how to run it, how to read it) is fixed text
 here. A benchmark whose log was not given keeps the figures block already in the document
@@ -57,7 +58,8 @@ BENCHES = [
      "one stored qins8 (decoded in cache-sized pieces), each against the same bytes through a bare "
      "Unix socketpair (a forked writer sending from a warm 64 MiB buffer: the target's reference; "
      "and from a cache-resident 256 KiB buffer: the socket's ceiling on the machine), best of 8, "
-     "alternated: throughput and ratios (target >= 0.8), with qinsd's decode time per get. "
+     "alternated: throughput and ratios (target >= 0.8), with qinsd's decode time per get (CPU "
+     "time summed over its threads, which can exceed the get's wall time). "
      "(2) 4 KiB-slice `get` latency p50/p99 (rows spread over the 64 MiB tensor) with 1 and 16 "
      "concurrent clients next to Redis `GET` of a 4 KiB value (Debian's redis-server on a "
      "temporary Unix socket): each client holds a connection to both, the two servers take turns "
@@ -188,6 +190,24 @@ BENCHES = [
      "data.mdb is not charged to any process beyond the pages mapped. The serve figure "
      "includes decoding every weight on the daemon's threads and two kernel copies per byte; "
      "the bare-socket reference has only the copies, on the same 2 cores."),
+    ("compare", "bench_core_compare.sh",
+     "Serving core before/after its redesign — `tests/bench/bench_core_compare.sh`",
+     "`make bench-compare` (not part of `make bench`: it builds a second tree; 3 rounds, about "
+     "3-6 minutes on 2 cores); `ROUNDS=N`, `REV=commit` (default c8b3cf1, the last commit "
+     "before the redesign) override. Needs redis-server (installed by `make deps`).",
+     "The serving core as it was at REV against this tree's, same run: the qinsd of REV is built "
+     "in a temporary git worktree under /tmp (removed afterwards) and this tree's bench_serve "
+     "(§3; the protocol is the same) runs against each daemon in turn, the order reversed every "
+     "round: `before` (REV's qinsd, whose store checks each chunk once per process), `after` "
+     "(this tree's qinsd with that same checking policy, `QINS_VERIFY=risk-wrong-numbers`: the "
+     "serving core alone compared) and `checked` (this tree's qinsd as shipped, every read "
+     "checked). Each bench_serve run has its own bare-socket and Redis references; the summary "
+     "lists, per round, the 64 MiB get's ratio to the bare socket (f32 and qins8) and the 4 KiB "
+     "latency ratios p50/p99 to Redis with 1 and 16 clients.",
+     "Compare ratios, not absolute figures: each daemon's lines carry their own same-run "
+     "references, taken minutes apart on a shared machine. `before` vs `after` is the redesign's "
+     "cost or gain; `after` vs `checked` is the cost of checking every read (§4 and §3's "
+     "verify_cost lines measure it alone). One round is noisy; read the rounds together."),
 ]
 
 MACHINE_NOTE = ("The machine: 2 cores shared with other engineers' builds and tests while these "

@@ -1,16 +1,17 @@
 #!/bin/sh
 # `make bench`: runs every benchmark binary in BUILD/bench (and bench scripts beside this file),
 # one after the other, so each prints its figures and its same-run reference (ratios) undisturbed.
-# Helpers are skipped: scale_worker (a load program) and bench_scale.sh, which `make bench-scale`
-# runs on its own (about 20 minutes). The output is also written to BUILD/bench/bench.log, from
-# which tests/bench/render.py regenerates docs/BENCHMARKS.md (the scale section comes from
-# BUILD/bench/scale.log, or stays as it was).
+# Skipped: scale_worker (a load program), bench_scale.sh, which `make bench-scale` runs on its own
+# (about 20 minutes), and bench_core_compare.sh, which `make bench-compare` runs on its own (it
+# builds an older tree's qinsd to compare with). The output is also written to
+# BUILD/bench/bench.log, from which tests/bench/render.py regenerates docs/BENCHMARKS.md (the scale
+# and before/after sections come from their own logs, or stay as they were).
 # Usage: run.sh BUILD_DIR SHARED_DIR
 set -e
 BUILD="$1"; SHARED="$2"
 export QINS_BUILD="$BUILD" QINS_SHARED="$SHARED"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-HELPERS="scale_worker bench_scale.sh"
+HELPERS="scale_worker bench_scale.sh bench_core_compare.sh"
 LOG="$BUILD/bench/bench.log"
 mkdir -p "$BUILD/bench"
 
