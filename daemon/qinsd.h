@@ -150,7 +150,7 @@ typedef struct qd_stats {
   uint64_t *per_method;        /* indexed like qd_methods */
   uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */
   uint64_t bytes_served;       /* response bytes written */
-  atomic_uint_fast64_t decode_ns; /* time in qs_tensor_read, any thread */
+  atomic_uint_fast64_t decode_ns; /* time in the store's reads, summed over threads */
   uint64_t inline_decodes, pool_decodes; /* where gets were decoded */
   uint64_t pool_plans;         /* get_many planned on the pool (many names, or a prefix) */
   uint64_t lat_ns[QD_LAT_SAMPLES]; /* ring of recent request latencies */

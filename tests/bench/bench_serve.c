@@ -240,9 +240,9 @@ static double stats_num(const char *sock, const char *key) {
 
 static uint64_t stats_decode_ns(const char *sock) { return (uint64_t)stats_num(sock, "decode_ns"); }
 
-/* qinsd's decode time per 64 MiB get: stats' decode_ns, the time its threads spent in
- * qs_tensor_read summed over them, so CPU time that can exceed the get's wall time when pieces
- * are decoded on several pool threads at once. */
+/* qinsd's decode time per 64 MiB get (mean): stats' decode_ns, the time its threads spent in the
+ * store's reads (decode, checks) summed over the threads, so not a share of the get's wall time:
+ * it can exceed it when several threads read at once. */
 static double per_get_decode_ms;
 
 /* Alternates bare (from a 64 MiB and from a 256 KiB buffer) and qinsd transfers of tensor
@@ -542,8 +542,8 @@ int main(void) {
     if (getenv("BENCH_SKIP_THROUGHPUT")) break;
     throughput(d.sock, tnames[k], reps, &bare, &hot, &q);
     printf("serve_get_64MiB_%s: qinsd %.2f GB/s | bare unix socket %.2f GB/s | ratio %.2f "
-           "(target >= 0.8; best of %d, alternated; per get: qinsd decode %.1f ms CPU summed "
-           "over its threads (mean), the best get %.1f ms wall; "
+           "(target >= 0.8; best of %d, alternated; per get: qinsd's time in store reads %.1f ms "
+           "summed over its threads (mean), the best get %.1f ms wall; "
            "bare socket from a cache-resident 256 KiB buffer %.2f GB/s, ratio to it %.2f)\n",
            labels[k], q, bare, bare > 0 ? q / bare : 0, reps, per_get_decode_ms,
            q > 0 ? (double)BIG_BYTES / q / 1e6 : 0, hot, hot > 0 ? q / hot : 0);
@@ -552,8 +552,8 @@ int main(void) {
     throughput(u.sock, tnames[k], reps, &ubare, &uhot, &uq);
     printf("serve_get_64MiB_%s_verify_cost: every read checked (default) %.2f GB/s, ratio to "
            "bare %.2f | QINS_VERIFY=risk-wrong-numbers %.2f GB/s, ratio to bare %.2f | checked / "
-           "unchecked %.2f (best of %d each, same run; decode CPU summed over threads %.1f vs "
-           "%.1f ms per get)\n",
+           "unchecked %.2f (best of %d each, same run; store reads %.1f vs %.1f ms "
+           "per get, summed over threads)\n",
            labels[k], q, bare > 0 ? q / bare : 0, uq, ubare > 0 ? uq / ubare : 0,
            uq > 0 ? q / uq : 0, reps, dec, per_get_decode_ms);
   }
