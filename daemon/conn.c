@@ -170,7 +170,7 @@ static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
   r.n_keys = 0;
   r.msg[0] = '\0';
   r.t0 = qd_now_ns();
-  qd_srv.st.requests++;
+  qd_srv.st.requests_total++;
   const char *mp;
   uint32_t ml;
   if (qp_rd_str(&rd, &mp, &ml)) {

@@ -547,7 +547,7 @@ int qd_server_run(void) {
   qd_log_flush(1);
   qd_log(QD_LOG_NOTICE, "exited %s: %llu requests, %llu bytes served",
          qd_srv.lp.failed ? "after a loop failure" : "cleanly",
-         (unsigned long long)qd_srv.st.requests, (unsigned long long)qd_srv.st.bytes_served);
+         (unsigned long long)qd_srv.st.requests_total, (unsigned long long)qd_srv.st.bytes_served);
   qd_stats_fini();
   return qd_srv.lp.failed ? 1 : 0;
 }

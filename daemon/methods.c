@@ -7,6 +7,7 @@
  * see a socket. Store access: one short LMDB read txn per request step, ended before the reply is
  * queued, so no txn is held while a client is slow.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -244,28 +245,24 @@ static int m_ping(qd_req *r) {
   return ok_send(r, &o);
 }
 
-static int m_stats(qd_req *r) {
-  ok_reply o;
-  msgpack_packer *pk = ok_begin(&o, r);
-  double p50, p99;
-  qd_latency_quantiles(&p50, &p99);
-  msgpack_pack_map(pk, 25 + QD_MAP_STATS_KEYS);
-  qd_map_stats_pack(pk);
-  kv_u64(pk, "uptime_s", (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
-  kv_u64(pk, "connections", qd_srv.st.connections);
-  kv_u64(pk, "connections_total", qd_srv.st.connections_total);
-  kv_u64(pk, "connections_refused", qd_srv.st.connections_refused);
-  kv_u64(pk, "connections_denied", qd_srv.st.connections_denied);
-  kv_u64(pk, "connections_idle_closed", qd_srv.st.connections_idle_closed);
-  kv_u64(pk, "accept_failed", qd_srv.st.accept_failed);
-  kv_u64(pk, "requests_total", qd_srv.st.requests);
-  qp_pack_cstr(pk, "requests");
+/* stats' members (docs/PROTOCOL.md §4.8) that need more than reading a uint64_t of qd_srv: each
+ * packs its value; lat holds the latency quantiles, taken once a reply. */
+static void st_uptime(msgpack_packer *pk, const double *lat) {
+  (void)lat;
+  msgpack_pack_uint64(pk, (qd_now_ns() - qd_srv.st.start_ns) / 1000000000ull);
+}
+
+static void st_requests(msgpack_packer *pk, const double *lat) {
+  (void)lat;
   msgpack_pack_map(pk, (size_t)qd_n_methods);
   for (int i = 0; i < qd_n_methods; i++) {
     qp_pack_cstr(pk, qd_methods[i].name);
     msgpack_pack_uint64(pk, qd_srv.st.per_method[i]);
   }
-  qp_pack_cstr(pk, "errors");
+}
+
+static void st_errors(msgpack_packer *pk, const double *lat) {
+  (void)lat;
   size_t ne = 0;
   for (int i = 0; i < QD_ERR_SLOTS; i++) ne += qd_srv.st.errors[i] != 0;
   msgpack_pack_map(pk, ne);
@@ -274,23 +271,74 @@ static int m_stats(qd_req *r) {
       qp_pack_cstr(pk, qins_err_name(-1000 - i));
       msgpack_pack_uint64(pk, qd_srv.st.errors[i]);
     }
-  kv_u64(pk, "bytes_served", qd_srv.st.bytes_served);
-  kv_u64(pk, "decode_ns", atomic_load(&qd_srv.st.decode_ns));
-  kv_u64(pk, "inline_decodes", qd_srv.st.inline_decodes);
-  kv_u64(pk, "pool_decodes", qd_srv.st.pool_decodes);
-  kv_u64(pk, "pool_plans", qd_srv.st.pool_plans);
-  kv_u64(pk, "paused_reads", qd_srv.st.paused_reads);
-  kv_u64(pk, "reads_yielded", qd_srv.st.reads_yielded);
-  kv_u64(pk, "queued_bytes", qd_srv.st.queued_bytes);
-  kv_u64(pk, "queued_peak", qd_srv.st.queued_peak);
-  kv_u64(pk, "max_response_memory", qd_srv.cfg.max_response_memory);
-  kv_u64(pk, "memory_waits", qd_srv.st.memory_waits);
-  kv_u64(pk, "memory_refused", qd_srv.st.memory_refused);
-  kv_u64(pk, "memory_trims", qd_srv.st.memory_trims);
-  qp_pack_cstr(pk, "latency_p50_us");
-  msgpack_pack_double(pk, p50);
-  qp_pack_cstr(pk, "latency_p99_us");
-  msgpack_pack_double(pk, p99);
+}
+
+static void st_decode_ns(msgpack_packer *pk, const double *lat) {
+  (void)lat;
+  msgpack_pack_uint64(pk, atomic_load(&qd_srv.st.decode_ns));
+}
+
+static void st_p50(msgpack_packer *pk, const double *lat) { msgpack_pack_double(pk, lat[0]); }
+static void st_p99(msgpack_packer *pk, const double *lat) { msgpack_pack_double(pk, lat[1]); }
+
+/* stats' members in reply order: a uint64_t of qd_srv (a counter of qd_srv.st under its own name,
+ * or a limit) at `off`, or what `pack` packs. The arena's members (map.c) come first. */
+typedef struct stat_row {
+  const char *key;
+  size_t off;
+  void (*pack)(msgpack_packer *pk, const double *lat);
+} stat_row;
+#define ST(field) {#field, offsetof(qd_server, st.field), NULL}
+#define PACKED(key, fn) {key, 0, fn}
+static const stat_row stats_rows[] = {
+  PACKED("uptime_s", st_uptime),
+  ST(connections),
+  ST(connections_total),
+  ST(connections_refused),
+  ST(connections_denied),
+  ST(connections_idle_closed),
+  ST(accept_failed),
+  ST(requests_total),
+  PACKED("requests", st_requests),
+  PACKED("errors", st_errors),
+  ST(bytes_served),
+  PACKED("decode_ns", st_decode_ns),
+  ST(inline_decodes),
+  ST(pool_decodes),
+  ST(pool_plans),
+  ST(paused_reads),
+  ST(reads_yielded),
+  ST(queued_bytes),
+  ST(queued_peak),
+  {"max_response_memory", offsetof(qd_server, cfg.max_response_memory), NULL},
+  ST(memory_waits),
+  ST(memory_refused),
+  ST(memory_trims),
+  PACKED("latency_p50_us", st_p50),
+  PACKED("latency_p99_us", st_p99),
+};
+#undef ST
+#undef PACKED
+
+static int m_stats(qd_req *r) {
+  ok_reply o;
+  msgpack_packer *pk = ok_begin(&o, r);
+  double lat[2];
+  qd_latency_quantiles(&lat[0], &lat[1]);
+  size_t n = sizeof stats_rows / sizeof stats_rows[0];
+  msgpack_pack_map(pk, n + QD_MAP_STATS_KEYS);
+  qd_map_stats_pack(pk);
+  for (size_t i = 0; i < n; i++) {
+    const stat_row *row = &stats_rows[i];
+    qp_pack_cstr(pk, row->key);
+    if (row->pack) {
+      row->pack(pk, lat);
+    } else {
+      uint64_t v;
+      memcpy(&v, (const char *)&qd_srv + row->off, sizeof v);
+      msgpack_pack_uint64(pk, v);
+    }
+  }
   return ok_send(r, &o);
 }
 
@@ -426,31 +474,21 @@ static qd_ask *ask_one(qd_req *r, int *rc) {
   return a;
 }
 
-static int m_get(qd_req *r) {
-  int rc;
-  qd_ask *a = ask_one(r, &rc);
-  return a ? qd_job_start(r, a) : rc;
-}
-
-static int m_map(qd_req *r) {
-  int rc;
-  qd_ask *a = ask_one(r, &rc);
-  return a ? qd_map_start(r, a) : rc;
-}
-
 static qd_ask *ask_many(qd_req *r, int *rc_out);
 
-static int m_get_many(qd_req *r) {
+/* get, map, get_many, map_many: the params parsed into an ask (ask_one or ask_many), which a
+ * decode job (qd_job_start) or the arena (qd_map_start) then answers. */
+static int ask_and_start(qd_req *r, qd_ask *(*parse)(qd_req *, int *),
+                         int (*start)(qd_req *, qd_ask *)) {
   int rc;
-  qd_ask *a = ask_many(r, &rc);
-  return a ? qd_job_start(r, a) : rc;
+  qd_ask *a = parse(r, &rc);
+  return a ? start(r, a) : rc;
 }
 
-static int m_map_many(qd_req *r) {
-  int rc;
-  qd_ask *a = ask_many(r, &rc);
-  return a ? qd_map_start(r, a) : rc;
-}
+static int m_get(qd_req *r) { return ask_and_start(r, ask_one, qd_job_start); }
+static int m_map(qd_req *r) { return ask_and_start(r, ask_one, qd_map_start); }
+static int m_get_many(qd_req *r) { return ask_and_start(r, ask_many, qd_job_start); }
+static int m_map_many(qd_req *r) { return ask_and_start(r, ask_many, qd_map_start); }
 
 static int m_attach(qd_req *r) { return qd_map_attach(r); }
 
@@ -625,6 +663,15 @@ static void pack_entry(msgpack_sbuffer *sb, const meta_entry *e, int elide) {
   msgpack_pack_uint64(&pk, e->value ? e->value->len : e->count);
 }
 
+/* Moves the item packed in `one` onto the page in `body` (then 1, `one` emptied) if the page
+ * stays within budget bytes; else 0. */
+static int page_add(msgpack_sbuffer *body, msgpack_sbuffer *one, uint64_t budget) {
+  if (body->size + one->size > budget) return 0;
+  msgpack_sbuffer_write(body, one->data, one->size);
+  msgpack_sbuffer_clear(one);
+  return 1;
+}
+
 #define META_REPLY_SLACK 256 /* envelope and the reply's fixed members */
 
 static int m_model_info(qd_req *r) {
@@ -705,12 +752,10 @@ static int m_model_info(qd_req *r) {
       msgpack_packer opk;
       msgpack_packer_init(&opk, &one, msgpack_sbuffer_write);
       pack_json(&opk, &e.value->items[k]);
-      if (body.size + one.size > budget) {
+      if (!page_add(&body, &one, budget)) {
         if (n == 0) what = "an element";
         break;
       }
-      msgpack_sbuffer_write(&body, one.data, one.size);
-      msgpack_sbuffer_clear(&one);
       n++;
     }
   } else {
@@ -726,12 +771,10 @@ static int m_model_info(qd_req *r) {
         msgpack_sbuffer_clear(&one);
         pack_entry(&one, &e, 1); /* too large for any reply: its elements are paged by key */
       }
-      if (body.size + one.size > budget) {
+      if (!page_add(&body, &one, budget)) {
         if (n == 0) what = "entry";
         break;
       }
-      msgpack_sbuffer_write(&body, one.data, one.size);
-      msgpack_sbuffer_clear(&one);
       n++;
     }
   }

@@ -146,7 +146,7 @@ typedef struct qd_stats {
   uint64_t connections_denied; /* turned away: DENIED (not in allow-uid/allow-gid) */
   uint64_t connections_idle_closed; /* closed after idle-timeout-ms */
   uint64_t accept_failed;      /* accepts that failed (EMFILE/ENFILE: the fd limit) */
-  uint64_t requests;           /* all requests */
+  uint64_t requests_total;     /* all requests */
   uint64_t *per_method;        /* indexed like qd_methods */
   uint64_t errors[QD_ERR_SLOTS]; /* per project code: errors[-1000 - code] */
   uint64_t bytes_served;       /* response bytes written */
