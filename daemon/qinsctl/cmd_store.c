@@ -39,6 +39,13 @@ int qctl_open(qctl_ctx *c, qs_store **s, unsigned flags) {
   return QCTL_OK;
 }
 
+/* For a command without options taking min..max arguments: QCTL_OK, or QCTL_USAGE with the
+ * usage printed. */
+static int qctl_plain_args(const qctl_ctx *c, int argc, char **argv, int min, int max) {
+  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
+  return argc - 1 < min || argc - 1 > max ? qctl_usage(c, QCTL_USAGE) : QCTL_OK;
+}
+
 /* Opens the store read-only and begins a read txn; on failure nothing is left open. */
 static int qctl_open_read(qctl_ctx *c, qs_store **s, qs_txn **t) {
   int rc = qctl_open(c, s, QS_OPEN_RDONLY);
@@ -136,8 +143,7 @@ void qctl_import_help(FILE *f) {
 
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   static const struct option opts[] = {{"model", required_argument, 0, 'm'},
-                                       {"codec", required_argument, 0, 'c'},
-                                       {"codec-for", required_argument, 0, 'r'},
+                                       QCTL_CODEC_OPTIONS,
                                        {"effort", required_argument, 0, 'e'},
                                        {"allow-requant", no_argument, 0, 'a'},
                                        {0, 0, 0, 0}};
@@ -206,11 +212,8 @@ int qctl_cmd_import(qctl_ctx *c, int argc, char **argv) {
   if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, res.model);
-    printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu,"
-           "\"narrowed\":%llu,\"snr_db_narrowed\":",
-           (unsigned long long)res.n_tensors, (unsigned long long)res.n_elem,
-           (unsigned long long)res.src_bytes, (unsigned long long)res.stored_bytes,
-           (unsigned long long)res.n_narrowed);
+    qctl_json_sizes(res.n_tensors, res.n_elem, res.src_bytes, res.stored_bytes);
+    printf(",\"narrowed\":%llu,\"snr_db_narrowed\":", (unsigned long long)res.n_narrowed);
     if (isinf(res.snr_db_narrowed) && res.snr_db_narrowed < 0) fputs("\"-inf\"", stdout);
     else qctl_jnum(stdout, res.snr_db_narrowed);
     putchar(',');
@@ -323,8 +326,7 @@ static int qctl_ls_tensor_cb(void *ud, const qs_tensor *t) {
 }
 
 int qctl_cmd_ls(qctl_ctx *c, int argc, char **argv) {
-  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
-  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_plain_args(c, argc, argv, 0, 1)) return QCTL_USAGE;
   qs_store *s;
   qs_txn *t;
   int rc = qctl_open_read(c, &s, &t);
@@ -458,8 +460,7 @@ static void qctl_metadata_print(const char *md) {
 }
 
 int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
-  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
-  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_plain_args(c, argc, argv, 1, 1)) return QCTL_USAGE;
   char model[QS_MAX_NAME * 2 + 2];
   snprintf(model, sizeof model, "%s", argv[1]);
   char *slash = strchr(model, '/');
@@ -479,11 +480,9 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
     if (c->json) {
       printf("{\"name\":");
       qctl_jstr(stdout, m.name);
-      printf(",\"id\":%llu,\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,"
-             "\"stored_bytes\":%llu,\"ratio\":",
-             (unsigned long long)m.id, (unsigned long long)m.n_tensors,
-             (unsigned long long)m.n_elem, (unsigned long long)m.src_bytes,
-             (unsigned long long)m.stored_bytes);
+      printf(",\"id\":%llu", (unsigned long long)m.id);
+      qctl_json_sizes(m.n_tensors, m.n_elem, m.src_bytes, m.stored_bytes);
+      printf(",\"ratio\":");
       qctl_jnum(stdout, ratio);
       printf(",\"created\":%lld,\"metadata\":%s}\n", (long long)m.created, m.metadata);
     } else {
@@ -511,15 +510,16 @@ int qctl_cmd_info(qctl_ctx *c, int argc, char **argv) {
       qctl_jstr(stdout, ten.name);
       printf(",\"index\":%u,\"shape\":", ten.index);
       qctl_shape(stdout, &ten, 1);
-      printf(",\"src_dtype\":\"%s\",\"codec\":\"%s\",\"elements\":%llu,\"row_len\":%llu,"
-             "\"rows\":%llu,\"rows_per_chunk\":%llu,\"chunks\":%llu,\"source_bytes\":%llu,"
-             "\"stored_bytes\":%llu,\"data_bytes\":%llu,\"params_bytes\":%llu,"
-             "\"params_id\":\"%016llx\",\"params_first\":%s,\"checksum\":\"%08x\",\"snr_db\":",
-             qs_dtype_name(ten.src_dtype), qs_codec_name(ten.codec), (unsigned long long)ten.n_elem,
-             (unsigned long long)ten.row_len, (unsigned long long)ten.n_rows,
-             (unsigned long long)ten.rows_per_chunk, (unsigned long long)ten.n_chunks,
-             (unsigned long long)ten.src_bytes, (unsigned long long)ten.stored_bytes,
-             (unsigned long long)cost.data_bytes, (unsigned long long)cost.params_bytes,
+      printf(",\"src_dtype\":\"%s\",\"codec\":\"%s\"", qs_dtype_name(ten.src_dtype),
+             qs_codec_name(ten.codec));
+      const struct { const char *key; uint64_t v; } counts[] = {
+          {"elements", ten.n_elem}, {"row_len", ten.row_len}, {"rows", ten.n_rows},
+          {"rows_per_chunk", ten.rows_per_chunk}, {"chunks", ten.n_chunks},
+          {"source_bytes", ten.src_bytes}, {"stored_bytes", ten.stored_bytes},
+          {"data_bytes", cost.data_bytes}, {"params_bytes", cost.params_bytes}};
+      for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+        printf(",\"%s\":%llu", counts[i].key, (unsigned long long)counts[i].v);
+      printf(",\"params_id\":\"%016llx\",\"params_first\":%s,\"checksum\":\"%08x\",\"snr_db\":",
              (unsigned long long)cost.params_id, cost.params_first ? "true" : "false", cost.checksum);
       qctl_jnum(stdout, ten.snr_db);
       printf(",\"max_err\":");
@@ -611,8 +611,7 @@ int qctl_cmd_export(qctl_ctx *c, int argc, char **argv) {
 }
 
 int qctl_cmd_rm(qctl_ctx *c, int argc, char **argv) {
-  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
-  if (argc != 2) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_plain_args(c, argc, argv, 1, 1)) return QCTL_USAGE;
   qs_store *s;
   int rc = qctl_open(c, &s, 0);
   if (rc) return rc;
@@ -647,8 +646,7 @@ static void qctl_verify_cb(void *ud, const char *msg) {
 }
 
 int qctl_cmd_verify(qctl_ctx *c, int argc, char **argv) {
-  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
-  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_plain_args(c, argc, argv, 0, 1)) return QCTL_USAGE;
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;
@@ -804,8 +802,7 @@ static void qctl_sum_json(const char *key, const qctl_sum *s) {
 }
 
 int qctl_cmd_audit(qctl_ctx *c, int argc, char **argv) {
-  if (qctl_no_options(c, argc, argv)) return QCTL_USAGE;
-  if (argc > 2) return qctl_usage(c, QCTL_USAGE);
+  if (qctl_plain_args(c, argc, argv, 0, 1)) return QCTL_USAGE;
   qs_store *s;
   int rc = qctl_open(c, &s, QS_OPEN_RDONLY);
   if (rc) return rc;

@@ -521,8 +521,7 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
   static const struct option opts[] = {{"arch", required_argument, 0, 'A'},
                                        {"model", required_argument, 0, 'm'},
                                        {"seed", required_argument, 0, 's'},
-                                       {"codec", required_argument, 0, 'c'},
-                                       {"codec-for", required_argument, 0, 'r'},
+                                       QCTL_CODEC_OPTIONS,
                                        {"list", no_argument, 0, 'l'},
                                        {0, 0, 0, 0}};
   const qsyn_arch *arch = NULL;
@@ -644,9 +643,9 @@ int qctl_cmd_synth(qctl_ctx *c, int argc, char **argv) {
   if (c->json) {
     printf("{\"model\":");
     qctl_jstr(stdout, model);
-    printf(",\"arch\":\"%s\",\"seed\":%" PRIu64 ",\"n_tensors\":%" PRIu64 ",\"elements\":%" PRIu64
-           ",\"source_bytes\":%" PRIu64 ",\"stored_bytes\":%" PRIu64 ",",
-           arch->name, seed, res.n_tensors, res.n_elem, res.src_bytes, res.stored_bytes);
+    printf(",\"arch\":\"%s\",\"seed\":%" PRIu64, arch->name, seed);
+    qctl_json_sizes(res.n_tensors, res.n_elem, res.src_bytes, res.stored_bytes);
+    putchar(',');
     qctl_json_import_figures(bpw, ratio, snr, dt, mbs);
   } else {
     char a[32], b[32];

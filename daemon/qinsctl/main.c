@@ -113,6 +113,13 @@ void qctl_jnum(FILE *f, double v) {
   fputs(b, f);
 }
 
+void qctl_json_sizes(uint64_t n_tensors, uint64_t n_elem, uint64_t src_bytes,
+                     uint64_t stored_bytes) {
+  printf(",\"n_tensors\":%llu,\"elements\":%llu,\"source_bytes\":%llu,\"stored_bytes\":%llu",
+         (unsigned long long)n_tensors, (unsigned long long)n_elem, (unsigned long long)src_bytes,
+         (unsigned long long)stored_bytes);
+}
+
 void qctl_json_import_figures(double bytes_per_weight, double ratio, double snr_db_matrices,
                               double seconds, double mb_per_s) {
   const char *keys[5] = {"bytes_per_weight", "ratio", "snr_db_matrices", "seconds", "mb_per_s"};

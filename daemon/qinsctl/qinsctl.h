@@ -48,6 +48,10 @@ const char *qctl_human(uint64_t bytes, char *buf, size_t cap);
 /* Minimal JSON writer on a FILE: commas are handled by the caller through qctl_jsep. */
 void qctl_jstr(FILE *f, const char *s);
 void qctl_jnum(FILE *f, double v); /* finite: %.17g-ish shortest; non-finite: null */
+/* A model's sizes in a --json line (import, synth, info):
+ * ,"n_tensors":N,"elements":N,"source_bytes":N,"stored_bytes":N */
+void qctl_json_sizes(uint64_t n_tensors, uint64_t n_elem, uint64_t src_bytes,
+                     uint64_t stored_bytes);
 /* The figures that end import's and synth's --json line, from "bytes_per_weight" to the closing
  * brace and newline. */
 void qctl_json_import_figures(double bytes_per_weight, double ratio, double snr_db_matrices,
@@ -71,6 +75,9 @@ int qctl_codec_arg(const qctl_ctx *c, const char *arg);
  * or prints the usage error and returns -1. */
 typedef struct qs_codec_rule qs_codec_rule;
 int qctl_codec_rule_arg(const qctl_ctx *c, char *arg, qs_codec_rule *rule);
+/* Their entries in a getopt_long option table: --codec is 'c', --codec-for is 'r'. */
+#define QCTL_CODEC_OPTIONS \
+  {"codec", required_argument, 0, 'c'}, {"codec-for", required_argument, 0, 'r'}
 
 /* Store commands (cmd_store.c). */
 int qctl_cmd_import(qctl_ctx *c, int argc, char **argv);
