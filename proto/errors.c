@@ -8,34 +8,27 @@
 
 #include "qins_base.h"
 
-const char *qins_err_name(int code) {
+/* The name (msg 0) or message (msg 1) of 0 or a QINS_ERR_MAP code; NULL for any other code. */
+static const char *map_text(int code, int msg) {
   switch (code) {
-  case 0: return "OK";
-#define QINS__ERR_NAME(name, val, msg) case val: return #name;
-  QINS_ERR_MAP(QINS__ERR_NAME)
-#undef QINS__ERR_NAME
-  default: break;
+  case 0: return msg ? "ok" : "OK";
+#define QINS__ERR_TEXT(name, val, text) case val: return msg ? text : #name;
+  QINS_ERR_MAP(QINS__ERR_TEXT)
+#undef QINS__ERR_TEXT
+  default: return NULL;
   }
-  if (code < 0 && code > -1000) {
-    const char *n = strerrorname_np(-code);
-    if (n) return n;
-  }
-  return "UNKNOWN";
+}
+
+const char *qins_err_name(int code) {
+  const char *t = map_text(code, 0);
+  if (!t && code < 0 && code > -1000) t = strerrorname_np(-code);
+  return t ? t : "UNKNOWN";
 }
 
 const char *qins_strerror(int code) {
-  switch (code) {
-  case 0: return "ok";
-#define QINS__ERR_MSG(name, val, msg) case val: return msg;
-  QINS_ERR_MAP(QINS__ERR_MSG)
-#undef QINS__ERR_MSG
-  default: break;
-  }
-  if (code < 0 && code > -1000) {
-    const char *d = strerrordesc_np(-code);
-    if (d) return d;
-  }
-  return "unknown error";
+  const char *t = map_text(code, 1);
+  if (!t && code < 0 && code > -1000) t = strerrordesc_np(-code);
+  return t ? t : "unknown error";
 }
 
 unsigned qins_version(void) { return QINS_VERSION_HEX; }
