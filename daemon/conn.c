@@ -332,6 +332,35 @@ void qd_conn_resume(qd_conn *c) {
   conn_maybe_close(c);
 }
 
+/* ---- deferred requests (reply.h) ---------------------------------------------------------------
+ * A request answered later (a pool job) counts in c->pending, its planned bytes in c->reserved:
+ * backpressure state, so the read side keeps it. A job signals its end here, through reply.h;
+ * the connection then may read and dispatch again, or close, or is freed if it already closed. */
+void qd_req_defer(qd_req *r, uint64_t bytes) {
+  r->conn->pending++;
+  r->conn->reserved += bytes;
+  qd_queued_add(bytes);
+}
+
+void qd_req_reserve(qd_conn *c, uint64_t bytes) {
+  c->reserved += bytes;
+  qd_queued_add(bytes);
+}
+
+void qd_req_unreserve(qd_conn *c, uint64_t bytes) {
+  c->reserved -= bytes;
+  qd_queued_sub(bytes);
+}
+
+void qd_req_done_deferred(qd_conn *c) {
+  c->pending--;
+  if (c->state == CONN_CLOSED) {
+    if (c->pending == 0) qd_conn_free(c);
+    return;
+  }
+  qd_conn_resume(c);
+}
+
 void qd_conn_alloc(qd_conn *c, uv_buf_t *out) {
   const size_t chunk = 64 * 1024;
   if (c->cap - c->wpos < chunk && c->rpos > 0) {

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * conn.h — the connection layer (conn.c: reading, framing, dispatch, life; out.c: the write side,
- * reply.h's implementation), as the readiness loop (loop.c) sees it, plus the connection struct
- * the two halves share. Loop thread only.
+ * conn.h — the connection layer (conn.c: reading, framing, dispatch, life, and reply.h's deferral
+ * count; out.c: the write side, the rest of reply.h), as the readiness loop (loop.c) sees it, plus
+ * the connection struct the two halves share. Loop thread only.
  *
  * A connection's state (conn_state), and its transitions, all made by conn_set_state (conn.c):
  *

@@ -55,7 +55,7 @@ static void kv_u64(msgpack_packer *pk, const char *key, uint64_t v) {
 static int param_find(const qd_req *r, const char *key, qp_rd *v) {
   if (!r->params.p) return 0;
   size_t kl = strlen(key);
-  if (r->n_keys >= 0) { /* the map was indexed once at dispatch (qd_req_index_params) */
+  if (r->n_keys >= 0) { /* the map was indexed once at dispatch (conn_dispatch) */
     for (int i = 0; i < r->n_keys; i++)
       if (r->keys[i].kl == kl && memcmp(r->keys[i].k, key, kl) == 0) {
         v->p = r->keys[i].v;

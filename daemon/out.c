@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * out.c — connections, write side: the only code that writes to a client socket. Implements
- * reply.h (replies, deferred requests, streams) over each connection's output state (conn.h):
+ * reply.h's replies and streams (its deferral accounting is conn.c's) over each connection's
+ * output state (conn.h):
  *
  *   OUT_QUEUE   a reply is written at once when nothing is queued before it and the socket takes
  *               it (uv_try_write: one writev, no request, no POLLOUT round trip); the rest goes to
@@ -406,31 +407,6 @@ void qd_reply_err(qd_req *r, int code, const char *fmt, ...) {
               r->conn->desc, m, r->msgid, qins_err_name(code), msg);
   qd_latency_record(r->t0);
   qd_out_error(r->conn, r->msgid, code, msg);
-}
-
-void qd_req_defer(qd_req *r, uint64_t bytes) {
-  r->conn->pending++;
-  r->conn->reserved += bytes;
-  qd_queued_add(bytes);
-}
-
-void qd_req_reserve(qd_conn *c, uint64_t bytes) {
-  c->reserved += bytes;
-  qd_queued_add(bytes);
-}
-
-void qd_req_unreserve(qd_conn *c, uint64_t bytes) {
-  c->reserved -= bytes;
-  qd_queued_sub(bytes);
-}
-
-void qd_req_done_deferred(qd_conn *c) {
-  c->pending--;
-  if (c->state == CONN_CLOSED) {
-    if (c->pending == 0) qd_conn_free(c);
-    return;
-  }
-  qd_conn_resume(c);
 }
 
 /* ---- streams (reply.h) ------------------------------------------------------------------------ */

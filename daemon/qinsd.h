@@ -4,10 +4,14 @@
  * server struct that holds the daemon's state. Wire contract: docs/PROTOCOL.md; options:
  * docs/qinsd.conf.example; the design picture below is also in docs/qinsd.md.
  *
- * The serving core, one layer per file; requests travel down. Calls up are notifications only:
- * out.c tells conn.c that a write finished or failed or a deferred answer is done (the
- * connection may read again, or closes); conn.c registers its socket in loop.c's read set; a
- * stream that waited for its turn is completed through the callback its job gave (reply.h).
+ * The serving core, one layer per file; requests travel down, and handlers and jobs answer
+ * down through reply.h, the connection layer's interface (out.c implements the replies and
+ * streams, conn.c the deferral count its backpressure reads: the two files are the two halves of
+ * the connection layer, conn.h). Calls up are notifications only: out.c tells conn.c that a
+ * queued write finished (the connection may read again) or failed (it closes); conn.c and out.c
+ * tell loop.c what to watch (qd_loop_watch, qd_loop_again; qd_loop_touch: libuv has a new handle
+ * or a close to run before the loop waits); a stream that waited for its turn is completed
+ * through the callback its job gave (reply.h). docs/qinsd.md walks a small and a streamed get.
  *
  *   loop.c     the one readiness loop: an epoll read set of client sockets (edge-triggered,
  *     |        arrival order) with libuv's own epoll fd inside it; the listener (or the socket
@@ -21,9 +25,9 @@
  *     v        get / get_many: a qd_ask
  *   job.c      decode jobs (job.h): plan and decode in one LMDB read txn, on the loop thread when
  *     |        small, on the pool when large; a large single get streams its pieces.
- *     v
- *   out.c      connections, write side: reply.h's implementation, the only code that writes to
- *              a client socket (write queue, held replies, streams, the lent state).
+ *     v        reply.h: a reply, a deferral, a stream
+ *   out.c      connections, write side: the only code that writes to a client socket (write
+ *              queue, held replies, streams, the lent state); conn.c keeps the deferral count.
  *   store/     (store.h) snapshots, tensor records, decode: called by methods.c and job.c.
  *
  * Side files: config.c (the option table), log.c, stats.c (counters, latency ring, the payload

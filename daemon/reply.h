@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * reply.h — the one way a method (methods.c) or a decode job (job.c) answers a request. The
- * connection layer (out.c) implements it and decides how the bytes go out: written now when the
+ * connection layer implements it (out.c the replies and streams; conn.c the deferral count,
+ * which its backpressure reads) and decides how the bytes go out: written now when the
  * socket takes them, else queued in libuv's write queue, held while a stream owns the
  * connection, or played to a sink (embedded connections). Nothing here hands out a socket, a
  * cond or a libuv handle. Loop thread only, except qd_stream_lend and qd_stream_send (the
