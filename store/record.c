@@ -65,30 +65,36 @@ void qs__escape(const char *name, char *out, size_t cap) {
   out[o] = 0;
 }
 
+/* name escaped into esc, for a message: only when the check fails (every request's names pass
+ * through qs_name_check, and escaping costs a formatted write a byte). */
+static const char *qs__escaped(const char *name, char *esc, size_t cap) {
+  qs__escape(name, esc, cap);
+  return esc;
+}
+
 int qs_name_check(const char *what, const char *name, int is_model) {
   size_t n = name ? strlen(name) : 0;
   char esc[128];
   if (n == 0) return qs__fail(QINS_ENAME, "%s name is empty", what);
-  qs__escape(name, esc, sizeof esc);
   if (n > QS_MAX_NAME)
     return qs__fail(QINS_ENAME, "%s name \"%s...\" is %zu bytes; at most %d allowed (LMDB keys "
                                 "are limited to 511 bytes)",
-                    what, esc, n, QS_MAX_NAME);
+                    what, qs__escaped(name, esc, sizeof esc), n, QS_MAX_NAME);
   const unsigned char *p = (const unsigned char *)name;
   for (size_t i = 0; i < n;) {
     uint32_t cp = 0;
     size_t len = qs__utf8_seq(p + i, n - i, &cp);
     if (!len)
       return qs__fail(QINS_ENAME, "%s name \"%s\" is not valid UTF-8 (byte %zu: 0x%02x)", what,
-                      esc, i, p[i]);
+                      qs__escaped(name, esc, sizeof esc), i, p[i]);
     if (cp < 0x20 || (cp >= 0x7F && cp < 0xA0))
       return qs__fail(QINS_ENAME, "%s name \"%s\" contains control character U+%04X at byte %zu",
-                      what, esc, (unsigned)cp, i);
+                      what, qs__escaped(name, esc, sizeof esc), (unsigned)cp, i);
     i += len;
   }
   if (is_model && strchr(name, '/'))
     return qs__fail(QINS_ENAME, "%s name \"%s\" contains '/' (reserved for MODEL/TENSOR)", what,
-                    esc);
+                    qs__escaped(name, esc, sizeof esc));
   return 0;
 }
 
