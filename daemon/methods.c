@@ -104,16 +104,13 @@ static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
 /* Names (model, name, prefix, names[i]) pass the store's qs_name_check (UTF-8, no control
  * characters), so no message or log line echoes bytes a strict decoder rejects. 0 or QINS_ENAME
  * naming the field. An empty name is left to the lookup (NO_MODEL / NO_TENSOR). */
-static int param_name_check(qd_req *r, const char *field, const char *v) {
-  int is_model = !strcmp(field, "model");
-  if (!*v || (!is_model && strcmp(field, "name") && strcmp(field, "prefix") && strncmp(field, "names[", 6)))
-    return 0;
-  if (qs_name_check(is_model ? "model" : "tensor", v, is_model) == 0) return 0;
+static int param_name_check(qd_req *r, const char *field, const char *v, int is_model) {
+  if (!*v || qs_name_check(is_model ? "model" : "tensor", v, is_model) == 0) return 0;
   snprintf(r->msg, sizeof r->msg, "parameter \"%s\": %s", field, qs_error());
   return QINS_ENAME;
 }
 
-/* A required or optional str parameter into dst. */
+/* A required or optional str parameter into dst: 0, 1 when optional and absent, or an error. */
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
   qp_rd v;
   dst[0] = '\0';
@@ -131,7 +128,14 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
              key, cap - 1);
     return QINS_EBAD_PARAMS;
   }
-  return param_name_check(r, key, dst);
+  return 0;
+}
+
+/* A str parameter that names a model, a tensor or a tensor-name prefix: param_str, then the
+ * name check. */
+static int param_name(qd_req *r, const char *key, int required, char *dst, size_t cap) {
+  int rc = param_str(r, key, required, dst, cap);
+  return rc ? rc : param_name_check(r, key, dst, !strcmp(key, "model"));
 }
 
 static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
@@ -409,9 +413,9 @@ static int list_cb(void *ud, const qs_tensor *t) {
 
 static int m_list(qd_req *r) {
   char model[QS_MAX_NAME + 1], prefix[QS_MAX_NAME + 1];
-  int rc = param_str(r, "model", 1, model, sizeof model);
+  int rc = param_name(r, "model", 1, model, sizeof model);
   if (rc) return rc;
-  if ((rc = param_str(r, "prefix", 0, prefix, sizeof prefix)) < 0) return rc;
+  if ((rc = param_name(r, "prefix", 0, prefix, sizeof prefix)) < 0) return rc;
   walk w = {0};
   if ((rc = param_uint(r, "offset", 0, &w.offset))) return rc;
   if ((rc = param_uint(r, "limit", 1000, &w.limit))) return rc;
@@ -443,8 +447,8 @@ static int m_list(qd_req *r) {
 
 static int m_info(qd_req *r) {
   char model[QS_MAX_NAME + 1], name[QS_MAX_NAME + 1];
-  int rc = param_str(r, "model", 1, model, sizeof model);
-  if (rc || (rc = param_str(r, "name", 1, name, sizeof name))) return rc;
+  int rc = param_name(r, "model", 1, model, sizeof model);
+  if (rc || (rc = param_name(r, "name", 1, name, sizeof name))) return rc;
   qs_txn *t;
   if ((rc = qs_txn_begin(qd_srv.store, &t))) return store_err(r, rc, model, name);
   qs_tensor ten;
@@ -464,8 +468,8 @@ static qd_ask *ask_one(qd_req *r, int *rc) {
     *rc = QINS_ENOMEM;
     return NULL;
   }
-  if ((*rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
-      (*rc = param_str(r, "name", 1, a->name, sizeof a->name)) ||
+  if ((*rc = param_name(r, "model", 1, a->model, sizeof a->model)) ||
+      (*rc = param_name(r, "name", 1, a->name, sizeof a->name)) ||
       (*rc = param_slice(r, &a->slice, &a->has_slice)) ||
       (*rc = param_dtype(r, &a->dt, &a->dt_given))) {
     qd_job_discard(a);
@@ -539,7 +543,7 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
   a->many = 1;
   int rc;
   const char *meth = qd_methods[r->method].name;
-  if ((rc = param_str(r, "model", 1, a->model, sizeof a->model)) ||
+  if ((rc = param_name(r, "model", 1, a->model, sizeof a->model)) ||
       (rc = param_dtype(r, &a->dt, &a->dt_given)))
     goto fail;
   qp_rd names;
@@ -550,7 +554,7 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
     goto fail;
   }
   int has_names = param_find(r, "names", &names);
-  rc = param_str(r, "prefix", 0, a->prefix, sizeof a->prefix);
+  rc = param_name(r, "prefix", 0, a->prefix, sizeof a->prefix);
   if (rc < 0) goto fail;
   a->by_prefix = rc == 0;
   if (has_names == a->by_prefix) {
@@ -580,7 +584,7 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
       } else {
         char field[24];
         snprintf(field, sizeof field, "names[%u]", i);
-        if ((rc = param_name_check(r, field, a->names[i]))) goto fail;
+        if ((rc = param_name_check(r, field, a->names[i], 0))) goto fail;
       }
   }
   return a;
@@ -677,7 +681,7 @@ static int page_add(msgpack_sbuffer *body, msgpack_sbuffer *one, uint64_t budget
 static int m_model_info(qd_req *r) {
   char model[QS_MAX_NAME + 1], key[QS_MAX_NAME + 1];
   uint64_t offset, limit;
-  int rc = param_str(r, "model", 1, model, sizeof model);
+  int rc = param_name(r, "model", 1, model, sizeof model);
   if (rc) return rc;
   int by_key = (rc = param_str(r, "key", 0, key, sizeof key)) == 0;
   if (rc < 0) return rc;

@@ -82,6 +82,10 @@ int qs_name_check(const char *what, const char *name, int is_model) {
                     what, qs__escaped(name, esc, sizeof esc), n, QS_MAX_NAME);
   const unsigned char *p = (const unsigned char *)name;
   for (size_t i = 0; i < n;) {
+    if (p[i] >= 0x20 && p[i] < 0x7F) { /* printable ASCII, most names: one byte */
+      i++;
+      continue;
+    }
     uint32_t cp = 0;
     size_t len = qs__utf8_seq(p + i, n - i, &cp);
     if (!len)
