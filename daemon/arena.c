@@ -769,6 +769,13 @@ int qd_arena_holds(qd_arena *a, uint64_t conn, uint64_t id) {
   return held;
 }
 
+int qd_arena_conn_leased(qd_arena *a, uint64_t conn) {
+  pthread_mutex_lock(&a->mu);
+  int any = conn_find(a, conn) != NULL; /* the record exists while conn holds a lease */
+  pthread_mutex_unlock(&a->mu);
+  return any;
+}
+
 uint64_t qd_arena_release_conn(qd_arena *a, uint64_t conn) {
   uint64_t n = 0;
   pthread_mutex_lock(&a->mu);

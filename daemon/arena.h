@@ -147,6 +147,8 @@ int qd_arena_wait_cancel(qd_arena *a, qd_arena_waiter *w);
 int qd_arena_release(qd_arena *a, uint64_t conn, uint64_t lease, char *msg, size_t msg_cap);
 /* 1 if conn holds lease. */
 int qd_arena_holds(qd_arena *a, uint64_t conn, uint64_t lease);
+/* 1 if conn holds any lease. */
+int qd_arena_conn_leased(qd_arena *a, uint64_t conn);
 /* Drops every lease of conn (the connection closed); returns how many. */
 uint64_t qd_arena_release_conn(qd_arena *a, uint64_t conn);
 

@@ -69,8 +69,8 @@ static const opt opts[] = {
    "concurrent connections of one peer uid (root and the daemon's uid are not limited); more "
    "get BUSY"},
   {"idle-timeout-ms", T_U64, "0", 0, 86400000, F(idle_timeout_ms),
-   "a connection with no request in flight and nothing to send for this long is closed, checked "
-   "every second (0: never)"},
+   "a connection with no request in flight, nothing to send and no arena lease for this long is "
+   "closed, checked every second (0: never)"},
   {"max-ranges", T_U64, "8", 1, QINS_MAX_NDIM, F(max_ranges), "slice ranges per request"},
   {"inline-decode-bytes", T_SIZE, "256K", 0, 4 * GiB, F(inline_decode_bytes),
    "decodes producing up to this many bytes run on the loop thread, larger ones on the pool"},

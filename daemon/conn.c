@@ -409,7 +409,10 @@ void qd_conn_sweep_idle(uint64_t now) {
   for (qd_conn *c = qd_srv.cn.all; c; c = next) {
     next = c->next;
     if (c->state != CONN_READING && c->state != CONN_PAUSED) continue;
-    if (c->pending || c->queued || c->reserved || c->out != OUT_QUEUE || c->turns) {
+    /* A worker reading leased arena bytes may send nothing for hours: closing it would end the
+     * leases under the bytes it reads. */
+    if (c->pending || c->queued || c->reserved || c->out != OUT_QUEUE || c->turns ||
+        qd_map_conn_leased(c->id)) {
       c->active_ns = now; /* busy: idle time starts once it is done */
       continue;
     }

@@ -117,6 +117,8 @@ qd_arena *qd_map_arena(void) { return arena; }
 
 uint64_t qd_map_arena_bytes(void) { return arena_get() ? qd_arena_size(arena) : 0; }
 
+int qd_map_conn_leased(uint64_t conn) { return arena && qd_arena_conn_leased(arena, conn); }
+
 void qd_map_conn_freed(uint64_t conn) {
   if (arena) qd_arena_release_conn(arena, conn);
 }

@@ -24,6 +24,9 @@ int qd_map_release(qd_req *r, const uint64_t *leases, uint32_t n);
 /* The connection numbered conn was freed (conn.c, qd_conn_free: its socket is closed and no job
  * refers to it): its leases end. */
 void qd_map_conn_freed(uint64_t conn);
+/* 1 if the connection numbered conn holds arena leases (its worker reads their bytes in place, so
+ * the idle timeout leaves it open). */
+int qd_map_conn_leased(uint64_t conn);
 /* The arena (NULL: none, or not opened yet). For tests and the fuzzer's oracles. */
 struct qd_arena *qd_map_arena(void);
 /* The arena's size for hello (0: none; opens the arena if it is not yet). */

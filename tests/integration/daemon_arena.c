@@ -366,6 +366,23 @@ Test(daemon_arena, full_arena_says_so_and_get_still_works, .init = setup_small) 
   qins_close(c);
 }
 
+/* idle-timeout-ms never closes a connection holding leases (its worker reads them in place and
+ * may send nothing for hours); once they are released, the timeout applies again. */
+static const char *const idle_args[] = {"--idle-timeout-ms", "100", NULL};
+SETUP_WITH(setup_idle, idle_args)
+
+Test(daemon_arena, idle_timeout_spares_a_connection_holding_leases, .init = setup_idle) {
+  qins_client *c = attached();
+  qins_mapped m;
+  cr_assert_eq(qins_map(c, "m", "a.w", NULL, 0, QINS_F32, &m), 0, "%s", qins_client_error(c));
+  usleep(2500 * 1000); /* past the timeout and two of its once-a-second checks */
+  cr_assert_eq(stat_u64("connections_idle_closed"), 0, "the leased connection was closed as idle");
+  cr_assert_eq(stat_u64("arena_leases"), 1, "the lease ended while its worker was silent");
+  cr_assert_eq(qins_release(c, &m.lease, 1), 0, "%s", qins_client_error(c));
+  cr_assert_eq(stat_wait("connections_idle_closed", 1), 1, "without leases it is idle again");
+  qins_close(c);
+}
+
 static const char *const tiny_args[] = {"--arena-bytes", "1M", "--arena-max-leases", "2", NULL};
 SETUP_WITH(setup_tiny, tiny_args)
 
