@@ -1163,22 +1163,30 @@ int qins_models(qins_client *c, qins_model_info **out, size_t *n_out) {
   return rc;
 }
 
-static int qcl_list_once(qins_client *c, const char *model, const char *prefix, uint64_t offset,
-                         uint64_t limit, qins_tensor_info **out, size_t *n_out, uint64_t *total) {
-  *out = NULL;
-  *n_out = 0;
-  if (!model) return qcl_fail(c, QINS_EINVALID, "list: NULL model");
-  qcl_begin(c, "list");
+/* Begins a paged request (list, model_info): params {model, sel_key: sel (when not NULL), offset,
+ * limit (when > 0)}. */
+static void qcl_begin_paged(qins_client *c, const char *method, const char *model,
+                            const char *sel_key, const char *sel, uint64_t offset,
+                            uint64_t limit) {
+  qcl_begin(c, method);
   msgpack_pack_array(&c->pk, 1);
-  msgpack_pack_map(&c->pk, (size_t)(2 + (prefix != NULL) + (limit > 0)));
+  msgpack_pack_map(&c->pk, (size_t)(2 + (sel != NULL) + (limit > 0)));
   qcl_pack_kv_str(c, "model", model);
-  if (prefix) qcl_pack_kv_str(c, "prefix", prefix);
+  if (sel) qcl_pack_kv_str(c, sel_key, sel);
   qp_pack_cstr(&c->pk, "offset");
   msgpack_pack_uint64(&c->pk, offset);
   if (limit > 0) {
     qp_pack_cstr(&c->pk, "limit");
     msgpack_pack_uint64(&c->pk, limit);
   }
+}
+
+static int qcl_list_once(qins_client *c, const char *model, const char *prefix, uint64_t offset,
+                         uint64_t limit, qins_tensor_info **out, size_t *n_out, uint64_t *total) {
+  *out = NULL;
+  *n_out = 0;
+  if (!model) return qcl_fail(c, QINS_EINVALID, "list: NULL model");
+  qcl_begin_paged(c, "list", model, "prefix", prefix, offset, limit);
   int rc = qcl_call(c, "list");
   if (rc) return rc;
   uint32_t n;
@@ -1367,17 +1375,7 @@ static int qcl_model_info_once(qins_client *c, const char *model, const char *ke
                                uint64_t offset, uint64_t limit, char **json, qcl_meta *m) {
   if (json) *json = NULL;
   if (!model) return qcl_fail(c, QINS_EINVALID, "model_info: NULL model");
-  qcl_begin(c, "model_info");
-  msgpack_pack_array(&c->pk, 1);
-  msgpack_pack_map(&c->pk, (size_t)(2 + (key != NULL) + (limit > 0)));
-  qcl_pack_kv_str(c, "model", model);
-  if (key) qcl_pack_kv_str(c, "key", key);
-  qp_pack_cstr(&c->pk, "offset");
-  msgpack_pack_uint64(&c->pk, offset);
-  if (limit > 0) {
-    qp_pack_cstr(&c->pk, "limit");
-    msgpack_pack_uint64(&c->pk, limit);
-  }
+  qcl_begin_paged(c, "model_info", model, "key", key, offset, limit);
   int rc = qcl_call(c, "model_info");
   if (rc) return rc;
   qp_buf s = {0};
