@@ -303,6 +303,22 @@ static int qcl_str_eq(const char *s, uint32_t n, const char *lit) {
   return strlen(lit) == n && !memcmp(s, lit, n);
 }
 
+/* Reads a map, calling on(c, key, key_len, ud) for each entry; `on` reads (or skips) the value and
+ * returns 0 or an error code, which ends the walk. */
+typedef int (*qcl_entry_fn)(qins_client *c, const char *k, uint32_t kl, void *ud);
+static int qcl_rd_entries(qins_client *c, qcl_entry_fn on, void *ud) {
+  uint32_t n;
+  RD(qp_rd_map(&c->rd, &n));
+  for (uint32_t i = 0; i < n; i++) {
+    const char *k;
+    uint32_t kl;
+    RD(qp_rd_str(&c->rd, &k, &kl));
+    int rc = on(c, k, kl, ud);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
 static int qcl_rd_cstr(qins_client *c, char *dst, size_t cap) {
   const char *s;
   uint32_t n;
@@ -403,35 +419,35 @@ static int qcl_finish(qins_client *c, const char *what, int rc) {
 /* ------------------------------------------------------------------------------------------------
  * Connection */
 
-static int qcl_parse_hello(qins_client *c) {
-  uint32_t n;
-  RD(qp_rd_map(&c->rd, &n));
-  for (uint32_t i = 0; i < n; i++) {
-    const char *k;
-    uint32_t kl;
-    RD(qp_rd_str(&c->rd, &k, &kl));
-    if (qcl_str_eq(k, kl, "protocol")) {
-      uint64_t v;
-      RD(qp_rd_uint(&c->rd, &v));
-      c->server.protocol = v > 1000000 ? 1000000 : (unsigned)v;
-    } else if (qcl_str_eq(k, kl, "server")) {
-      const char *s;
-      uint32_t sl;
-      RD(qp_rd_str(&c->rd, &s, &sl));
-      snprintf(c->server.server, sizeof c->server.server, "%.*s", (int)sl, s);
-    } else if (qcl_str_eq(k, kl, "max_request_bytes")) {
-      RD(qp_rd_uint(&c->rd, &c->server.max_request_bytes));
-    } else if (qcl_str_eq(k, kl, "max_response_bytes")) {
-      RD(qp_rd_uint(&c->rd, &c->server.max_response_bytes));
-    } else if (qcl_str_eq(k, kl, "max_connections")) {
-      RD(qp_rd_uint(&c->rd, &c->server.max_connections));
-    } else if (qcl_str_eq(k, kl, "max_ranges")) {
-      RD(qp_rd_uint(&c->rd, &c->server.max_ranges));
-    } else {
-      int rc = qcl_skip(c);
-      if (rc) return rc;
-    }
+/* One entry of hello's answer (PROTOCOL.md §4.1) into c->server. */
+static int qcl_hello_entry(qins_client *c, const char *k, uint32_t kl, void *ud) {
+  (void)ud;
+  if (qcl_str_eq(k, kl, "protocol")) {
+    uint64_t v;
+    RD(qp_rd_uint(&c->rd, &v));
+    c->server.protocol = v > 1000000 ? 1000000 : (unsigned)v;
+  } else if (qcl_str_eq(k, kl, "server")) {
+    const char *s;
+    uint32_t sl;
+    RD(qp_rd_str(&c->rd, &s, &sl));
+    snprintf(c->server.server, sizeof c->server.server, "%.*s", (int)sl, s);
+  } else if (qcl_str_eq(k, kl, "max_request_bytes")) {
+    RD(qp_rd_uint(&c->rd, &c->server.max_request_bytes));
+  } else if (qcl_str_eq(k, kl, "max_response_bytes")) {
+    RD(qp_rd_uint(&c->rd, &c->server.max_response_bytes));
+  } else if (qcl_str_eq(k, kl, "max_connections")) {
+    RD(qp_rd_uint(&c->rd, &c->server.max_connections));
+  } else if (qcl_str_eq(k, kl, "max_ranges")) {
+    RD(qp_rd_uint(&c->rd, &c->server.max_ranges));
+  } else {
+    return qcl_skip(c);
   }
+  return 0;
+}
+
+static int qcl_parse_hello(qins_client *c) {
+  int rc = qcl_rd_entries(c, qcl_hello_entry, NULL);
+  if (rc) return rc;
   if (c->server.protocol != QP_PROTOCOL_VERSION)
     return qcl_fail(c, QINS_EVERSION, "hello: server speaks protocol %u, this library %d",
                     c->server.protocol, QP_PROTOCOL_VERSION);
@@ -743,29 +759,25 @@ static int qcl_rd_shape(qins_client *c, uint64_t shape[QINS_MAX_NDIM], int *ndim
   return 0;
 }
 
-/* One `info` map (PROTOCOL.md §4.5) into out. */
+/* One entry of an `info` map (PROTOCOL.md §4.5) into the qins_tensor_info at ud. */
+static int qcl_info_entry(qins_client *c, const char *k, uint32_t kl, void *ud) {
+  qins_tensor_info *out = ud;
+  if (qcl_str_eq(k, kl, "name")) return qcl_rd_cstr(c, out->name, sizeof out->name);
+  if (qcl_str_eq(k, kl, "codec")) return qcl_rd_cstr(c, out->codec, sizeof out->codec);
+  if (qcl_str_eq(k, kl, "src_dtype")) return qcl_rd_cstr(c, out->src_dtype, sizeof out->src_dtype);
+  if (qcl_str_eq(k, kl, "shape")) return qcl_rd_shape(c, out->shape, &out->ndim);
+  if (qcl_str_eq(k, kl, "n_elem")) RD(qp_rd_uint(&c->rd, &out->n_elem));
+  else if (qcl_str_eq(k, kl, "src_bytes")) RD(qp_rd_uint(&c->rd, &out->src_bytes));
+  else if (qcl_str_eq(k, kl, "stored_bytes")) RD(qp_rd_uint(&c->rd, &out->stored_bytes));
+  else if (qcl_str_eq(k, kl, "snr_db")) RD(qp_rd_double(&c->rd, &out->snr_db));
+  else return qcl_skip(c);
+  return 0;
+}
+
+/* One `info` map into out. */
 static int qcl_parse_info(qins_client *c, qins_tensor_info *out) {
   memset(out, 0, sizeof *out);
-  uint32_t n;
-  RD(qp_rd_map(&c->rd, &n));
-  for (uint32_t i = 0; i < n; i++) {
-    const char *k;
-    uint32_t kl;
-    int rc = 0;
-    RD(qp_rd_str(&c->rd, &k, &kl));
-    if (qcl_str_eq(k, kl, "name")) rc = qcl_rd_cstr(c, out->name, sizeof out->name);
-    else if (qcl_str_eq(k, kl, "codec")) rc = qcl_rd_cstr(c, out->codec, sizeof out->codec);
-    else if (qcl_str_eq(k, kl, "src_dtype"))
-      rc = qcl_rd_cstr(c, out->src_dtype, sizeof out->src_dtype);
-    else if (qcl_str_eq(k, kl, "shape")) rc = qcl_rd_shape(c, out->shape, &out->ndim);
-    else if (qcl_str_eq(k, kl, "n_elem")) RD(qp_rd_uint(&c->rd, &out->n_elem));
-    else if (qcl_str_eq(k, kl, "src_bytes")) RD(qp_rd_uint(&c->rd, &out->src_bytes));
-    else if (qcl_str_eq(k, kl, "stored_bytes")) RD(qp_rd_uint(&c->rd, &out->stored_bytes));
-    else if (qcl_str_eq(k, kl, "snr_db")) RD(qp_rd_double(&c->rd, &out->snr_db));
-    else rc = qcl_skip(c);
-    if (rc) return rc;
-  }
-  return 0;
+  return qcl_rd_entries(c, qcl_info_entry, out);
 }
 
 static int qcl_info_once(qins_client *c, const char *model, const char *name,
@@ -791,52 +803,64 @@ int qins_info(qins_client *c, const char *model, const char *name, qins_tensor_i
  * idx), or NULL to discard it (then *rc says why: QINS_EBUFFER, QINS_ENOMEM). */
 typedef void *(*qcl_dest_fn)(void *ud, int idx, qins_tensor *t, uint64_t len, int *rc);
 
+/* A tensor map being read: where it goes and what was seen. */
+typedef struct qcl_tensor_rd {
+  int idx;
+  qins_tensor *t;
+  qcl_dest_fn dest;
+  void *ud;
+  int result;    /* QINS_EBUFFER / QINS_ENOMEM: the payload was discarded */
+  int seen_data;
+} qcl_tensor_rd;
+
+/* Its payload (key "data"): checked against shape and dtype, then read where dest says. */
+static int qcl_tensor_data(qins_client *c, qcl_tensor_rd *r) {
+  qins_tensor *t = r->t;
+  uint32_t len;
+  RD(qp_rd_bin_header(&c->rd, &len));
+  r->seen_data = 1;
+  uint64_t elems = 1;
+  for (int d = 0; d < t->ndim; d++) {
+    if (t->shape[d] && elems > UINT64_MAX / t->shape[d]) return QINS_EPROTO;
+    elems *= t->shape[d];
+  }
+  size_t es = qcl_dtype_size(t->dtype);
+  if (!es || elems > UINT64_MAX / es || elems * es != len) {
+    qcl_fail(c, QINS_EPROTO, "tensor %s: %u payload bytes do not match its shape and dtype %s",
+             t->name, len, t->dtype);
+    return QINS_EPROTO;
+  }
+  int why = 0, rc;
+  t->bytes = len;
+  void *dst = r->dest(r->ud, r->idx, t, len, &why);
+  if (len > 0) {
+    if (!(c->pending && c->rd.p == c->rd.end)) return QINS_EPROTO;
+    if ((rc = qcl_payload(c, dst))) {
+      qcl_fail(c, rc, "tensor %s: reading the payload: %s", t->name, qins_strerror(rc));
+      return rc;
+    }
+  }
+  if (!dst && why) r->result = why;
+  return 0;
+}
+
+static int qcl_tensor_entry(qins_client *c, const char *k, uint32_t kl, void *ud) {
+  qcl_tensor_rd *r = ud;
+  qins_tensor *t = r->t;
+  if (qcl_str_eq(k, kl, "name")) return qcl_rd_cstr(c, t->name, sizeof t->name);
+  if (qcl_str_eq(k, kl, "dtype")) return qcl_rd_cstr(c, t->dtype, sizeof t->dtype);
+  if (qcl_str_eq(k, kl, "shape")) return qcl_rd_shape(c, t->shape, &t->ndim);
+  if (qcl_str_eq(k, kl, "data")) return qcl_tensor_data(c, r);
+  return qcl_skip(c);
+}
+
 /* Parses a tensor map {name?, shape, dtype, data} (PROTOCOL.md §4.6/4.7) into t, delivering data
  * where dest says. */
 static int qcl_parse_tensor(qins_client *c, int idx, qins_tensor *t, qcl_dest_fn dest, void *ud) {
-  uint32_t n;
-  int result = 0, seen_data = 0;
-  RD(qp_rd_map(&c->rd, &n));
-  for (uint32_t i = 0; i < n; i++) {
-    const char *k;
-    uint32_t kl;
-    int rc = 0;
-    RD(qp_rd_str(&c->rd, &k, &kl));
-    if (qcl_str_eq(k, kl, "name")) rc = qcl_rd_cstr(c, t->name, sizeof t->name);
-    else if (qcl_str_eq(k, kl, "dtype")) rc = qcl_rd_cstr(c, t->dtype, sizeof t->dtype);
-    else if (qcl_str_eq(k, kl, "shape")) rc = qcl_rd_shape(c, t->shape, &t->ndim);
-    else if (qcl_str_eq(k, kl, "data")) {
-      uint32_t len;
-      RD(qp_rd_bin_header(&c->rd, &len));
-      seen_data = 1;
-      /* Check the payload against shape and dtype before taking it. */
-      uint64_t elems = 1;
-      for (int d = 0; d < t->ndim; d++) {
-        if (t->shape[d] && elems > UINT64_MAX / t->shape[d]) return QINS_EPROTO;
-        elems *= t->shape[d];
-      }
-      size_t es = qcl_dtype_size(t->dtype);
-      if (!es || elems > UINT64_MAX / es || elems * es != len) {
-        qcl_fail(c, QINS_EPROTO, "tensor %s: %u payload bytes do not match its shape and dtype %s",
-                 t->name, len, t->dtype);
-        return QINS_EPROTO;
-      }
-      int why = 0;
-      t->bytes = len;
-      void *dst = dest(ud, idx, t, len, &why);
-      if (len > 0) {
-        if (!(c->pending && c->rd.p == c->rd.end)) return QINS_EPROTO;
-        if ((rc = qcl_payload(c, dst))) {
-          qcl_fail(c, rc, "tensor %s: reading the payload: %s", t->name, qins_strerror(rc));
-          return rc;
-        }
-      }
-      if (!dst && why) result = why;
-    } else rc = qcl_skip(c);
-    if (rc) return rc;
-  }
-  if (!seen_data) return QINS_EPROTO;
-  return result;
+  qcl_tensor_rd r = {idx, t, dest, ud, 0, 0};
+  int rc = qcl_rd_entries(c, qcl_tensor_entry, &r);
+  if (rc) return rc;
+  return r.seen_data ? r.result : QINS_EPROTO;
 }
 
 static int qcl_pack_get_common(qins_client *c, const char *model, qins_dtype dt, int extra) {
@@ -938,40 +962,48 @@ int qins_get(qins_client *c, const char *model, const char *name, const qins_ran
   return rc;
 }
 
+/* get_many's answer being read. */
+typedef struct qcl_many_rd {
+  qcl_dest_fn dest;
+  void *ud;
+  qins_tensor **pts;
+  int max;    /* tensors asked, or -1 */
+  int *count; /* tensors seen */
+  int result; /* first QINS_EBUFFER / QINS_ENOMEM */
+  int found;  /* "tensors" seen */
+} qcl_many_rd;
+
+static int qcl_many_entry(qins_client *c, const char *k, uint32_t kl, void *ud) {
+  qcl_many_rd *r = ud;
+  if (!qcl_str_eq(k, kl, "tensors")) return qcl_skip(c);
+  uint32_t m;
+  RD(qp_rd_array(&c->rd, &m));
+  if (r->max >= 0 && m != (uint32_t)r->max) {
+    qcl_fail(c, QINS_EPROTO, "get_many: %u tensors in the answer, %d asked", m, r->max);
+    return QINS_EPROTO;
+  }
+  if (r->found) return QINS_EPROTO;
+  r->found = 1;
+  if (!*r->pts && !(*r->pts = calloc(m ? m : 1, sizeof **r->pts)))
+    return QINS_ENOMEM; /* m <= the answer's bytes */
+  qins_tensor *ts = *r->pts;
+  for (uint32_t j = 0; j < m; j++) {
+    *r->count = (int)j + 1;
+    int rc = qcl_parse_tensor(c, (int)j, &ts[j], r->dest, r->ud);
+    if (rc == QINS_EBUFFER || rc == QINS_ENOMEM) r->result = r->result ? r->result : rc;
+    else if (rc) return rc;
+  }
+  return 0;
+}
+
 /* Reads {tensors: [tensor map...]}, each delivered by dest. *count gets the array length (checked
  * by the caller when it must match). */
 static int qcl_parse_many(qins_client *c, qcl_dest_fn dest, void *ud, qins_tensor **pts, int max,
                           int *count) {
-  uint32_t n;
-  int result = 0, found = 0;
-  RD(qp_rd_map(&c->rd, &n));
-  for (uint32_t i = 0; i < n; i++) {
-    const char *k;
-    uint32_t kl;
-    RD(qp_rd_str(&c->rd, &k, &kl));
-    if (!qcl_str_eq(k, kl, "tensors")) {
-      int rc = qcl_skip(c);
-      if (rc) return rc;
-      continue;
-    }
-    uint32_t m;
-    RD(qp_rd_array(&c->rd, &m));
-    if (max >= 0 && m != (uint32_t)max) {
-      qcl_fail(c, QINS_EPROTO, "get_many: %u tensors in the answer, %d asked", m, max);
-      return QINS_EPROTO;
-    }
-    if (found) return QINS_EPROTO;
-    found = 1;
-    if (!*pts && !(*pts = calloc(m ? m : 1, sizeof **pts))) return QINS_ENOMEM; /* m <= bytes */
-    qins_tensor *ts = *pts;
-    for (uint32_t j = 0; j < m; j++) {
-      *count = (int)j + 1;
-      int rc = qcl_parse_tensor(c, (int)j, &ts[j], dest, ud);
-      if (rc == QINS_EBUFFER || rc == QINS_ENOMEM) result = result ? result : rc;
-      else if (rc) return rc;
-    }
-  }
-  return found ? result : QINS_EPROTO;
+  qcl_many_rd r = {dest, ud, pts, max, count, 0, 0};
+  int rc = qcl_rd_entries(c, qcl_many_entry, &r);
+  if (rc) return rc;
+  return r.found ? r.result : QINS_EPROTO;
 }
 
 typedef struct qcl_many_into {

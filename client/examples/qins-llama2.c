@@ -279,11 +279,8 @@ static memprov *mem_new(const cfg *c, const char *kind) {
   memprov *m = xcalloc(1, sizeof *m);
   m->c = *c;
   m->t = xcalloc((size_t)unit_count(c) * W_MAX, sizeof(float *));
-  m->base.kind = kind;
-  m->base.embed = mem_embed;
-  m->base.acquire = mem_acquire;
-  m->base.release = mem_release;
-  m->base.destroy = mem_destroy;
+  m->base = (wprov){.kind = kind, .embed = mem_embed, .acquire = mem_acquire,
+                    .release = mem_release, .destroy = mem_destroy};
   uint64_t total = 0;
   for (int u = 0; u < unit_count(c); u++) {
     for (int i = 0; i < unit_ntensors(c, u); i++)
@@ -792,28 +789,34 @@ static void q_config(qins_client *cl, const char *model, const tnames *nm, int n
   if (cfg_check(c, err, sizeof err)) die("model %s: %s", model, err);
 }
 
+/* The units' decoded bytes: in all, the largest and the second largest (each may be NULL). */
+static void unit_sizes(const cfg *c, uint64_t *total, uint64_t *big1, uint64_t *big2) {
+  uint64_t t = 0, b1 = 0, b2 = 0;
+  for (int u = 0; u < unit_count(c); u++) {
+    uint64_t b = unit_bytes(c, u);
+    t += b;
+    if (b > b1) b2 = b1, b1 = b;
+    else if (b > b2) b2 = b;
+  }
+  if (total) *total = t;
+  if (big1) *big1 = b1;
+  if (big2) *big2 = b2;
+}
+
 static qprov *q_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
                     uint64_t budget, int prefetch) {
   qprov *q = xcalloc(1, sizeof *q);
+  q->base = (wprov){.kind = "qinsd", .embed = q_embed, .acquire = q_acquire,
+                    .release = q_release, .destroy = q_destroy};
   q->c = *c;
   q->nm = *nm;
   q->model = strdup(model);
-  q->base.kind = "qinsd";
-  q->base.embed = q_embed;
-  q->base.acquire = q_acquire;
-  q->base.release = q_release;
-  q->base.destroy = q_destroy;
   q->want = -1;
   pthread_mutex_init(&q->mu, NULL);
   pthread_cond_init(&q->cv, NULL);
   q->u = xcalloc((size_t)unit_count(c), sizeof *q->u);
-  uint64_t big1 = 0, big2 = 0, total = 0;
-  for (int u = 0; u < unit_count(c); u++) {
-    uint64_t b = unit_bytes(c, u);
-    total += b;
-    if (b > big1) big2 = big1, big1 = b;
-    else if (b > big2) big2 = b;
-  }
+  uint64_t big1, big2;
+  unit_sizes(c, NULL, &big1, &big2);
   q->base.budget = budget ? budget : big1 + big2;
   if (q->base.budget < big1)
     die("--budget %" PRIu64 " is below the largest unit (%" PRIu64 " bytes of decoded weights)",
@@ -825,7 +828,6 @@ static qprov *q_new(const char *sock, const char *model, const cfg *c, const tna
     if (rc) die("connect %s (prefetch): %s", sock, qins_strerror(rc));
     if (pthread_create(&q->thr, NULL, q_prefetch_main, q)) die("pthread_create failed");
   }
-  (void)total;
   return q;
 }
 
@@ -983,21 +985,15 @@ static void print_memory(const wprov *p) {
 static mprov *m_new(const char *sock, const char *model, const cfg *c, const tnames *nm,
                     uint64_t budget) {
   mprov *m = xcalloc(1, sizeof *m);
+  m->base = (wprov){.kind = "qinsd-map", .embed = m_embed, .acquire = m_acquire,
+                    .release = m_release, .destroy = m_destroy};
   m->base.qk_hf = nm->ns == NS_HF; /* the mapped rows stay as stored: q and k are un-permuted */
   m->c = *c;
   m->nm = *nm;
   m->model = strdup(model);
-  m->base.kind = "qinsd-map";
-  m->base.embed = m_embed;
-  m->base.acquire = m_acquire;
-  m->base.release = m_release;
-  m->base.destroy = m_destroy;
   m->u = xcalloc((size_t)unit_count(c), sizeof *m->u);
-  uint64_t total = 0, big = 0;
-  for (int u = 0; u < unit_count(c); u++) {
-    total += unit_bytes(c, u);
-    if (unit_bytes(c, u) > big) big = unit_bytes(c, u);
-  }
+  uint64_t total, big;
+  unit_sizes(c, &total, &big, NULL);
   m->base.budget = budget ? budget : total;
   if (m->base.budget < big)
     die("--budget %" PRIu64 " is below the largest unit (%" PRIu64 " bytes)", budget, big);
