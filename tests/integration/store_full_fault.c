@@ -114,19 +114,38 @@ static void write_model(const char *path, int nt, uint64_t rows, uint64_t cols, 
   cr_assert_eq(qt_st_write_gauss(path, nt, rows, cols, seed), 0, "writing %s", path);
 }
 
-static void child(const char *a_src, const char *b_src, const char *c_src) {
+/* The child's start: a private mount namespace with a tmpfs (`opts`) at mnt, and cd describing a
+ * qinsd for a store on it. */
+static void child_enter(const char *opts) {
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (unshare(CLONE_NEWNS) != 0) child_skip("unshare(CLONE_NEWNS)", errno);
   if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) child_skip("making / private", errno);
   if (mkdir(mnt, 0700) != 0) child_fail("mkdir %s: %s", mnt, strerror(errno));
-  if (mount("qins-test", mnt, "tmpfs", MS_NOSUID | MS_NODEV, "size=96m,mode=0700") != 0)
+  if (mount("qins-test", mnt, "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0)
     child_skip("mount -t tmpfs", errno);
-
   memset(&cd, 0, sizeof cd);
   snprintf(cd.dir, sizeof cd.dir, "%s", dir);
   snprintf(cd.sock, sizeof cd.sock, "%s/s", dir);
   snprintf(cd.store, sizeof cd.store, "%s/t/store", dir);
   snprintf(cd.log, sizeof cd.log, "%s/log", dir);
+}
+
+/* The test process: waits for the child and passes on its verdict (a skip names what it could
+ * not do and what is therefore NOT tested). */
+static void child_verdict(pid_t pid, const char *untested) {
+  int st;
+  cr_assert_eq(waitpid(pid, &st, 0), pid);
+  size_t n = 0;
+  char *msg = qt_read(why, &n);
+  if (WIFEXITED(st) && WEXITSTATUS(st) == SKIP_STATUS)
+    cr_skip_test("cannot mount a tmpfs here, so %s is NOT tested: %s", untested, msg ? msg : "?");
+  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (child status 0x%x)",
+            msg ? msg : "no message", st);
+  free(msg);
+}
+
+static void child(const char *a_src, const char *b_src, const char *c_src) {
+  child_enter("size=96m,mode=0700");
   char *err = NULL;
   int rc = qt_ctl(cd.store, NULL, &err, "import", a_src, "--model", "a", "--codec", "f32", NULL);
   CHECK(rc == 0, "importing a: %s", err);
@@ -199,31 +218,12 @@ Test(store_full_fault, disk_full_mid_import_leaves_the_previous_state) {
   pid_t pid = fork();
   cr_assert_geq(pid, 0);
   if (pid == 0) child(a_src, b_src, c_src);
-  int st;
-  cr_assert_eq(waitpid(pid, &st, 0), pid);
-  size_t n = 0;
-  char *msg = qt_read(why, &n);
-  if (WIFEXITED(st) && WEXITSTATUS(st) == SKIP_STATUS)
-    cr_skip_test("cannot mount a tmpfs here, so the disk-full fault is NOT tested: %s",
-                 msg ? msg : "?");
-  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (child status 0x%x)",
-            msg ? msg : "no message", st);
-  free(msg);
+  child_verdict(pid, "the disk-full fault");
 }
 
 /* ---- store_ro_mount */
 static void ro_child(const char *a_src) {
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (unshare(CLONE_NEWNS) != 0) child_skip("unshare(CLONE_NEWNS)", errno);
-  if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) child_skip("making / private", errno);
-  if (mkdir(mnt, 0700) != 0) child_fail("mkdir %s: %s", mnt, strerror(errno));
-  if (mount("qins-test", mnt, "tmpfs", MS_NOSUID | MS_NODEV, "size=32m,mode=0700") != 0)
-    child_skip("mount -t tmpfs", errno);
-  memset(&cd, 0, sizeof cd);
-  snprintf(cd.dir, sizeof cd.dir, "%s", dir);
-  snprintf(cd.sock, sizeof cd.sock, "%s/s", dir);
-  snprintf(cd.store, sizeof cd.store, "%s/t/store", dir);
-  snprintf(cd.log, sizeof cd.log, "%s/log", dir);
+  child_enter("size=32m,mode=0700");
   char *err = NULL;
   int rc = qt_ctl(cd.store, NULL, &err, "import", a_src, "--model", "a", "--codec", "qins8", NULL);
   CHECK(rc == 0, "importing a: %s", err);
@@ -291,14 +291,5 @@ Test(store_ro_mount, served_with_a_warning_and_writes_refused) {
   pid_t pid = fork();
   cr_assert_geq(pid, 0);
   if (pid == 0) ro_child(a_src);
-  int st;
-  cr_assert_eq(waitpid(pid, &st, 0), pid);
-  size_t n = 0;
-  char *msg = qt_read(why, &n);
-  if (WIFEXITED(st) && WEXITSTATUS(st) == SKIP_STATUS)
-    cr_skip_test("cannot mount a tmpfs here, so a read-only store mount is NOT tested: %s",
-                 msg ? msg : "?");
-  cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "%s (child status 0x%x)",
-            msg ? msg : "no message", st);
-  free(msg);
+  child_verdict(pid, "a read-only store mount");
 }
