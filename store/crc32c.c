@@ -11,7 +11,20 @@
  * of the "append n zero bytes" linear map over GF(2), for blocks of 8 KiB and of 256 bytes; the
  * method of Mark Adler's crc32c.c). Every chunk a request reads is checked, so this is on the
  * serving path. The check value of "123456789" is 0xE3069283 (tests/unit/store_crc.c).
+ *
+ * On a CPU with AVX-512 and VPCLMULQDQ, buffers of QS_CRC_FOLD_MIN bytes or more are folded with
+ * carry-less multiplies instead (qs__crc_fold, target attribute again): four zmm accumulators
+ * (16 lanes of 128 bits) each step forward over 256 bytes, a lane L = lo * x^64 + hi being
+ * replaced by lo * (x^(D+64) mod P) + hi * (x^D mod P), which is congruent to L * x^D and so
+ * leaves the CRC of the whole unchanged. The accumulators are then folded into one 128-bit lane;
+ * that lane and the tail go through the crc32 instruction, whose CRC of the folded lane equals
+ * the CRC of all it replaced (the initial CRC is xor'ed into the first bytes, so it starts from
+ * 0) — no Barrett reduction. The fold constants are computed at init from qs__crc_xpow.
+ * QINS_CRC_NO_CLMUL keeps the SSE4.2 path, QINS_CRC_SOFT the table (tests compare all three).
  */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,7 +36,13 @@ static uint32_t qs__crc_tab[8][256];
 #define QS_CRC_LONG 8192 /* bytes per stream of a 3-way round on long buffers */
 #define QS_CRC_SHORT 256 /* and on what is left */
 static uint32_t qs__crc_zl[4][256], qs__crc_zs[4][256]; /* append LONG / SHORT zero bytes */
-static int qs__crc_hw;     /* 0 table, 1 SSE4.2; set once by qs__crc_once */
+static int qs__crc_hw;     /* 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold; set once by qs__crc_once */
+#define QS_CRC_FOLD_MIN 256 /* shortest buffer the fold kernel takes */
+/* Fold constants, as 64-bit reflected clmul operands (x^k mod P in the CRC register's order,
+ * shifted up 32 bits), in pairs (low half, high half of a lane): [0..1] for a 256-byte step,
+ * [2..3] for 64 bytes, [4..9] for 48, 32, 16 bytes (lanes 0-2 onto lane 3), [10..11] zero
+ * (lane 3 stays as it is). */
+static uint64_t qs__crc_k[12];
 static pthread_once_t qs__crc_once_ctl = PTHREAD_ONCE_INIT;
 
 static void qs__crc_init(void) {
@@ -87,6 +106,38 @@ static inline uint32_t qs__crc_shift(uint32_t z[4][256], uint32_t crc) {
   return z[0][crc & 0xFF] ^ z[1][(crc >> 8) & 0xFF] ^ z[2][(crc >> 16) & 0xFF] ^ z[3][crc >> 24];
 }
 
+/* a(x) * b(x) mod P(x) in the reflected bit order of the CRC (bit 31 is x^0); a != 0. */
+static uint32_t qs__crc_mulmod(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if (!(a & (m - 1))) break;
+    }
+    m >>= 1;
+    b = b & 1 ? (b >> 1) ^ 0x82F63B78u : b >> 1;
+  }
+  return p;
+}
+
+/* x^k mod P(x), same order. */
+static uint32_t qs__crc_xpow(uint64_t k) {
+  uint32_t x = 1u << 30, r = 1u << 31; /* x^1, x^0 */
+  for (; k; k >>= 1) {
+    if (k & 1) r = qs__crc_mulmod(x, r);
+    x = qs__crc_mulmod(x, x);
+  }
+  return r;
+}
+
+/* Operand pair folding a 128-bit lane forward by d bits. The reflected clmul of two 64-bit
+ * operands comes out one bit short of the product (bit k holds x^(126-k) where the lane's bit k
+ * means x^(127-k)), so each exponent is one less than the x^(d+64), x^d the lane needs. */
+static void qs__crc_fold_k(uint64_t *k, uint64_t d) {
+  k[0] = (uint64_t)qs__crc_xpow(d + 63) << 32; /* for the lane's low half (x^127..x^64) */
+  k[1] = (uint64_t)qs__crc_xpow(d - 1) << 32;  /* for its high half (x^63..x^0) */
+}
+
 static void qs__crc_once(void) {
   qs__crc_init();
   qs__crc_zeros(qs__crc_zl, QS_CRC_LONG);
@@ -94,7 +145,13 @@ static void qs__crc_once(void) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   qs__crc_hw = __builtin_cpu_supports("sse4.2") && !getenv("QINS_CRC_SOFT") ? 1 : 0;
+  if (qs__crc_hw && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq") &&
+      !getenv("QINS_CRC_NO_CLMUL"))
+    qs__crc_hw = 2;
 #endif
+  qs__crc_fold_k(qs__crc_k, 8 * 256);
+  qs__crc_fold_k(qs__crc_k + 2, 8 * 64);
+  for (int i = 0; i < 3; i++) qs__crc_fold_k(qs__crc_k + 4 + 2 * i, 8 * (48 - 16 * i));
 }
 
 #if defined(__x86_64__)
@@ -140,39 +197,63 @@ __attribute__((target("sse4.2"))) static uint32_t qs__crc_hw_run(uint32_t crc, c
   while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
   return c32;
 }
+
+/* The lanes of a, each folded forward by the operand pair in its lane of k, xor'ed with b. */
+__attribute__((target("avx512f,vpclmulqdq"))) static inline __m512i
+qs__crc_fold512(__m512i a, __m512i k, __m512i b) {
+  return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(a, k, 0x00),
+                                   _mm512_clmulepi64_epi128(a, k, 0x11), b, 0x96);
+}
+
+/* The raw register crc after n >= QS_CRC_FOLD_MIN bytes at p (as qs__crc_hw_run). */
+__attribute__((target("avx512f,vpclmulqdq,sse4.2"))) static uint32_t
+qs__crc_fold(uint32_t crc, const uint8_t *p, size_t n) {
+  const __m512i k256 = _mm512_broadcast_i32x4(_mm_loadu_si128((const void *)qs__crc_k));
+  const __m512i k64 = _mm512_broadcast_i32x4(_mm_loadu_si128((const void *)(qs__crc_k + 2)));
+  __m512i a0 = _mm512_xor_si512(_mm512_loadu_si512(p),
+                                _mm512_castsi128_si512(_mm_cvtsi32_si128((int)crc)));
+  __m512i a1 = _mm512_loadu_si512(p + 64), a2 = _mm512_loadu_si512(p + 128);
+  __m512i a3 = _mm512_loadu_si512(p + 192);
+  for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
+    a0 = qs__crc_fold512(a0, k256, _mm512_loadu_si512(p));
+    a1 = qs__crc_fold512(a1, k256, _mm512_loadu_si512(p + 64));
+    a2 = qs__crc_fold512(a2, k256, _mm512_loadu_si512(p + 128));
+    a3 = qs__crc_fold512(a3, k256, _mm512_loadu_si512(p + 192));
+  }
+  a1 = qs__crc_fold512(a0, k64, a1);
+  a2 = qs__crc_fold512(a1, k64, a2);
+  a3 = qs__crc_fold512(a2, k64, a3);
+  for (; n >= 64; p += 64, n -= 64) a3 = qs__crc_fold512(a3, k64, _mm512_loadu_si512(p));
+  /* Lanes 0-2 forward by 48, 32, 16 bytes and lane 3 as it is, xor'ed into one lane. */
+  __m512i t = qs__crc_fold512(a3, _mm512_loadu_si512((const void *)(qs__crc_k + 4)),
+                              _mm512_maskz_mov_epi64(0xC0, a3));
+  __m256i h = _mm256_xor_si256(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+  __m128i v = _mm_xor_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  uint64_t c = __builtin_ia32_crc32di(0, (uint64_t)_mm_cvtsi128_si64(v));
+  c = __builtin_ia32_crc32di(c, (uint64_t)_mm_extract_epi64(v, 1));
+  return qs__crc_hw_run((uint32_t)c, p, n);
+}
 #endif
 
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len) {
   pthread_once(&qs__crc_once_ctl, qs__crc_once);
   crc = ~crc;
 #if defined(__x86_64__)
-  if (qs__crc_hw == 1) return ~qs__crc_hw_run(crc, buf, len);
+  if (qs__crc_hw == 2 && len >= QS_CRC_FOLD_MIN) return ~qs__crc_fold(crc, buf, len);
+  if (qs__crc_hw) return ~qs__crc_hw_run(crc, buf, len);
 #endif
   return ~qs__crc_sw(crc, buf, len);
 }
 
-/* a(x) * b(x) mod P(x) in the reflected bit order of the CRC (bit 31 is x^0); a != 0. */
-static uint32_t qs__crc_mulmod(uint32_t a, uint32_t b) {
-  uint32_t m = 1u << 31, p = 0;
-  for (;;) {
-    if (a & m) {
-      p ^= b;
-      if (!(a & (m - 1))) break;
-    }
-    m >>= 1;
-    b = b & 1 ? (b >> 1) ^ 0x82F63B78u : b >> 1;
-  }
-  return p;
+/* Which kernel qs__crc32c uses for long buffers: 0 table, 1 SSE4.2, 2 VPCLMULQDQ (for tests). */
+int qs__crc32c_kernel(void) {
+  pthread_once(&qs__crc_once_ctl, qs__crc_once);
+  return qs__crc_hw;
 }
 
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
-  /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B): x^(8 len_b) by squaring x^8 along len_b's bits. */
-  uint32_t x = 1u << 23, r = 1u << 31; /* x^8, x^0 */
-  for (; len_b; len_b >>= 1) {
-    if (len_b & 1) r = qs__crc_mulmod(x, r);
-    x = qs__crc_mulmod(x, x);
-  }
-  return qs__crc_mulmod(r, crc_a) ^ crc_b;
+  /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B) (as polynomials mod P). */
+  return qs__crc_mulmod(qs__crc_xpow(8 * len_b), crc_a) ^ crc_b;
 }
 
 uint32_t qs__rec_crc(const uint8_t *p, size_t size, size_t off) {
