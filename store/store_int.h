@@ -45,8 +45,11 @@
 enum { QS_STAGE_IMPORTING = 1, QS_STAGE_GARBAGE = 2 };
 enum { QS_TF_PARAMS_FIRST = 1 }; /* tensor record flags */
 
-/* CRC-32C (Castagnoli), SSE4.2 when the CPU has it, else a table; crc32c.c. */
+/* CRC-32C (Castagnoli): VPCLMULQDQ folding (AVX-512) or the SSE4.2 instruction when the CPU has
+ * them, else a table (QINS_CRC_NO_CLMUL, QINS_CRC_SOFT force the slower ones); crc32c.c. */
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len);
+/* The kernel qs__crc32c uses for long buffers: 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold. */
+int qs__crc32c_kernel(void);
 /* qs__crc32c of A ++ B from those of A and of B (len_b bytes). */
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 /* CRC-32C of a record's first size bytes with the 4 checksum bytes at off taken as zero

@@ -12,9 +12,6 @@
 
 #include "store_int.h"
 
-/* store/crc32c.c's kernel for long buffers: 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold. */
-int qs__crc32c_kernel(void);
-
 static uint32_t ref_crc(const uint8_t *p, size_t n) {
   uint32_t c = 0xFFFFFFFFu;
   for (size_t i = 0; i < n; i++) {
