@@ -14,6 +14,11 @@
 # qinsd; bash completion completes commands and model names; `make uninstall` leaves no file.
 set -eu
 BUILD=$(cd "$1" && pwd)
+# make is given the build directory by the name the repository's own build uses (relative to the
+# root when it lies below it): under another name (/abs/build/obj/x.o against build/obj/x.o) make
+# takes every target for a different file, rebuilds what its .d files name that way and relinks
+# programs other tests are running.
+case "$BUILD" in "$PWD"/*) MKBUILD=${BUILD#"$PWD"/} ;; *) MKBUILD=$BUILD ;; esac
 PY=${PYTHON:-/usr/bin/python3}
 T=$(mktemp -d /tmp/qins-inst-XXXXXX)   # short: the socket path must stay under 108 bytes
 P=$T/usr
@@ -27,7 +32,7 @@ trap cleanup EXIT INT TERM
 fail() { echo "install_check: FAIL: $*" >&2; exit 1; }
 ok() { echo "install_check: ok: $*"; }
 
-make --no-print-directory BUILD="$BUILD" PREFIX="$P" install > "$T/install.log" 2>&1 ||
+make --no-print-directory BUILD="$MKBUILD" PREFIX="$P" install > "$T/install.log" 2>&1 ||
   { cat "$T/install.log" >&2; fail "make install PREFIX=$P"; }
 VERSION=$(sed -n 's/^#define QINS_VERSION_STRING "\(.*\)"/\1/p' proto/qins_base.h)
 MAJOR=${VERSION%%.*}; MINOR=${VERSION#*.}; MINOR=${MINOR%%.*}
@@ -141,7 +146,7 @@ ok "bash completion"
 # Stop the daemon, then uninstall: nothing may be left.
 kill -TERM "$PID"; wait "$PID" || fail "the installed qinsd did not exit 0 on SIGTERM"
 PID=""
-make --no-print-directory BUILD="$BUILD" PREFIX="$P" uninstall > "$T/uninstall.log" 2>&1 ||
+make --no-print-directory BUILD="$MKBUILD" PREFIX="$P" uninstall > "$T/uninstall.log" 2>&1 ||
   { cat "$T/uninstall.log" >&2; fail "make uninstall PREFIX=$P"; }
 left=$(find "$P" -type f -o -type l)
 [ -z "$left" ] || fail "make uninstall left: $left"
