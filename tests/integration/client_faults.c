@@ -34,13 +34,21 @@ typedef struct fake {
   pthread_t thr;
 } fake;
 
+/* Starts a successful answer [1, msgid, nil, <result>] in sb (initialised here); pk packs the
+ * result next. */
+static void answer_begin(msgpack_sbuffer *sb, msgpack_packer *pk, uint32_t msgid) {
+  msgpack_sbuffer_init(sb);
+  msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+  msgpack_pack_array(pk, 4);
+  msgpack_pack_uint8(pk, 1);
+  msgpack_pack_uint32(pk, msgid);
+  msgpack_pack_nil(pk);
+}
+
+/* A valid hello answer into sb (initialised here). */
 static void pack_valid_hello(msgpack_sbuffer *sb, uint32_t msgid) {
   msgpack_packer pk;
-  msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-  msgpack_pack_array(&pk, 4);
-  msgpack_pack_uint8(&pk, 1);
-  msgpack_pack_uint32(&pk, msgid);
-  msgpack_pack_nil(&pk);
+  answer_begin(sb, &pk, msgid);
   msgpack_pack_map(&pk, 6);
   const char *keys[] = {"protocol", "server", "max_request_bytes", "max_response_bytes",
                         "max_connections", "max_ranges"};
@@ -67,8 +75,7 @@ static void *fake_main(void *arg) {
     if (write(fd, f->hello, f->hello_len) < 0) goto out;
   } else {
     msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    pack_valid_hello(&sb, 1);
+    pack_valid_hello(&sb, 1); /* initialises sb */
     ssize_t w = write(fd, sb.data, sb.size);
     msgpack_sbuffer_destroy(&sb);
     if (w < 0) goto out;
@@ -114,13 +121,8 @@ static int get_against(fake *f, qins_client **cl) {
 static size_t pack_get_reply(uint8_t *out, size_t cap, int ndim, const uint64_t *dims, uint32_t len,
                              const void *body, size_t body_len) {
   msgpack_sbuffer sb;
-  msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  msgpack_pack_array(&pk, 4);
-  msgpack_pack_uint8(&pk, 1);
-  msgpack_pack_uint8(&pk, 2);
-  msgpack_pack_nil(&pk);
+  answer_begin(&sb, &pk, 2);
   msgpack_pack_map(&pk, 3);
   msgpack_pack_str_with_body(&pk, "shape", 5);
   msgpack_pack_array(&pk, (size_t)ndim);
@@ -141,13 +143,8 @@ TestSuite(client_faults, .timeout = 30);
 
 Test(client_faults, hello_with_another_protocol_is_refused) {
   msgpack_sbuffer sb;
-  msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  msgpack_pack_array(&pk, 4);
-  msgpack_pack_uint8(&pk, 1);
-  msgpack_pack_uint8(&pk, 1);
-  msgpack_pack_nil(&pk);
+  answer_begin(&sb, &pk, 1);
   msgpack_pack_map(&pk, 1);
   msgpack_pack_str_with_body(&pk, "protocol", 8);
   msgpack_pack_uint8(&pk, 2);
@@ -307,13 +304,8 @@ Test(client_faults, deep_nesting_is_refused) {
  * unwritten. */
 Test(client_faults, get_many_into_refuses_fewer_tensors_than_asked) {
   msgpack_sbuffer sb;
-  msgpack_sbuffer_init(&sb);
   msgpack_packer pk;
-  msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-  msgpack_pack_array(&pk, 4);
-  msgpack_pack_uint8(&pk, 1);
-  msgpack_pack_uint8(&pk, 2);
-  msgpack_pack_nil(&pk);
+  answer_begin(&sb, &pk, 2);
   msgpack_pack_map(&pk, 1);
   msgpack_pack_str_with_body(&pk, "tensors", 7);
   msgpack_pack_array(&pk, 1);
