@@ -21,40 +21,25 @@
 
 #include "codec_int.h"
 
-static const uint8_t qx_idx_f32[256] __attribute__((aligned(64))) = {
-    0, 0, 0, 64, 0, 0, 1, 65, 0, 0, 2, 66, 0, 0, 3, 67,
-    0, 0, 4, 68, 0, 0, 5, 69, 0, 0, 6, 70, 0, 0, 7, 71,
-    0, 0, 8, 72, 0, 0, 9, 73, 0, 0, 10, 74, 0, 0, 11, 75,
-    0, 0, 12, 76, 0, 0, 13, 77, 0, 0, 14, 78, 0, 0, 15, 79,
-    0, 0, 16, 80, 0, 0, 17, 81, 0, 0, 18, 82, 0, 0, 19, 83,
-    0, 0, 20, 84, 0, 0, 21, 85, 0, 0, 22, 86, 0, 0, 23, 87,
-    0, 0, 24, 88, 0, 0, 25, 89, 0, 0, 26, 90, 0, 0, 27, 91,
-    0, 0, 28, 92, 0, 0, 29, 93, 0, 0, 30, 94, 0, 0, 31, 95,
-    0, 0, 32, 96, 0, 0, 33, 97, 0, 0, 34, 98, 0, 0, 35, 99,
-    0, 0, 36, 100, 0, 0, 37, 101, 0, 0, 38, 102, 0, 0, 39, 103,
-    0, 0, 40, 104, 0, 0, 41, 105, 0, 0, 42, 106, 0, 0, 43, 107,
-    0, 0, 44, 108, 0, 0, 45, 109, 0, 0, 46, 110, 0, 0, 47, 111,
-    0, 0, 48, 112, 0, 0, 49, 113, 0, 0, 50, 114, 0, 0, 51, 115,
-    0, 0, 52, 116, 0, 0, 53, 117, 0, 0, 54, 118, 0, 0, 55, 119,
-    0, 0, 56, 120, 0, 0, 57, 121, 0, 0, 58, 122, 0, 0, 59, 123,
-    0, 0, 60, 124, 0, 0, 61, 125, 0, 0, 62, 126, 0, 0, 63, 127,
-};
-static const uint8_t qx_idx_w[128] __attribute__((aligned(64))) = {
-    0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71,
-    8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78, 15, 79,
-    16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85, 22, 86, 23, 87,
-    24, 88, 25, 89, 26, 90, 27, 91, 28, 92, 29, 93, 30, 94, 31, 95,
-    32, 96, 33, 97, 34, 98, 35, 99, 36, 100, 37, 101, 38, 102, 39, 103,
-    40, 104, 41, 105, 42, 106, 43, 107, 44, 108, 45, 109, 46, 110, 47, 111,
-    48, 112, 49, 113, 50, 114, 51, 115, 52, 116, 53, 117, 54, 118, 55, 119,
-    56, 120, 57, 121, 58, 122, 59, 123, 60, 124, 61, 125, 62, 126, 63, 127,
-};
-static const uint16_t qx_idx_d[64] __attribute__((aligned(64))) = {
-    0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47,
-    16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-    24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63,
-};
+/* Permute indices that interleave two vectors of N lanes: entry 2k is lane k of the first, entry
+ * 2k + 1 lane k of the second (index N + k). QX_F32 places (b2[k], b3[k]) in bytes 2 and 3 of
+ * float k; its bytes 0 and 1 are zeroed by the hi2 mask, so their index does not matter. */
+#define QX_ZIP(k, N) (k), (N) + (k)
+#define QX_F32(k, N) 0, 0, QX_ZIP(k, N)
+#define QX_EACH8(F, k, N) F(k, N), F(k + 1, N), F(k + 2, N), F(k + 3, N), F(k + 4, N), \
+                          F(k + 5, N), F(k + 6, N), F(k + 7, N)
+#define QX_EACH32(F, N) QX_EACH8(F, 0, N), QX_EACH8(F, 8, N), QX_EACH8(F, 16, N), QX_EACH8(F, 24, N)
+#define QX_EACH64(F, N) QX_EACH32(F, N), QX_EACH8(F, 32, N), QX_EACH8(F, 40, N), \
+                        QX_EACH8(F, 48, N), QX_EACH8(F, 56, N)
+
+/* Byte lanes of the (b2, b3) pair into the top two bytes of 64 floats, 16 a vector. */
+static const uint8_t qx_idx_f32[] __attribute__((aligned(64))) = {QX_EACH64(QX_F32, 64)};
+/* Byte lanes of two vectors interleaved into 64 words, 32 a vector (bf16 output; raw2/raw1). */
+static const uint8_t qx_idx_w[] __attribute__((aligned(64))) = {QX_EACH64(QX_ZIP, 64)};
+/* Word lanes of two vectors interleaved into 32 dwords, 16 a vector (f32 variant: low, high). */
+static const uint16_t qx_idx_d[] __attribute__((aligned(64))) = {QX_EACH32(QX_ZIP, 32)};
+_Static_assert(sizeof qx_idx_f32 == 256 && sizeof qx_idx_w == 128 && sizeof qx_idx_d == 128,
+               "the tables fill four, two and two 512-bit vectors");
 
 uint64_t qc__vbmi2_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out,
                          int bf16, int nt) {
