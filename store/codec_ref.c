@@ -154,26 +154,21 @@ uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, vo
   return ei;
 }
 
-static void ref_f16_to_f32(const void *src, uint64_t n, void *dst) {
+/* The conversion kernels: n elements from src to dst through one scalar conversion each. */
+static inline void ref_widen(const void *src, uint64_t n, void *dst, float (*cv)(uint16_t)) {
   const uint8_t *s = src;
   uint8_t *d = dst;
-  for (uint64_t i = 0; i < n; i++) qc__stf(d + 4 * i, qc_f16_to_f32(qc__ld16(s + 2 * i)));
+  for (uint64_t i = 0; i < n; i++) qc__stf(d + 4 * i, cv(qc__ld16(s + 2 * i)));
 }
-static void ref_bf16_to_f32(const void *src, uint64_t n, void *dst) {
+static inline void ref_narrow(const void *src, uint64_t n, void *dst, uint16_t (*cv)(float)) {
   const uint8_t *s = src;
   uint8_t *d = dst;
-  for (uint64_t i = 0; i < n; i++) qc__stf(d + 4 * i, qc_bf16_to_f32(qc__ld16(s + 2 * i)));
+  for (uint64_t i = 0; i < n; i++) qc__st16(d + 2 * i, cv(qc__ldf(s + 4 * i)));
 }
-static void ref_f32_to_f16(const void *src, uint64_t n, void *dst) {
-  const uint8_t *s = src;
-  uint8_t *d = dst;
-  for (uint64_t i = 0; i < n; i++) qc__st16(d + 2 * i, qc_f32_to_f16(qc__ldf(s + 4 * i)));
-}
-static void ref_f32_to_bf16(const void *src, uint64_t n, void *dst) {
-  const uint8_t *s = src;
-  uint8_t *d = dst;
-  for (uint64_t i = 0; i < n; i++) qc__st16(d + 2 * i, qc_f32_to_bf16(qc__ldf(s + 4 * i)));
-}
+static void ref_f16_to_f32(const void *s, uint64_t n, void *d) { ref_widen(s, n, d, qc_f16_to_f32); }
+static void ref_bf16_to_f32(const void *s, uint64_t n, void *d) { ref_widen(s, n, d, qc_bf16_to_f32); }
+static void ref_f32_to_f16(const void *s, uint64_t n, void *d) { ref_narrow(s, n, d, qc_f32_to_f16); }
+static void ref_f32_to_bf16(const void *s, uint64_t n, void *d) { ref_narrow(s, n, d, qc_f32_to_bf16); }
 
 const qc__kernel qc__kernel_ref = {
     "ref",           qc__ref_qins8,  qc__ref_qins16,  qc__ref_seedlog, qc__ref_lut8,
