@@ -95,7 +95,7 @@ uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *over
     return r;
   }
   uint32_t B = qc_codec_block(c);
-  if (B) nb = (row_len / B + (row_len % B != 0)) * n_rows; /* <= n: cannot overflow */
+  if (B) nb = qc__blocks_per_row(row_len, B) * n_rows; /* <= n: cannot overflow */
   if (mul_add(n, code_bytes(c), nb * qc_traits_table[c].scale_bytes, &r)) goto ovf;
   return r;
 ovf:
@@ -125,7 +125,7 @@ int qc_chunk_locate(qc_codec c, uint64_t row_len, uint64_t n_rows, uint64_t elem
   uint32_t B = qc_codec_block(c);
   uint64_t n = row_len * n_rows;
   if (B) {
-    uint64_t bpr = (row_len + B - 1) / B, nb = bpr * n_rows;
+    uint64_t bpr = qc__blocks_per_row(row_len, B), nb = bpr * n_rows;
     uint64_t blk = (elem / row_len) * bpr + (elem % row_len) / B;
     unsigned sb = c == QC_QINS8 ? 2 : 1;
     *scale_off = blk * sb;
@@ -446,7 +446,7 @@ static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len
   dec D;
   D.k = k, D.p = p, D.row_len = row_len, D.n = n, D.lut = D.buf;
   uint32_t B = qc_codec_block(p->codec);
-  D.bpr = B ? (row_len + B - 1) / B : 0;
+  D.bpr = B ? qc__blocks_per_row(row_len, B) : 0;
   uint64_t nb = D.bpr * n_rows;
   switch (p->codec) {
   case QC_QINS8:
@@ -505,7 +505,7 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
   const uint8_t *c = chunk;
   uint64_t n = row_len * n_rows;
   uint32_t B = qc_codec_block(p->codec);
-  uint64_t bpr = B ? (row_len + B - 1) / B : 0, nb = bpr * n_rows;
+  uint64_t bpr = B ? qc__blocks_per_row(row_len, B) : 0, nb = bpr * n_rows;
   switch (p->codec) {
   case QC_QINS8:
     if (!table_valid(p->table)) return QINS_ECORRUPT;
@@ -518,7 +518,7 @@ int qc_chunk_validate(const qc_params *p, uint64_t row_len, uint64_t n_rows, con
     for (uint64_t r = 0; r < n_rows; r++)
       for (uint64_t b = 0; b < bpr; b++) {
         int e = (int8_t)c[r * bpr + b];
-        uint64_t i0 = r * row_len + b * B, i1 = i0 + B < (r + 1) * row_len ? i0 + B : (r + 1) * row_len;
+        uint64_t i0 = r * row_len + b * B, i1 = i0 + qc__block_len(row_len, b, B);
         if (e != QC_QINS16_EZERO && e < QC_QINS16_EMIN) return QINS_ECORRUPT;
         for (uint64_t i = i0; i < i1; i++) {
           uint16_t code = qc__ld16(c + nb + 2 * i);
@@ -746,13 +746,12 @@ static int encode_qins8(const qc_params *p, uint64_t L, uint64_t R, const float 
   q8tab *q = malloc(sizeof *q);
   if (!q) return QINS_ENOMEM;
   q8tab_init(q, p->table);
-  uint64_t bpr = (L + QC_QINS8_BLOCK - 1) / QC_QINS8_BLOCK, nb = bpr * R;
+  uint64_t bpr = qc__blocks_per_row(L, QC_QINS8_BLOCK), nb = bpr * R;
   uint8_t *codes = dst + 2 * nb;
   for (uint64_t r = 0; r < R; r++)
     for (uint64_t b = 0; b < bpr; b++) {
       uint64_t i0 = r * L + b * QC_QINS8_BLOCK;
-      uint32_t n = (uint32_t)(L - b * QC_QINS8_BLOCK < QC_QINS8_BLOCK ? L - b * QC_QINS8_BLOCK
-                                                                      : QC_QINS8_BLOCK);
+      uint32_t n = qc__block_len(L, b, QC_QINS8_BLOCK);
       const float *w = src + i0;
       uint16_t h;
       if (p->scale_search == QC_SCALE_KEEP) {
@@ -805,12 +804,11 @@ static uint16_t q16_code(const float *MT, int e, float w) {
 static int encode_qins16(uint64_t L, uint64_t R, const float *src, uint8_t *dst, qc_stats *st,
                          uint64_t *bad) {
   const float *MT = qc_qins16_mantissa();
-  uint64_t bpr = (L + QC_QINS16_BLOCK - 1) / QC_QINS16_BLOCK, nb = bpr * R;
+  uint64_t bpr = qc__blocks_per_row(L, QC_QINS16_BLOCK), nb = bpr * R;
   for (uint64_t r = 0; r < R; r++)
     for (uint64_t b = 0; b < bpr; b++) {
       uint64_t i0 = r * L + b * QC_QINS16_BLOCK;
-      uint32_t n = (uint32_t)(L - b * QC_QINS16_BLOCK < QC_QINS16_BLOCK ? L - b * QC_QINS16_BLOCK
-                                                                        : QC_QINS16_BLOCK);
+      uint32_t n = qc__block_len(L, b, QC_QINS16_BLOCK);
       const float *w = src + i0;
       float mx = block_absmax(w, n);
       int e;
@@ -989,9 +987,8 @@ int qc_fit_add(qc_fit *f, const float *rows, uint64_t n_rows, uint64_t *bad_inde
     if (f->h) {
       uint64_t L = f->row_len;
       for (uint64_t r = 0; r < n_rows; r++)
-        for (uint64_t b = 0; b < L; b += QC_QINS8_BLOCK)
-          hist_block(f->h, rows + r * L + b,
-                     (uint32_t)(L - b < QC_QINS8_BLOCK ? L - b : QC_QINS8_BLOCK));
+        for (uint64_t b = 0, bpr = qc__blocks_per_row(L, QC_QINS8_BLOCK); b < bpr; b++)
+          hist_block(f->h, rows + r * L + b * QC_QINS8_BLOCK, qc__block_len(L, b, QC_QINS8_BLOCK));
     }
     if (f->h && f->n + n >= f->o.table_min_elems) { /* a fitted table: no need for the rows */
       free(f->buf);
@@ -1080,8 +1077,7 @@ typedef struct ref8 {
 static uint32_t ref_blk(const ref8 *z, uint64_t blk, const float **w) {
   uint64_t r = blk / z->bpr, b = blk % z->bpr;
   *w = z->w + r * z->L + b * QC_QINS8_BLOCK;
-  uint64_t rem = z->L - b * QC_QINS8_BLOCK;
-  return (uint32_t)(rem < QC_QINS8_BLOCK ? rem : QC_QINS8_BLOCK);
+  return qc__block_len(z->L, b, QC_QINS8_BLOCK);
 }
 
 /* Quantizes everything with T at the current scales; returns the error; accumulates Lloyd sums. */
@@ -1139,7 +1135,7 @@ static int ref_scale_search(const ref8 *z, const float T[128]) {
  * standard tables, with the A3u scale search, is run. */
 static int fit_qins8_max(qc_fit *f, qc_params *p) {
   ref8 z = {f->buf, f->row_len, f->row_len ? f->n / f->row_len : 0, 0, NULL};
-  z.bpr = (z.L + QC_QINS8_BLOCK - 1) / QC_QINS8_BLOCK;
+  z.bpr = qc__blocks_per_row(z.L, QC_QINS8_BLOCK);
   uint64_t nb = z.bpr * z.R;
   z.d = malloc((nb ? nb : 1) * sizeof(float));
   if (!z.d) return QINS_ENOMEM;

@@ -95,6 +95,17 @@ static inline void qc__stf(void *p, float v) { memcpy(p, &v, 4); }
 static inline uint32_t qc__fbits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float qc__bitsf(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
+/* Blocks of B > 0 elements in a row of row_len: each row starts a new block, so a row's last
+ * block may be short (docs/FORMAT.md §1.1). Written so that it cannot overflow. */
+static inline uint64_t qc__blocks_per_row(uint64_t row_len, uint32_t B) {
+  return row_len / B + (row_len % B != 0);
+}
+/* Elements in block b (< qc__blocks_per_row) of a row of row_len: B, or fewer in the row's last. */
+static inline uint32_t qc__block_len(uint64_t row_len, uint64_t b, uint32_t B) {
+  uint64_t rem = row_len - b * B;
+  return (uint32_t)(rem < B ? rem : B);
+}
+
 /* Reference per-code values (codec_ref.c), the single definition every kernel's lookup table is
  * built from. */
 float qc__seedlog_mag(const qc_params *p, uint8_t stored);  /* expf(log_min + n*(max-min)) */

@@ -230,7 +230,7 @@ int qc_decode_ref(const qc_params *p, uint64_t row_len, uint64_t n_rows, const v
     return 0;
   }
   uint32_t B = qc_codec_block(p->codec);
-  uint64_t bpr = B ? (row_len + B - 1) / B : 0; /* blocks per row */
+  uint64_t bpr = B ? qc__blocks_per_row(row_len, B) : 0;
   uint64_t nb = bpr * n_rows;
   for (uint64_t i = begin; i < end; i++) {
     uint64_t k = i - begin;
