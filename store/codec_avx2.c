@@ -25,14 +25,8 @@ static inline void st8(uint8_t *o, __m256 v, int nt) {
 
 static inline float f16s(const uint8_t *p) { return _cvtsh_ss(qc__ld16(p)); }
 
-/* Elements to process before out is 32-byte aligned (nt needs float alignment to get there). */
-static inline uint64_t nt_head(const uint8_t *o, uint64_t n, int *nt) {
-  if (!*nt) return 0;
-  uintptr_t a = (uintptr_t)o;
-  if (a & 3) return *nt = 0, 0;
-  uint64_t h = ((32 - (a & 31)) & 31) / 4;
-  return h < n ? h : n;
-}
+/* Floats to write before out is 32-byte aligned, with non-temporal stores (qc__nt_head). */
+static inline uint64_t nt_head(const uint8_t *o, uint64_t n, int *nt) { return qc__nt_head(o, n, 4, 32, nt); }
 
 static void k_qins8(const float *lut, const uint8_t *scales, const uint8_t *codes, uint64_t off,
                     uint64_t n, void *out, int nt) {

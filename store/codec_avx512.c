@@ -21,14 +21,8 @@
 
 #include "codec_int.h"
 
-/* Elements before out is 64-byte aligned (when nt and out is float-aligned). */
-static inline uint64_t nt_head(const uint8_t *o, uint64_t n, int *nt) {
-  if (!*nt) return 0;
-  uintptr_t a = (uintptr_t)o;
-  if (a & 3) return *nt = 0, 0;
-  uint64_t h = ((64 - (a & 63)) & 63) / 4;
-  return h < n ? h : n;
-}
+/* Floats to write before out is 64-byte aligned, with non-temporal stores (qc__nt_head). */
+static inline uint64_t nt_head(const uint8_t *o, uint64_t n, int *nt) { return qc__nt_head(o, n, 4, 64, nt); }
 
 /* The byte planes of the last table this thread decoded with, and that table's 128 positive
  * entries: building the planes (about 50 shuffles) cost more than decoding a short segment (a row

@@ -106,6 +106,19 @@ static inline uint32_t qc__block_len(uint64_t row_len, uint64_t b, uint32_t B) {
   return (uint32_t)(rem < B ? rem : B);
 }
 
+/* For a kernel with non-temporal stores (*nt set): how many of its n elements of es bytes to
+ * write with ordinary stores before out reaches an `align`-byte boundary, where the streaming
+ * stores start. 0 when *nt is clear; an out that is not es-aligned never gets there, so *nt is
+ * cleared. */
+static inline uint64_t qc__nt_head(const void *out, uint64_t n, unsigned es, unsigned align,
+                                   int *nt) {
+  uintptr_t a = (uintptr_t)out;
+  if (!*nt) return 0;
+  if (a % es) return *nt = 0, 0;
+  uint64_t h = ((align - a % align) % align) / es;
+  return h < n ? h : n;
+}
+
 /* Reference per-code values (codec_ref.c), the single definition every kernel's lookup table is
  * built from. */
 float qc__seedlog_mag(const qc_params *p, uint8_t stored);  /* expf(log_min + n*(max-min)) */
@@ -163,17 +176,11 @@ static inline uint64_t qc__qx_bits(const qc__qx *x, uint64_t i, uint64_t cnt, in
 uint64_t qc__ref_qinsx(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t ei, void *out, int bf16,
                        int nt);
 /* For a qinsx kernel with non-temporal stores (*nt set): decodes with the reference the elements
- * before out's next `align`-byte boundary (clearing *nt if out is not even element-aligned) and
- * returns how many; *ei advances past their escapes. 0 when *nt is clear. */
+ * before out's next `align`-byte boundary (qc__nt_head) and returns how many; *ei advances past
+ * their escapes. */
 static inline uint64_t qc__qx_nt_head(const qc__qx *x, uint64_t e0, uint64_t n, uint64_t *ei,
                                       void *out, int bf16, int *nt, unsigned align) {
-  unsigned es = bf16 ? 2 : 4;
-  uintptr_t a = (uintptr_t)out;
-  uint64_t j = 0;
-  if (!*nt) return 0;
-  if (a % es) return *nt = 0, 0;
-  j = ((align - a % align) % align) / es;
-  if (j > n) j = n;
+  uint64_t j = qc__nt_head(out, n, bf16 ? 2 : 4, align, nt);
   if (j) *ei = qc__ref_qinsx(x, e0, j, *ei, out, bf16, 0);
   return j;
 }
