@@ -367,20 +367,6 @@ static uint64_t qs__src_row_bytes(const qs__src *s) {
   return rl * qs_dtype_size(s->dtype);
 }
 
-static int qs__pread_all(int fd, void *buf, uint64_t n, uint64_t off) {
-  uint8_t *p = buf;
-  while (n) {
-    size_t want = n > (1u << 30) ? (1u << 30) : (size_t)n;
-    ssize_t r = pread(fd, p, want, (off_t)off);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return -1;
-    p += r;
-    n -= (uint64_t)r;
-    off += (uint64_t)r;
-  }
-  return 0;
-}
-
 static void qs__to_f32(const qs__src *s, const uint8_t *src, uint64_t n_rows, float *dst) {
   uint64_t rl = qs__src_row_len(s), n = n_rows * rl;
   if (!n) return; /* an empty tensor has no buffers (NULL) to convert between */
@@ -471,7 +457,7 @@ static int qs__bufs_need(qs__bufs *b, uint64_t raw, uint64_t nf) {
 
 static int qs__read_rows(const qs__src *s, uint64_t r0, uint64_t nr, qs__bufs *b, int to_f32) {
   uint64_t rb = qs__src_row_bytes(s);
-  if (qs__pread_all(s->fd, b->raw, nr * rb, s->offset + r0 * rb))
+  if (qs__pread_full(s->fd, b->raw, nr * rb, s->offset + r0 * rb))
     return qs__fail(QINS_EIO, "%s: tensor %s: read error at byte %llu: %s", s->path, s->name,
                     (unsigned long long)(s->offset + r0 * rb),
                     errno ? strerror(errno) : "file truncated");

@@ -68,8 +68,7 @@ __attribute__((format(printf, 4, 5))) static int qs__st_err(int rc, char *err, s
   return rc;
 }
 
-/* pread exactly n bytes at off; 0, or -1 with errno (0 for EOF). */
-static int qs__pread_full(int fd, void *buf, uint64_t n, uint64_t off) {
+int qs__pread_full(int fd, void *buf, uint64_t n, uint64_t off) {
   unsigned char *p = buf;
   while (n) {
     size_t want = n > (1u << 30) ? (1u << 30) : (size_t)n;

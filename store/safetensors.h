@@ -83,6 +83,9 @@ int qs_st_metadata_at(const qs_st_file *f, size_t i, const char **key /* out */,
  * QINS_EINVALID if the range is outside the tensor; QINS_EIO (err names the file) on a short read. */
 int qs_st_read(const qs_st_file *f, const qs_st_tensor *t, uint64_t off, uint64_t nbytes, void *buf,
                char *err, size_t errlen);
+/* preads exactly n bytes at off, in pieces of at most 1 GiB, retrying on EINTR: 0, or -1 with
+ * errno set (0 when the file ends first). The importers read every source format's rows with it. */
+int qs__pread_full(int fd, void *buf, uint64_t n, uint64_t off);
 /* Rows are along the last axis (row_len = shape[ndim-1]; a scalar is 1 row of 1). Reads rows
  * [row_begin, row_end) into buf ((row_end - row_begin) * row bytes). QINS_EUNSUPPORTED for sub-byte
  * dtypes whose rows are not whole bytes. */
