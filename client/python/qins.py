@@ -392,12 +392,7 @@ class Client:
 
     def list(self, model, prefix=None, offset=0, limit=None):
         """{"total": n, "tensors": [info...]}"""
-        p = {"model": model, "offset": offset}
-        if prefix is not None:
-            p["prefix"] = prefix
-        if limit is not None:
-            p["limit"] = limit
-        return self.call("list", **p)
+        return self.call("list", **_given(model=model, offset=offset, prefix=prefix, limit=limit))
 
     def info(self, model, name):
         return self.call("info", model=model, name=name)
@@ -406,12 +401,7 @@ class Client:
         """One page of a model's metadata (PROTOCOL.md §4.14): without key {"metadata": {...},
         "total": n, "offset": o, "entries": [[key, type, value], ...]}; with key, the elements
         of that array entry: {"type": t, "total": n, "offset": o, "values": [...]}."""
-        p = {"model": model, "offset": offset}
-        if key is not None:
-            p["key"] = key
-        if limit is not None:
-            p["limit"] = limit
-        return self.call("model_info", **p)
+        return self.call("model_info", **_given(model=model, offset=offset, key=key, limit=limit))
 
     def metadata(self, model):
         """The whole metadata as the store keeps it (FORMAT.md §2.3.1), read page by page: the
@@ -447,9 +437,7 @@ class Client:
         The array is a read-only view of the received bytes (no copy); copy=True returns a
         writable copy (bf16 widened to float32 is always a new, writable array).
         """
-        p = {"model": model, "name": name}
-        if dtype is not None:
-            p["dtype"] = dtype
+        p = _given(model=model, name=name, dtype=dtype)
         rng = parse_slice(slice)
         if isinstance(rng, tuple):  # open or negative bounds: resolve against the shape
             rng = parse_slice(slice, self.info(model, name)["shape"])
@@ -500,14 +488,13 @@ def _many_params(model, names, prefix, dtype):
     """get_many's and map_many's params: exactly one of names and prefix."""
     if (names is None) == (prefix is None):
         raise ValueError("give exactly one of names and prefix")
-    p = {"model": model}
-    if names is not None:
-        p["names"] = list(names)
-    else:
-        p["prefix"] = prefix
-    if dtype is not None:
-        p["dtype"] = dtype
-    return p
+    return _given(model=model, names=None if names is None else list(names), prefix=prefix,
+                  dtype=dtype)
+
+
+def _given(**params):
+    """The params that are not None: a request leaves an optional key out to take its default."""
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def _arena():
