@@ -36,6 +36,7 @@ static uint32_t qs__crc_tab[8][256];
 #define QS_CRC_LONG 8192 /* bytes per stream of a 3-way round on long buffers */
 #define QS_CRC_SHORT 256 /* and on what is left */
 static uint32_t qs__crc_zl[4][256], qs__crc_zs[4][256]; /* append LONG / SHORT zero bytes */
+static uint32_t qs__crc_zseg[4][256];                     /* append QS_SEG_MIN zero bytes */
 static int qs__crc_hw;     /* 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold; set once by qs__crc_once */
 #define QS_CRC_FOLD_MIN 256 /* shortest buffer the fold kernel takes */
 /* Fold constants, as 64-bit reflected clmul operands (x^k mod P in the CRC register's order,
@@ -142,6 +143,7 @@ static void qs__crc_once(void) {
   qs__crc_init();
   qs__crc_zeros(qs__crc_zl, QS_CRC_LONG);
   qs__crc_zeros(qs__crc_zs, QS_CRC_SHORT);
+  qs__crc_zeros(qs__crc_zseg, QS_SEG_MIN);
 #if defined(__x86_64__)
   __builtin_cpu_init();
   qs__crc_hw = __builtin_cpu_supports("sse4.2") && !getenv("QINS_CRC_SOFT") ? 1 : 0;
@@ -252,7 +254,12 @@ int qs__crc32c_kernel(void) {
 }
 
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
-  /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B) (as polynomials mod P). */
+  /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B) (as polynomials mod P); the multiply is the
+   * "append len_b zero bytes" operator, which the segment length has as a table. */
+  if (len_b == QS_SEG_MIN) {
+    pthread_once(&qs__crc_once_ctl, qs__crc_once);
+    return qs__crc_shift(qs__crc_zseg, crc_a) ^ crc_b;
+  }
   return qs__crc_mulmod(qs__crc_xpow(8 * len_b), crc_a) ^ crc_b;
 }
 
@@ -263,6 +270,30 @@ uint32_t qs__rec_crc(const uint8_t *p, size_t size, size_t off) {
   return qs__crc32c(c, p + off + 4, size - off - 4);
 }
 
+static inline uint64_t qs__mix64(uint64_t h) {
+  h ^= h >> 30;
+  h *= 0xbf58476d1ce4e5b9ull;
+  h ^= h >> 27;
+  h *= 0x94d049bb133111ebull;
+  h ^= h >> 31;
+  return h;
+}
+
+uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed) {
+  const uint8_t *p = buf;
+  uint64_t h = seed ^ (len * 0x9e3779b97f4a7c15ull), w;
+  for (; len >= 8; p += 8, len -= 8) {
+    memcpy(&w, p, 8);
+    h = ((h ^ w) * 0x100000001b3ull) ^ (h >> 29);
+  }
+  if (len) {
+    w = 0;
+    memcpy(&w, p, len);
+    h = ((h ^ w) * 0x100000001b3ull) ^ (h >> 29);
+  }
+  return qs__mix64(h);
+}
+
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed) {
   const uint8_t *p = buf;
   uint64_t h = 0xcbf29ce484222325ull ^ seed;
@@ -270,10 +301,5 @@ uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed) {
     h ^= p[i];
     h *= 0x100000001b3ull;
   }
-  h ^= h >> 30;
-  h *= 0xbf58476d1ce4e5b9ull;
-  h ^= h >> 27;
-  h *= 0x94d049bb133111ebull;
-  h ^= h >> 31;
-  return h;
+  return qs__mix64(h);
 }

@@ -123,7 +123,7 @@ int qs_tensor_get(qs_txn *t, const char *model, const char *name, qs_tensor *out
   uint64_t h = 0;
   size_t slot = 0;
   if (tc) {
-    h = qs__hash64(name, strlen(name), qs__hash64(model, strlen(model), 0)) | 1;
+    h = qs__hash_key(name, strlen(name), qs__hash_key(model, strlen(model), 0)) | 1;
     slot = (size_t)(h % QS_TCACHE);
     if (tc->ten[slot].hash == h && !strcmp(tc->ten[slot].t.name, name) &&
         !strcmp(tc->ten[slot].t.model, model)) {

@@ -153,7 +153,7 @@ int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX
  * dt into out. Reads only the chunks the range touches. Every call checks the stored bytes it
  * decodes from (QINS_ECHECKSUM naming the tensor and chunk): the first read of a chunk in this
  * process verifies it whole (CRC, then the codec's validation: QINS_ECORRUPT) and keeps the CRCs
- * of its 16 KiB segments; later reads check the segments they touch against those, so bytes
+ * of its 4 KiB segments; later reads check the segments they touch against those, so bytes
  * changed in the file after any earlier check are an error, never other numbers.
  * $QINS_VERIFY=always verifies whole chunks on every call; $QINS_VERIFY=risk-wrong-numbers
  * (opt-in, never the default) checks once per process, so bytes changed later are served as

@@ -50,7 +50,8 @@ enum { QS_TF_PARAMS_FIRST = 1 }; /* tensor record flags */
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len);
 /* The kernel qs__crc32c uses for long buffers: 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold. */
 int qs__crc32c_kernel(void);
-/* qs__crc32c of A ++ B from those of A and of B (len_b bytes). */
+/* qs__crc32c of A ++ B from those of A and of B (len_b bytes): a table lookup per byte of the
+ * CRC when len_b is QS_SEG_MIN (joining segment CRCs), else a multiply mod P. */
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 /* CRC-32C of a record's first size bytes with the 4 checksum bytes at off taken as zero
  * (the model and tensor record checksums, docs/FORMAT.md §2.3, §2.4). */
@@ -59,6 +60,9 @@ uint32_t qs__rec_crc(const uint8_t *p, size_t size, size_t off);
 #define QS_TENSOR_CRC 168 /* tensor record: u32 CRC of the record, 0 = none */
 /* 64-bit content hash (FNV-1a 64 finished with a splitmix64 mixer) for params dedup keys. */
 uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed);
+/* A 64-bit hash of len bytes for this process's lookup caches (a word at a time, finished with
+ * the splitmix64 mixer; never stored: qs__hash64 is the stored one). */
+uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed);
 
 /* Error message seam: sets qs_error() for this thread and returns rc. */
 int qs__fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -221,20 +225,28 @@ enum {
  * CRC-32C, taken while the whole payload was verified against the chunk's stored CRC (the stored
  * CRC is the segments' CRCs joined: qs__crc32c_combine, one pass). A read then checks only the
  * segments holding the bytes it serves against these: a small slice of a large chunk costs a few
- * KiB of CRC, not the chunk's MiB, and bytes changed after the verification are still caught. */
-#define QS_SUMS 4096            /* chunks remembered: 16 GiB of 4 MiB chunks; about 4 MiB at most */
-#define QS_SEGS 256             /* segments per chunk at most */
-#define QS_SEG_MIN (16u << 10)  /* smallest segment: a 4 MiB chunk has 256 of 16 KiB */
+ * KiB of CRC, not the chunk's MiB, and bytes changed after the verification are still caught.
+ * Segments are as small as a page, so a one-row read checks little more than the row itself (a
+ * 4 KiB row of a 4 MiB chunk: one segment, not four times the row from memory); the CRCs kept
+ * are 4 bytes a segment, 0.1% of the bytes verified. */
+#define QS_SUMS 4096            /* chunks remembered: 16 GiB of 4 MiB chunks; 16 MiB of CRCs */
+#define QS_SEGS 1024            /* segments per chunk at most */
+#define QS_SEG_MIN (4u << 10)   /* smallest segment: a 4 MiB chunk has 1024 of 4 KiB */
 typedef struct qs__sums {
   uint8_t key[16];              /* chunk key; all-zero: empty (model id 0 never exists) */
   uint64_t seg;                 /* segment bytes (qs__seg_bytes of the payload size) */
-  uint32_t crc[QS_SEGS];
+  uint32_t crc[];               /* one per segment (qs__sums_bytes allocates them) */
 } qs__sums;
 /* Segment size for a payload of pay bytes: QS_SEG_MIN, doubled until QS_SEGS segments hold it. */
 static inline uint64_t qs__seg_bytes(uint64_t pay) {
   uint64_t seg = QS_SEG_MIN;
   while (seg * QS_SEGS < pay) seg *= 2;
   return seg;
+}
+/* Bytes of a qs__sums for a payload of pay bytes. */
+static inline size_t qs__sums_bytes(uint64_t pay) {
+  uint64_t seg = qs__seg_bytes(pay);
+  return sizeof(qs__sums) + (size_t)((pay + seg - 1) / seg) * sizeof(uint32_t);
 }
 
 /* Lookups a qs_txn remembers across its renewals (qs_txn_end keeps it reset as the spare): the
@@ -255,6 +267,7 @@ typedef struct qs__tcache {
     uint8_t key[16];              /* chunk key; all zero: empty (model id 0 never exists) */
     const uint8_t *data;          /* payload, in the map */
     uint64_t n_rows;
+    uint64_t pay;                 /* payload bytes, as its header said when it was checked */
   } chunk[QS_CCACHE];
 } qs__tcache;
 
@@ -270,6 +283,7 @@ typedef struct qs__chunk_ref {
   const uint8_t *data;   /* payload, in the map */
   uint64_t n_rows;       /* rows in this chunk */
   uint8_t key[16];       /* its key in "chunks" */
+  uint64_t h;            /* qs__hash_key of key */
 } qs__chunk_ref;
 
 #define QS__ERRBUF 1024

@@ -183,7 +183,7 @@ static size_t qs__sums_slot(uint64_t h) { return (size_t)((h >> 17) % QS_SUMS); 
 /* Verifies chunk ci (record at p, header checked) whole and keeps its segment CRCs. */
 static int qs__chunk_learn(qs_store *s, const qs_tensor *t, uint64_t ci, const uint8_t *p,
                            uint64_t rows, const uint8_t key[16], uint64_t h) {
-  qs__sums *n = malloc(sizeof *n);
+  qs__sums *n = malloc(qs__sums_bytes(qs__get_u64(p + 8)));
   if (!n) return qs__chunk_verify(t, ci, p, rows, NULL);
   int rc = qs__chunk_verify(t, ci, p, rows, n);
   if (rc) {
@@ -217,27 +217,33 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   qs__put_be64(key, t->model_id);
   qs__put_be32(key + 8, t->index);
   qs__put_be32(key + 12, (uint32_t)ci);
-  uint64_t h = qs__hash64(key, 16, 0);
+  uint64_t h = qs__hash_key(key, 16, 0);
   size_t cslot = (size_t)(h % QS_CCACHE);
-  const uint8_t *p;
-  size_t size;
-  uint64_t rows;
-  int rc;
-  if (tc && !memcmp(tc->chunk[cslot].key, key, 16)) {
-    /* Same snapshot, same mapping: the record is where it was (its bytes are checked below). */
-    p = tc->chunk[cslot].data - QS_CHUNK_HDR;
-    size = QS_CHUNK_HDR + qs__get_u64(p + 8); /* the size checked when it was cached */
-  } else {
-    MDB_val k = {16, key}, v;
-    rc = mdb_get(txn, s->db_chunks, &k, &v);
-    if (rc == MDB_NOTFOUND)
-      return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
-                      (unsigned long long)ci);
-    if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
-    p = v.mv_data;
-    size = v.mv_size;
+  memcpy(ref->key, key, 16);
+  ref->h = h;
+  if (tc && !full_check && !memcmp(tc->chunk[cslot].key, key, 16)) {
+    /* Same snapshot, same mapping: the record is where it was. Its header is as it was checked
+     * (and, under QS_VERIFY_RISKY, its payload verified) when it was cached; its payload bytes
+     * are checked by qs__chunk_check before any is served. A header that changed since takes
+     * the full path below, which reports it. */
+    const uint8_t *d = tc->chunk[cslot].data;
+    if (!memcmp(d - QS_CHUNK_HDR, QS_MAGIC_CHUNK, 4) &&
+        qs__get_u64(d - QS_CHUNK_HDR + 8) == tc->chunk[cslot].pay) {
+      ref->idx = ci;
+      ref->data = d;
+      ref->n_rows = tc->chunk[cslot].n_rows;
+      return 0;
+    }
   }
-  if ((rc = qs__chunk_rec_check(t, ci, p, size, 0, &rows))) return rc;
+  MDB_val k = {16, key}, v;
+  int rc = mdb_get(txn, s->db_chunks, &k, &v);
+  if (rc == MDB_NOTFOUND)
+    return qs__fail(QINS_ECORRUPT, "tensor %s/%s: chunk %llu is missing", t->model, t->name,
+                    (unsigned long long)ci);
+  if (rc) return qs__mdb_fail(s, rc, "reading a chunk");
+  const uint8_t *p = v.mv_data;
+  uint64_t rows;
+  if ((rc = qs__chunk_rec_check(t, ci, p, v.mv_size, 0, &rows))) return rc;
   if (full_check || s->verify == QS_VERIFY_ALWAYS) {
     if ((rc = qs__chunk_verify(t, ci, p, rows, NULL))) return rc;
   } else if (s->verify == QS_VERIFY_RISKY && !qs__chunk_known(s, key, h)) {
@@ -246,11 +252,11 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   ref->idx = ci;
   ref->data = p + QS_CHUNK_HDR;
   ref->n_rows = rows;
-  memcpy(ref->key, key, 16);
   if (tc) {
     memcpy(tc->chunk[cslot].key, key, 16);
     tc->chunk[cslot].data = ref->data;
     tc->chunk[cslot].n_rows = rows;
+    tc->chunk[cslot].pay = v.mv_size - QS_CHUNK_HDR;
   }
   return 0;
 }
@@ -304,7 +310,7 @@ int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, u
       got[r][i - s0[r]] = qs__crc32c(0, ref->data + off, len);
     }
   }
-  uint64_t h = qs__hash64(ref->key, 16, 0);
+  uint64_t h = ref->h;
   size_t slot = qs__sums_slot(h);
   int known = 0, bad = 0;
   pthread_mutex_lock(&s->vmu);

@@ -3,7 +3,7 @@
  * bench_store.c — `make bench`: what checking every read's checksums costs (store.h,
  * qs_tensor_read). The same reads through the store API, in process, with the default checks (every
  * read checks the CRCs of the stored bytes it serves: a chunk verified whole at its first read in
- * the process, then the 16 KiB segments each read touches) and with
+ * the process, then the 4 KiB segments each read touches) and with
  * QINS_VERIFY=risk-wrong-numbers (a chunk checked once per process), timed alternately in one run
  * so both see the same machine:
  *  - a 64 MiB f32 tensor read whole through qs_tensor_span (the zero-copy path qinsd streams f32
@@ -11,7 +11,7 @@
  *  - a 64 MiB FP32 output of a qins8 tensor decoded by qs_tensor_read in 256 KiB pieces, one read
  *    transaction for the whole tensor (as a streamed get);
  *  - a 4 KiB row of a 4096-wide f32 tensor, one read transaction per row (as a small get): the
- *    check reads the one or two 16 KiB segments holding it.
+ *    check reads the one or two 4 KiB segments holding it.
  * Best of 5 rounds; each figure is GB/s of output (or microseconds per small read) and the
  * checked/unchecked ratio. The store is a temp directory, removed at the end.
  */

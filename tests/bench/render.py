@@ -79,14 +79,14 @@ BENCHES = [
      "`make bench`; alone: `build/bench/bench_store` (a few seconds).",
      "The same reads through the store API in one process, with the default checks (every read "
      "checks the CRCs of the stored bytes it serves: a chunk verified whole at its first read in "
-     "the process, then the 16 KiB segments each read touches) and with "
+     "the process, then the 4 KiB segments each read touches) and with "
      "`QINS_VERIFY=risk-wrong-numbers` (a chunk checked once per process), alternated, best of "
      "5: a 64 MiB f32 tensor through `qs_tensor_span` copied out (qinsd's zero-copy path), a "
      "64 MiB FP32 decode of a qins8 tensor in 256 KiB pieces (a streamed get), and 256 reads of "
      "one 4 KiB row of the 64 MiB f32 tensor, a read transaction each (a small get).",
      "The ratio is unchecked/checked time (1.0 = free). The f32 span line is the worst case: "
      "there is no decode to hide the CRC behind, only a memcpy; through qinsd the socket copy "
-     "dominates instead. Small reads pay for one or two 16 KiB segments, not the 4 MiB chunk."),
+     "dominates instead. Small reads pay for one or two 4 KiB segments, not the 4 MiB chunk."),
     ("arena", "bench_arena", "Shared arena vs socket delivery — `tests/bench/bench_arena.c`",
      "`make bench`; alone: `QINS_BUILD=build build/bench/bench_arena` (imports 1.25 GiB of f32 as "
      "qins8 first; needs about 5 GiB of free memory for part 3).",

@@ -52,6 +52,16 @@ static void check_all(void) {
                                       lens[i] - cut),
                    want, "combine at %zu of %zu", cut, lens[i]);
   }
+  /* Segment CRCs joined as the store joins them (a table for QS_SEG_MIN-byte parts), with a
+   * shorter last part. */
+  size_t nseg = 5 * QS_SEG_MIN + 100;
+  uint32_t j = 0;
+  for (size_t off = 0; off < nseg; off += QS_SEG_MIN) {
+    size_t len = nseg - off < QS_SEG_MIN ? nseg - off : QS_SEG_MIN;
+    uint32_t c = qs__crc32c(0, b + 7 + off, len);
+    j = off ? qs__crc32c_combine(j, c, len) : c;
+  }
+  cr_assert_eq(j, ref_crc(b + 7, nseg), "segments joined");
   free(b);
 }
 
@@ -98,7 +108,7 @@ static void check_kernel(void) {
                  off);
     cr_assert_eq(qs__crc32c(0, b + 1, n), ref_crc_from(0, b + 1, n), "len %zu", n);
   }
-  /* Every alignment 0..63 at lengths around the fold's steps and a 16 KiB segment. */
+  /* Every alignment 0..63 at lengths around the fold's steps and a 16 KiB buffer. */
   size_t lens[] = {255, 256, 257, 319, 320, 511, 512, 513, 767, 1024 + 63, 16384, 16384 + 100,
                    65536 + 17};
   for (size_t off = 0; off < 64; off++)
