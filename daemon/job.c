@@ -57,7 +57,6 @@ typedef struct item {
 
 typedef struct job {
   uv_work_t work;                /* pool request (first: the work callbacks cast it back) */
-  qd_ask ask;
   struct {                       /* written by the thread running job_run */
     item *items;
     size_t n_items, cap_items;
@@ -80,6 +79,7 @@ typedef struct job {
     int plan_on_pool;            /* a large get_many: planned on the pool first (qd_job_start) */
     qd_stream *stream;           /* this job streams (a large single get) */
   } lp;
+  qd_ask ask;                    /* after the parts a reused job clears (qd_job_new) */
   qd_req req;                    /* copy of the request (params cleared): last, as job reuse and
                                     qd_job_start skip its 1.2 KB message buffer */
 } job;
@@ -100,7 +100,10 @@ qd_ask *qd_job_new(void) {
   qd_srv.jb.spare = NULL;
   item *items = j->plan.items;
   size_t cap = j->plan.cap_items;
-  memset(j, 0, offsetof(job, req)); /* req is set by qd_job_start */
+  /* Cleared up to the ask's slice and strings (the handler writes those; req is set by
+   * qd_job_start): a few hundred bytes, not the 1.3 KB of names. */
+  memset(j, 0, offsetof(job, ask) + offsetof(qd_ask, slice));
+  j->ask.model[0] = j->ask.name[0] = j->ask.prefix[0] = '\0';
   j->plan.items = items;
   j->plan.cap_items = cap;
   return &j->ask;

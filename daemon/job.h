@@ -14,18 +14,19 @@
 #include "reply.h"
 #include "store.h"
 
-/* What was asked: filled by the handler (methods.c), read-only once the job starts. */
+/* What was asked: filled by the handler (methods.c), read-only once the job starts. A new ask
+ * has every field before `slice` zero and empty strings; the handler writes the rest. */
 typedef struct qd_ask {
   int many;                      /* get_many */
-  char model[QS_MAX_NAME + 1];
-  char name[QS_MAX_NAME + 1];    /* get */
-  char prefix[QS_MAX_NAME + 1];  /* get_many by prefix */
   int by_prefix;
   char (*names)[QS_MAX_NAME + 1]; /* get_many by names (malloc'd; the job frees it) */
   uint32_t n_names;
-  qs_slice slice;                /* get */
   int has_slice;
   int dt, dt_given;              /* output dtype (qc_dtype) and whether it was asked */
+  qs_slice slice;                /* get */
+  char model[QS_MAX_NAME + 1];
+  char name[QS_MAX_NAME + 1];    /* get */
+  char prefix[QS_MAX_NAME + 1];  /* get_many by prefix */
 } qd_ask;
 
 /* A new job's ask, to fill (NULL when out of memory). Either qd_job_start or qd_job_discard it. */

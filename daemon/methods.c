@@ -133,9 +133,17 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
 
 /* A str parameter that names a model, a tensor or a tensor-name prefix: param_str, then the
  * name check. */
-static int param_name(qd_req *r, const char *key, int required, char *dst, size_t cap) {
+static int param_name_is(qd_req *r, const char *key, int required, char *dst, size_t cap,
+                         int is_model) {
   int rc = param_str(r, key, required, dst, cap);
-  return rc ? rc : param_name_check(r, key, dst, !strcmp(key, "model"));
+  return rc ? rc : param_name_check(r, key, dst, is_model);
+}
+/* The "model" parameter (required), and any other name parameter (a tensor name or prefix). */
+static int param_model(qd_req *r, char *dst, size_t cap) {
+  return param_name_is(r, "model", 1, dst, cap, 1);
+}
+static int param_name(qd_req *r, const char *key, int required, char *dst, size_t cap) {
+  return param_name_is(r, key, required, dst, cap, 0);
 }
 
 static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
@@ -413,7 +421,7 @@ static int list_cb(void *ud, const qs_tensor *t) {
 
 static int m_list(qd_req *r) {
   char model[QS_MAX_NAME + 1], prefix[QS_MAX_NAME + 1];
-  int rc = param_name(r, "model", 1, model, sizeof model);
+  int rc = param_model(r, model, sizeof model);
   if (rc) return rc;
   if ((rc = param_name(r, "prefix", 0, prefix, sizeof prefix)) < 0) return rc;
   walk w = {0};
@@ -447,7 +455,7 @@ static int m_list(qd_req *r) {
 
 static int m_info(qd_req *r) {
   char model[QS_MAX_NAME + 1], name[QS_MAX_NAME + 1];
-  int rc = param_name(r, "model", 1, model, sizeof model);
+  int rc = param_model(r, model, sizeof model);
   if (rc || (rc = param_name(r, "name", 1, name, sizeof name))) return rc;
   qs_txn *t;
   if ((rc = qs_txn_begin(qd_srv.store, &t))) return store_err(r, rc, model, name);
@@ -468,7 +476,7 @@ static qd_ask *ask_one(qd_req *r, int *rc) {
     *rc = QINS_ENOMEM;
     return NULL;
   }
-  if ((*rc = param_name(r, "model", 1, a->model, sizeof a->model)) ||
+  if ((*rc = param_model(r, a->model, sizeof a->model)) ||
       (*rc = param_name(r, "name", 1, a->name, sizeof a->name)) ||
       (*rc = param_slice(r, &a->slice, &a->has_slice)) ||
       (*rc = param_dtype(r, &a->dt, &a->dt_given))) {
@@ -543,7 +551,7 @@ static qd_ask *ask_many(qd_req *r, int *rc_out) {
   a->many = 1;
   int rc;
   const char *meth = qd_methods[r->method].name;
-  if ((rc = param_name(r, "model", 1, a->model, sizeof a->model)) ||
+  if ((rc = param_model(r, a->model, sizeof a->model)) ||
       (rc = param_dtype(r, &a->dt, &a->dt_given)))
     goto fail;
   qp_rd names;
@@ -681,7 +689,7 @@ static int page_add(msgpack_sbuffer *body, msgpack_sbuffer *one, uint64_t budget
 static int m_model_info(qd_req *r) {
   char model[QS_MAX_NAME + 1], key[QS_MAX_NAME + 1];
   uint64_t offset, limit;
-  int rc = param_name(r, "model", 1, model, sizeof model);
+  int rc = param_model(r, model, sizeof model);
   if (rc) return rc;
   int by_key = (rc = param_str(r, "key", 0, key, sizeof key)) == 0;
   if (rc < 0) return rc;
@@ -850,7 +858,10 @@ const qd_method qd_methods[] = {
 const int qd_n_methods = (int)(sizeof qd_methods / sizeof qd_methods[0]);
 
 int qd_method_find(const char *name, size_t len) {
+  static size_t lens[sizeof qd_methods / sizeof qd_methods[0]]; /* loop thread only */
+  if (!lens[0])
+    for (int i = 0; i < qd_n_methods; i++) lens[i] = strlen(qd_methods[i].name);
   for (int i = 0; i < qd_n_methods; i++)
-    if (strlen(qd_methods[i].name) == len && memcmp(qd_methods[i].name, name, len) == 0) return i;
+    if (lens[i] == len && memcmp(qd_methods[i].name, name, len) == 0) return i;
   return -1;
 }

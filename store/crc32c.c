@@ -286,9 +286,9 @@ uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed) {
     memcpy(&w, p, 8);
     h = ((h ^ w) * 0x100000001b3ull) ^ (h >> 29);
   }
-  if (len) {
+  if (len) { /* the last 1-7 bytes, little-endian */
     w = 0;
-    memcpy(&w, p, len);
+    for (size_t i = 0; i < len; i++) w |= (uint64_t)p[i] << (8 * i);
     h = ((h ^ w) * 0x100000001b3ull) ^ (h >> 29);
   }
   return qs__mix64(h);

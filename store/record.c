@@ -81,8 +81,10 @@ int qs_name_check(const char *what, const char *name, int is_model) {
                                 "are limited to 511 bytes)",
                     what, qs__escaped(name, esc, sizeof esc), n, QS_MAX_NAME);
   const unsigned char *p = (const unsigned char *)name;
+  int slash = 0;
   for (size_t i = 0; i < n;) {
     if (p[i] >= 0x20 && p[i] < 0x7F) { /* printable ASCII, most names: one byte */
+      slash |= p[i] == '/';
       i++;
       continue;
     }
@@ -96,7 +98,7 @@ int qs_name_check(const char *what, const char *name, int is_model) {
                       what, qs__escaped(name, esc, sizeof esc), (unsigned)cp, i);
     i += len;
   }
-  if (is_model && strchr(name, '/'))
+  if (is_model && slash)
     return qs__fail(QINS_ENAME, "%s name \"%s\" contains '/' (reserved for MODEL/TENSOR)", what,
                     qs__escaped(name, esc, sizeof esc));
   return 0;
