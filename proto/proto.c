@@ -326,8 +326,8 @@ static inline int rd_container(qp_rd *r, uint8_t fix, int kind, uint32_t *n) {
   return 0;
 }
 
-int qp_rd_array(qp_rd *r, uint32_t *n) { return rd_container(r, 0x90, K_ARRAY, n); }
-int qp_rd_map(qp_rd *r, uint32_t *n) { return rd_container(r, 0x80, K_MAP, n); }
+int qp__rd_array(qp_rd *r, uint32_t *n) { return rd_container(r, 0x90, K_ARRAY, n); }
+int qp__rd_map(qp_rd *r, uint32_t *n) { return rd_container(r, 0x80, K_MAP, n); }
 
 int qp_rd_is_nil(const qp_rd *r) { return r->p < r->end && *r->p == 0xc0; }
 
@@ -373,7 +373,7 @@ int qp_rd_int(qp_rd *r, int64_t *v) {
   return 0;
 }
 
-int qp_rd_uint(qp_rd *r, uint64_t *v) {
+int qp__rd_uint(qp_rd *r, uint64_t *v) {
   if (r->p < r->end && *r->p <= 0x7f) {
     *v = *r->p++;
     return 0;
@@ -441,7 +441,7 @@ static int rd_body(qp_rd *r, int kind, const void **p, uint32_t *len) {
   return 0;
 }
 
-int qp_rd_str(qp_rd *r, const char **s, uint32_t *len) {
+int qp__rd_str(qp_rd *r, const char **s, uint32_t *len) {
   if (r->p < r->end && (*r->p & 0xe0) == 0xa0) {
     uint32_t n = *r->p & 0x1f;
     if ((size_t)(r->end - r->p) - 1 < n) return QINS_EPROTO;
@@ -466,7 +466,7 @@ int qp_rd_bin_header(qp_rd *r, uint32_t *len) {
   return 0;
 }
 
-int qp_rd_skip(qp_rd *r) {
+int qp__rd_skip(qp_rd *r) {
   const uint8_t *p = r->p;
   uint64_t pending = 1; /* values still to skip */
   while (pending) {

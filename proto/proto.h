@@ -99,22 +99,76 @@ static inline void qp_rd_init(qp_rd *r, const void *buf, size_t len) {
   r->p = (const uint8_t *)buf;
   r->end = r->p + len;
 }
-int qp_rd_array(qp_rd *r, uint32_t *n /* out */);
-int qp_rd_map(qp_rd *r, uint32_t *n /* out */);
+static inline int qp_rd_array(qp_rd *r, uint32_t *n /* out */);
+static inline int qp_rd_map(qp_rd *r, uint32_t *n /* out */);
 int qp_rd_nil(qp_rd *r);         /* consumes a nil; QINS_EPROTO if the next value is not nil */
 int qp_rd_is_nil(const qp_rd *r); /* 1 if the next value is nil (does not consume) */
-int qp_rd_uint(qp_rd *r, uint64_t *v /* out */);  /* non-negative ints of any width */
+static inline int qp_rd_uint(qp_rd *r, uint64_t *v /* out */); /* non-negative ints, any width */
 int qp_rd_int(qp_rd *r, int64_t *v /* out */);    /* any int that fits in int64 */
 int qp_rd_bool(qp_rd *r, int *v /* out */);
 int qp_rd_double(qp_rd *r, double *v /* out */);  /* float32, float64 or any int */
 /* str: *s points into the buffer (not NUL-terminated). */
-int qp_rd_str(qp_rd *r, const char **s /* out */, uint32_t *len /* out */);
+static inline int qp_rd_str(qp_rd *r, const char **s /* out */, uint32_t *len /* out */);
 /* bin header only: the cursor moves past the header, not the body (*len bytes may not be
  * buffered yet; use qp_rd_bin to take a fully buffered one). */
 int qp_rd_bin_header(qp_rd *r, uint32_t *len /* out */);
 int qp_rd_bin(qp_rd *r, const void **p /* out */, uint32_t *len /* out */);
 /* Skips one whole value (containers included, depth-bounded by QP_MAX_DEPTH * 4). */
-int qp_rd_skip(qp_rd *r);
+static inline int qp_rd_skip(qp_rd *r);
+
+/* The five above read the one-byte forms a request is made of (fixarray, fixmap, positive
+ * fixint, fixstr, and for a skip also nil and negative fixint) inline, every other form in
+ * proto.c (qp__rd_*, which also take the one-byte forms): a small request is read without a
+ * call per value. */
+int qp__rd_array(qp_rd *r, uint32_t *n);
+int qp__rd_map(qp_rd *r, uint32_t *n);
+int qp__rd_uint(qp_rd *r, uint64_t *v);
+int qp__rd_str(qp_rd *r, const char **s, uint32_t *len);
+int qp__rd_skip(qp_rd *r);
+static inline int qp_rd_array(qp_rd *r, uint32_t *n) {
+  if (r->p < r->end && (*r->p & 0xf0) == 0x90) {
+    *n = *r->p++ & 0x0f;
+    return 0;
+  }
+  return qp__rd_array(r, n);
+}
+static inline int qp_rd_map(qp_rd *r, uint32_t *n) {
+  if (r->p < r->end && (*r->p & 0xf0) == 0x80) {
+    *n = *r->p++ & 0x0f;
+    return 0;
+  }
+  return qp__rd_map(r, n);
+}
+static inline int qp_rd_uint(qp_rd *r, uint64_t *v) {
+  if (r->p < r->end && *r->p <= 0x7f) {
+    *v = *r->p++;
+    return 0;
+  }
+  return qp__rd_uint(r, v);
+}
+static inline int qp_rd_str(qp_rd *r, const char **s, uint32_t *len) {
+  if (r->p < r->end && (*r->p & 0xe0) == 0xa0 && (size_t)(r->end - r->p) - 1 >= (*r->p & 0x1fu)) {
+    *len = *r->p & 0x1f;
+    *s = (const char *)r->p + 1;
+    r->p += 1 + *len;
+    return 0;
+  }
+  return qp__rd_str(r, s, len);
+}
+static inline int qp_rd_skip(qp_rd *r) {
+  if (r->p < r->end) {
+    const uint8_t b = *r->p;
+    if (b <= 0x7f || b >= 0xe0 || b == 0xc0) {
+      r->p++;
+      return 0;
+    }
+    if ((b & 0xe0) == 0xa0 && (size_t)(r->end - r->p) - 1 >= (b & 0x1fu)) {
+      r->p += 1 + (b & 0x1f);
+      return 0;
+    }
+  }
+  return qp__rd_skip(r);
+}
 
 /* --- Packing (msgpack-c packer; any write callback) ----------------------------------------- */
 /* [0, msgid, method, ...: the caller then packs params (an array). */
