@@ -67,65 +67,54 @@ uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed);
 /* Error message seam: sets qs_error() for this thread and returns rc. */
 int qs__fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-static inline void qs__put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
-static inline void qs__put_u32(uint8_t *p, uint32_t v) {
-  for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static inline void qs__put_u64(uint8_t *p, uint64_t v) {
-  for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static inline void qs__put_f64(uint8_t *p, double d) {
-  uint64_t v;
-  memcpy(&v, &d, 8);
-  qs__put_u64(p, v);
-}
-static inline uint16_t qs__get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-/* Loads and stores are one unaligned access (+ a byte swap where the host order differs): the
- * byte loops they replace were not merged by the compiler, and records are decoded per request. */
+/* Fixed-width fields at any alignment, each one unaligned access plus a byte swap where the host
+ * order differs (byte loops are not merged by the compiler, and records are decoded per
+ * request): qs__get_/qs__put_u16/u32/u64/f64 are the records' little-endian fields,
+ * qs__get_/qs__put_be32/be64 the big-endian keys (which sort by number). */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define QS__LE16(v) __builtin_bswap16(v)
 #define QS__LE32(v) __builtin_bswap32(v)
 #define QS__LE64(v) __builtin_bswap64(v)
 #define QS__BE32(v) (v)
 #define QS__BE64(v) (v)
 #else
+#define QS__LE16(v) (v)
 #define QS__LE32(v) (v)
 #define QS__LE64(v) (v)
 #define QS__BE32(v) __builtin_bswap32(v)
 #define QS__BE64(v) __builtin_bswap64(v)
 #endif
-static inline uint32_t qs__get_u32(const uint8_t *p) {
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return QS__LE32(v);
-}
-static inline uint64_t qs__get_u64(const uint8_t *p) {
-  uint64_t v;
-  memcpy(&v, p, 8);
-  return QS__LE64(v);
-}
+#define QS__GET(name, type, order)                                                                 \
+  static inline type name(const uint8_t *p) {                                                      \
+    type v;                                                                                        \
+    memcpy(&v, p, sizeof v);                                                                       \
+    return order(v);                                                                               \
+  }
+#define QS__PUT(name, type, order)                                                                 \
+  static inline void name(uint8_t *p, type v) {                                                    \
+    v = order(v);                                                                                  \
+    memcpy(p, &v, sizeof v);                                                                       \
+  }
+QS__GET(qs__get_u16, uint16_t, QS__LE16)
+QS__GET(qs__get_u32, uint32_t, QS__LE32)
+QS__GET(qs__get_u64, uint64_t, QS__LE64)
+QS__GET(qs__get_be32, uint32_t, QS__BE32)
+QS__GET(qs__get_be64, uint64_t, QS__BE64)
+QS__PUT(qs__put_u16, uint16_t, QS__LE16)
+QS__PUT(qs__put_u32, uint32_t, QS__LE32)
+QS__PUT(qs__put_u64, uint64_t, QS__LE64)
+QS__PUT(qs__put_be32, uint32_t, QS__BE32)
+QS__PUT(qs__put_be64, uint64_t, QS__BE64)
 static inline double qs__get_f64(const uint8_t *p) {
   uint64_t v = qs__get_u64(p);
   double d;
   memcpy(&d, &v, 8);
   return d;
 }
-static inline void qs__put_be64(uint8_t *p, uint64_t v) {
-  v = QS__BE64(v);
-  memcpy(p, &v, 8);
-}
-static inline void qs__put_be32(uint8_t *p, uint32_t v) {
-  v = QS__BE32(v);
-  memcpy(p, &v, 4);
-}
-static inline uint64_t qs__get_be64(const uint8_t *p) {
+static inline void qs__put_f64(uint8_t *p, double d) {
   uint64_t v;
-  memcpy(&v, p, 8);
-  return QS__BE64(v);
-}
-static inline uint32_t qs__get_be32(const uint8_t *p) {
-  uint32_t v;
-  memcpy(&v, p, 4);
-  return QS__BE32(v);
+  memcpy(&v, &d, 8);
+  qs__put_u64(p, v);
 }
 
 /* ---- Record decoders: pure functions over a record's bytes (record.c; fuzzed by tests/fuzz/
