@@ -36,7 +36,7 @@ static uint32_t qs__crc_tab[8][256];
 #define QS_CRC_LONG 8192 /* bytes per stream of a 3-way round on long buffers */
 #define QS_CRC_SHORT 256 /* and on what is left */
 static uint32_t qs__crc_zl[4][256], qs__crc_zs[4][256]; /* append LONG / SHORT zero bytes */
-static uint32_t qs__crc_zseg[4][256];                     /* append QS_SEG_MIN zero bytes */
+static uint32_t qs__crc_zseg[4][256];                     /* append QS_SEG zero bytes */
 static int qs__crc_hw;     /* 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold; set once by qs__crc_once */
 #define QS_CRC_FOLD_MIN 256 /* shortest buffer the fold kernel takes */
 /* Fold constants, as 64-bit reflected clmul operands (x^k mod P in the CRC register's order,
@@ -143,7 +143,7 @@ static void qs__crc_once(void) {
   qs__crc_init();
   qs__crc_zeros(qs__crc_zl, QS_CRC_LONG);
   qs__crc_zeros(qs__crc_zs, QS_CRC_SHORT);
-  qs__crc_zeros(qs__crc_zseg, QS_SEG_MIN);
+  qs__crc_zeros(qs__crc_zseg, QS_SEG);
 #if defined(__x86_64__)
   __builtin_cpu_init();
   qs__crc_hw = __builtin_cpu_supports("sse4.2") && !getenv("QINS_CRC_SOFT") ? 1 : 0;
@@ -256,7 +256,7 @@ int qs__crc32c_kernel(void) {
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
   /* crc(A ++ B) = crc(A) * x^(8 len_b) + crc(B) (as polynomials mod P); the multiply is the
    * "append len_b zero bytes" operator, which the segment length has as a table. */
-  if (len_b == QS_SEG_MIN) {
+  if (len_b == QS_SEG) {
     pthread_once(&qs__crc_once_ctl, qs__crc_once);
     return qs__crc_shift(qs__crc_zseg, crc_a) ^ crc_b;
   }

@@ -275,10 +275,9 @@ int qs__chunk_verify(const qs_tensor *t, uint64_t ci, const uint8_t *p, uint64_t
   if (!sums) {
     crc = qs__crc32c(0, d, pay);
   } else {
-    uint64_t seg = sums->seg = qs__seg_bytes(pay);
     crc = 0;
-    for (uint64_t i = 0, off = 0; off < pay; i++, off += seg) {
-      uint64_t len = pay - off < seg ? pay - off : seg;
+    for (uint64_t i = 0, off = 0; off < pay; i++, off += QS_SEG) {
+      uint64_t len = pay - off < QS_SEG ? pay - off : QS_SEG;
       sums->crc[i] = qs__crc32c(0, d + off, len);
       crc = i ? qs__crc32c_combine(crc, sums->crc[i], len) : sums->crc[i];
     }

@@ -51,7 +51,7 @@ uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len);
 /* The kernel qs__crc32c uses for long buffers: 0 table, 1 SSE4.2, 2 VPCLMULQDQ fold. */
 int qs__crc32c_kernel(void);
 /* qs__crc32c of A ++ B from those of A and of B (len_b bytes): a table lookup per byte of the
- * CRC when len_b is QS_SEG_MIN (joining segment CRCs), else a multiply mod P. */
+ * CRC when len_b is QS_SEG (joining segment CRCs), else a multiply mod P. */
 uint32_t qs__crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
 /* CRC-32C of a record's first size bytes with the 4 checksum bytes at off taken as zero
  * (the model and tensor record checksums, docs/FORMAT.md §2.3, §2.4). */
@@ -210,32 +210,23 @@ enum {
   QS_VERIFY_RISKY     /* "risk-wrong-numbers": once per process; bytes changed later are served */
 };
 
-/* A chunk's payload cut into segments of `seg` bytes (the last one shorter), with each segment's
+/* A chunk's payload cut into segments of QS_SEG bytes (the last one shorter), with each segment's
  * CRC-32C, taken while the whole payload was verified against the chunk's stored CRC (the stored
  * CRC is the segments' CRCs joined: qs__crc32c_combine, one pass). A read then checks only the
- * segments holding the bytes it serves against these: a small slice of a large chunk costs a few
- * KiB of CRC, not the chunk's MiB, and bytes changed after the verification are still caught.
- * Segments are as small as a page, so a one-row read checks little more than the row itself (a
- * 4 KiB row of a 4 MiB chunk: one segment, not four times the row from memory); the CRCs kept
- * are 4 bytes a segment, 0.1% of the bytes verified. */
-#define QS_SUMS 4096            /* chunks remembered: 16 GiB of 4 MiB chunks; 16 MiB of CRCs */
-#define QS_SEGS 1024            /* segments per chunk at most */
-#define QS_SEG_MIN (4u << 10)   /* smallest segment: a 4 MiB chunk has 1024 of 4 KiB */
+ * segments holding the bytes it serves against these: one CRC pass over those whole segments,
+ * compared with their kept CRCs joined. A small slice of a large chunk costs a few KiB of CRC,
+ * not the chunk's MiB (a 4 KiB row of a 4 MiB chunk: one segment), a large read one pass, and
+ * bytes changed after the verification are still caught. The CRCs kept are 4 bytes a segment,
+ * 0.1% of the bytes verified. */
+#define QS_SUMS 4096            /* chunks remembered: 16 GiB of 4 MiB chunks, 16 MiB of CRCs */
+#define QS_SEG (4u << 10)       /* segment bytes */
 typedef struct qs__sums {
   uint8_t key[16];              /* chunk key; all-zero: empty (model id 0 never exists) */
-  uint64_t seg;                 /* segment bytes (qs__seg_bytes of the payload size) */
   uint32_t crc[];               /* one per segment (qs__sums_bytes allocates them) */
 } qs__sums;
-/* Segment size for a payload of pay bytes: QS_SEG_MIN, doubled until QS_SEGS segments hold it. */
-static inline uint64_t qs__seg_bytes(uint64_t pay) {
-  uint64_t seg = QS_SEG_MIN;
-  while (seg * QS_SEGS < pay) seg *= 2;
-  return seg;
-}
 /* Bytes of a qs__sums for a payload of pay bytes. */
 static inline size_t qs__sums_bytes(uint64_t pay) {
-  uint64_t seg = qs__seg_bytes(pay);
-  return sizeof(qs__sums) + (size_t)((pay + seg - 1) / seg) * sizeof(uint32_t);
+  return sizeof(qs__sums) + (size_t)((pay + QS_SEG - 1) / QS_SEG) * sizeof(uint32_t);
 }
 
 /* Lookups a qs_txn remembers across its renewals (qs_txn_end keeps it reset as the spare): the

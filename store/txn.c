@@ -219,8 +219,6 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   qs__put_be32(key + 12, (uint32_t)ci);
   uint64_t h = qs__hash_key(key, 16, 0);
   size_t cslot = (size_t)(h % QS_CCACHE);
-  memcpy(ref->key, key, 16);
-  ref->h = h;
   if (tc && !full_check && !memcmp(tc->chunk[cslot].key, key, 16)) {
     /* Same snapshot, same mapping: the record is where it was. Its header is as it was checked
      * (and, under QS_VERIFY_RISKY, its payload verified) when it was cached; its payload bytes
@@ -232,6 +230,8 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
       ref->idx = ci;
       ref->data = d;
       ref->n_rows = tc->chunk[cslot].n_rows;
+      memcpy(ref->key, key, 16);
+      ref->h = h;
       return 0;
     }
   }
@@ -252,6 +252,8 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
   ref->idx = ci;
   ref->data = p + QS_CHUNK_HDR;
   ref->n_rows = rows;
+  memcpy(ref->key, key, 16);
+  ref->h = h;
   if (tc) {
     memcpy(tc->chunk[cslot].key, key, 16);
     tc->chunk[cslot].data = ref->data;
@@ -293,22 +295,29 @@ static int qs__chunk_ranges(const qs_tensor *t, uint64_t rows, uint64_t a, uint6
 int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, uint64_t a,
                     uint64_t e) {
   if (s->verify != QS_VERIFY_READ || a >= e) return 0;
-  uint64_t pay = qs__get_u64(ref->data - QS_CHUNK_HDR + 8), seg = qs__seg_bytes(pay);
+  uint64_t pay = qs__get_u64(ref->data - QS_CHUNK_HDR + 8);
   if (!pay) return 0;
   uint64_t lo[2] = {0, 0}, hi[2] = {pay, pay};
   /* A qinsx range's bytes depend on its header, index and escapes: the whole payload is checked. */
   int nr = qc_codec_varsize((qc_codec)t->codec) ? 1 : qs__chunk_ranges(t, ref->n_rows, a, e, lo, hi);
-  uint32_t got[2][QS_SEGS];
+  /* Per range: its whole segments s0 .. s1 - 1 in one CRC pass (got), and the last segment of
+   * the payload apart when the range ends in it and it is short (part; its CRC is compared as
+   * it is, since joining needs a table for the segment length). */
   uint64_t s0[2], s1[2];
+  uint32_t got[2] = {0, 0}, part[2] = {0, 0};
+  int has_part[2] = {0, 0};
   for (int r = 0; r < nr; r++) {
     if (hi[r] > pay) hi[r] = pay; /* within the payload whatever the ranges say */
     if (lo[r] >= hi[r]) lo[r] = hi[r] - 1;
-    s0[r] = lo[r] / seg;
-    s1[r] = (hi[r] - 1) / seg; /* last segment, inclusive */
-    for (uint64_t i = s0[r]; i <= s1[r]; i++) {
-      uint64_t off = i * seg, len = pay - off < seg ? pay - off : seg;
-      got[r][i - s0[r]] = qs__crc32c(0, ref->data + off, len);
+    s0[r] = lo[r] / QS_SEG;
+    s1[r] = (hi[r] - 1) / QS_SEG + 1;
+    if (s1[r] * QS_SEG > pay) { /* the short last segment */
+      s1[r]--;
+      has_part[r] = 1;
+      part[r] = qs__crc32c(0, ref->data + s1[r] * QS_SEG, pay - s1[r] * QS_SEG);
     }
+    if (s1[r] > s0[r])
+      got[r] = qs__crc32c(0, ref->data + s0[r] * QS_SEG, (s1[r] - s0[r]) * QS_SEG);
   }
   uint64_t h = ref->h;
   size_t slot = qs__sums_slot(h);
@@ -317,8 +326,14 @@ int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, u
   const qs__sums *sm = s->sums ? s->sums[slot] : NULL;
   if (sm && !memcmp(sm->key, ref->key, 16)) {
     known = 1;
-    for (int r = 0; r < nr && !bad; r++)
-      bad = memcmp(got[r], sm->crc + s0[r], (size_t)(s1[r] - s0[r] + 1) * 4) != 0;
+    for (int r = 0; r < nr && !bad; r++) {
+      if (s1[r] > s0[r]) {
+        uint32_t want = sm->crc[s0[r]];
+        for (uint64_t i = s0[r] + 1; i < s1[r]; i++) want = qs__crc32c_combine(want, sm->crc[i], QS_SEG);
+        bad = want != got[r];
+      }
+      if (has_part[r]) bad |= part[r] != sm->crc[s1[r]];
+    }
   }
   pthread_mutex_unlock(&s->vmu);
   if (!known) /* first read here (or the slot went to another chunk): verify it whole, now */

@@ -451,7 +451,7 @@ Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
   cr_assert_eq(qs_txn_begin(s, &t), 0);
   cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
   const uint64_t rpc = ten.rows_per_chunk;
-  cr_assert_geq(rpc * cols * 4, 4 * QS_SEG_MIN, "chunk 0 spans several segments");
+  cr_assert_geq(rpc * cols * 4, 4 * QS_SEG, "chunk 0 spans several segments");
   cr_assert_eq(qs_tensor_read(t, &ten, &row0, QC_DT_F32, 0, cols, y), 0, "%s", qs_error());
   cr_assert_eq(memcmp(x, y, cols * 4), 0);
   qs_txn_end(t);
@@ -479,6 +479,71 @@ Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
   qs_txn_end(t);
   qs_close(s);
   unsetenv("QINS_VERIFY");
+  free(x);
+  free(y);
+}
+
+/* Default checks (docs/FORMAT.md §2.5): after a chunk's first read verified it, each read checks
+ * the 4 KiB segments it touches. A byte changed in a middle segment is CHECKSUM for a read of
+ * rows spanning it (one CRC pass over several segments, compared with their kept CRCs joined),
+ * and so is a byte of the short last segment for a read of the last row; a row in other
+ * segments still reads. */
+Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_them) {
+  const uint64_t rows = 64, cols = 1000, n = rows * cols; /* 250000 bytes: 61 segments + 144 */
+  uint64_t sh[2] = {rows, cols};
+  float *x = gauss(n, 80), *y = malloc(n * 4);
+  qs_store *s;
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
+  qs_import *im;
+  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
+  put_tensor(im, "w", 2, sh, QC_F32, x);
+  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
+  qs_close(s);
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  size_t len;
+  char *db = qt_read(p, &len);
+  char *base = db ? memmem(db, len, x, 64) : NULL; /* the payload: rows stored as they are */
+  cr_assert_not_null(base, "chunk 0 not found in data.mdb");
+  const off_t at = base - db;
+  free(db);
+  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
+  qs_txn *t;
+  qs_tensor ten;
+  cr_assert_eq(qs_txn_begin(s, &t), 0);
+  cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+  cr_assert_eq(ten.n_chunks, 1);
+  cr_assert_eq(qs_tensor_read(t, &ten, NULL, QC_DT_F32, 0, n, y), 0, "%s", qs_error());
+  qs_txn_end(t);
+  struct {
+    uint64_t byte;                /* payload byte changed */
+    uint64_t r0, r1;              /* rows read: fail */
+    uint64_t ok0, ok1;            /* rows read: still served */
+  } cases[] = {
+      {10 * QS_SEG + 5, 8, 14, 0, 8},            /* segment 10 (rows 10..11), a read of 6 rows */
+      {n * 4 - 3, rows - 1, rows, rows - 3, rows - 2}, /* the short last segment */
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    int fd = open(p, O_RDWR);
+    char b;
+    cr_assert_eq(pread(fd, &b, 1, at + (off_t)cases[c].byte), 1);
+    char flip = (char)(b ^ 0x10);
+    cr_assert_eq(pwrite(fd, &flip, 1, at + (off_t)cases[c].byte), 1);
+    qs_slice bad = {.ndim = 1, .start = {cases[c].r0}, .stop = {cases[c].r1}};
+    qs_slice ok = {.ndim = 1, .start = {cases[c].ok0}, .stop = {cases[c].ok1}};
+    cr_assert_eq(qs_txn_begin(s, &t), 0);
+    cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
+    int rc = qs_tensor_read(t, &ten, &bad, QC_DT_F32, 0, (cases[c].r1 - cases[c].r0) * cols, y);
+    cr_assert_eq(rc, QINS_ECHECKSUM, "case %zu: %s", c, qins_err_name(rc));
+    cr_assert(strstr(qs_error(), "changed after they were verified"), "%s", qs_error());
+    rc = qs_tensor_read(t, &ten, &ok, QC_DT_F32, 0, (cases[c].ok1 - cases[c].ok0) * cols, y);
+    cr_assert_eq(rc, 0, "case %zu, rows elsewhere: %s", c, qs_error());
+    cr_assert_eq(memcmp(y, x + cases[c].ok0 * cols, (cases[c].ok1 - cases[c].ok0) * cols * 4), 0);
+    qs_txn_end(t);
+    cr_assert_eq(pwrite(fd, &b, 1, at + (off_t)cases[c].byte), 1);
+    close(fd);
+  }
+  qs_close(s);
   free(x);
   free(y);
 }

@@ -52,12 +52,12 @@ static void check_all(void) {
                                       lens[i] - cut),
                    want, "combine at %zu of %zu", cut, lens[i]);
   }
-  /* Segment CRCs joined as the store joins them (a table for QS_SEG_MIN-byte parts), with a
+  /* Segment CRCs joined as the store joins them (a table for QS_SEG-byte parts), with a
    * shorter last part. */
-  size_t nseg = 5 * QS_SEG_MIN + 100;
+  size_t nseg = 5 * QS_SEG + 100;
   uint32_t j = 0;
-  for (size_t off = 0; off < nseg; off += QS_SEG_MIN) {
-    size_t len = nseg - off < QS_SEG_MIN ? nseg - off : QS_SEG_MIN;
+  for (size_t off = 0; off < nseg; off += QS_SEG) {
+    size_t len = nseg - off < QS_SEG ? nseg - off : QS_SEG;
     uint32_t c = qs__crc32c(0, b + 7 + off, len);
     j = off ? qs__crc32c_combine(j, c, len) : c;
   }
