@@ -10,8 +10,8 @@
  *    from), copied out as a socket write would;
  *  - a 64 MiB FP32 output of a qins8 tensor decoded by qs_tensor_read in 256 KiB pieces, one read
  *    transaction for the whole tensor (as a streamed get);
- *  - a 4 KiB row of a 4096-wide f32 tensor, one read transaction per row (as a small get): the
- *    check reads the one or two 4 KiB segments holding it.
+ *  - 4 KiB (the first 1024 values of a row) of a 4096-wide f32 tensor, one read transaction per
+ *    read (as a small get): the check reads the one 4 KiB segment holding it.
  * Best of 5 rounds; each figure is GB/s of output (or microseconds per small read) and the
  * checked/unchecked ratio. The store is a temp directory, removed at the end.
  */
@@ -81,8 +81,10 @@ static int read_q8(qs_store *s) {
   return 0;
 }
 
-/* 256 single-row reads of w32, a txn each (rows spread over the tensor's chunks). */
+/* 256 reads of 4 KiB of w32 (the start of a row), a txn each (rows spread over the tensor's
+ * chunks). */
 #define SMALL_READS 256
+#define SMALL_VALUES 1024 /* 4 KiB of f32 */
 static int read_rows(qs_store *s) {
   for (int i = 0; i < SMALL_READS; i++) {
     qs_txn *t;
@@ -91,7 +93,7 @@ static int read_rows(qs_store *s) {
     qs_slice sl = {.ndim = 1};
     sl.start[0] = (uint64_t)i * 97 % ROWS;
     sl.stop[0] = sl.start[0] + 1;
-    if (qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, COLS, out)) return -1;
+    if (qs_tensor_read(t, &ten, &sl, QC_DT_F32, 0, SMALL_VALUES, out)) return -1;
     qs_txn_end(t);
   }
   return 0;
@@ -152,7 +154,7 @@ int main(void) {
          mib64 / c[0] / 1e9, mib64 / u[0] / 1e9, u[0] / c[0]);
   printf("qins8 64 MiB FP32 decode:  checked %6.2f GB/s  unchecked %6.2f GB/s  ratio %.2f\n",
          mib64 / c[1] / 1e9, mib64 / u[1] / 1e9, u[1] / c[1]);
-  printf("f32 4 KiB row, txn each:   checked %6.1f us    unchecked %6.1f us    ratio %.2f\n",
+  printf("f32 4 KiB read, txn each:  checked %6.1f us    unchecked %6.1f us    ratio %.2f\n",
          c[2] / SMALL_READS * 1e6, u[2] / SMALL_READS * 1e6, u[2] / c[2]);
   free(out);
   qt_rmrf(dir);

@@ -83,7 +83,7 @@ BENCHES = [
      "`QINS_VERIFY=risk-wrong-numbers` (a chunk checked once per process), alternated, best of "
      "5: a 64 MiB f32 tensor through `qs_tensor_span` copied out (qinsd's zero-copy path), a "
      "64 MiB FP32 decode of a qins8 tensor in 256 KiB pieces (a streamed get), and 256 reads of "
-     "one 4 KiB row of the 64 MiB f32 tensor, a read transaction each (a small get).",
+     "4 KiB (the start of a row) of the 64 MiB f32 tensor, a read transaction each (a small get).",
      "The ratio is unchecked/checked time (1.0 = free). The f32 span line is the worst case: "
      "there is no decode to hide the CRC behind, only a memcpy; through qinsd the socket copy "
      "dominates instead. Small reads pay for one or two 4 KiB segments, not the 4 MiB chunk."),
