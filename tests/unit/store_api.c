@@ -427,14 +427,10 @@ static void import_w(int codec) {
   free(x);
 }
 
-/* QINS_VERIFY=always (docs/qinsctl.md): every read checks its chunks whole. By default a chunk is
- * verified whole at its first read, then each read checks only the 4 KiB segments it serves; so
- * after a first clean read, a byte damaged in the last row of chunk 0 is CHECKSUM for a read of
- * row 0 only under "always". */
-Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
-  const uint64_t rows = 256, cols = 1024, n = rows * cols; /* 1 MiB of f32 */
+/* Imports model m with one f32 tensor w of rows x cols gaussian values (seed); returns them. */
+static float *import_w_f32(uint64_t rows, uint64_t cols, uint64_t seed) {
   uint64_t sh[2] = {rows, cols};
-  float *x = gauss(n, 78), *y = malloc(cols * 4);
+  float *x = gauss(rows * cols, seed);
   qs_store *s;
   cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
   qs_import *im;
@@ -442,6 +438,17 @@ Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
   put_tensor(im, "w", 2, sh, QC_F32, x);
   cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
   qs_close(s);
+  return x;
+}
+
+/* QINS_VERIFY=always (docs/qinsctl.md): every read checks its chunks whole. By default a chunk is
+ * verified whole at its first read, then each read checks only the 4 KiB segments it serves; so
+ * after a first clean read, a byte damaged in the last row of chunk 0 is CHECKSUM for a read of
+ * row 0 only under "always". */
+Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
+  const uint64_t rows = 256, cols = 1024; /* 1 MiB of f32 */
+  float *x = import_w_f32(rows, cols, 78), *y = malloc(cols * 4);
+  qs_store *s;
 
   cr_assert_eq(setenv("QINS_VERIFY", "always", 1), 0);
   cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
@@ -490,15 +497,8 @@ Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
  * segments still reads. */
 Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_them) {
   const uint64_t rows = 64, cols = 1000, n = rows * cols; /* 250000 bytes: 61 segments + 144 */
-  uint64_t sh[2] = {rows, cols};
-  float *x = gauss(n, 80), *y = malloc(n * 4);
+  float *x = import_w_f32(rows, cols, 80), *y = malloc(n * 4);
   qs_store *s;
-  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
-  qs_import *im;
-  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
-  put_tensor(im, "w", 2, sh, QC_F32, x);
-  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
-  qs_close(s);
   char p[256];
   snprintf(p, sizeof p, "%s/data.mdb", sdir);
   size_t len;
@@ -552,16 +552,9 @@ Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_the
  * same snapshot; a chunk header changed in between (the file is mapped shared) is still checked:
  * the next read is CORRUPT naming the chunk, never a read of the wrong extent. */
 Test(store_api, chunk_header_changed_after_a_read_is_corrupt) {
-  const uint64_t rows = 64, cols = 1024, n = rows * cols;
-  uint64_t sh[2] = {rows, cols};
-  float *x = gauss(n, 79), *y = malloc(cols * 4);
+  const uint64_t rows = 64, cols = 1024;
+  float *x = import_w_f32(rows, cols, 79), *y = malloc(cols * 4);
   qs_store *s;
-  cr_assert_eq(qs_open(&s, sdir, QS_OPEN_CREATE), 0);
-  qs_import *im;
-  cr_assert_eq(qs_import_begin(s, "m", NULL, &im), 0);
-  put_tensor(im, "w", 2, sh, QC_F32, x);
-  cr_assert_eq(qs_import_commit(im), 0, "%s", qs_error());
-  qs_close(s);
   char p[256];
   snprintf(p, sizeof p, "%s/data.mdb", sdir);
   const qs_slice row0 = {.ndim = 1, .start = {0}, .stop = {1}};
