@@ -103,6 +103,7 @@ void qd_conn_drain(qd_conn *c) {
   if (c->state == CONN_PAUSED || c->state == CONN_READING) conn_set_state(c, CONN_DRAINING);
 }
 
+__attribute__((hot))
 int qd_conn_can_dispatch(const qd_conn *c) {
   return (c->state == CONN_READING || c->state == CONN_PAUSED) &&
          c->queued + c->reserved <= qd_srv.cfg.write_queue_bytes &&
@@ -134,6 +135,7 @@ static void conn_protocol_error(qd_conn *c, uint32_t msgid, int code, const char
 /* Reads and dispatches one complete request of n bytes at p. qp_scan has validated the message
  * (declared lengths and counts fit in it, nesting is bounded), so the envelope and params are read
  * in place with qp_rd_*: no unpack, no allocation. */
+__attribute__((hot))
 static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
   qp_rd rd;
   qp_rd_init(&rd, p, n);
@@ -240,6 +242,7 @@ static void conn_dispatch(qd_conn *c, const char *p, size_t n) {
 }
 
 /* Starts or stops reading c as its state and backpressure say. */
+__attribute__((hot))
 static void conn_update_reading(qd_conn *c) {
   int want = qd_conn_can_dispatch(c) && !qd_srv.stopping && !c->eof;
   if (want && c->state == CONN_PAUSED) {
@@ -274,6 +277,7 @@ static void conn_update_reading(qd_conn *c) {
 #define REQ_WORK 512u
 
 /* Frames and dispatches what is buffered, as far as backpressure and its turn allow. */
+__attribute__((hot))
 static void conn_process(qd_conn *c) {
   int partial = 0; /* what is left buffered is the start of a request, not a whole one */
   while (qd_conn_can_dispatch(c) && c->rpos < c->wpos) {
@@ -326,6 +330,7 @@ static void conn_process(qd_conn *c) {
   conn_update_reading(c);
 }
 
+__attribute__((hot))
 void qd_conn_resume(qd_conn *c) {
   if (c->state == CONN_CLOSING || c->state == CONN_CLOSED) return;
   conn_process(c);
@@ -384,6 +389,7 @@ void qd_conn_alloc(qd_conn *c, uv_buf_t *out) {
   *out = uv_buf_init(c->buf + c->wpos, (unsigned)(c->cap - c->wpos));
 }
 
+__attribute__((hot))
 void qd_conn_on_bytes(qd_conn *c, ssize_t nread) {
   if (nread == UV_EOF) {
     /* The client finished sending (it may still read: shutdown(SHUT_WR)). Answer what is
@@ -438,6 +444,7 @@ static uint64_t uid_connections(uid_t uid) {
  * RSET_READ_BUDGET bytes a turn (4 full reads): then it goes on the loop's again list, read
  * after the next round's events, so the others and libuv get theirs. */
 #define RSET_READ_BUDGET (256u << 10)
+__attribute__((hot))
 void qd_conn_read(qd_conn *c, int all) {
   if (c->in_read) return; /* resumed from inside its own read: the loop below goes on */
   c->in_read = 1;

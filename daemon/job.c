@@ -91,6 +91,7 @@ static job *job_of(qd_ask *a) { return (job *)((char *)a - offsetof(job, ask)); 
  * thread only (pool threads run job_run on a job they do not free). */
 #define JOB_SPARE_ITEMS 8 /* items array kept with the spare job: enough for a get */
 
+__attribute__((hot))
 qd_ask *qd_job_new(void) {
   job *j = qd_srv.jb.spare;
   if (!j) {
@@ -109,6 +110,7 @@ qd_ask *qd_job_new(void) {
   return &j->ask;
 }
 
+__attribute__((hot))
 static void job_free(job *j) {
   free(j->ask.names);
   if (!j->plan.borrowed) qd_buf_release(j->plan.payload, j->plan.payload_cap);
@@ -131,6 +133,7 @@ static int job_fail(job *j, int rc, const char *name) {
 
 /* ---- plan ------------------------------------------------------------------------------------ */
 /* The next free item (items grown if needed), or NULL (out of memory; err set). */
+__attribute__((hot))
 static item *job_slot(job *j) {
   if (j->plan.n_items == j->plan.cap_items) {
     size_t nc = j->plan.cap_items ? j->plan.cap_items * 2 : 4;
@@ -149,6 +152,7 @@ static item *job_slot(job *j) {
 /* Adds tensor t to the plan: output shape, dtype and bytes (the store checks the slice); checks
  * the response limit. t may already be the next slot's record (job_slot), read there to save a
  * copy. */
+__attribute__((hot))
 static int job_add(job *j, const qs_tensor *t) {
   item *it = job_slot(j);
   if (!it) return j->plan.err;
@@ -202,6 +206,7 @@ static int prefix_cb(void *ud, const qs_tensor *t) {
 }
 
 /* Plans the job in txn t (fills items). */
+__attribute__((hot))
 static int job_plan(job *j, qs_txn *t) {
   const qd_ask *a = &j->ask;
   j->plan.n_items = 0;
@@ -233,6 +238,7 @@ static int job_plan(job *j, qs_txn *t) {
 
 /* ---- response heads --------------------------------------------------------------------------- */
 /* msgpack writers for pack_get_head: the smallest encoding, as msgpack-c's packers choose. */
+__attribute__((hot))
 static size_t put_uint(uint8_t *p, uint64_t v) {
   if (v < 128) {
     p[0] = (uint8_t)v;
@@ -254,6 +260,7 @@ static size_t put_fixstr(uint8_t *p, const char *s) { /* s: under 32 bytes */
 /* [1, msgid, nil, {shape: [...], dtype: "...", data: <bin header>}]: every get answer's head,
  * however it is sent (small, buffered or streamed). At most 1 + 5 + 1 + 1 + 6 + 1 + 8 * 9 + 6 +
  * 5 + 5 + 5 = 112 bytes. */
+__attribute__((hot))
 static size_t pack_get_head(uint8_t *out, uint32_t msgid, const item *it) {
   uint8_t *p = out;
   *p++ = 0x94;
@@ -399,6 +406,7 @@ static int job_decode_stream(job *j, qs_txn *t) {
 static char scratch[SCRATCH_HEAD + SCRATCH_PAYLOAD] __attribute__((aligned(64)));
 
 /* Decodes the planned items in txn t into a fresh payload buffer (or scratch). */
+__attribute__((hot))
 static int job_decode(job *j, qs_txn *t) {
   uint64_t t0 = qd_now_ns();
   if (j->plan.on_loop && !j->ask.many && j->plan.total <= SCRATCH_PAYLOAD) {
@@ -427,6 +435,7 @@ static int job_decode(job *j, qs_txn *t) {
 enum { RUN_DONE = 0, RUN_DEFER = 1 };
 
 /* Plans and (unless deferred) decodes, in one read txn begun and ended on this thread. */
+__attribute__((hot))
 static int job_run(job *j, int on_loop) {
   j->plan.on_loop = on_loop;
   qs_txn *t;
@@ -449,6 +458,7 @@ static int job_run(job *j, int on_loop) {
 
 /* ---- answers (loop thread) -------------------------------------------------------------------- */
 /* Sends the job's answer (or error) and frees it. */
+__attribute__((hot))
 static void job_reply(job *j) {
   qd_req *r = &j->req;
   if (j->plan.err) {
@@ -668,6 +678,7 @@ static int job_queue_decode(job *j, qd_req *r) {
   return rc;
 }
 
+__attribute__((hot))
 int qd_job_start(qd_req *r, qd_ask *a) {
   job *j = job_of(a);
   memcpy(&j->req, r, offsetof(qd_req, msg)); /* msg: 1.2 KB, empty here (no error yet) */

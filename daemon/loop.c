@@ -119,6 +119,7 @@ static int rset_open(void) {
  * when its fd is ready, when its timers or queues are due (the wait's timeout comes from libuv),
  * or when a watcher was added (qd_loop_touch). Rounds alternate, so neither side starves the
  * other. A small get answered at once touches nothing of libuv's: one epoll_wait, read and write. */
+__attribute__((hot))
 static void serve_loop(void) {
   struct epoll_event ev[64];
   uv_loop_t *loop = qd_srv.loop;

@@ -52,6 +52,7 @@ static void kv_u64(msgpack_packer *pk, const char *key, uint64_t v) {
  * declared length and count fits the message, nesting is bounded), so qp_rd_* cannot run off it.
  * The value of str key `key` in the params map: 1 with *v at it, or 0 when params is [] or the key
  * is absent. The first matching key wins (as qp_map_get did); non-str keys are skipped. */
+__attribute__((hot))
 static int param_find(const qd_req *r, const char *key, qp_rd *v) {
   if (!r->params.p) return 0;
   size_t kl = strlen(key);
@@ -83,6 +84,7 @@ static int param_find(const qd_req *r, const char *key, qp_rd *v) {
   return 0;
 }
 
+__attribute__((hot))
 static int rd_is_str(const qp_rd *v) {
   qp_rd t = *v;
   const char *s;
@@ -92,6 +94,7 @@ static int rd_is_str(const qp_rd *v) {
 
 /* Reads a str into dst (cap bytes incl. NUL): 0, or QINS_EBAD_PARAMS if it is not a str, does
  * not fit or holds a NUL (the cursor then may have moved). Like qp_obj_cstr. */
+__attribute__((hot))
 static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
   const char *s;
   uint32_t n;
@@ -104,6 +107,7 @@ static int rd_cstr(qp_rd *v, char *dst, size_t cap) {
 /* Names (model, name, prefix, names[i]) pass the store's qs_name_check (UTF-8, no control
  * characters), so no message or log line echoes bytes a strict decoder rejects. 0 or QINS_ENAME
  * naming the field. An empty name is left to the lookup (NO_MODEL / NO_TENSOR). */
+__attribute__((hot))
 static int param_name_check(qd_req *r, const char *field, const char *v, int is_model) {
   if (!*v || qs_name_check(is_model ? "model" : "tensor", v, is_model) == 0) return 0;
   snprintf(r->msg, sizeof r->msg, "parameter \"%s\": %s", field, qs_error());
@@ -111,6 +115,7 @@ static int param_name_check(qd_req *r, const char *field, const char *v, int is_
 }
 
 /* A required or optional str parameter into dst: 0, 1 when optional and absent, or an error. */
+__attribute__((hot))
 static int param_str(qd_req *r, const char *key, int required, char *dst, size_t cap) {
   qp_rd v;
   dst[0] = '\0';
@@ -133,6 +138,7 @@ static int param_str(qd_req *r, const char *key, int required, char *dst, size_t
 
 /* A str parameter that names a model, a tensor or a tensor-name prefix: param_str, then the
  * name check. */
+__attribute__((hot))
 static int param_name_is(qd_req *r, const char *key, int required, char *dst, size_t cap,
                          int is_model) {
   int rc = param_str(r, key, required, dst, cap);
@@ -157,6 +163,7 @@ static int param_uint(qd_req *r, const char *key, uint64_t def, uint64_t *out) {
   return 0;
 }
 
+__attribute__((hot))
 static int param_dtype(qd_req *r, int *dt, int *given) {
   char s[16];
   int rc = param_str(r, "dtype", 0, s, sizeof s);
@@ -179,6 +186,7 @@ static int param_dtype(qd_req *r, int *dt, int *given) {
   return QINS_EDTYPE;
 }
 
+__attribute__((hot))
 static int param_slice(qd_req *r, qs_slice *sl, int *has) {
   qp_rd v;
   uint32_t nr;
@@ -470,6 +478,7 @@ static int m_info(qd_req *r) {
 }
 
 /* get and map: {model, name, slice?, dtype?} into a new ask; NULL with *rc set on an error. */
+__attribute__((hot))
 static qd_ask *ask_one(qd_req *r, int *rc) {
   qd_ask *a = qd_job_new();
   if (!a) {
@@ -490,6 +499,7 @@ static qd_ask *ask_many(qd_req *r, int *rc_out);
 
 /* get, map, get_many, map_many: the params parsed into an ask (ask_one or ask_many), which a
  * decode job (qd_job_start) or the arena (qd_map_start) then answers. */
+__attribute__((hot))
 static int ask_and_start(qd_req *r, qd_ask *(*parse)(qd_req *, int *),
                          int (*start)(qd_req *, qd_ask *)) {
   int rc;
@@ -497,6 +507,7 @@ static int ask_and_start(qd_req *r, qd_ask *(*parse)(qd_req *, int *),
   return a ? start(r, a) : rc;
 }
 
+__attribute__((hot))
 static int m_get(qd_req *r) { return ask_and_start(r, ask_one, qd_job_start); }
 static int m_map(qd_req *r) { return ask_and_start(r, ask_one, qd_map_start); }
 static int m_get_many(qd_req *r) { return ask_and_start(r, ask_many, qd_job_start); }
@@ -857,6 +868,7 @@ const qd_method qd_methods[] = {
 };
 const int qd_n_methods = (int)(sizeof qd_methods / sizeof qd_methods[0]);
 
+__attribute__((hot))
 int qd_method_find(const char *name, size_t len) {
   static size_t lens[sizeof qd_methods / sizeof qd_methods[0]]; /* loop thread only */
   if (!lens[0])

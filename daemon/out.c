@@ -181,6 +181,7 @@ static void on_write(uv_write_t *req, int status) {
 
 /* Writes what the socket takes now of bufs, queueing nothing: the bytes written (counted as
  * served), 0 when none fit, -1 when the socket failed (logged; the caller closes c). */
+__attribute__((hot))
 static ssize_t out_try_write(qd_conn *c, const uv_buf_t *bufs, unsigned nbufs) {
   int n = uv_try_write((uv_stream_t *)&c->pipe, bufs, nbufs);
   if (n >= 0) {
@@ -351,6 +352,7 @@ void qd_reply_fd(qd_req *r, msgpack_sbuffer *sb, int fd) {
   out_next_fd = -1;
 }
 
+__attribute__((hot))
 void qd_reply_copy(qd_req *r, const char *p, size_t n) {
   qd_conn *c = r->conn;
   qd_latency_record(r->t0);

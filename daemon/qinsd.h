@@ -37,6 +37,10 @@
  * for a streamed get the writes of its pieces, through the connection's lent state, out.c). A
  * job owns its own LMDB read txn (the env is MDB_NOTLS) and touches no shared state but the
  * decode-time counter (atomic), the buffer cache (mutex) and its stream (out.c, mutex).
+ *
+ * The functions a small get runs through (the walk in docs/qinsd.md, here and in store/ and
+ * proto/) are marked __attribute__((hot)): the compiler places them together, so the path's
+ * code, spread over a dozen files, still fits the instruction cache.
  */
 #ifndef QINS_QINSD_H
 #define QINS_QINSD_H

@@ -13,6 +13,7 @@
 #include "methods.h"
 #include "qinsd.h"
 
+__attribute__((hot))
 uint64_t qd_now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -38,6 +39,7 @@ void qd_stats_fini(void) {
   qd_srv.st.per_method = NULL;
 }
 
+__attribute__((hot))
 void qd_latency_record(uint64_t t0) {
   qd_srv.st.lat_ns[qd_srv.st.lat_n % QD_LAT_SAMPLES] = qd_now_ns() - t0;
   qd_srv.st.lat_n++;
@@ -93,6 +95,7 @@ void qd_queued_sub(uint64_t n) {
   if (qd_srv.st.queued_bytes == 0 && qd_srv.mem.high >= TRIM_AFTER) qd_srv.mem.wake |= WAKE_TRIM;
 }
 
+__attribute__((hot))
 int qd_mem_over(void) { return qd_srv.st.queued_bytes >= qd_srv.cfg.max_response_memory; }
 
 void qd_mem_wake(void) {

@@ -9,6 +9,8 @@
  * come from the same table. Invariants of the scanner, kept on every step: s->off <= s->max_bytes;
  * a declared body never ends past max_bytes; a declared container count never exceeds the bytes
  * still allowed (each item takes at least one byte); depth <= max_depth.
+ * The scanner and the readers' slow paths are __attribute__((hot)): they are on every request's
+ * path, kept together with the daemon's (daemon/qinsd.h).
  */
 #include "proto.h"
 
@@ -72,6 +74,7 @@ static const uint8_t qp__type[256] = {
 static unsigned head_len(uint8_t b) { return qp__type[b] & 0x0f; }
 
 /* Decodes the header at p (hlen bytes available, hlen = head_len(*p) > 0). */
+__attribute__((hot))
 static void head_parse(const uint8_t *p, qp__hd *h) {
   uint8_t b = p[0];
   h->hlen = head_len(b);
@@ -184,6 +187,7 @@ static __attribute__((noinline, cold)) int scan_err_depth(qp_scan *s, uint64_t a
  * every value: no byte buffered -> QP_MORE; 0xc1 -> QINS_EPROTO; header ending past max_bytes ->
  * QINS_ETOO_LARGE; header not all buffered -> QP_MORE; then the body length or item count against
  * the bytes still allowed (QINS_ETOO_LARGE), then the depth (QINS_EPROTO). */
+__attribute__((hot))
 int qp_scan_next(qp_scan *s, const void *buf, size_t len, size_t *size) {
   const uint8_t *p = buf;
   const uint64_t max = s->max_bytes;
@@ -373,6 +377,7 @@ int qp_rd_int(qp_rd *r, int64_t *v) {
   return 0;
 }
 
+__attribute__((hot))
 int qp__rd_uint(qp_rd *r, uint64_t *v) {
   if (r->p < r->end && *r->p <= 0x7f) {
     *v = *r->p++;
@@ -441,6 +446,7 @@ static int rd_body(qp_rd *r, int kind, const void **p, uint32_t *len) {
   return 0;
 }
 
+__attribute__((hot))
 int qp__rd_str(qp_rd *r, const char **s, uint32_t *len) {
   if (r->p < r->end && (*r->p & 0xe0) == 0xa0) {
     uint32_t n = *r->p & 0x1f;
@@ -466,6 +472,7 @@ int qp_rd_bin_header(qp_rd *r, uint32_t *len) {
   return 0;
 }
 
+__attribute__((hot))
 int qp__rd_skip(qp_rd *r) {
   const uint8_t *p = r->p;
   uint64_t pending = 1; /* values still to skip */

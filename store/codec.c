@@ -58,11 +58,13 @@ int qc_codec_from_name(const char *name) {
   return -1;
 }
 const char *qc_dtype_name(qc_dtype d) { return (unsigned)d < QC_DT_COUNT ? qc_dt_names[d] : "?"; }
+__attribute__((hot))
 int qc_dtype_from_name(const char *name) {
   for (int i = 0; name && i < QC_DT_COUNT; i++)
     if (!strcmp(name, qc_dt_names[i])) return i;
   return -1;
 }
+__attribute__((hot))
 size_t qc_dtype_size(qc_dtype d) { return d == QC_DT_F32 ? 4 : (unsigned)d < QC_DT_COUNT ? 2 : 0; }
 int qc_codec_is_lossy(qc_codec c) { return (unsigned)c < QC_CODEC_COUNT && qc_traits_table[c].lossy; }
 uint32_t qc_codec_block(qc_codec c) {
@@ -84,6 +86,7 @@ static int mul_add(uint64_t a, uint64_t b, uint64_t c, uint64_t *r) {
 /* Bytes per element of the codes array, and per block of the scales array. */
 static unsigned code_bytes(qc_codec c) { return qc_traits_table[c].code_bytes; }
 
+__attribute__((hot))
 uint64_t qc_chunk_bytes(qc_codec c, uint64_t row_len, uint64_t n_rows, int *overflow) {
   uint64_t n, nb = 0, r;
   if (overflow) *overflow = 0;
@@ -310,6 +313,7 @@ void qc_from_f32(qc_dtype dt, const float *src, uint64_t n, void *dst) {
   else kern()->f32_to_bf16(src, n, dst);
 }
 
+__attribute__((hot))
 int qc__check_decode(const qc_params *p, uint64_t row_len, uint64_t n_rows, uint64_t begin,
                      uint64_t end, qc_dtype dt) {
   int ovf;
@@ -381,6 +385,7 @@ static void dec_f32(const dec *D, uint64_t begin, uint64_t end, uint8_t *out, in
 
 /* Values of dtype sdt at `base` (elements [begin, end)) as dtype dt: the passthrough codecs and
  * qinsx's raw variants. */
+__attribute__((hot))
 static void decode_plain(const qc__kernel *k, qc_dtype sdt, const uint8_t *base, uint64_t begin,
                          uint64_t end, qc_dtype dt, void *out) {
   {
@@ -429,6 +434,7 @@ static void decode_qinsx(const qc__kernel *k, const uint8_t *c, uint64_t n, uint
   }
 }
 
+__attribute__((hot))
 static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len, uint64_t n_rows,
                        const void *chunk, uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
   int rc = qc__check_decode(p, row_len, n_rows, begin, end, dt);
@@ -480,6 +486,7 @@ static int decode_with(const qc__kernel *k, const qc_params *p, uint64_t row_len
   return 0;
 }
 
+__attribute__((hot))
 int qc_decode(const qc_params *p, uint64_t row_len, uint64_t n_rows, const void *chunk,
               uint64_t begin, uint64_t end, qc_dtype dt, void *out) {
   const qc__kernel *k = kern();

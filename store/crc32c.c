@@ -237,6 +237,7 @@ qs__crc_fold(uint32_t crc, const uint8_t *p, size_t n) {
 }
 #endif
 
+__attribute__((hot))
 uint32_t qs__crc32c(uint32_t crc, const void *buf, size_t len) {
   pthread_once(&qs__crc_once_ctl, qs__crc_once);
   crc = ~crc;
@@ -279,6 +280,7 @@ static inline uint64_t qs__mix64(uint64_t h) {
   return h;
 }
 
+__attribute__((hot))
 uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed) {
   const uint8_t *p = buf;
   uint64_t h = seed ^ (len * 0x9e3779b97f4a7c15ull), w;

@@ -118,6 +118,7 @@ int qs__tensor_get_id(qs_store *s, MDB_txn *txn, uint64_t id, const char *model,
   return 0;
 }
 
+__attribute__((hot))
 int qs_tensor_get(qs_txn *t, const char *model, const char *name, qs_tensor *out) {
   qs__tcache *tc = qs__tc(t);
   uint64_t h = 0;
@@ -156,6 +157,7 @@ int qs_tensor_cost_get(qs_txn *t, const qs_tensor *ten, qs_tensor_cost *out) {
   return 0;
 }
 
+__attribute__((hot))
 int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX_NDIM],
                    uint64_t *n_elem) {
   int sd = sl ? sl->ndim : 0;
@@ -183,6 +185,7 @@ int qs_slice_shape(const qs_tensor *t, const qs_slice *sl, uint64_t shape[QS_MAX
 }
 
 /* Decodes source elements [a, b) of t (linear, row-major) into out. */
+__attribute__((hot))
 static int qs__read_linear(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
                            qc_dtype dt, uint64_t a, uint64_t b, uint8_t *out, qs__chunk_ref *ref,
                            size_t esz) {
@@ -209,6 +212,7 @@ static int qs__read_linear(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_t
 }
 
 /* The output shape of t[sl] into shp, checking that output elements [a, b) lie within it. */
+__attribute__((hot))
 static int qs__out_range(const qs_tensor *t, const qs_slice *sl, uint64_t a, uint64_t b,
                          uint64_t shp[QS_MAX_NDIM]) {
   uint64_t n;
@@ -221,6 +225,7 @@ static int qs__out_range(const qs_tensor *t, const qs_slice *sl, uint64_t a, uin
   return 0;
 }
 
+__attribute__((hot))
 int qs_tensor_read(qs_txn *tx, const qs_tensor *t, const qs_slice *sl, qc_dtype dt,
                    uint64_t out_begin, uint64_t out_end, void *out) {
   uint64_t shp[QS_MAX_NDIM];

@@ -72,6 +72,7 @@ static const char *qs__escaped(const char *name, char *esc, size_t cap) {
   return esc;
 }
 
+__attribute__((hot))
 int qs_name_check(const char *what, const char *name, int is_model) {
   size_t n = name ? strlen(name) : 0;
   char esc[128];

@@ -64,6 +64,10 @@ uint64_t qs__hash64(const void *buf, size_t len, uint64_t seed);
  * the splitmix64 mixer; never stored: qs__hash64 is the stored one). */
 uint64_t qs__hash_key(const void *buf, size_t len, uint64_t seed);
 
+/* Functions on a small get's path (txn.c, read.c, record.c, crc32c.c, codec.c) are marked
+ * __attribute__((hot)), as the daemon's are (daemon/qinsd.h): kept together, the path's code fits
+ * the instruction cache. */
+
 /* Error message seam: sets qs_error() for this thread and returns rc. */
 int qs__fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

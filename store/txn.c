@@ -99,6 +99,7 @@ int qs__ensure_map(qs_store *s, uint64_t extra) {
   return rc ? qs__mdb_fail(s, rc, "growing the map") : 0;
 }
 
+__attribute__((hot))
 int qs_txn_begin(qs_store *s, qs_txn **out) {
   *out = NULL;
   /* The spare (a reset read txn, see qs_txn_end) is renewed: cheaper than begin (no allocation,
@@ -133,6 +134,7 @@ int qs_txn_begin(qs_store *s, qs_txn **out) {
   return 0;
 }
 
+__attribute__((hot))
 void qs_txn_end(qs_txn *t) {
   if (!t) return;
   qs_store *s = t->s;
@@ -160,6 +162,7 @@ void qs_txn_end(qs_txn *t) {
 /* t's lookup cache for its current snapshot and mapping (emptied if either changed), or NULL
  * (no memory, or $QINS_VERIFY=always: every read then checks its chunks again). Holding t, no
  * resize can run (it waits for active == 0), so map_gen is stable here. */
+__attribute__((hot))
 qs__tcache *qs__tc(qs_txn *t) {
   if (t->s->verify == QS_VERIFY_ALWAYS) return NULL;
   uint64_t id = mdb_txn_id(t->txn), gen = t->s->map_gen;
@@ -210,6 +213,7 @@ static int qs__chunk_known(qs_store *s, const uint8_t key[16], uint64_t h) {
   return known;
 }
 
+__attribute__((hot))
 int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *t,
                     uint64_t ci, qs__chunk_ref *ref, int full_check) {
   if (ref->idx == ci) return 0;
@@ -265,6 +269,7 @@ int qs__chunk_fetch(qs_store *s, MDB_txn *txn, qs__tcache *tc, const qs_tensor *
 
 /* The payload byte ranges output elements [a, e) (a < e) of a chunk of `rows` rows of t decode
  * from (docs/FORMAT.md §1.1: the arrays of each codec); returns how many (1 or 2). */
+__attribute__((hot))
 static int qs__chunk_ranges(const qs_tensor *t, uint64_t rows, uint64_t a, uint64_t e,
                             uint64_t lo[2], uint64_t hi[2]) {
   uint64_t n = rows * t->row_len, rl = t->row_len;
@@ -292,6 +297,7 @@ static int qs__chunk_ranges(const qs_tensor *t, uint64_t rows, uint64_t a, uint6
   }
 }
 
+__attribute__((hot))
 int qs__chunk_check(qs_store *s, const qs_tensor *t, const qs__chunk_ref *ref, uint64_t a,
                     uint64_t e) {
   if (s->verify != QS_VERIFY_READ || a >= e) return 0;
