@@ -327,6 +327,38 @@ Test(store_api, abort_leaves_nothing_and_input_errors_are_named) {
   free(w);
 }
 
+/* Where n bytes first stand in the store's data.mdb (asserted found; what names them says which),
+ * and a byte there changed in place: data.mdb is mapped shared, so an open store's next read sees
+ * it. mdb_xor with the same mask puts the byte back. */
+static off_t mdb_offset_of(const void *bytes, size_t n, const char *what) {
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  size_t len;
+  char *db = qt_read(p, &len);
+  char *hit = db ? memmem(db, len, bytes, n) : NULL;
+  cr_assert_not_null(hit, "%s not found in data.mdb", what);
+  off_t at = hit - db;
+  free(db);
+  return at;
+}
+static void mdb_pread(off_t at, void *out, size_t n) {
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  int fd = open(p, O_RDONLY);
+  cr_assert_eq(pread(fd, out, n, at), (ssize_t)n);
+  close(fd);
+}
+static void mdb_xor(off_t at, uint8_t mask) {
+  char p[256];
+  snprintf(p, sizeof p, "%s/data.mdb", sdir);
+  int fd = open(p, O_RDWR);
+  uint8_t b;
+  cr_assert_eq(pread(fd, &b, 1, at), 1);
+  b ^= mask;
+  cr_assert_eq(pwrite(fd, &b, 1, at), 1);
+  close(fd);
+}
+
 Test(store_api, corrupted_chunk_fails_its_checksum) {
   uint64_t sh[2] = {64, 64};
   float *x = malloc(4096 * 4);
@@ -339,18 +371,7 @@ Test(store_api, corrupted_chunk_fails_its_checksum) {
   cr_assert_eq(qs_import_commit(im), 0);
   qs_close(s);
   /* Flip one byte of the stored values in data.mdb. */
-  char p[256];
-  snprintf(p, sizeof p, "%s/data.mdb", sdir);
-  size_t len;
-  char *db = qt_read(p, &len);
-  cr_assert_not_null(db);
-  char *hit = memmem(db, len, x, 64);
-  cr_assert_not_null(hit, "chunk bytes not found in data.mdb");
-  int fd = open(p, O_WRONLY);
-  char flip = (char)(hit[100] ^ 0x40);
-  cr_assert_eq(pwrite(fd, &flip, 1, hit + 100 - db), 1);
-  close(fd);
-  free(db);
+  mdb_xor(mdb_offset_of(x, 64, "chunk bytes") + 100, 0x40);
   cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
   qs_txn *t;
   qs_tensor ten;
@@ -465,17 +486,7 @@ Test(store_api, verify_always_checks_whole_chunks_on_every_read) {
 
   /* Flip a byte of the last row of chunk 0, far from row 0's segment. The file is mapped shared:
    * the next read sees it. */
-  char p[256];
-  snprintf(p, sizeof p, "%s/data.mdb", sdir);
-  size_t len;
-  char *db = qt_read(p, &len);
-  char *hit = db ? memmem(db, len, x + (rpc - 1) * cols, 64) : NULL;
-  cr_assert_not_null(hit, "the last row of chunk 0 not found in data.mdb");
-  char flip = (char)(hit[40] ^ 0x40);
-  int fd = open(p, O_WRONLY);
-  cr_assert_eq(pwrite(fd, &flip, 1, hit + 40 - db), 1);
-  close(fd);
-  free(db);
+  mdb_xor(mdb_offset_of(x + (rpc - 1) * cols, 64, "the last row of chunk 0") + 40, 0x40);
 
   cr_assert_eq(qs_txn_begin(s, &t), 0);
   cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
@@ -499,14 +510,7 @@ Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_the
   const uint64_t rows = 64, cols = 1000, n = rows * cols; /* 250000 bytes: 61 segments + 144 */
   float *x = import_w_f32(rows, cols, 80), *y = malloc(n * 4);
   qs_store *s;
-  char p[256];
-  snprintf(p, sizeof p, "%s/data.mdb", sdir);
-  size_t len;
-  char *db = qt_read(p, &len);
-  char *base = db ? memmem(db, len, x, 64) : NULL; /* the payload: rows stored as they are */
-  cr_assert_not_null(base, "chunk 0 not found in data.mdb");
-  const off_t at = base - db;
-  free(db);
+  const off_t at = mdb_offset_of(x, 64, "chunk 0"); /* the payload: rows stored as they are */
   cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
   qs_txn *t;
   qs_tensor ten;
@@ -524,11 +528,7 @@ Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_the
       {n * 4 - 3, rows - 1, rows, rows - 3, rows - 2}, /* the short last segment */
   };
   for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-    int fd = open(p, O_RDWR);
-    char b;
-    cr_assert_eq(pread(fd, &b, 1, at + (off_t)cases[c].byte), 1);
-    char flip = (char)(b ^ 0x10);
-    cr_assert_eq(pwrite(fd, &flip, 1, at + (off_t)cases[c].byte), 1);
+    mdb_xor(at + (off_t)cases[c].byte, 0x10);
     qs_slice bad = {.ndim = 1, .start = {cases[c].r0}, .stop = {cases[c].r1}};
     qs_slice ok = {.ndim = 1, .start = {cases[c].ok0}, .stop = {cases[c].ok1}};
     cr_assert_eq(qs_txn_begin(s, &t), 0);
@@ -540,8 +540,7 @@ Test(store_api, bytes_changed_after_the_first_read_fail_the_reads_that_touch_the
     cr_assert_eq(rc, 0, "case %zu, rows elsewhere: %s", c, qs_error());
     cr_assert_eq(memcmp(y, x + cases[c].ok0 * cols, (cases[c].ok1 - cases[c].ok0) * cols * 4), 0);
     qs_txn_end(t);
-    cr_assert_eq(pwrite(fd, &b, 1, at + (off_t)cases[c].byte), 1);
-    close(fd);
+    mdb_xor(at + (off_t)cases[c].byte, 0x10); /* put it back for the next case */
   }
   qs_close(s);
   free(x);
@@ -555,9 +554,11 @@ Test(store_api, chunk_header_changed_after_a_read_is_corrupt) {
   const uint64_t rows = 64, cols = 1024;
   float *x = import_w_f32(rows, cols, 79), *y = malloc(cols * 4);
   qs_store *s;
-  char p[256];
-  snprintf(p, sizeof p, "%s/data.mdb", sdir);
   const qs_slice row0 = {.ndim = 1, .start = {0}, .stop = {1}};
+  const off_t hdr = mdb_offset_of(x, 64, "chunk 0") - 16;
+  char magic[4];
+  mdb_pread(hdr, magic, 4);
+  cr_assert(hdr >= 0 && !memcmp(magic, "QSCK", 4), "chunk 0 not found");
   const int fields[2] = {0, 8}; /* the magic, the payload size */
   for (int f = 0; f < 2; f++) {
     cr_assert_eq(qs_open(&s, sdir, QS_OPEN_RDONLY), 0);
@@ -567,14 +568,7 @@ Test(store_api, chunk_header_changed_after_a_read_is_corrupt) {
     cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
     cr_assert_eq(qs_tensor_read(t, &ten, &row0, QC_DT_F32, 0, cols, y), 0, "%s", qs_error());
     qs_txn_end(t);
-    size_t len;
-    char *db = qt_read(p, &len);
-    char *hit = db ? memmem(db, len, x, 64) : NULL;
-    cr_assert(hit && hit - db >= 16 && !memcmp(hit - 16, "QSCK", 4), "chunk 0 not found");
-    char flip = (char)(hit[-16 + fields[f] + 1] ^ 0x01);
-    int fd = open(p, O_WRONLY);
-    cr_assert_eq(pwrite(fd, &flip, 1, hit - 16 + fields[f] + 1 - db), 1);
-    close(fd);
+    mdb_xor(hdr + fields[f] + 1, 0x01);
     cr_assert_eq(qs_txn_begin(s, &t), 0);
     cr_assert_eq(qs_tensor_get(t, "m", "w", &ten), 0);
     int rc = qs_tensor_read(t, &ten, &row0, QC_DT_F32, 0, cols, y);
@@ -583,11 +577,7 @@ Test(store_api, chunk_header_changed_after_a_read_is_corrupt) {
     cr_assert(strstr(qs_error(), "m/w: chunk 0 is malformed"), "%s", qs_error());
     qs_txn_end(t);
     qs_close(s);
-    flip ^= 0x01; /* put it back for the next field */
-    fd = open(p, O_WRONLY);
-    cr_assert_eq(pwrite(fd, &flip, 1, hit - 16 + fields[f] + 1 - db), 1);
-    close(fd);
-    free(db);
+    mdb_xor(hdr + fields[f] + 1, 0x01); /* put it back for the next field */
   }
   free(x);
   free(y);
